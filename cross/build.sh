@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Cross-builds lightning-rod for a board and prints the path of the binary (last line of stdout;
+# everything else goes to stderr).
+#
+#   bash cross/build.sh TARGET            # the size-optimised `board` profile
+#   S4T_CROSS_PROFILE=release bash cross/build.sh TARGET
+#
+# Installs what it needs when missing: the rustup target or rust-src, the Debian cross gcc,
+# and for targets without a prebuilt std, cargo-zigbuild + ziglang from PyPI in a venv
+# ($S4T_ZIG_VENV, default /var/cache/s4t/zigvenv). apt needs root. See cross/README.md.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+log() { echo "cross/build.sh: $*" >&2; }
+
+usage() {
+  cat >&2 <<'EOF'
+usage: cross/build.sh TARGET
+  armv7-unknown-linux-gnueabihf    Raspberry Pi 2/3/4, 32-bit Raspberry Pi OS (glibc)
+  aarch64-unknown-linux-gnu        Raspberry Pi 3/4/5, 64-bit Raspberry Pi OS (glibc)
+  aarch64-unknown-linux-musl       64-bit ARM, static (any distribution; the emulated board)
+  armv7-unknown-linux-musleabihf   32-bit ARMv7, static
+  arm-unknown-linux-gnueabihf      Raspberry Pi Zero/1 (ARMv6), Raspberry Pi OS (glibc >= 2.28)
+  arm-unknown-linux-musleabihf     Raspberry Pi Zero/1 (ARMv6), static
+  mips-unknown-linux-musl          Arduino Yun (AR9331, MIPS 24Kc, big-endian), static
+EOF
+}
+
+target=${1:-}
+[ $# -eq 1 ] || { usage; exit 2; }
+profile=${S4T_CROSS_PROFILE:-board}
+# How each target is built: `rustup` = stable std from rustup + Debian's cross gcc;
+# `zig` = std rebuilt from rust-src (-Zbuild-std) and linked by zig (no prebuilt std exists).
+apt=()
+zig_target=$target
+flags=""
+case $target in
+  armv7-unknown-linux-gnueabihf) method=rustup; apt=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross) ;;
+  aarch64-unknown-linux-gnu) method=rustup; apt=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
+  aarch64-unknown-linux-musl)
+    method=rustup; apt=(gcc-aarch64-linux-gnu)
+    # ring's C parts are freestanding: the glibc cross gcc compiles them for musl too.
+    export CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc ;;
+  armv7-unknown-linux-musleabihf | arm-unknown-linux-musleabihf)
+    # build-std has no self-contained crt objects; zig brings its own.
+    method=zig; flags="-C link-self-contained=no" ;;
+  arm-unknown-linux-gnueabihf)
+    # glibc 2.28 symbols: runs on Raspberry Pi OS buster and later.
+    method=zig; zig_target=$target.2.28 ;;
+  mips-unknown-linux-musl)
+    # Without a static relocation model rustc makes a static-pie that crashes at start.
+    method=zig; flags="-C relocation-model=static" ;;
+  *) log "unknown target: $target"; usage; exit 2 ;;
+esac
+
+need_apt() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    log "missing packages ${missing[*]}: run as root or apt-get install them"; exit 1
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -q >&2
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >&2
+}
+
+cd "$root"
+t0=$(date +%s)
+[ ${#apt[@]} -eq 0 ] || need_apt "${apt[@]}"
+tenv=$(echo "$target" | tr 'a-z-' 'A-Z_')
+if [ -n "$flags" ]; then
+  export "CARGO_TARGET_${tenv}_RUSTFLAGS=$flags"
+fi
+build=(build -p lightning-rod --bin lightning-rod --locked --profile "$profile")
+if [ $method = rustup ]; then
+  rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
+  cargo "${build[@]}" --target "$target" >&2
+else
+  need_apt python3-venv
+  rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
+  venv=${S4T_ZIG_VENV:-/var/cache/s4t/zigvenv}
+  if [ ! -x "$venv/bin/cargo-zigbuild" ]; then
+    log "installing cargo-zigbuild and ziglang into $venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q cargo-zigbuild==0.24.0 ziglang==0.17.0 >&2
+  fi
+  export PATH="$venv/bin:$PATH"
+  # -Zbuild-std is unstable: RUSTC_BOOTSTRAP lets the pinned stable toolchain accept it.
+  RUSTC_BOOTSTRAP=1 cargo zigbuild "${build[@]}" --target "$zig_target" -Zbuild-std=std,panic_abort >&2
+fi
+
+case $profile in dev) dir=debug ;; *) dir=$profile ;; esac
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+bin="$target_dir/$target/$dir/lightning-rod"
+[ -f "$bin" ] || { log "build finished but $bin is missing"; exit 1; }
+log "$target: $(stat -c %s "$bin") bytes, built in $(( $(date +%s) - t0 ))s"
+echo "$bin"

@@ -1,0 +1,189 @@
+//! Tokens, projects and users; the [`Caller`] every authenticated handler acts for.
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, Body};
+use crate::Error;
+use crate::auth::{hash_password, issue_token, token_hash};
+use crate::db::{Project, Role};
+
+/// Who is calling: the user and the project the token is scoped to.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: String,
+    pub user_name: String,
+    pub project: String,
+    pub project_name: String,
+    pub role: Role,
+    /// Cloud administrator: may see and act on every project.
+    pub is_admin: bool,
+}
+
+impl Caller {
+    /// The project filter for lists and lookups: the caller's project, or none for an admin.
+    pub fn scope(&self) -> Option<&str> {
+        if self.is_admin { None } else { Some(&self.project) }
+    }
+
+    /// Fails with 403 unless the caller has `min` in its project (admins always pass).
+    pub fn require(&self, min: Role, what: &str) -> Result<(), Error> {
+        if self.is_admin || self.role >= min {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!("{what} needs the {} role in project {}", min.as_str(), self.project_name)))
+        }
+    }
+
+    pub fn require_admin(&self, what: &str) -> Result<(), Error> {
+        if self.is_admin { Ok(()) } else { Err(Error::Forbidden(format!("{what} is for cloud administrators"))) }
+    }
+}
+
+/// Resolves `Authorization: Bearer` or `X-Auth-Token` for every non-public path.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if super::is_public(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-auth-token").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .map(str::to_owned);
+    let Some(token) = token else {
+        return ApiError(Error::Unauthorized(
+            "authentication required: POST /v1/auth/tokens, then send Authorization: Bearer <token>".into(),
+        ))
+        .into_response();
+    };
+    match state.db.token(&token_hash(&token)).await {
+        Ok(Some(info)) => {
+            req.extensions_mut().insert(Caller {
+                user: info.user_uuid,
+                user_name: info.user_name,
+                project: info.project_uuid,
+                project_name: info.project_name,
+                role: info.role,
+                is_admin: info.is_admin,
+            });
+            next.run(req).await
+        }
+        Ok(None) => {
+            ApiError(Error::Unauthorized("the token is unknown or expired: get a new one".into())).into_response()
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    username: String,
+    password: String,
+    #[serde(default)]
+    project: Option<String>,
+}
+
+pub async fn create_token(State(state): State<AppState>, Body(b): Body<TokenBody>) -> ApiResult<Response> {
+    let issued = issue_token(&state.db, &b.username, &b.password, b.project.as_deref()).await?;
+    let body = json!({"token": issued.token, "expires_at": issued.expires_at / 1000, "project": issued.project});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+fn project_json(p: &Project) -> Value {
+    json!({"uuid": p.uuid, "name": p.name, "created_at": p.created_at / 1000})
+}
+
+pub async fn list_projects(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let all = state.db.list_projects().await?;
+    let visible: Vec<Value> = all.iter().filter(|p| c.is_admin || p.uuid == c.project).map(project_json).collect();
+    Ok(Json(json!({"projects": visible})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectBody {
+    name: String,
+}
+
+pub async fn create_project(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<ProjectBody>,
+) -> ApiResult<Response> {
+    c.require_admin("creating projects")?;
+    check_name(&b.name, "project name")?;
+    let p = state.db.create_project(&b.name).await?;
+    Ok((StatusCode::CREATED, Json(project_json(&p))).into_response())
+}
+
+pub async fn list_users(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let users = state.db.list_users(c.scope()).await?;
+    let users: Vec<Value> = users
+        .iter()
+        .map(|m| json!({"uuid": m.user_uuid, "name": m.user_name, "project": m.project_uuid, "role": m.role.as_str()}))
+        .collect();
+    Ok(Json(json!({"users": users})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserBody {
+    name: String,
+    password: String,
+    project: String,
+    #[serde(default = "default_role")]
+    role: String,
+}
+
+fn default_role() -> String {
+    "user".into()
+}
+
+pub async fn create_user(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<UserBody>,
+) -> ApiResult<Response> {
+    c.require_admin("creating users")?;
+    check_name(&b.name, "user name")?;
+    if b.password.len() < 8 {
+        return Err(Error::Invalid("the password must have at least 8 characters".into()).into());
+    }
+    let role = Role::parse(&b.role)
+        .ok_or_else(|| Error::Invalid(format!("unknown role {:?}: use admin, manager or user", b.role)))?;
+    let project = state
+        .db
+        .project(&b.project)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("project {} not found", b.project)))?;
+    let password = b.password;
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| Error::Invalid(format!("password hashing failed: {e}")))??;
+    let user = state.db.create_user(&b.name, &hash, false).await?;
+    state.db.set_membership(&user.uuid, &project.uuid, role).await?;
+    let body = json!({"uuid": user.uuid, "name": user.name, "project": project.uuid, "role": role.as_str()});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Names travel in URLs and logs: keep them printable and short.
+pub fn check_name(name: &str, what: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("{what} {name:?} must be 1-255 letters, digits, '-', '_', '.' or spaces")))
+    }
+}

@@ -1,0 +1,544 @@
+//! Services, fleets, plugins (metadata), leases, VPNs and requests.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::check_name;
+use super::boards::{board_json, visible_board};
+use super::calls::{check_lease, message_value, request_json};
+use super::error::{ApiResult, Body};
+use super::{AppState, Caller};
+use crate::Error;
+use crate::conductor::Conductor;
+use crate::db::{Fleet, Lease, Plugin, Role, Service, Vpn, VpnMember, now_ms};
+
+fn created(v: Value) -> Response {
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+fn service_json(s: &Service) -> Value {
+    json!({"uuid": s.uuid, "name": s.name, "project": s.project, "port": s.port, "protocol": s.protocol,
+           "extra": s.extra, "created_at": s.created_at / 1000, "updated_at": s.updated_at / 1000,
+           "links": [{"href": format!("/v1/services/{}", s.uuid), "rel": "self"}]})
+}
+
+async fn visible_service(state: &AppState, c: &Caller, ident: &str) -> Result<Service, Error> {
+    state.db.service(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("service {ident} not found")))
+}
+
+pub async fn list_services(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let s = state.db.list_services(c.scope()).await?;
+    Ok(Json(json!({"services": s.iter().map(service_json).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceBody {
+    name: String,
+    port: u16,
+    #[serde(default = "tcp")]
+    protocol: String,
+    #[serde(default)]
+    extra: Option<Value>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+fn check_protocol(p: &str) -> Result<(), Error> {
+    if ["TCP", "UDP"].contains(&p) { Ok(()) } else { Err(Error::Invalid(format!("protocol {p:?}: use TCP or UDP"))) }
+}
+
+pub async fn create_service(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<ServiceBody>,
+) -> ApiResult<Response> {
+    check_name(&b.name, "service name")?;
+    check_protocol(&b.protocol)?;
+    if b.port == 0 {
+        return Err(Error::Invalid("port must be 1-65535".into()).into());
+    }
+    let extra = b.extra.unwrap_or_else(|| json!({}));
+    let s = state.db.create_service(&b.name, &c.project, i64::from(b.port), &b.protocol, &extra).await?;
+    Ok(created(service_json(&s)))
+}
+
+pub async fn show_service(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(service_json(&visible_service(&state, &c, &ident).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePatch {
+    name: Option<String>,
+    port: Option<u16>,
+    protocol: Option<String>,
+    extra: Option<Value>,
+}
+
+pub async fn update_service(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+    Body(p): Body<ServicePatch>,
+) -> ApiResult<Json<Value>> {
+    let mut s = visible_service(&state, &c, &ident).await?;
+    if let Some(n) = p.name {
+        check_name(&n, "service name")?;
+        s.name = n;
+    }
+    if let Some(port) = p.port {
+        s.port = i64::from(port);
+    }
+    if let Some(proto) = p.protocol {
+        check_protocol(&proto)?;
+        s.protocol = proto;
+    }
+    if let Some(e) = p.extra {
+        s.extra = e;
+    }
+    state.db.update_service(&s).await?;
+    Ok(Json(service_json(&visible_service(&state, &c, &s.uuid).await?)))
+}
+
+pub async fn delete_service(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<StatusCode> {
+    let s = visible_service(&state, &c, &ident).await?;
+    state.db.delete_service(&s.uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn fleet_json(f: &Fleet) -> Value {
+    json!({"uuid": f.uuid, "name": f.name, "project": f.project, "description": f.description, "extra": f.extra,
+           "created_at": f.created_at / 1000, "updated_at": f.updated_at / 1000,
+           "links": [{"href": format!("/v1/fleets/{}", f.uuid), "rel": "self"}]})
+}
+
+async fn visible_fleet(state: &AppState, c: &Caller, ident: &str) -> Result<Fleet, Error> {
+    state.db.fleet(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("fleet {ident} not found")))
+}
+
+pub async fn list_fleets(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let f = state.db.list_fleets(c.scope()).await?;
+    Ok(Json(json!({"fleets": f.iter().map(fleet_json).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetBody {
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    extra: Option<Value>,
+}
+
+pub async fn create_fleet(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<FleetBody>,
+) -> ApiResult<Response> {
+    let name = b.name.ok_or_else(|| Error::Invalid("a fleet needs a name".into()))?;
+    check_name(&name, "fleet name")?;
+    let extra = b.extra.unwrap_or_else(|| json!({}));
+    let f = state.db.create_fleet(&name, &c.project, b.description.as_deref().unwrap_or(""), &extra).await?;
+    Ok(created(fleet_json(&f)))
+}
+
+pub async fn show_fleet(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(fleet_json(&visible_fleet(&state, &c, &ident).await?)))
+}
+
+pub async fn update_fleet(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+    Body(b): Body<FleetBody>,
+) -> ApiResult<Json<Value>> {
+    let f = visible_fleet(&state, &c, &ident).await?;
+    let name = b.name.unwrap_or(f.name);
+    check_name(&name, "fleet name")?;
+    let description = b.description.unwrap_or(f.description);
+    state.db.update_fleet(&f.uuid, &name, &description, &b.extra.unwrap_or(f.extra)).await?;
+    Ok(Json(fleet_json(&visible_fleet(&state, &c, &f.uuid).await?)))
+}
+
+pub async fn delete_fleet(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<StatusCode> {
+    let f = visible_fleet(&state, &c, &ident).await?;
+    state.db.delete_fleet(&f.uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn fleet_boards(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let f = visible_fleet(&state, &c, &ident).await?;
+    let boards = state.db.list_boards(c.scope(), None, Some(&f.uuid)).await?;
+    Ok(Json(json!({"boards": boards.iter().map(board_json).collect::<Vec<_>>()})))
+}
+
+fn plugin_json(p: &Plugin) -> Value {
+    json!({"uuid": p.uuid, "name": p.name, "owner": p.owner, "project": p.project, "public": p.public,
+           "code": p.code, "callable": p.callable, "parameters": p.parameters, "extra": p.extra,
+           "created_at": p.created_at / 1000, "updated_at": p.updated_at / 1000,
+           "links": [{"href": format!("/v1/plugins/{}", p.uuid), "rel": "self"}]})
+}
+
+pub async fn list_plugins(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let with_public = q.get("with_public").is_some_and(|v| v == "true" || v == "1");
+    let p = state.db.list_plugins(c.scope(), with_public).await?;
+    Ok(Json(json!({"plugins": p.iter().map(plugin_json).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginBody {
+    name: String,
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    public: bool,
+    #[serde(default)]
+    callable: bool,
+    #[serde(default)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    extra: Option<Value>,
+}
+
+pub async fn create_plugin(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<PluginBody>,
+) -> ApiResult<Response> {
+    check_name(&b.name, "plugin name")?;
+    let p = Plugin {
+        uuid: String::new(),
+        name: b.name,
+        owner: c.user.clone(),
+        project: c.project.clone(),
+        public: b.public,
+        code: b.code,
+        callable: b.callable,
+        parameters: b.parameters.unwrap_or_else(|| json!({})),
+        extra: b.extra.unwrap_or_else(|| json!({})),
+        created_at: 0,
+        updated_at: 0,
+    };
+    Ok(created(plugin_json(&state.db.create_plugin(&p).await?)))
+}
+
+pub async fn show_plugin(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let p = state
+        .db
+        .plugin(&ident, c.scope())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("plugin {ident} not found")))?;
+    Ok(Json(plugin_json(&p)))
+}
+
+pub async fn delete_plugin(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<StatusCode> {
+    let p = state
+        .db
+        .plugin(&ident, c.scope())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("plugin {ident} not found")))?;
+    if !c.is_admin && p.project != c.project {
+        return Err(Error::Forbidden("a public plugin of another project cannot be deleted".into()).into());
+    }
+    state.db.delete_plugin(&p.uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn lease_json(l: &Lease) -> Value {
+    json!({"uuid": l.uuid, "project": l.project, "owner": l.owner, "status": l.status, "boards": l.boards,
+           "expires_at": l.expires_at / 1000, "created_at": l.created_at / 1000, "updated_at": l.updated_at / 1000,
+           "links": [{"href": format!("/v1/leases/{}", l.uuid), "rel": "self"}]})
+}
+
+/// Longest lease: 30 days.
+const MAX_LEASE_S: i64 = 30 * 24 * 3600;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBody {
+    #[serde(default)]
+    boards: Vec<String>,
+    /// Seconds from now.
+    duration: Option<i64>,
+    /// Seconds since the epoch.
+    until: Option<i64>,
+}
+
+fn lease_expiry(b: &LeaseBody) -> Result<i64, Error> {
+    let now = now_ms();
+    let until = match (b.duration, b.until) {
+        (Some(d), None) if d > 0 && d <= MAX_LEASE_S => now + d * 1000,
+        (None, Some(u)) if u * 1000 > now && u * 1000 - now <= MAX_LEASE_S * 1000 => u * 1000,
+        (Some(_), Some(_)) => return Err(Error::Invalid("give duration or until, not both".into())),
+        (None, None) => return Err(Error::Invalid("give duration (seconds) or until (epoch seconds)".into())),
+        _ => return Err(Error::Invalid(format!("a lease lasts from 1 s to {MAX_LEASE_S} s, starting now"))),
+    };
+    Ok(until)
+}
+
+pub async fn list_leases(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let active = q.get("status").is_some_and(|s| s == "active");
+    let l = state.db.list_leases(c.scope(), active).await?;
+    Ok(Json(json!({"leases": l.iter().map(lease_json).collect::<Vec<_>>()})))
+}
+
+pub async fn create_lease(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<LeaseBody>,
+) -> ApiResult<Response> {
+    let until = lease_expiry(&b)?;
+    if b.boards.is_empty() || b.boards.len() > 1000 {
+        return Err(Error::Invalid("a lease books 1 to 1000 boards".into()).into());
+    }
+    let mut uuids = Vec::with_capacity(b.boards.len());
+    for ident in &b.boards {
+        uuids.push(visible_board(&state, &c, ident).await?.uuid);
+    }
+    // Leases past their expiry free their boards first (and tear down what they held).
+    Conductor::new(state.db.clone(), state.bus.clone()).expire_leases().await?;
+    let l = state.db.create_lease(&c.project, &c.user, &uuids, until).await?;
+    Ok(created(lease_json(&l)))
+}
+
+async fn visible_lease(state: &AppState, c: &Caller, ident: &str) -> Result<Lease, Error> {
+    state.db.lease(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("lease {ident} not found")))
+}
+
+pub async fn show_lease(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(lease_json(&visible_lease(&state, &c, &ident).await?)))
+}
+
+pub async fn extend_lease(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+    Body(b): Body<LeaseBody>,
+) -> ApiResult<Json<Value>> {
+    let l = visible_lease(&state, &c, &ident).await?;
+    let until = lease_expiry(&b)?;
+    if !state.db.extend_lease(&l.uuid, until).await? {
+        return Err(Error::Conflict(format!("lease {} is {}, not active", l.uuid, l.status)).into());
+    }
+    Ok(Json(lease_json(&visible_lease(&state, &c, &l.uuid).await?)))
+}
+
+pub async fn release_lease(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<StatusCode> {
+    let l = visible_lease(&state, &c, &ident).await?;
+    if state.db.end_lease(&l.uuid, "released").await? {
+        Conductor::new(state.db.clone(), state.bus.clone()).teardown_lease(&l).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn vpn_json(v: &Vpn) -> Value {
+    json!({"uuid": v.uuid, "name": v.name, "project": v.project, "type": v.vpn_type, "cidr": v.cidr,
+           "created_at": v.created_at / 1000, "links": [{"href": format!("/v1/vpns/{}", v.uuid), "rel": "self"}]})
+}
+
+fn member_json(m: &VpnMember) -> Value {
+    json!({"vpn": m.vpn, "board": m.board, "address": m.address, "interface": m.interface, "lease": m.lease})
+}
+
+async fn visible_vpn(state: &AppState, c: &Caller, ident: &str) -> Result<Vpn, Error> {
+    state.db.vpn(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("VPN {ident} not found")))
+}
+
+pub async fn list_vpns(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
+    let v = state.db.list_vpns(c.scope()).await?;
+    Ok(Json(json!({"vpns": v.iter().map(vpn_json).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpnBody {
+    name: String,
+    #[serde(rename = "type", default = "l2")]
+    vpn_type: String,
+    cidr: String,
+}
+
+fn l2() -> String {
+    "l2".into()
+}
+
+pub async fn create_vpn(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Body(b): Body<VpnBody>,
+) -> ApiResult<Response> {
+    check_name(&b.name, "VPN name")?;
+    if b.vpn_type != "l2" && b.vpn_type != "l3" {
+        return Err(Error::Invalid(format!("type {:?}: use l2 or l3", b.vpn_type)).into());
+    }
+    let v = state.db.create_vpn(&b.name, &c.project, &b.vpn_type, &b.cidr).await?;
+    Ok(created(vpn_json(&v)))
+}
+
+pub async fn show_vpn(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(vpn_json(&visible_vpn(&state, &c, &ident).await?)))
+}
+
+pub async fn delete_vpn(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<StatusCode> {
+    c.require(Role::User, "deleting VPNs")?;
+    let v = visible_vpn(&state, &c, &ident).await?;
+    state.db.delete_vpn(&v.uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn vpn_members(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let v = visible_vpn(&state, &c, &ident).await?;
+    let m = state.db.vpn_members(&v.uuid).await?;
+    Ok(Json(json!({"members": m.iter().map(member_json).collect::<Vec<_>>()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberBody {
+    board: String,
+    #[serde(default)]
+    address: Option<String>,
+}
+
+pub async fn add_vpn_member(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+    Body(b): Body<MemberBody>,
+) -> ApiResult<Response> {
+    let v = visible_vpn(&state, &c, &ident).await?;
+    let board = visible_board(&state, &c, &b.board).await?;
+    let lease = check_lease(&state, &c, &board.uuid).await?;
+    let m = state.db.add_vpn_member(&v, &board.uuid, b.address.as_deref(), lease.as_deref()).await?;
+    Ok(created(member_json(&m)))
+}
+
+pub async fn remove_vpn_member(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path((ident, board)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let v = visible_vpn(&state, &c, &ident).await?;
+    let board = visible_board(&state, &c, &board).await?;
+    check_lease(&state, &c, &board.uuid).await?;
+    if !state.db.remove_vpn_member(&v.uuid, &board.uuid).await? {
+        return Err(Error::NotFound(format!("board {} is not in VPN {}", board.name, v.name)).into());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_requests(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let board = match q.get("board") {
+        Some(b) => Some(visible_board(&state, &c, b).await?.uuid),
+        None => None,
+    };
+    let r = state.db.list_requests(c.scope(), board.as_deref()).await?;
+    Ok(Json(json!({"requests": r.iter().map(request_json).collect::<Vec<_>>()})))
+}
+
+pub async fn show_request(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let r = state
+        .db
+        .request(&ident, c.scope())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("request {ident} not found")))?;
+    Ok(Json(request_json(&r)))
+}
+
+pub async fn request_results(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(ident): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let r = state
+        .db
+        .request(&ident, c.scope())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("request {ident} not found")))?;
+    let results: Vec<Value> = state
+        .db
+        .results(&r.uuid)
+        .await?
+        .iter()
+        .map(|x| {
+            json!({"request_uuid": x.request, "board_uuid": x.board, "result": x.result,
+                   "message": message_value(&x.message), "created_at": x.created_at / 1000, "updated_at": x.updated_at / 1000})
+        })
+        .collect();
+    Ok(Json(json!({"results": results})))
+}

@@ -1,0 +1,69 @@
+//! `s4t request list|show`: what was sent to boards and what they answered.
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{items, print_message};
+use crate::cli::Ctx;
+use crate::cli::client::seg;
+use crate::cli::error::Result;
+use crate::cli::output::{field, kv_rows, time_field};
+
+#[derive(Subcommand, Debug)]
+pub enum RequestCmd {
+    /// List requests (newest first), optionally of one board.
+    List {
+        #[arg(long)]
+        board: Option<String>,
+    },
+    /// Show a request and its results.
+    Show { request: String },
+}
+
+pub async fn run(ctx: &Ctx, cmd: RequestCmd) -> Result<()> {
+    let client = ctx.client()?;
+    match cmd {
+        RequestCmd::List { board } => {
+            let q = board.map(|b| format!("?board={}", seg(&b))).unwrap_or_default();
+            let v = client.get(&format!("/v1/requests{q}")).await?;
+            if ctx.out.json {
+                ctx.out.json(&v);
+            } else if ctx.out.quiet {
+                items(&v, "requests").iter().for_each(|r| println!("{}", field(r, "uuid")));
+            } else {
+                let rows: Vec<Vec<String>> = items(&v, "requests")
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            field(r, "uuid"),
+                            field(r, "action"),
+                            field(r, "status"),
+                            field(r, "destination_uuid"),
+                            time_field(r, "created_at"),
+                        ]
+                    })
+                    .collect();
+                ctx.out.table(&["UUID", "ACTION", "STATUS", "BOARD", "CREATED"], &rows);
+            }
+        }
+        RequestCmd::Show { request } => {
+            let r = client.get(&format!("/v1/requests/{}", seg(&request))).await?;
+            let res = client.get(&format!("/v1/requests/{}/results", seg(&request))).await?;
+            let both = json!({"request": r, "results": items(&res, "results")});
+            ctx.out.result(&both, Some(&field(&r, "status")), || {
+                let mut rows = kv_rows(&r, &["uuid", "action", "status", "destination_uuid", "project", "agent"]);
+                rows.push(vec!["created_at".into(), time_field(&r, "created_at")]);
+                rows.push(vec!["updated_at".into(), time_field(&r, "updated_at")]);
+                if r.get("expires_at").is_some_and(|e| !e.is_null()) {
+                    rows.push(vec!["expires_at".into(), time_field(&r, "expires_at")]);
+                }
+                ctx.out.table(&["FIELD", "VALUE"], &rows);
+                for x in items(&res, "results") {
+                    println!("\nresult from board {}: {}", field(x, "board_uuid"), field(x, "result"));
+                    print_message(x.get("message").unwrap_or(&serde_json::Value::Null));
+                }
+            });
+        }
+    }
+    Ok(())
+}

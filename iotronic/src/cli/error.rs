@@ -1,0 +1,114 @@
+//! What can go wrong, what the user should do about it, and the exit code of each.
+
+use std::fmt;
+
+use serde_json::{Value, json};
+
+/// The kind of a failure; each has its own exit code (listed by `s4t --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Something unexpected (a bug, a cloud error 500).
+    Internal,
+    /// Bad arguments, or a request the cloud rejected as invalid (400).
+    Usage,
+    /// Not logged in, wrong password, expired token (401).
+    Auth,
+    /// Logged in, but the role or project does not allow it (403).
+    Forbidden,
+    /// No such board, service, lease… in the caller's project (404).
+    NotFound,
+    /// Leased by another project, already exposed, name taken (409).
+    Conflict,
+    /// The board is offline or not reachable (503).
+    Offline,
+    /// The board answered with an error (502).
+    Board,
+    /// Nothing happened within the deadline (504, or a wait of this CLI).
+    Timeout,
+    /// The cloud cannot be reached at all.
+    Unreachable,
+}
+
+impl Kind {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Kind::Internal => 1,
+            Kind::Usage => 2,
+            Kind::Auth => 3,
+            Kind::Forbidden => 4,
+            Kind::NotFound => 5,
+            Kind::Conflict => 6,
+            Kind::Offline => 7,
+            Kind::Board => 8,
+            Kind::Timeout => 9,
+            Kind::Unreachable => 10,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Internal => "internal",
+            Kind::Usage => "usage",
+            Kind::Auth => "auth",
+            Kind::Forbidden => "forbidden",
+            Kind::NotFound => "not_found",
+            Kind::Conflict => "conflict",
+            Kind::Offline => "offline",
+            Kind::Board => "board",
+            Kind::Timeout => "timeout",
+            Kind::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// A failure with a message that says what happened and, when we know, what to do.
+#[derive(Debug)]
+pub struct Failure {
+    pub kind: Kind,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Failure {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        Failure { kind, message: message.into(), hint: None }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure::new(Kind::Usage, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Failure::new(Kind::Internal, message)
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn not_logged_in() -> Self {
+        Failure::new(Kind::Auth, "not logged in")
+            .with_hint("run `s4t login --url http://CLOUD:8812 --user NAME` (or set S4T_URL and S4T_TOKEN)")
+    }
+
+    /// The error as `--json` prints it on stderr.
+    pub fn to_json(&self) -> Value {
+        json!({"error": self.kind.name(), "message": self.message, "hint": self.hint,
+               "exit_code": self.kind.exit_code()})
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Failure {}
+
+pub type Result<T, E = Failure> = std::result::Result<T, E>;

@@ -1,0 +1,196 @@
+//! https to the cloud. With `--ca-fingerprint sha256:HEX` (the pin `iotronic serve` prints) the
+//! CLI trusts exactly that CA, which the cloud must send in its chain (or a self-signed server
+//! certificate pinned directly, like an SSH host key); without a pin, the public web roots.
+//! rustls with the ring provider only.
+
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use super::error::{Failure, Result};
+
+/// Parses `sha256:HEX` (64 hex digits, colons between bytes allowed).
+pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32]> {
+    let bad = || {
+        Failure::usage(format!("CA fingerprint {fp:?} is not sha256:HEX"))
+            .with_hint("copy it from `iotronic serve`'s output or DATA_DIR/ca.fingerprint")
+    };
+    let hex: Vec<u8> = fp.strip_prefix("sha256:").ok_or_else(bad)?.bytes().filter(|c| *c != b':').collect();
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct PinnedCa {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let pinned = |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pin;
+        if pinned(end_entity) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let Some(ca) = intermediates.iter().find(|c| pinned(c)) else {
+            return Err(rustls::Error::General(
+                "the cloud's certificate chain does not contain the pinned CA (check --ca-fingerprint)".into(),
+            ));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration trusting only the pinned CA.
+pub fn pinned(fingerprint: &str) -> Result<rustls::ClientConfig> {
+    let pin = parse_fingerprint(fingerprint)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::internal(format!("TLS set-up: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::client::Client;
+    use crate::cli::error::Kind;
+    use rustls::pki_types::PrivateKeyDer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Pki {
+        ca: CertificateDer<'static>,
+        leaf: CertificateDer<'static>,
+        key: Vec<u8>,
+    }
+
+    fn pki() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        Pki { ca: ca.der().clone(), leaf: leaf.der().clone(), key: leaf_key.serialize_der() }
+    }
+
+    fn pin_of(der: &[u8]) -> String {
+        format!("sha256:{}", Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    /// An https server on 127.0.0.1 that answers every request with `{}`; returns its port.
+    async fn https_server(chain: Vec<CertificateDer<'static>>, key: Vec<u8>) -> u16 {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"id\":\"v1\"}";
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_trusts_exactly_the_pinned_ca() {
+        let p = pki();
+        let port = https_server(vec![p.leaf.clone(), p.ca.clone()], p.key.clone()).await;
+        let url = format!("https://localhost:{port}");
+        let ok = Client::new(&url, None, Some(&pin_of(&p.ca))).unwrap();
+        assert_eq!(ok.get("/v1").await.unwrap()["id"], "v1");
+        let other = pki();
+        let wrong = Client::new(&url, None, Some(&pin_of(&other.ca))).unwrap();
+        let e = wrong.get("/v1").await.unwrap_err();
+        assert_eq!(e.kind, Kind::Unreachable, "{e}");
+        assert!(e.message.contains("pinned CA"), "the error names the pin: {e}");
+        // A leaf that does not name the host is refused even under the right CA.
+        let by_ip = Client::new(&format!("https://127.0.0.1:{port}"), None, Some(&pin_of(&p.ca))).unwrap();
+        assert!(by_ip.get("/v1").await.is_err(), "the host name is verified");
+        // Without a pin, the cloud's own CA is not a public root.
+        let unpinned = Client::new(&url, None, None).unwrap();
+        assert!(unpinned.get("/v1").await.is_err());
+    }
+
+    #[test]
+    fn fingerprints_parse() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")).unwrap(), [0xab; 32]);
+        let colons: Vec<String> = (0..32).map(|_| "AB".to_string()).collect();
+        assert_eq!(parse_fingerprint(&format!("sha256:{}", colons.join(":"))).unwrap(), [0xab; 32]);
+        for bad in ["", "sha256:", "sha1:abcd", &format!("sha256:{}", "zz".repeat(32)), &format!("sha256:{hex}00")] {
+            assert!(parse_fingerprint(bad).is_err(), "{bad}");
+        }
+    }
+}

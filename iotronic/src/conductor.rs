@@ -1,0 +1,229 @@
+//! The conductor: turns accepted requests into board calls on the right agent, records
+//! results, delivers queued commands when a board logs in, and enforces leases (expiry tears
+//! down what the lease created).
+//!
+//! Every handler is idempotent: request state moves by compare-and-set in the database, so a
+//! message delivered twice (a conductor killed before its ack) does its work once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::Error;
+use crate::bus::{AgentCall, Bus, ConductorMsg};
+use crate::db::{Db, Lease, RequestStatus};
+
+/// How often queued requests and leases are checked for expiry.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Public ports handed out for exposed services (the original's pool, ends excluded).
+pub const PUBLIC_PORTS: (u16, u16) = (50001, 59999);
+
+#[derive(Clone, Debug)]
+pub struct Conductor {
+    db: Db,
+    bus: Bus,
+}
+
+impl Conductor {
+    pub fn new(db: Db, bus: Bus) -> Self {
+        Conductor { db, bus }
+    }
+
+    /// Runs until `shutdown`. With the in-process bus, first recovers what a previous run left
+    /// half-done (RabbitMQ redelivers unacked messages by itself).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut rx = self.bus.conductor_deliveries().await?;
+        if self.bus.is_in_process() {
+            self.recover().await?;
+        }
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        warn!(cause = %e, "sweep failed");
+                    }
+                }
+                d = rx.recv() => {
+                    let Some(d) = d else { return Err(Error::Bus("the conductor queue closed".into())) };
+                    let span = info_span!("conductor", request = msg_request(&d.msg));
+                    match self.handle(d.msg.clone(), d.redelivered).instrument(span).await {
+                        Ok(()) => d.ack().await?,
+                        // A database hiccup: leave the message unacked (RabbitMQ redelivers it
+                        // to the next conductor); anything else is logged and dropped.
+                        Err(e @ (Error::Db(_) | Error::Amqp { .. })) => warn!(cause = %e, "conductor message not handled; left unacked"),
+                        Err(e) => {
+                            warn!(cause = %e, "conductor message failed");
+                            d.ack().await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a restart of the whole cloud (in-process bus): accepted requests are sent again;
+    /// requests that were at a board when the process died are marked failed.
+    async fn recover(&self) -> Result<(), Error> {
+        for r in self.db.requests_in(RequestStatus::Pending).await? {
+            self.bus.to_conductor(&ConductorMsg::Execute { request: r.uuid }).await?;
+        }
+        for r in self.db.requests_in(RequestStatus::Running).await? {
+            self.fail(&r.uuid, &r.destination, "the cloud restarted while the board was running this request").await?;
+        }
+        Ok(())
+    }
+
+    pub async fn handle(&self, msg: ConductorMsg, redelivered: bool) -> Result<(), Error> {
+        match msg {
+            ConductorMsg::Execute { request } => self.execute(&request, redelivered).await,
+            ConductorMsg::Result { request, board, result, message } => {
+                self.record_result(&request, &board, &result, &message).await
+            }
+            ConductorMsg::BoardOnline { board } => self.board_online(&board).await,
+            ConductorMsg::Failed { request, board, reason } => match self.db.request(&request, None).await? {
+                Some(r) if !r.status.is_final() => self.fail(&request, &board, &reason).await,
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Sends a PENDING request to its board's agent (or queues or fails it). `redelivered`:
+    /// a previous conductor died holding this message, maybe between marking the request
+    /// RUNNING and handing it to the agent; then a RUNNING request is handed over again (the
+    /// agent drops a request id it has already taken).
+    async fn execute(&self, uuid: &str, redelivered: bool) -> Result<(), Error> {
+        let Some(req) = self.db.request(uuid, None).await? else {
+            warn!("execute: unknown request");
+            return Ok(());
+        };
+        let again = redelivered && req.status == RequestStatus::Running;
+        if req.status != RequestStatus::Pending && !again {
+            return Ok(()); // already handled (redelivery)
+        }
+        let board = self.db.board_by_uuid(&req.destination).await?;
+        let online = board.as_ref().filter(|b| b.status == "online" && b.session.is_some() && b.agent.is_some());
+        let Some(board) = online else {
+            if req.expires_at.is_some() && !again {
+                self.db.transition_request(uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await?;
+                info!("board offline: request queued");
+                return self.bus.completed(uuid).await;
+            }
+            return self.fail(uuid, &req.destination, "the board is offline").await;
+        };
+        let (agent, session) = (board.agent.clone().unwrap_or_default(), board.session.clone().unwrap_or_default());
+        if !again {
+            let from = [RequestStatus::Pending];
+            if !self.db.transition_request(uuid, &from, RequestStatus::Running, Some(&agent)).await? {
+                return Ok(());
+            }
+            self.db.set_result(uuid, &board.uuid, "RUNNING", "").await?;
+        }
+        let args = match req.args {
+            Value::Array(a) => a,
+            Value::Null => vec![],
+            other => vec![other],
+        };
+        let call = AgentCall { request: uuid.into(), board: board.uuid.clone(), session, procedure: req.action, args };
+        if let Err(e) = self.bus.to_agent(&agent, &call).await {
+            self.fail(uuid, &board.uuid, &format!("cannot reach agent {agent}: {e}")).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_result(&self, request: &str, board: &str, result: &str, message: &Value) -> Result<(), Error> {
+        let text = match message {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let Some(req) = self.db.request(request, None).await? else { return Ok(()) };
+        if req.status.is_final() {
+            return Ok(());
+        }
+        self.db.set_result(request, board, result, &text).await?;
+        if result != "RUNNING" {
+            // As the original: the request is COMPLETED; its result says SUCCESS or ERROR.
+            let from = [RequestStatus::Running, RequestStatus::Pending];
+            self.db.transition_request(request, &from, RequestStatus::Completed, None).await?;
+        }
+        self.bus.completed(request).await
+    }
+
+    async fn fail(&self, request: &str, board: &str, why: &str) -> Result<(), Error> {
+        self.db.set_result(request, board, "ERROR", why).await?;
+        let from = [RequestStatus::Pending, RequestStatus::Running, RequestStatus::Queued];
+        self.db.transition_request(request, &from, RequestStatus::Failed, None).await?;
+        self.bus.completed(request).await
+    }
+
+    /// A board logged in: its queued requests go out, oldest first.
+    async fn board_online(&self, board: &str) -> Result<(), Error> {
+        for r in self.db.queued_for_board(board).await? {
+            if self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await? {
+                info!(request = %r.uuid, "delivering a queued request");
+                self.execute(&r.uuid, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Expires queued requests and leases whose time has come.
+    pub async fn sweep(&self) -> Result<(), Error> {
+        for r in self.db.expire_queued().await? {
+            self.bus.completed(&r.uuid).await?;
+        }
+        self.expire_leases().await?;
+        Ok(())
+    }
+
+    /// Ends every due lease and tears down what it created: exposed services and VPN
+    /// memberships (rows freed at once; the boards are told when online). Returns the leases.
+    pub async fn expire_leases(&self) -> Result<Vec<Lease>, Error> {
+        let mut ended = Vec::new();
+        for lease in self.db.due_leases().await? {
+            if !self.db.end_lease(&lease.uuid, "expired").await? {
+                continue; // another conductor got it
+            }
+            info!(lease = %lease.uuid, "lease expired");
+            self.teardown_lease(&lease).await?;
+            ended.push(lease);
+        }
+        Ok(ended)
+    }
+
+    /// Frees what `lease` created (also on release).
+    pub async fn teardown_lease(&self, lease: &Lease) -> Result<(), Error> {
+        for e in self.db.exposures_of_lease(&lease.uuid).await? {
+            self.db.delete_exposure(&e.board, &e.service).await?;
+            if let Some(s) = self.db.service(&e.service, None).await? {
+                let svc = json!({"uuid": s.uuid, "name": s.name, "port": s.port, "protocol": s.protocol});
+                self.notify_board(&lease.project, &e.board, "ServiceDisable", json!([svc])).await?;
+            }
+        }
+        for m in self.db.vpn_members_of_lease(&lease.uuid).await? {
+            self.db.remove_vpn_member(&m.vpn, &m.board).await?;
+            self.notify_board(&lease.project, &m.board, "VpnLeave", json!([{"vpn": m.vpn}])).await?;
+        }
+        Ok(())
+    }
+
+    /// Fire-and-forget board call recorded as a request (dropped if the board is offline: its
+    /// state is restored from the database at its next login).
+    async fn notify_board(&self, project: &str, board: &str, action: &str, args: Value) -> Result<(), Error> {
+        let r = self.db.create_request(project, board, action, &args, None).await?;
+        self.bus.to_conductor(&ConductorMsg::Execute { request: r.uuid }).await
+    }
+}
+
+fn msg_request(m: &ConductorMsg) -> String {
+    match m {
+        ConductorMsg::Execute { request }
+        | ConductorMsg::Result { request, .. }
+        | ConductorMsg::Failed { request, .. } => request.clone(),
+        ConductorMsg::BoardOnline { board } => format!("board-online:{board}"),
+    }
+}

@@ -1,0 +1,96 @@
+//! Configuration of the cloud processes.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::bus::AmqpUrl;
+use crate::db::DatabaseUrl;
+
+/// Default ports, fixed by the original Stack4Things deployment.
+pub const REST_PORT: u16 = 8812;
+pub const WAMP_PORT: u16 = 8181;
+pub const TUNNEL_PORT: u16 = 8080;
+/// Default agent name (never the hostname: S4T-REFERENCE §9.2).
+pub const DEFAULT_AGENT: &str = "agent";
+/// Default prefix of RabbitMQ queue and exchange names.
+pub const DEFAULT_BUS_PREFIX: &str = "iotronic";
+
+/// Everything the cloud processes need. Plain data; the CLI fills it in `main.rs`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where the SQLite database, the CA and other state live.
+    pub data_dir: PathBuf,
+    /// Address of every listener.
+    pub bind: IpAddr,
+    /// Ports; 0 picks a free port (tests).
+    pub rest_port: u16,
+    pub wamp_port: u16,
+    pub tunnel_port: u16,
+    /// Accept the original Python lightning-rod (anonymous WAMP, wstun protocol).
+    pub legacy_boards: bool,
+    /// Serve HTTP and WS without TLS.
+    pub plaintext: bool,
+    /// PostgreSQL (or another SQLite file); default: `data_dir/iotronic.sqlite`.
+    pub database_url: Option<DatabaseUrl>,
+    /// RabbitMQ; default: the in-process bus.
+    pub amqp_url: Option<AmqpUrl>,
+    /// Prefix of queue names on RabbitMQ.
+    pub bus_prefix: String,
+    /// This wamp-agent's name.
+    pub agent_name: String,
+    /// Password of the bootstrap admin (first start only); generated and printed if unset.
+    pub admin_password: Option<String>,
+    /// How long a synchronous REST call waits for a board.
+    pub call_timeout: Duration,
+    /// Host name or address boards are told to dial (default: `bind`, or this machine's
+    /// host name when binding all addresses).
+    pub public_host: Option<String>,
+}
+
+impl ServeConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServeConfig {
+            data_dir,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            rest_port: REST_PORT,
+            wamp_port: WAMP_PORT,
+            tunnel_port: TUNNEL_PORT,
+            legacy_boards: false,
+            plaintext: false,
+            database_url: None,
+            amqp_url: None,
+            bus_prefix: DEFAULT_BUS_PREFIX.into(),
+            agent_name: DEFAULT_AGENT.into(),
+            admin_password: None,
+            call_timeout: Duration::from_secs(30),
+            public_host: None,
+        }
+    }
+
+    pub fn rest_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.rest_port)
+    }
+
+    /// The host boards dial.
+    pub fn public_host(&self) -> String {
+        if let Some(h) = &self.public_host {
+            return h.clone();
+        }
+        if !self.bind.is_unspecified() {
+            return match self.bind {
+                IpAddr::V6(a) => format!("[{a}]"),
+                a => a.to_string(),
+            };
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
+
+    pub fn database_url(&self) -> DatabaseUrl {
+        self.database_url.clone().unwrap_or_else(|| DatabaseUrl::sqlite_in(&self.data_dir))
+    }
+}

@@ -1,0 +1,270 @@
+//! The database: the only module that sees SQL (ARCHITECTURE invariant).
+//!
+//! One code path for both back-ends through sqlx's `Any` driver: SQLite (a file in the data
+//! directory, the embedded default) and PostgreSQL (`--database-url postgres://…`). The schema
+//! (`migrations/*.sql`) is portable SQL and embedded in the binary; [`Db::migrate`] applies it
+//! under sqlx's migration lock, so several processes may start at once.
+//!
+//! Records are plain structs mapped from rows by hand; REST DTOs live in `api`, bus messages in
+//! `bus`, and conversions between them are written out.
+
+mod auth;
+mod boards;
+mod leases;
+mod objects;
+mod requests;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+pub use auth::{Membership, Project, Role, TokenInfo, User};
+pub use boards::{Agent, Board, BoardUpdate, NewBoard};
+pub use leases::Lease;
+pub use objects::{Exposure, Fleet, Plugin, Service, Vpn, VpnMember};
+pub use requests::{Request, RequestStatus, ResultRow};
+
+use crate::Error;
+
+/// The embedded schema, in order. Never edit an applied migration: add a new one.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (2, "settings", include_str!("../../migrations/0002_settings.sql")),
+];
+
+/// Which database a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A handle to the database: a connection pool, cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl fmt::Debug for Db {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Db").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+/// A database URL whose `Debug` and `Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    /// The SQLite file `dir/iotronic.sqlite`, created on first use.
+    pub fn sqlite_in(dir: &Path) -> Self {
+        DatabaseUrl(format!("sqlite://{}?mode=rwc", dir.join("iotronic.sqlite").display()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:pass@host/…` → `scheme://user:***@host/…`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{scheme}://{masked}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl Db {
+    /// Connects (creating the SQLite file if needed). Does not migrate: call [`Db::migrate`].
+    pub async fn connect(url: &DatabaseUrl) -> Result<Db, Error> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.expose().starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.expose().starts_with("postgres:") || url.expose().starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(Error::Invalid(format!(
+                "unsupported database URL {}: use sqlite://FILE or postgres://…",
+                url.redacted()
+            )));
+        };
+        let max = if backend == Backend::Sqlite { 4 } else { 10 };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url.expose())
+            .await
+            .map_err(|source| Error::DbConnect { url: url.redacted(), source })?;
+        if backend == Backend::Sqlite {
+            // WAL lets readers run beside the writer; the setting persists in the file.
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await.map_err(db_err)?;
+        }
+        Ok(Db { pool, backend })
+    }
+
+    /// Connects and applies the embedded migrations.
+    pub async fn open(url: &DatabaseUrl) -> Result<Db, Error> {
+        let db = Db::connect(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every embedded migration not applied yet.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, name, sql)| {
+                Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, (*sql).into_sql_str(), false)
+            })
+            .collect();
+        let migrator = Migrator::with_migrations(migrations);
+        migrator.run(&self.pool).await.map_err(Error::Migrate)
+    }
+
+    /// PostgreSQL administration for throw-away databases (tests, `db` tooling). The name
+    /// must be a plain identifier.
+    pub async fn create_database(&self, name: &str) -> Result<(), Error> {
+        let sql = format!("CREATE DATABASE {}", plain_identifier(name)?);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn drop_database(&self, name: &str) -> Result<(), Error> {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", plain_identifier(name)?);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The setting `name`, created with `init()` if absent (the first writer wins a race).
+    pub async fn setting_or_init(&self, name: &str, init: impl FnOnce() -> String) -> Result<String, Error> {
+        let get = || sqlx::query("SELECT value FROM settings WHERE name = $1").bind(name);
+        if let Some(row) = get().fetch_optional(&self.pool).await.map_err(db_err)? {
+            return col(&row, "value");
+        }
+        let r = sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
+            .bind(name)
+            .bind(init())
+            .execute(&self.pool)
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) => {}
+            Err(e) => return Err(db_err(e)),
+        }
+        let row = get().fetch_one(&self.pool).await.map_err(db_err)?;
+        col(&row, "value")
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+use sqlx::SqlSafeStr as _;
+
+fn plain_identifier(name: &str) -> Result<&str, Error> {
+    let ok = !name.is_empty()
+        && name.len() < 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok { Ok(name) } else { Err(Error::Invalid(format!("{name:?} is not a plain identifier"))) }
+}
+
+/// Milliseconds since the Unix epoch: the representation of every time in the database.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub(crate) fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A database error that is not the caller's fault.
+pub(crate) fn db_err(e: sqlx::Error) -> Error {
+    Error::Db(e)
+}
+
+/// Maps a unique-constraint violation to a 409 with `conflict`; anything else is a DB error.
+pub(crate) fn unique_or(e: sqlx::Error, conflict: impl FnOnce() -> String) -> Error {
+    if is_unique_violation(&e) { Error::Conflict(conflict()) } else { Error::Db(e) }
+}
+
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() || d.code().is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
+        }
+        _ => false,
+    }
+}
+
+/// Reads a column, naming it in the error.
+pub(crate) fn col<'r, T>(row: &'r sqlx::any::AnyRow, name: &str) -> Result<T, Error>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    use sqlx::Row;
+    row.try_get(name).map_err(db_err)
+}
+
+/// Parses a JSON column, falling back to `null` for text that is not JSON (never a panic).
+pub(crate) fn json_col(row: &sqlx::any::AnyRow, name: &str) -> Result<serde_json::Value, Error> {
+    let text: String = col(row, name)?;
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:///tmp/x.sqlite?mode=rwc"), "sqlite:///tmp/x.sqlite?mode=rwc");
+        let url = DatabaseUrl::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?} {url}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,672 @@
+//! Fleets, services and their exposures (public ports), plugins, VPNs and their members.
+
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+use sqlx::any::AnyRow;
+
+use super::{Db, col, db_err, is_unique_violation, json_col, new_uuid, now_ms, unique_or};
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub uuid: String,
+    pub name: String,
+    pub project: String,
+    pub description: String,
+    pub extra: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub uuid: String,
+    pub name: String,
+    pub project: String,
+    pub port: i64,
+    pub protocol: String,
+    pub extra: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A service exposed on a public port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exposure {
+    pub board: String,
+    pub service: String,
+    pub public_port: i64,
+    pub lease: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub uuid: String,
+    pub name: String,
+    pub owner: String,
+    pub project: String,
+    pub public: bool,
+    pub code: String,
+    pub callable: bool,
+    pub parameters: Value,
+    pub extra: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Vpn {
+    pub uuid: String,
+    pub name: String,
+    pub project: String,
+    pub vpn_type: String,
+    pub cidr: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpnMember {
+    pub vpn: String,
+    pub board: String,
+    pub address: String,
+    pub interface: String,
+    pub lease: Option<String>,
+}
+
+fn fleet_row(r: &AnyRow) -> Result<Fleet, Error> {
+    Ok(Fleet {
+        uuid: col(r, "uuid")?,
+        name: col(r, "name")?,
+        project: col(r, "project_uuid")?,
+        description: col(r, "description")?,
+        extra: json_col(r, "extra")?,
+        created_at: col(r, "created_at")?,
+        updated_at: col(r, "updated_at")?,
+    })
+}
+
+fn service_row(r: &AnyRow) -> Result<Service, Error> {
+    Ok(Service {
+        uuid: col(r, "uuid")?,
+        name: col(r, "name")?,
+        project: col(r, "project_uuid")?,
+        port: col(r, "port")?,
+        protocol: col(r, "protocol")?,
+        extra: json_col(r, "extra")?,
+        created_at: col(r, "created_at")?,
+        updated_at: col(r, "updated_at")?,
+    })
+}
+
+fn exposure_row(r: &AnyRow) -> Result<Exposure, Error> {
+    Ok(Exposure {
+        board: col(r, "board_uuid")?,
+        service: col(r, "service_uuid")?,
+        public_port: col(r, "public_port")?,
+        lease: col(r, "lease_uuid")?,
+        created_at: col(r, "created_at")?,
+    })
+}
+
+fn plugin_row(r: &AnyRow) -> Result<Plugin, Error> {
+    Ok(Plugin {
+        uuid: col(r, "uuid")?,
+        name: col(r, "name")?,
+        owner: col(r, "owner_uuid")?,
+        project: col(r, "project_uuid")?,
+        public: col::<i64>(r, "public")? != 0,
+        code: col(r, "code")?,
+        callable: col::<i64>(r, "callable")? != 0,
+        parameters: json_col(r, "parameters")?,
+        extra: json_col(r, "extra")?,
+        created_at: col(r, "created_at")?,
+        updated_at: col(r, "updated_at")?,
+    })
+}
+
+fn vpn_row(r: &AnyRow) -> Result<Vpn, Error> {
+    Ok(Vpn {
+        uuid: col(r, "uuid")?,
+        name: col(r, "name")?,
+        project: col(r, "project_uuid")?,
+        vpn_type: col(r, "type")?,
+        cidr: col(r, "cidr")?,
+        created_at: col(r, "created_at")?,
+    })
+}
+
+fn member_row(r: &AnyRow) -> Result<VpnMember, Error> {
+    Ok(VpnMember {
+        vpn: col(r, "vpn_uuid")?,
+        board: col(r, "board_uuid")?,
+        address: col(r, "address")?,
+        interface: col(r, "interface")?,
+        lease: col(r, "lease_uuid")?,
+    })
+}
+
+/// An IPv4 CIDR: network address and prefix length.
+pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), Error> {
+    let bad = || Error::Invalid(format!("{cidr:?} is not an IPv4 CIDR such as 10.10.0.0/24"));
+    let (addr, len) = cidr.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&len) {
+        return Err(Error::Invalid(format!("{cidr}: the prefix length must be between 8 and 30")));
+    }
+    let mask = u32::MAX << (32 - len);
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
+}
+
+/// Host addresses a board may get in `cidr`: all but the network, the broadcast and the first
+/// host (the cloud's end of the VPN).
+fn board_hosts(cidr: &str) -> Result<(u32, u32), Error> {
+    let (net, len) = parse_cidr(cidr)?;
+    let base = u32::from(net);
+    let size = 1u32 << (32 - len);
+    Ok((base + 2, base + size - 2))
+}
+
+impl Db {
+    pub async fn create_fleet(
+        &self,
+        name: &str,
+        project: &str,
+        description: &str,
+        extra: &Value,
+    ) -> Result<Fleet, Error> {
+        let (uuid, now) = (new_uuid(), now_ms());
+        sqlx::query(
+            "INSERT INTO fleets (uuid, name, project_uuid, description, extra, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&uuid)
+        .bind(name)
+        .bind(project)
+        .bind(description)
+        .bind(extra.to_string())
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(|e| unique_or(e, || format!("a fleet named {name:?} already exists in this project")))?;
+        self.fleet(&uuid, None).await?.ok_or_else(|| Error::NotFound(format!("fleet {uuid} vanished")))
+    }
+
+    pub async fn fleet(&self, ident: &str, project: Option<&str>) -> Result<Option<Fleet>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM fleets WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(fleet_row).transpose()
+    }
+
+    pub async fn list_fleets(&self, project: Option<&str>) -> Result<Vec<Fleet>, Error> {
+        let rows = sqlx::query("SELECT * FROM fleets WHERE ($1 = '' OR project_uuid = $2) ORDER BY created_at, uuid")
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(fleet_row).collect()
+    }
+
+    pub async fn update_fleet(&self, uuid: &str, name: &str, description: &str, extra: &Value) -> Result<(), Error> {
+        sqlx::query("UPDATE fleets SET name = $1, description = $2, extra = $3, updated_at = $4 WHERE uuid = $5")
+            .bind(name)
+            .bind(description)
+            .bind(extra.to_string())
+            .bind(now_ms())
+            .bind(uuid)
+            .execute(self.pool())
+            .await
+            .map_err(|e| unique_or(e, || format!("a fleet named {name:?} already exists in this project")))?;
+        Ok(())
+    }
+
+    pub async fn delete_fleet(&self, uuid: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM fleets WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn create_service(
+        &self,
+        name: &str,
+        project: &str,
+        port: i64,
+        protocol: &str,
+        extra: &Value,
+    ) -> Result<Service, Error> {
+        let (uuid, now) = (new_uuid(), now_ms());
+        sqlx::query(
+            "INSERT INTO services (uuid, name, project_uuid, port, protocol, extra, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&uuid)
+        .bind(name)
+        .bind(project)
+        .bind(port)
+        .bind(protocol)
+        .bind(extra.to_string())
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(|e| unique_or(e, || format!("a service named {name:?} already exists in this project")))?;
+        self.service(&uuid, None).await?.ok_or_else(|| Error::NotFound(format!("service {uuid} vanished")))
+    }
+
+    pub async fn service(&self, ident: &str, project: Option<&str>) -> Result<Option<Service>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM services WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(service_row).transpose()
+    }
+
+    pub async fn list_services(&self, project: Option<&str>) -> Result<Vec<Service>, Error> {
+        let rows = sqlx::query("SELECT * FROM services WHERE ($1 = '' OR project_uuid = $2) ORDER BY created_at, uuid")
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(service_row).collect()
+    }
+
+    pub async fn update_service(&self, s: &Service) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE services SET name = $1, port = $2, protocol = $3, extra = $4, updated_at = $5 WHERE uuid = $6",
+        )
+        .bind(&s.name)
+        .bind(s.port)
+        .bind(&s.protocol)
+        .bind(s.extra.to_string())
+        .bind(now_ms())
+        .bind(&s.uuid)
+        .execute(self.pool())
+        .await
+        .map_err(|e| unique_or(e, || format!("a service named {:?} already exists in this project", s.name)))?;
+        Ok(())
+    }
+
+    pub async fn delete_service(&self, uuid: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM services WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Exposes `service` of `board` on a free public port in `[min, max]`. The port is drawn at
+    /// random among the free ones; a concurrent conductor taking the same port makes the
+    /// insert fail on the UNIQUE constraint and we draw again.
+    pub async fn allocate_exposure(
+        &self,
+        board: &str,
+        service: &str,
+        range: (u16, u16),
+        lease: Option<&str>,
+    ) -> Result<Exposure, Error> {
+        for _ in 0..64 {
+            if let Some(e) = self.exposure(board, service).await? {
+                return Err(Error::Conflict(format!("service already exposed on public port {}", e.public_port)));
+            }
+            let used: Vec<i64> = sqlx::query("SELECT public_port FROM exposed_services ORDER BY public_port")
+                .fetch_all(self.pool())
+                .await
+                .map_err(db_err)?
+                .iter()
+                .map(|r| col(r, "public_port"))
+                .collect::<Result<_, _>>()?;
+            let free: Vec<i64> =
+                (i64::from(range.0)..=i64::from(range.1)).filter(|p| used.binary_search(p).is_err()).collect();
+            if free.is_empty() {
+                return Err(Error::Unavailable(format!("no free public port in {}-{}", range.0, range.1)));
+            }
+            let port = free[rand::random_range(0..free.len())];
+            let now = now_ms();
+            let r = sqlx::query(
+                "INSERT INTO exposed_services (board_uuid, service_uuid, public_port, lease_uuid, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(board)
+            .bind(service)
+            .bind(port)
+            .bind(lease.map(str::to_owned))
+            .bind(now)
+            .execute(self.pool())
+            .await;
+            match r {
+                Ok(_) => {
+                    let lease = lease.map(str::to_owned);
+                    return Ok(Exposure {
+                        board: board.into(),
+                        service: service.into(),
+                        public_port: port,
+                        lease,
+                        created_at: now,
+                    });
+                }
+                Err(e) if is_unique_violation(&e) => continue,
+                Err(e) => return Err(Error::Db(e)),
+            }
+        }
+        Err(Error::Unavailable("could not allocate a public port after 64 attempts".into()))
+    }
+
+    pub async fn exposure(&self, board: &str, service: &str) -> Result<Option<Exposure>, Error> {
+        let row = sqlx::query("SELECT * FROM exposed_services WHERE board_uuid = $1 AND service_uuid = $2")
+            .bind(board)
+            .bind(service)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(exposure_row).transpose()
+    }
+
+    pub async fn exposure_by_port(&self, port: i64) -> Result<Option<Exposure>, Error> {
+        let row = sqlx::query("SELECT * FROM exposed_services WHERE public_port = $1")
+            .bind(port)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(exposure_row).transpose()
+    }
+
+    pub async fn exposures_of_board(&self, board: &str) -> Result<Vec<Exposure>, Error> {
+        let rows = sqlx::query("SELECT * FROM exposed_services WHERE board_uuid = $1 ORDER BY public_port")
+            .bind(board)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(exposure_row).collect()
+    }
+
+    pub async fn exposures_of_lease(&self, lease: &str) -> Result<Vec<Exposure>, Error> {
+        let rows = sqlx::query("SELECT * FROM exposed_services WHERE lease_uuid = $1 ORDER BY public_port")
+            .bind(lease)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(exposure_row).collect()
+    }
+
+    pub async fn count_exposures(&self) -> Result<i64, Error> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM exposed_services").fetch_one(self.pool()).await.map_err(db_err)?;
+        col(&row, "n")
+    }
+
+    pub async fn delete_exposure(&self, board: &str, service: &str) -> Result<bool, Error> {
+        let r = sqlx::query("DELETE FROM exposed_services WHERE board_uuid = $1 AND service_uuid = $2")
+            .bind(board)
+            .bind(service)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn create_plugin(&self, p: &Plugin) -> Result<Plugin, Error> {
+        let (uuid, now) = (new_uuid(), now_ms());
+        sqlx::query(
+            "INSERT INTO plugins (uuid, name, owner_uuid, project_uuid, public, code, callable, parameters, extra, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&uuid)
+        .bind(&p.name)
+        .bind(&p.owner)
+        .bind(&p.project)
+        .bind(i64::from(p.public))
+        .bind(&p.code)
+        .bind(i64::from(p.callable))
+        .bind(p.parameters.to_string())
+        .bind(p.extra.to_string())
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(Plugin { uuid, created_at: now, updated_at: now, ..p.clone() })
+    }
+
+    /// A plugin by uuid or name, visible to `project` (its own or public) when given.
+    pub async fn plugin(&self, ident: &str, project: Option<&str>) -> Result<Option<Plugin>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM plugins WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4 OR public = 1) \
+             ORDER BY uuid LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(plugin_row).transpose()
+    }
+
+    pub async fn list_plugins(&self, project: Option<&str>, with_public: bool) -> Result<Vec<Plugin>, Error> {
+        let rows = sqlx::query(
+            "SELECT * FROM plugins WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) ORDER BY created_at, uuid",
+        )
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .bind(i64::from(with_public))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(plugin_row).collect()
+    }
+
+    pub async fn update_plugin(&self, p: &Plugin) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE plugins SET name = $1, public = $2, code = $3, callable = $4, parameters = $5, extra = $6, \
+             updated_at = $7 WHERE uuid = $8",
+        )
+        .bind(&p.name)
+        .bind(i64::from(p.public))
+        .bind(&p.code)
+        .bind(i64::from(p.callable))
+        .bind(p.parameters.to_string())
+        .bind(p.extra.to_string())
+        .bind(now_ms())
+        .bind(&p.uuid)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn delete_plugin(&self, uuid: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM plugins WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn create_vpn(&self, name: &str, project: &str, vpn_type: &str, cidr: &str) -> Result<Vpn, Error> {
+        let (net, len) = parse_cidr(cidr)?;
+        let cidr = format!("{net}/{len}");
+        let (uuid, now) = (new_uuid(), now_ms());
+        sqlx::query(
+            "INSERT INTO vpns (uuid, name, project_uuid, type, cidr, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&uuid)
+        .bind(name)
+        .bind(project)
+        .bind(vpn_type)
+        .bind(&cidr)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(|e| unique_or(e, || format!("a VPN named {name:?} already exists in this project")))?;
+        let vpn_type = vpn_type.to_owned();
+        Ok(Vpn { uuid, name: name.into(), project: project.into(), vpn_type, cidr, created_at: now })
+    }
+
+    pub async fn vpn(&self, ident: &str, project: Option<&str>) -> Result<Option<Vpn>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM vpns WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(vpn_row).transpose()
+    }
+
+    pub async fn list_vpns(&self, project: Option<&str>) -> Result<Vec<Vpn>, Error> {
+        let rows = sqlx::query("SELECT * FROM vpns WHERE ($1 = '' OR project_uuid = $2) ORDER BY created_at, uuid")
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(vpn_row).collect()
+    }
+
+    pub async fn delete_vpn(&self, uuid: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM vpns WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Adds `board` to `vpn` with `address` (checked against the CIDR) or the lowest free one.
+    pub async fn add_vpn_member(
+        &self,
+        vpn: &Vpn,
+        board: &str,
+        address: Option<&str>,
+        lease: Option<&str>,
+    ) -> Result<VpnMember, Error> {
+        let (lo, hi) = board_hosts(&vpn.cidr)?;
+        let interface = format!("s4t{}", &vpn.uuid.replace('-', "")[..8]);
+        if let Some(a) = address {
+            let ip: Ipv4Addr = a.parse().map_err(|_| Error::Invalid(format!("{a:?} is not an IPv4 address")))?;
+            if !(lo..=hi).contains(&u32::from(ip)) {
+                return Err(Error::Invalid(format!(
+                    "{ip} is not a board address of {} (from {} to {})",
+                    vpn.cidr,
+                    Ipv4Addr::from(lo),
+                    Ipv4Addr::from(hi)
+                )));
+            }
+        }
+        for _ in 0..64 {
+            if self.vpn_member(&vpn.uuid, board).await?.is_some() {
+                return Err(Error::Conflict(format!("the board is already a member of VPN {}", vpn.name)));
+            }
+            let ip = match address {
+                Some(a) => a.to_owned(),
+                None => {
+                    let used: Vec<u32> = self
+                        .vpn_members(&vpn.uuid)
+                        .await?
+                        .iter()
+                        .filter_map(|m| m.address.parse::<Ipv4Addr>().ok().map(u32::from))
+                        .collect();
+                    let Some(free) = (lo..=hi).find(|a| !used.contains(a)) else {
+                        return Err(Error::Unavailable(format!("VPN {} has no free address left", vpn.name)));
+                    };
+                    Ipv4Addr::from(free).to_string()
+                }
+            };
+            let r = sqlx::query(
+                "INSERT INTO vpn_members (vpn_uuid, board_uuid, address, interface, lease_uuid, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&vpn.uuid)
+            .bind(board)
+            .bind(&ip)
+            .bind(&interface)
+            .bind(lease.map(str::to_owned))
+            .bind(now_ms())
+            .execute(self.pool())
+            .await;
+            match r {
+                Ok(_) => {
+                    let (vpn, board, lease) = (vpn.uuid.clone(), board.to_owned(), lease.map(str::to_owned));
+                    return Ok(VpnMember { vpn, board, address: ip, interface, lease });
+                }
+                Err(e) if is_unique_violation(&e) && address.is_none() => continue,
+                Err(e) => return Err(unique_or(e, || format!("address {ip} is taken in VPN {}", vpn.name))),
+            }
+        }
+        Err(Error::Unavailable("could not allocate a VPN address after 64 attempts".into()))
+    }
+
+    pub async fn vpn_member(&self, vpn: &str, board: &str) -> Result<Option<VpnMember>, Error> {
+        let row = sqlx::query("SELECT * FROM vpn_members WHERE vpn_uuid = $1 AND board_uuid = $2")
+            .bind(vpn)
+            .bind(board)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(member_row).transpose()
+    }
+
+    pub async fn vpn_members(&self, vpn: &str) -> Result<Vec<VpnMember>, Error> {
+        let rows = sqlx::query("SELECT * FROM vpn_members WHERE vpn_uuid = $1 ORDER BY address")
+            .bind(vpn)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(member_row).collect()
+    }
+
+    pub async fn vpn_memberships_of_board(&self, board: &str) -> Result<Vec<VpnMember>, Error> {
+        let rows = sqlx::query("SELECT * FROM vpn_members WHERE board_uuid = $1 ORDER BY vpn_uuid")
+            .bind(board)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(member_row).collect()
+    }
+
+    pub async fn vpn_members_of_lease(&self, lease: &str) -> Result<Vec<VpnMember>, Error> {
+        let rows = sqlx::query("SELECT * FROM vpn_members WHERE lease_uuid = $1")
+            .bind(lease)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(member_row).collect()
+    }
+
+    pub async fn remove_vpn_member(&self, vpn: &str, board: &str) -> Result<bool, Error> {
+        let r = sqlx::query("DELETE FROM vpn_members WHERE vpn_uuid = $1 AND board_uuid = $2")
+            .bind(vpn)
+            .bind(board)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_normalise() {
+        assert_eq!(parse_cidr("10.1.2.3/24").unwrap(), (Ipv4Addr::new(10, 1, 2, 0), 24));
+        for bad in ["10.0.0.0", "10.0.0.0/33", "x/24", "10.0.0.0/31", "::/64"] {
+            assert!(matches!(parse_cidr(bad), Err(Error::Invalid(_))), "{bad}");
+        }
+        let (lo, hi) = board_hosts("10.0.0.0/29").unwrap();
+        assert_eq!((Ipv4Addr::from(lo), Ipv4Addr::from(hi)), (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 6)));
+    }
+}

@@ -1,0 +1,25 @@
+//! The Stack4Things cloud.
+//!
+//! # Layout
+//!
+//! - [`config`]: what `iotronic serve` and the per-process subcommands take.
+//! - [`db`]: the database (SQLite or PostgreSQL through sqlx); the only module that sees SQL.
+//! - [`auth`]: password hashing, bearer tokens, the admin bootstrap.
+//! - [`api`]: the REST API v1 (axum). Owns the REST DTOs' HTTP mapping.
+//! - [`serve`]: runs every process of the cloud in one (the embedded default).
+
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod bus;
+pub mod conductor;
+pub mod config;
+pub mod db;
+mod error;
+pub mod serve;
+pub mod wamp_agent;
+pub mod wstun_agent;
+
+pub use config::ServeConfig;
+pub use error::Error;
+pub use serve::serve;

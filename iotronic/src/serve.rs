@@ -1,0 +1,181 @@
+//! The cloud's processes: `api`, `conductor`, `wamp-agent` and `serve` (all in one, on the
+//! embedded default). Same code each way; the database and the bus differ.
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::bus::Bus;
+use crate::conductor::Conductor;
+use crate::db::Db;
+use crate::wamp_agent::{AgentSetup, WampAgent};
+use crate::wstun_agent::TunnelMint;
+use crate::{Error, ServeConfig};
+
+/// Addresses the running cloud listens on (ports resolved when 0 was asked for).
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub rest: std::net::SocketAddr,
+    /// The WAMP router (`None` for a process without one).
+    pub wamp: Option<std::net::SocketAddr>,
+    /// The tunnel server (`None` for a process without one).
+    pub tunnel: Option<std::net::SocketAddr>,
+}
+
+/// Opens the database (creating the data directory and applying migrations) and creates the
+/// bootstrap admin on first start. A generated admin password is printed once, on stdout.
+pub async fn open_database(config: &ServeConfig) -> Result<Db, Error> {
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+    }
+    let db = Db::open(&config.database_url()).await?;
+    if let Some(generated) = crate::auth::bootstrap_admin(&db, config.admin_password.as_deref()).await? {
+        // Deliberately not through tracing: logs are kept, this must be seen once and noted.
+        println!("iotronic: created user admin in project admin with password {generated}");
+        println!("iotronic: set IOTRONIC_ADMIN_PASSWORD before the first start to choose it");
+    }
+    Ok(db)
+}
+
+pub async fn open_bus(config: &ServeConfig) -> Result<Bus, Error> {
+    match &config.amqp_url {
+        Some(url) => Bus::amqp(url, &config.bus_prefix).await,
+        None => Ok(Bus::in_process()),
+    }
+}
+
+/// The REST API alone.
+pub async fn run_api(
+    config: &ServeConfig,
+    db: Db,
+    bus: Bus,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Listening>>,
+) -> Result<(), Error> {
+    let rest_addr = config.rest_addr();
+    let rest = TcpListener::bind(rest_addr).await.map_err(|source| Error::Bind { addr: rest_addr, source })?;
+    let listening = Listening { rest: rest.local_addr().map_err(Error::Serve)?, wamp: None, tunnel: None };
+    info!(rest = %listening.rest, "REST API listening");
+    println!("iotronic: REST API on http://{}/v1", listening.rest);
+    if let Some(ready) = ready {
+        let _ = ready.send(listening);
+    }
+    let mut state = AppState::new(db.clone(), bus);
+    state.call_timeout = config.call_timeout;
+    state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
+    axum::serve(rest, api::router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Serve)
+}
+
+/// The conductor alone.
+pub async fn run_conductor(db: Db, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
+    info!("conductor running");
+    Conductor::new(db, bus).run(shutdown).await
+}
+
+/// `ws://host:port/` of the tunnel server boards are told to use.
+pub fn tunnel_url(config: &ServeConfig, port: u16) -> String {
+    format!("ws://{}:{port}/", config.public_host())
+}
+
+/// Binds the tunnel server's port.
+pub async fn bind_tunnels(config: &ServeConfig) -> Result<TcpListener, Error> {
+    let addr = std::net::SocketAddr::new(config.bind, config.tunnel_port);
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// The wstun-agent alone: the tunnel server on `listener`.
+pub async fn run_wstun_agent(
+    config: &ServeConfig,
+    db: Db,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let port = listener.local_addr().map_err(Error::Serve)?.port();
+    let mint = TunnelMint::load(&db, tunnel_url(config, port)).await?;
+    println!("iotronic: tunnel server on {} (public ports 50001-59999)", mint.url);
+    db.upsert_agent(&config.agent_name, "wstun", &mint.url, true, false).await?;
+    crate::wstun_agent::run(db, &mint, listener, config.bind, config.legacy_boards, shutdown).await
+}
+
+/// Binds the WAMP router's port.
+pub async fn bind_wamp(config: &ServeConfig) -> Result<TcpListener, Error> {
+    let addr = std::net::SocketAddr::new(config.bind, config.wamp_port);
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// The wamp-agent alone: the router on `listener`, the cloud procedures, session tracking,
+/// and this agent's queue of board calls.
+pub async fn run_wamp_agent(
+    config: &ServeConfig,
+    db: Db,
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let port = listener.local_addr().map_err(Error::Serve)?.port();
+    // TLS arrives with the security issue: until then the router speaks ws:// only.
+    let url = format!("ws://{}:{port}/", config.public_host());
+    println!("iotronic: WAMP router on {url} (realm s4t, agent {})", config.agent_name);
+    db.upsert_agent(&config.agent_name, "wamp", &url, true, true).await?;
+    let setup = AgentSetup {
+        name: config.agent_name.clone(),
+        url: url.clone(),
+        tunnel_url: None,
+        legacy: config.legacy_boards,
+    };
+    let agent = WampAgent::start(db.clone(), bus.clone(), listener, setup, shutdown.clone()).await?;
+    let result = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown).await;
+    db.upsert_agent(&config.agent_name, "wamp", &url, false, true).await?;
+    result
+}
+
+/// Runs the cloud until `shutdown` is cancelled. `ready` receives the bound addresses once
+/// every listener is open, so callers (tests, systemd notify) never guess.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Listening>>,
+) -> Result<(), Error> {
+    let db = open_database(&config).await?;
+    let bus = open_bus(&config).await?;
+    info!(data_dir = %config.data_dir.display(), database = %config.database_url(), bus = ?bus, "iotronic starting");
+    let stop = shutdown.child_token();
+    let wamp = bind_wamp(&config).await?;
+    let wamp_addr = wamp.local_addr().map_err(Error::Serve)?;
+    let tunnels = bind_tunnels(&config).await?;
+    let tunnel_addr = tunnels.local_addr().map_err(Error::Serve)?;
+    // Port 0 (tests) resolves here; every process of this cloud uses the bound port.
+    let mut config = config;
+    config.tunnel_port = tunnel_addr.port();
+    let wstun = tokio::spawn({
+        let (config, db, stop) = (config.clone(), db.clone(), stop.clone());
+        async move { run_wstun_agent(&config, db, tunnels, stop).await }
+    });
+    let conductor = tokio::spawn(run_conductor(db.clone(), bus.clone(), stop.clone()));
+    let agent = tokio::spawn({
+        let (config, db, bus, stop) = (config.clone(), db.clone(), bus.clone(), stop.clone());
+        async move { run_wamp_agent(&config, db, bus, wamp, stop).await }
+    });
+    // Report both listeners once the REST one is bound.
+    let (api_ready, bound) = tokio::sync::oneshot::channel::<Listening>();
+    tokio::spawn(async move {
+        if let (Ok(mut l), Some(ready)) = (bound.await, ready) {
+            l.wamp = Some(wamp_addr);
+            l.tunnel = Some(tunnel_addr);
+            let _ = ready.send(l);
+        }
+    });
+    let api = run_api(&config, db.clone(), bus, stop.clone(), Some(api_ready)).await;
+    stop.cancel();
+    for (name, task) in [("conductor", conductor), ("wamp-agent", agent), ("wstun-agent", wstun)] {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(process = name, cause = %e, "stopped with an error"),
+            Err(e) => warn!(process = name, cause = %e, "panicked"),
+        }
+    }
+    db.close().await;
+    api
+}

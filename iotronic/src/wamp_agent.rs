@@ -1,0 +1,383 @@
+//! The wamp-agent: embeds the WAMP router boards connect to, authenticates them from the
+//! database, implements the cloud procedures of S4T-REFERENCE §5.2 (`stack4things.register`,
+//! `<agent>.stack4things.{connection,wamp_alive,notify_result}`, with the original kwargs and
+//! reply shapes), tracks sessions (online/offline) and calls board procedures for the
+//! conductor through its in-process session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use s4t_wamp::{
+    AuthFuture, Authenticator, CraCredential, Dict, Invocation, Payload, Role, Router, RouterConfig, Secret, Session,
+    WampError,
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::agent::{BoardCaller, BoxFuture};
+use crate::bus::{Bus, ConductorMsg};
+use crate::db::Db;
+
+/// Longest a board procedure may run before the agent reports an error.
+pub const BOARD_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the agent tells boards and how it admits them.
+#[derive(Debug, Clone)]
+pub struct AgentSetup {
+    /// The agent's configured name: `<name>.stack4things.*` and `board.agent`.
+    pub name: String,
+    /// `ws[s]://host:port/` boards use to reach this agent.
+    pub url: String,
+    /// `ws[s]://host:port/` of the tunnel server, sent to enrolling boards.
+    pub tunnel_url: Option<String>,
+    /// Accept anonymous (original lightning-rod) sessions.
+    pub legacy: bool,
+}
+
+/// Board credentials from the database: enrollment tickets are registration codes, boards
+/// authenticate with WAMP-CRA against the stored salted derived key.
+pub struct DbAuthenticator {
+    db: Db,
+    legacy: bool,
+}
+
+impl DbAuthenticator {
+    pub fn new(db: Db, legacy: bool) -> Self {
+        DbAuthenticator { db, legacy }
+    }
+}
+
+/// How a derived key is stored: `salt` column = `<salt>$<iterations>$<keylen>`.
+pub fn encode_salt(c: &CraCredential) -> String {
+    format!("{}${}${}", c.salt, c.iterations, c.keylen)
+}
+
+pub fn decode_credential(salt: &str, key: &str) -> Option<CraCredential> {
+    let mut parts = salt.split('$');
+    let (s, i, k) = (parts.next()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(CraCredential { salt: s.to_owned(), iterations: i, keylen: k, derived_key: Secret::new(key) })
+}
+
+impl Authenticator for DbAuthenticator {
+    fn ticket<'a>(&'a self, _realm: &'a str, authid: &'a str, ticket: &'a Secret) -> AuthFuture<'a, Option<Role>> {
+        Box::pin(async move {
+            if authid != "enroll" {
+                return Ok(None);
+            }
+            match self.db.board_by_code(ticket.expose()).await {
+                Ok(Some(_)) => Ok(Some(Role::Enrollment)),
+                Ok(None) => Ok(None),
+                Err(e) => Err(s4t_wamp::Error::Protocol(format!("credential lookup failed: {e}"))),
+            }
+        })
+    }
+
+    fn wampcra<'a>(&'a self, _realm: &'a str, authid: &'a str) -> AuthFuture<'a, Option<(Role, CraCredential)>> {
+        Box::pin(async move {
+            let board = self
+                .db
+                .board_by_uuid(authid)
+                .await
+                .map_err(|e| s4t_wamp::Error::Protocol(format!("credential lookup failed: {e}")))?;
+            let cred = board.and_then(|b| decode_credential(b.secret_salt.as_deref()?, b.secret_key.as_deref()?));
+            Ok(cred.map(|c| (Role::Board, c)))
+        })
+    }
+
+    fn anonymous(&self, _realm: &str) -> bool {
+        self.legacy
+    }
+}
+
+/// Board calls through the agent's in-process router session.
+pub struct WampCaller {
+    session: Session,
+}
+
+impl BoardCaller for WampCaller {
+    fn call<'a>(&'a self, procedure: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Value, Error>> {
+        Box::pin(async move {
+            match self.session.call(procedure, args, Dict::new(), BOARD_CALL_TIMEOUT).await {
+                Ok(p) => Ok(p.args.into_iter().next().unwrap_or(Value::Null)),
+                Err(e) => Err(Error::Unavailable(format!("board call {procedure} failed: {e}"))),
+            }
+        })
+    }
+}
+
+/// A running agent: the router, its own session and the procedure context.
+pub struct WampAgent {
+    pub router: Router,
+    pub session: Session,
+}
+
+/// The reply of the original's cloud procedures: a JSON string of exactly message + result.
+fn wamp_message(result: &str, message: Value) -> Result<Payload, WampError> {
+    Ok(Payload::new(vec![Value::String(json!({"message": message, "result": result}).to_string())], Dict::new()))
+}
+
+fn kwarg<'a>(inv: &'a Invocation, name: &str) -> Option<&'a Value> {
+    inv.kwargs.get(name).or_else(|| match name {
+        "code" | "uuid" | "board_uuid" => inv.args.first(),
+        "session" | "board_name" | "wampmessage" => inv.args.get(1),
+        "info" => inv.args.get(2),
+        _ => None,
+    })
+}
+
+fn text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    db: Db,
+    bus: Bus,
+    router: Router,
+    setup: AgentSetup,
+}
+
+impl WampAgent {
+    /// Starts the router on `listener`, opens the agent's session and registers the cloud
+    /// procedures. The router stops with `shutdown`.
+    pub async fn start(
+        db: Db,
+        bus: Bus,
+        listener: TcpListener,
+        setup: AgentSetup,
+        shutdown: CancellationToken,
+    ) -> Result<WampAgent, Error> {
+        let auth = Arc::new(DbAuthenticator::new(db.clone(), setup.legacy));
+        let router = Router::new(RouterConfig::default(), auth);
+        let r = router.clone();
+        tokio::spawn(async move {
+            if let Err(e) = r.serve(listener, None, shutdown).await {
+                warn!(cause = %e, "the WAMP router stopped");
+            }
+        });
+        let session = router.local_session(&setup.name).await.map_err(wamp_err)?;
+        let ctx = Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone() };
+        register_procedures(&session, &ctx).await?;
+        track_sessions(&session, &ctx).await?;
+        let live: Vec<String> = router.sessions().iter().map(|s| s.id.to_string()).collect();
+        let n = db.reconcile_sessions(&setup.name, &live).await?;
+        info!(agent = %setup.name, url = %setup.url, offline = n, "wamp-agent ready");
+        Ok(WampAgent { router, session })
+    }
+
+    pub fn caller(&self) -> Arc<dyn BoardCaller> {
+        Arc::new(WampCaller { session: self.session.clone() })
+    }
+}
+
+fn wamp_err(e: s4t_wamp::Error) -> Error {
+    Error::Unavailable(format!("WAMP: {e}"))
+}
+
+async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> {
+    let prefix = format!("{}.stack4things", ctx.setup.name);
+    let c = ctx.clone();
+    session
+        .register("stack4things.register", move |inv| {
+            let c = c.clone();
+            async move { register(&c, &inv).await }
+        })
+        .await
+        .map_err(wamp_err)?;
+    let c = ctx.clone();
+    session
+        .register(&format!("{prefix}.connection"), move |inv| {
+            let c = c.clone();
+            async move { connection(&c, &inv).await }
+        })
+        .await
+        .map_err(wamp_err)?;
+    let c = ctx.clone();
+    session
+        .register(&format!("{prefix}.wamp_alive"), move |inv| {
+            let c = c.clone();
+            async move {
+                if let Some(b) = text(kwarg(&inv, "board_uuid")) {
+                    let _ = c.db.touch_board(&b).await;
+                }
+                let now = crate::db::now_ms();
+                Ok(Payload::new(vec![json!(format!("Iotronic alive @ {}", iso(now)))], Dict::new()))
+            }
+        })
+        .await
+        .map_err(wamp_err)?;
+    let c = ctx.clone();
+    session
+        .register(&format!("{prefix}.notify_result"), move |inv| {
+            let c = c.clone();
+            async move { notify_result(&c, &inv).await }
+        })
+        .await
+        .map_err(wamp_err)?;
+    Ok(())
+}
+
+fn iso(ms: i64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `stack4things.register(code, session)`: the board's config document (§5.3); for an
+/// authenticated enrollment also a fresh secret (stored as a salted derived key) and the
+/// tunnel URL, and the code is consumed.
+async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
+    let Some(code) = text(kwarg(inv, "code")) else {
+        return wamp_message("ERROR", json!("register needs the code"));
+    };
+    let board = match c.db.board_by_code(&code).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return wamp_message("ERROR", json!("unknown or already used registration code")),
+        Err(e) => return wamp_message("ERROR", json!(format!("registration failed: {e}"))),
+    };
+    let authenticated = inv.caller_authrole() == Some("enrollment");
+    let mut config = json!({"iotronic": {
+        "extra": {},
+        "board": {
+            "uuid": board.uuid, "code": board.code, "name": board.name, "status": "registered",
+            "type": board.board_type, "mobile": board.mobile, "extra": board.extra, "agent": c.setup.name,
+            "owner": board.owner, "project": board.project, "fleet": board.fleet, "lr_version": board.lr_version,
+            "connectivity": board.connectivity,
+            "created_at": iso(board.created_at), "updated_at": iso(board.updated_at),
+            "location": {"latitude": board.latitude, "longitude": board.longitude, "altitude": board.altitude,
+                         "updated_at": iso(board.updated_at)},
+        },
+        "wamp": {
+            "registration-agent": {"url": c.setup.url, "realm": "s4t"},
+            "main-agent": {"url": c.setup.url, "realm": "s4t"},
+        },
+    }});
+    let stored = config.clone();
+    let mut secret_row = None;
+    if authenticated {
+        let secret = crate::auth::random_secret();
+        let cred = CraCredential::derive(&Secret::new(secret.clone()));
+        secret_row = Some((encode_salt(&cred), cred.derived_key.expose().to_owned()));
+        config["iotronic"]["credentials"] = json!({"authid": board.uuid, "secret": secret});
+        if let Some(t) = &c.setup.tunnel_url {
+            config["iotronic"]["tunnel"] = json!({"url": t});
+        }
+    }
+    let secret_ref = secret_row.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
+    if let Err(e) = c.db.enroll_board(&board.uuid, &c.setup.name, &stored, secret_ref, authenticated).await {
+        return wamp_message("ERROR", json!(format!("registration failed: {e}")));
+    }
+    info!(board = %board.uuid, authenticated, "board enrolled");
+    wamp_message("SUCCESS", config)
+}
+
+/// `<agent>.stack4things.connection(uuid, session, info)`: the board is online on this agent.
+async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
+    let (Some(uuid), Some(session)) = (text(kwarg(inv, "uuid")), text(kwarg(inv, "session"))) else {
+        return wamp_message("ERROR", json!("connection needs uuid and session"));
+    };
+    let caller = inv.caller().map(|s| s.to_string());
+    if caller.as_deref().is_some_and(|s| s != session) {
+        return wamp_message("ERROR", json!("session does not match the calling session"));
+    }
+    match inv.caller_authrole() {
+        Some("board") if inv.caller_authid() != Some(uuid.as_str()) => {
+            return wamp_message("ERROR", json!("a board may only log in as itself"));
+        }
+        Some("legacy") => {
+            if let Ok(id) = session.parse::<u64>()
+                && let Err(e) = c.router.bind_board(id, &uuid)
+            {
+                return wamp_message("ERROR", json!(format!("cannot bind the session: {e}")));
+            }
+        }
+        _ => {}
+    }
+    let info = kwarg(inv, "info").cloned().unwrap_or(Value::Null);
+    let lr_version = info.get("lr_version").and_then(Value::as_str);
+    let connectivity = info.get("connectivity").cloned().unwrap_or_else(|| json!({}));
+    match c.db.board_online(&uuid, &c.setup.name, &session, lr_version, &connectivity).await {
+        Ok(true) => {}
+        Ok(false) => return wamp_message("ERROR", json!(format!("unknown board {uuid}"))),
+        Err(e) => return wamp_message("ERROR", json!(format!("login failed: {e}"))),
+    }
+    info!(board = %uuid, session = %session, "board online");
+    if let Err(e) = c.bus.to_conductor(&ConductorMsg::BoardOnline { board: uuid.clone() }).await {
+        warn!(cause = %e, "cannot tell the conductor a board is online");
+    }
+    wamp_message("SUCCESS", json!(""))
+}
+
+/// `<agent>.stack4things.notify_result(board_uuid, wampmessage)`: a RUNNING call finished.
+async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
+    let board = text(kwarg(inv, "board_uuid")).unwrap_or_default();
+    let msg = match kwarg(inv, "wampmessage") {
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s).unwrap_or(Value::Null),
+        Some(v) => v.clone(),
+        None => Value::Null,
+    };
+    let (Some(req), Some(result)) =
+        (msg.get("req_id").and_then(Value::as_str), msg.get("result").and_then(Value::as_str))
+    else {
+        return wamp_message("ERROR", json!("wampmessage needs req_id and result"));
+    };
+    let message = msg.get("message").cloned().unwrap_or(Value::Null);
+    let m = ConductorMsg::Result { request: req.to_owned(), board, result: result.to_owned(), message };
+    if let Err(e) = c.bus.to_conductor(&m).await {
+        return wamp_message("ERROR", json!(format!("cannot record the result: {e}")));
+    }
+    wamp_message("SUCCESS", json!("notification_received"))
+}
+
+/// Session leave → board offline.
+async fn track_sessions(session: &Session, ctx: &Ctx) -> Result<(), Error> {
+    let mut leaves = session.subscribe("wamp.session.on_leave", 1024).await.map_err(wamp_err)?;
+    let db = ctx.db.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = leaves.recv().await {
+            let Some(id) = text(ev.args.first()) else { continue };
+            match db.session_left(&id).await {
+                Ok(Some(b)) => info!(board = %b.uuid, session = %id, "board offline"),
+                Ok(None) => {}
+                Err(e) => warn!(cause = %e, "cannot record a session leave"),
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates_and_salts() {
+        assert_eq!(iso(0), "1970-01-01T00:00:00");
+        assert_eq!(iso(1_700_000_000_000), "2023-11-14T22:13:20");
+        let c = CraCredential::derive(&Secret::new("s"));
+        let back = decode_credential(&encode_salt(&c), c.derived_key.expose()).unwrap();
+        assert_eq!(back, c);
+        assert!(decode_credential("salt-only", "k").is_none());
+    }
+}

@@ -1,0 +1,348 @@
+//! The REST API, conductor and agent worker in one process over the in-process bus, against
+//! both databases. Boards are a fake `BoardCaller` (the WAMP router is not embedded yet) that
+//! answers like lightning-rod's sim HAL; board login and logout are driven through the same
+//! database calls and bus message the wamp-agent uses.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use iotronic::Error;
+use iotronic::agent::{BoardCaller, BoxFuture, run_worker};
+use iotronic::bus::{Bus, ConductorMsg};
+use iotronic::db::Db;
+use iotronic::serve::run_api;
+use iotronic::{ServeConfig, conductor::Conductor};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A board like the sim HAL: GPIO lines that read back, an I2C register that reads back.
+#[derive(Default)]
+struct FakeBoards {
+    gpio: Mutex<HashMap<String, u64>>,
+    i2c: Mutex<Vec<u64>>,
+}
+
+fn reply(result: &str, message: Value) -> Value {
+    Value::String(json!({"message": message, "result": result, "req_id": "x"}).to_string())
+}
+
+impl BoardCaller for FakeBoards {
+    fn call<'a>(&'a self, procedure: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Value, Error>> {
+        Box::pin(async move {
+            let name = procedure.rsplit('.').next().unwrap_or_default();
+            assert!(args[0]["uuid"].is_string(), "the first argument is the request dict");
+            let a = args.get(1).cloned().unwrap_or(Value::Null);
+            Ok(match name {
+                "DevicePing" => reply("SUCCESS", json!("pong")),
+                "GpioWrite" => {
+                    let line = a["line"].as_str().unwrap_or_default().to_owned();
+                    self.gpio.lock().unwrap().insert(line.clone(), a["value"].as_u64().unwrap_or(0));
+                    reply("SUCCESS", json!({"name": line, "value": a["value"]}))
+                }
+                "GpioRead" => {
+                    let line = a["line"].as_str().unwrap_or_default();
+                    let v = self.gpio.lock().unwrap().get(line).copied().unwrap_or(0);
+                    reply("SUCCESS", json!({"name": line, "value": v}))
+                }
+                "I2cWrite" => {
+                    *self.i2c.lock().unwrap() =
+                        a["data"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+                    reply("SUCCESS", json!({"written": a["data"].as_array().unwrap().len()}))
+                }
+                "I2cRead" => reply("SUCCESS", json!({"data": *self.i2c.lock().unwrap()})),
+                "ServiceEnable" | "ServiceDisable" | "ServiceRestore" => reply("SUCCESS", json!("ok")),
+                "DeviceReboot" => reply("ERROR", json!("not allowed in the sim")),
+                other => reply("ERROR", json!(format!("no procedure {other}"))),
+            })
+        })
+    }
+}
+
+struct Cloud {
+    url: String,
+    db: Db,
+    bus: Bus,
+    http: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(t: &TestDb) -> Cloud {
+    let stop = CancellationToken::new();
+    let bus = Bus::in_process();
+    let mut config = ServeConfig::new(std::env::temp_dir());
+    config.bind = "127.0.0.1".parse().unwrap();
+    config.rest_port = 0;
+    config.admin_password = Some("admin-password".into());
+    config.call_timeout = Duration::from_secs(10);
+    iotronic::auth::bootstrap_admin(&t.db, Some("admin-password")).await.unwrap();
+    tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
+    tokio::spawn(run_worker("agent".into(), bus.clone(), Arc::new(FakeBoards::default()), stop.clone()));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (db, b, s) = (t.db.clone(), bus.clone(), stop.clone());
+    tokio::spawn(async move { run_api(&config, db, b, s, Some(tx)).await });
+    let addr = rx.await.unwrap().rest;
+    Cloud { url: format!("http://{addr}"), db: t.db.clone(), bus, http: reqwest::Client::new(), stop }
+}
+
+impl Cloud {
+    async fn req(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn token(&self, user: &str, password: &str) -> String {
+        let (s, v) =
+            self.req("POST", "/v1/auth/tokens", None, Some(json!({"username": user, "password": password}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    /// What the wamp-agent does on `connection`: the board is online, queued work goes out.
+    async fn login(&self, board: &str, session: &str) {
+        assert!(self.db.board_online(board, "agent", session, Some("0.5.0"), &json!({})).await.unwrap());
+        self.bus.to_conductor(&ConductorMsg::BoardOnline { board: board.into() }).await.unwrap();
+    }
+
+    async fn wait_request(&self, token: &str, uuid: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, v) = self.req("GET", &format!("/v1/requests/{uuid}"), Some(token), None).await;
+            if v["status"] == status {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "request {uuid} never reached {status}: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn board_body(name: &str) -> Value {
+    json!({"name": name, "code": format!("code-{name}"), "type": "generic",
+           "location": [{"latitude": "38.2", "longitude": "15.5", "altitude": "3"}]})
+}
+
+async fn tenants(cloud: &Cloud) -> (String, String, String) {
+    let admin = cloud.token("admin", "admin-password").await;
+    for p in ["alpha", "beta"] {
+        let (s, v) = cloud.req("POST", "/v1/projects", Some(&admin), Some(json!({"name": p}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    for (u, p) in [("ann", "alpha"), ("bob", "beta")] {
+        let body = json!({"name": u, "password": "password-1", "project": p, "role": "manager"});
+        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    (admin, cloud.token("ann", "password-1").await, cloud.token("bob", "password-1").await)
+}
+
+#[tokio::test]
+async fn auth_tenancy_actions_gpio_i2c_and_queued_commands() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (s, v) = cloud.req("GET", "/v1/boards", None, None).await;
+        assert_eq!((s, v["code"].as_u64()), (StatusCode::UNAUTHORIZED, Some(401)), "{v}");
+        let (s, _) = cloud.req("GET", "/v1", None, None).await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, v) =
+            cloud.req("POST", "/v1/auth/tokens", None, Some(json!({"username": "admin", "password": "x"}))).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+        let (_, ann, bob) = tenants(&cloud).await;
+
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("a1"))).await;
+        assert_eq!((s, v["status"].as_str()), (StatusCode::CREATED, Some("registered")), "{v}");
+        let a1 = v["uuid"].as_str().unwrap().to_owned();
+        // X-Auth-Token works as well as Bearer.
+        let r =
+            cloud.http.get(format!("{}/v1/boards/a1", cloud.url)).header("X-Auth-Token", &ann).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        // Tenant isolation: bob's project does not see a1, by name or uuid, nor list it.
+        for path in ["/v1/boards/a1".to_owned(), format!("/v1/boards/{a1}")] {
+            let (s, _) = cloud.req("GET", &path, Some(&bob), None).await;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{} sees {path}", t.name);
+        }
+        let (s, _) = cloud
+            .req("POST", &format!("/v1/boards/{a1}/action"), Some(&bob), Some(json!({"action": "DevicePing"})))
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (_, v) = cloud.req("GET", "/v1/boards", Some(&bob), None).await;
+        assert_eq!(v["boards"].as_array().unwrap().len(), 0);
+        let (_, v) = cloud.req("GET", "/v1/boards", Some(&ann), None).await;
+        assert_eq!(v["boards"][0]["name"], "a1");
+
+        // Offline: refused with a hint, or queued and delivered at login.
+        let ping = json!({"action": "DevicePing", "parameters": {}});
+        let (s, v) = cloud.req("POST", "/v1/boards/a1/action", Some(&ann), Some(ping.clone())).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert!(v["error_message"].as_str().unwrap().contains("queue=true"));
+        let (s, queued) = cloud.req("POST", "/v1/boards/a1/action?queue=true", Some(&ann), Some(ping.clone())).await;
+        assert_eq!((s, queued["status"].as_str()), (StatusCode::ACCEPTED, Some("QUEUED")), "{queued}");
+        cloud.login(&a1, "1001").await;
+        let uuid = queued["uuid"].as_str().unwrap();
+        cloud.wait_request(&ann, uuid, "COMPLETED").await;
+        let (_, res) = cloud.req("GET", &format!("/v1/requests/{uuid}/results"), Some(&ann), None).await;
+        assert_eq!(
+            (res["results"][0]["result"].as_str(), &res["results"][0]["message"]),
+            (Some("SUCCESS"), &json!("pong"))
+        );
+
+        let (s, v) = cloud.req("POST", "/v1/boards/a1/action", Some(&ann), Some(ping.clone())).await;
+        assert_eq!((s, v), (StatusCode::OK, json!("pong")));
+        let (s, v) =
+            cloud.req("POST", "/v1/boards/a1/action", Some(&ann), Some(json!({"action": "DeviceReboot"}))).await;
+        assert_eq!(s, StatusCode::BAD_GATEWAY, "a board ERROR is a 502: {v}");
+        let (s, v) = cloud.req("POST", "/v1/boards/a1/action?async=true", Some(&ann), Some(ping.clone())).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        cloud.wait_request(&ann, v["uuid"].as_str().unwrap(), "COMPLETED").await;
+
+        let (s, v) = cloud
+            .req("PUT", "/v1/boards/a1/gpio/GPIO17", Some(&ann), Some(json!({"value": 1, "direction": "out"})))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (_, v) = cloud.req("GET", "/v1/boards/a1/gpio/GPIO17", Some(&ann), None).await;
+        assert_eq!(v, json!({"name": "GPIO17", "value": 1}));
+        let (s, _) = cloud
+            .req("POST", "/v1/boards/a1/i2c/1/0x48/write", Some(&ann), Some(json!({"register": 0, "data": [7, 9]})))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let (_, v) = cloud
+            .req("POST", "/v1/boards/a1/i2c/1/72/read", Some(&ann), Some(json!({"register": 0, "length": 2})))
+            .await;
+        assert_eq!(v, json!({"data": [7, 9]}));
+
+        // Bad input is a 400 in the error shape, never a 500.
+        for (m, p, b) in [
+            ("POST", "/v1/boards/a1/action", json!({"action": "Format"})),
+            ("POST", "/v1/boards/a1/action", json!({"nope": 1})),
+            ("PUT", "/v1/boards/a1/gpio/GPIO17", json!({"value": 7})),
+            ("POST", "/v1/boards/a1/i2c/1/0x99/read", json!({"length": 1})),
+            ("POST", "/v1/boards", json!({"name": "x"})),
+            ("POST", "/v1/leases", json!({"boards": ["a1"]})),
+            ("POST", "/v1/vpns", json!({"name": "v", "type": "l2", "cidr": "banana"})),
+        ] {
+            let (s, v) = cloud.req(m, p, Some(&ann), Some(b.clone())).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{m} {p} {b}: {v}");
+            assert!(v["error_message"].is_string(), "{v}");
+        }
+        let r = cloud
+            .http
+            .post(format!("{}/v1/boards", cloud.url))
+            .bearer_auth(&ann)
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+        // Logout: offline again.
+        cloud.db.session_left("1001").await.unwrap();
+        let (_, v) = cloud.req("GET", "/v1/boards/a1", Some(&ann), None).await;
+        assert_eq!(v["status"], "offline");
+    }
+}
+
+#[tokio::test]
+async fn leases_conflict_expire_and_tear_down() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (admin, ann, _bob) = tenants(&cloud).await;
+        let (_, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("l1"))).await;
+        let l1 = v["uuid"].as_str().unwrap().to_owned();
+        cloud.login(&l1, "2001").await;
+        let (s, _) = cloud
+            .req("POST", "/v1/services", Some(&ann), Some(json!({"name": "ssh", "port": 22, "protocol": "TCP"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (s, vpn) = cloud
+            .req("POST", "/v1/vpns", Some(&ann), Some(json!({"name": "lab", "type": "l2", "cidr": "10.20.0.0/24"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{vpn}");
+
+        let (s, lease) =
+            cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["l1"], "duration": 2}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{lease}");
+        let lease_id = lease["uuid"].as_str().unwrap().to_owned();
+        // Another project (the admin's) acting on the leased board: 409 naming the lease.
+        let (s, v) = cloud
+            .req("POST", &format!("/v1/boards/{l1}/action"), Some(&admin), Some(json!({"action": "DevicePing"})))
+            .await;
+        assert_eq!((s, v["lease"].as_str()), (StatusCode::CONFLICT, Some(lease_id.as_str())), "{v}");
+        let (s, v) =
+            cloud.req("POST", "/v1/leases", Some(&admin), Some(json!({"boards": [l1.clone()], "duration": 60}))).await;
+        assert_eq!((s, v["lease"].as_str()), (StatusCode::CONFLICT, Some(lease_id.as_str())), "{v}");
+
+        // Under the lease: expose SSH and join the VPN.
+        let (s, ex) = cloud
+            .req("POST", "/v1/boards/l1/services/ssh/action", Some(&ann), Some(json!({"action": "ServiceEnable"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ex}");
+        let port = ex["public_port"].as_i64().unwrap();
+        assert!((50001..=59999).contains(&port));
+        let (s, _) = cloud
+            .req("POST", "/v1/boards/l1/services/ssh/action", Some(&ann), Some(json!({"action": "ServiceEnable"})))
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "already exposed");
+        let (s, m) = cloud.req("POST", "/v1/vpns/lab/boards", Some(&ann), Some(json!({"board": "l1"}))).await;
+        assert_eq!((s, m["address"].as_str()), (StatusCode::CREATED, Some("10.20.0.2")), "{m}");
+        assert!(m["interface"].is_string());
+        let (_, v) = cloud.req("GET", "/v1/boards/l1/services", Some(&ann), None).await;
+        assert_eq!(v["exposed"][0]["public_port"].as_i64(), Some(port));
+
+        // Expiry tears down the exposure and the membership, and frees the board.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (_, v) = cloud.req("GET", &format!("/v1/leases/{lease_id}"), Some(&ann), None).await;
+            let (_, ex) = cloud.req("GET", "/v1/boards/l1/services", Some(&ann), None).await;
+            let (_, members) = cloud.req("GET", "/v1/vpns/lab/boards", Some(&ann), None).await;
+            if v["status"] == "expired" && ex["exposed"] == json!([]) && members["members"] == json!([]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "lease not torn down: {v} {ex} {members}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (s, v) = cloud
+            .req("POST", &format!("/v1/boards/{l1}/action"), Some(&admin), Some(json!({"action": "DevicePing"})))
+            .await;
+        assert_eq!((s, v), (StatusCode::OK, json!("pong")));
+
+        // Release: a fresh lease ends at once on DELETE.
+        let (_, lease) =
+            cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["l1"], "duration": 600}))).await;
+        let (s, _) =
+            cloud.req("DELETE", &format!("/v1/leases/{}", lease["uuid"].as_str().unwrap()), Some(&ann), None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        let (s, _) = cloud
+            .req("POST", &format!("/v1/boards/{l1}/action"), Some(&admin), Some(json!({"action": "DevicePing"})))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+
+        let (_, doc) = cloud.req("GET", "/v1/openapi.json", None, None).await;
+        assert!(doc["paths"]["/v1/leases"]["post"]["summary"].is_string(), "{doc}");
+        let r = cloud.http.get(format!("{}/metrics", cloud.url)).bearer_auth(&admin).send().await.unwrap();
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("iotronic_boards{status=\"online\"} 1")
+                && text.contains("iotronic_http_request_duration_seconds_count"),
+            "{text}"
+        );
+    }
+}

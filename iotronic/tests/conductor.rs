@@ -1,0 +1,87 @@
+//! Conductor handlers against the real database: idempotence under redelivery, queued
+//! delivery, lease expiry teardown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use iotronic::bus::{Bus, ConductorMsg};
+use iotronic::conductor::Conductor;
+use iotronic::db::{NewBoard, RequestStatus, now_ms};
+use serde_json::json;
+
+#[tokio::test]
+async fn redelivered_execute_hands_a_running_request_over_again_and_nothing_else_twice() {
+    let t = TestDb::sqlite().await;
+    let p = t.db.create_project("p").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
+    let bus = Bus::in_process();
+    let mut agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus.clone());
+
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([{}]), None).await.unwrap();
+    let exec = ConductorMsg::Execute { request: r.uuid.clone() };
+    c.handle(exec.clone(), false).await.unwrap();
+    let call = agent.recv().await.unwrap().msg;
+    assert_eq!((call.session.as_str(), call.procedure.as_str()), ("7", "DevicePing"));
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Running);
+    // A plain duplicate does nothing; a redelivery (the conductor died before acking, maybe
+    // before the hand-over) hands it over again.
+    c.handle(exec.clone(), false).await.unwrap();
+    assert!(agent.try_recv().is_err());
+    c.handle(exec.clone(), true).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, r.uuid);
+
+    let result = ConductorMsg::Result {
+        request: r.uuid.clone(),
+        board: b.uuid.clone(),
+        result: "SUCCESS".into(),
+        message: json!("pong"),
+    };
+    c.handle(result.clone(), false).await.unwrap();
+    c.handle(result, true).await.unwrap();
+    let failed = ConductorMsg::Failed { request: r.uuid.clone(), board: b.uuid.clone(), reason: "late".into() };
+    c.handle(failed, true).await.unwrap();
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Completed);
+    assert_eq!(t.db.results(&r.uuid).await.unwrap()[0].result, "SUCCESS", "a late failure must not overwrite");
+    c.handle(exec, true).await.unwrap();
+    assert!(agent.try_recv().is_err(), "a completed request is never sent again");
+}
+
+#[tokio::test]
+async fn queued_requests_go_out_at_login_and_expired_leases_free_what_they_held() {
+    let t = TestDb::sqlite().await;
+    let p = t.db.create_project("p").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    let bus = Bus::in_process();
+    let mut agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus.clone());
+
+    let q = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), Some(now_ms() + 60_000)).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: q.uuid.clone() }, false).await.unwrap();
+    assert_eq!(t.db.request(&q.uuid, None).await.unwrap().unwrap().status, RequestStatus::Queued);
+    let plain = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: plain.uuid.clone() }, false).await.unwrap();
+    assert_eq!(t.db.request(&plain.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);
+
+    t.db.board_online(&b.uuid, "agent", "9", None, &json!({})).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    let call = tokio::time::timeout(Duration::from_secs(5), agent.recv()).await.unwrap().unwrap().msg;
+    assert_eq!((call.request.as_str(), call.session.as_str()), (q.uuid.as_str(), "9"));
+
+    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+    let lease = t.db.create_lease(&p.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() - 1).await.unwrap();
+    t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), Some(&lease.uuid)).await.unwrap();
+    let vpn = t.db.create_vpn("v", &p.uuid, "l2", "10.0.0.0/24").await.unwrap();
+    t.db.add_vpn_member(&vpn, &b.uuid, None, Some(&lease.uuid)).await.unwrap();
+    let ended = c.expire_leases().await.unwrap();
+    assert_eq!(ended.len(), 1);
+    assert!(t.db.exposures_of_board(&b.uuid).await.unwrap().is_empty());
+    assert!(t.db.vpn_members(&vpn.uuid).await.unwrap().is_empty());
+    assert!(c.expire_leases().await.unwrap().is_empty(), "a lease ends once");
+    assert!(t.db.active_lease_of_board(&b.uuid).await.unwrap().is_none());
+}

@@ -1,0 +1,222 @@
+//! The database layer against both back-ends: SQLite and the real PostgreSQL server.
+//! Concurrent allocations use two independent pools, as two conductor processes would.
+
+mod common;
+
+use common::TestDb;
+use iotronic::Error;
+use iotronic::db::{Db, NewBoard, RequestStatus, Role, now_ms};
+use serde_json::json;
+
+async fn project_and_board(db: &Db, name: &str) -> (String, String) {
+    let p = db.create_project(&format!("p-{name}")).await.unwrap();
+    let b = db
+        .insert_board(NewBoard {
+            name: name.into(),
+            code: format!("code-{name}"),
+            board_type: "generic".into(),
+            owner: "owner".into(),
+            project: p.uuid.clone(),
+            extra: json!({}),
+            location: Some(("38.1".into(), "15.5".into(), "10".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (p.uuid, b.uuid)
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_auth_rows_round_trip() {
+    for t in TestDb::all().await {
+        t.db.migrate().await.unwrap();
+        let p = t.db.create_project("alpha").await.unwrap();
+        assert!(matches!(t.db.create_project("alpha").await, Err(Error::Conflict(_))), "{}", t.name);
+        let u = t.db.create_user("alice", "hash", false).await.unwrap();
+        t.db.set_membership(&u.uuid, &p.uuid, Role::Manager).await.unwrap();
+        t.db.set_membership(&u.uuid, &p.uuid, Role::User).await.unwrap();
+        let m = t.db.memberships(&u.uuid).await.unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].1, Role::User);
+        t.db.insert_token("h1", &u.uuid, &p.uuid, now_ms() + 60_000).await.unwrap();
+        t.db.insert_token("h2", &u.uuid, &p.uuid, now_ms() - 1).await.unwrap();
+        let info = t.db.token("h1").await.unwrap().expect("valid token");
+        assert_eq!((info.user_name.as_str(), info.project_name.as_str()), ("alice", "alpha"));
+        assert!(t.db.token("h2").await.unwrap().is_none(), "{}: an expired token was accepted", t.name);
+        assert!(t.db.token("nope").await.unwrap().is_none());
+    }
+}
+
+#[tokio::test]
+async fn boards_are_scoped_and_follow_sessions() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        let (p, b) = project_and_board(db, "board-a").await;
+        let other = db.create_project("other").await.unwrap();
+        assert!(db.board("board-a", Some(&p)).await.unwrap().is_some());
+        assert!(db.board(&b, Some(&other.uuid)).await.unwrap().is_none(), "{}: cross-project read", t.name);
+        assert!(db.board("board-a", None).await.unwrap().is_some());
+        let dup = NewBoard { name: "board-a".into(), code: "c2".into(), project: p.clone(), ..Default::default() };
+        assert!(matches!(db.insert_board(dup).await, Err(Error::Conflict(_))));
+
+        let board = db.board_by_code("code-board-a").await.unwrap().unwrap();
+        assert_eq!(board.status, "registered");
+        db.enroll_board(&b, "agent-1", &json!({"iotronic": {}}), Some(("salt", "key")), true).await.unwrap();
+        let board = db.board_by_uuid(&b).await.unwrap().unwrap();
+        assert_eq!((board.status.as_str(), board.code.as_deref()), ("offline", None));
+        assert!(db.board_online(&b, "agent-1", "s1", Some("0.5.0"), &json!({"iface": "eth0"})).await.unwrap());
+        assert_eq!(db.board_by_uuid(&b).await.unwrap().unwrap().status, "online");
+        assert_eq!(db.list_boards(Some(&p), Some("online"), None).await.unwrap().len(), 1);
+        let left = db.session_left("s1").await.unwrap().unwrap();
+        assert_eq!(left.uuid, b);
+        assert_eq!(db.board_by_uuid(&b).await.unwrap().unwrap().status, "offline");
+        assert!(db.session_left("s1").await.unwrap().is_none());
+
+        db.board_online(&b, "agent-1", "s2", None, &json!({})).await.unwrap();
+        assert_eq!(db.reconcile_sessions("agent-1", &["s2".into()]).await.unwrap(), 0);
+        assert_eq!(db.reconcile_sessions("agent-1", &[]).await.unwrap(), 1);
+        assert_eq!(db.board_by_uuid(&b).await.unwrap().unwrap().status, "offline");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_conductors_never_share_a_public_port() {
+    for t in TestDb::all().await {
+        let (p, _) = project_and_board(&t.db, "ports").await;
+        let second = t.reopen().await;
+        // Ten boards, one service each, a pool of exactly ten ports, two "conductors" racing.
+        let svc = t.db.create_service("ssh", &p, 22, "TCP", &json!({})).await.unwrap();
+        let mut boards = Vec::new();
+        for i in 0..10 {
+            let nb =
+                NewBoard { name: format!("pb{i}"), code: format!("pc{i}"), project: p.clone(), ..Default::default() };
+            boards.push(t.db.insert_board(nb).await.unwrap().uuid);
+        }
+        let mut tasks = Vec::new();
+        for (i, b) in boards.iter().enumerate() {
+            let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
+            let (b, s) = (b.clone(), svc.uuid.clone());
+            tasks.push(tokio::spawn(async move { db.allocate_exposure(&b, &s, (50001, 50010), None).await }));
+        }
+        let mut ports = Vec::new();
+        for task in tasks {
+            ports.push(task.await.unwrap().unwrap().public_port);
+        }
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports, (50001..=50010).collect::<Vec<_>>(), "{}", t.name);
+        // The pool is exhausted; a board already exposed is a conflict.
+        let nb =
+            NewBoard { name: "pb-extra".into(), code: "pc-extra".into(), project: p.clone(), ..Default::default() };
+        let extra = t.db.insert_board(nb).await.unwrap();
+        assert!(matches!(
+            t.db.allocate_exposure(&extra.uuid, &svc.uuid, (50001, 50010), None).await,
+            Err(Error::Unavailable(_))
+        ));
+        assert!(matches!(
+            t.db.allocate_exposure(&boards[0], &svc.uuid, (50001, 50010), None).await,
+            Err(Error::Conflict(_))
+        ));
+        assert!(t.db.delete_exposure(&boards[0], &svc.uuid).await.unwrap());
+        assert_eq!(t.db.count_exposures().await.unwrap(), 9);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_leases_on_one_board_have_one_winner() {
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t.db, "leased").await;
+        let second = t.reopen().await;
+        let until = now_ms() + 60_000;
+        let (a, bb) = (t.db.clone(), second.clone());
+        let (pa, pb, b1, b2) = (p.clone(), p.clone(), vec![b.clone()], vec![b.clone()]);
+        let r1 = tokio::spawn(async move { a.create_lease(&pa, "u1", &b1, until).await });
+        let r2 = tokio::spawn(async move { bb.create_lease(&pb, "u2", &b2, until).await });
+        let (r1, r2) = (r1.await.unwrap(), r2.await.unwrap());
+        let (won, lost) = match (r1, r2) {
+            (Ok(l), Err(e)) | (Err(e), Ok(l)) => (l, e),
+            other => panic!("{}: expected one winner, got {other:?}", t.name),
+        };
+        match lost {
+            Error::LeaseConflict { lease, board, .. } => assert_eq!((lease, board), (won.uuid.clone(), b.clone())),
+            e => panic!("{}: {e:?}", t.name),
+        }
+        assert_eq!(t.db.active_lease_of_board(&b).await.unwrap().unwrap().uuid, won.uuid);
+        assert!(t.db.end_lease(&won.uuid, "released").await.unwrap());
+        assert!(!t.db.end_lease(&won.uuid, "released").await.unwrap());
+        assert!(t.db.active_lease_of_board(&b).await.unwrap().is_none());
+        // Freed: it can be booked again; an expired one is due.
+        let l2 = t.db.create_lease(&p, "u1", std::slice::from_ref(&b), now_ms() - 1).await.unwrap();
+        assert_eq!(t.db.due_leases().await.unwrap().iter().map(|l| l.uuid.clone()).collect::<Vec<_>>(), vec![l2.uuid]);
+    }
+}
+
+#[tokio::test]
+async fn vpn_addresses_are_unique_under_concurrency() {
+    for t in TestDb::all().await {
+        let (p, _) = project_and_board(&t.db, "vpn0").await;
+        let second = t.reopen().await;
+        let vpn = t.db.create_vpn("net", &p, "l2", "10.9.0.77/29").await.unwrap();
+        assert_eq!(vpn.cidr, "10.9.0.72/29");
+        let mut boards = Vec::new();
+        for i in 0..5 {
+            let nb =
+                NewBoard { name: format!("vb{i}"), code: format!("vc{i}"), project: p.clone(), ..Default::default() };
+            boards.push(t.db.insert_board(nb).await.unwrap().uuid);
+        }
+        let mut tasks = Vec::new();
+        for (i, b) in boards.iter().enumerate() {
+            let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
+            let (b, v) = (b.clone(), vpn.clone());
+            tasks.push(tokio::spawn(async move { db.add_vpn_member(&v, &b, None, None).await }));
+        }
+        let mut addrs = Vec::new();
+        for task in tasks {
+            addrs.push(task.await.unwrap().unwrap().address);
+        }
+        addrs.sort();
+        assert_eq!(addrs, ["10.9.0.74", "10.9.0.75", "10.9.0.76", "10.9.0.77", "10.9.0.78"], "{}", t.name);
+        let nb = NewBoard { name: "vb-x".into(), code: "vc-x".into(), project: p.clone(), ..Default::default() };
+        let x = t.db.insert_board(nb).await.unwrap();
+        assert!(matches!(t.db.add_vpn_member(&vpn, &x.uuid, None, None).await, Err(Error::Unavailable(_))));
+        assert!(matches!(t.db.add_vpn_member(&vpn, &x.uuid, Some("10.9.0.99"), None).await, Err(Error::Invalid(_))));
+        let holder = t.db.vpn_members(&vpn.uuid).await.unwrap().into_iter().find(|m| m.address == "10.9.0.74").unwrap();
+        assert!(matches!(t.db.add_vpn_member(&vpn, &x.uuid, Some("10.9.0.74"), None).await, Err(Error::Conflict(_))));
+        assert!(t.db.remove_vpn_member(&vpn.uuid, &holder.board).await.unwrap());
+        let m = t.db.add_vpn_member(&vpn, &x.uuid, Some("10.9.0.74"), None).await.unwrap();
+        assert_eq!(m.address, "10.9.0.74");
+    }
+}
+
+#[tokio::test]
+async fn requests_move_by_compare_and_set_and_queued_ones_expire() {
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t.db, "req").await;
+        let r = t.db.create_request(&p, &b, "DevicePing", &json!([{}]), None).await.unwrap();
+        assert_eq!(r.status, RequestStatus::Pending);
+        assert!(
+            t.db.transition_request(&r.uuid, &[RequestStatus::Pending], RequestStatus::Running, Some("a"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !t.db.transition_request(&r.uuid, &[RequestStatus::Pending], RequestStatus::Running, None).await.unwrap()
+        );
+        t.db.set_result(&r.uuid, &b, "RUNNING", "").await.unwrap();
+        t.db.set_result(&r.uuid, &b, "SUCCESS", "pong").await.unwrap();
+        let res = t.db.results(&r.uuid).await.unwrap();
+        assert_eq!((res.len(), res[0].result.as_str(), res[0].message.as_str()), (1, "SUCCESS", "pong"));
+
+        let q1 = t.db.create_request(&p, &b, "DevicePing", &json!([]), Some(now_ms() + 60_000)).await.unwrap();
+        let q2 = t.db.create_request(&p, &b, "DevicePing", &json!([]), Some(now_ms() - 1)).await.unwrap();
+        for q in [&q1, &q2] {
+            t.db.transition_request(&q.uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await.unwrap();
+        }
+        let queued: Vec<_> = t.db.queued_for_board(&b).await.unwrap().into_iter().map(|r| r.uuid).collect();
+        assert_eq!(queued, vec![q1.uuid.clone()], "{}", t.name);
+        let expired = t.db.expire_queued().await.unwrap();
+        assert_eq!(expired.len(), 1);
+        assert_eq!(t.db.request(&q2.uuid, None).await.unwrap().unwrap().status, RequestStatus::Expired);
+        assert!(t.db.request(&q1.uuid, Some("another-project")).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,151 @@
+//! One WAMP session's life: login (`connection`), registration of every procedure under the
+//! session id, then serving until the session ends: periodic `wamp_alive`, RUNNING results to
+//! `notify_result`, GPIO edges to `board.<uuid>.gpio`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use super::enroll::parse_wamp_message;
+use super::link::{Handler, Link};
+use crate::error::{Error, Result};
+use crate::hal::GpioEvent;
+use crate::rpc::{Call, Context, Lifecycle, Method, Notification, dispatch};
+use crate::state::Identity;
+
+/// Why a session ended (a refusal by the cloud is an `Err` instead).
+#[derive(Debug)]
+pub enum SessionEnd {
+    Shutdown,
+    Restart,
+    Lost(Error),
+}
+
+/// The receivers that outlive sessions: work queued while offline is delivered by the next one.
+pub struct Queues {
+    pub notify: mpsc::Receiver<Notification>,
+    pub gpio: mpsc::Receiver<GpioEvent>,
+    pub lifecycle: mpsc::Receiver<Lifecycle>,
+    /// Plugin telemetry, published on `board.<uuid>.telemetry`.
+    pub telemetry: mpsc::Receiver<crate::plugins::Telemetry>,
+    /// A notification whose delivery failed; sent first by the next session.
+    pub pending: Option<Notification>,
+}
+
+pub struct Timers {
+    pub call: Duration,
+    pub alive: Duration,
+}
+
+pub fn procedure_uri(session: u64, board: &str, method: Method) -> String {
+    format!("iotronic.{session}.{board}.{}", method.name())
+}
+
+async fn call_timed(link: &dyn Link, t: Duration, uri: String, kwargs: Map<String, Value>) -> Result<Value> {
+    match tokio::time::timeout(t, link.call(uri.clone(), vec![], kwargs)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Wamp(format!("{uri} did not answer within {t:?}"))),
+    }
+}
+
+/// `<agent>.stack4things.connection(uuid, session, info)`; an ERROR reply means the cloud does
+/// not know this board any more.
+pub async fn login(link: &dyn Link, id: &Identity, t: &Timers) -> Result<()> {
+    let mut kw = Map::new();
+    kw.insert("uuid".into(), json!(id.uuid));
+    kw.insert("session".into(), json!(link.session_id()));
+    kw.insert(
+        "info".into(),
+        json!({"lr_version": crate::WIRE_LR_VERSION, "connectivity": crate::rpc::device::connectivity()}),
+    );
+    let reply = call_timed(link, t.call, format!("{}.stack4things.connection", id.agent), kw).await?;
+    let (result, message) = parse_wamp_message(&reply)?;
+    if result != "SUCCESS" {
+        return Err(Error::Revoked(format!("connection answered {result}: {message}")));
+    }
+    Ok(())
+}
+
+/// Registers every procedure under `iotronic.<session>.<uuid>.`.
+pub async fn register_all(link: &dyn Link, ctx: &Arc<Context>) -> Result<()> {
+    for method in Method::ALL {
+        let shared = ctx.clone();
+        let handler: Handler = Arc::new(move |args, _kwargs| {
+            let ctx = shared.clone();
+            Box::pin(async move {
+                let reply = dispatch(&ctx, method, Call::from_positional(args)).await;
+                Ok(vec![Value::String(reply.to_wire())])
+            })
+        });
+        link.register(procedure_uri(link.session_id(), &ctx.board_uuid, method), handler).await?;
+    }
+    Ok(())
+}
+
+async fn notify(link: &dyn Link, id: &Identity, t: &Timers, n: &Notification) -> Result<()> {
+    let mut kw = Map::new();
+    kw.insert("board_uuid".into(), json!(id.uuid));
+    kw.insert("wampmessage".into(), json!(n.to_wire()));
+    call_timed(link, t.call, format!("{}.stack4things.notify_result", id.agent), kw).await.map(drop)
+}
+
+async fn alive(link: &dyn Link, id: &Identity, t: &Timers) -> Result<()> {
+    let mut kw = Map::new();
+    kw.insert("board_uuid".into(), json!(id.uuid));
+    kw.insert("board_name".into(), json!(id.name));
+    call_timed(link, t.call, format!("{}.stack4things.wamp_alive", id.agent), kw).await.map(drop)
+}
+
+/// Serves a logged-in, registered session until it ends.
+pub async fn serve(
+    link: &dyn Link,
+    id: &Identity,
+    t: &Timers,
+    q: &mut Queues,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> SessionEnd {
+    if let Some(n) = q.pending.take()
+        && let Err(e) = notify(link, id, t, &n).await
+    {
+        q.pending = Some(n);
+        return SessionEnd::Lost(e);
+    }
+    let closed = link.closed();
+    tokio::pin!(closed);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + t.alive, t.alive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let topic = format!("board.{}.gpio", id.uuid);
+    let telemetry_topic = format!("board.{}.telemetry", id.uuid);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            Some(Lifecycle::Restart) = q.lifecycle.recv() => return SessionEnd::Restart,
+            _ = &mut closed => return SessionEnd::Lost(Error::Wamp("the session was closed".into())),
+            _ = tick.tick() => {
+                if let Err(e) = alive(link, id, t).await {
+                    return SessionEnd::Lost(e);
+                }
+            }
+            Some(n) = q.notify.recv() => {
+                if let Err(e) = notify(link, id, t, &n).await {
+                    q.pending = Some(n);
+                    return SessionEnd::Lost(e);
+                }
+            }
+            Some(ev) = q.gpio.recv() => {
+                let payload = serde_json::to_value(&ev).unwrap_or(Value::Null);
+                if let Err(e) = link.publish(topic.clone(), vec![payload], Map::new()).await {
+                    tracing::warn!(cause = %e, "GPIO event not published");
+                }
+            }
+            Some(t) = q.telemetry.recv() => {
+                let payload = json!({"plugin": t.plugin, "name": t.name, "data": t.data});
+                if let Err(e) = link.publish(telemetry_topic.clone(), vec![payload], Map::new()).await {
+                    tracing::warn!(cause = %e, "plugin telemetry not published");
+                }
+            }
+        }
+    }
+}

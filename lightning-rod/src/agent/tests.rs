@@ -1,0 +1,223 @@
+//! The main loop against an in-memory fake cloud (a unit test of the logic; the real router
+//! and a real process are in tests/agent_e2e.rs): first-boot enrollment, login, registration
+//! under each new session id after the session drops, liveness, notifications kept across a
+//! loss, and the permanent errors.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::link::{ConnectOptions, Connector, Handler, Link};
+use super::*;
+use crate::rpc::services::{BoxFuture, NoTunnels};
+use crate::rpc::vpn::NoPackets;
+
+fn clients(cloud: &Arc<Cloud>) -> Clients {
+    Clients { wamp: Arc::new(cloud.clone()), tunnels: Box::new(NoTunnels), packets: Box::new(NoPackets) }
+}
+
+#[derive(Default)]
+struct Cloud {
+    next: AtomicU64,
+    registered: Mutex<HashMap<String, Handler>>,
+    calls: Mutex<Vec<(String, Map<String, Value>)>>,
+    auths: Mutex<Vec<Auth>>,
+    current: Mutex<Option<CancellationToken>>,
+    refuse_login: std::sync::atomic::AtomicBool,
+    /// Behave like an original cloud: anonymous only, no credentials in the config.
+    original: std::sync::atomic::AtomicBool,
+}
+
+struct FakeLink {
+    id: u64,
+    cloud: Arc<Cloud>,
+    closed: CancellationToken,
+}
+
+impl Cloud {
+    fn calls_to(&self, suffix: &str) -> Vec<Map<String, Value>> {
+        self.calls.lock().unwrap().iter().filter(|(u, _)| u.ends_with(suffix)).map(|(_, k)| k.clone()).collect()
+    }
+    fn drop_session(&self) {
+        if let Some(t) = self.current.lock().unwrap().take() {
+            t.cancel();
+        }
+    }
+    async fn invoke(&self, uri: &str, args: Vec<Value>) -> Value {
+        let h = self.registered.lock().unwrap().get(uri).cloned().unwrap_or_else(|| panic!("{uri} not registered"));
+        let out = h(args, Map::new()).await.unwrap();
+        serde_json::from_str(out[0].as_str().unwrap()).unwrap()
+    }
+}
+
+impl Link for FakeLink {
+    fn session_id(&self) -> u64 {
+        self.id
+    }
+    fn call(&self, procedure: String, _args: Vec<Value>, kwargs: Map<String, Value>) -> BoxFuture<'_, Result<Value>> {
+        Box::pin(async move {
+            self.cloud.calls.lock().unwrap().push((procedure.clone(), kwargs));
+            let reply = match procedure.as_str() {
+                "stack4things.register" if self.cloud.original.load(Ordering::SeqCst) => {
+                    json!({"result": "SUCCESS", "message": {"iotronic": {
+                    "board": {"uuid": "u-1", "name": "pi", "agent": "agent"},
+                    "wamp": {"main-agent": {"url": "ws://cloud:8181/", "realm": "s4t"}}}}})
+                }
+                "stack4things.register" => json!({"result": "SUCCESS", "message": {"iotronic": {
+                    "board": {"uuid": "u-1", "name": "pi", "agent": "agent"},
+                    "wamp": {"main-agent": {"url": "ws://cloud:8181/", "realm": "s4t"}},
+                    "credentials": {"authid": "u-1", "secret": "board-secret"}}}}),
+                "agent.stack4things.connection" if self.cloud.refuse_login.load(Ordering::SeqCst) => {
+                    json!({"result": "ERROR", "message": "unknown board"})
+                }
+                _ => json!({"result": "SUCCESS", "message": ""}),
+            };
+            Ok(Value::String(reply.to_string()))
+        })
+    }
+    fn register(&self, procedure: String, handler: Handler) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.cloud.registered.lock().unwrap().insert(procedure, handler);
+            Ok(())
+        })
+    }
+    fn publish(&self, _t: String, _a: Vec<Value>, _k: Map<String, Value>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn closed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.closed.cancelled())
+    }
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async { self.closed.cancel() })
+    }
+}
+
+impl Connector for Arc<Cloud> {
+    fn connect(&self, options: ConnectOptions) -> BoxFuture<'_, Result<Box<dyn Link>>> {
+        Box::pin(async move {
+            if self.original.load(Ordering::SeqCst) && !matches!(options.auth, Auth::Anonymous) {
+                return Err(crate::Error::AuthMethod("wamp.error.no_auth_method".into()));
+            }
+            self.auths.lock().unwrap().push(options.auth);
+            let closed = CancellationToken::new();
+            *self.current.lock().unwrap() = Some(closed.clone());
+            let id = 1000 + self.next.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(FakeLink { id, cloud: self.clone(), closed }) as Box<dyn Link>)
+        })
+    }
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.board.state_dir = dir.to_owned();
+    c.hal.backend = crate::config::HalKind::Sim;
+    c.cloud.url = Some("ws://cloud:8181/".into());
+    c.cloud.code = Some(crate::Secret::new("CODE-1"));
+    c.timers.alive_interval_s = 5;
+    c
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn enrolls_logs_in_and_re_registers_after_every_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients(&cloud)));
+    wait_for("first registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    // Enrolled with the code as ticket, then logged in with WAMP-CRA and the issued secret.
+    let auths = cloud.auths.lock().unwrap().clone();
+    assert!(matches!(&auths[0], Auth::Ticket { authid, ticket } if authid == "enroll" && ticket.expose() == "CODE-1"));
+    assert!(
+        matches!(&auths[1], Auth::WampCra { authid, secret } if authid == "u-1" && secret.expose() == "board-secret")
+    );
+    assert_eq!(cloud.calls_to("register")[0]["code"], "CODE-1");
+    let login = &cloud.calls_to(".stack4things.connection")[0];
+    assert_eq!((login["uuid"].as_str(), login["session"].as_u64()), (Some("u-1"), Some(1001)));
+    let echo = cloud.invoke("iotronic.1001.u-1.DeviceEcho", vec![json!({"uuid": "r"}), json!({"say": "x"})]).await;
+    assert_eq!(echo, json!({"message": "x", "result": "SUCCESS", "req_id": "r"}));
+    // Liveness.
+    wait_for("wamp_alive", || !cloud.calls_to(".stack4things.wamp_alive").is_empty()).await;
+    assert_eq!(cloud.calls_to(".stack4things.wamp_alive")[0]["board_name"], "pi");
+    // The router restarts: a new session, every procedure registered again under its id.
+    cloud.registered.lock().unwrap().clear();
+    cloud.drop_session();
+    wait_for("re-registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    assert!(cloud.registered.lock().unwrap().keys().all(|k| k.starts_with("iotronic.1002.u-1.")));
+    assert_eq!(cloud.calls_to(".stack4things.connection").len(), 2);
+    shutdown.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Exit::Shutdown);
+    // A second start uses the stored identity: no enrollment.
+    assert!(StateStore::open(dir.path()).unwrap().identity().unwrap().is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_login_is_permanent_and_missing_identity_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.refuse_login.store(true, Ordering::SeqCst);
+    let err = run(config(dir.path()), CancellationToken::new(), clients(&cloud)).await.unwrap_err();
+    assert_eq!(err.exit_code(), Some(crate::EXIT_REVOKED), "{err}");
+    let empty = tempfile::tempdir().unwrap();
+    let mut c = config(empty.path());
+    c.cloud.code = None;
+    c.cloud.legacy_settings = empty.path().join("none.json");
+    let err = run(c, CancellationToken::new(), clients(&cloud)).await.unwrap_err();
+    assert_eq!(err.exit_code(), Some(crate::EXIT_CONFIG), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_results_reach_notify_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let shutdown = CancellationToken::new();
+    let mut c = config(dir.path());
+    c.device.package_managers.insert(
+        "echo".into(),
+        crate::config::PackageManager {
+            argv: vec!["echo".into()],
+            commands: vec!["install".into()],
+            version_format: "{package}={version}".into(),
+        },
+    );
+    let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let args = vec![json!({"uuid": "r-9"}), json!({"manager": "echo", "command": "install", "package": "vim"})];
+    let r = cloud.invoke("iotronic.1001.u-1.DevicePkgOperation", args).await;
+    assert_eq!(r["result"], "RUNNING");
+    wait_for("notify_result", || !cloud.calls_to(".stack4things.notify_result").is_empty()).await;
+    let n = &cloud.calls_to(".stack4things.notify_result")[0];
+    assert_eq!(n["board_uuid"], "u-1");
+    let msg: Value = serde_json::from_str(n["wampmessage"].as_str().unwrap()).unwrap();
+    assert_eq!((msg["result"].as_str(), msg["req_id"].as_str()), (Some("SUCCESS"), Some("r-9")));
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_original_cloud_gets_an_anonymous_enrollment_and_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.original.store(true, Ordering::SeqCst);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients(&cloud)));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let auths = cloud.auths.lock().unwrap().clone();
+    assert_eq!(auths, [Auth::Anonymous, Auth::Anonymous]);
+    let id = StateStore::open(dir.path()).unwrap().identity().unwrap().unwrap();
+    assert!(id.credentials.is_none());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,363 @@
+//! Real hardware: GPIO through the Linux GPIO character device (uAPI v2, `gpiocdev`) and I2C
+//! through `/dev/i2c-N` (`i2cdev`; SMBus-only adapters through [`super::smbus`]).
+//!
+//! A line is requested the first time a procedure touches it and held until teardown, so its
+//! direction and value persist between calls (the kernel resets a released line). Reading a
+//! line nobody requested uses `as_is`, which keeps its current direction. A watch moves the
+//! held request to edge detection and a thread waits for events in short slices, checking a
+//! stop flag between them, so teardown ends it promptly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use gpiocdev::line::{self as gl, EdgeDetection, EdgeKind, Value};
+use gpiocdev::request::{Config as ReqConfig, Request};
+use i2cdev::core::{I2CMessage, I2CTransfer};
+use i2cdev::linux::{LinuxI2CBus, LinuxI2CMessage};
+use tokio::sync::mpsc;
+
+use super::{Bias, Direction, Edge, GpioBackend, GpioEvent, I2cBus, LineInfo, check_i2c_address};
+use crate::error::{Error, Result};
+
+const CONSUMER: &str = "lightning-rod";
+const WATCH_SLICE: Duration = Duration::from_millis(200);
+
+struct Held {
+    request: Arc<Request>,
+    name: String,
+    watch: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+/// GPIO chips under `/dev`, optionally restricted to the configured names.
+pub struct CdevGpio {
+    allowed: Vec<String>,
+    held: Mutex<HashMap<(String, u32), Held>>,
+}
+
+impl CdevGpio {
+    pub fn new(allowed: Vec<String>) -> CdevGpio {
+        CdevGpio { allowed, held: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, u32), Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn chips(&self) -> Result<Vec<PathBuf>> {
+        if !self.allowed.is_empty() {
+            return Ok(self.allowed.iter().map(|c| Path::new("/dev").join(c)).collect());
+        }
+        gpiocdev::chip::chips().map_err(|e| Error::gpio("/dev/gpiochip*", e))
+    }
+
+    /// Finds a line by name, or by `gpiochipN:OFFSET`.
+    fn locate(&self, line: &str) -> Result<(String, u32)> {
+        if let Some((chip, off)) = line.split_once(':')
+            && let Ok(off) = off.parse::<u32>()
+        {
+            if !self.allowed.is_empty() && !self.allowed.iter().any(|c| c == chip) {
+                return Err(Error::gpio(format!("{chip} line {off}"), "chip not in hal.gpio_chips"));
+            }
+            return Ok((chip.to_owned(), off));
+        }
+        for path in self.chips()? {
+            let chip = gpiocdev::Chip::from_path(&path).map_err(|e| Error::gpio(path.display().to_string(), e))?;
+            if let Some(info) = chip.find_line_info(line) {
+                return Ok((chip_name(&path), info.offset));
+            }
+        }
+        Err(Error::gpio(format!("line {line:?}"), "no chip has a line with this name"))
+    }
+
+    /// The held request for a line, requesting it with `configure` when not yet held.
+    fn with_held<T>(
+        &self,
+        line: &str,
+        configure: impl FnOnce(&mut ReqConfig),
+        act: impl FnOnce(&Held, u32) -> gpiocdev::Result<T>,
+    ) -> Result<T> {
+        let (chip, off) = self.locate(line)?;
+        let target = format!("{chip} line {off} ({line})");
+        let mut held = self.lock();
+        let h = match held.entry((chip.clone(), off)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let mut cfg = ReqConfig::default();
+                cfg.on_chip(Path::new("/dev").join(&chip)).with_line(off);
+                configure(&mut cfg);
+                let request = Request::from_config(cfg)
+                    .with_consumer(CONSUMER)
+                    .request()
+                    .map_err(|e| Error::gpio(target.clone(), e))?;
+                slot.insert(Held { request: Arc::new(request), name: line.to_owned(), watch: None })
+            }
+        };
+        act(h, off).map_err(|e| Error::gpio(target, e))
+    }
+}
+
+fn chip_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn to_value(v: u8) -> Value {
+    if v == 0 { Value::Inactive } else { Value::Active }
+}
+
+fn reconfigure(req: &Request, off: u32, f: impl FnOnce(&mut ReqConfig)) -> gpiocdev::Result<()> {
+    let mut cfg = req.config();
+    cfg.with_line(off);
+    f(&mut cfg);
+    req.reconfigure(&cfg)
+}
+
+fn stop_watch(h: &mut Held) -> std::result::Result<(), String> {
+    if let Some((stop, thread)) = h.watch.take() {
+        stop.store(true, Ordering::Relaxed);
+        thread.join().map_err(|_| format!("watch thread of {} panicked", h.name))?;
+    }
+    Ok(())
+}
+
+impl GpioBackend for CdevGpio {
+    fn validate(&self) -> Result<()> {
+        for path in self.chips()? {
+            gpiocdev::chip::is_chip(&path).map_err(|e| Error::gpio(path.display().to_string(), e))?;
+        }
+        Ok(())
+    }
+    fn setup(&self) -> Result<()> {
+        Ok(())
+    }
+    fn teardown(&self) -> Result<()> {
+        let mut failures = Vec::new();
+        for (_, mut h) in self.lock().drain() {
+            if let Err(e) = stop_watch(&mut h) {
+                failures.push(e);
+            }
+        }
+        if failures.is_empty() { Ok(()) } else { Err(Error::gpio("teardown", failures.join("; "))) }
+    }
+    fn lines(&self) -> Result<Vec<LineInfo>> {
+        let held = self.lock();
+        let mut out = Vec::new();
+        for path in self.chips()? {
+            let name = chip_name(&path);
+            let chip = gpiocdev::Chip::from_path(&path).map_err(|e| Error::gpio(&name, e))?;
+            for info in chip.line_info_iter().map_err(|e| Error::gpio(&name, e))? {
+                let info = info.map_err(|e| Error::gpio(&name, e))?;
+                let value = held
+                    .get(&(name.clone(), info.offset))
+                    .and_then(|h| h.request.value(info.offset).ok())
+                    .map(|v| u8::from(v == Value::Active));
+                let direction = if info.direction == gl::Direction::Output { Direction::Out } else { Direction::In };
+                let line = if info.name.is_empty() { format!("{name}:{}", info.offset) } else { info.name.clone() };
+                out.push(LineInfo { name: line, chip: name.clone(), offset: info.offset, direction, value });
+            }
+        }
+        Ok(out)
+    }
+    fn read(&self, line: &str) -> Result<u8> {
+        self.with_held(
+            line,
+            |c| {
+                c.as_is();
+            },
+            |h, off| h.request.value(off).map(|v| u8::from(v == Value::Active)),
+        )
+    }
+    fn write(&self, line: &str, value: u8) -> Result<()> {
+        if value > 1 {
+            return Err(Error::gpio(format!("line {line}"), format!("value {value} is not 0 or 1")));
+        }
+        self.with_held(
+            line,
+            |c| {
+                c.as_output(to_value(value));
+            },
+            |h, off| {
+                reconfigure(&h.request, off, |c| {
+                    c.as_output(to_value(value));
+                })
+            },
+        )
+    }
+    fn set_direction(&self, line: &str, direction: Direction, bias: Option<Bias>) -> Result<()> {
+        let bias = bias.map(|b| match b {
+            Bias::PullUp => gl::Bias::PullUp,
+            Bias::PullDown => gl::Bias::PullDown,
+            Bias::Disabled => gl::Bias::Disabled,
+        });
+        let apply = move |c: &mut ReqConfig| {
+            match direction {
+                Direction::In => c.as_input(),
+                Direction::Out => c.with_direction(gl::Direction::Output),
+            };
+            if bias.is_some() {
+                c.with_bias(bias);
+            }
+        };
+        self.with_held(line, apply, |h, off| reconfigure(&h.request, off, apply))
+    }
+    fn watch(&self, line: &str, edge: Edge, events: mpsc::Sender<GpioEvent>) -> Result<()> {
+        let detection = match edge {
+            Edge::Rising => Some(EdgeDetection::RisingEdge),
+            Edge::Falling => Some(EdgeDetection::FallingEdge),
+            Edge::Both => Some(EdgeDetection::BothEdges),
+            Edge::None => None,
+        };
+        let set = move |c: &mut ReqConfig| {
+            c.as_input().with_edge_detection(detection);
+        };
+        self.with_held(line, set, |h, off| reconfigure(&h.request, off, set))?;
+        let (chip, off) = self.locate(line)?;
+        let mut held = self.lock();
+        let Some(h) = held.get_mut(&(chip.clone(), off)) else { return Ok(()) };
+        stop_watch(h).map_err(|e| Error::gpio(line, e))?;
+        if detection.is_some() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (req, flag, name) = (h.request.clone(), stop.clone(), line.to_owned());
+            let thread = std::thread::Builder::new()
+                .name(format!("gpio-watch-{off}"))
+                .spawn(move || watch_loop(&req, &flag, &name, &chip, events))
+                .map_err(|e| Error::gpio(line, e))?;
+            h.watch = Some((stop, thread));
+        }
+        Ok(())
+    }
+}
+
+fn watch_loop(req: &Request, stop: &AtomicBool, name: &str, chip: &str, events: mpsc::Sender<GpioEvent>) {
+    while !stop.load(Ordering::Relaxed) && !events.is_closed() {
+        match req.wait_edge_event(WATCH_SLICE) {
+            Ok(false) => continue,
+            Ok(true) => match req.read_edge_event() {
+                Ok(ev) => {
+                    let (edge, value) = match ev.kind {
+                        EdgeKind::Rising => (Edge::Rising, 1),
+                        EdgeKind::Falling => (Edge::Falling, 0),
+                    };
+                    let msg = GpioEvent {
+                        line: name.to_owned(),
+                        chip: chip.to_owned(),
+                        offset: ev.offset,
+                        edge,
+                        value,
+                        timestamp_ns: ev.timestamp_ns,
+                    };
+                    if events.try_send(msg).is_err() {
+                        tracing::warn!(line = name, "GPIO event queue full; edge dropped");
+                    }
+                }
+                Err(e) => tracing::warn!(line = name, cause = %e, "reading a GPIO edge event failed"),
+            },
+            Err(e) => {
+                tracing::error!(line = name, cause = %e, "GPIO watch stopped");
+                return;
+            }
+        }
+    }
+}
+
+/// `/dev/i2c-N` buses, optionally restricted to the configured numbers.
+pub struct CdevI2c {
+    allowed: Vec<u32>,
+}
+
+impl CdevI2c {
+    pub fn new(allowed: Vec<u32>) -> CdevI2c {
+        CdevI2c { allowed }
+    }
+
+    fn open(&self, bus: u32) -> Result<LinuxI2CBus> {
+        if !self.allowed.is_empty() && !self.allowed.contains(&bus) {
+            return Err(Error::i2c(format!("i2c-{bus}"), "bus not in hal.i2c_buses"));
+        }
+        let path = format!("/dev/i2c-{bus}");
+        LinuxI2CBus::new(&path).map_err(|e| Error::i2c(path, e))
+    }
+}
+
+impl I2cBus for CdevI2c {
+    fn validate(&self) -> Result<()> {
+        for bus in &self.allowed {
+            let path = format!("/dev/i2c-{bus}");
+            if !Path::new(&path).exists() {
+                return Err(Error::i2c(path, "no such device (is the i2c-dev module loaded?)"));
+            }
+        }
+        Ok(())
+    }
+    fn setup(&self) -> Result<()> {
+        Ok(())
+    }
+    fn teardown(&self) -> Result<()> {
+        Ok(())
+    }
+    fn buses(&self) -> Result<Vec<u32>> {
+        if !self.allowed.is_empty() {
+            return Ok(self.allowed.clone());
+        }
+        let dir = std::fs::read_dir("/dev").map_err(|e| Error::i2c("/dev", e))?;
+        let mut buses: Vec<u32> =
+            dir.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("i2c-")?.parse().ok()).collect();
+        buses.sort_unstable();
+        Ok(buses)
+    }
+    fn read(&self, bus: u32, address: u16, register: Option<u8>, len: usize) -> Result<Vec<u8>> {
+        check_i2c_address(bus, address)?;
+        let mut dev = self.open(bus)?;
+        let mut buf = vec![0u8; len];
+        let reg = register.map(|r| [r]);
+        let mut msgs = Vec::with_capacity(2);
+        if let Some(r) = &reg {
+            msgs.push(LinuxI2CMessage::write(r).with_address(address));
+        }
+        msgs.push(LinuxI2CMessage::read(&mut buf).with_address(address));
+        match dev.transfer(&mut msgs) {
+            Err(e) if super::smbus::unsupported(&e) => super::smbus::read(bus, address, register, len),
+            Err(e) => Err(Error::i2c(format!("i2c-{bus} address {address:#04x}"), e)),
+            Ok(_) => Ok(buf),
+        }
+    }
+    fn write(&self, bus: u32, address: u16, register: Option<u8>, data: &[u8]) -> Result<usize> {
+        check_i2c_address(bus, address)?;
+        let mut dev = self.open(bus)?;
+        let mut frame = Vec::with_capacity(data.len() + 1);
+        frame.extend(register);
+        frame.extend_from_slice(data);
+        let mut msgs = [LinuxI2CMessage::write(&frame).with_address(address)];
+        match dev.transfer(&mut msgs) {
+            Err(e) if super::smbus::unsupported(&e) => super::smbus::write(bus, address, register, data),
+            Err(e) => Err(Error::i2c(format!("i2c-{bus} address {address:#04x}"), e)),
+            Ok(_) => Ok(data.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // This machine (and CI) has no GPIO chip or I2C adapter and no gpio-sim module, so the
+    // cdev backend is tested here only for the errors it must give instead of crashing.
+    #[test]
+    fn missing_hardware_gives_errors_that_name_it() {
+        let g = CdevGpio::new(vec!["gpiochip9".into()]);
+        let e = g.validate().unwrap_err().to_string();
+        assert!(e.contains("gpiochip9"), "{e}");
+        let e = g.read("LED").unwrap_err().to_string();
+        assert!(e.contains("gpiochip9"), "{e}");
+        let e = g.write("gpiochip7:3", 1).unwrap_err().to_string();
+        assert!(e.contains("gpiochip7"), "{e}");
+        let i = CdevI2c::new(vec![5]);
+        assert!(i.validate().unwrap_err().to_string().contains("/dev/i2c-5"));
+        assert!(i.read(5, 0x48, Some(0), 2).unwrap_err().to_string().contains("i2c-5"));
+        assert!(i.read(6, 0x48, None, 2).unwrap_err().to_string().contains("i2c-6"));
+        g.teardown().unwrap();
+    }
+}

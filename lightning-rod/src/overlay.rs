@@ -1,0 +1,216 @@
+//! VPN overlays on the board: a TUN (L3, raw IP packets) or TAP (L2, Ethernet frames in
+//! GRE-TAP framing, RFC 2784 protocol 0x6558, done in user space because the kernel may lack
+//! `ip_gre`) device, pumped to and from a packet channel of the tunnel.
+//!
+//! Devices come from `tun-rs` (maintained, async on tokio; `tun-tap`'s default features pull
+//! tokio 0.1). Addresses, MTU and link state are set through rtnetlink. A device is not
+//! persistent: it disappears with its file descriptor, so dropping the [`Overlay`] (removal,
+//! agent exit, even a crash) removes the interface.
+//!
+//! The packet channel is a pair of bounded queues ([`PacketPipe`]); when the tunnel side is
+//! full a packet is dropped (as a congested link would), never queued without bound. A
+//! malformed GRE packet from the network is counted and dropped.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::TryStreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+/// Packets queued per direction between a device and its tunnel channel.
+pub const PACKET_QUEUE: usize = 256;
+/// Largest frame read from a device (MTU 1500 + Ethernet header, with room to spare).
+const FRAME_MAX: usize = 2048;
+pub const DEFAULT_MTU: u16 = 1400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    L2,
+    L3,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    pub interface: String,
+    pub layer: Layer,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mtu: u16,
+}
+
+/// The tunnel side of an overlay: packets to send out, packets that arrived.
+#[derive(Debug)]
+pub struct PacketPipe {
+    pub to_tunnel: mpsc::Sender<Vec<u8>>,
+    pub from_tunnel: mpsc::Receiver<Vec<u8>>,
+}
+
+/// Counters of one overlay.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// A live overlay; dropping it stops the pump and removes the interface.
+pub struct Overlay {
+    pub interface: String,
+    pub stats: Arc<Stats>,
+    cancel: CancellationToken,
+    /// `None` only while `remove` awaits it.
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay").field("interface", &self.interface).finish_non_exhaustive()
+    }
+}
+
+/// Linux interface names: 1..=15 characters of `[A-Za-z0-9_.-]`, not `.` or `..`.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn net_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Net { what: what.to_owned(), reason: e.to_string() }
+}
+
+impl Overlay {
+    /// Creates the device, configures it and starts pumping packets.
+    pub async fn create(spec: &OverlaySpec, pipe: PacketPipe) -> Result<Overlay> {
+        let name = spec.interface.clone();
+        if !valid_ifname(&name) {
+            return Err(net_err(&format!("interface {name:?}"), "not a valid interface name (1-15 of A-Za-z0-9_.-)"));
+        }
+        if spec.prefix_len == 0 || spec.prefix_len > 32 {
+            return Err(net_err(&name, format!("prefix length {} not in 1..=32", spec.prefix_len)));
+        }
+        let layer = match spec.layer {
+            Layer::L2 => tun_rs::Layer::L2,
+            Layer::L3 => tun_rs::Layer::L3,
+        };
+        let device = tun_rs::DeviceBuilder::new()
+            .name(&name)
+            .layer(layer)
+            .build_async()
+            .map_err(|e| net_err(&format!("creating {name}"), e))?;
+        let index = device.if_index().map_err(|e| net_err(&name, e))?;
+        configure(index, &name, spec.address, spec.prefix_len, spec.mtu).await?;
+        let stats = Arc::new(Stats::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(pump(device, pipe, spec.layer, stats.clone(), cancel.clone(), name.clone()));
+        tracing::info!(interface = %name, layer = ?spec.layer, address = %spec.address, prefix = spec.prefix_len, "overlay up");
+        Ok(Overlay { interface: name, stats, cancel, task: Some(task) })
+    }
+
+    /// False once the pump stopped (the tunnel channel closed or the device failed).
+    pub fn is_alive(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the pump and waits until the device is closed (the interface is gone).
+    pub async fn remove(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Address, MTU and link up, over rtnetlink.
+async fn configure(index: u32, name: &str, address: Ipv4Addr, prefix: u8, mtu: u16) -> Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| net_err("rtnetlink", e))?;
+    let conn = tokio::spawn(conn);
+    let result = async {
+        handle
+            .address()
+            .add(index, address.into(), prefix)
+            .execute()
+            .await
+            .map_err(|e| net_err(&format!("{name}: adding {address}/{prefix}"), e))?;
+        let msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up().build();
+        handle.link().set(msg).execute().await.map_err(|e| net_err(&format!("{name}: link up, mtu {mtu}"), e))?;
+        // Read it back: the link must exist and be up in this namespace.
+        let mut links = handle.link().get().match_index(index).execute();
+        links.try_next().await.map_err(|e| net_err(name, e))?.ok_or_else(|| net_err(name, "vanished"))?;
+        Ok(())
+    }
+    .await;
+    conn.abort();
+    result
+}
+
+async fn pump(
+    device: tun_rs::AsyncDevice,
+    mut pipe: PacketPipe,
+    layer: Layer,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    name: String,
+) {
+    let mut buf = vec![0u8; FRAME_MAX];
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = device.recv(&mut buf) => match r {
+                Ok(n) => {
+                    let packet = match layer {
+                        Layer::L2 => s4t_shared::gre::encapsulate(&buf[..n]),
+                        Layer::L3 => buf[..n].to_vec(),
+                    };
+                    match pipe.to_tunnel.try_send(packet) {
+                        Ok(()) => { stats.sent.fetch_add(1, Ordering::Relaxed); }
+                        Err(mpsc::error::TrySendError::Full(_)) => { stats.dropped.fetch_add(1, Ordering::Relaxed); }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(interface = %name, cause = %e, "reading the overlay device failed");
+                    break;
+                }
+            },
+            p = pipe.from_tunnel.recv() => {
+                let Some(packet) = p else { break };
+                let frame = match layer {
+                    Layer::L2 => match s4t_shared::gre::decapsulate(&packet) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            if stats.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                tracing::warn!(interface = %name, cause = %e, "dropping malformed GRE packets");
+                            }
+                            continue;
+                        }
+                    },
+                    Layer::L3 => &packet[..],
+                };
+                match device.send(frame).await {
+                    Ok(_) => { stats.received.fetch_add(1, Ordering::Relaxed); }
+                    Err(e) => {
+                        // EINVAL and friends for one bad packet: drop it, keep the link.
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(interface = %name, cause = %e, "packet refused by the device");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!(interface = %name, "overlay pump stopped");
+}

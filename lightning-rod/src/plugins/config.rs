@@ -1,0 +1,117 @@
+//! `[plugins]` of the board configuration: limits on user code, and the hardware and plugin
+//! kinds the board owner allows.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// User code on the board (`Plugin*` procedures): limits, and what the board owner allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Plugin runs at once (calls and started plugins of every kind); more are refused.
+    #[serde(default = "default_plugin_max_running")]
+    pub max_running: usize,
+    /// Largest plugin `code` accepted by `PluginInject`, in bytes after base64 decoding.
+    #[serde(default = "default_plugin_max_code_bytes")]
+    pub max_code_bytes: usize,
+    /// Largest linear memory a WebAssembly plugin may have.
+    #[serde(default = "default_plugin_memory_bytes")]
+    pub memory_limit_bytes: usize,
+    /// Fuel (about one per WebAssembly instruction) for one call, or between two sleeps of a
+    /// started plugin. A plugin that burns it is stopped and reported.
+    #[serde(default = "default_plugin_fuel")]
+    pub fuel: u64,
+    /// Wall-clock limit of one `PluginCall`, every kind.
+    #[serde(default = "default_plugin_call_timeout_s")]
+    pub call_timeout_s: u64,
+    /// Largest result, telemetry message or output line a plugin may produce.
+    #[serde(default = "default_plugin_max_output_bytes")]
+    pub max_output_bytes: usize,
+    /// GPIO lines a plugin may be granted (the injection names which it gets).
+    #[serde(default)]
+    pub allow_gpio: Vec<String>,
+    /// I2C devices a plugin may be granted, e.g. `[{ bus = 1, address = 0x48 }]`.
+    #[serde(default)]
+    pub allow_i2c: Vec<s4t_shared::plugin::I2cGrant>,
+    /// Accept process plugins (an executable run as `run_as` with a timeout). Off by default.
+    #[serde(default)]
+    pub process: bool,
+    /// Accept legacy Python plugins (the original pickled `Worker` class, run by `python_bin`).
+    #[serde(default)]
+    pub python: bool,
+    #[serde(default = "default_plugin_python_bin")]
+    pub python_bin: String,
+    /// Unprivileged user process and Python plugins run as when the agent runs as root.
+    #[serde(default = "default_plugin_run_as")]
+    pub run_as: String,
+}
+
+fn default_plugin_max_running() -> usize {
+    4
+}
+fn default_plugin_max_code_bytes() -> usize {
+    768 * 1024
+}
+fn default_plugin_memory_bytes() -> usize {
+    16 * 1024 * 1024
+}
+fn default_plugin_fuel() -> u64 {
+    500_000_000
+}
+fn default_plugin_call_timeout_s() -> u64 {
+    30
+}
+fn default_plugin_max_output_bytes() -> usize {
+    64 * 1024
+}
+fn default_plugin_python_bin() -> String {
+    "python3".into()
+}
+fn default_plugin_run_as() -> String {
+    "nobody".into()
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            max_running: default_plugin_max_running(),
+            max_code_bytes: default_plugin_max_code_bytes(),
+            memory_limit_bytes: default_plugin_memory_bytes(),
+            fuel: default_plugin_fuel(),
+            call_timeout_s: default_plugin_call_timeout_s(),
+            max_output_bytes: default_plugin_max_output_bytes(),
+            allow_gpio: vec![],
+            allow_i2c: vec![],
+            process: false,
+            python: false,
+            python_bin: default_plugin_python_bin(),
+            run_as: default_plugin_run_as(),
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 6] = [
+            ("plugins.max_running", self.max_running as u64, 1..=256),
+            ("plugins.max_code_bytes", self.max_code_bytes as u64, 1024..=64 << 20),
+            ("plugins.memory_limit_bytes", self.memory_limit_bytes as u64, 65_536..=1 << 30),
+            ("plugins.fuel", self.fuel, 1_000..=u64::MAX / 2),
+            ("plugins.call_timeout_s", self.call_timeout_s, 1..=3600),
+            ("plugins.max_output_bytes", self.max_output_bytes as u64, 64..=16 << 20),
+        ];
+        for (name, v, range) in ranges {
+            if !range.contains(&v) {
+                return Err(Error::invalid(format!("{name} = {v}: not in {}..={}", range.start(), range.end())));
+            }
+        }
+        if let Some(a) = self.allow_i2c.iter().find(|g| !(0x03..=0x77).contains(&g.address)) {
+            return Err(Error::invalid(format!("plugins.allow_i2c: address {:#04x} is not 0x03..=0x77", a.address)));
+        }
+        if self.python_bin.is_empty() || self.run_as.is_empty() {
+            return Err(Error::invalid("plugins.python_bin and plugins.run_as must not be empty"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,480 @@
+//! Plugins: user code the cloud injects and then calls, starts and stops (S4T-REFERENCE §6.2),
+//! run so that it cannot harm the board or the agent.
+//!
+//! Kinds ([`PluginKind`]): `wasm` (the default: a WebAssembly module in the `wasmi` sandbox of
+//! [`wasm`], with host functions limited to the plugin's [`Grants`]), `process` (an executable
+//! run as an unprivileged user, opt-in) and `python` (the original pickled `Worker` class run
+//! by `python3`, opt-in). Grants come with the injection and must lie within what the board
+//! owner allows in `[plugins]` (`allow_gpio`, `allow_i2c`); an injection asking for more is
+//! refused.
+//!
+//! State: `plugins.json` in the state directory (name, kind, grants, onboot, status, the
+//! parameters of the last start) and `plugins/<uuid>.code`. At boot, plugins with `onboot`
+//! that were running (`operative`) start again with their saved parameters.
+//!
+//! **Invariant:** no plugin runs on the agent's event loop. WebAssembly runs on a thread of its
+//! own, processes are children; at most `plugins.max_running` runs exist at once (calls and
+//! started plugins together), more are refused, never queued.
+
+pub mod config;
+pub mod process;
+pub mod run;
+pub mod wasm;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use s4t_shared::plugin::{Grants, PluginKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use config::PluginsConfig;
+pub use run::{End, Mode, StopSignal, TELEMETRY_CAPACITY, Telemetry};
+
+use crate::error::{Error, Result};
+use crate::hal::Hal;
+use crate::state::{StateStore, atomic_write};
+
+pub const PLUGINS_FILE: &str = "plugins.json";
+const CODE_DIR: &str = "plugins";
+/// Stack of a WebAssembly plugin's thread (address space; only touched pages cost memory). The
+/// interpreter keeps the plugin's own stack on the heap; this is for the interpreter itself,
+/// and the host functions it calls.
+const PLUGIN_STACK: usize = 2 << 20;
+/// How long `PluginStop` waits for a run to end before answering.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// One injected plugin, as `plugins.json` keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginEntry {
+    pub name: String,
+    pub kind: PluginKind,
+    pub callable: bool,
+    pub onboot: bool,
+    #[serde(default)]
+    pub grants: Grants,
+    /// `injected`, `updated`, `operative` (started), `stopped`, `finished`, `failed`.
+    pub status: String,
+    /// Parameters of the last start, for `onboot` restarts and `PluginReboot` without any.
+    #[serde(default)]
+    pub params: Value,
+    pub injected_at: String,
+    pub updated_at: String,
+}
+
+pub type Registry = BTreeMap<String, PluginEntry>;
+
+/// What `PluginInject` delivers, checked.
+#[derive(Clone)]
+pub struct NewPlugin {
+    pub uuid: String,
+    pub name: String,
+    pub kind: PluginKind,
+    pub callable: bool,
+    pub grants: Grants,
+    /// Module bytes, executable bytes, or Python source (UTF-8).
+    pub code: Vec<u8>,
+}
+
+/// A started plugin: its stop signal and, once it ended, how.
+struct Started {
+    signal: Arc<StopSignal>,
+    end: Arc<Mutex<Option<End>>>,
+    done: watch::Receiver<bool>,
+}
+
+pub struct PluginManager {
+    store: StateStore,
+    config: PluginsConfig,
+    hal: Hal,
+    board: String,
+    telemetry: mpsc::Sender<Telemetry>,
+    sandbox: Arc<wasm::Sandbox>,
+    modules: Mutex<HashMap<String, wasmi::Module>>,
+    started: Mutex<HashMap<String, Started>>,
+    slots: Arc<Semaphore>,
+    /// Serializes changes so two calls never interleave a load-modify-save of plugins.json.
+    edit: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for PluginManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginManager").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn plugin_err(msg: impl Into<String>) -> Error {
+    Error::Plugin(msg.into())
+}
+
+impl PluginManager {
+    pub fn new(
+        store: StateStore,
+        config: PluginsConfig,
+        hal: Hal,
+        board: String,
+        telemetry: mpsc::Sender<Telemetry>,
+        shutdown: CancellationToken,
+    ) -> PluginManager {
+        let slots = Arc::new(Semaphore::new(config.max_running));
+        PluginManager {
+            store,
+            config,
+            hal,
+            board,
+            telemetry,
+            sandbox: Arc::new(wasm::Sandbox::new()),
+            modules: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
+            slots,
+            edit: tokio::sync::Mutex::new(()),
+            shutdown,
+        }
+    }
+
+    pub fn config(&self) -> &PluginsConfig {
+        &self.config
+    }
+
+    pub fn registry(&self) -> Result<Registry> {
+        Ok(self.store.load::<Registry>(PLUGINS_FILE)?.unwrap_or_default())
+    }
+
+    fn entry(&self, uuid: &str) -> Result<PluginEntry> {
+        self.registry()?.remove(uuid).ok_or_else(|| plugin_err(format!("plugin {uuid} is not injected on this board")))
+    }
+
+    fn set_status(&self, uuid: &str, status: &str, params: Option<&Value>) -> Result<()> {
+        let mut reg = self.registry()?;
+        if let Some(e) = reg.get_mut(uuid) {
+            e.status = status.to_owned();
+            e.updated_at = crate::rpc::device::iso8601_now();
+            if let Some(p) = params {
+                e.params = p.clone();
+            }
+            self.store.save(PLUGINS_FILE, &reg)?;
+        }
+        Ok(())
+    }
+
+    fn code_path(&self, uuid: &str) -> std::path::PathBuf {
+        self.store.path(CODE_DIR).join(format!("{uuid}.code"))
+    }
+
+    /// Checks what the board allows, compiles WebAssembly, stores the code and the entry.
+    /// Returns true when the plugin was already injected (then it is stopped and replaced).
+    pub async fn inject(&self, p: NewPlugin, onboot: bool) -> Result<bool> {
+        match p.kind {
+            PluginKind::Process if !self.config.process => {
+                return Err(plugin_err("process plugins are not enabled on this board (plugins.process)"));
+            }
+            PluginKind::Python if !self.config.python => {
+                return Err(plugin_err("legacy Python plugins are not enabled on this board (plugins.python)"));
+            }
+            _ => {}
+        }
+        let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
+        p.grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))?;
+        let module = match p.kind {
+            PluginKind::Wasm => Some(self.sandbox.compile(&p.code).map_err(plugin_err)?),
+            _ => None,
+        };
+        let _guard = self.edit.lock().await;
+        self.stop_run(&p.uuid).await;
+        let dir = self.store.path(CODE_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Write { path: dir.clone(), source })?;
+        atomic_write(&self.code_path(&p.uuid), &p.code, 0o600)?;
+        let mut reg = self.registry()?;
+        let now = crate::rpc::device::iso8601_now();
+        let previous = reg.remove(&p.uuid);
+        let updated = previous.is_some();
+        let entry = PluginEntry {
+            name: p.name,
+            kind: p.kind,
+            callable: p.callable,
+            onboot,
+            grants: p.grants,
+            status: if updated { "updated" } else { "injected" }.into(),
+            params: previous.map(|e| e.params).unwrap_or(Value::Null),
+            injected_at: now.clone(),
+            updated_at: now,
+        };
+        reg.insert(p.uuid.clone(), entry);
+        self.store.save(PLUGINS_FILE, &reg)?;
+        let mut modules = lock(&self.modules);
+        match module {
+            Some(m) => modules.insert(p.uuid, m),
+            None => modules.remove(&p.uuid),
+        };
+        Ok(updated)
+    }
+
+    /// Stops the plugin if it runs, then forgets it; false when it was not injected.
+    pub async fn remove(&self, uuid: &str) -> Result<bool> {
+        let _guard = self.edit.lock().await;
+        self.stop_run(uuid).await;
+        lock(&self.started).remove(uuid);
+        lock(&self.modules).remove(uuid);
+        let mut reg = self.registry()?;
+        let known = reg.remove(uuid).is_some();
+        if known {
+            self.store.save(PLUGINS_FILE, &reg)?;
+        }
+        match std::fs::remove_file(self.code_path(uuid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed");
+            }
+            _ => {}
+        }
+        Ok(known)
+    }
+
+    fn slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            plugin_err(format!("{} plugin runs are under way already (plugins.max_running)", self.config.max_running))
+        })
+    }
+
+    fn job(&self, uuid: &str, e: &PluginEntry, params: Value, mode: Mode, signal: Arc<StopSignal>) -> run::Job {
+        run::Job {
+            uuid: uuid.to_owned(),
+            name: e.name.clone(),
+            board: self.board.clone(),
+            params,
+            grants: e.grants.clone(),
+            mode,
+            signal,
+            hal: self.hal.clone(),
+            limits: self.config.clone(),
+            telemetry: self.telemetry.clone(),
+        }
+    }
+
+    fn module(&self, uuid: &str) -> Result<wasmi::Module> {
+        if let Some(m) = lock(&self.modules).get(uuid) {
+            return Ok(m.clone());
+        }
+        let bytes = self.code(uuid)?;
+        let m = self.sandbox.compile(&bytes).map_err(plugin_err)?;
+        lock(&self.modules).insert(uuid.to_owned(), m.clone());
+        Ok(m)
+    }
+
+    fn code(&self, uuid: &str) -> Result<Vec<u8>> {
+        let path = self.code_path(uuid);
+        std::fs::read(&path).map_err(|source| Error::Read { path, source })
+    }
+
+    /// Runs `job` to its end; `permit` is released when the run really is over (a WebAssembly
+    /// thread keeps it until it returns).
+    async fn execute(&self, uuid: &str, kind: PluginKind, job: run::Job, permit: OwnedSemaphorePermit) -> End {
+        let job = Arc::new(job);
+        match kind {
+            PluginKind::Wasm => {
+                let module = match self.module(uuid) {
+                    Ok(m) => m,
+                    Err(e) => return End::Failed(e.to_string()),
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let sandbox = self.sandbox.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("plugin-{}", job.name))
+                    .stack_size(PLUGIN_STACK)
+                    .spawn(move || {
+                        let end = sandbox.run(&module, job);
+                        // Free the slot before anyone learns the run ended.
+                        drop(permit);
+                        let _ = tx.send(end);
+                    });
+                if let Err(e) = spawned {
+                    return End::Failed(format!("cannot start a plugin thread: {e}"));
+                }
+                rx.await.unwrap_or_else(|_| End::Failed("the plugin thread died".into()))
+            }
+            PluginKind::Process | PluginKind::Python => {
+                let _permit = permit;
+                let code = match self.code(uuid) {
+                    Ok(c) => c,
+                    Err(e) => return End::Failed(e.to_string()),
+                };
+                let program = match kind {
+                    PluginKind::Process => process::Program::Process(&code),
+                    _ => match std::str::from_utf8(&code) {
+                        Ok(source) => process::Program::Python { source, python: &self.config.python_bin },
+                        Err(_) => return End::Failed("the Python source is not UTF-8".into()),
+                    },
+                };
+                process::run(job, program).await
+            }
+        }
+    }
+
+    /// `PluginCall`: one run with the call deadline; returns how it ended.
+    pub async fn call(&self, uuid: &str, params: Value) -> Result<End> {
+        let e = self.entry(uuid)?;
+        let permit = self.slot()?;
+        let limit = Duration::from_secs(self.config.call_timeout_s);
+        let deadline = std::time::Instant::now() + limit;
+        let signal = Arc::new(StopSignal::default());
+        let job = self.job(uuid, &e, params, Mode::Call { deadline }, signal.clone());
+        let run = self.execute(uuid, e.kind, job, permit);
+        // The run enforces the deadline itself; this is the backstop for a stuck host call.
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {
+                signal.stop();
+                Ok(End::Stopped)
+            }
+            r = tokio::time::timeout(limit + Duration::from_secs(5), run) => Ok(r.unwrap_or_else(|_| {
+                signal.stop();
+                End::Failed(format!("exceeded its time limit of {} s", self.config.call_timeout_s))
+            })),
+        }
+    }
+
+    /// `PluginStart`: runs the plugin on its own until it returns or is stopped.
+    pub async fn start(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+        let _guard = self.edit.lock().await;
+        self.start_locked(uuid, params)
+    }
+
+    fn start_locked(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+        if self.alive(uuid) {
+            return Err(plugin_err("ALREADY STARTED!"));
+        }
+        let e = self.entry(uuid)?;
+        let params = params.unwrap_or_else(|| e.params.clone());
+        let permit = self.slot()?;
+        let signal = Arc::new(StopSignal::default());
+        let job = self.job(uuid, &e, params.clone(), Mode::Start, signal.clone());
+        let end = Arc::new(Mutex::new(None));
+        let (done_tx, done) = watch::channel(false);
+        lock(&self.started).insert(uuid.to_owned(), Started { signal, end: end.clone(), done });
+        self.set_status(uuid, "operative", Some(&params))?;
+        let (me, id, kind, name) = (self.clone(), uuid.to_owned(), e.kind, e.name.clone());
+        tokio::spawn(async move {
+            let result = me.execute(&id, kind, job, permit).await;
+            me.ended(&id, &name, &result);
+            *lock(&end) = Some(result);
+            let _ = done_tx.send(true);
+        });
+        tracing::info!(plugin = %e.name, uuid, kind = e.kind.as_str(), "plugin started");
+        Ok(())
+    }
+
+    /// Records and reports a started plugin's end (unless it was asked to stop).
+    fn ended(&self, uuid: &str, name: &str, end: &End) {
+        let status = match end {
+            End::Stopped => return,
+            End::Done { status: 0, .. } => "finished",
+            End::Done { .. } | End::Failed(_) => "failed",
+        };
+        let reason = wasm::describe(end);
+        tracing::warn!(plugin = name, uuid, %reason, "started plugin ended by itself");
+        let event = Telemetry {
+            plugin: uuid.to_owned(),
+            name: name.to_owned(),
+            data: json!({"event": "ended", "status": status, "reason": reason}),
+        };
+        let _ = self.telemetry.try_send(event);
+        if !self.shutdown.is_cancelled()
+            && let Err(e) = self.set_status(uuid, status, None)
+        {
+            tracing::warn!(plugin = name, cause = %e, "plugin status not saved");
+        }
+    }
+
+    fn alive(&self, uuid: &str) -> bool {
+        lock(&self.started).get(uuid).is_some_and(|s| !*s.done.borrow())
+    }
+
+    /// Signals a started run to stop and waits (bounded) until it ended; false if none ran.
+    async fn stop_run(&self, uuid: &str) -> bool {
+        let Some(mut done) = ({
+            let started = lock(&self.started);
+            started.get(uuid).filter(|s| !*s.done.borrow()).map(|s| {
+                s.signal.stop();
+                s.done.clone()
+            })
+        }) else {
+            return false;
+        };
+        if tokio::time::timeout(STOP_WAIT, done.wait_for(|d| *d)).await.is_err() {
+            tracing::warn!(plugin = uuid, "plugin did not stop within {STOP_WAIT:?}");
+        }
+        true
+    }
+
+    /// `PluginStop`: false when the plugin was not running.
+    pub async fn stop(&self, uuid: &str) -> Result<bool> {
+        let _guard = self.edit.lock().await;
+        self.entry(uuid)?;
+        let was = self.stop_run(uuid).await;
+        self.set_status(uuid, "stopped", None)?;
+        Ok(was)
+    }
+
+    /// `PluginReboot`: stop, then start with `params` or the saved ones.
+    pub async fn reboot(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+        let _guard = self.edit.lock().await;
+        self.entry(uuid)?;
+        self.stop_run(uuid).await;
+        self.start_locked(uuid, params)
+    }
+
+    /// `PluginStatus`: `ALIVE`, or `DEAD` (with the reason when it ended by itself).
+    pub fn status(&self, uuid: &str) -> Result<String> {
+        self.entry(uuid)?;
+        let started = lock(&self.started);
+        let Some(s) = started.get(uuid) else { return Ok("DEAD".into()) };
+        if !*s.done.borrow() {
+            return Ok("ALIVE".into());
+        }
+        Ok(match &*lock(&s.end) {
+            Some(end @ (End::Failed(_) | End::Done { .. })) => format!("DEAD: {}", wasm::describe(end)),
+            _ => "DEAD".into(),
+        })
+    }
+
+    /// At boot: starts again every `onboot` plugin that was running. Returns how many failed.
+    pub async fn restore_onboot(self: &Arc<Self>) -> usize {
+        let reg = match self.registry() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot read the injected plugins");
+                return 1;
+            }
+        };
+        let mut failed = 0;
+        for (uuid, e) in reg {
+            if e.onboot && !e.callable && e.status == "operative" && !self.alive(&uuid) {
+                match self.start(&uuid, None).await {
+                    Ok(()) => tracing::info!(plugin = %e.name, "onboot plugin restarted"),
+                    Err(err) => {
+                        failed += 1;
+                        tracing::warn!(plugin = %e.name, cause = %err, "onboot plugin not restarted");
+                    }
+                }
+            }
+        }
+        failed
+    }
+
+    /// At exit: stops every run; their saved status stays, so `onboot` ones come back.
+    pub async fn close_all(&self) {
+        let uuids: Vec<String> = lock(&self.started).keys().cloned().collect();
+        for uuid in uuids {
+            self.stop_run(&uuid).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! The plugin manager against real runs: WebAssembly modules written in WAT (runaway loops,
+//! traps, grants, memory limits, start/stop, onboot), shell-script process plugins and, when
+//! `python3` exists, an original lightning-rod plugin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use s4t_shared::plugin::{Grants, I2cGrant, PluginKind, pickle0_decode, pickle0_encode};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::hal::Hal;
+use crate::state::StateStore;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Harness {
+    plugins: Arc<PluginManager>,
+    hal: Hal,
+    telemetry: mpsc::Receiver<Telemetry>,
+    store: StateStore,
+    _dir: tempfile::TempDir,
+}
+
+fn config() -> PluginsConfig {
+    PluginsConfig {
+        // Debug builds interpret slowly: a small budget keeps runaway tests short.
+        fuel: 3_000_000,
+        call_timeout_s: 5,
+        allow_gpio: vec!["GPIO17".into()],
+        allow_i2c: vec![I2cGrant { bus: 1, address: 0x48 }],
+        process: true,
+        python: true,
+        ..PluginsConfig::default()
+    }
+}
+
+fn harness(config: PluginsConfig) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let hal = Hal::sim(32);
+    let (tx, telemetry) = mpsc::channel(16);
+    let plugins =
+        Arc::new(PluginManager::new(store.clone(), config, hal.clone(), "b1".into(), tx, CancellationToken::new()));
+    Harness { plugins, hal, telemetry, store, _dir: dir }
+}
+
+fn wasm(uuid: &str, wat: &str, grants: Grants) -> NewPlugin {
+    NewPlugin {
+        uuid: uuid.into(),
+        name: uuid.into(),
+        kind: PluginKind::Wasm,
+        callable: true,
+        grants,
+        code: wat::parse_str(wat).unwrap(),
+    }
+}
+
+const ECHO: &str = r#"(module
+  (import "s4t" "params_len" (func $plen (result i32)))
+  (import "s4t" "params_read" (func $pread (param i32 i32) (result i32)))
+  (import "s4t" "set_result" (func $res (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "run") (result i32)
+    (drop (call $pread (i32.const 0) (call $plen)))
+    (drop (call $res (i32.const 0) (call $plen)))
+    (i32.const 0)))"#;
+
+const RUNAWAY: &str = r#"(module (memory (export "memory") 1)
+  (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+
+const TRAP: &str = r#"(module (memory (export "memory") 1) (func (export "run") (result i32) unreachable))"#;
+
+const HUGE_MEMORY: &str =
+    r#"(module (memory (export "memory") 1000) (func (export "run") (result i32) (i32.const 0)))"#;
+
+/// Drives GPIO17 high; on failure returns 1 with the host's error text as result.
+const SET_GPIO17: &str = r#"(module
+  (import "s4t" "gpio_write" (func $gw (param i32 i32 i32) (result i32)))
+  (import "s4t" "last_error" (func $le (param i32 i32) (result i32)))
+  (import "s4t" "set_result" (func $res (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "GPIO17")
+  (func (export "run") (result i32) (local $n i32)
+    (if (result i32) (i32.lt_s (call $gw (i32.const 0) (i32.const 6) (i32.const 1)) (i32.const 0))
+      (then (local.set $n (call $le (i32.const 100) (i32.const 200)))
+            (drop (call $res (i32.const 100) (local.get $n)))
+            (i32.const 1))
+      (else (i32.const 0)))))"#;
+
+/// Publishes `{"tick":1}` and sleeps 10 ms, forever.
+const TICKER: &str = r#"(module
+  (import "s4t" "sleep_ms" (func $sleep (param i32)))
+  (import "s4t" "publish" (func $pub (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{\"tick\":1}")
+  (func (export "run") (result i32)
+    (loop $l (drop (call $pub (i32.const 0) (i32.const 10))) (call $sleep (i32.const 10)) (br $l))
+    (i32.const 0)))"#;
+
+fn gpio17() -> Grants {
+    Grants { gpio: vec!["GPIO17".into()], i2c: vec![] }
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("{what} not within {DEADLINE:?}"))
+}
+
+#[tokio::test]
+async fn a_call_returns_what_the_module_sets() {
+    let h = harness(config());
+    assert!(!h.plugins.inject(wasm("echo", ECHO, Grants::default()), false).await.unwrap());
+    let end = h.plugins.call("echo", json!({"n": 3})).await.unwrap();
+    assert_eq!(end, End::Done { status: 0, result: Some(json!({"n": 3})) });
+    assert!(h.plugins.inject(wasm("echo", ECHO, Grants::default()), false).await.unwrap(), "re-inject is an update");
+    assert_eq!(h.plugins.registry().unwrap()["echo"].status, "updated");
+}
+
+#[tokio::test]
+async fn runaway_and_trapping_plugins_are_stopped_and_reported() {
+    let h = harness(config());
+    h.plugins.inject(wasm("loop", RUNAWAY, Grants::default()), false).await.unwrap();
+    h.plugins.inject(wasm("trap", TRAP, Grants::default()), false).await.unwrap();
+    let End::Failed(why) = h.plugins.call("loop", json!({})).await.unwrap() else { panic!("not stopped") };
+    assert!(why.contains("fuel"), "{why}");
+    let End::Failed(why) = h.plugins.call("trap", json!({})).await.unwrap() else { panic!("no trap") };
+    assert!(why.contains("trapped"), "{why}");
+    // With fuel to burn, the call's time limit stops it.
+    let h = harness(PluginsConfig { fuel: u64::MAX / 4, call_timeout_s: 1, ..config() });
+    h.plugins.inject(wasm("loop", RUNAWAY, Grants::default()), false).await.unwrap();
+    let End::Failed(why) = h.plugins.call("loop", json!({})).await.unwrap() else { panic!("not stopped") };
+    assert!(why.contains("time limit"), "{why}");
+}
+
+/// The agent runs a current-thread runtime: a busy plugin must not hold it.
+#[tokio::test]
+async fn a_busy_plugin_does_not_block_the_event_loop() {
+    let h = harness(PluginsConfig { fuel: u64::MAX / 4, call_timeout_s: 3, ..config() });
+    h.plugins.inject(wasm("loop", RUNAWAY, Grants::default()), false).await.unwrap();
+    h.plugins.inject(wasm("echo", ECHO, Grants::default()), false).await.unwrap();
+    let busy = h.plugins.call("loop", json!({}));
+    tokio::pin!(busy);
+    // Another call runs to its end while the runaway one is still going.
+    let other = async { h.plugins.call("echo", json!(1)).await.unwrap() };
+    tokio::select! {
+        _ = &mut busy => panic!("the runaway plugin ended before the other call answered"),
+        end = other => assert_eq!(end, End::Done { status: 0, result: Some(json!(1)) }),
+    }
+    assert!(matches!(within("runaway", busy).await.unwrap(), End::Failed(_)));
+}
+
+#[tokio::test]
+async fn hardware_needs_a_grant_within_what_the_board_allows() {
+    let h = harness(config());
+    h.plugins.inject(wasm("nogrant", SET_GPIO17, Grants::default()), false).await.unwrap();
+    let end = h.plugins.call("nogrant", json!({})).await.unwrap();
+    assert_eq!(end, End::Done { status: 1, result: Some(json!("GPIO line GPIO17 is not granted to this plugin")) });
+    assert_eq!(h.hal.gpio.read("GPIO17").unwrap(), 0, "the line was touched");
+    h.plugins.inject(wasm("granted", SET_GPIO17, gpio17()), false).await.unwrap();
+    assert_eq!(h.plugins.call("granted", json!({})).await.unwrap(), End::Done { status: 0, result: None });
+    assert_eq!(h.hal.gpio.read("GPIO17").unwrap(), 1);
+    let greedy = Grants { gpio: vec!["GPIO4".into()], i2c: vec![] };
+    let err = h.plugins.inject(wasm("greedy", SET_GPIO17, greedy), false).await.unwrap_err().to_string();
+    assert!(err.contains("GPIO4") && err.contains("not allowed"), "{err}");
+    let i2c = Grants { gpio: vec![], i2c: vec![I2cGrant { bus: 1, address: 0x49 }] };
+    assert!(h.plugins.inject(wasm("i2c", ECHO, i2c), false).await.is_err());
+}
+
+#[tokio::test]
+async fn bad_modules_and_disabled_kinds_are_refused_at_injection() {
+    let h = harness(PluginsConfig { process: false, python: false, ..config() });
+    let mut bad = wasm("bad", ECHO, Grants::default());
+    bad.code = b"\0asm\x01\0\0\0garbage".to_vec();
+    assert!(h.plugins.inject(bad, false).await.unwrap_err().to_string().contains("not a valid WebAssembly"));
+    let wasi = r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
+    assert!(h.plugins.inject(wasm("wasi", wasi, Grants::default()), false).await.is_err());
+    let mut p = wasm("p", ECHO, Grants::default());
+    p.kind = PluginKind::Process;
+    assert!(h.plugins.inject(p.clone(), false).await.unwrap_err().to_string().contains("plugins.process"));
+    p.kind = PluginKind::Python;
+    assert!(h.plugins.inject(p, false).await.unwrap_err().to_string().contains("plugins.python"));
+    assert!(h.plugins.registry().unwrap().is_empty());
+    // Memory beyond the limit fails the run, not the agent.
+    h.plugins.inject(wasm("huge", HUGE_MEMORY, Grants::default()), false).await.unwrap();
+    assert!(matches!(h.plugins.call("huge", json!({})).await.unwrap(), End::Failed(_)));
+}
+
+#[tokio::test]
+async fn started_plugins_publish_stop_and_come_back_onboot() {
+    let mut h = harness(config());
+    let mut p = wasm("ticker", TICKER, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, true).await.unwrap();
+    h.plugins.start("ticker", Some(json!({"every": 10}))).await.unwrap();
+    assert_eq!(h.plugins.start("ticker", None).await.unwrap_err().to_string(), "ALREADY STARTED!");
+    let t = within("telemetry", h.telemetry.recv()).await.unwrap();
+    assert_eq!((t.plugin.as_str(), t.data.clone()), ("ticker", json!({"tick": 1})));
+    assert_eq!(h.plugins.status("ticker").unwrap(), "ALIVE");
+    // Sleeping refills the fuel: it runs far past one call's budget.
+    for _ in 0..20 {
+        within("telemetry", h.telemetry.recv()).await.unwrap();
+    }
+    // A reboot of the agent: a new manager on the same state starts it again.
+    h.plugins.close_all().await;
+    assert_eq!(h.plugins.status("ticker").unwrap(), "DEAD");
+    let (tx, mut telemetry) = mpsc::channel(16);
+    let again = Arc::new(PluginManager::new(
+        h.store.clone(),
+        config(),
+        h.hal.clone(),
+        "b1".into(),
+        tx,
+        CancellationToken::new(),
+    ));
+    assert_eq!(again.restore_onboot().await, 0);
+    assert_eq!(again.status("ticker").unwrap(), "ALIVE");
+    assert_eq!(again.registry().unwrap()["ticker"].params, json!({"every": 10}));
+    within("telemetry after reboot", telemetry.recv()).await.unwrap();
+    assert!(within("stop", again.stop("ticker")).await.unwrap());
+    assert_eq!(again.status("ticker").unwrap(), "DEAD");
+    assert!(!again.stop("ticker").await.unwrap(), "a second stop finds nothing running");
+    assert!(again.remove("ticker").await.unwrap());
+    assert!(again.status("ticker").is_err());
+    assert!(!again.remove("ticker").await.unwrap());
+}
+
+#[tokio::test]
+async fn a_started_runaway_is_stopped_and_reported_dead() {
+    let mut h = harness(config());
+    let mut p = wasm("loop", RUNAWAY, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, true).await.unwrap();
+    h.plugins.start("loop", None).await.unwrap();
+    let t = within("end event", h.telemetry.recv()).await.unwrap();
+    assert_eq!(t.data["event"], "ended");
+    let status = h.plugins.status("loop").unwrap();
+    assert!(status.starts_with("DEAD: ") && status.contains("fuel"), "{status}");
+    assert_eq!(h.plugins.registry().unwrap()["loop"].status, "failed", "a failed plugin is not restarted at boot");
+}
+
+#[tokio::test]
+async fn only_max_running_runs_at_once() {
+    let h = harness(PluginsConfig { max_running: 1, ..config() });
+    let mut p = wasm("ticker", TICKER, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    h.plugins.inject(wasm("echo", ECHO, Grants::default()), false).await.unwrap();
+    h.plugins.start("ticker", None).await.unwrap();
+    let err = h.plugins.call("echo", json!({})).await.unwrap_err().to_string();
+    assert!(err.contains("max_running"), "{err}");
+    h.plugins.stop("ticker").await.unwrap();
+    assert!(matches!(h.plugins.call("echo", json!({})).await.unwrap(), End::Done { .. }));
+}
+
+fn script(uuid: &str, text: &str) -> NewPlugin {
+    NewPlugin {
+        uuid: uuid.into(),
+        name: uuid.into(),
+        kind: PluginKind::Process,
+        callable: true,
+        grants: Grants::default(),
+        code: text.as_bytes().to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn process_plugins_get_json_on_stdin_and_answer_on_stdout() {
+    let h = harness(PluginsConfig { call_timeout_s: 1, max_output_bytes: 100, ..config() });
+    h.plugins.inject(script("echo", "#!/bin/sh\nread p\necho \"{\\\"got\\\": $p}\"\n"), false).await.unwrap();
+    let end = h.plugins.call("echo", json!({"x": 1})).await.unwrap();
+    assert_eq!(end, End::Done { status: 0, result: Some(json!({"got": {"x": 1}})) });
+    h.plugins.inject(script("fail", "#!/bin/sh\necho broken >&2\nexit 3\n"), false).await.unwrap();
+    assert_eq!(
+        h.plugins.call("fail", json!({})).await.unwrap(),
+        End::Done { status: 3, result: Some(json!("broken")) }
+    );
+    h.plugins.inject(script("slow", "#!/bin/sh\nexec sleep 60\n"), false).await.unwrap();
+    let End::Failed(why) = h.plugins.call("slow", json!({})).await.unwrap() else { panic!("no timeout") };
+    assert!(why.contains("time limit"), "{why}");
+    h.plugins.inject(script("chatty", "#!/bin/sh\nhead -c 1000 /dev/zero\n"), false).await.unwrap();
+    let End::Failed(why) = h.plugins.call("chatty", json!({})).await.unwrap() else { panic!("no limit") };
+    assert!(why.contains("more than 100 bytes"), "{why}");
+    if nix::unistd::Uid::effective().is_root() {
+        h.plugins.inject(script("who", "#!/bin/sh\nid -u\n"), false).await.unwrap();
+        let end = h.plugins.call("who", json!({})).await.unwrap();
+        assert_ne!(end, End::Done { status: 0, result: Some(json!(0)) }, "a process plugin ran as root");
+    }
+}
+
+#[tokio::test]
+async fn started_process_plugins_stream_lines_and_stop_on_sigterm() {
+    let mut h = harness(config());
+    let mut p = script("lines", "#!/bin/sh\nwhile true; do echo '{\"n\":1}'; sleep 0.05; done\n");
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    h.plugins.start("lines", None).await.unwrap();
+    let t = within("a line", h.telemetry.recv()).await.unwrap();
+    assert_eq!(t.data, json!({"n": 1}));
+    assert!(within("stop", h.plugins.stop("lines")).await.unwrap());
+    assert_eq!(h.plugins.status("lines").unwrap(), "DEAD");
+}
+
+fn python_available() -> bool {
+    std::process::Command::new("python3").arg("-c").arg("pass").status().is_ok_and(|s| s.success())
+}
+
+/// `plugins_examples/generics/echo.py` of the original lightning-rod 0.5.0, pickled as its
+/// cloud does.
+const ORIGINAL_ECHO: &str = r#"from iotronic_lightningrod.modules.plugins import Plugin
+from oslo_log import log as logging
+LOG = logging.getLogger(__name__)
+
+
+class Worker(Plugin.Plugin):
+    def __init__(self, uuid, name, q_result, params=None):
+        super(Worker, self).__init__(uuid, name, q_result, params)
+
+    def run(self):
+        LOG.info("Input parameters: " + str(self.params['name']))
+        self.q_result.put("ECHO RESULT: " + str(self.params['name']))
+"#;
+
+const ORIGINAL_RUNNER: &str = r#"from iotronic_lightningrod.modules.plugins import Plugin
+import time
+
+
+class Worker(Plugin.Plugin):
+    def __init__(self, uuid, name, q_result=None, params=None):
+        super(Worker, self).__init__(uuid, name, q_result, params)
+
+    def run(self):
+        while(self._is_running):
+            time.sleep(0.05)
+"#;
+
+fn python(uuid: &str, source: &str, callable: bool) -> NewPlugin {
+    let pickled = pickle0_encode(source);
+    NewPlugin {
+        uuid: uuid.into(),
+        name: uuid.into(),
+        kind: PluginKind::Python,
+        callable,
+        grants: Grants::default(),
+        code: pickle0_decode(&pickled).unwrap().into_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn original_python_plugins_keep_working() {
+    if !python_available() {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    }
+    let h = harness(config());
+    h.plugins.inject(python("echo", ORIGINAL_ECHO, true), false).await.unwrap();
+    let end = h.plugins.call("echo", json!({"name": "board"})).await.unwrap();
+    assert_eq!(end, End::Done { status: 0, result: Some(Value::String("ECHO RESULT: board".into())) });
+    h.plugins.inject(python("runner", ORIGINAL_RUNNER, false), false).await.unwrap();
+    h.plugins.start("runner", None).await.unwrap();
+    assert_eq!(h.plugins.status("runner").unwrap(), "ALIVE");
+    assert!(within("stop", h.plugins.stop("runner")).await.unwrap());
+}

@@ -1,0 +1,262 @@
+//! `Device*` procedures (S4T-REFERENCE §5.4) and `DeviceInfo`.
+//!
+//! Reboot and restart run configurable argv (tests point them at harmless commands) after a
+//! delay, so the reply reaches the cloud first. `DevicePkgOperation` runs an allow-listed
+//! manager and command with the package as one argv element (never a shell string), replies
+//! RUNNING and reports the outcome through `notify_result`.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::args::{Params, bad};
+use super::{Call, Context, Lifecycle, Method, Outcome, Reply, message, ok};
+use crate::error::{Error, Result};
+
+/// Output of a package operation kept for the reply (the tail beyond is discarded).
+const PKG_OUTPUT_LIMIT: u64 = 16 * 1024;
+const PKG_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const MAX_DELAY_S: u64 = 24 * 3600;
+
+pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
+    match method {
+        Method::DevicePing => ok(format!("{} @ {}", hostname(), iso8601_now())),
+        Method::DeviceEcho => {
+            let p = Params::at(&call.args, 0, "parameters", true)?;
+            let say = p.get("say").ok_or_else(|| bad("parameters.say is missing".into()))?;
+            message(say.clone())
+        }
+        Method::DeviceInfo => message(device_info()),
+        Method::DeviceNetConfig => message(net_config()?),
+        Method::DeviceReboot => delayed(ctx, call, "reboot", ctx.device.reboot_command.clone()),
+        Method::DeviceRestartLR => delayed(ctx, call, "restart", ctx.device.restart_command.clone()),
+        Method::DevicePkgOperation => pkg_operation(ctx, call),
+        _ => Err(bad(format!("{} is not a device procedure", method.name()))),
+    }
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+fn hostname() -> String {
+    read_trim("/proc/sys/kernel/hostname")
+}
+
+fn device_info() -> Value {
+    let uptime = read_trim("/proc/uptime").split_whitespace().next().and_then(|s| s.parse::<f64>().ok());
+    let load: Vec<f64> = read_trim("/proc/loadavg").split_whitespace().take(3).filter_map(|s| s.parse().ok()).collect();
+    let meminfo = read_trim("/proc/meminfo");
+    let mem = |key: &str| -> Option<u64> {
+        meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    json!({
+        "hostname": hostname(),
+        "arch": std::env::consts::ARCH,
+        "kernel": read_trim("/proc/sys/kernel/osrelease"),
+        "uptime_s": uptime.map(|u| u as u64),
+        "load": load,
+        "mem_total_kb": mem("MemTotal:"),
+        "mem_available_kb": mem("MemAvailable:"),
+        "lr_version": crate::VERSION,
+    })
+}
+
+/// Interfaces with their MAC and addresses (the original returned `ifconfig` text).
+fn net_config() -> Result<Value> {
+    let addrs =
+        nix::ifaddrs::getifaddrs().map_err(|e| Error::Net { what: "getifaddrs".into(), reason: e.to_string() })?;
+    let mut ifaces: Vec<(String, Value)> = Vec::new();
+    for a in addrs {
+        let idx = match ifaces.iter().position(|(n, _)| *n == a.interface_name) {
+            Some(i) => i,
+            None => {
+                let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+                ifaces.push((a.interface_name.clone(), json!({"name": a.interface_name, "up": up, "addresses": []})));
+                ifaces.len() - 1
+            }
+        };
+        let entry = &mut ifaces[idx].1;
+        let Some(addr) = a.address else { continue };
+        if let Some(link) = addr.as_link_addr() {
+            if let Some(mac) = link.addr() {
+                let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+                entry["mac"] = json!(mac);
+            }
+        } else if let Some(v4) = addr.as_sockaddr_in() {
+            let prefix = a.netmask.and_then(|m| m.as_sockaddr_in().map(|m| m.ip().to_bits().count_ones()));
+            push_addr(entry, format!("{}/{}", v4.ip(), prefix.unwrap_or(32)));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let prefix = a.netmask.and_then(|m| m.as_sockaddr_in6().map(|m| m.ip().to_bits().count_ones()));
+            push_addr(entry, format!("{}/{}", v6.ip(), prefix.unwrap_or(128)));
+        }
+    }
+    Ok(json!({"interfaces": ifaces.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}))
+}
+
+/// `connection`'s `info.connectivity` (S4T-REFERENCE §5.2): the first interface that is up,
+/// not loopback and has an IPv4 address: `{"iface","local_ip","mac"}`, or `{}`.
+pub fn connectivity() -> Value {
+    let Ok(net) = net_config() else { return json!({}) };
+    let ifaces = net["interfaces"].as_array().cloned().unwrap_or_default();
+    for i in ifaces {
+        let name = i["name"].as_str().unwrap_or_default();
+        let v4 = i["addresses"].as_array().and_then(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .find(|s| !s.contains(':'))
+                .map(|s| s.split('/').next().unwrap_or(s).to_owned())
+        });
+        if let (true, false, Some(ip)) = (i["up"] == true, name == "lo", v4) {
+            return json!({"iface": name, "local_ip": ip, "mac": i["mac"].as_str().unwrap_or_default()});
+        }
+    }
+    json!({})
+}
+
+fn push_addr(entry: &mut Value, addr: String) {
+    if let Some(list) = entry["addresses"].as_array_mut() {
+        list.push(json!(addr));
+    }
+}
+
+/// Reboot or restart after `max(delay, min_delay_s)` seconds.
+fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String>) -> Result<Reply> {
+    let p = Params::at(&call.args, 0, "parameters", false)?;
+    let delay = p.opt_int("delay", 0..=MAX_DELAY_S)?.unwrap_or(0).max(ctx.device.min_delay_s);
+    let ctx2 = ctx.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ctx2.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
+        }
+        if argv.is_empty() {
+            tracing::info!("restart requested by the cloud");
+            let _ = ctx2.lifecycle.send(Lifecycle::Restart).await;
+            return;
+        }
+        tracing::info!(command = ?argv, "{what} requested by the cloud");
+        match tokio::process::Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).status().await {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::error!(command = ?argv, status = %s, "{what} command failed"),
+            Err(e) => tracing::error!(command = ?argv, cause = %e, "{what} command could not start"),
+        }
+    });
+    ok(format!("{what} in {delay} s"))
+}
+
+/// Package names: letters, digits and `.+-_:~@/`, not starting with `-` (never an option).
+fn valid_package(s: &str) -> bool {
+    !s.starts_with('-') && s.chars().all(|c| c.is_ascii_alphanumeric() || ".+-_:~@/".contains(c))
+}
+
+fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
+    let p = Params::at(&call.args, 0, "parameters", true)?;
+    let manager_name = p.str("manager")?;
+    let manager = ctx.device.package_managers.get(manager_name).ok_or_else(|| {
+        let known: Vec<&String> = ctx.device.package_managers.keys().collect();
+        bad(format!("parameters.manager {manager_name:?} is not allowed (allowed: {known:?})"))
+    })?;
+    let command = p.str("command")?;
+    if !manager.commands.iter().any(|c| c == command) {
+        return Err(bad(format!(
+            "parameters.command {command:?} is not allowed for {manager_name} (allowed: {:?})",
+            manager.commands
+        )));
+    }
+    if p.opt_str("options")?.is_some() {
+        return Err(bad("parameters.options is not accepted: options come from the board's configuration".into()));
+    }
+    let mut argv = manager.argv.clone();
+    argv.push(command.to_owned());
+    if let Some(pkg) = p.opt_str("package")? {
+        if !valid_package(pkg) {
+            return Err(bad(format!("parameters.package {pkg:?} is not a package name")));
+        }
+        let arg = match p.opt_str("version")? {
+            Some(v) if valid_package(v) => manager.version_format.replace("{package}", pkg).replace("{version}", v),
+            Some(v) => return Err(bad(format!("parameters.version {v:?} is not a version"))),
+            None => pkg.to_owned(),
+        };
+        argv.push(arg);
+    } else if command != "update" && command != "upgrade" {
+        return Err(bad(format!("parameters.package is required for {command}")));
+    }
+    let (ctx2, req_id) = (ctx.clone(), call.req_id());
+    tokio::spawn(async move {
+        let reply = run_bounded(&argv, &ctx2.shutdown).await;
+        let reply = Reply { req_id, ..reply };
+        if ctx2.notify.send(reply).await.is_err() {
+            tracing::warn!("package operation finished after the session task stopped");
+        }
+    });
+    Ok(Reply { message: json!("RUNNING"), result: Outcome::Running, req_id: None })
+}
+
+async fn read_limited(r: Option<impl AsyncRead + Unpin>) -> String {
+    let Some(mut r) = r else { return String::new() };
+    let mut buf = Vec::new();
+    let _ = (&mut r).take(PKG_OUTPUT_LIMIT).read_to_end(&mut buf).await;
+    // Drain the rest so the child never blocks on a full pipe.
+    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn run_bounded(argv: &[String], shutdown: &tokio_util::sync::CancellationToken) -> Reply {
+    let mut child = match tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Reply::error(None, format!("cannot run {}: {e}", argv[0])),
+    };
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let work = async {
+        let (o, e) = tokio::join!(read_limited(out), read_limited(err));
+        (child.wait().await, o, e)
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => Reply::error(None, "interrupted: the agent is shutting down"),
+        r = tokio::time::timeout(PKG_TIMEOUT, work) => match r {
+            Err(_) => Reply::error(None, format!("{} timed out after {PKG_TIMEOUT:?}", argv.join(" "))),
+            Ok((Err(e), _, _)) => Reply::error(None, format!("waiting for {}: {e}", argv[0])),
+            Ok((Ok(status), o, e)) if status.success() => Reply::success(None, json!({"status": 0, "output": o, "errors": e})),
+            Ok((Ok(status), o, e)) => Reply {
+                message: json!({"status": status.code(), "output": o, "errors": e}),
+                result: Outcome::Error,
+                req_id: None,
+            },
+        },
+    }
+}
+
+/// Current UTC time as `YYYY-MM-DDTHH:MM:SS.ffffff`, like the original's `datetime.now()`.
+pub(crate) fn iso8601_now() -> String {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (H. Hinnant), valid for any date after 1970.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}

@@ -1,0 +1,171 @@
+//! `Plugin*` procedures (S4T-REFERENCE §5.4, §6.2): the arguments of the original, checked, and
+//! the original's replies (`PluginInject result: INJECTED`, `STARTED`, `ALREADY STARTED!`,
+//! `STOPPED`, `REBOOTED`, `ALIVE`/`DEAD`). The work is in [`crate::plugins`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use s4t_shared::plugin::{Grants, PluginKind, pickle0_decode};
+use serde_json::{Value, json};
+
+use super::args::{Params, bad, kind};
+use super::{Call, Context, Method, Outcome, Reply, message};
+use crate::error::Result;
+use crate::plugins::{End, NewPlugin};
+
+const MAX_STOP_DELAY_S: u64 = 3600;
+
+pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
+    let plugins = &ctx.plugins;
+    match method {
+        Method::PluginInject => {
+            let plugin = parse_plugin(call, plugins.config().max_code_bytes)?;
+            let onboot = flag(call.args.get(1), "onboot")?;
+            let updated = plugins.inject(plugin, onboot).await?;
+            message(json!(format!("PluginInject result: {}", if updated { "UPDATED" } else { "INJECTED" })))
+        }
+        Method::PluginStart => {
+            plugins.start(&uuid(call)?, params(call)?).await?;
+            message(json!("STARTED"))
+        }
+        Method::PluginReboot => {
+            plugins.reboot(&uuid(call)?, params(call)?).await?;
+            message(json!("REBOOTED"))
+        }
+        Method::PluginCall => {
+            let end = plugins.call(&uuid(call)?, params(call)?.unwrap_or_else(|| json!({}))).await?;
+            Ok(call_reply(end))
+        }
+        Method::PluginStop => stop(ctx, call).await,
+        Method::PluginStatus => message(json!(plugins.status(&uuid(call)?)?)),
+        Method::PluginRemove => {
+            let id = uuid(call)?;
+            if plugins.remove(&id).await? {
+                message(json!("PluginRemove result: REMOVED"))
+            } else {
+                Ok(warning(format!("plugin {id} was not injected")))
+            }
+        }
+        _ => Err(bad(format!("{} is not a plugin procedure", method.name()))),
+    }
+}
+
+fn warning(text: String) -> Reply {
+    Reply { message: json!(text), result: Outcome::Warning, req_id: None }
+}
+
+/// A call's reply: SUCCESS with what the plugin returned, ERROR when it failed or was stopped.
+fn call_reply(end: End) -> Reply {
+    let error = |m: Value| Reply { message: m, result: Outcome::Error, req_id: None };
+    match end {
+        End::Done { status: 0, result } => Reply::success(None, result.unwrap_or(Value::Null)),
+        End::Done { status, result: Some(r) } => {
+            tracing::info!(status, "plugin call returned an error");
+            error(r)
+        }
+        End::Done { status, result: None } => error(json!(format!("the plugin returned {status}"))),
+        End::Failed(why) => error(json!(format!("the plugin was stopped: {why}"))),
+        End::Stopped => error(json!("the plugin was stopped before it answered")),
+    }
+}
+
+/// `PluginStop(uuid, {delay})`: at once, or RUNNING and `STOPPED` through `notify_result`.
+async fn stop(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
+    let id = uuid(call)?;
+    let p = Params::at(&call.args, 1, "parameters", false)?;
+    let delay = p.opt_int("delay", 0..=MAX_STOP_DELAY_S)?.unwrap_or(0);
+    if delay == 0 {
+        return stopped(ctx.plugins.stop(&id).await?, &id);
+    }
+    ctx.plugins.status(&id)?;
+    let (ctx2, req_id) = (ctx.clone(), call.req_id());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ctx2.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
+        }
+        let reply = match ctx2.plugins.stop(&id).await {
+            Ok(was) => stopped(was, &id).unwrap_or_else(|e| Reply::error(None, e)),
+            Err(e) => Reply::error(None, format!("PluginStop: {e}")),
+        };
+        let _ = ctx2.notify.send(Reply { req_id, ..reply }).await;
+    });
+    Ok(Reply { message: json!("RUNNING"), result: Outcome::Running, req_id: None })
+}
+
+fn stopped(was_running: bool, id: &str) -> Result<Reply> {
+    if was_running { message(json!("STOPPED")) } else { Ok(warning(format!("plugin {id} was not running"))) }
+}
+
+fn uuid(call: &Call) -> Result<String> {
+    match call.args.first() {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s.clone()),
+        Some(Value::Object(m)) => match m.get("uuid") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s.clone()),
+            _ => Err(bad("plugin.uuid is missing".into())),
+        },
+        Some(v) => Err(bad(format!("plugin (first argument) must be the plugin uuid, got {}", kind(v)))),
+        None => Err(bad("plugin (first argument) is missing".into())),
+    }
+}
+
+/// The parameters at `args[1]`: an object, or absent/null (`None`).
+fn params(call: &Call) -> Result<Option<Value>> {
+    match call.args.get(1) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => Ok(Some(v.clone())),
+        Some(v) => Err(bad(format!("parameters must be a JSON object, got {}", kind(v)))),
+    }
+}
+
+fn flag(v: Option<&Value>, what: &str) -> Result<bool> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(true),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(false),
+        Some(v) => Err(bad(format!("{what} must be a boolean, got {}", kind(v)))),
+    }
+}
+
+/// The plugin dict: `{uuid, name, code, callable[, kind][, grants]}`. Without `kind` it is the
+/// original format, a pickled Python source.
+fn parse_plugin(call: &Call, max_code: usize) -> Result<NewPlugin> {
+    let p = Params::at(&call.args, 0, "plugin", true)?;
+    let uuid = p.str("uuid")?.to_owned();
+    if uuid.len() > 64 || !uuid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(bad("plugin.uuid must be letters, digits, - and _ (at most 64)".into()));
+    }
+    let name = p.opt_str("name")?.unwrap_or(&uuid).to_owned();
+    let kind = match p.opt_str("kind")? {
+        None => PluginKind::Python,
+        Some(k) => {
+            PluginKind::parse(k).ok_or_else(|| bad(format!("plugin.kind {k:?} is not wasm, process or python")))?
+        }
+    };
+    let callable = flag(p.get("callable"), "plugin.callable")?;
+    let grants = match p.get("grants") {
+        None => Grants::default(),
+        Some(g) => serde_json::from_value(g.clone()).map_err(|e| {
+            bad(format!("plugin.grants must be {{\"gpio\":[names],\"i2c\":[{{\"bus\",\"address\"}}]}}: {e}"))
+        })?,
+    };
+    let Some(Value::String(text)) = p.get("code") else { return Err(bad("plugin.code must be a string".into())) };
+    if text.len() > max_code.saturating_mul(4) / 3 + 4 {
+        return Err(bad(format!("plugin.code is larger than this board accepts ({max_code} bytes)")));
+    }
+    let code = match kind {
+        PluginKind::Python => {
+            let source = pickle0_decode(text).map_err(|e| bad(format!("plugin.code: {e}")))?;
+            source.into_bytes()
+        }
+        _ => base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| bad(format!("plugin.code must be base64 for kind {}: {e}", kind.as_str())))?,
+    };
+    if code.len() > max_code {
+        return Err(bad(format!("plugin.code is larger than this board accepts ({max_code} bytes)")));
+    }
+    Ok(NewPlugin { uuid, name, kind, callable, grants, code })
+}

@@ -1,0 +1,225 @@
+//! `Service*` procedures: reverse tunnels from a public port of the cloud to a local TCP port,
+//! opened through a [`TunnelOpener`] inside the agent (no child process), persisted in
+//! `services.json` and restored on boot and after every reconnect.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use super::args::{Params, bad, kind};
+use super::{Call, Context, Method, Outcome, Reply, message};
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+use crate::state::{ExposedService, SERVICES_FILE, Services, StateStore};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a tunnel needs: the server, the public port it listens on, the local port it reaches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelSpec {
+    pub server_url: String,
+    pub public_port: u16,
+    pub local_port: u16,
+    pub token: Option<Secret>,
+}
+
+/// A live reverse tunnel; dropping it closes the public listener.
+pub trait Tunnel: Send + Sync {
+    /// False once the tunnel ended for good (its client gave up or was refused).
+    fn is_alive(&self) -> bool;
+    /// The public port the server listens on (the requested one, or the one it assigned).
+    fn public_port(&self) -> u16;
+}
+
+/// Opens reverse tunnels. The agent's implementation uses the `wstunnel` client library.
+pub trait TunnelOpener: Send + Sync + 'static {
+    fn open(&self, spec: TunnelSpec) -> BoxFuture<'_, Result<Box<dyn Tunnel>>>;
+}
+
+/// Refuses every tunnel: for agents built or run without a tunnel client.
+pub struct NoTunnels;
+
+impl TunnelOpener for NoTunnels {
+    fn open(&self, spec: TunnelSpec) -> BoxFuture<'_, Result<Box<dyn Tunnel>>> {
+        Box::pin(async move {
+            Err(Error::Tunnel(format!("no tunnel client in this agent (public port {})", spec.public_port)))
+        })
+    }
+}
+
+pub struct ServiceManager {
+    store: StateStore,
+    opener: Box<dyn TunnelOpener>,
+    /// Tunnel server when the service dict names none: from the identity, or the original's
+    /// rule (the WAMP host, port 8080).
+    default_url: String,
+    live: Mutex<HashMap<String, Box<dyn Tunnel>>>,
+    /// Serializes changes so two calls never interleave a load-modify-save of services.json.
+    edit: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ServiceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceManager").field("default_url", &self.default_url).finish_non_exhaustive()
+    }
+}
+
+impl ServiceManager {
+    pub fn new(store: StateStore, opener: Box<dyn TunnelOpener>, default_url: String) -> ServiceManager {
+        ServiceManager {
+            store,
+            opener,
+            default_url,
+            live: Mutex::new(HashMap::new()),
+            edit: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn saved(&self) -> Result<Services> {
+        Ok(self.store.load::<Services>(SERVICES_FILE)?.unwrap_or_default())
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Box<dyn Tunnel>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens the tunnel and records the exposure; replaces an existing one for the service.
+    /// Returns the public port (the server's choice when `svc.public_port` is 0).
+    pub async fn enable(&self, uuid: &str, mut svc: ExposedService) -> Result<u16> {
+        let _guard = self.edit.lock().await;
+        self.live().remove(uuid);
+        let tunnel = self.opener.open(self.spec(&svc)).await?;
+        svc.public_port = tunnel.public_port();
+        let port = svc.public_port;
+        let mut saved = self.saved()?;
+        saved.insert(uuid.to_owned(), svc);
+        self.store.save(SERVICES_FILE, &saved)?;
+        self.live().insert(uuid.to_owned(), tunnel);
+        Ok(port)
+    }
+
+    /// Closes and forgets; `Ok(false)` when the service was not exposed.
+    pub async fn disable(&self, uuid: &str) -> Result<bool> {
+        let _guard = self.edit.lock().await;
+        let was_live = self.live().remove(uuid).is_some();
+        let mut saved = self.saved()?;
+        let was_saved = saved.remove(uuid).is_some();
+        if was_saved {
+            self.store.save(SERVICES_FILE, &saved)?;
+        }
+        Ok(was_live || was_saved)
+    }
+
+    /// Reopens every saved exposure whose tunnel is not alive; returns how many failed (each
+    /// is logged and retried at the next restore).
+    pub async fn restore_all(&self) -> usize {
+        let _guard = self.edit.lock().await;
+        let saved = match self.saved() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot read the exposed services");
+                return 1;
+            }
+        };
+        let mut failed = 0;
+        for (uuid, svc) in saved {
+            if self.live().get(&uuid).is_some_and(|t| t.is_alive()) {
+                continue;
+            }
+            match self.opener.open(self.spec(&svc)).await {
+                Ok(t) => {
+                    tracing::info!(service = %svc.name, public_port = svc.public_port, "service restored");
+                    self.live().insert(uuid, t);
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(service = %svc.name, cause = %e, "service not restored yet");
+                }
+            }
+        }
+        failed
+    }
+
+    /// Closes every tunnel (at exit); the saved exposures stay for the next start.
+    pub fn close_all(&self) {
+        self.live().clear();
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let saved = self.saved()?;
+        let live = self.live();
+        let list: Vec<Value> = saved
+            .iter()
+            .map(|(uuid, s)| {
+                json!({"uuid": uuid, "name": s.name, "local_port": s.local_port, "public_port": s.public_port,
+                       "active": live.get(uuid).is_some_and(|t| t.is_alive())})
+            })
+            .collect();
+        Ok(json!({ "services": list }))
+    }
+
+    fn spec(&self, svc: &ExposedService) -> TunnelSpec {
+        TunnelSpec {
+            server_url: svc.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone()),
+            public_port: svc.public_port,
+            local_port: svc.local_port,
+            token: svc.token.clone(),
+        }
+    }
+}
+
+/// The service dict (S4T-REFERENCE §11.5: `uuid, name, port`, plus our `tunnel_url` and
+/// `tunnel_token`) and, for enable/restore, the public port.
+fn parse_service(call: &Call, with_port: bool) -> Result<(String, ExposedService)> {
+    let p = Params::at(&call.args, 0, "service", true)?;
+    let uuid = p.str("uuid")?.to_owned();
+    let name = p.opt_str("name")?.unwrap_or(&uuid).to_owned();
+    let local_port = if with_port { p.int("port", 1..=65535)? as u16 } else { 0 };
+    let tunnel_url = p.opt_str("tunnel_url")?.map(str::to_owned);
+    if let Some(u) = &tunnel_url {
+        crate::config::validate_ws_url(u, "service.tunnel_url").map_err(|e| bad(e.to_string()))?;
+    }
+    let token = p.opt_str("tunnel_token")?.map(Secret::new);
+    let public_port = if with_port {
+        match call.args.get(1) {
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= 65535)
+                .ok_or_else(|| bad(format!("public_port must be a port number (0: any), got {} {v}", kind(v))))?
+                as u16,
+            None => return Err(bad("public_port (second argument) is missing".into())),
+        }
+    } else {
+        0
+    };
+    Ok((uuid, ExposedService { name, local_port, public_port, tunnel_url, token }))
+}
+
+pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
+    let services = &ctx.services;
+    match method {
+        Method::ServiceEnable | Method::ServiceRestore => {
+            let (uuid, svc) = parse_service(call, true)?;
+            let name = svc.name.clone();
+            let public_port = services.enable(&uuid, svc).await?;
+            message(json!(format!("service {name} exposed on public port {public_port}")))
+        }
+        Method::ServiceDisable => {
+            let (uuid, _) = parse_service(call, false)?;
+            if services.disable(&uuid).await? {
+                message(json!(format!("service {uuid} disabled")))
+            } else {
+                Ok(Reply {
+                    message: json!(format!("service {uuid} was not exposed")),
+                    result: Outcome::Warning,
+                    req_id: None,
+                })
+            }
+        }
+        Method::ServicesStatus => message(services.status()?),
+        _ => Err(bad(format!("{} is not a service procedure", method.name()))),
+    }
+}

@@ -1,0 +1,375 @@
+//! Procedure tests on the sim HAL with a fake tunnel opener: every procedure's success shape
+//! and an ERROR reply for every kind of bad argument.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::services::{BoxFuture, Tunnel, TunnelOpener, TunnelSpec};
+use super::*;
+use crate::Secret;
+use crate::config::{DeviceConfig, PackageManager};
+use crate::hal::Hal;
+use crate::state::StateStore;
+
+#[derive(Default)]
+struct FakeOpener {
+    opened: Mutex<Vec<TunnelSpec>>,
+    alive: Arc<AtomicBool>,
+    refuse: AtomicBool,
+}
+
+struct FakeTunnel(Arc<AtomicBool>, u16);
+impl Tunnel for FakeTunnel {
+    fn is_alive(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn public_port(&self) -> u16 {
+        self.1
+    }
+}
+
+impl TunnelOpener for Arc<FakeOpener> {
+    fn open(&self, spec: TunnelSpec) -> BoxFuture<'_, crate::Result<Box<dyn Tunnel>>> {
+        Box::pin(async move {
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(crate::Error::Tunnel("refused".into()));
+            }
+            let port = if spec.public_port == 0 { 50999 } else { spec.public_port };
+            self.opened.lock().unwrap().push(spec);
+            self.alive.store(true, Ordering::SeqCst);
+            Ok(Box::new(FakeTunnel(self.alive.clone(), port)) as Box<dyn Tunnel>)
+        })
+    }
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    notify: mpsc::Receiver<Notification>,
+    events: mpsc::Receiver<crate::hal::GpioEvent>,
+    lifecycle: mpsc::Receiver<Lifecycle>,
+    opener: Arc<FakeOpener>,
+    dir: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut device = DeviceConfig {
+        reboot_command: vec!["touch".into(), dir.path().join("rebooted").display().to_string()],
+        min_delay_s: 0,
+        ..DeviceConfig::default()
+    };
+    device.package_managers.insert(
+        "echo".into(),
+        PackageManager {
+            argv: vec!["echo".into(), "pkg".into()],
+            commands: vec!["install".into(), "update".into()],
+            version_format: "{package}=={version}".into(),
+        },
+    );
+    device.package_managers.insert(
+        "false".into(),
+        PackageManager {
+            argv: vec!["false".into()],
+            commands: vec!["install".into()],
+            version_format: "{package}={version}".into(),
+        },
+    );
+    let (ntx, notify) = mpsc::channel(8);
+    let (gtx, events) = mpsc::channel(8);
+    let (ltx, lifecycle) = mpsc::channel(1);
+    let opener = Arc::new(FakeOpener::default());
+    let store = StateStore::open(dir.path()).unwrap();
+    let services = Arc::new(ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into()));
+    let vpns = Arc::new(VpnManager::new(store.clone(), Box::new(vpn::NoPackets), "ws://cloud:8080/".into()));
+    let (ttx, _) = mpsc::channel(1);
+    let plugins = Arc::new(crate::plugins::PluginManager::new(
+        store,
+        Default::default(),
+        Hal::sim(32),
+        "b1".into(),
+        ttx,
+        CancellationToken::new(),
+    ));
+    let ctx = Arc::new(Context {
+        board_uuid: "b1".into(),
+        hal: Hal::sim(32),
+        device,
+        notify: ntx,
+        gpio_events: gtx,
+        lifecycle: ltx,
+        services,
+        vpns,
+        plugins,
+        shutdown: CancellationToken::new(),
+    });
+    Harness { ctx, notify, events, lifecycle, opener, dir }
+}
+
+fn req() -> Value {
+    json!({"uuid": "r-1", "main_request_uuid": null})
+}
+
+async fn call(h: &Harness, name: &str, args: Vec<Value>) -> Reply {
+    let method = Method::from_name(name).unwrap_or_else(|| panic!("no method {name}"));
+    let mut positional = vec![req()];
+    positional.extend(args);
+    let reply = dispatch(&h.ctx, method, Call::from_positional(positional)).await;
+    // Every reply is the wire JSON string with exactly these keys.
+    let wire: Value = serde_json::from_str(&reply.to_wire()).unwrap();
+    let mut keys: Vec<_> = wire.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["message", "req_id", "result"]);
+    assert_eq!(wire["req_id"], "r-1");
+    reply
+}
+
+async fn ok_msg(h: &Harness, name: &str, args: Vec<Value>) -> Value {
+    let r = call(h, name, args).await;
+    assert_eq!(r.result, Outcome::Success, "{name}: {:?}", r.message);
+    r.message
+}
+
+#[tokio::test]
+async fn device_procedures_answer() {
+    let h = harness();
+    assert!(ok_msg(&h, "DevicePing", vec![json!({})]).await.as_str().unwrap().contains(" @ 20"));
+    assert_eq!(ok_msg(&h, "DeviceEcho", vec![json!({"say": "hi"})]).await, "hi");
+    let info = ok_msg(&h, "DeviceInfo", vec![json!({})]).await;
+    for key in ["hostname", "arch", "kernel", "uptime_s", "load", "mem_total_kb", "mem_available_kb", "lr_version"] {
+        assert!(!info[key].is_null(), "DeviceInfo.{key} missing: {info}");
+    }
+    let net = ok_msg(&h, "DeviceNetConfig", vec![]).await;
+    assert!(net["interfaces"].as_array().unwrap().iter().any(|i| i["name"] == "lo"), "{net}");
+    let c = device::connectivity();
+    assert!(c.is_object(), "{c}");
+    if let Some(ip) = c.get("local_ip") {
+        assert!(ip.as_str().unwrap().parse::<std::net::Ipv4Addr>().is_ok(), "{c}");
+        assert_ne!(c["iface"], "lo");
+    }
+}
+
+#[tokio::test]
+async fn reboot_runs_the_configured_command_and_restart_asks_the_main_loop() {
+    let mut h = harness();
+    let msg = ok_msg(&h, "DeviceReboot", vec![json!({"delay": 0})]).await;
+    assert_eq!(msg, "reboot in 0 s");
+    let marker = h.dir.path().join("rebooted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "reboot command did not run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ok_msg(&h, "DeviceRestartLR", vec![json!({})]).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), h.lifecycle.recv()).await.unwrap();
+    assert_eq!(got, Some(Lifecycle::Restart));
+}
+
+#[tokio::test]
+async fn package_operation_replies_running_then_notifies() {
+    let mut h = harness();
+    let r = call(
+        &h,
+        "DevicePkgOperation",
+        vec![json!({"manager": "echo", "command": "install", "package": "nano", "version": "2.1"})],
+    )
+    .await;
+    assert_eq!(r.result, Outcome::Running);
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!((n.result, n.req_id.as_deref()), (Outcome::Success, Some("r-1")));
+    assert_eq!(n.message["output"], "pkg install nano==2.1\n");
+    // A failing manager reports ERROR with its status.
+    call(&h, "DevicePkgOperation", vec![json!({"manager": "false", "command": "install", "package": "x"})]).await;
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!((n.result, &n.message["status"]), (Outcome::Error, &json!(1)));
+}
+
+#[tokio::test]
+async fn gpio_procedures_on_the_sim() {
+    let mut h = harness();
+    let lines = ok_msg(&h, "GpioList", vec![]).await;
+    assert_eq!(lines["lines"].as_array().unwrap().len(), 28);
+    assert_eq!(
+        lines["lines"][0],
+        json!({"name": "GPIO0", "chip": "gpiochip0", "offset": 0, "direction": "in", "value": 0})
+    );
+    assert_eq!(
+        ok_msg(&h, "GpioWatch", vec![json!({"line": "GPIO5", "edge": "rising"})]).await,
+        json!({"name": "GPIO5", "edge": "rising"})
+    );
+    assert_eq!(
+        ok_msg(&h, "GpioWrite", vec![json!({"line": "GPIO5", "value": 1, "direction": "out"})]).await,
+        json!({"name": "GPIO5", "value": 1})
+    );
+    assert_eq!(ok_msg(&h, "GpioRead", vec![json!({"line": "GPIO5"})]).await, json!({"name": "GPIO5", "value": 1}));
+    let ev = h.events.try_recv().unwrap();
+    assert_eq!((ev.line.as_str(), ev.value), ("GPIO5", 1));
+    assert_eq!(
+        ok_msg(&h, "GpioDirection", vec![json!({"line": "GPIO6", "direction": "in", "bias": "pull-up"})]).await,
+        json!({"name": "GPIO6", "direction": "in"})
+    );
+    assert_eq!(ok_msg(&h, "GpioRead", vec![json!({"line": "GPIO6"})]).await["value"], 1);
+}
+
+#[tokio::test]
+async fn i2c_procedures_on_the_sim() {
+    let h = harness();
+    assert_eq!(ok_msg(&h, "I2cList", vec![]).await, json!({"buses": [1]}));
+    assert_eq!(
+        ok_msg(&h, "I2cRead", vec![json!({"bus": 1, "address": 72, "register": 0, "length": 2})]).await,
+        json!({"data": [0x19, 0]})
+    );
+    assert_eq!(
+        ok_msg(&h, "I2cWrite", vec![json!({"bus": 1, "address": "0x48", "register": 0, "data": [7]})]).await,
+        json!({"written": 1})
+    );
+    assert_eq!(
+        ok_msg(&h, "I2cRead", vec![json!({"bus": 1, "address": "0x48", "register": 0, "length": 1})]).await,
+        json!({"data": [7]})
+    );
+}
+
+#[tokio::test]
+async fn services_are_opened_persisted_and_restored() {
+    let h = harness();
+    let svc = json!({"uuid": "s-ssh", "name": "ssh", "port": 22, "tunnel_token": "tok-secret"});
+    ok_msg(&h, "ServiceEnable", vec![svc.clone(), json!(50022)]).await;
+    let spec = h.opener.opened.lock().unwrap()[0].clone();
+    assert_eq!((spec.server_url.as_str(), spec.public_port, spec.local_port), ("ws://cloud:8080/", 50022, 22));
+    assert_eq!(spec.token.as_ref().map(Secret::expose), Some("tok-secret"));
+    let status = ok_msg(&h, "ServicesStatus", vec![]).await;
+    assert_eq!(status["services"][0]["active"], true);
+    // The tunnel dies (cloud restart): restore reopens it from services.json.
+    h.opener.alive.store(false, Ordering::SeqCst);
+    assert_eq!(h.ctx.services.restore_all().await, 0);
+    assert_eq!(h.opener.opened.lock().unwrap().len(), 2);
+    // A fresh manager on the same state directory (a reboot) restores it too.
+    let store = StateStore::open(h.dir.path()).unwrap();
+    let again = ServiceManager::new(store, Box::new(h.opener.clone()), "ws://x:8080/".into());
+    assert_eq!(again.restore_all().await, 0);
+    assert_eq!(h.opener.opened.lock().unwrap().len(), 3);
+    ok_msg(&h, "ServiceDisable", vec![svc.clone()]).await;
+    assert_eq!(call(&h, "ServiceDisable", vec![svc.clone()]).await.result, Outcome::Warning);
+    assert_eq!(ok_msg(&h, "ServicesStatus", vec![]).await, json!({"services": []}));
+    h.opener.refuse.store(true, Ordering::SeqCst);
+    let r = call(&h, "ServiceEnable", vec![svc, json!(50022)]).await;
+    assert_eq!(r.result, Outcome::Error);
+    assert!(!r.message.to_string().contains("tok-secret"));
+}
+
+/// Every bad argument gives an ERROR reply naming the procedure, and the agent keeps serving.
+#[tokio::test]
+async fn bad_arguments_give_error_replies() {
+    let h = harness();
+    let p = |v: Value| vec![v];
+    let cases: Vec<(&str, Vec<Value>)> = vec![
+        ("DeviceEcho", vec![]),
+        ("DeviceEcho", p(json!("say"))),
+        ("DeviceEcho", p(json!({}))),
+        ("DeviceReboot", p(json!({"delay": -1}))),
+        ("DeviceReboot", p(json!({"delay": "soon"}))),
+        ("DeviceReboot", p(json!([1]))),
+        ("DeviceRestartLR", p(json!({"delay": 1e9}))),
+        ("DevicePkgOperation", vec![]),
+        ("DevicePkgOperation", p(json!({"manager": "sh", "command": "install", "package": "x"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "purge", "package": "x"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "install", "package": "x; rm -rf /"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "install", "package": "--force"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "install"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "install", "package": "x", "options": "-y"}))),
+        ("DevicePkgOperation", p(json!({"manager": "echo", "command": "install", "package": "x", "version": "$(id)"}))),
+        ("GpioRead", vec![]),
+        ("GpioRead", p(json!({}))),
+        ("GpioRead", p(json!({"line": 4}))),
+        ("GpioRead", p(json!({"line": "GPIO99"}))),
+        ("GpioRead", p(json!({"line": "x".repeat(1000)}))),
+        ("GpioWrite", p(json!({"line": "GPIO1"}))),
+        ("GpioWrite", p(json!({"line": "GPIO1", "value": 2}))),
+        ("GpioWrite", p(json!({"line": "GPIO1", "value": "high"}))),
+        ("GpioWrite", p(json!({"line": "GPIO1", "value": 1, "direction": "in"}))),
+        ("GpioDirection", p(json!({"line": "GPIO1"}))),
+        ("GpioDirection", p(json!({"line": "GPIO1", "direction": "sideways"}))),
+        ("GpioDirection", p(json!({"line": "GPIO1", "direction": "in", "bias": "strong"}))),
+        ("GpioWatch", p(json!({"line": "GPIO1"}))),
+        ("GpioWatch", p(json!({"line": "GPIO1", "edge": "up"}))),
+        ("GpioWatch", p(json!({"line": "NOPE", "edge": "both"}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 72}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 72, "length": 0}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 72, "length": 33}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 200, "length": 1}))),
+        ("I2cRead", p(json!({"bus": 1, "address": "0xzz", "length": 1}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 72, "register": 256, "length": 1}))),
+        ("I2cRead", p(json!({"bus": 7, "address": 72, "length": 1}))),
+        ("I2cRead", p(json!({"bus": 1, "address": 0x50, "length": 1}))),
+        ("I2cRead", p(json!({"address": 72, "length": 1}))),
+        ("I2cWrite", p(json!({"bus": 1, "address": 72}))),
+        ("I2cWrite", p(json!({"bus": 1, "address": 72, "data": []}))),
+        ("I2cWrite", p(json!({"bus": 1, "address": 72, "data": [256]}))),
+        ("I2cWrite", p(json!({"bus": 1, "address": 72, "data": "abc"}))),
+        ("I2cWrite", p(json!({"bus": 1, "address": 72, "data": vec![0; 33]}))),
+        ("ServiceEnable", vec![]),
+        ("ServiceEnable", vec![json!({"uuid": "s"}), json!(50000)]),
+        ("ServiceEnable", vec![json!({"uuid": "s", "port": 22})]),
+        ("ServiceEnable", vec![json!({"uuid": "s", "port": 70000}), json!(50000)]),
+        ("ServiceEnable", vec![json!({"uuid": "s", "port": 22}), json!("50000")]),
+        ("ServiceEnable", vec![json!({"uuid": "s", "port": 22}), json!(65536)]),
+        ("ServiceEnable", vec![json!({"uuid": "s", "port": 22, "tunnel_url": "http://x"}), json!(50000)]),
+        ("ServiceRestore", vec![json!({"port": 22}), json!(50000)]),
+        ("ServiceDisable", vec![json!("s")]),
+        ("VpnJoin", vec![]),
+        ("VpnJoin", p(json!({"type": "l2", "address": "192.0.2.1", "prefix_len": 24, "interface": "vpn0"}))),
+        (
+            "VpnJoin",
+            p(json!({"vpn": "v", "type": "l4", "address": "192.0.2.1", "prefix_len": 24, "interface": "vpn0"})),
+        ),
+        ("VpnJoin", p(json!({"vpn": "v", "type": "l2", "address": "192.0.2", "prefix_len": 24, "interface": "vpn0"}))),
+        (
+            "VpnJoin",
+            p(json!({"vpn": "v", "type": "l2", "address": "192.0.2.1", "prefix_len": 33, "interface": "vpn0"})),
+        ),
+        ("VpnJoin", p(json!({"vpn": "v", "type": "l2", "address": "192.0.2.1", "prefix_len": 24, "interface": "a/b"}))),
+        (
+            "VpnJoin",
+            p(
+                json!({"vpn": "v", "type": "l2", "address": "192.0.2.1", "prefix_len": 24, "interface": "much-too-long-name"}),
+            ),
+        ),
+        (
+            "VpnJoin",
+            p(
+                json!({"vpn": "v", "type": "l2", "address": "192.0.2.1", "prefix_len": 24, "interface": "vpn0", "tunnel_url": "ftp://x"}),
+            ),
+        ),
+        // Well-formed, but this agent has no packet channel client: an ERROR, not a crash.
+        (
+            "VpnJoin",
+            p(json!({"vpn": "v", "type": "l3", "address": "192.0.2.1", "prefix_len": 24, "interface": "vpn0"})),
+        ),
+        ("VpnLeave", p(json!({}))),
+    ];
+    for (name, args) in cases {
+        let shown = format!("{name} {args:?}");
+        let r = call(&h, name, args).await;
+        assert_eq!(r.result, Outcome::Error, "{shown} gave {:?}", r.message);
+        assert!(r.message.as_str().unwrap().starts_with(name), "{shown}: {}", r.message);
+    }
+    // A request that is not a dict.
+    let r = dispatch(&h.ctx, Method::DevicePing, Call::from_positional(vec![json!("nope")])).await;
+    assert_eq!(r.result, Outcome::Error);
+    let r = dispatch(&h.ctx, Method::DevicePing, Call::from_positional(vec![])).await;
+    assert_eq!(r.result, Outcome::Error);
+    // Still serving.
+    assert_eq!(ok_msg(&h, "DeviceEcho", vec![json!({"say": 1})]).await, 1);
+}
+
+#[test]
+fn method_names_round_trip() {
+    for m in Method::ALL {
+        assert_eq!(Method::from_name(m.name()), Some(m));
+    }
+    assert_eq!(Method::from_name("DeviceUpgradeLR"), None);
+}

@@ -1,0 +1,184 @@
+//! The board's persistent state: identity, exposed services, VPN memberships.
+//!
+//! **Invariant:** a state file is always either its previous or its new complete version, even
+//! after a power cut or `kill -9` in the middle of a write: [`atomic_write`] writes a temporary
+//! file in the same directory, fsyncs it, renames it over the target and fsyncs the directory.
+//! Files holding secrets are created with mode 0600 before any byte is written.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+
+const TMP_MARKER: &str = ".tmp-";
+pub const IDENTITY_FILE: &str = "identity.json";
+pub const SERVICES_FILE: &str = "services.json";
+pub const VPNS_FILE: &str = "vpns.json";
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file.
+pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let werr = |source| Error::Write { path: path.to_owned(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| werr(std::io::Error::other("no file name")))?;
+    let tmp = dir.join(format!(".{}{TMP_MARKER}{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        // `mode` is filtered by the umask and ignored for an existing file: set it explicitly.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(werr)
+}
+
+/// The state directory. Values are JSON documents, one file each.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Creates the directory (mode 0700) if needed and removes temporary files a crash left.
+    pub fn open(dir: &Path) -> Result<StateStore> {
+        let werr = |source| Error::Write { path: dir.to_owned(), source };
+        fs::create_dir_all(dir).map_err(werr)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)?;
+        let entries = fs::read_dir(dir).map_err(|source| Error::Read { path: dir.to_owned(), source })?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().contains(TMP_MARKER) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(StateStore { dir: dir.to_owned() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `Ok(None)` when the file does not exist; an error naming the file when it is corrupt.
+    pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        let path = self.path(name);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|source| Error::StateCorrupt { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Read { path, source }),
+        }
+    }
+
+    /// Saves `value` atomically with mode 0600 (every state file may hold a secret or token).
+    pub fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let path = self.path(name);
+        let bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| Error::Write { path: path.clone(), source: std::io::Error::other(e) })?;
+        atomic_write(&path, &bytes, 0o600)
+    }
+
+    pub fn identity(&self) -> Result<Option<Identity>> {
+        self.load(IDENTITY_FILE)
+    }
+
+    pub fn save_identity(&self, id: &Identity) -> Result<()> {
+        self.save(IDENTITY_FILE, id)
+    }
+}
+
+/// Who this board is and where it logs in, as the cloud returned it at enrollment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub uuid: String,
+    pub name: String,
+    /// The cloud's agent name: the `<agent>` of `<agent>.stack4things.connection`.
+    pub agent: String,
+    /// Main agent WAMP URL and realm.
+    pub url: String,
+    pub realm: String,
+    /// Tunnel server, `ws[s]://cloud:8080/`; absent for an original cloud (then derived).
+    #[serde(default)]
+    pub tunnel_url: Option<String>,
+    /// Absent for a board migrated from the original lightning-rod: it logs in anonymously.
+    #[serde(default)]
+    pub credentials: Option<Credentials>,
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub authid: String,
+    pub secret: Secret,
+}
+
+/// Exposed services, keyed by service uuid.
+pub type Services = BTreeMap<String, ExposedService>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExposedService {
+    pub name: String,
+    pub local_port: u16,
+    pub public_port: u16,
+    #[serde(default)]
+    pub tunnel_url: Option<String>,
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_round_trip_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("state")).unwrap();
+        assert_eq!(store.identity().unwrap(), None);
+        let id = Identity {
+            uuid: "b".into(),
+            name: "n".into(),
+            agent: "agent".into(),
+            url: "ws://c:8181/".into(),
+            realm: "s4t".into(),
+            tunnel_url: None,
+            credentials: Some(Credentials { authid: "b".into(), secret: Secret::new("s3cret") }),
+            ca_fingerprint: None,
+        };
+        store.save_identity(&id).unwrap();
+        assert_eq!(store.identity().unwrap(), Some(id));
+        let mode = fs::metadata(store.path(IDENTITY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn corrupt_file_is_a_clear_error_and_stale_temps_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(IDENTITY_FILE), b"{\"uuid\": ").unwrap();
+        fs::write(dir.path().join(format!(".identity.json{TMP_MARKER}123")), b"junk").unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let err = store.identity().unwrap_err().to_string();
+        assert!(err.contains("identity.json") && err.contains("corrupt"), "{err}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+}

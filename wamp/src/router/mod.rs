@@ -1,0 +1,269 @@
+//! The WAMP router the cloud's wamp-agent embeds.
+//!
+//! ```no_run
+//! # async fn f(listener: tokio::net::TcpListener, auth: std::sync::Arc<dyn s4t_wamp::Authenticator>) -> Result<(), s4t_wamp::Error> {
+//! use s4t_wamp::{Router, RouterConfig};
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let router = Router::new(RouterConfig::default(), auth);
+//! let agent = router.local_session("agent").await?; // the cloud's own session, role `agent`
+//! tokio::spawn({ let r = router.clone(); let s = shutdown.clone(); async move { r.serve(listener, None, s).await } });
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod broker;
+mod dealer;
+mod meta;
+mod realm;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use s4t_shared::wamp::message::uri;
+use s4t_shared::wamp::{Id, Serializer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use auth::{AuthFuture, Authenticator, StaticAuthenticator};
+
+use crate::link::Keepalive;
+use crate::{Error, Role, Session};
+use realm::{Farewell, Realm};
+
+/// Per-session limits and call timeouts.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Calls a session may have in flight; more are refused with `s4t.error.limit_exceeded`.
+    pub max_in_flight_calls: usize,
+    /// The same for `agent` sessions: the cloud calls every board through them.
+    pub max_in_flight_calls_agent: usize,
+    /// Registrations per session (the original lightning-rod registers about 40 procedures).
+    pub max_registrations: usize,
+    /// Subscriptions per session.
+    pub max_subscriptions: usize,
+    /// Publications per second a non-agent session may make (sustained); more are refused
+    /// (`s4t.error.limit_exceeded` when acknowledged, dropped otherwise).
+    pub publish_rate: u32,
+    /// Publications a non-agent session may make in a burst.
+    pub publish_burst: u32,
+    /// A session whose outbound queue stays full this long is closed (`s4t.close.overloaded`).
+    pub stuck_timeout: Duration,
+    /// Timeout of a call whose caller gave none (`CALL.Options.timeout`).
+    pub default_call_timeout: Duration,
+    /// Upper bound on any call timeout.
+    pub max_call_timeout: Duration,
+}
+
+impl Limits {
+    /// The in-flight call limit of a session with `role`.
+    pub fn in_flight_for(&self, role: Role) -> usize {
+        if role == Role::Agent { self.max_in_flight_calls_agent } else { self.max_in_flight_calls }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_in_flight_calls: 256,
+            max_in_flight_calls_agent: 16_384,
+            publish_rate: 100,
+            publish_burst: 200,
+            max_registrations: 256,
+            max_subscriptions: 64,
+            stuck_timeout: Duration::from_secs(10),
+            default_call_timeout: Duration::from_secs(120),
+            max_call_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Router configuration.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The one realm served (`s4t`).
+    pub realm: String,
+    /// `authprovider` reported in WELCOME, challenges and the meta API.
+    pub authprovider: String,
+    pub limits: Limits,
+    /// Largest WAMP message accepted (bigger ones close the session).
+    pub max_message_size: usize,
+    /// Concurrent connections accepted; more are closed at once.
+    pub max_sessions: usize,
+    /// Unsolicited messages (INVOCATION, EVENT) queued towards one session before it counts as
+    /// not keeping up; room for answers to its own requests is reserved on top.
+    pub queue_capacity: usize,
+    /// TLS + WebSocket + WAMP opening handshake must finish within this.
+    pub handshake_timeout: Duration,
+    /// Writing one message to a peer must finish within this, or the session is closed.
+    pub write_timeout: Duration,
+    /// WebSocket pings towards idle peers; `None` disables them.
+    pub keepalive: Option<Keepalive>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            realm: "s4t".into(),
+            authprovider: "s4t".into(),
+            limits: Limits::default(),
+            max_message_size: 1 << 20,
+            max_sessions: 20_000,
+            queue_capacity: 64,
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            keepalive: Some(Keepalive::default()),
+        }
+    }
+}
+
+/// How a session reached the router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportInfo {
+    /// The remote address; `None` for in-process sessions.
+    pub peer: Option<SocketAddr>,
+    pub serializer: Option<Serializer>,
+    pub tls: bool,
+}
+
+/// A joined session, as the router reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: Id,
+    pub authid: String,
+    pub role: Role,
+    /// `ticket`, `wampcra`, `anonymous` or `trusted` (in-process).
+    pub authmethod: &'static str,
+    pub authprovider: String,
+    /// The board uuid: the authid of a `board` session, or the uuid bound to a `legacy`
+    /// session with [`Router::bind_board`].
+    pub board: Option<String>,
+    pub transport: TransportInfo,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RouterConfig,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) realm: Arc<Realm>,
+    tasks: TaskTracker,
+    connections: Arc<Semaphore>,
+}
+
+/// The router: a cheap handle; clones share one router.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig, authenticator: Arc<dyn Authenticator>) -> Router {
+        let realm = Realm::new(config.realm.clone(), config.limits.clone());
+        let connections = Arc::new(Semaphore::new(config.max_sessions));
+        Router { inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections }) }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// Serves WebSocket connections (path `/`; TLS when `tls` is given) from `listener` until
+    /// `shutdown` fires; then says GOODBYE (`wamp.close.system_shutdown`) to every session and
+    /// waits up to 5 s for them to close.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        info!(addr = ?listener.local_addr().ok(), tls = acceptor.is_some(), realm = %self.inner.config.realm, "WAMP router listening");
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(cause = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
+                warn!(%peer, max = self.inner.config.max_sessions, "connection refused: too many sessions");
+                continue;
+            };
+            let inner = self.inner.clone();
+            let acceptor = acceptor.clone();
+            let stop = shutdown.clone();
+            self.inner.tasks.spawn(async move {
+                session::serve_connection(inner, tcp, peer, acceptor, stop).await;
+                drop(permit);
+            });
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Closes every session and waits (up to 5 s) for them to finish.
+    async fn shutdown(&self) {
+        self.inner.realm.kill_where(&Farewell::Goodbye(uri::SYSTEM_SHUTDOWN), |_| true);
+        self.inner.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await.is_err() {
+            warn!("some sessions did not close within 5 s of shutdown");
+        }
+        self.inner.tasks.reopen();
+    }
+
+    /// Opens an in-process session with role `agent` (the cloud's own wamp-agent). It has the
+    /// same API as a remote [`Session`] and lives until closed or the router shuts down.
+    pub async fn local_session(&self, authid: &str) -> Result<Session, Error> {
+        let (router_end, client_end) = crate::link::LocalLink::pair(self.inner.config.queue_capacity);
+        let inner = self.inner.clone();
+        let identity = session::Trusted { authid: authid.to_owned() };
+        self.inner.tasks.spawn(session::serve_local(inner, router_end, identity));
+        let config = crate::ClientConfig::new("local:", &self.inner.config.realm, crate::ClientAuth::Anonymous);
+        crate::client::join_local(client_end, &config).await
+    }
+
+    /// Binds board `board` to legacy session `session` after its `connection` call succeeded:
+    /// from then on it may register `iotronic.<session>.<board>.*` and publish under
+    /// `board.<board>.`. Only `legacy` sessions can be bound; others keep their authid.
+    pub fn bind_board(&self, session: Id, board: &str) -> Result<(), Error> {
+        match self.inner.realm.bind_board(session, board) {
+            None => Err(Error::NoSuchSession(session)),
+            Some(Role::Legacy) => Ok(()),
+            Some(role) => Err(Error::Protocol(format!("session {session} has role {}, not legacy", role.name()))),
+        }
+    }
+
+    /// Closes a session (GOODBYE `wamp.close.killed`). False if there is no such session.
+    pub fn kill_session(&self, session: Id) -> bool {
+        self.inner.realm.kill(session, Farewell::Goodbye(uri::CLOSE_KILLED))
+    }
+
+    /// Closes every session of `authid`; returns their ids.
+    pub fn kill_authid(&self, authid: &str) -> Vec<Id> {
+        self.inner.realm.kill_where(&Farewell::Goodbye(uri::CLOSE_KILLED), |s| s.authid == authid)
+    }
+
+    /// Closes every session of board `board` (authenticated or bound legacy), e.g. when the
+    /// board is revoked; returns their ids.
+    pub fn kill_board(&self, board: &str) -> Vec<Id> {
+        self.inner.realm.kill_where(&Farewell::Goodbye(uri::CLOSE_KILLED), |s| s.board.as_deref() == Some(board))
+    }
+
+    /// Every joined session.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.inner.realm.sessions()
+    }
+
+    pub fn session(&self, id: Id) -> Option<SessionInfo> {
+        self.inner.realm.session(id)
+    }
+}

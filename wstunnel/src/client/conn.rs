@@ -1,0 +1,286 @@
+//! One connection of the client: dial, upgrade, Hello/Welcome, re-issue every exposure and
+//! packet channel, then dispatch frames until the channel dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use s4t_shared::backoff::Backoff;
+use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
+use s4t_shared::tunnel::ws::{Message, Opcode, Role};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_util::sync::CancellationToken;
+
+use super::Inner;
+use crate::error::{Error, IoContext};
+use crate::handshake;
+use crate::io::{self, Outbound, WsReader};
+use crate::mux::{Mux, run_stream};
+use crate::packet;
+use crate::transport::Transport;
+
+/// A parsed server URL.
+pub(crate) struct Target {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl Target {
+    pub(crate) fn parse(url: &str) -> Result<Target, Error> {
+        let bad = |reason: &str| Error::Url { url: url.to_owned(), reason: reason.to_owned() };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(bad("scheme must be ws or wss")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+        Ok(Target { tls, host, port, path })
+    }
+}
+
+/// Dials the server and completes the WebSocket upgrade; returns the split transport and any
+/// bytes read past the upgrade response.
+async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, bytes::BytesMut), Error> {
+    let t = Target::parse(&inner.cfg.url)?;
+    let tcp =
+        TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;
+    let _ = tcp.set_nodelay(true);
+    let host_header = format!("{}:{}", t.host, t.port);
+    if t.tls {
+        let cfg = inner.cfg.tls.clone().ok_or_else(|| Error::Config("wss:// needs a TLS configuration".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| Error::Tls(e.to_string()))?;
+        let mut s =
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| Error::Tls(e.to_string()))?;
+        let left = handshake::connect(&mut s, &host_header, &t.path).await?;
+        let (r, w) = s.split_box();
+        Ok((r, w, left))
+    } else {
+        let mut s = tcp;
+        let left = handshake::connect(&mut s, &host_header, &t.path).await?;
+        let (r, w) = s.split_box();
+        Ok((r, w, left))
+    }
+}
+
+/// Runs one connection until it ends.
+pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result<(), Error> {
+    let (rd, wr, left) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner))
+        .await
+        .map_err(|_| Error::Timeout(format!("connecting to {}", inner.cfg.url)))??;
+    let (out, orx) = io::outbound(Role::Client);
+    // Aborts the writer and pinger and kills every stream also when this future is dropped
+    // (client shutdown), so the socket closes and the server frees the board's ports at once.
+    let mut guard =
+        Guard { writer: tokio::spawn(io::write_loop(wr, orx)), pinger: None, cancel: CancellationToken::new() };
+    let mut reader = WsReader::new(rd, Role::Client, left);
+    let res = async {
+        let window = hello(inner, &mut reader, &out).await?;
+        backoff.reset();
+        let cancel = guard.cancel.clone();
+        let mux = Arc::new(Mux::new(out.clone(), window, inner.cfg.max_streams, cancel.clone()));
+        restore(inner, &out);
+        inner.state.send_modify(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        tracing::info!(url = %inner.cfg.url, "tunnel channel up");
+        guard.pinger = Some(tokio::spawn(io::ping_loop(out.clone(), inner.cfg.ping_interval)));
+        let r = read_loop(inner, &mux, &mut reader).await;
+        cancel.cancel();
+        r
+    }
+    .await;
+    inner.conn.lock().expect("conn").take();
+    let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
+    drop(out);
+    if let Some(p) = guard.pinger.take() {
+        p.abort();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut guard.writer).await;
+    res
+}
+
+struct Guard {
+    writer: tokio::task::JoinHandle<Result<(), Error>>,
+    pinger: Option<tokio::task::JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.writer.abort();
+        if let Some(p) = &self.pinger {
+            p.abort();
+        }
+        self.cancel.cancel();
+    }
+}
+
+async fn hello(inner: &Inner, reader: &mut WsReader, out: &Outbound) -> Result<u32, Error> {
+    let agent = format!("wstunnel/{}", env!("CARGO_PKG_VERSION"));
+    out.ctrl(&Frame::Hello { version: PROTOCOL_VERSION, agent }).await?;
+    let msg = tokio::time::timeout(inner.cfg.connect_timeout, reader.next())
+        .await
+        .map_err(|_| Error::Timeout("no Welcome from the server".into()))??;
+    let Some(Message::Binary(b)) = msg else {
+        return Err(Error::Protocol("the server closed the channel before Welcome".into()));
+    };
+    match Frame::decode(&b)? {
+        Frame::Welcome { version: PROTOCOL_VERSION, initial_window } => Ok(initial_window),
+        Frame::Welcome { version, .. } => Err(Error::Version(format!(
+            "server speaks tunnel protocol v{version}, this client v{PROTOCOL_VERSION}: upgrade the older side"
+        ))),
+        Frame::GoAway { code: code::VERSION, reason } => Err(Error::Version(reason)),
+        Frame::GoAway { code, reason } => Err(Error::Refused { code, reason }),
+        other => Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+/// Makes this connection the live one and asks again for everything the board wants.
+fn restore(inner: &Inner, out: &Outbound) {
+    // Under the exposure lock, so that a concurrent `expose` either lands in this snapshot
+    // or sees the connection and sends its own request: never both, never neither.
+    let ex = inner.exposures.lock().expect("exposures");
+    let pk = inner.packets.lock().expect("packets");
+    *inner.conn.lock().expect("conn") = Some(out.clone());
+    for (id, e) in ex.iter() {
+        let port = e.assigned.unwrap_or(e.requested);
+        let _ = out.try_ctrl(&Frame::Listen { listener: *id, port, token: e.token.clone() });
+    }
+    for (id, p) in pk.iter() {
+        let _ = out.try_ctrl(&Frame::PacketOpen { channel: *id, vpn: p.vpn.clone(), token: p.token.clone() });
+    }
+}
+
+async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, reader: &mut WsReader) -> Result<(), Error> {
+    let idle = inner.cfg.idle_timeout;
+    loop {
+        let msg = tokio::time::timeout(idle, reader.next())
+            .await
+            .map_err(|_| Error::Timeout(format!("nothing received for {idle:?}")))??;
+        match msg {
+            None | Some(Message::Close(_)) => return Ok(()),
+            Some(Message::Binary(b)) => on_frame(inner, mux, Frame::decode(&b)?)?,
+            Some(Message::Ping(p)) => mux.out.try_ctrl_raw(mux.out.ws_control(Opcode::Pong, &p))?,
+            Some(Message::Pong(_)) => {}
+            Some(Message::Text(_)) => return Err(Error::Protocol("text message on a tunnel channel".into())),
+        }
+    }
+}
+
+fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
+    match f {
+        Frame::Data { .. } | Frame::Fin { .. } | Frame::Reset { .. } | Frame::Window { .. } => mux.on_frame(f)?,
+        Frame::Open { stream, listener, peer } => open(inner, mux, stream, listener, peer),
+        Frame::ListenOk { listener, port } => listen_result(inner, listener, Ok(port)),
+        Frame::ListenErr { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
+        Frame::ListenerClosed { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
+        Frame::PacketOk { channel } => packet_result(inner, mux, channel, Ok(())),
+        Frame::PacketErr { channel, code, reason } => packet_result(inner, mux, channel, Err((code, reason))),
+        Frame::PacketClose { channel, code, reason } => packet_result(inner, mux, channel, Err((code, reason))),
+        Frame::Packet { channel, payload } => {
+            if let Some(p) = inner.packets.lock().expect("packets").get(&channel) {
+                packet::deliver(&p.tx, payload);
+            }
+        }
+        Frame::GoAway { code, reason } => return Err(Error::Refused { code, reason }),
+        other => return Err(Error::Protocol(format!("unexpected frame from the server: {other:?}"))),
+    }
+    Ok(())
+}
+
+fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, stream: u32, listener: u32, peer: String) {
+    let target = inner.exposures.lock().expect("exposures").get(&listener).map(|e| e.target.clone());
+    let Some(target) = target else {
+        mux.reset(stream, code::CONNECT_FAILED);
+        return;
+    };
+    let s = match mux.accept_stream(stream) {
+        Ok(s) => s,
+        Err(code) => {
+            mux.reset(stream, code);
+            return;
+        }
+    };
+    let (mux, timeout) = (mux.clone(), inner.cfg.target_connect_timeout);
+    tokio::spawn(async move {
+        match tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await {
+            Ok(Ok(tcp)) => run_stream(mux, s, tcp).await,
+            res => {
+                let cause = match res {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::warn!(target, peer, cause, "local connect failed");
+                mux.reset(stream, code::CONNECT_FAILED);
+            }
+        }
+    });
+}
+
+/// How long an established exposure waits before asking again for a port that was busy.
+const IN_USE_RETRY: Duration = Duration::from_secs(2);
+
+fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
+    let mut ex = inner.exposures.lock().expect("exposures");
+    let Some(e) = ex.get_mut(&id) else { return };
+    match res {
+        Ok(port) => {
+            e.assigned = Some(port);
+            for w in e.waiters.drain(..) {
+                let _ = w.send(Ok(port));
+            }
+            tracing::info!(port, target = e.target, "exposed");
+        }
+        Err((code::IN_USE, reason)) if e.assigned.is_some() => {
+            // An exposure that worked before and now finds its port busy (the server has not
+            // yet noticed our previous channel died): keep it and ask again shortly.
+            tracing::warn!(%reason, target = e.target, "public port still busy: retrying");
+            let frame = Frame::Listen { listener: id, port: e.assigned.unwrap_or(e.requested), token: e.token.clone() };
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(IN_USE_RETRY).await;
+                if inner.exposures.lock().expect("exposures").contains_key(&id) {
+                    inner.send_if_connected(&frame);
+                }
+            });
+        }
+        Err((code, reason)) => {
+            tracing::warn!(code, %reason, target = e.target, "exposure refused or closed by the server");
+            let e = ex.remove(&id).expect("present");
+            for w in e.waiters {
+                let _ = w.send(Err(Error::Refused { code, reason: reason.clone() }));
+            }
+            inner.state.send_modify(|s| s.last_refusal = Some(reason));
+        }
+    }
+    drop(ex);
+    inner.publish();
+}
+
+fn packet_result(inner: &Inner, mux: &Mux, id: u32, res: Result<(), (u16, String)>) {
+    let mut pk = inner.packets.lock().expect("packets");
+    let Some(p) = pk.get_mut(&id) else { return };
+    match res {
+        Ok(()) => {
+            p.link.set(Some(mux.out.clone()));
+            for w in p.waiters.drain(..) {
+                let _ = w.send(Ok(()));
+            }
+        }
+        Err((code, reason)) => {
+            tracing::warn!(code, %reason, vpn = p.vpn, "packet channel refused or closed by the server");
+            let p = pk.remove(&id).expect("present");
+            p.link.set(None);
+            for w in p.waiters {
+                let _ = w.send(Err(Error::Refused { code, reason: reason.clone() }));
+            }
+            inner.state.send_modify(|s| s.last_refusal = Some(reason));
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The board side: one channel to the tunnel server, kept up forever, carrying every exposure
+//! (public port → local target) and packet channel the board asked for.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wstunnel::Error> {
+//! use wstunnel::client::{ClientConfig, start};
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let client = start(ClientConfig::new("ws://cloud.example:8080/"), shutdown.clone())?;
+//! let exposed = client.expose("TOKEN".into(), 0, "127.0.0.1:22".into()).await?; // 0: any port
+//! println!("ssh -p {} cloud.example", exposed.port);
+//! let mut state = client.state(); // watch: connected, last refusal, exposures
+//! # Ok(()) }
+//! ```
+//!
+//! After every reconnect (capped, jittered backoff) the client asks again for every exposure
+//! (the port it had, when the token allows it) and re-opens every packet channel; the
+//! [`PacketChannel`]s handed out stay valid across reconnects.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use s4t_shared::backoff::Backoff;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::io::Outbound;
+use crate::packet::{self, Link, PacketChannel};
+
+/// How to reach the server and how patient to be.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// `ws://host:port/path` or `wss://…`.
+    pub url: String,
+    /// TLS settings for `wss://` (e.g. trusting only the cloud's CA). Required for `wss://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub connect_timeout: Duration,
+    pub ping_interval: Duration,
+    /// The channel is considered dead when nothing arrives for this long.
+    pub idle_timeout: Duration,
+    /// How long a local connect to a target may take.
+    pub target_connect_timeout: Duration,
+    /// Streams the client accepts at once.
+    pub max_streams: usize,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig").field("url", &self.url).field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(url: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            url: url.into(),
+            tls: None,
+            reconnect_initial: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(65),
+            target_connect_timeout: Duration::from_secs(10),
+            max_streams: 8_192,
+        }
+    }
+}
+
+/// What the board agent can observe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientState {
+    pub connected: bool,
+    /// The last connection failure, for display.
+    pub last_error: Option<String>,
+    /// The last refusal from the server (bad token, port not allowed, …).
+    pub last_refusal: Option<String>,
+    /// Exposures and the public port each has now (`None` while not established).
+    pub exposures: Vec<ExposureState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposureState {
+    pub id: u32,
+    pub requested_port: u16,
+    pub port: Option<u16>,
+    pub target: String,
+}
+
+/// An established exposure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exposed {
+    pub id: u32,
+    pub port: u16,
+}
+
+struct Exposure {
+    token: String,
+    requested: u16,
+    target: String,
+    assigned: Option<u16>,
+    waiters: Vec<oneshot::Sender<Result<u16, Error>>>,
+}
+
+struct Packets {
+    vpn: String,
+    token: String,
+    link: Arc<Link>,
+    tx: mpsc::Sender<Bytes>,
+    waiters: Vec<oneshot::Sender<Result<(), Error>>>,
+}
+
+pub(crate) struct Inner {
+    cfg: ClientConfig,
+    exposures: Mutex<HashMap<u32, Exposure>>,
+    packets: Mutex<HashMap<u32, Packets>>,
+    /// The live connection's outbound queues, if connected.
+    conn: Mutex<Option<Outbound>>,
+    state: watch::Sender<ClientState>,
+    next_id: AtomicU32,
+}
+
+/// Controls a running client. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientHandle {
+    inner: Arc<Inner>,
+}
+
+/// Starts the client: it connects, and reconnects forever until `shutdown` is cancelled.
+pub fn start(cfg: ClientConfig, shutdown: CancellationToken) -> Result<ClientHandle, Error> {
+    conn::Target::parse(&cfg.url)?;
+    let inner = Arc::new(Inner {
+        cfg,
+        exposures: Mutex::new(HashMap::new()),
+        packets: Mutex::new(HashMap::new()),
+        conn: Mutex::new(None),
+        state: watch::Sender::new(ClientState::default()),
+        next_id: AtomicU32::new(1),
+    });
+    tokio::spawn(run(inner.clone(), shutdown));
+    Ok(ClientHandle { inner })
+}
+
+impl ClientHandle {
+    /// Asks the server to listen on `public_port` (0: any) and forward every connection to
+    /// `target` (`host:port`, resolved on each connection). Waits for the first answer, which
+    /// may take until the client is connected. A refusal removes the exposure.
+    pub async fn expose(&self, token: String, public_port: u16, target: String) -> Result<Exposed, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let listen = s4t_shared::tunnel::Frame::Listen { listener: id, port: public_port, token: token.clone() };
+        let e = Exposure { token, requested: public_port, target, assigned: None, waiters: vec![tx] };
+        {
+            // Insert and send under one lock, so a reconnect's restore sends it exactly once.
+            let mut ex = self.inner.exposures.lock().expect("exposures");
+            ex.insert(id, e);
+            self.inner.send_if_connected(&listen);
+        }
+        self.inner.publish();
+        let port = rx.await.map_err(|_| Error::Closed)??;
+        Ok(Exposed { id, port })
+    }
+
+    /// Removes an exposure: the server closes its public listener.
+    pub fn unexpose(&self, id: u32) -> bool {
+        let removed = self.inner.exposures.lock().expect("exposures").remove(&id).is_some();
+        if removed {
+            self.inner.send_if_connected(&s4t_shared::tunnel::Frame::Unlisten { listener: id });
+            self.inner.publish();
+        }
+        removed
+    }
+
+    /// Opens a packet channel into `vpn`. Waits for the server's answer; the channel then
+    /// survives reconnects (packets sent while disconnected are lost).
+    pub async fn open_packet_channel(&self, token: String, vpn: String) -> Result<PacketChannel, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let link = Arc::new(Link::default());
+        let (chan, tx) = packet::new_channel(id, link.clone());
+        let (wtx, wrx) = oneshot::channel();
+        let open = s4t_shared::tunnel::Frame::PacketOpen { channel: id, vpn: vpn.clone(), token: token.clone() };
+        {
+            let mut pk = self.inner.packets.lock().expect("packets");
+            pk.insert(id, Packets { vpn, token, link, tx, waiters: vec![wtx] });
+            self.inner.send_if_connected(&open);
+        }
+        wrx.await.map_err(|_| Error::Closed)??;
+        Ok(chan)
+    }
+
+    /// Watches the connection state.
+    pub fn state(&self) -> watch::Receiver<ClientState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Waits until the client is connected or `timeout` passes.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        let mut rx = self.state();
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.connected))
+            .await
+            .map_err(|_| Error::Timeout("not connected".into()))?
+            .map_err(|_| Error::Closed)?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn send_if_connected(&self, f: &s4t_shared::tunnel::Frame) {
+        if let Some(out) = self.conn.lock().expect("conn").as_ref() {
+            // A full control queue means the connection is about to be torn down; the request
+            // is sent again on the next connection.
+            let _ = out.try_ctrl(f);
+        }
+    }
+
+    fn publish(&self) {
+        let ex = self.exposures.lock().expect("exposures");
+        let mut list: Vec<ExposureState> = ex
+            .iter()
+            .map(|(id, e)| ExposureState {
+                id: *id,
+                requested_port: e.requested,
+                port: e.assigned,
+                target: e.target.clone(),
+            })
+            .collect();
+        list.sort_by_key(|e| e.id);
+        self.state.send_modify(|s| s.exposures = list);
+    }
+}
+
+async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
+    loop {
+        let res = tokio::select! {
+            r = conn::session(&inner, &mut backoff) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        inner.conn.lock().expect("conn").take();
+        for p in inner.packets.lock().expect("packets").values() {
+            p.link.set(None);
+        }
+        inner.state.send_modify(|s| {
+            s.connected = false;
+            if let Err(e) = &res {
+                s.last_error = Some(e.to_string());
+            }
+        });
+        match &res {
+            Err(Error::Version(m)) => tracing::error!(reason = %m, "tunnel server speaks another protocol version"),
+            Err(e) => tracing::warn!(cause = %e, "tunnel channel lost"),
+            Ok(()) => tracing::info!("tunnel channel closed"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    inner.conn.lock().expect("conn").take();
+    for (_, e) in inner.exposures.lock().expect("exposures").drain() {
+        for w in e.waiters {
+            let _ = w.send(Err(Error::Closed));
+        }
+    }
+    for (_, p) in inner.packets.lock().expect("packets").drain() {
+        p.link.set(None);
+        for w in p.waiters {
+            let _ = w.send(Err(Error::Closed));
+        }
+    }
+    inner.state.send_modify(|s| s.connected = false);
+}

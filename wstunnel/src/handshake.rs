@@ -1,0 +1,209 @@
+//! The HTTP/1.1 WebSocket upgrade (RFC 6455 §4), both ends, and the routing of an incoming
+//! upgrade to our channel protocol or to the legacy wstun protocol.
+
+use base64::Engine;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::error::Error;
+use crate::io::read_http_head;
+
+/// The subprotocol of our multiplexed channel.
+pub const SUBPROTOCOL: &str = "s4t-tunnel";
+/// The subprotocol MDSLab wstun speaks.
+pub const LEGACY_SUBPROTOCOL: &str = "tunnel-protocol";
+const MAX_HEAD: usize = 8 * 1024;
+
+/// What an incoming connection asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Our multiplexed channel.
+    Channel,
+    /// wstun control channel: `?dst=host:port`.
+    LegacyControl { port: u16 },
+    /// wstun data channel: `?id=<uuid>`.
+    LegacyData { id: String },
+    /// A plain HTTP GET (no upgrade): answered with a status page.
+    Status,
+}
+
+/// A parsed upgrade request, before we answer it.
+pub(crate) struct Incoming {
+    pub route: Route,
+    key: Option<String>,
+    /// Bytes the client sent after its request.
+    pub leftover: BytesMut,
+}
+
+/// Reads and routes the request. Errors are answered by the caller with [`refuse`].
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Incoming, Error> {
+    let (head, leftover) = read_http_head(s, MAX_HEAD).await?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Error::Handshake("malformed HTTP request".into())),
+    }
+    if req.method != Some("GET") {
+        return Err(Error::Handshake("only GET is accepted".into()));
+    }
+    let path = req.path.unwrap_or("/").to_owned();
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::to_owned)
+    };
+    let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return Ok(Incoming { route: Route::Status, key: None, leftover });
+    }
+    let key = header("sec-websocket-key").ok_or_else(|| Error::Handshake("missing Sec-WebSocket-Key".into()))?;
+    if header("sec-websocket-version").as_deref() != Some("13") {
+        return Err(Error::Handshake("unsupported Sec-WebSocket-Version (13 required)".into()));
+    }
+    let protocols = header("sec-websocket-protocol").unwrap_or_default();
+    let offers = |p: &str| protocols.split(',').any(|o| o.trim() == p);
+    let route = if offers(SUBPROTOCOL) { Route::Channel } else { legacy_route(&path)? };
+    Ok(Incoming { route, key: Some(key), leftover })
+}
+
+/// For the fuzz targets: routes a request path as the server does for wstun clients.
+#[doc(hidden)]
+pub fn fuzz_legacy_route(path: &str) -> bool {
+    legacy_route(path).is_ok()
+}
+
+/// Routes a wstun request by its query: `?dst=host:port` or `?id=<id>`.
+fn legacy_route(path: &str) -> Result<Route, Error> {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "dst" => {
+                let port = v
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .ok_or_else(|| Error::Legacy(format!("dst {v:?} has no port")))?;
+                return Ok(Route::LegacyControl { port });
+            }
+            "id" if !v.is_empty() && v.len() <= 64 => return Ok(Route::LegacyData { id: v }),
+            _ => {}
+        }
+    }
+    Err(Error::Handshake(format!("no {SUBPROTOCOL:?} subprotocol and no wstun dst/id query")))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Accepts the upgrade with `subprotocol`.
+pub(crate) async fn accept<S: AsyncWrite + Unpin>(s: &mut S, inc: &Incoming, subprotocol: &str) -> Result<(), Error> {
+    let key = inc.key.as_deref().ok_or_else(|| Error::Handshake("not an upgrade".into()))?;
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: {subprotocol}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    s.write_all(resp.as_bytes()).await.map_err(|e| Error::io("write the upgrade response", e))
+}
+
+/// Answers with an HTTP error status and a one-line reason, then the caller closes.
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, status: u16, reason: &str) {
+    let text = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        409 => "Conflict",
+        _ => "Error",
+    };
+    let body = format!("{reason}\n");
+    let resp = format!(
+        "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// The page a plain GET gets (wstun answers one too).
+pub(crate) async fn status_page<S: AsyncWrite + Unpin>(s: &mut S) {
+    let body = "wstunnel (s4t) is running\n";
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// Client side: sends the upgrade request for our subprotocol and checks the answer. Returns
+/// the bytes the server sent after its response.
+pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    host: &str,
+    path: &str,
+) -> Result<BytesMut, Error> {
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.map_err(|e| Error::io("send the upgrade request", e))?;
+    let (head, leftover) = read_http_head(s, MAX_HEAD).await?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(Error::Handshake("malformed HTTP response".into())),
+    }
+    let code = resp.code.unwrap_or(0);
+    if code != 101 {
+        let body = String::from_utf8_lossy(&leftover).trim().chars().take(200).collect::<String>();
+        return Err(Error::Handshake(format!("server answered {code}: {body}")));
+    }
+    let accept = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+        .map(|h| h.value.to_vec())
+        .unwrap_or_default();
+    if accept != derive_accept_key(key.as_bytes()).as_bytes() {
+        return Err(Error::Handshake("wrong Sec-WebSocket-Accept".into()));
+    }
+    Ok(leftover)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_queries_route_to_control_or_data() {
+        assert_eq!(legacy_route("/?dst=cloud.example:50022").unwrap(), Route::LegacyControl { port: 50022 });
+        assert_eq!(legacy_route("/?dst=cloud%3A50022").unwrap(), Route::LegacyControl { port: 50022 });
+        assert_eq!(legacy_route("/?id=abc-123").unwrap(), Route::LegacyData { id: "abc-123".into() });
+        assert!(legacy_route("/?dst=nohost").is_err());
+        assert!(legacy_route("/").is_err());
+    }
+}

@@ -1,0 +1,51 @@
+//! `wstunnel`: reverse WebSocket tunnels. Also answers as `wstun` (MDSLab wstun 1.0.11) when
+//! called by that name, so the original Python lightning-rod can use it as its `wstun_bin`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use wstunnel::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    wstunnel::process::init_tracing();
+    let args: Vec<String> = std::env::args().collect();
+    let called_as_wstun = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n.to_string_lossy().starts_with("wstun") && !n.to_string_lossy().starts_with("wstunnel"));
+    let cli = if called_as_wstun { None } else { Some(Cli::parse_from(&args)) };
+    // WSTUNNEL_THREADS=1 runs on one thread (boards are often single-core); default: one
+    // worker per core.
+    let threads: usize = std::env::var("WSTUNNEL_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wstunnel: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async move {
+        let shutdown = wstunnel::process::shutdown_on_signal();
+        match cli {
+            Some(cli) => cli::run(cli, shutdown).await,
+            None => cli::run_wstun(&args[1..], shutdown).await,
+        }
+    });
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("wstunnel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Streams multiplexed over one channel: the table of open streams, the reader task's dispatch
+//! of stream frames, and the two pumps between a stream and its TCP socket.
+//!
+//! Memory per stream is bounded by the flow-control window: the sender never has more than the
+//! receiver's credit in flight, the receiver buffers at most that much per stream, and grants
+//! more only as it drains to the socket. An idle stream holds no buffer at all (its pump waits
+//! for socket readiness, then reads into a fresh buffer).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::{BufMut, Bytes};
+use s4t_shared::tunnel::Frame;
+use s4t_shared::tunnel::frame::{T_DATA, code};
+use s4t_shared::tunnel::window::{RecvWindow, SendWindow};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::io::{MAX_READ, Outbound, payload_buf};
+
+/// The streams of one channel.
+pub(crate) struct Mux {
+    pub(crate) out: Outbound,
+    streams: Mutex<HashMap<u32, Arc<Stream>>>,
+    /// Initial credit in both directions (from `Welcome`).
+    window: u32,
+    max_streams: usize,
+    next_id: AtomicU32,
+    /// Cancelled when the channel dies: every stream dies with it.
+    pub(crate) cancel: CancellationToken,
+}
+
+pub(crate) struct Stream {
+    pub(crate) id: u32,
+    /// The local socket, once connected. Shared: the reader task writes to it directly when
+    /// nothing is queued (saving a task hop per frame), the pumps do the rest.
+    tcp: OnceLock<Arc<TcpStream>>,
+    state: Mutex<StreamState>,
+    /// Inbox got data, a FIN, or the stream died.
+    readable: Notify,
+    /// Credit arrived.
+    writable: Notify,
+    /// Cancelled on reset (either side) and when the channel dies.
+    dead: CancellationToken,
+}
+
+struct StreamState {
+    inbox: VecDeque<Bytes>,
+    /// The down pump holds chunks taken from the inbox and is writing them: the reader task
+    /// must queue behind them rather than write directly.
+    writing: bool,
+    /// Credit to grant that the reader task could not queue; the down pump sends it.
+    pending_window: u32,
+    fin_in: bool,
+    recv: RecvWindow,
+    send: SendWindow,
+}
+
+/// How a stream ended when it did not end cleanly.
+#[derive(Debug)]
+enum End {
+    /// Reset by the peer, or the channel died: nothing to tell the peer.
+    Gone,
+    /// A local failure: the peer gets a `Reset` with this code.
+    Local(u16),
+}
+
+impl Mux {
+    pub(crate) fn new(out: Outbound, window: u32, max_streams: usize, cancel: CancellationToken) -> Mux {
+        Mux { out, streams: Mutex::new(HashMap::new()), window, max_streams, next_id: AtomicU32::new(1), cancel }
+    }
+
+    fn make(&self, id: u32) -> Arc<Stream> {
+        Arc::new(Stream {
+            id,
+            tcp: OnceLock::new(),
+            state: Mutex::new(StreamState {
+                inbox: VecDeque::new(),
+                writing: false,
+                pending_window: 0,
+                fin_in: false,
+                recv: RecvWindow::new(self.window),
+                send: SendWindow::new(self.window),
+            }),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            dead: self.cancel.child_token(),
+        })
+    }
+
+    /// Server side: a new stream with a fresh id, or `None` at the stream limit.
+    pub(crate) fn open_stream(&self) -> Option<Arc<Stream>> {
+        let mut t = self.streams.lock().expect("stream table");
+        if t.len() >= self.max_streams {
+            return None;
+        }
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 && !t.contains_key(&id) {
+                let s = self.make(id);
+                t.insert(id, s.clone());
+                return Some(s);
+            }
+        }
+    }
+
+    /// Client side: registers a stream the server opened, so that data sent right after the
+    /// `Open` is buffered (within the window) while the local connect runs.
+    pub(crate) fn accept_stream(&self, id: u32) -> Result<Arc<Stream>, u16> {
+        let mut t = self.streams.lock().expect("stream table");
+        if t.contains_key(&id) || id == 0 {
+            return Err(code::PROTOCOL);
+        }
+        if t.len() >= self.max_streams {
+            return Err(code::LIMIT);
+        }
+        let s = self.make(id);
+        t.insert(id, s.clone());
+        Ok(s)
+    }
+
+    pub(crate) fn remove(&self, id: u32) {
+        if let Some(s) = self.streams.lock().expect("stream table").remove(&id) {
+            s.dead.cancel();
+        }
+    }
+
+    /// Resets a stream from this side: tells the peer and drops it.
+    pub(crate) fn reset(&self, id: u32, code: u16) {
+        self.remove(id);
+        let _ = self.out.try_ctrl(&Frame::Reset { stream: id, code });
+    }
+
+    fn get(&self, id: u32) -> Option<Arc<Stream>> {
+        self.streams.lock().expect("stream table").get(&id).cloned()
+    }
+
+    /// Applies a stream frame received from the peer. Never waits. Frames for unknown streams
+    /// are dropped: they are in flight after a reset.
+    pub(crate) fn on_frame(&self, f: Frame) -> Result<(), Error> {
+        match f {
+            Frame::Data { stream, payload } => {
+                let Some(s) = self.get(stream) else { return Ok(()) };
+                self.on_data(&s, payload);
+            }
+            Frame::Fin { stream } => {
+                if let Some(s) = self.get(stream) {
+                    s.state.lock().expect("stream state").fin_in = true;
+                    s.readable.notify_one();
+                }
+            }
+            Frame::Reset { stream, code } => {
+                tracing::debug!(stream, code, "stream reset by the peer");
+                self.remove(stream);
+            }
+            Frame::Window { stream, increment } => {
+                let Some(s) = self.get(stream) else { return Ok(()) };
+                let ok = s.state.lock().expect("stream state").send.on_window(increment).is_ok();
+                if ok {
+                    s.writable.notify_one();
+                } else {
+                    self.reset(stream, code::PROTOCOL);
+                }
+            }
+            other => return Err(Error::Protocol(format!("not a stream frame: {other:?}"))),
+        }
+        Ok(())
+    }
+}
+
+impl Mux {
+    fn on_data(&self, s: &Stream, payload: Bytes) {
+        let mut st = s.state.lock().expect("stream state");
+        if let Err(e) = st.recv.on_data(payload.len()) {
+            drop(st);
+            tracing::warn!(stream = s.id, cause = %e, "peer overran the stream window: reset");
+            self.reset(s.id, code::PROTOCOL);
+            return;
+        }
+        let mut rest = payload;
+        // Fast path: nothing queued ahead, so write straight to the socket without waiting.
+        if st.inbox.is_empty()
+            && !st.writing
+            && !st.fin_in
+            && let Some(tcp) = s.tcp.get()
+        {
+            match tcp.try_write(&rest) {
+                Ok(n) => {
+                    let _ = rest.split_to(n);
+                    if let Some(increment) = st.recv.on_drained(n)
+                        && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
+                    {
+                        st.pending_window += increment;
+                        s.readable.notify_one();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    drop(st);
+                    self.reset(s.id, code::IO);
+                    return;
+                }
+            }
+        }
+        if !rest.is_empty() {
+            st.inbox.push_back(rest);
+            drop(st);
+            s.readable.notify_one();
+        }
+    }
+}
+
+/// Pumps bytes both ways between `tcp` and stream `s` until both directions have ended (or
+/// the stream is reset), then removes it from the table.
+pub(crate) async fn run_stream(mux: Arc<Mux>, s: Arc<Stream>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let tcp = Arc::new(tcp);
+    let _ = s.tcp.set(tcp.clone());
+    let res = tokio::try_join!(up(&mux, &s, &tcp), down(&mux, &s, &tcp));
+    match res {
+        Ok(_) => mux.remove(s.id),
+        Err(End::Gone) => mux.remove(s.id),
+        Err(End::Local(code)) => mux.reset(s.id, code),
+    }
+}
+
+/// TCP → channel: waits for credit, then for readability, then reads into a fresh buffer laid
+/// out so that the frame is built in place.
+async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
+    loop {
+        let credit = wait_credit(s).await?;
+        tokio::select! {
+            r = tcp.readable() => r.map_err(|_| End::Local(code::IO))?,
+            _ = s.dead.cancelled() => return Err(End::Gone),
+        }
+        let mut buf = payload_buf(credit);
+        let res = tcp.try_read_buf(&mut (&mut buf).limit(credit));
+        let used = match &res {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        if used < credit {
+            give_back(s, credit - used);
+        }
+        match res {
+            Ok(0) => {
+                send_or_die(mux, s, mux.out.frame(&Frame::Fin { stream: s.id })).await?;
+                return Ok(());
+            }
+            Ok(_) => send_or_die(mux, s, mux.out.seal(buf, T_DATA, s.id)).await?,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(End::Local(code::IO)),
+        }
+    }
+}
+
+async fn send_or_die(mux: &Mux, s: &Stream, frame: Bytes) -> Result<(), End> {
+    tokio::select! {
+        r = mux.out.data(frame) => r.map_err(|_| End::Gone),
+        _ = s.dead.cancelled() => Err(End::Gone),
+    }
+}
+
+async fn wait_credit(s: &Stream) -> Result<usize, End> {
+    loop {
+        let n = s.state.lock().expect("stream state").send.take(MAX_READ);
+        if n > 0 {
+            return Ok(n);
+        }
+        tokio::select! {
+            _ = s.writable.notified() => {}
+            _ = s.dead.cancelled() => return Err(End::Gone),
+        }
+    }
+}
+
+fn give_back(s: &Stream, n: usize) {
+    // Cannot overflow: it is credit taken a moment ago.
+    let _ = s.state.lock().expect("stream state").send.on_window(n as u32);
+}
+
+enum Inbound {
+    Data(VecDeque<Bytes>),
+    Fin,
+    Window(u32),
+}
+
+/// Channel → TCP: drains what the reader task could not write directly, and grants credit
+/// back as it goes.
+async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
+    loop {
+        match wait_inbox(s).await? {
+            Inbound::Fin => {
+                let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
+                return Ok(());
+            }
+            Inbound::Window(increment) => {
+                mux.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
+            }
+            Inbound::Data(chunks) => {
+                let mut total = 0;
+                for c in chunks {
+                    total += c.len();
+                    tokio::select! {
+                        r = write_all(tcp, &c) => r.map_err(|_| End::Local(code::IO))?,
+                        _ = s.dead.cancelled() => return Err(End::Gone),
+                    }
+                }
+                let inc = {
+                    let mut st = s.state.lock().expect("stream state");
+                    st.writing = false;
+                    st.recv.on_drained(total)
+                };
+                if let Some(increment) = inc {
+                    mux.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
+                }
+            }
+        }
+    }
+}
+
+async fn write_all(tcp: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
+    while !b.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn wait_inbox(s: &Stream) -> Result<Inbound, End> {
+    loop {
+        {
+            let mut st = s.state.lock().expect("stream state");
+            if st.pending_window > 0 {
+                return Ok(Inbound::Window(std::mem::take(&mut st.pending_window)));
+            }
+            if !st.inbox.is_empty() {
+                st.writing = true;
+                return Ok(Inbound::Data(std::mem::take(&mut st.inbox)));
+            }
+            if st.fin_in {
+                return Ok(Inbound::Fin);
+            }
+        }
+        tokio::select! {
+            _ = s.readable.notified() => {}
+            _ = s.dead.cancelled() => return Err(End::Gone),
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! What the embedding cloud decides beyond the token check.
+
+use std::future::Future;
+use std::ops::RangeInclusive;
+
+use crate::packet::PacketChannel;
+
+/// Policy and notifications the cloud implements. Every method has a default suited to the
+/// `wstunnel server` command line: allow what the token allows, refuse legacy ports unless
+/// they are in [`DefaultHooks::legacy_ports`], refuse packet channels.
+pub trait ServerHooks: Send + Sync + 'static {
+    /// May `board` (proved by its token) listen on `port` (0: server-assigned)? `Err(reason)`
+    /// refuses; the reason is logged and sent to the board.
+    fn authorize_listener(&self, board: &str, port: u16) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (board, port);
+        async { Ok(()) }
+    }
+
+    /// May an (unauthenticated) wstun client listen on `port`? Called only when legacy mode is
+    /// on; the cloud answers yes only for ports it allocated.
+    fn legacy_port_allowed(&self, port: u16) -> impl Future<Output = bool> + Send {
+        let _ = port;
+        async { false }
+    }
+
+    /// A public listener opened (`legacy`: for a wstun client, whose board is unknown).
+    fn listener_opened(&self, board: &str, port: u16, legacy: bool) {
+        tracing::info!(board, port, legacy, "public listener opened");
+    }
+
+    /// A public listener closed (unexposed, revoked, or its channel died).
+    fn listener_closed(&self, board: &str, port: u16, legacy: bool) {
+        tracing::info!(board, port, legacy, "public listener closed");
+    }
+
+    /// A board opened a packet channel for `vpn` (token checked). Take it and pump it into a
+    /// TUN/TAP device (see [`crate::packet`]); `Err(reason)` refuses it.
+    fn packet_channel(
+        &self,
+        board: &str,
+        vpn: &str,
+        channel: PacketChannel,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (board, vpn, channel);
+        async { Err("this server does not terminate packet channels".to_owned()) }
+    }
+}
+
+/// The command line's policy.
+#[derive(Debug, Clone, Default)]
+pub struct DefaultHooks {
+    /// Ports wstun clients may listen on when legacy mode is on (`None`: none).
+    pub legacy_ports: Option<RangeInclusive<u16>>,
+}
+
+impl ServerHooks for DefaultHooks {
+    fn legacy_port_allowed(&self, port: u16) -> impl Future<Output = bool> + Send {
+        let ok = self.legacy_ports.as_ref().is_some_and(|r| r.contains(&port));
+        async move { ok }
+    }
+}

@@ -1,0 +1,159 @@
+//! The MDSLab wstun 1.0.11 reverse protocol (S4T-REFERENCE §7), server side.
+//!
+//! A control socket `?dst=host:port` makes the server listen on `port`; each accepted TCP
+//! connection is parked under a fresh uuid announced as the text frame `NC:<uuid>`; the board
+//! opens a data socket `?id=<uuid>` and bytes flow as binary frames. Closing the control socket
+//! closes the listener. There is no authentication in that protocol, so it is served only when
+//! configured, and only for ports the hooks allow (the cloud allows the ports it allocated).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+
+use super::registry::Registry;
+use super::{ServerConfig, ServerHooks};
+use crate::transport::Transport;
+
+/// Board name used in hooks and listings for wstun listeners (the protocol names no board).
+pub(crate) const LEGACY_BOARD: &str = "legacy-wstun";
+
+/// Checks a control request before the upgrade is accepted.
+pub(crate) async fn admit<H: ServerHooks>(cfg: &ServerConfig, hooks: &H, port: u16) -> Result<(), String> {
+    if !cfg.legacy {
+        return Err("legacy wstun mode is disabled on this server".into());
+    }
+    if port == 0 || !hooks.legacy_port_allowed(port).await {
+        return Err(format!("port {port} is not allocated to a legacy board"));
+    }
+    Ok(())
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: one of these exists per tunneled connection.
+    WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0).max_message_size(Some(1 << 20))
+}
+
+/// Serves a control socket until it closes.
+pub(crate) async fn control<S: Transport, H: ServerHooks>(
+    s: S,
+    leftover: BytesMut,
+    port: u16,
+    cfg: Arc<ServerConfig>,
+    reg: Arc<Registry>,
+    hooks: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let mut ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
+    let listener = match TcpListener::bind((cfg.public_bind, port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            // wstun closes the control socket on EADDRINUSE; so do we, with a reason.
+            tracing::warn!(port, cause = %e, "legacy listener cannot bind");
+            let _ = ws.close(None).await;
+            return;
+        }
+    };
+    let cancel = shutdown.child_token();
+    let Some(entry) = reg.add_port(port, LEGACY_BOARD, true, cancel.clone()) else {
+        let _ = ws.close(None).await;
+        return;
+    };
+    hooks.listener_opened(LEGACY_BOARD, port, true);
+    let mut ping = tokio::time::interval(cfg.limits.ping_interval);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                let Ok((tcp, peer)) = r else { continue };
+                let id = uuid::Uuid::new_v4().to_string();
+                if !reg.park(id.clone(), tcp) {
+                    tracing::warn!(port, "too many legacy connections waiting: dropped one");
+                    continue;
+                }
+                tracing::debug!(port, %peer, id, "legacy connection announced");
+                if ws.send(Message::text(format!("NC:{id}"))).await.is_err() {
+                    reg.take_pending(&id);
+                    break;
+                }
+                let (reg2, timeout) = (reg.clone(), cfg.limits.legacy_pending_timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    if reg2.take_pending(&id).is_some() {
+                        tracing::warn!(id, "no data socket for a legacy connection: closed it");
+                    }
+                });
+            }
+            m = ws.next() => match m {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            _ = cancel.cancelled() => break,
+        }
+    }
+    drop(listener);
+    reg.remove_port(port, entry);
+    let _ = ws.close(None).await;
+    hooks.listener_closed(LEGACY_BOARD, port, true);
+}
+
+/// Pipes a data socket to the parked TCP connection until either side closes.
+pub(crate) async fn data<S: Transport>(s: S, leftover: BytesMut, tcp: TcpStream, shutdown: CancellationToken) {
+    let ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
+    tokio::select! {
+        r = pipe(ws, tcp) => if let Err(e) = r { tracing::debug!(cause = %e, "legacy data socket ended") },
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Bytes both ways between a wstun-style WebSocket (binary frames) and a TCP connection.
+/// Either side closing closes the other, as wstun does. Backpressure comes from awaiting each
+/// write before reading more.
+pub(crate) async fn pipe<S>(ws: WebSocketStream<S>, tcp: TcpStream) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tcp.set_nodelay(true);
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tcp.into_split();
+    let to_tcp = async {
+        while let Some(m) = stream.next().await {
+            match m.map_err(|e| e.to_string())? {
+                Message::Binary(b) => wr.write_all(&b).await.map_err(|e| e.to_string())?,
+                Message::Text(_) => return Err("text frame on a wstun data socket".to_owned()),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+        Ok::<(), String>(())
+    };
+    let to_ws = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = rd.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            sink.send(Message::binary(buf[..n].to_vec())).await.map_err(|e| e.to_string())?;
+        }
+        let _ = sink.close().await;
+        Ok::<(), String>(())
+    };
+    // wstun closes both when either side ends.
+    tokio::select! {
+        r = to_tcp => r,
+        r = to_ws => r,
+    }
+}

@@ -1,0 +1,274 @@
+//! The tunnel server the cloud's wstun-agent embeds (and `wstunnel server` runs).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wstunnel::Error> {
+//! use std::sync::Arc;
+//! use wstunnel::server::{Auth, DefaultHooks, Server, ServerConfig};
+//! let key = s4t_shared::token::TokenKey::new(b"secret".to_vec())?;
+//! let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap(), Auth::Token(key))).await?;
+//! let handle = server.handle(); // close_board / close_listener / listeners
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! tokio::spawn(server.run(Arc::new(DefaultHooks::default()), shutdown.clone()));
+//! # Ok(()) }
+//! ```
+//!
+//! One TCP port serves three kinds of WebSocket upgrade, told apart by subprotocol and query:
+//! our multiplexed channel (subprotocol `s4t-tunnel`), and the two sockets of MDSLab wstun
+//! 1.0.11 (`?dst=host:port` control, `?id=<id>` data; subprotocol `tunnel-protocol`), the
+//! latter only when [`ServerConfig::legacy`] is set and [`ServerHooks::legacy_port_allowed`]
+//! agrees. A plain GET gets a status page.
+
+mod channel;
+mod hooks;
+mod legacy;
+mod registry;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+use s4t_shared::token::TokenKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use hooks::{DefaultHooks, ServerHooks};
+pub(crate) use legacy::pipe as pipe_legacy;
+pub use registry::{ListenerInfo, ServerHandle};
+
+use crate::error::{Error, IoContext};
+use crate::handshake::{self, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL};
+use crate::transport::Transport;
+use registry::Registry;
+
+/// How listener and packet-channel requests are authenticated.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Tokens minted with this key ([`s4t_shared::token`]).
+    Token(TokenKey),
+    /// Anything goes (tests, a private lab). Every channel's board is `"insecure"`.
+    Insecure,
+    /// No secret configured: every listener and packet channel is refused.
+    Disabled,
+}
+
+/// Where the server accepts channels.
+#[derive(Debug)]
+pub enum ListenOn {
+    Addr(SocketAddr),
+    /// An already bound listener (socket activation, tests that bound port 0).
+    Listener(std::net::TcpListener),
+}
+
+/// Limits that bound what one peer can make the server hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Simultaneous connections (channels, legacy sockets, handshakes in progress).
+    pub max_connections: usize,
+    pub max_listeners_per_channel: usize,
+    pub max_streams_per_channel: usize,
+    pub max_packet_channels_per_channel: usize,
+    /// Flow-control window per stream and direction: the most one stream can make the
+    /// receiving side buffer.
+    pub window: u32,
+    /// TLS + HTTP upgrade + Hello must complete within this.
+    pub handshake_timeout: Duration,
+    /// A WebSocket ping is sent this often on every channel.
+    pub ping_interval: Duration,
+    /// A channel on which nothing (not even a pong) arrives for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long an accepted legacy connection waits for the board's `?id=` data socket.
+    pub legacy_pending_timeout: Duration,
+    /// Accepted legacy connections waiting for their data socket, server-wide.
+    pub legacy_max_pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 16_384,
+            max_listeners_per_channel: 64,
+            max_streams_per_channel: 8_192,
+            max_packet_channels_per_channel: 8,
+            window: 512 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(65),
+            legacy_pending_timeout: Duration::from_secs(10),
+            legacy_max_pending: 1024,
+        }
+    }
+}
+
+/// Everything the server needs.
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub listen: ListenOn,
+    /// Address public listeners bind to.
+    pub public_bind: IpAddr,
+    pub auth: Auth,
+    /// Serve the wstun 1.0.11 protocol too (ports still subject to the hooks).
+    pub legacy: bool,
+    /// Server-assigned ports (requests for port 0) are drawn from here; `None`: the OS picks.
+    pub assign_ports: Option<RangeInclusive<u16>>,
+    /// Serve `wss://` with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, auth: Auth) -> ServerConfig {
+        ServerConfig {
+            listen: ListenOn::Addr(listen),
+            public_bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            auth,
+            legacy: false,
+            assign_ports: None,
+            tls: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    reg: Arc<Registry>,
+}
+
+impl Server {
+    pub async fn bind(mut cfg: ServerConfig) -> Result<Server, Error> {
+        let listen = std::mem::replace(&mut cfg.listen, ListenOn::Addr(SocketAddr::from(([0, 0, 0, 0], 0))));
+        let listener = match listen {
+            ListenOn::Addr(a) => TcpListener::bind(a).await.ctx(|| format!("bind the tunnel server on {a}"))?,
+            ListenOn::Listener(l) => {
+                l.set_nonblocking(true).ctx(|| "make the listener non-blocking".into())?;
+                TcpListener::from_std(l).ctx(|| "adopt the listener".into())?
+            }
+        };
+        let addr = listener.local_addr().ctx(|| "read the listen address".into())?;
+        let reg = Arc::new(Registry::new(addr, cfg.limits.legacy_max_pending));
+        Ok(Server { listener, cfg: Arc::new(cfg), reg })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reg.local_addr
+    }
+
+    /// A handle to inspect and revoke channels and listeners while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle::new(self.reg.clone())
+    }
+
+    /// Serves until `shutdown` is cancelled; every channel and public listener closes then.
+    pub async fn run<H: ServerHooks>(self, hooks: Arc<H>, shutdown: CancellationToken) -> Result<(), Error> {
+        let tls = self.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let slots = Arc::new(Semaphore::new(self.cfg.limits.max_connections));
+        tracing::info!(addr = %self.reg.local_addr, tls = tls.is_some(), legacy = self.cfg.legacy, "tunnel server listening");
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off a little instead of spinning.
+                        tracing::warn!(cause = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "connection limit reached: dropping a connection");
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let conn = Conn {
+                cfg: self.cfg.clone(),
+                reg: self.reg.clone(),
+                hooks: hooks.clone(),
+                shutdown: shutdown.clone(),
+                peer,
+            };
+            let tls = tls.clone();
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    conn.handle(tcp, tls).await;
+                }
+                .instrument(tracing::info_span!("conn", %peer)),
+            );
+        }
+        self.reg.close_all();
+        Ok(())
+    }
+}
+
+struct Conn<H> {
+    cfg: Arc<ServerConfig>,
+    reg: Arc<Registry>,
+    hooks: Arc<H>,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl<H: ServerHooks> Conn<H> {
+    async fn handle(self, tcp: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
+        match tls {
+            None => self.upgrade(tcp).await,
+            Some(acc) => match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(tcp)).await {
+                Ok(Ok(s)) => self.upgrade(s).await,
+                Ok(Err(e)) => tracing::debug!(cause = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            },
+        }
+    }
+
+    async fn upgrade<S: Transport>(self, mut s: S) {
+        let inc = match tokio::time::timeout(self.cfg.limits.handshake_timeout, handshake::read_request(&mut s)).await {
+            Ok(Ok(inc)) => inc,
+            Ok(Err(e)) => {
+                tracing::debug!(cause = %e, "bad upgrade request");
+                handshake::refuse(&mut s, 400, &e.to_string()).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        match inc.route.clone() {
+            Route::Status => handshake::status_page(&mut s).await,
+            Route::Channel => {
+                if handshake::accept(&mut s, &inc, SUBPROTOCOL).await.is_ok() {
+                    let (rd, wr) = s.split_box();
+                    channel::serve(self.cfg, self.reg, self.hooks, rd, wr, inc.leftover, self.peer, self.shutdown)
+                        .await;
+                }
+            }
+            Route::LegacyControl { port } => {
+                if let Err(reason) = legacy::admit(&self.cfg, &*self.hooks, port).await {
+                    tracing::warn!(port, %reason, "legacy wstun listener refused");
+                    handshake::refuse(&mut s, 403, &reason).await;
+                    return;
+                }
+                if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
+                    legacy::control(s, inc.leftover, port, self.cfg, self.reg, self.hooks, self.shutdown).await;
+                }
+            }
+            Route::LegacyData { id } => {
+                if !self.cfg.legacy {
+                    handshake::refuse(&mut s, 403, "legacy wstun mode is disabled on this server").await;
+                    return;
+                }
+                let Some(tcp) = self.reg.take_pending(&id) else {
+                    handshake::refuse(&mut s, 404, "unknown or expired wstun connection id").await;
+                    return;
+                };
+                if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
+                    legacy::data(s, inc.leftover, tcp, self.shutdown).await;
+                }
+            }
+        }
+    }
+}

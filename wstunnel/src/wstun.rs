@@ -1,0 +1,230 @@
+//! MDSLab wstun 1.0.11 compatibility: its command line (when the binary is called as `wstun`
+//! or as `wstunnel wstun …`) and its reverse client, so the original Python lightning-rod can
+//! use this binary as its `wstun_bin` (S4T-REFERENCE §6.3, §7).
+//!
+//! Accepted command lines:
+//! - `wstun -r -s <port> [--ssl=true --key=<pem> --cert=<pem>]`: reverse server. Legacy mode
+//!   is on, for public ports `1024-65535`; our own protocol on the same port refuses every
+//!   tunnel (no secret), as `wstunnel server` without `--secret-file` does.
+//! - `wstun -r<public>:<host>:<port> ws[s]://server:port [-u <board>]`: reverse client. The
+//!   process exits when its control socket closes (the lightning-rod respawns it). Like wstun,
+//!   `wss://` does not verify the server certificate.
+//!
+//! Forward mode (`-t`, `-s` without `-r`) is not supported.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::handshake::LEGACY_SUBPROTOCOL;
+
+/// A parsed wstun command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Server { port: u16, tls: Option<(PathBuf, PathBuf)> },
+    Client(LegacyClient),
+}
+
+/// A wstun reverse client: expose `target` on `public_port` of the server at `url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyClient {
+    pub public_port: u16,
+    pub target: String,
+    pub url: String,
+    /// `-u <id>` (the lightning-rod passes its board uuid); sent as `&board=` for the logs.
+    pub board: Option<String>,
+}
+
+/// Parses wstun's arguments (without the program name).
+pub fn parse(args: &[String]) -> Result<Command, Error> {
+    let bad = |m: String| Error::Config(format!("wstun: {m}"));
+    let (mut reverse, mut spec, mut server_port, mut url, mut board) = (false, None, None, None, None);
+    let (mut ssl, mut key, mut cert) = (false, None, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| -> Result<String, Error> {
+            match a.strip_prefix(flag).filter(|v| !v.is_empty()) {
+                Some(v) => Ok(v.trim_start_matches('=').to_owned()),
+                None => it.next().cloned().ok_or_else(|| bad(format!("{flag} needs a value"))),
+            }
+        };
+        match a.as_str() {
+            "-r" | "--reverse" => reverse = true,
+            s if s.starts_with("-r") => {
+                reverse = true;
+                spec = Some(s[2..].to_owned());
+            }
+            s if s.starts_with("-s") || s.starts_with("--server") => {
+                let flag = if s.starts_with("--server") { "--server" } else { "-s" };
+                server_port = Some(value(flag)?.parse::<u16>().map_err(|_| bad("bad server port".into()))?);
+            }
+            s if s.starts_with("-u") => board = Some(value("-u")?),
+            s if s.starts_with("--ssl") => ssl = !matches!(value("--ssl")?.as_str(), "false" | "0"),
+            s if s.starts_with("--key") => key = Some(PathBuf::from(value("--key")?)),
+            s if s.starts_with("--cert") => cert = Some(PathBuf::from(value("--cert")?)),
+            s if s.starts_with("-t") || s.starts_with("--tunnel") => {
+                return Err(bad("forward mode (-t) is not supported; use -r".into()));
+            }
+            s if s.starts_with("ws://") || s.starts_with("wss://") => url = Some(s.to_owned()),
+            other => return Err(bad(format!("unexpected argument {other:?}"))),
+        }
+    }
+    if !reverse {
+        return Err(bad("only reverse mode (-r) is supported".into()));
+    }
+    if let Some(port) = server_port {
+        let tls = match (ssl, key, cert) {
+            (false, _, _) => None,
+            (true, Some(k), Some(c)) => Some((c, k)),
+            (true, _, _) => return Err(bad("--ssl=true needs --key and --cert".into())),
+        };
+        return Ok(Command::Server { port, tls });
+    }
+    let spec = spec.ok_or_else(|| bad("give -r<public>:<host>:<port> or -r -s <port>".into()))?;
+    let url = url.ok_or_else(|| bad("missing ws://server:port".into()))?;
+    let mut parts = spec.splitn(2, ':');
+    let public_port = parts.next().and_then(|p| p.parse::<u16>().ok()).ok_or_else(|| bad(format!("bad -r{spec}")))?;
+    let target = parts.next().filter(|t| t.contains(':')).ok_or_else(|| bad(format!("bad -r{spec}")))?.to_owned();
+    Ok(Command::Client(LegacyClient { public_port, target, url, board }))
+}
+
+/// The connection id of a control-socket text frame `NC:<id>`; `None` for anything else
+/// (an id must be 1 to 64 characters of `[0-9A-Za-z-]`, as the uuids wstun sends are).
+pub fn nc_id(text: &str) -> Option<&str> {
+    let id = text.strip_prefix("NC:")?;
+    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    ok.then_some(id)
+}
+
+fn request(url: &str, query: &str) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, Error> {
+    let base = url.trim_end_matches('/');
+    let mut req = format!("{base}/?{query}")
+        .into_client_request()
+        .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(LEGACY_SUBPROTOCOL));
+    Ok(req)
+}
+
+async fn dial(url: &str, query: &str) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Error> {
+    let req = request(url, query)?;
+    let connector = if url.starts_with("wss://") {
+        Some(Connector::Rustls(crate::tls::client_config_insecure()?))
+    } else {
+        Some(Connector::Plain)
+    };
+    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector)
+        .await
+        .map_err(|e| Error::Legacy(format!("connect to {url}: {e}")))?;
+    Ok(ws)
+}
+
+impl LegacyClient {
+    /// Runs until the control socket closes (an error: the caller exits non-zero, and the
+    /// lightning-rod respawns the tunnel) or `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        let host = tokio_tungstenite::tungstenite::http::Uri::try_from(self.url.as_str())
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_else(|| "localhost".into());
+        let mut query = format!("dst={host}:{}", self.public_port);
+        if let Some(b) = &self.board {
+            query.push_str(&format!("&board={b}"));
+        }
+        let mut control = dial(&self.url, &query).await?;
+        tracing::info!(url = self.url, port = self.public_port, target = self.target, "wstun control socket open");
+        let conns = Arc::new(tokio::sync::Semaphore::new(4096));
+        loop {
+            let msg = tokio::select! {
+                m = control.next() => m,
+                _ = shutdown.cancelled() => {
+                    let _ = control.close(None).await;
+                    return Ok(());
+                }
+            };
+            match msg {
+                Some(Ok(Message::Text(t))) => match nc_id(t.as_str()) {
+                    Some(id) => self.spawn_data(id.to_owned(), conns.clone()),
+                    None => tracing::warn!(len = t.len(), "unexpected text on the wstun control socket"),
+                },
+                Some(Ok(Message::Ping(p))) => {
+                    let _ = control.send(Message::Pong(p)).await;
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    return Err(Error::Legacy("control socket closed by the server".into()));
+                }
+                Some(Err(e)) => return Err(Error::Legacy(format!("control socket: {e}"))),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn spawn_data(&self, id: String, conns: Arc<tokio::sync::Semaphore>) {
+        let (url, target) = (self.url.clone(), self.target.clone());
+        let Ok(permit) = conns.try_acquire_owned() else {
+            tracing::warn!("too many tunneled connections: refusing one");
+            return;
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let res = async {
+                let tcp = TcpStream::connect(target.as_str())
+                    .await
+                    .map_err(|e| Error::Legacy(format!("connect to {target}: {e}")))?;
+                let ws = dial(&url, &format!("id={id}")).await?;
+                crate::server::pipe_legacy(ws, tcp).await.map_err(Error::Legacy)
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(cause = %e, "wstun data connection failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn lightning_rod_command_lines_parse() {
+        assert_eq!(parse(&args("-r -s 8080")).unwrap(), Command::Server { port: 8080, tls: None });
+        assert_eq!(
+            parse(&args("-r -s 8080 --ssl=true --key=/k.pem --cert=/c.pem")).unwrap(),
+            Command::Server { port: 8080, tls: Some(("/c.pem".into(), "/k.pem".into())) }
+        );
+        assert_eq!(
+            parse(&args("-r50022:127.0.0.1:22 ws://cloud:8080 -u 3f1c")).unwrap(),
+            Command::Client(LegacyClient {
+                public_port: 50022,
+                target: "127.0.0.1:22".into(),
+                url: "ws://cloud:8080".into(),
+                board: Some("3f1c".into()),
+            })
+        );
+        assert!(parse(&args("-t 8080 ws://x:1")).is_err());
+        assert!(parse(&args("-r50022 ws://x:1")).is_err());
+        assert!(parse(&args("-r50022:127.0.0.1:22")).is_err());
+        assert!(parse(&args("-s 8080")).is_err());
+    }
+
+    #[test]
+    fn control_text_yields_only_plausible_ids() {
+        assert_eq!(nc_id("NC:6f1c9a52-0000-4000-8000-000000000001"), Some("6f1c9a52-0000-4000-8000-000000000001"));
+        assert_eq!(nc_id("NC:"), None);
+        assert_eq!(nc_id("NC:../../etc"), None);
+        assert_eq!(nc_id("XX:abc"), None);
+        assert_eq!(nc_id(&format!("NC:{}", "a".repeat(65))), None);
+    }
+}

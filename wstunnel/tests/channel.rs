@@ -1,0 +1,178 @@
+//! Channel-level behaviour: TLS, packet channels, malformed input and version mismatch from a
+//! raw peer, and isolation between boards.
+
+mod common;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use wstunnel::client::{self, ClientConfig};
+use wstunnel::packet::PacketChannel;
+use wstunnel::server::{DefaultHooks, ListenOn, ServerHooks};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw peer speaking our subprotocol by hand (tungstenite does the WebSocket part).
+async fn raw_channel(srv: &TestServer) -> Ws {
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+}
+
+async fn next_frame(ws: &mut Ws) -> Option<Frame> {
+    loop {
+        match within("next frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => return Some(Frame::decode(&b).unwrap()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_mismatch_gets_an_actionable_goaway() {
+    let srv = start_server().await;
+    let mut ws = raw_channel(&srv).await;
+    let hello = Frame::Hello { version: PROTOCOL_VERSION + 1, agent: "future".into() };
+    ws.send(Message::binary(hello.encode())).await.unwrap();
+    match next_frame(&mut ws).await {
+        Some(Frame::GoAway { code: c, reason }) => {
+            assert_eq!(c, code::VERSION);
+            assert!(reason.contains("upgrade"), "{reason}");
+        }
+        other => panic!("expected GoAway, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_that_boards_channel() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    // Board A, a well-behaved client with a working tunnel.
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("a", 0), 0, echo.to_string())).await.unwrap().port;
+    // Board B, a raw peer that sends garbage after a proper Hello.
+    for garbage in [vec![0x99u8, 0, 0, 0, 1], vec![0x21, 0, 0], vec![0x10, 0, 0, 0, 1, 0xff]] {
+        let mut ws = raw_channel(&srv).await;
+        let hello = Frame::Hello { version: PROTOCOL_VERSION, agent: "raw".into() };
+        ws.send(Message::binary(hello.encode())).await.unwrap();
+        assert!(matches!(next_frame(&mut ws).await, Some(Frame::Welcome { .. })));
+        ws.send(Message::binary(garbage)).await.unwrap();
+        match next_frame(&mut ws).await {
+            Some(Frame::GoAway { code: c, reason }) => {
+                assert_eq!(c, code::PROTOCOL);
+                assert!(reason.contains("malformed"), "{reason}");
+            }
+            other => panic!("expected GoAway, got {other:?}"),
+        }
+        // Text on the channel is refused the same way.
+    }
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"A is unaffected").await, b"A is unaffected");
+    assert_eq!(srv.handle.boards(), vec!["a".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_for_unknown_streams_is_ignored() {
+    let srv = start_server().await;
+    let mut ws = raw_channel(&srv).await;
+    ws.send(Message::binary(Frame::Hello { version: PROTOCOL_VERSION, agent: "raw".into() }.encode())).await.unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::Welcome { .. })));
+    for f in [
+        Frame::Data { stream: 42, payload: Bytes::from_static(b"x") },
+        Frame::Window { stream: 42, increment: 5 },
+        Frame::Fin { stream: 42 },
+        Frame::Reset { stream: 42, code: 0 },
+    ] {
+        ws.send(Message::binary(f.encode())).await.unwrap();
+    }
+    // The channel still answers: a listener request with a bad token gets its refusal.
+    ws.send(Message::binary(Frame::Listen { listener: 1, port: 0, token: "x".into() }.encode())).await.unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::ListenErr { listener: 1, .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_over_wss_with_a_verified_certificate() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.tls = Some(wstunnel::tls::server_config_der(vec![cert.clone()], key).unwrap());
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let mut ccfg = client_config(&format!("wss://localhost:{}/", srv.addr.port()));
+    ccfg.tls = Some(wstunnel::tls::client_config_with_roots(roots).unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let c = client::start(ccfg, stop.clone()).unwrap();
+    let echo = echo_server().await;
+    let port = within("expose", c.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut s = connect(port).await;
+    let msg = vec![7u8; 300_000];
+    assert_eq!(echo_once(&mut s, &msg).await, msg);
+
+    // A client that does not trust the certificate never connects.
+    let mut bad = ClientConfig::new(format!("wss://localhost:{}/", srv.addr.port()));
+    bad.tls = Some(wstunnel::tls::client_config_with_roots(rustls::RootCertStore::empty()).unwrap());
+    let b = client::start(bad, stop.clone()).unwrap();
+    let mut st = b.state();
+    let s = within("tls failure", st.wait_for(|s| s.last_error.is_some())).await.unwrap().clone();
+    assert!(!s.connected && s.last_error.unwrap().contains("TLS"));
+    stop.cancel();
+}
+
+/// Hooks that echo every packet of every packet channel back to the board.
+struct EchoPackets;
+
+impl ServerHooks for EchoPackets {
+    fn packet_channel(
+        &self,
+        _board: &str,
+        vpn: &str,
+        ch: PacketChannel,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let ok = vpn == "vpn-1";
+        async move {
+            if !ok {
+                return Err("no such VPN".into());
+            }
+            let PacketChannel { sender, mut receiver } = ch;
+            tokio::spawn(async move {
+                while let Some(p) = receiver.recv().await {
+                    let _ = sender.send(&p).await;
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_channels_carry_whole_packets_and_need_a_vpn_token() {
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), EchoPackets).await;
+    let (client, _stop) = start_client(&srv.url());
+    let ch = within("open", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    let PacketChannel { sender, mut receiver } = ch;
+    let frame = s4t_shared::gre::encapsulate(&[0xffu8; 60]);
+    for len in [1usize, 64, 1500, 9000] {
+        let pkt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        sender.send(&pkt).await.unwrap();
+        assert_eq!(within("echoed packet", receiver.recv()).await.unwrap(), pkt);
+    }
+    sender.send(&frame).await.unwrap();
+    let back = within("gre", receiver.recv()).await.unwrap();
+    assert_eq!(s4t_shared::gre::decapsulate(&back).unwrap(), &[0xffu8; 60][..]);
+    // A listener token, a token for another VPN, and a VPN the cloud refuses.
+    let e = within("open", client.open_packet_channel(token("b", 0), "vpn-1".into())).await.unwrap_err();
+    assert!(e.to_string().contains("VPN"), "{e}");
+    let e = within("open", client.open_packet_channel(vpn_token("b", "vpn-2"), "vpn-1".into())).await.unwrap_err();
+    assert!(e.to_string().contains("VPN"), "{e}");
+    let e = within("open", client.open_packet_channel(vpn_token("b", "vpn-9"), "vpn-9".into())).await.unwrap_err();
+    assert!(e.to_string().contains("no such VPN"), "{e}");
+}

@@ -1,0 +1,110 @@
+//! Helpers for the in-process integration tests: a server and clients bound to port 0, an echo
+//! target, tokens. Every wait has a deadline.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use s4t_shared::token::{Claims, TokenKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use wstunnel::client::{self, ClientConfig, ClientHandle};
+use wstunnel::server::{Auth, DefaultHooks, ListenOn, Server, ServerConfig, ServerHandle, ServerHooks};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn key() -> TokenKey {
+    TokenKey::new(b"test-secret".to_vec()).unwrap()
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn token(board: &str, port: u16) -> String {
+    key().mint(&Claims { board: board.into(), port, vpn: None, expiry: now() + 600 }).unwrap()
+}
+
+pub fn vpn_token(board: &str, vpn: &str) -> String {
+    key().mint(&Claims { board: board.into(), port: 0, vpn: Some(vpn.into()), expiry: now() + 600 }).unwrap()
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub handle: ServerHandle,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), wstunnel::Error>>,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+}
+
+pub fn config(listen: ListenOn) -> ServerConfig {
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap(), Auth::Token(key()));
+    cfg.listen = listen;
+    cfg.public_bind = "127.0.0.1".parse().unwrap();
+    cfg
+}
+
+pub async fn start_server_with<H: ServerHooks>(cfg: ServerConfig, hooks: H) -> TestServer {
+    let server = Server::bind(cfg).await.unwrap();
+    let (addr, handle) = (server.local_addr(), server.handle());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(server.run(Arc::new(hooks), shutdown.clone()));
+    TestServer { addr, handle, shutdown, task }
+}
+
+pub async fn start_server() -> TestServer {
+    start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), DefaultHooks::default()).await
+}
+
+pub fn client_config(url: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(url);
+    c.reconnect_initial = Duration::from_millis(20);
+    c.reconnect_max = Duration::from_millis(200);
+    c
+}
+
+pub fn start_client(url: &str) -> (ClientHandle, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    (client::start(client_config(url), shutdown.clone()).unwrap(), shutdown)
+}
+
+/// An echo server on 127.0.0.1:0 that echoes until EOF, then half-closes.
+pub async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+pub async fn connect(port: u16) -> TcpStream {
+    tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port))).await.unwrap().unwrap()
+}
+
+/// Sends `msg` and reads the same number of bytes back.
+pub async fn echo_once(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut back)).await.expect("echo timed out").unwrap();
+    back
+}
+
+/// Awaits `f` under the test deadline.
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}

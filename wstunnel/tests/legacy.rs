@@ -1,0 +1,157 @@
+//! The MDSLab wstun 1.0.11 protocol (S4T-REFERENCE §7): a hand-written client that speaks
+//! exactly that protocol against our server, and our wstun-compatible client against it.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+use wstunnel::server::{DefaultHooks, ListenOn};
+use wstunnel::wstun::LegacyClient;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// The wstun protocol forces the client to choose the public port: find one that is free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn legacy_server(port: u16, enabled: bool) -> TestServer {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.legacy = enabled;
+    start_server_with(cfg, DefaultHooks { legacy_ports: Some(port..=port) }).await
+}
+
+/// Opens a wstun socket: `ws://server/?<query>` with subprotocol `tunnel-protocol`.
+async fn wstun_socket(srv: &TestServer, query: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{}/?{query}", srv.addr).into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("tunnel-protocol"));
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "tunnel-protocol");
+    Ok(ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_written_wstun_client_gets_nc_ids_and_pipes_bytes() {
+    let port = free_port();
+    let srv = legacy_server(port, true).await;
+    let echo = echo_server().await;
+    // 1. Control socket: the server listens on the port named in dst.
+    let mut control = within("control", wstun_socket(&srv, &format!("dst=127.0.0.1:{port}"))).await.unwrap();
+    within("listener up", async {
+        while srv.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(srv.handle.listeners()[0].legacy);
+    for round in 0..3 {
+        // 2. A user connects to the public port: the control socket gets the text NC:<id>.
+        let mut user = connect(port).await;
+        let id = match within("NC frame", control.next()).await.unwrap().unwrap() {
+            Message::Text(t) => t.as_str().strip_prefix("NC:").expect("NC:<id>").to_owned(),
+            other => panic!("expected NC:<id>, got {other:?}"),
+        };
+        assert_eq!(id.len(), 36, "a uuid v4: {id}");
+        // 3. Data socket ?id=<id>, piped to the board's service as binary frames.
+        let data = within("data socket", wstun_socket(&srv, &format!("id={id}"))).await.unwrap();
+        let target = TcpStream::connect(echo).await.unwrap();
+        tokio::spawn(pipe(data, target));
+        let msg = format!("round {round}");
+        assert_eq!(echo_once(&mut user, msg.as_bytes()).await, msg.as_bytes());
+    }
+    // Closing the control socket closes the public listener.
+    control.close(None).await.unwrap();
+    within("listener closed", async {
+        while !srv.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+/// Bytes both ways between a wstun data socket and a TCP connection, as the original does.
+async fn pipe(ws: Ws, tcp: TcpStream) {
+    let (mut sink, mut stream) = ws.split();
+    let (mut r, mut w) = tcp.into_split();
+    let a = async {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Message::Binary(b) = m
+                && w.write_all(&b).await.is_err()
+            {
+                break;
+            }
+        }
+    };
+    let b = async {
+        let mut buf = vec![0u8; 16384];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 || sink.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! { _ = a => {}, _ = b => {} }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_requests_are_refused_unless_enabled_and_allowed() {
+    let port = free_port();
+    let off = legacy_server(port, false).await;
+    let err = wstun_socket(&off, &format!("dst=127.0.0.1:{port}")).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let on = legacy_server(port, true).await;
+    let other = if port == 65_535 { port - 1 } else { port + 1 };
+    let err = wstun_socket(&on, &format!("dst=127.0.0.1:{other}")).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    // An unknown data id is refused too.
+    let err = wstun_socket(&on, "id=00000000-0000-4000-8000-000000000000").await.unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    assert!(on.handle.listeners().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_wstun_compatible_client_works_against_our_server() {
+    let port = free_port();
+    let srv = legacy_server(port, true).await;
+    let echo = echo_server().await;
+    let client = LegacyClient {
+        public_port: port,
+        target: echo.to_string(),
+        url: format!("ws://{}", srv.addr),
+        board: Some("3f1c9a52-0000-4000-8000-000000000001".into()),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { client.run(stop).await }
+    });
+    within("listener up", async {
+        while srv.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(port).await;
+            let msg = vec![i; 50_000];
+            assert_eq!(echo_once(&mut s, &msg).await, msg);
+        }));
+    }
+    for t in tasks {
+        within("echo", t).await.unwrap();
+    }
+    // When the server drops the control socket, the client exits with an error (the
+    // lightning-rod respawns it).
+    srv.shutdown.cancel();
+    let res = within("client exits", task).await.unwrap();
+    assert!(res.is_err(), "{res:?}");
+    stop.cancel();
+}

@@ -1,0 +1,305 @@
+//! In-process integration tests of our protocol: a real server and real clients on 127.0.0.1,
+//! port 0, real TCP targets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use s4t_shared::token::{Claims, TokenKey};
+use s4t_shared::tunnel::frame::code;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use wstunnel::Error;
+use wstunnel::server::{DefaultHooks, ListenOn};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_through_a_reverse_tunnel_on_a_server_assigned_port() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let exposed = within("expose", client.expose(token("board-a", 0), 0, echo.to_string())).await.unwrap();
+    assert_ne!(exposed.port, 0, "the server assigned a port");
+    let listeners = srv.handle.listeners();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!((listeners[0].board.as_str(), listeners[0].port), ("board-a", exposed.port));
+    assert_eq!(srv.handle.boards(), vec!["board-a".to_owned()]);
+    let mut s = connect(exposed.port).await;
+    assert_eq!(echo_once(&mut s, b"hello board").await, b"hello board");
+    let state = client.state().borrow().clone();
+    assert!(state.connected);
+    assert_eq!(state.exposures[0].port, Some(exposed.port));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_parallel_connections_over_several_tunnels() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ports.push(within("expose", client.expose(token("board-a", 0), 0, echo.to_string())).await.unwrap().port);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let port = ports[i as usize % ports.len()];
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(port).await;
+            let msg: Vec<u8> = (0..10_000u32).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+            assert_eq!(echo_once(&mut s, &msg).await, msg);
+        }));
+    }
+    for t in tasks {
+        within("parallel echo", t).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_propagates_both_ways() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut s = connect(port).await;
+    s.write_all(b"last words").await.unwrap();
+    // Our write side closes; the board's target sees EOF, echoes, and closes its side: we read
+    // everything and then EOF, although we closed our side first.
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within("read to EOF", s.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"last words");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_arrive_intact_in_both_directions() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let s = connect(port).await;
+    let (mut r, mut w) = s.into_split();
+    const TOTAL: usize = 48 * 1024 * 1024;
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut x: u32 = 7;
+        let mut buf = vec![0u8; 61_441]; // odd size: frames do not line up with writes
+        let mut sent = 0;
+        while sent < TOTAL {
+            let n = buf.len().min(TOTAL - sent);
+            for b in &mut buf[..n] {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (x >> 16) as u8;
+            }
+            w.write_all(&buf[..n]).await.unwrap();
+            h.update(&buf[..n]);
+            sent += n;
+        }
+        w.shutdown().await.unwrap();
+        h.finalize()
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 100_000];
+    let mut got = 0;
+    loop {
+        let n = within("read", r.read(&mut buf)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, TOTAL);
+    assert_eq!(h.finalize(), within("writer", writer).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_a_reason_and_good_ones_still_work() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let target = echo.to_string();
+    let forged = TokenKey::new(b"wrong".to_vec()).unwrap();
+    let expired = key().mint(&Claims { board: "b".into(), port: 0, vpn: None, expiry: now() - 10 }).unwrap();
+    let cases = [
+        (String::new(), 0, "malformed"),
+        ("garbage!".to_owned(), 0, "base64"),
+        (forged.mint(&Claims { board: "b".into(), port: 0, vpn: None, expiry: now() + 60 }).unwrap(), 0, "signature"),
+        (expired, 0, "expired"),
+        (vpn_token("b", "vpn1"), 0, "VPN"),
+    ];
+    for (tok, port, why) in cases {
+        match within("expose", client.expose(tok, port, target.clone())).await {
+            Err(Error::Refused { code: c, reason }) => {
+                assert_eq!(c, code::UNAUTHORIZED);
+                assert!(reason.contains(why), "{reason:?} should mention {why}");
+            }
+            other => panic!("expected a refusal ({why}), got {other:?}"),
+        }
+    }
+    // A token for one port does not open another: ask for port 1 with a token for port 2.
+    let err = within("expose", client.expose(token("b", 2), 1, target.clone())).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { code: code::UNAUTHORIZED, .. }), "{err:?}");
+    assert!(client.state().borrow().last_refusal.is_some());
+    // The channel is bound to the first board that proved itself; another board's token fails.
+    let ok = within("expose", client.expose(token("b", 0), 0, target.clone())).await.unwrap();
+    let err = within("expose", client.expose(token("other-board", 0), 0, target.clone())).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to b"), "{err}");
+    let mut s = connect(ok.port).await;
+    assert_eq!(echo_once(&mut s, b"still fine").await, b"still fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_secret_refuses_every_tunnel() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.auth = wstunnel::server::Auth::Disabled;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let (client, _stop) = start_client(&srv.url());
+    let err = within("expose", client.expose(token("b", 0), 0, "127.0.0.1:9".into())).await.unwrap_err();
+    assert!(err.to_string().contains("--secret-file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_the_server_restarts_and_reopens_its_tunnels() {
+    // The test keeps a duplicate of the listening socket so the restarted server gets the same
+    // address without racing anyone for the port.
+    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dup = std_l.try_clone().unwrap();
+    let srv = start_server_with(config(ListenOn::Listener(std_l)), DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"before").await, b"before");
+
+    srv.shutdown.cancel();
+    within("server stop", srv.task).await.unwrap().unwrap();
+    let mut state = client.state();
+    within("client notices", state.wait_for(|s| !s.connected)).await.unwrap();
+
+    let srv2 = start_server_with(config(ListenOn::Listener(dup)), DefaultHooks::default()).await;
+    within("client reconnects", state.wait_for(|s| s.connected)).await.unwrap();
+    // The exposure comes back on the same public port.
+    within("listener restored", async {
+        let mut st = client.state();
+        st.wait_for(|s| s.exposures.iter().any(|e| e.port == Some(port)) && srv2.handle.listeners().len() == 1)
+            .await
+            .unwrap();
+        while srv2.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(srv2.handle.listeners()[0].port, port);
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"after").await, b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_listener_closes_it_and_tells_the_board() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    assert!(srv.handle.close_listener(port));
+    let mut st = client.state();
+    within("board told", st.wait_for(|s| s.exposures.is_empty() && s.last_refusal.as_deref() == Some("revoked")))
+        .await
+        .unwrap();
+    within("port freed", async {
+        while !srv.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "nothing listens any more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_port_is_freed_when_its_board_channel_dies() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    assert_eq!(srv.handle.channel_count(), 1);
+    stop.cancel();
+    within("channel gone", async {
+        while srv.handle.channel_count() != 0 || !srv.handle.listeners().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_local_connect_resets_only_that_stream() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    // A port nothing listens on: bind, read the port, close.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (client, _stop) = start_client(&srv.url());
+    let bad = within("expose", client.expose(token("b", 0), 0, dead.to_string())).await.unwrap().port;
+    let good = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut s = connect(bad).await;
+    let _ = s.write_all(b"anyone?").await;
+    let mut buf = [0u8; 16];
+    let n = within("reset", s.read(&mut buf)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the connection is closed without data");
+    let mut s = connect(good).await;
+    assert_eq!(echo_once(&mut s, b"ok").await, b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_does_not_make_anyone_buffer_without_bound() {
+    let srv = start_server().await;
+    // A target that accepts and then never reads.
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (s, _) = sink.accept().await.unwrap();
+        held_tx.send(s).await.unwrap();
+    });
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, sink_addr.to_string())).await.unwrap().port;
+    let mut s = connect(port).await;
+    let _held = within("target accepted", held_rx.recv()).await;
+    // Push until writes stop completing. Without flow control the tunnel would swallow all
+    // 512 MiB into its buffers; with it, only the window plus kernel socket buffers fit.
+    let chunk = vec![0u8; 64 * 1024];
+    let mut pushed = 0usize;
+    while pushed < 512 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await {
+            Ok(Ok(())) => pushed += chunk.len(),
+            _ => break,
+        }
+    }
+    assert!(pushed < 64 * 1024 * 1024, "{pushed} bytes went into a tunnel whose reader never reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_limits_hold_even_when_requests_arrive_at_once() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_listeners_per_channel = 3;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    client.wait_connected(DEADLINE).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (c, t) = (client.clone(), echo.to_string());
+            tokio::spawn(async move { c.expose(token("b", 0), 0, t).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match within("expose", t).await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(Error::Refused { code: c, .. }) => assert_eq!(c, code::LIMIT),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(ok, 3, "listeners opened with a limit of 3");
+    assert_eq!(srv.handle.listeners().len(), 3);
+}
