@@ -30,6 +30,22 @@ pub fn board_procedure(session: &str, board: &str, name: &str) -> String {
     format!("iotronic.{session}.{board}.{name}")
 }
 
+/// Whether a board whose `connection` reported `lr_version` takes the request dict as the
+/// first argument of every procedure. The original cloud omits it below 0.4.9
+/// (S4T-REFERENCE §4); an unknown or unparsable version gets it, as the original does for
+/// anything its version comparison does not call older.
+pub fn takes_request_dict(lr_version: Option<&str>) -> bool {
+    let Some(v) = lr_version else { return true };
+    // "0.4.8", "0.5.0+rs.0.1.0", "0.4.10.dev3": the release numbers before any label.
+    let release = v.trim().split(['+', '-']).next().unwrap_or("");
+    let mut parts = release.split('.').map(|p| p.chars().take_while(char::is_ascii_digit).collect::<String>());
+    let mut num = || parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (num(), num(), num()) {
+        (Some(major), Some(minor), patch) => (major, minor, patch.unwrap_or(0)) >= (0, 4, 9),
+        _ => true,
+    }
+}
+
 /// A board reply as (result, message): the JSON-string WampMessage of the original, a bare
 /// object with `result`, or any other value (taken as SUCCESS with that message).
 pub fn parse_board_reply(reply: &Value) -> (String, Value) {
@@ -125,8 +141,11 @@ impl Recent {
 
 async fn call_board(caller: &dyn BoardCaller, call: &AgentCall) -> Result<(String, Value), String> {
     let uri = board_procedure(&call.session, &call.board, &call.procedure);
-    let req = json!({"uuid": call.request, "main_request_uuid": null, "destination_uuid": call.board, "action": call.procedure});
-    let mut args = vec![req];
+    let mut args = Vec::with_capacity(call.args.len() + 1);
+    if !call.omit_req {
+        args.push(json!({"uuid": call.request, "main_request_uuid": null, "destination_uuid": call.board,
+                         "action": call.procedure}));
+    }
     args.extend(call.args.iter().cloned());
     caller.call(&uri, args).await.map(|reply| parse_board_reply(&reply)).map_err(|e| e.to_string())
 }
@@ -143,5 +162,51 @@ mod tests {
         assert_eq!(parse_board_reply(&json!("plain")), ("SUCCESS".into(), json!("plain")));
         assert_eq!(parse_board_reply(&json!({"result": "BOGUS"})), ("SUCCESS".into(), json!({"result": "BOGUS"})));
         assert_eq!(board_procedure("7", "b", "DevicePing"), "iotronic.7.b.DevicePing");
+    }
+
+    #[test]
+    fn the_request_dict_is_omitted_only_below_0_4_9() {
+        for old in ["0.4.8", "0.4.0", "0.3", "0.4.8.dev1", " 0.4.2 "] {
+            assert!(!takes_request_dict(Some(old)), "{old}");
+        }
+        for new in ["0.4.9", "0.4.10", "0.5.0", "0.5.0+rs.0.1.0", "1.0", "No version", "", "x.y"] {
+            assert!(takes_request_dict(Some(new)), "{new}");
+        }
+        assert!(takes_request_dict(None));
+    }
+
+    struct Recorder(std::sync::Mutex<Vec<Vec<Value>>>);
+
+    impl BoardCaller for Recorder {
+        fn call<'a>(&'a self, _procedure: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Value, Error>> {
+            self.0.lock().unwrap().push(args);
+            Box::pin(async { Ok(json!("{\"message\": \"ok\", \"result\": \"SUCCESS\"}")) })
+        }
+    }
+
+    #[tokio::test]
+    async fn old_boards_get_the_original_argument_shape() {
+        let rec = Recorder(std::sync::Mutex::new(Vec::new()));
+        let mut call = AgentCall {
+            request: "r1".into(),
+            board: "b".into(),
+            session: "7".into(),
+            procedure: "DeviceEcho".into(),
+            args: vec![json!({"say": "hi"})],
+            omit_req: false,
+        };
+        assert_eq!(call_board(&rec, &call).await.unwrap(), ("SUCCESS".into(), json!("ok")));
+        call.omit_req = true;
+        call_board(&rec, &call).await.unwrap();
+        let seen = rec.0.lock().unwrap();
+        assert_eq!(seen[0][0]["uuid"], "r1");
+        assert_eq!(seen[0][0]["main_request_uuid"], Value::Null);
+        assert_eq!(seen[0][1], json!({"say": "hi"}));
+        assert_eq!(seen[1], vec![json!({"say": "hi"})]);
+        // An AgentCall from a conductor that predates the field still carries the dict.
+        let old: AgentCall = serde_json::from_value(json!({"request": "r", "board": "b", "session": "1",
+            "procedure": "DevicePing", "args": []}))
+        .unwrap();
+        assert!(!old.omit_req);
     }
 }

@@ -128,7 +128,15 @@ impl Conductor {
             Value::Null => vec![],
             other => vec![other],
         };
-        let call = AgentCall { request: uuid.into(), board: board.uuid.clone(), session, procedure: req.action, args };
+        let omit_req = !crate::agent::takes_request_dict(board.lr_version.as_deref());
+        let call = AgentCall {
+            request: uuid.into(),
+            board: board.uuid.clone(),
+            session,
+            procedure: req.action,
+            args,
+            omit_req,
+        };
         if let Err(e) = self.bus.to_agent(&agent, &call).await {
             self.fail(uuid, &board.uuid, &format!("cannot reach agent {agent}: {e}")).await?;
         }

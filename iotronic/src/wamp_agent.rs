@@ -4,8 +4,9 @@
 //! reply shapes), tracks sessions (online/offline) and calls board procedures for the
 //! conductor through its in-process session.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use s4t_wamp::{
     AuthFuture, Authenticator, CraCredential, Dict, Invocation, Payload, Role, Router, RouterConfig, Secret, Session,
@@ -23,6 +24,34 @@ use crate::db::Db;
 
 /// Longest a board procedure may run before the agent reports an error.
 pub const BOARD_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long after a board's login its procedures may still be missing. Lightning-rods (the
+/// original and ours) register them only once `connection` answered (S4T-REFERENCE §5.3 step
+/// 5), while the cloud already shows the board online: a call in that window waits for the
+/// registration instead of failing.
+pub const REGISTRATION_GRACE: Duration = Duration::from_secs(5);
+/// The pause between two tries of a call that found no procedure during the grace.
+const REGISTRATION_POLL: Duration = Duration::from_millis(100);
+
+/// When each live board session logged in (`connection` answered SUCCESS), by session id.
+/// Entries go when the session leaves.
+#[derive(Clone, Default)]
+struct Logins(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Logins {
+    fn insert(&self, session: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), Instant::now());
+    }
+
+    fn remove(&self, session: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(session);
+    }
+
+    /// Is `session` within [`REGISTRATION_GRACE`] of its login?
+    fn registering(&self, session: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(session).is_some_and(|t| t.elapsed() < REGISTRATION_GRACE)
+    }
+}
 
 /// What the agent tells boards and how it admits them.
 #[derive(Debug, Clone)]
@@ -95,14 +124,29 @@ impl Authenticator for DbAuthenticator {
 /// Board calls through the agent's in-process router session.
 pub struct WampCaller {
     session: Session,
+    logins: Logins,
 }
 
 impl BoardCaller for WampCaller {
     fn call<'a>(&'a self, procedure: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Value, Error>> {
         Box::pin(async move {
-            match self.session.call(procedure, args, Dict::new(), BOARD_CALL_TIMEOUT).await {
-                Ok(p) => Ok(p.args.into_iter().next().unwrap_or(Value::Null)),
-                Err(e) => Err(Error::Unavailable(format!("board call {procedure} failed: {e}"))),
+            // iotronic.<session>.<board>.<Name>
+            let mut parts = procedure.splitn(4, '.');
+            let (session, name) = (parts.nth(1).unwrap_or(""), parts.nth(1).unwrap_or(procedure));
+            loop {
+                match self.session.call(procedure, args.clone(), Dict::new(), BOARD_CALL_TIMEOUT).await {
+                    Ok(p) => return Ok(p.args.into_iter().next().unwrap_or(Value::Null)),
+                    Err(s4t_wamp::Error::Wamp(e)) if e.error == s4t_shared::wamp::message::uri::NO_SUCH_PROCEDURE => {
+                        if self.logins.registering(session) {
+                            tokio::time::sleep(REGISTRATION_POLL).await;
+                            continue;
+                        }
+                        return Err(Error::Unavailable(format!(
+                            "the board does not offer {name}: its lightning-rod registered no such procedure"
+                        )));
+                    }
+                    Err(e) => return Err(Error::Unavailable(format!("board call {procedure} failed: {e}"))),
+                }
             }
         })
     }
@@ -112,6 +156,7 @@ impl BoardCaller for WampCaller {
 pub struct WampAgent {
     pub router: Router,
     pub session: Session,
+    logins: Logins,
 }
 
 /// The reply of the original's cloud procedures: a JSON string of exactly message + result.
@@ -142,6 +187,7 @@ struct Ctx {
     bus: Bus,
     router: Router,
     setup: AgentSetup,
+    logins: Logins,
 }
 
 impl WampAgent {
@@ -163,17 +209,18 @@ impl WampAgent {
             }
         });
         let session = router.local_session(&setup.name).await.map_err(wamp_err)?;
-        let ctx = Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone() };
+        let logins = Logins::default();
+        let ctx = Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone(), logins: logins.clone() };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
         let live: Vec<String> = router.sessions().iter().map(|s| s.id.to_string()).collect();
         let n = db.reconcile_sessions(&setup.name, &live).await?;
         info!(agent = %setup.name, url = %setup.url, offline = n, "wamp-agent ready");
-        Ok(WampAgent { router, session })
+        Ok(WampAgent { router, session, logins })
     }
 
     pub fn caller(&self) -> Arc<dyn BoardCaller> {
-        Arc::new(WampCaller { session: self.session.clone() })
+        Arc::new(WampCaller { session: self.session.clone(), logins: self.logins.clone() })
     }
 }
 
@@ -322,6 +369,7 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         Ok(false) => return wamp_message("ERROR", json!(format!("unknown board {uuid}"))),
         Err(e) => return wamp_message("ERROR", json!(format!("login failed: {e}"))),
     }
+    c.logins.insert(&session);
     info!(board = %uuid, session = %session, "board online");
     if let Err(e) = c.bus.to_conductor(&ConductorMsg::BoardOnline { board: uuid.clone() }).await {
         warn!(cause = %e, "cannot tell the conductor a board is online");
@@ -353,10 +401,11 @@ async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
 /// Session leave → board offline.
 async fn track_sessions(session: &Session, ctx: &Ctx) -> Result<(), Error> {
     let mut leaves = session.subscribe("wamp.session.on_leave", 1024).await.map_err(wamp_err)?;
-    let db = ctx.db.clone();
+    let (db, logins) = (ctx.db.clone(), ctx.logins.clone());
     tokio::spawn(async move {
         while let Some(ev) = leaves.recv().await {
             let Some(id) = text(ev.args.first()) else { continue };
+            logins.remove(&id);
             match db.session_left(&id).await {
                 Ok(Some(b)) => info!(board = %b.uuid, session = %id, "board offline"),
                 Ok(None) => {}

@@ -218,6 +218,7 @@ fn the_original_lightning_rod_joins_our_cloud() {
     assert_eq!(b["lr_version"], "0.5.0", "{b}");
     assert_eq!(b["connectivity"]["local_ip"], a.addr.to_string(), "the board's own address behind NAT: {b}");
     assert_eq!(b["connectivity"]["iface"], "eth0", "{b}");
+    assert_eq!((&b["legacy"], &b["wstun_ip"]), (&json!(true), &json!(CLOUD_ADDR.to_string())), "{b}");
 
     // Board actions through REST answer with the board's own messages.
     let ping = action(&rest, "leg", "DevicePing", json!({}));
@@ -247,11 +248,6 @@ fn the_original_lightning_rod_joins_our_cloud() {
     let result = &results["results"][0];
     assert_eq!((&result["board_uuid"], &result["result"]), (&json!(uuid), &json!("SUCCESS")), "{results}");
     assert!(result["message"].as_str().is_some_and(|m| m.starts_with("later @ ")), "{results}");
-    // An action only our lightning-rod has fails with a reason naming it, not a hang.
-    let (status, err) =
-        rest.call("POST", "/v1/boards/leg/action", Some(&json!({"action": "DeviceInfo", "parameters": {}}))).unwrap();
-    assert_ne!(status, 200, "{err}");
-    assert!(err.to_string().contains("DeviceInfo"), "{err}");
 
     // SSH: the cloud allocates a public port, the original spawns our binary as wstun, and a
     // laptop on the Internet logs into the board's sshd through it.
@@ -274,6 +270,13 @@ fn the_original_lightning_rod_joins_our_cloud() {
     let out = rogue.output().unwrap();
     assert!(!out.status.success(), "a wstun client opened unallocated port {stray}");
     assert!(laptop.connect(SocketAddr::from((CLOUD_ADDR, stray)), Duration::from_secs(2)).is_err());
+
+    // An action only our lightning-rod has fails with a reason naming it (once
+    // the board has had time to register its procedures), not a hang.
+    let (status, err) =
+        rest.call("POST", "/v1/boards/leg/action", Some(&json!({"action": "DeviceInfo", "parameters": {}}))).unwrap();
+    assert_ne!(status, 200, "{err}");
+    assert!(err.to_string().contains("DeviceInfo"), "{err}");
 
     // The cloud restarts: the board logs in again by itself (a new session), and its tunnel
     // comes back on the same public port.

@@ -69,11 +69,37 @@ pub fn board_json(b: &Board) -> Value {
         "extra": b.extra,
         "location": location,
         "session": b.session,
-        "wstun_ip": Value::Null,
+        "wstun_ip": wstun_ip(b),
+        "legacy": is_legacy(b),
         "created_at": b.created_at / 1000,
         "updated_at": b.updated_at / 1000,
         "links": [{"href": format!("/v1/boards/{}", b.uuid), "rel": "self"}],
     })
+}
+
+/// A board that logs in anonymously (the original lightning-rod, or ours keeping an identity
+/// the original cloud gave it): it holds no credential of ours although it has enrolled.
+pub fn is_legacy(b: &Board) -> bool {
+    b.secret_salt.is_none() && b.status != "registered"
+}
+
+/// The original lightning-rod (its `lr_version` has no `+rs.` label of ours): it gets the
+/// original argument shapes, without our tunnel URL and token.
+pub fn runs_original_lr(b: &Board) -> bool {
+    b.lr_version.as_deref().is_some_and(|v| !v.contains("+rs."))
+}
+
+/// As the original: the host of the WAMP URL the board was given, where its wstun connects
+/// (port 8080 of that host).
+fn wstun_ip(b: &Board) -> Value {
+    let url = b.config.pointer("/iotronic/wamp/main-agent/url").and_then(Value::as_str).unwrap_or("");
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() { Value::Null } else { json!(host) }
 }
 
 fn subset(v: Value, fields: &[&str]) -> Value {
@@ -447,13 +473,15 @@ pub fn service_dict(s: &Service) -> Value {
     json!({"uuid": s.uuid, "name": s.name, "port": s.port, "protocol": s.protocol})
 }
 
-/// The service dict plus where to tunnel and the token for this board and public port.
-fn exposed_dict(state: &AppState, s: &Service, board: &str, public_port: i64) -> Result<Value, Error> {
+/// The service dict plus where to tunnel and the token for this board and public port; the
+/// original lightning-rod gets the original dict (it tunnels with wstun to port 8080 of its
+/// WAMP host, and the cloud opens only the port it allocated).
+fn exposed_dict(state: &AppState, s: &Service, board: &Board, public_port: i64) -> Result<Value, Error> {
     let mut d = service_dict(s);
-    if let Some(t) = &state.tunnels {
+    if let Some(t) = state.tunnels.as_ref().filter(|_| !runs_original_lr(board)) {
         let port = u16::try_from(public_port).map_err(|_| Error::Invalid(format!("bad public port {public_port}")))?;
         d["tunnel_url"] = json!(t.url);
-        d["tunnel_token"] = json!(t.mint(board, port, None)?);
+        d["tunnel_token"] = json!(t.mint(&board.uuid, port, None)?);
     }
     Ok(d)
 }
@@ -477,7 +505,7 @@ pub async fn restore_services(
     let ex = state.db.exposures_of_board(&b.uuid).await?;
     for e in &ex {
         if let Some(s) = state.db.service(&e.service, None).await? {
-            let args = json!([exposed_dict(&state, &s, &b.uuid, e.public_port)?, e.public_port]);
+            let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             call_board(&state, &c, &b, "ServiceRestore", args, CallOpts::default()).await?;
         }
     }
@@ -508,7 +536,7 @@ pub async fn service_action(
     match a.action.as_str() {
         "ServiceEnable" => {
             let e = state.db.allocate_exposure(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref()).await?;
-            let args = json!([exposed_dict(&state, &s, &b.uuid, e.public_port)?, e.public_port]);
+            let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             match call_board(&state, &c, &b, "ServiceEnable", args, opts).await {
                 Ok(Outcome::Done(_)) | Ok(Outcome::Accepted(_)) => {
                     Ok((StatusCode::CREATED, Json(exposure_json(&e))).into_response())
@@ -542,7 +570,7 @@ pub async fn service_action(
                 .exposure(&b.uuid, &s.uuid)
                 .await?
                 .ok_or_else(|| Error::Conflict(format!("service {} is not exposed on {}", s.name, b.name)))?;
-            let args = json!([exposed_dict(&state, &s, &b.uuid, e.public_port)?, e.public_port]);
+            let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             call_board(&state, &c, &b, "ServiceRestore", args, opts).await?;
             Ok(Json(exposure_json(&e)).into_response())
         }
@@ -565,6 +593,55 @@ pub async fn injections(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn board(lr_version: Option<&str>, secret: bool, status: &str, url: &str) -> Board {
+        Board {
+            uuid: "u".into(),
+            name: "n".into(),
+            code: None,
+            status: status.into(),
+            board_type: "generic".into(),
+            agent: Some("agent".into()),
+            owner: "o".into(),
+            project: "p".into(),
+            fleet: None,
+            lr_version: lr_version.map(str::to_owned),
+            connectivity: json!({}),
+            mobile: false,
+            config: json!({"iotronic": {"wamp": {"main-agent": {"url": url, "realm": "s4t"}}}}),
+            extra: json!({}),
+            latitude: None,
+            longitude: None,
+            altitude: None,
+            session: None,
+            last_seen: None,
+            secret_salt: secret.then(|| "salt$1000$32".into()),
+            secret_key: secret.then(|| "k".into()),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn legacy_boards_are_marked_and_get_the_original_shapes() {
+        let original = board(Some("0.5.0"), false, "online", "wss://cloud.example:8181/");
+        let ours_migrated = board(Some("0.5.0+rs.0.1.0"), false, "online", "ws://10.0.0.1:8181/");
+        let ours = board(Some("0.5.0+rs.0.1.0"), true, "online", "ws://[2001:db8::1]:8181/");
+        let fresh = board(None, false, "registered", "");
+        assert_eq!(
+            [&original, &ours_migrated, &ours, &fresh].map(|b| (is_legacy(b), runs_original_lr(b))),
+            [(true, true), (true, false), (false, false), (false, false)]
+        );
+        let j = board_json(&original);
+        assert_eq!(
+            (&j["legacy"], &j["wstun_ip"], &j["lr_version"]),
+            (&json!(true), &json!("cloud.example"), &json!("0.5.0"))
+        );
+        assert_eq!(board_json(&ours_migrated)["wstun_ip"], "10.0.0.1");
+        assert_eq!(board_json(&ours)["wstun_ip"], "2001:db8::1");
+        assert_eq!(board_json(&fresh)["wstun_ip"], Value::Null);
+        assert_eq!(wstun_ip(&board(None, false, "online", "cloud:8181")), Value::Null);
+    }
 
     #[test]
     fn i2c_addresses_parse() {

@@ -57,6 +57,10 @@ pub struct AgentCall {
     pub procedure: String,
     /// Positional arguments after the request dict.
     pub args: Vec<Value>,
+    /// Call without the leading request dict: an original lightning-rod older than 0.4.9
+    /// (S4T-REFERENCE §4). Absent in messages from older conductors: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub omit_req: bool,
 }
 
 /// A received message and how to acknowledge it.
@@ -229,6 +233,7 @@ mod tests {
             session: "1".into(),
             procedure: "DevicePing".into(),
             args: vec![],
+            omit_req: false,
         };
         bus.to_agent("a1", &call).await.unwrap();
         let mut a = bus.agent_deliveries("a1").await.unwrap();
