@@ -353,6 +353,16 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
             return wamp_message("ERROR", json!("a board may only log in as itself"));
         }
         Some("legacy") => {
+            // Legacy mode admits the original lightning-rod, which has no credential; a board
+            // enrolled with one must use it, or anyone could take its place anonymously.
+            match c.db.board_by_uuid(&uuid).await {
+                Ok(Some(b)) if b.secret_salt.is_some() => {
+                    warn!(board = %uuid, session = %session, "anonymous login refused for a board with a credential");
+                    return wamp_message("ERROR", json!("this board authenticates: anonymous login refused"));
+                }
+                Ok(_) => {}
+                Err(e) => return wamp_message("ERROR", json!(format!("login failed: {e}"))),
+            }
             if let Ok(id) = session.parse::<u64>()
                 && let Err(e) = c.router.bind_board(id, &uuid)
             {
