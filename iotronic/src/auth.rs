@@ -8,8 +8,10 @@ use sha2::{Digest, Sha256};
 use crate::Error;
 use crate::db::{Db, Role, now_ms};
 
-/// How long a token is valid.
+/// How long a token is valid (a caller may ask for less with `"ttl"`).
 pub const TOKEN_TTL_MS: i64 = 12 * 3600 * 1000;
+/// How long a board's one-time registration code works when nobody said otherwise.
+pub const CODE_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// The argon2 PHC string of `password`.
 pub fn hash_password(password: &str) -> Result<String, Error> {
@@ -51,6 +53,17 @@ impl std::fmt::Debug for IssuedToken {
 /// Checks a user's password and issues a token scoped to `project` (or the user's first
 /// project). Every failure is the same 401, so names cannot be probed.
 pub async fn issue_token(db: &Db, username: &str, password: &str, project: Option<&str>) -> Result<IssuedToken, Error> {
+    issue_token_for(db, username, password, project, TOKEN_TTL_MS).await
+}
+
+/// [`issue_token`] with a lifetime of `ttl_ms` (capped at [`TOKEN_TTL_MS`]).
+pub async fn issue_token_for(
+    db: &Db,
+    username: &str,
+    password: &str,
+    project: Option<&str>,
+    ttl_ms: i64,
+) -> Result<IssuedToken, Error> {
     let denied = || Error::Unauthorized("wrong user name or password".into());
     let user = db.user_by_name(username).await?.ok_or_else(denied)?;
     let hash = user.password_hash.clone();
@@ -75,7 +88,7 @@ pub async fn issue_token(db: &Db, username: &str, password: &str, project: Optio
         }));
     };
     let token = random_secret();
-    let expires_at = now_ms() + TOKEN_TTL_MS;
+    let expires_at = now_ms() + ttl_ms.clamp(1000, TOKEN_TTL_MS);
     db.insert_token(&token_hash(&token), &user.uuid, &proj.uuid, expires_at).await?;
     Ok(IssuedToken { token, expires_at, project: proj.name.clone() })
 }
@@ -114,9 +127,127 @@ pub async fn bootstrap_admin(db: &Db, password: Option<&str>) -> Result<Option<S
     Ok(generated.then_some(hash.1))
 }
 
+/// A failure-driven throttle: every key (a user name, a peer address, or one key for all
+/// enrollment codes) has a bucket of `burst` attempts that refills at `per_second`. A failed
+/// attempt takes one; success takes none, so legitimate users are never slowed down, while a
+/// guesser gets `burst` tries and then `per_second` tries per second. The map is bounded.
+pub struct Throttle {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+    burst: f64,
+    per_second: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle").field("burst", &self.burst).field("per_second", &self.per_second).finish()
+    }
+}
+
+/// Most keys a throttle remembers; beyond that, keys whose bucket has refilled are forgotten
+/// and, if that is not enough, new keys share one bucket (an attacker spraying addresses gains
+/// nothing but throttles himself).
+const THROTTLE_KEYS: usize = 16_384;
+const OVERFLOW_KEY: &str = "\0overflow";
+
+impl Throttle {
+    pub fn new(burst: u32, per_second: f64) -> Throttle {
+        Throttle {
+            buckets: std::sync::Mutex::new(std::collections::HashMap::new()),
+            burst: f64::from(burst.max(1)),
+            per_second: per_second.max(1e-6),
+        }
+    }
+
+    /// Ok if `key` may try now; otherwise the seconds to wait.
+    pub fn check(&self, key: &str) -> Result<(), u64> {
+        let now = std::time::Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if !map.contains_key(key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
+        let Some(b) = map.get_mut(key) else { return Ok(()) };
+        self.refill(b, now);
+        if b.tokens >= 1.0 { Ok(()) } else { Err(((1.0 - b.tokens) / self.per_second).ceil().max(1.0) as u64) }
+    }
+
+    /// Records a failed attempt of `key`.
+    pub fn fail(&self, key: &str) {
+        let now = std::time::Instant::now();
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(key) && map.len() >= THROTTLE_KEYS {
+            let (burst, rate) = (self.burst, self.per_second);
+            map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let key = if !map.contains_key(key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
+        let b = map.entry(key.to_owned()).or_insert(Bucket { tokens: self.burst, at: now });
+        self.refill(b, now);
+        b.tokens = (b.tokens - 1.0).max(0.0);
+    }
+
+    fn refill(&self, b: &mut Bucket, now: std::time::Instant) {
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_second).min(self.burst);
+        b.at = now;
+    }
+}
+
+/// The throttles of the token endpoint: per user name (lock-out after 5 failures, then one
+/// try every 30 s) and per peer address (20 failures, then 1 per second).
+#[derive(Debug)]
+pub struct LoginThrottle {
+    pub per_user: Throttle,
+    pub per_peer: Throttle,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle { per_user: Throttle::new(5, 1.0 / 30.0), per_peer: Throttle::new(20, 1.0) }
+    }
+}
+
+/// The throttle of enrollment codes, one bucket for the whole agent (WAMP does not tell us
+/// the peer): 20 failures, then 2 per second. A board with a valid code is refused only while
+/// somebody is guessing, and its enrollment is retried by the operator or the agent's backoff.
+pub fn enrollment_throttle() -> Throttle {
+    Throttle::new(20, 2.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_allows_a_burst_then_refills() {
+        let t = Throttle::new(3, 1000.0);
+        for _ in 0..3 {
+            assert!(t.check("k").is_ok());
+            t.fail("k");
+        }
+        assert!(t.check("other").is_ok(), "keys are independent");
+        let slow = Throttle::new(2, 0.01);
+        slow.fail("u");
+        slow.fail("u");
+        assert_eq!(slow.check("u"), Err(100));
+        // Refills with time (1000/s: one token within a few ms).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        t.fail("k");
+        while t.check("k").is_err() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn throttle_is_bounded() {
+        let t = Throttle::new(1, 1e-6);
+        for i in 0..THROTTLE_KEYS + 10 {
+            t.fail(&format!("peer{i}"));
+        }
+        assert!(t.buckets.lock().unwrap().len() <= THROTTLE_KEYS + 1);
+        assert!(t.check("peer-new").is_ok() || t.check(OVERFLOW_KEY).is_err());
+    }
 
     #[test]
     fn passwords_verify_and_tokens_hash() {

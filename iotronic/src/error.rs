@@ -60,6 +60,9 @@ pub enum Error {
     /// The board answered with an error (502).
     #[error("the board answered with an error: {0}")]
     Board(String),
+    /// Too many attempts: wait `retry_after_s` seconds (429 with `Retry-After`).
+    #[error("too many attempts: try again in {retry_after_s} s")]
+    Throttled { retry_after_s: u64 },
     /// Nothing answered in time (504).
     #[error("{0}")]
     Timeout(String),

@@ -10,12 +10,14 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod conductor;
 pub mod config;
 pub mod db;
 mod error;
+pub mod revocation;
 pub mod serve;
 pub mod wamp_agent;
 pub mod wstun_agent;

@@ -65,7 +65,9 @@ pub async fn run_api(
     let mut state = AppState::new(db.clone(), bus);
     state.call_timeout = config.call_timeout;
     state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
-    axum::serve(rest, api::router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Serve)
+    // The peer address feeds the login throttle and the audit log.
+    let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(rest, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Serve)
 }
 
 /// The conductor alone.

@@ -71,13 +71,22 @@ pub struct AgentSetup {
 pub struct DbAuthenticator {
     db: Db,
     legacy: bool,
+    /// Wrong enrollment codes, shared with `stack4things.register` (security issue).
+    codes: Arc<crate::auth::Throttle>,
 }
 
 impl DbAuthenticator {
     pub fn new(db: Db, legacy: bool) -> Self {
-        DbAuthenticator { db, legacy }
+        Self::with_throttle(db, legacy, Arc::new(crate::auth::enrollment_throttle()))
+    }
+
+    pub fn with_throttle(db: Db, legacy: bool, codes: Arc<crate::auth::Throttle>) -> Self {
+        DbAuthenticator { db, legacy, codes }
     }
 }
+
+/// The throttle key of every enrollment code guess.
+const ENROLL_KEY: &str = "enroll";
 
 /// How a derived key is stored: `salt` column = `<salt>$<iterations>$<keylen>`.
 pub fn encode_salt(c: &CraCredential) -> String {
@@ -96,9 +105,18 @@ impl Authenticator for DbAuthenticator {
             if authid != "enroll" {
                 return Ok(None);
             }
+            if self.codes.check(ENROLL_KEY).is_err() {
+                // Somebody is guessing: not even a right code is looked at until it calms down.
+                crate::audit::record(&self.db, crate::audit::system("board.enroll.throttled", "", "wamp")).await;
+                return Ok(None);
+            }
             match self.db.board_by_code(ticket.expose()).await {
                 Ok(Some(_)) => Ok(Some(Role::Enrollment)),
-                Ok(None) => Ok(None),
+                Ok(None) => {
+                    self.codes.fail(ENROLL_KEY);
+                    crate::audit::record(&self.db, crate::audit::system("board.enroll.refused", "", "wamp")).await;
+                    Ok(None)
+                }
                 Err(e) => Err(s4t_wamp::Error::Protocol(format!("credential lookup failed: {e}"))),
             }
         })
@@ -188,6 +206,7 @@ struct Ctx {
     router: Router,
     setup: AgentSetup,
     logins: Logins,
+    codes: Arc<crate::auth::Throttle>,
 }
 
 impl WampAgent {
@@ -200,8 +219,10 @@ impl WampAgent {
         setup: AgentSetup,
         shutdown: CancellationToken,
     ) -> Result<WampAgent, Error> {
-        let auth = Arc::new(DbAuthenticator::new(db.clone(), setup.legacy));
+        let codes = Arc::new(crate::auth::enrollment_throttle());
+        let auth = Arc::new(DbAuthenticator::with_throttle(db.clone(), setup.legacy, codes.clone()));
         let router = Router::new(RouterConfig::default(), auth);
+        crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let r = router.clone();
         tokio::spawn(async move {
             if let Err(e) = r.serve(listener, None, shutdown).await {
@@ -210,7 +231,8 @@ impl WampAgent {
         });
         let session = router.local_session(&setup.name).await.map_err(wamp_err)?;
         let logins = Logins::default();
-        let ctx = Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone(), logins: logins.clone() };
+        let ctx =
+            Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone(), logins: logins.clone(), codes };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
         let live: Vec<String> = router.sessions().iter().map(|s| s.id.to_string()).collect();
@@ -298,9 +320,17 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     let Some(code) = text(kwarg(inv, "code")) else {
         return wamp_message("ERROR", json!("register needs the code"));
     };
+    if c.codes.check(ENROLL_KEY).is_err() {
+        return wamp_message("ERROR", json!("too many wrong registration codes: try again later"));
+    }
     let board = match c.db.board_by_code(&code).await {
         Ok(Some(b)) => b,
-        Ok(None) => return wamp_message("ERROR", json!("unknown or already used registration code")),
+        Ok(None) => {
+            c.codes.fail(ENROLL_KEY);
+            let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
+            crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", &source)).await;
+            return wamp_message("ERROR", json!("unknown, expired or already used registration code"));
+        }
         Err(e) => return wamp_message("ERROR", json!(format!("registration failed: {e}"))),
     };
     let authenticated = inv.caller_authrole() == Some("enrollment");
@@ -336,6 +366,11 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         return wamp_message("ERROR", json!(format!("registration failed: {e}")));
     }
     info!(board = %board.uuid, authenticated, "board enrolled");
+    let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
+    let mut entry = crate::audit::system("board.enroll", &board.uuid, &source);
+    entry.project_uuid = board.project.clone();
+    entry.detail = if authenticated { "secret issued".into() } else { "legacy (no secret)".into() };
+    crate::audit::record(&c.db, entry).await;
     wamp_message("SUCCESS", config)
 }
 

@@ -71,10 +71,14 @@ impl ServerHooks for DbHooks {
 
     fn listener_opened(&self, board: &str, port: u16, legacy: bool) {
         info!(board, port, legacy, "public listener opened");
+        let entry = crate::audit::system("tunnel.open", board, &format!("public port {port}"));
+        crate::audit::spawn_record(&self.db, entry);
     }
 
     fn listener_closed(&self, board: &str, port: u16, legacy: bool) {
         info!(board, port, legacy, "public listener closed");
+        let entry = crate::audit::system("tunnel.close", board, &format!("public port {port}"));
+        crate::audit::spawn_record(&self.db, entry);
     }
 }
 
@@ -93,6 +97,7 @@ pub async fn run(
     cfg.public_bind = public_bind;
     cfg.legacy = legacy;
     let server = Server::bind(cfg).await.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))?;
+    crate::revocation::spawn_tunnel_guard(db.clone(), server.handle(), shutdown.clone());
     let r = server.run(Arc::new(DbHooks { db }), shutdown).await;
     if let Err(e) = &r {
         warn!(cause = %e, "the tunnel server stopped");

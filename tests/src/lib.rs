@@ -408,6 +408,6 @@ pub fn read_to_end_limited(stream: &mut impl Read, limit: usize) -> io::Result<V
 }
 
 /// The pause between two polls of a condition that has a deadline.
-fn wait_a_little() {
+pub fn wait_a_little() {
     std::thread::sleep(Duration::from_millis(20));
 }

@@ -50,6 +50,11 @@ impl Rest {
         Ok(())
     }
 
+    /// Later requests carry `token` (None: no token).
+    pub fn set_token(&mut self, token: Option<&str>) {
+        self.token = token.map(str::to_owned);
+    }
+
     /// Creates a board with a registration code; returns its JSON.
     pub fn create_board(&self, name: &str, code: &str) -> Result<Value> {
         let body = json!({"name": name, "code": code, "type": "generic",

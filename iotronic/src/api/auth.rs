@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::error::{ApiError, ApiResult, Body};
 use crate::Error;
-use crate::auth::{hash_password, issue_token, token_hash};
+use crate::auth::{hash_password, issue_token_for, token_hash};
 use crate::db::{Project, Role};
 
 /// Who is calling: the user and the project the token is scoped to.
@@ -51,15 +51,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     if super::is_public(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
-    let headers = req.headers();
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| headers.get("x-auth-token").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .map(str::to_owned);
-    let Some(token) = token else {
+    let Some(token) = presented_token(req.headers()) else {
         return ApiError(Error::Unauthorized(
             "authentication required: POST /v1/auth/tokens, then send Authorization: Bearer <token>".into(),
         ))
@@ -84,6 +76,17 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     }
 }
 
+/// The token of a request: `Authorization: Bearer` or `X-Auth-Token`.
+pub fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-auth-token").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .map(str::to_owned)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBody {
@@ -91,12 +94,57 @@ pub struct TokenBody {
     password: String,
     #[serde(default)]
     project: Option<String>,
+    /// Lifetime in seconds, for a shorter-lived token than the default 12 hours.
+    #[serde(default)]
+    ttl: Option<i64>,
 }
 
-pub async fn create_token(State(state): State<AppState>, Body(b): Body<TokenBody>) -> ApiResult<Response> {
-    let issued = issue_token(&state.db, &b.username, &b.password, b.project.as_deref()).await?;
-    let body = json!({"token": issued.token, "expires_at": issued.expires_at / 1000, "project": issued.project});
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+/// `POST /v1/auth/tokens`. Throttled per user name (lock-out) and per peer address; every
+/// attempt, granted or not, goes to the audit log.
+pub async fn create_token(
+    State(state): State<AppState>,
+    connect: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    Body(b): Body<TokenBody>,
+) -> ApiResult<Response> {
+    let peer = connect.map(|c| c.0.0.ip().to_string()).unwrap_or_default();
+    let (user_key, peer_key) = (format!("user:{}", b.username), format!("peer:{peer}"));
+    let throttle = &state.login_throttle;
+    let waited = throttle.per_user.check(&user_key).and_then(|()| throttle.per_peer.check(&peer_key));
+    let mut entry = crate::db::NewAudit {
+        user_name: b.username.chars().take(255).collect(),
+        action: "auth.login".into(),
+        target: "/v1/auth/tokens".into(),
+        source: peer,
+        ..Default::default()
+    };
+    if let Err(retry_after_s) = waited {
+        entry.status = 429;
+        crate::audit::record(&state.db, entry).await;
+        return Err(Error::Throttled { retry_after_s }.into());
+    }
+    let ttl_ms = b.ttl.map_or(crate::auth::TOKEN_TTL_MS, |s| s.saturating_mul(1000));
+    if ttl_ms <= 0 {
+        return Err(Error::Invalid("ttl must be a positive number of seconds".into()).into());
+    }
+    match issue_token_for(&state.db, &b.username, &b.password, b.project.as_deref(), ttl_ms).await {
+        Ok(issued) => {
+            entry.status = 201;
+            entry.detail = format!("project {}", issued.project);
+            crate::audit::record(&state.db, entry).await;
+            let body =
+                json!({"token": issued.token, "expires_at": issued.expires_at / 1000, "project": issued.project});
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
+        Err(e) => {
+            if matches!(e, Error::Unauthorized(_)) {
+                throttle.per_user.fail(&user_key);
+                throttle.per_peer.fail(&peer_key);
+            }
+            entry.status = i64::from(super::error::status_of(&e).as_u16());
+            crate::audit::record(&state.db, entry).await;
+            Err(e.into())
+        }
+    }
 }
 
 fn project_json(p: &Project) -> Value {

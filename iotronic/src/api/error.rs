@@ -34,6 +34,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Board(_) => StatusCode::BAD_GATEWAY,
         Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        Error::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -53,7 +54,11 @@ impl IntoResponse for ApiError {
             body["board"] = json!(board);
             body["expires_at"] = json!(expires_at);
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Error::Throttled { retry_after_s } = &self.0 {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        response
     }
 }
 

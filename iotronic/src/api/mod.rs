@@ -21,6 +21,7 @@ mod calls;
 pub mod error;
 mod metrics;
 mod objects;
+mod security;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,6 +59,8 @@ pub struct AppState {
     pub call_timeout: Duration,
     /// Tunnel tokens for services exposed on boards (`None`: boards get no token).
     pub tunnels: Option<crate::wstun_agent::TunnelMint>,
+    /// Wrong passwords per user name and per peer address.
+    pub login_throttle: Arc<crate::auth::LoginThrottle>,
 }
 
 impl AppState {
@@ -68,6 +71,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             call_timeout: Duration::from_secs(30),
             tunnels: None,
+            login_throttle: Arc::default(),
         }
     }
 }
@@ -140,6 +144,11 @@ route_table! {
     get "/v1/requests/{request}" => objects::show_request, "requests", "Show a request";
     get "/v1/requests/{request}/results" => objects::request_results, "requests", "Results of a request";
     get "/metrics" => metrics::metrics, "meta", "Prometheus metrics";
+    delete "/v1/auth/tokens" => security::revoke_token, "auth", "Revoke this token (log out), or X-Subject-Token's (admin)";
+    delete "/v1/users/{user}/tokens" => security::revoke_user_tokens, "auth", "Revoke every token of a user (admin, or oneself)";
+    post "/v1/boards/{board}/revoke" => security::revoke_board, "boards", "Revoke a board's credentials; it is disconnected within seconds";
+    post "/v1/boards/{board}/rotate-secret" => security::rotate_secret, "boards", "Replace a board's secret: returns a one-time code to enroll again";
+    get "/v1/audit" => security::list_audit, "audit", "The audit log (admin; managers: their project)";
 }
 
 /// Paths answered without a token.
@@ -156,6 +165,7 @@ pub fn router(state: AppState) -> Router {
     add_routes(Router::new())
         .route("/v1/", get(v1))
         .fallback(error::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), security::record_calls))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(middleware::from_fn(api_version))

@@ -272,3 +272,121 @@ impl Db {
         Ok(r.rows_affected())
     }
 }
+
+/// What `rotate-secret` hands out: the board's fresh one-time code.
+#[derive(Clone)]
+pub struct BoardCredentials {
+    pub code: String,
+    pub code_expires_at: i64,
+}
+
+impl std::fmt::Debug for BoardCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoardCredentials")
+            .field("code", &"***")
+            .field("code_expires_at", &self.code_expires_at)
+            .finish()
+    }
+}
+
+/// Token revocation and board credentials (security issue).
+impl Db {
+    /// Revokes one token (by hash). True if it existed.
+    pub async fn delete_token(&self, hash: &str) -> Result<bool, Error> {
+        let r =
+            sqlx::query("DELETE FROM tokens WHERE hash = $1").bind(hash).execute(self.pool()).await.map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Revokes every token of a user; returns how many.
+    pub async fn delete_user_tokens(&self, user_uuid: &str) -> Result<u64, Error> {
+        let r = sqlx::query("DELETE FROM tokens WHERE user_uuid = $1")
+            .bind(user_uuid)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    /// A user by uuid or name.
+    pub async fn user(&self, ident: &str) -> Result<Option<User>, Error> {
+        let row = sqlx::query(
+            "SELECT uuid, name, password_hash, is_admin, created_at FROM users WHERE uuid = $1 OR name = $2",
+        )
+        .bind(ident)
+        .bind(ident)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(user_row).transpose()
+    }
+
+    /// Revokes a board: its secret and code stop working at once, and the agents close its
+    /// sessions and tunnels at their next sweep. Idempotent.
+    pub async fn revoke_board(&self, uuid: &str) -> Result<bool, Error> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), secret_salt = NULL, secret_key = NULL, \
+             code = NULL, code_expires_at = NULL, updated_at = $2 WHERE uuid = $3",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(uuid)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Rotates a board's credentials: the old secret stops working (the board is disconnected
+    /// like a revoked one) and a fresh one-time code, valid until `expires_at`, lets the board
+    /// enroll again and receive a new secret.
+    pub async fn rotate_board(&self, uuid: &str, code: &str, expires_at: i64) -> Result<bool, Error> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), secret_salt = NULL, secret_key = NULL, \
+             code = $2, code_expires_at = $3, updated_at = $4 WHERE uuid = $5",
+        )
+        .bind(now)
+        .bind(code)
+        .bind(expires_at)
+        .bind(now)
+        .bind(uuid)
+        .execute(self.pool())
+        .await
+        .map_err(|e| super::unique_or(e, || "that code is in use: try again".to_owned()))?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// When the board was revoked (None: not revoked, or no such board).
+    pub async fn board_revoked_at(&self, uuid: &str) -> Result<Option<i64>, Error> {
+        let row = sqlx::query("SELECT revoked_at FROM boards WHERE uuid = $1")
+            .bind(uuid)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        match row {
+            Some(r) => col::<Option<i64>>(&r, "revoked_at"),
+            None => Ok(None),
+        }
+    }
+
+    /// Of `boards` (uuids with a live session or channel), those that must be disconnected:
+    /// revoked, or deleted.
+    pub async fn boards_to_disconnect(&self, boards: &[String]) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        for chunk in boards.chunks(200) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!("SELECT uuid FROM boards WHERE revoked_at IS NULL AND uuid IN ({})", marks.join(", "));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for b in chunk {
+                q = q.bind(b);
+            }
+            let rows = q.fetch_all(self.pool()).await.map_err(db_err)?;
+            let good: std::collections::HashSet<String> =
+                rows.iter().map(|r| col::<String>(r, "uuid")).collect::<Result<_, _>>()?;
+            out.extend(chunk.iter().filter(|b| !good.contains(*b)).cloned());
+        }
+        Ok(out)
+    }
+}

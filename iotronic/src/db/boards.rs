@@ -186,11 +186,16 @@ impl Db {
     }
 
     pub async fn board_by_code(&self, code: &str) -> Result<Option<Board>, Error> {
-        let row = sqlx::query(board_query!("WHERE code = $1"))
-            .bind(code)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
+        // A code works until it expires (default: `auth::CODE_TTL_MS` after the board's creation).
+        let row = sqlx::query(board_query!(
+            "WHERE code = $1 AND COALESCE(code_expires_at, created_at + $2) > $3 AND code IS NOT NULL"
+        ))
+        .bind(code)
+        .bind(crate::auth::CODE_TTL_MS)
+        .bind(now_ms())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
         row.as_ref().map(board_row).transpose()
     }
 
@@ -273,7 +278,8 @@ impl Db {
         sqlx::query(
             "UPDATE boards SET status = CASE WHEN status = 'registered' THEN 'offline' ELSE status END, agent = $1, \
              config = $2, secret_salt = COALESCE($3, secret_salt), secret_key = COALESCE($4, secret_key), \
-             code = CASE WHEN $5 = 1 THEN NULL ELSE code END, updated_at = $6 WHERE uuid = $7",
+             code = CASE WHEN $5 = 1 THEN NULL ELSE code END, \
+             revoked_at = CASE WHEN $5 = 1 THEN NULL ELSE revoked_at END, updated_at = $6 WHERE uuid = $7",
         )
         .bind(agent)
         .bind(config.to_string())
@@ -308,7 +314,7 @@ impl Db {
         let now = now_ms();
         let r = sqlx::query(
             "UPDATE boards SET status = 'online', agent = $1, session_id = $2, lr_version = COALESCE($3, lr_version), \
-             connectivity = $4, last_seen = $5, updated_at = $6 WHERE uuid = $7",
+             connectivity = $4, last_seen = $5, updated_at = $6 WHERE uuid = $7 AND revoked_at IS NULL",
         )
         .bind(agent)
         .bind(session)

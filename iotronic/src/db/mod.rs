@@ -8,6 +8,7 @@
 //! Records are plain structs mapped from rows by hand; REST DTOs live in `api`, bus messages in
 //! `bus`, and conversions between them are written out.
 
+mod audit;
 mod auth;
 mod boards;
 mod leases;
@@ -23,7 +24,8 @@ use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
-pub use auth::{Membership, Project, Role, TokenInfo, User};
+pub use audit::{AuditEntry, AuditQuery, NewAudit};
+pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
 pub use objects::{Exposure, Fleet, Plugin, Service, Vpn, VpnMember};
@@ -35,6 +37,7 @@ use crate::Error;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
     (2, "settings", include_str!("../../migrations/0002_settings.sql")),
+    (3, "security", include_str!("../../migrations/0003_security.sql")),
 ];
 
 /// Which database a [`Db`] talks to.
@@ -140,6 +143,7 @@ impl Db {
     pub async fn open(url: &DatabaseUrl) -> Result<Db, Error> {
         let db = Db::connect(url).await?;
         db.migrate().await?;
+        db.protect_audit().await?;
         Ok(db)
     }
 

@@ -1,4 +1,4 @@
-//! `s4t board list|show|create|update|delete|action|wait`.
+//! `s4t board list|show|create|update|delete|action|wait|revoke|rotate-secret`.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,18 @@ pub enum BoardCmd {
     /// Wait until a board has a status (default online).
     #[command(after_help = "Example:\n  s4t board wait pi1 --timeout 60s")]
     Wait(WaitArgs),
+    /// Revoke a board's credentials: it is disconnected within seconds and cannot log in
+    /// until `rotate-secret` gives it a new code.
+    Revoke { board: String },
+    /// Replace a board's secret: the old one stops working now; prints a one-time code to
+    /// enroll the board again with (`lightning-rod enroll --force --code CODE`).
+    #[command(name = "rotate-secret", after_help = "Example:\n  s4t board rotate-secret pi1 --ttl 3600")]
+    RotateSecret {
+        board: String,
+        /// How long the new code works, in seconds (default one day).
+        #[arg(long)]
+        ttl: Option<i64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -223,6 +235,29 @@ pub async fn run(ctx: &Ctx, cmd: BoardCmd) -> Result<()> {
             report(ctx, &a.board, called, &a.call)?;
         }
         BoardCmd::Wait(a) => wait(ctx, &client, &a).await?,
+        BoardCmd::Revoke { board } => {
+            let v = client.post(&format!("/v1/boards/{}/revoke", seg(&board)), &json!({})).await?.body;
+            ctx.out.result(&v, Some(&field(&v, "uuid")), || {
+                println!(
+                    "revoked board {} ({}): its sessions close within seconds",
+                    field(&v, "name"),
+                    field(&v, "uuid")
+                );
+            });
+        }
+        BoardCmd::RotateSecret { board, ttl } => {
+            let body = ttl.map_or_else(|| json!({}), |t| json!({"ttl": t}));
+            let v = client.post(&format!("/v1/boards/{}/rotate-secret", seg(&board)), &body).await?.body;
+            ctx.out.result(&v, Some(&field(&v, "code")), || {
+                println!("the old secret of board {} no longer works; enroll it again with:", field(&v, "name"));
+                println!(
+                    "  lightning-rod enroll --force --url ws://{}:8181/ --code {}",
+                    client.host(),
+                    field(&v, "code")
+                );
+                println!("the code works once, until {}", time_field(&v, "code_expires_at"));
+            });
+        }
     }
     Ok(())
 }

@@ -1,0 +1,183 @@
+//! The audit log: who did what, when and from where. Append-only: this module has an insert
+//! and a select, nothing else, and [`Db::protect_audit`] installs a trigger that makes the
+//! database itself refuse an UPDATE or DELETE of an entry.
+
+use sqlx::any::AnyRow;
+
+use super::{Backend, Db, col, db_err, new_uuid, now_ms};
+use crate::Error;
+
+/// An entry to record. Empty strings where a field does not apply.
+#[derive(Debug, Clone, Default)]
+pub struct NewAudit {
+    pub user_uuid: String,
+    pub user_name: String,
+    /// The project the action concerns (what a manager's view is filtered by).
+    pub project_uuid: String,
+    /// `POST /v1/boards`, `auth.login`, `board.enroll`, `tunnel.open`, …
+    pub action: String,
+    /// The path or the object acted on.
+    pub target: String,
+    /// The peer address, or the WAMP session for board actions.
+    pub source: String,
+    /// HTTP status for REST calls; 0 for success and 1 for refusal elsewhere.
+    pub status: i64,
+    pub detail: String,
+}
+
+/// A recorded entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: i64,
+    pub user_uuid: String,
+    pub user_name: String,
+    pub project_uuid: String,
+    pub action: String,
+    pub target: String,
+    pub source: String,
+    pub status: i64,
+    pub detail: String,
+}
+
+/// Which entries to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only this project's entries (a manager's view).
+    pub project: Option<String>,
+    /// Only entries at or after this time (ms).
+    pub since: i64,
+    /// Only entries strictly before this time (ms); 0: no bound.
+    pub before: i64,
+    pub limit: i64,
+}
+
+fn entry_row(r: &AnyRow) -> Result<AuditEntry, Error> {
+    Ok(AuditEntry {
+        id: col(r, "id")?,
+        at: col(r, "at")?,
+        user_uuid: col(r, "user_uuid")?,
+        user_name: col(r, "user_name")?,
+        project_uuid: col(r, "project_uuid")?,
+        action: col(r, "action")?,
+        target: col(r, "target")?,
+        source: col(r, "source")?,
+        status: col(r, "status")?,
+        detail: col(r, "detail")?,
+    })
+}
+
+/// Longest text kept per field: entries are evidence, not storage.
+const MAX_FIELD: usize = 1024;
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+impl Db {
+    pub async fn insert_audit(&self, e: &NewAudit) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO audit (id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(new_uuid())
+        .bind(now_ms())
+        .bind(clip(&e.user_uuid))
+        .bind(clip(&e.user_name))
+        .bind(clip(&e.project_uuid))
+        .bind(clip(&e.action))
+        .bind(clip(&e.target))
+        .bind(clip(&e.source))
+        .bind(e.status)
+        .bind(clip(&e.detail))
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, Error> {
+        let project = q.project.clone().unwrap_or_default();
+        let before = if q.before > 0 { q.before } else { i64::MAX };
+        let rows = sqlx::query(
+            "SELECT id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail FROM audit \
+             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 ORDER BY at DESC, id DESC LIMIT $5",
+        )
+        .bind(&project)
+        .bind(&project)
+        .bind(q.since)
+        .bind(before)
+        .bind(q.limit.clamp(1, 1000))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(entry_row).collect()
+    }
+
+    /// Makes the database refuse UPDATE and DELETE on `audit` (idempotent; every process
+    /// calls it at start).
+    pub async fn protect_audit(&self) -> Result<(), Error> {
+        let statements: &[&str] = match self.backend() {
+            Backend::Sqlite => &[
+                "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+                "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit \
+                 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+            ],
+            Backend::Postgres => &["DO $$ BEGIN \
+                 IF NOT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'audit_append_only') THEN \
+                 CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS \
+                 'BEGIN RAISE EXCEPTION ''the audit log is append-only''; END'; END IF; \
+                 IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_no_change') THEN \
+                 CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit \
+                 FOR EACH ROW EXECUTE FUNCTION audit_append_only(); END IF; END $$"],
+        };
+        for sql in statements {
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(self.pool()).await {
+                // Several processes starting at once may race on PostgreSQL's catalog: the
+                // winner installed it; anything else is a real failure.
+                if !super::is_unique_violation(&e) {
+                    return Err(db_err(e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::DatabaseUrl;
+
+    #[tokio::test]
+    async fn entries_are_scoped_and_cannot_be_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        db.protect_audit().await.unwrap(); // idempotent: open() did it already
+        for (p, action) in [("alpha", "POST /v1/boards"), ("beta", "DELETE /v1/vpns/x"), ("alpha", "auth.login")] {
+            let e = NewAudit { project_uuid: p.into(), action: action.into(), ..NewAudit::default() };
+            db.insert_audit(&e).await.unwrap();
+        }
+        let q = AuditQuery { project: Some("alpha".into()), limit: 10, ..Default::default() };
+        let alpha = db.list_audit(&q).await.unwrap();
+        assert_eq!(alpha.len(), 2);
+        assert!(alpha.iter().all(|e| e.project_uuid == "alpha"));
+        let all = db.list_audit(&AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(all.len(), 3);
+        for sql in ["UPDATE audit SET action = 'nothing'", "DELETE FROM audit"] {
+            let r = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(db.pool()).await;
+            assert!(r.is_err(), "{sql} was allowed");
+        }
+        assert_eq!(db.list_audit(&AuditQuery { limit: 10, ..Default::default() }).await.unwrap(), all);
+        let long = NewAudit { action: "x".repeat(5000), ..NewAudit::default() };
+        db.insert_audit(&long).await.unwrap();
+    }
+}
