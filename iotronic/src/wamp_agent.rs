@@ -273,7 +273,9 @@ async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> 
         .register(&format!("{prefix}.wamp_alive"), move |inv| {
             let c = c.clone();
             async move {
-                if let Some(b) = text(kwarg(&inv, "board_uuid")) {
+                if let Some(b) = text(kwarg(&inv, "board_uuid"))
+                    && speaks_for(&c, &inv, &b)
+                {
                     let _ = c.db.touch_board(&b).await;
                 }
                 let now = crate::db::now_ms();
@@ -422,9 +424,27 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     wamp_message("SUCCESS", json!(""))
 }
 
+/// May the caller of `inv` speak for `board`? A board session (its authid) and a legacy session
+/// (the uuid bound at its `connection`) only for their own board; the cloud's own sessions for
+/// any. Identity comes from the router, never from the payload.
+fn speaks_for(c: &Ctx, inv: &Invocation, board: &str) -> bool {
+    match inv.caller_authrole() {
+        Some("board") => inv.caller_authid() == Some(board),
+        Some("legacy") => {
+            inv.caller().and_then(|id| c.router.session(id)).and_then(|s| s.board).is_some_and(|b| b == board)
+        }
+        Some("agent") => true,
+        _ => false,
+    }
+}
+
 /// `<agent>.stack4things.notify_result(board_uuid, wampmessage)`: a RUNNING call finished.
+/// Only the board a request went to may report its result.
 async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     let board = text(kwarg(inv, "board_uuid")).unwrap_or_default();
+    if !speaks_for(c, inv, &board) {
+        return wamp_message("ERROR", json!("a board may only notify its own results"));
+    }
     let msg = match kwarg(inv, "wampmessage") {
         Some(Value::String(s)) => serde_json::from_str::<Value>(s).unwrap_or(Value::Null),
         Some(v) => v.clone(),
@@ -435,6 +455,11 @@ async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
     else {
         return wamp_message("ERROR", json!("wampmessage needs req_id and result"));
     };
+    match c.db.request(req, None).await {
+        Ok(Some(r)) if r.destination == board => {}
+        Ok(_) => return wamp_message("ERROR", json!(format!("no request {req} for board {board}"))),
+        Err(e) => return wamp_message("ERROR", json!(format!("cannot record the result: {e}"))),
+    }
     let message = msg.get("message").cloned().unwrap_or(Value::Null);
     let m = ConductorMsg::Result { request: req.to_owned(), board, result: result.to_owned(), message };
     if let Err(e) = c.bus.to_conductor(&m).await {

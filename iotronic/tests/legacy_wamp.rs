@@ -72,7 +72,8 @@ async fn login(s: &Session, uuid: &str, lr_version: &str) -> (String, Value) {
 }
 
 /// Registers `DeviceEcho` under the session's prefix; every call's positional args go to the
-/// returned channel and the reply is the original's WampMessage string.
+/// returned channel and the reply is the original's WampMessage string (RUNNING for
+/// `say: "running"`, to be completed by `notify_result`).
 async fn serve_echo(s: &Session, uuid: &str) -> mpsc::Receiver<Vec<Value>> {
     let (tx, rx) = mpsc::channel(8);
     s.register(&format!("iotronic.{}.{uuid}.DeviceEcho", s.id()), move |inv| {
@@ -80,7 +81,11 @@ async fn serve_echo(s: &Session, uuid: &str) -> mpsc::Receiver<Vec<Value>> {
         async move {
             let say = inv.args.last().and_then(|p| p.get("say")).cloned().unwrap_or(Value::Null);
             let _ = tx.send(inv.args.clone()).await;
-            let reply = json!({"message": format!("{} @ now", say.as_str().unwrap_or("")), "result": "SUCCESS"});
+            // "running": answer as the original does for work it finishes later.
+            let reply = match say.as_str().unwrap_or("") {
+                "running" => json!({"message": "DeviceEcho", "result": "RUNNING"}),
+                say => json!({"message": format!("{say} @ now"), "result": "SUCCESS"}),
+            };
             Ok(Payload::new(vec![json!(reply.to_string())], Dict::new()))
         }
     })
@@ -195,14 +200,41 @@ async fn anonymous_boards_speak_the_original_protocol() {
     assert_eq!(args.len(), 2, "{args:?}");
     assert!(args[0]["uuid"].is_string() && args[0]["main_request_uuid"].is_null(), "{args:?}");
     assert_eq!(args[1], json!({"say": "hi"}));
-    // wamp_alive answers the original's plain string; notify_result the exact shape.
+    // wamp_alive answers the original's plain string.
     let alive =
         lr.call("agent.stack4things.wamp_alive", vec![], kwargs(json!({"board_uuid": old, "board_name": "old"})), CALL);
     assert!(alive.await.unwrap().args[0].as_str().unwrap().starts_with("Iotronic alive @ "));
-    let wm = json!({"message": "late", "result": "SUCCESS", "req_id": "no-such-request"}).to_string();
-    let (result, message) =
-        call_original(&lr, "agent.stack4things.notify_result", json!({"board_uuid": old, "wampmessage": wm})).await;
+    // notify_result completes a RUNNING request of this board, in the exact reply shape; the
+    // board's own request only, and only from that board's session.
+    let (s, accepted) = api
+        .req(
+            "POST",
+            "/v1/boards/old/action?async=true",
+            Some(json!({"action": "DeviceEcho", "parameters": {"say": "running"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{accepted}");
+    let request = accepted["uuid"].as_str().unwrap().to_owned();
+    calls.recv().await.unwrap();
+    let wm = |m: &str| json!({"message": m, "result": "SUCCESS", "req_id": request}).to_string();
+    let forged = json!({"board_uuid": old, "wampmessage": wm("forged")});
+    let (result, _) = call_original(&thief, "agent.stack4things.notify_result", forged).await;
+    assert_eq!(result, "ERROR", "another session reported the board's result");
+    let late = json!({"board_uuid": old, "wampmessage": wm("late")});
+    let (result, message) = call_original(&lr, "agent.stack4things.notify_result", late).await;
     assert_eq!((result.as_str(), message), ("SUCCESS", json!("notification_received")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, r) = api.req("GET", &format!("/v1/requests/{request}/results"), None).await;
+        if r["results"][0]["message"] == "late" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the notified result never arrived: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bogus = json!({"message": "m", "result": "SUCCESS", "req_id": "no-such-request"}).to_string();
+    let bogus = json!({"board_uuid": old, "wampmessage": bogus});
+    assert_eq!(call_original(&lr, "agent.stack4things.notify_result", bogus).await.0, "ERROR");
 
     // Below 0.4.9 the request dict is omitted, as the original cloud does.
     let lr_old = anonymous(&wamp).await;
