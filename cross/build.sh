@@ -33,8 +33,12 @@ profile=${S4T_CROSS_PROFILE:-board}
 apt=()
 zig_target=$target
 flags=""
+build_std=no
 case $target in
-  armv7-unknown-linux-gnueabihf) method=rustup; apt=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross) ;;
+  armv7-unknown-linux-gnueabihf)
+    # std rebuilt with the board profile (size-optimised, no unwinding): the prebuilt std
+    # would put the agent over its 4 MB budget.
+    method=rustup; build_std=yes; apt=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross) ;;
   aarch64-unknown-linux-gnu) method=rustup; apt=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
   aarch64-unknown-linux-musl)
     method=rustup; apt=(gcc-aarch64-linux-gnu)
@@ -74,10 +78,15 @@ tenv=$(echo "$target" | tr 'a-z-' 'A-Z_')
 if [ -n "$flags" ]; then
   export "CARGO_TARGET_${tenv}_RUSTFLAGS=$flags"
 fi
-build=(build -p lightning-rod --bin lightning-rod --locked --profile "$profile")
+args=(-p lightning-rod --bin lightning-rod --locked --profile "$profile")
 if [ $method = rustup ]; then
   rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
-  cargo "${build[@]}" --target "$target" >&2
+  if [ $build_std = yes ]; then
+    rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
+    RUSTC_BOOTSTRAP=1 cargo build "${args[@]}" --target "$target" -Zbuild-std=std,panic_abort >&2
+  else
+    cargo build "${args[@]}" --target "$target" >&2
+  fi
 else
   need_apt python3-venv
   rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
@@ -89,7 +98,7 @@ else
   fi
   export PATH="$venv/bin:$PATH"
   # -Zbuild-std is unstable: RUSTC_BOOTSTRAP lets the pinned stable toolchain accept it.
-  RUSTC_BOOTSTRAP=1 cargo zigbuild "${build[@]}" --target "$zig_target" -Zbuild-std=std,panic_abort >&2
+  RUSTC_BOOTSTRAP=1 cargo zigbuild "${args[@]}" --target "$zig_target" -Zbuild-std=std,panic_abort >&2
 fi
 
 case $profile in dev) dir=debug ;; *) dir=$profile ;; esac

@@ -22,6 +22,8 @@ bin=${LR_BIN:-$(bash "$root/cross/build.sh" "$target" | tail -n1)}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n1)
 pkg=$(mktemp -d)
 trap 'rm -rf "$pkg"' EXIT
+# mktemp makes 0700 directories; the package's ./ must not carry that onto the board's /.
+chmod 0755 "$pkg"
 install -D -m 0755 "$bin" "$pkg/usr/bin/lightning-rod"
 install -D -m 0644 "$here/config.toml" "$pkg/etc/lightning-rod/config.toml"
 install -d "$pkg/lib/systemd/system"

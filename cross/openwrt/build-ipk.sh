@@ -15,6 +15,9 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -n1)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 data=$work/data ctl=$work/control
+# mktemp makes 0700 directories; the package's ./ must not carry that onto the board's /.
+chmod 0755 "$work"
+mkdir -p -m 0755 "$data"
 install -D -m 0755 "$bin" "$data/usr/bin/lightning-rod"
 install -D -m 0644 "$here/config.toml" "$data/etc/lightning-rod/config.toml"
 install -D -m 0755 "$here/lightning-rod.init" "$data/etc/init.d/lightning-rod"

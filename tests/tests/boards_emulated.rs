@@ -125,11 +125,19 @@ fn armv7_and_mips_agents_under_qemu_user_enroll_and_answer_gpio() {
         let lines = rest.expect(200, "GET", &format!("/v1/boards/{name}/gpio"), None).unwrap();
         assert_eq!(lines["lines"].as_array().map(Vec::len), Some(28), "{target}: {lines}");
     }
-    // The boards really are emulated foreign binaries behind NAT: each process is qemu.
-    for (host, (_, target)) in hosts.iter().zip(agents) {
-        let ps = host.sh("ps -eo args").unwrap();
+    // The agents that answered are the foreign binaries, each under qemu in its board's
+    // namespace behind NAT.
+    for ((host, (_, target)), bin) in hosts.iter().zip(agents).zip(&bins) {
         let qemu = &s4t_tests::boards::qemu_user(target).unwrap()[0];
-        assert!(ps.lines().any(|l| l.contains(qemu.as_str()) && l.contains(" run ")), "{target}: {ps}");
+        let pids = run(std::process::Command::new("ip").args(["netns", "pids", &host.netns])).unwrap();
+        let found = pids.split_whitespace().any(|pid| {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv: Vec<String> = argv.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            argv.first().is_some_and(|a| a.ends_with(qemu.as_str()))
+                && argv.iter().any(|a| Path::new(a) == bin.as_path())
+                && argv.iter().any(|a| a == "run")
+        });
+        assert!(found, "{target}: no {qemu} running {} in {}", bin.display(), host.netns);
     }
 }
 
