@@ -33,6 +33,38 @@ impl PluginKind {
     }
 }
 
+/// The host functions a WebAssembly plugin may import, all from module [`HOST_MODULE`] (their
+/// signatures are in the board's `plugins::wasm::ABI`). The cloud refuses a module importing
+/// anything else when it is uploaded, the board when it is injected.
+pub const HOST_FUNCTIONS: &[&str] = &[
+    "log",
+    "sleep_ms",
+    "now_ms",
+    "params_len",
+    "params_read",
+    "set_result",
+    "publish",
+    "gpio_read",
+    "gpio_write",
+    "i2c_read",
+    "i2c_write",
+    "last_error",
+];
+
+pub const HOST_MODULE: &str = "s4t";
+
+/// The largest plugin code the cloud accepts, decoded. Base64 and the call's JSON around it
+/// then stay under the 1 MiB WAMP message limit of the boards.
+pub const MAX_CODE_BYTES: usize = 512 * 1024;
+
+/// The first 8 bytes of a WebAssembly 1.0 binary module.
+pub const WASM_MAGIC: [u8; 8] = [0, b'a', b's', b'm', 1, 0, 0, 0];
+
+/// Whether `bytes` starts like a WebAssembly binary module.
+pub fn is_wasm(bytes: &[u8]) -> bool {
+    bytes.starts_with(&WASM_MAGIC)
+}
+
 /// An I2C device a plugin may address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -581,15 +581,6 @@ pub async fn service_action(
     }
 }
 
-pub async fn injections(
-    State(state): State<AppState>,
-    Extension(c): Extension<Caller>,
-    Path(ident): Path<String>,
-) -> ApiResult<Json<Value>> {
-    visible_board(&state, &c, &ident).await?;
-    Ok(Json(json!({"injections": []})))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! - [`error`]: the one error shape and the status of every error.
 //! - `auth`: tokens, projects, users; the `Caller` every handler acts for.
 //! - `boards`: boards, board actions, GPIO/I2C, services on boards.
-//! - `objects`: services, fleets, plugins, VPNs, leases, requests.
+//! - `objects`: services, fleets, VPNs, leases, requests.
+//! - `plugins`: plugins (code, kinds, grants), injections into boards and plugin actions.
 //! - `calls`: how a REST call becomes a request, waits for it or returns 202.
 //! - `metrics`: Prometheus text.
 //!
@@ -21,6 +22,7 @@ mod calls;
 pub mod error;
 mod metrics;
 mod objects;
+mod plugins;
 mod security;
 
 use std::sync::Arc;
@@ -112,7 +114,11 @@ route_table! {
     get "/v1/boards/{board}/services" => boards::exposed, "services", "Services exposed on a board";
     get "/v1/boards/{board}/services/restore" => boards::restore_services, "services", "Restore every exposed service";
     post "/v1/boards/{board}/services/{service}/action" => boards::service_action, "services", "ServiceEnable, ServiceDisable or ServiceRestore";
-    get "/v1/boards/{board}/plugins" => boards::injections, "plugins", "Plugins injected on a board";
+    get "/v1/boards/{board}/plugins" => plugins::injections, "plugins", "Plugins injected on a board";
+    put "/v1/boards/{board}/plugins" => plugins::inject, "plugins", "Inject a plugin into a board {plugin, onboot[, grants]}";
+    get "/v1/boards/{board}/plugins/{plugin}" => plugins::injection, "plugins", "One plugin injected on a board";
+    post "/v1/boards/{board}/plugins/{plugin}" => plugins::action, "plugins", "PluginCall, PluginStart, PluginStop, PluginStatus or PluginReboot";
+    delete "/v1/boards/{board}/plugins/{plugin}" => plugins::remove, "plugins", "Remove a plugin from a board";
     get "/v1/services" => objects::list_services, "services", "List services";
     post "/v1/services" => objects::create_service, "services", "Create a service";
     get "/v1/services/{service}" => objects::show_service, "services", "Show a service";
@@ -124,10 +130,11 @@ route_table! {
     patch "/v1/fleets/{fleet}" => objects::update_fleet, "fleets", "Update a fleet";
     delete "/v1/fleets/{fleet}" => objects::delete_fleet, "fleets", "Delete a fleet";
     get "/v1/fleets/{fleet}/boards" => objects::fleet_boards, "fleets", "Boards in a fleet";
-    get "/v1/plugins" => objects::list_plugins, "plugins", "List plugins (metadata)";
-    post "/v1/plugins" => objects::create_plugin, "plugins", "Create a plugin (metadata)";
-    get "/v1/plugins/{plugin}" => objects::show_plugin, "plugins", "Show a plugin";
-    delete "/v1/plugins/{plugin}" => objects::delete_plugin, "plugins", "Delete a plugin";
+    get "/v1/plugins" => plugins::list, "plugins", "List plugins (?with_public=true)";
+    post "/v1/plugins" => plugins::create, "plugins", "Create a plugin with its code (wasm, process or python)";
+    get "/v1/plugins/{plugin}" => plugins::show, "plugins", "Show a plugin with its code";
+    patch "/v1/plugins/{plugin}" => plugins::update, "plugins", "Update a plugin (partial object)";
+    delete "/v1/plugins/{plugin}" => plugins::delete, "plugins", "Delete a plugin injected nowhere";
     get "/v1/leases" => objects::list_leases, "leases", "List leases";
     post "/v1/leases" => objects::create_lease, "leases", "Book boards exclusively until an expiry";
     get "/v1/leases/{lease}" => objects::show_lease, "leases", "Show a lease";

@@ -1,4 +1,4 @@
-//! Services, fleets, plugins (metadata), leases, VPNs and requests.
+//! Services, fleets, leases, VPNs and requests.
 
 use std::collections::HashMap;
 
@@ -16,7 +16,7 @@ use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
 use crate::Error;
 use crate::conductor::Conductor;
-use crate::db::{Fleet, Lease, Plugin, Role, Service, Vpn, VpnMember, now_ms};
+use crate::db::{Fleet, Lease, Role, Service, Vpn, VpnMember, now_ms};
 
 fn created(v: Value) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
@@ -200,91 +200,6 @@ pub async fn fleet_boards(
     let f = visible_fleet(&state, &c, &ident).await?;
     let boards = state.db.list_boards(c.scope(), None, Some(&f.uuid)).await?;
     Ok(Json(json!({"boards": boards.iter().map(board_json).collect::<Vec<_>>()})))
-}
-
-fn plugin_json(p: &Plugin) -> Value {
-    json!({"uuid": p.uuid, "name": p.name, "owner": p.owner, "project": p.project, "public": p.public,
-           "code": p.code, "callable": p.callable, "parameters": p.parameters, "extra": p.extra,
-           "created_at": p.created_at / 1000, "updated_at": p.updated_at / 1000,
-           "links": [{"href": format!("/v1/plugins/{}", p.uuid), "rel": "self"}]})
-}
-
-pub async fn list_plugins(
-    State(state): State<AppState>,
-    Extension(c): Extension<Caller>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
-    let with_public = q.get("with_public").is_some_and(|v| v == "true" || v == "1");
-    let p = state.db.list_plugins(c.scope(), with_public).await?;
-    Ok(Json(json!({"plugins": p.iter().map(plugin_json).collect::<Vec<_>>()})))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginBody {
-    name: String,
-    #[serde(default)]
-    code: String,
-    #[serde(default)]
-    public: bool,
-    #[serde(default)]
-    callable: bool,
-    #[serde(default)]
-    parameters: Option<Value>,
-    #[serde(default)]
-    extra: Option<Value>,
-}
-
-pub async fn create_plugin(
-    State(state): State<AppState>,
-    Extension(c): Extension<Caller>,
-    Body(b): Body<PluginBody>,
-) -> ApiResult<Response> {
-    check_name(&b.name, "plugin name")?;
-    let p = Plugin {
-        uuid: String::new(),
-        name: b.name,
-        owner: c.user.clone(),
-        project: c.project.clone(),
-        public: b.public,
-        code: b.code,
-        callable: b.callable,
-        parameters: b.parameters.unwrap_or_else(|| json!({})),
-        extra: b.extra.unwrap_or_else(|| json!({})),
-        created_at: 0,
-        updated_at: 0,
-    };
-    Ok(created(plugin_json(&state.db.create_plugin(&p).await?)))
-}
-
-pub async fn show_plugin(
-    State(state): State<AppState>,
-    Extension(c): Extension<Caller>,
-    Path(ident): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let p = state
-        .db
-        .plugin(&ident, c.scope())
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("plugin {ident} not found")))?;
-    Ok(Json(plugin_json(&p)))
-}
-
-pub async fn delete_plugin(
-    State(state): State<AppState>,
-    Extension(c): Extension<Caller>,
-    Path(ident): Path<String>,
-) -> ApiResult<StatusCode> {
-    let p = state
-        .db
-        .plugin(&ident, c.scope())
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("plugin {ident} not found")))?;
-    if !c.is_admin && p.project != c.project {
-        return Err(Error::Forbidden("a public plugin of another project cannot be deleted".into()).into());
-    }
-    state.db.delete_plugin(&p.uuid).await?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 fn lease_json(l: &Lease) -> Value {

@@ -141,6 +141,9 @@ pub enum Command {
     /// Fleets: named groups of boards.
     #[command(subcommand)]
     Fleet(commands::fleets::FleetCmd),
+    /// Plugins: user code run sandboxed on boards (create, inject, call, start, stop, status, remove).
+    #[command(subcommand)]
+    Plugin(commands::plugins::PluginCmd),
     /// Requests sent to boards and their results.
     #[command(subcommand)]
     Request(commands::requests::RequestCmd),
@@ -220,6 +223,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Gpio(a) => pins::gpio(&ctx, a).await,
         Command::I2c(a) => pins::i2c(&ctx, a).await,
         Command::Fleet(c) => fleets::run(&ctx, c).await,
+        Command::Plugin(c) => plugins::run(&ctx, c).await,
         Command::Request(c) => requests::run(&ctx, c).await,
         Command::Project(c) => auth::project(&ctx, c).await,
         Command::User(c) => auth::user(&ctx, c).await,

@@ -13,6 +13,7 @@ mod auth;
 mod boards;
 mod leases;
 mod objects;
+mod plugins;
 mod requests;
 
 use std::borrow::Cow;
@@ -28,7 +29,8 @@ pub use audit::{AuditEntry, AuditQuery, NewAudit};
 pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
-pub use objects::{Exposure, Fleet, Plugin, Service, Vpn, VpnMember};
+pub use objects::{Exposure, Fleet, Service, Vpn, VpnMember};
+pub use plugins::{Injection, Plugin};
 pub use requests::{Request, RequestStatus, ResultRow};
 
 use crate::Error;
@@ -38,6 +40,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("../../migrations/0001_init.sql")),
     (2, "settings", include_str!("../../migrations/0002_settings.sql")),
     (3, "security", include_str!("../../migrations/0003_security.sql")),
+    (4, "plugins", include_str!("../../migrations/0004_plugins.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

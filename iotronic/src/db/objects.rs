@@ -1,4 +1,4 @@
-//! Fleets, services and their exposures (public ports), plugins, VPNs and their members.
+//! Fleets, services and their exposures (public ports), VPNs and their members.
 
 use std::net::Ipv4Addr;
 
@@ -39,21 +39,6 @@ pub struct Exposure {
     pub public_port: i64,
     pub lease: Option<String>,
     pub created_at: i64,
-}
-
-#[derive(Debug, Clone)]
-pub struct Plugin {
-    pub uuid: String,
-    pub name: String,
-    pub owner: String,
-    pub project: String,
-    pub public: bool,
-    pub code: String,
-    pub callable: bool,
-    pub parameters: Value,
-    pub extra: Value,
-    pub created_at: i64,
-    pub updated_at: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -107,22 +92,6 @@ fn exposure_row(r: &AnyRow) -> Result<Exposure, Error> {
         public_port: col(r, "public_port")?,
         lease: col(r, "lease_uuid")?,
         created_at: col(r, "created_at")?,
-    })
-}
-
-fn plugin_row(r: &AnyRow) -> Result<Plugin, Error> {
-    Ok(Plugin {
-        uuid: col(r, "uuid")?,
-        name: col(r, "name")?,
-        owner: col(r, "owner_uuid")?,
-        project: col(r, "project_uuid")?,
-        public: col::<i64>(r, "public")? != 0,
-        code: col(r, "code")?,
-        callable: col::<i64>(r, "callable")? != 0,
-        parameters: json_col(r, "parameters")?,
-        extra: json_col(r, "extra")?,
-        created_at: col(r, "created_at")?,
-        updated_at: col(r, "updated_at")?,
     })
 }
 
@@ -417,82 +386,6 @@ impl Db {
             .await
             .map_err(db_err)?;
         Ok(r.rows_affected() > 0)
-    }
-
-    pub async fn create_plugin(&self, p: &Plugin) -> Result<Plugin, Error> {
-        let (uuid, now) = (new_uuid(), now_ms());
-        sqlx::query(
-            "INSERT INTO plugins (uuid, name, owner_uuid, project_uuid, public, code, callable, parameters, extra, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(&uuid)
-        .bind(&p.name)
-        .bind(&p.owner)
-        .bind(&p.project)
-        .bind(i64::from(p.public))
-        .bind(&p.code)
-        .bind(i64::from(p.callable))
-        .bind(p.parameters.to_string())
-        .bind(p.extra.to_string())
-        .bind(now)
-        .bind(now)
-        .execute(self.pool())
-        .await
-        .map_err(db_err)?;
-        Ok(Plugin { uuid, created_at: now, updated_at: now, ..p.clone() })
-    }
-
-    /// A plugin by uuid or name, visible to `project` (its own or public) when given.
-    pub async fn plugin(&self, ident: &str, project: Option<&str>) -> Result<Option<Plugin>, Error> {
-        let row = sqlx::query(
-            "SELECT * FROM plugins WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4 OR public = 1) \
-             ORDER BY uuid LIMIT 1",
-        )
-        .bind(ident)
-        .bind(ident)
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
-        .await
-        .map_err(db_err)?;
-        row.as_ref().map(plugin_row).transpose()
-    }
-
-    pub async fn list_plugins(&self, project: Option<&str>, with_public: bool) -> Result<Vec<Plugin>, Error> {
-        let rows = sqlx::query(
-            "SELECT * FROM plugins WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) ORDER BY created_at, uuid",
-        )
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .bind(i64::from(with_public))
-        .fetch_all(self.pool())
-        .await
-        .map_err(db_err)?;
-        rows.iter().map(plugin_row).collect()
-    }
-
-    pub async fn update_plugin(&self, p: &Plugin) -> Result<(), Error> {
-        sqlx::query(
-            "UPDATE plugins SET name = $1, public = $2, code = $3, callable = $4, parameters = $5, extra = $6, \
-             updated_at = $7 WHERE uuid = $8",
-        )
-        .bind(&p.name)
-        .bind(i64::from(p.public))
-        .bind(&p.code)
-        .bind(i64::from(p.callable))
-        .bind(p.parameters.to_string())
-        .bind(p.extra.to_string())
-        .bind(now_ms())
-        .bind(&p.uuid)
-        .execute(self.pool())
-        .await
-        .map_err(db_err)?;
-        Ok(())
-    }
-
-    pub async fn delete_plugin(&self, uuid: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM plugins WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
-        Ok(())
     }
 
     pub async fn create_vpn(&self, name: &str, project: &str, vpn_type: &str, cidr: &str) -> Result<Vpn, Error> {

@@ -22,6 +22,8 @@ use wasmi::{
     TypedResumableCall,
 };
 
+use s4t_shared::plugin::{HOST_FUNCTIONS, HOST_MODULE};
+
 use super::run::{End, Job, output_value};
 
 /// The host functions, for plugin authors (module `s4t`; pointers and lengths are `i32`):
@@ -108,8 +110,13 @@ impl Sandbox {
         if !has("run") || !has("memory") {
             return Err("the module must export `memory` and `run: () -> i32`".into());
         }
-        if let Some(i) = module.imports().find(|i| i.module() != "s4t") {
-            return Err(format!("the module imports {}.{}; only `s4t` host functions exist", i.module(), i.name()));
+        if let Some(i) = module.imports().find(|i| i.module() != HOST_MODULE || !HOST_FUNCTIONS.contains(&i.name())) {
+            return Err(format!(
+                "the module imports {}.{}; only the host functions {HOST_MODULE}.{{{}}} exist",
+                i.module(),
+                i.name(),
+                HOST_FUNCTIONS.join(",")
+            ));
         }
         Ok(module)
     }
@@ -430,5 +437,26 @@ pub fn describe(end: &End) -> Value {
         End::Done { status, result: None } => Value::String(format!("returned {status}")),
         End::Failed(why) => Value::String(why.clone()),
         End::Stopped => Value::String("stopped".into()),
+    }
+}
+
+#[cfg(test)]
+mod abi_tests {
+    use super::*;
+
+    #[test]
+    fn the_abi_text_and_the_shared_list_name_the_same_functions() {
+        let documented: Vec<&str> =
+            ABI.lines().filter_map(|l| l.split('(').next()).filter(|n| !n.contains(' ') && !n.is_empty()).collect();
+        assert_eq!(documented, HOST_FUNCTIONS, "keep ABI and s4t_shared::plugin::HOST_FUNCTIONS in step");
+        let sandbox = Sandbox::new();
+        for name in HOST_FUNCTIONS {
+            let wat = format!(
+                r#"(module (import "s4t" "{name}" (func)) (memory (export "memory") 1)
+                   (func (export "run") (result i32) (i32.const 0)))"#
+            );
+            let e = sandbox.compile(&wat::parse_str(&wat).unwrap());
+            assert!(e.is_ok(), "{name}: {e:?}");
+        }
     }
 }

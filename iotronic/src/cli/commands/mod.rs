@@ -7,6 +7,7 @@ pub mod completions;
 pub mod fleets;
 pub mod leases;
 pub mod pins;
+pub mod plugins;
 pub mod requests;
 pub mod services;
 pub mod ssh;

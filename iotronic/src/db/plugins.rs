@@ -1,0 +1,264 @@
+//! Plugins (user code for boards) and their injections onto boards.
+
+use serde_json::Value;
+use sqlx::any::AnyRow;
+
+use super::{Db, col, db_err, json_col, new_uuid, now_ms};
+use crate::Error;
+
+/// A plugin: its code and what calling it needs. `code` is what boards receive: base64 of a
+/// WebAssembly module or an executable, or (kind `python`) the pickle-0 text of Python source.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub uuid: String,
+    pub name: String,
+    pub owner: String,
+    pub project: String,
+    pub public: bool,
+    pub code: String,
+    pub callable: bool,
+    pub parameters: Value,
+    pub extra: Value,
+    /// `wasm`, `process` or `python`.
+    pub kind: String,
+    /// The hardware it asks for: `{"gpio":[names],"i2c":[{"bus","address"}]}`.
+    pub grants: Value,
+    /// SHA-256 (hex) of the decoded code: module bytes, executable bytes or Python source.
+    pub code_sha256: String,
+    pub code_size: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A plugin held by a board.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    pub board: String,
+    pub plugin: String,
+    pub onboot: bool,
+    /// `injected`, `updated`, `pending`, `operative`, `stopped`, `failed`.
+    pub status: String,
+    pub grants: Value,
+    pub code_sha256: String,
+    /// The PluginInject request while `pending`.
+    pub request: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+fn plugin_row(r: &AnyRow) -> Result<Plugin, Error> {
+    Ok(Plugin {
+        uuid: col(r, "uuid")?,
+        name: col(r, "name")?,
+        owner: col(r, "owner_uuid")?,
+        project: col(r, "project_uuid")?,
+        public: col::<i64>(r, "public")? != 0,
+        code: col(r, "code")?,
+        callable: col::<i64>(r, "callable")? != 0,
+        parameters: json_col(r, "parameters")?,
+        extra: json_col(r, "extra")?,
+        kind: col(r, "kind")?,
+        grants: json_col(r, "grants")?,
+        code_sha256: col(r, "code_sha256")?,
+        code_size: col(r, "code_size")?,
+        created_at: col(r, "created_at")?,
+        updated_at: col(r, "updated_at")?,
+    })
+}
+
+fn injection_row(r: &AnyRow) -> Result<Injection, Error> {
+    Ok(Injection {
+        board: col(r, "board_uuid")?,
+        plugin: col(r, "plugin_uuid")?,
+        onboot: col::<i64>(r, "onboot")? != 0,
+        status: col(r, "status")?,
+        grants: json_col(r, "grants")?,
+        code_sha256: col(r, "code_sha256")?,
+        request: col(r, "request_uuid")?,
+        created_at: col(r, "created_at")?,
+        updated_at: col(r, "updated_at")?,
+    })
+}
+
+impl Db {
+    pub async fn create_plugin(&self, p: &Plugin) -> Result<Plugin, Error> {
+        let (uuid, now) = (new_uuid(), now_ms());
+        sqlx::query(
+            "INSERT INTO plugins (uuid, name, owner_uuid, project_uuid, public, code, callable, parameters, extra, \
+             kind, grants, code_sha256, code_size, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&uuid)
+        .bind(&p.name)
+        .bind(&p.owner)
+        .bind(&p.project)
+        .bind(i64::from(p.public))
+        .bind(&p.code)
+        .bind(i64::from(p.callable))
+        .bind(p.parameters.to_string())
+        .bind(p.extra.to_string())
+        .bind(&p.kind)
+        .bind(p.grants.to_string())
+        .bind(&p.code_sha256)
+        .bind(p.code_size)
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(Plugin { uuid, created_at: now, updated_at: now, ..p.clone() })
+    }
+
+    /// A plugin by uuid or name, visible to `project` (its own or public) when given. A name
+    /// matches the caller's own plugin before a public one of another project.
+    pub async fn plugin(&self, ident: &str, project: Option<&str>) -> Result<Option<Plugin>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM plugins WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4 OR public = 1) \
+             ORDER BY CASE WHEN uuid = $5 THEN 0 WHEN project_uuid = $6 THEN 1 ELSE 2 END, created_at, uuid LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .bind(ident)
+        .bind(project.unwrap_or(""))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(plugin_row).transpose()
+    }
+
+    /// Whether `project` already has a plugin called `name` (other than `except`).
+    pub async fn plugin_name_taken(&self, project: &str, name: &str, except: &str) -> Result<bool, Error> {
+        let row = sqlx::query("SELECT uuid FROM plugins WHERE project_uuid = $1 AND name = $2 AND uuid <> $3 LIMIT 1")
+            .bind(project)
+            .bind(name)
+            .bind(except)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(row.is_some())
+    }
+
+    pub async fn list_plugins(&self, project: Option<&str>, with_public: bool) -> Result<Vec<Plugin>, Error> {
+        let rows = sqlx::query(
+            "SELECT * FROM plugins WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) ORDER BY created_at, uuid",
+        )
+        .bind(project.unwrap_or(""))
+        .bind(project.unwrap_or(""))
+        .bind(i64::from(with_public))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(plugin_row).collect()
+    }
+
+    pub async fn update_plugin(&self, p: &Plugin) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE plugins SET name = $1, public = $2, code = $3, callable = $4, parameters = $5, extra = $6, \
+             kind = $7, grants = $8, code_sha256 = $9, code_size = $10, updated_at = $11 WHERE uuid = $12",
+        )
+        .bind(&p.name)
+        .bind(i64::from(p.public))
+        .bind(&p.code)
+        .bind(i64::from(p.callable))
+        .bind(p.parameters.to_string())
+        .bind(p.extra.to_string())
+        .bind(&p.kind)
+        .bind(p.grants.to_string())
+        .bind(&p.code_sha256)
+        .bind(p.code_size)
+        .bind(now_ms())
+        .bind(&p.uuid)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn delete_plugin(&self, uuid: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM plugins WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Records that `i.board` holds `i.plugin` (inserted, or replaced on re-injection).
+    pub async fn upsert_injection(&self, i: &Injection) -> Result<(), Error> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO plugin_injections (board_uuid, plugin_uuid, onboot, status, grants, code_sha256, \
+             request_uuid, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (board_uuid, plugin_uuid) DO UPDATE SET onboot = excluded.onboot, status = excluded.status, \
+             grants = excluded.grants, code_sha256 = excluded.code_sha256, request_uuid = excluded.request_uuid, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&i.board)
+        .bind(&i.plugin)
+        .bind(i64::from(i.onboot))
+        .bind(&i.status)
+        .bind(i.grants.to_string())
+        .bind(&i.code_sha256)
+        .bind(i.request.as_deref())
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub async fn injection(&self, board: &str, plugin: &str) -> Result<Option<Injection>, Error> {
+        let row = sqlx::query("SELECT * FROM plugin_injections WHERE board_uuid = $1 AND plugin_uuid = $2")
+            .bind(board)
+            .bind(plugin)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(injection_row).transpose()
+    }
+
+    pub async fn injections_of_board(&self, board: &str) -> Result<Vec<Injection>, Error> {
+        let rows =
+            sqlx::query("SELECT * FROM plugin_injections WHERE board_uuid = $1 ORDER BY created_at, plugin_uuid")
+                .bind(board)
+                .fetch_all(self.pool())
+                .await
+                .map_err(db_err)?;
+        rows.iter().map(injection_row).collect()
+    }
+
+    /// The boards holding `plugin`.
+    pub async fn boards_with_plugin(&self, plugin: &str) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query("SELECT board_uuid FROM plugin_injections WHERE plugin_uuid = $1 ORDER BY board_uuid")
+            .bind(plugin)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(|r| col(r, "board_uuid")).collect()
+    }
+
+    /// Sets the status of an injection (and clears its pending request); false if absent.
+    pub async fn set_injection_status(&self, board: &str, plugin: &str, status: &str) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "UPDATE plugin_injections SET status = $1, request_uuid = NULL, updated_at = $2 \
+             WHERE board_uuid = $3 AND plugin_uuid = $4",
+        )
+        .bind(status)
+        .bind(now_ms())
+        .bind(board)
+        .bind(plugin)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn delete_injection(&self, board: &str, plugin: &str) -> Result<bool, Error> {
+        let r = sqlx::query("DELETE FROM plugin_injections WHERE board_uuid = $1 AND plugin_uuid = $2")
+            .bind(board)
+            .bind(plugin)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+}
