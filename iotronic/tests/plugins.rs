@@ -7,6 +7,7 @@
 //! stopped at its time limit while `DevicePing` keeps answering, a trap reported → start /
 //! status / stop of a long-running plugin → the board agent killed and started again: the
 //! `onboot` plugin runs again by itself → remove and delete; the same through `s4t plugin`.
+//! An original-format Python plugin (pickled by the cloud) runs too: python3 must exist.
 //! The lightning-rod binary must be built (`cargo build --workspace --bins`, as .ci/test does).
 
 mod common;
@@ -65,6 +66,21 @@ fn wat(text: &str) -> String {
     b64(&wat::parse_str(text).unwrap())
 }
 
+/// `plugins_examples/generics/echo.py` of the original lightning-rod 0.5.0.
+const ORIGINAL_ECHO: &str = r#"from iotronic_lightningrod.modules.plugins import Plugin
+from oslo_log import log as logging
+LOG = logging.getLogger(__name__)
+
+
+class Worker(Plugin.Plugin):
+    def __init__(self, uuid, name, q_result, params=None):
+        super(Worker, self).__init__(uuid, name, q_result, params)
+
+    def run(self):
+        LOG.info("Input parameters: " + str(self.params['name']))
+        self.q_result.put("ECHO RESULT: " + str(self.params['name']))
+"#;
+
 /// Loops forever without sleeping.
 const RUNAWAY: &str = r#"(module (memory (export "memory") 1)
   (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
@@ -108,7 +124,7 @@ fn board_config(dir: &Path) -> PathBuf {
     let cfg = format!(
         "[cloud]\nlegacy_settings = \"{0}/none.json\"\nlegacy_conf = \"{0}/none.conf\"\n[board]\nstate_dir = \"{0}/state\"\n\
          [hal]\nbackend = \"sim\"\n[timers]\nalive_interval_s = 5\nbackoff_initial_ms = 50\nbackoff_max_s = 1\n\
-         [plugins]\nmax_running = 8\ncall_timeout_s = 3\nfuel = 1000000000000\n\
+         [plugins]\nmax_running = 8\ncall_timeout_s = 3\nfuel = 1000000000000\npython = true\n\
          allow_gpio = [\"GPIO17\", \"GPIO18\", \"GPIO20\"]\nallow_i2c = [{{ bus = 1, address = 0x48 }}]\n",
         dir.display()
     );
@@ -311,6 +327,16 @@ async fn plugins_are_created_injected_called_started_stopped_and_restarted_onboo
     .await;
     let (s, v) = api.action("thermometer", "PluginCall", json!({})).await;
     assert_eq!((s, v), (StatusCode::OK, json!({"celsius": 26.5})));
+
+    // The original format: Python source (the original lightning-rod's echo example), posted
+    // as the original clients do, pickled by the cloud, run by python3 on the board.
+    let p = api
+        .create(json!({"name": "pyecho", "code": ORIGINAL_ECHO, "callable": true, "parameters": {"name": ""}}))
+        .await;
+    assert_eq!(p["kind"], "python", "{p}");
+    api.inject("pyecho", false).await;
+    let (s, v) = api.action("pyecho", "PluginCall", json!({"name": "board"})).await;
+    assert_eq!((s, v), (StatusCode::OK, json!("ECHO RESULT: board")));
 
     // Grants: the same blink without a grant cannot touch GPIO17 (set high, it stays high);
     // a grant the board owner does not allow is refused at injection.
