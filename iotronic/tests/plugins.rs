@@ -405,8 +405,23 @@ async fn plugins_are_created_injected_called_started_stopped_and_restarted_onboo
     api.until("GPIO20 driven by the ticker", async || (api.gpio("GPIO20").await == Some(1)).then_some(())).await;
     drop(board);
     api.wait_status("offline").await;
+    // An injection queued for the offline board is pending until the board takes it.
+    api.create(json!({"name": "late", "code": wat(ECHO), "callable": true})).await;
+    let body = json!({"plugin": "late", "onboot": false});
+    let r = api.ok(StatusCode::ACCEPTED, "PUT", "/v1/boards/lr1/plugins?queue=true", Some(body)).await;
+    assert_eq!(r["status"], "QUEUED", "{r}");
+    let i = api.ok(StatusCode::OK, "GET", "/v1/boards/lr1/plugins/late", None).await;
+    assert_eq!(i["status"], "pending", "{i}");
+    let (s, _) = api.action("late", "PluginCall", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "a pending plugin cannot be called yet");
     let _board = run_board(&cfg, &log);
     api.wait_status("online").await;
+    api.until("the queued injection to be taken", async || {
+        let (_, i) = api.req("GET", "/v1/boards/lr1/plugins/late", None).await;
+        (i["status"] == "injected").then_some(())
+    })
+    .await;
+    assert_eq!(api.action("late", "PluginCall", json!({"x": 1})).await, (StatusCode::OK, json!({"x": 1})));
     // The sim board starts with every line low: only the restarted plugin drives GPIO20.
     api.until("GPIO20 driven again after the restart", async || (api.gpio("GPIO20").await == Some(1)).then_some(()))
         .await;
