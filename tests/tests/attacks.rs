@@ -12,7 +12,9 @@
 //! - a revoked board is disconnected within seconds and cannot log in again; its code cannot
 //!   be reused; `rotate-secret` hands out a fresh code that works once;
 //! - a man in the middle presenting a certificate that is not the pinned one makes enrollment
-//!   fail, with a message naming the pin.
+//!   fail, with a message naming the pin;
+//! - a board asking for another board's public port with its own valid tunnel token is
+//!   refused, and a public port answers only while its exposure exists.
 //!
 //! Figures (attempts let through, time to disconnect) are printed for docs/security.md.
 
@@ -316,6 +318,43 @@ fn attacks_are_refused() {
     run_board(&mut lab, &a, &a_cfg, "lr-a2");
     ann.wait_status("a", "online", Duration::from_secs(30)).unwrap();
     let _ = b_uuid;
+
+    // 9. Tunnels: board b, with a valid token of its own, asks for a's public port: refused.
+    // A public port answers only while its exposure exists.
+    let on = json!({"action": "ServiceEnable"});
+    let exposed = ann.expect(201, "POST", "/v1/boards/a/services/ssh/action", Some(&on)).unwrap();
+    let a_port = exposed["public_port"].as_u64().unwrap() as u16;
+    bob.expect(201, "POST", "/v1/services", Some(&json!({"name": "echo", "port": 7, "protocol": "TCP"}))).unwrap();
+    bob.expect(201, "POST", "/v1/boards/b/services/echo/action", Some(&on)).unwrap();
+    let a_public = SocketAddr::from((CLOUD_ADDR, a_port));
+    laptop.wait_tcp(a_public, Duration::from_secs(20)).unwrap();
+    let services: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("b/state/services.json")).unwrap()).unwrap();
+    let b_token = services
+        .as_object()
+        .unwrap()
+        .values()
+        .find_map(|s| s["token"].as_str())
+        .expect("b holds a tunnel token")
+        .to_owned();
+    let mut thief = b.command(workspace_bin("wstunnel").unwrap());
+    thief
+        .args(["client", "--server", &format!("ws://{CLOUD_ADDR}:8080/"), "-R"])
+        .arg(format!("{a_port}:127.0.0.1:7"))
+        .args(["--token", &b_token]);
+    lab.spawn("thief", thief).unwrap().wait_for_log("exposure refused", Duration::from_secs(20)).unwrap();
+    let thief_log = lab.proc("thief").unwrap().output();
+    // Refused by the token (bound to b's own port) or, failing that, by the allocation.
+    assert!(
+        thief_log.contains("token is for port") || thief_log.contains("not allocated to this board"),
+        "{thief_log}"
+    );
+    assert!(!thief_log.contains("exposed "), "{thief_log}");
+    let off = json!({"action": "ServiceDisable"});
+    ann.expect(200, "POST", "/v1/boards/a/services/ssh/action", Some(&off)).unwrap();
+    wait_until("a's public port closes with its exposure", Duration::from_secs(20), || {
+        laptop.connect(a_public, Duration::from_secs(2)).is_err()
+    });
 
     // 8. A man in the middle: a TLS server whose certificate is not the pinned one.
     let mitm = dir.join("mitm");
