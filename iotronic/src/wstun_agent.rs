@@ -66,7 +66,16 @@ impl ServerHooks for DbHooks {
     }
 
     async fn legacy_port_allowed(&self, port: u16) -> bool {
-        matches!(self.db.exposure_by_port(i64::from(port)).await, Ok(Some(_)))
+        self.legacy_port_board(port).await.is_some()
+    }
+
+    /// Unauthenticated wstun clients get only ports allocated to a legacy board (one without a
+    /// credential): a board with a credential tunnels with its token, and its ports must not
+    /// be claimable by anyone else.
+    async fn legacy_port_board(&self, port: u16) -> Option<String> {
+        let e = self.db.exposure_by_port(i64::from(port)).await.ok()??;
+        let b = self.db.board_by_uuid(&e.board).await.ok()??;
+        b.secret_salt.is_none().then_some(b.uuid)
     }
 
     fn listener_opened(&self, board: &str, port: u16, legacy: bool) {

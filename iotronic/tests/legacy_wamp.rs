@@ -250,6 +250,68 @@ async fn anonymous_boards_speak_the_original_protocol() {
     assert_eq!((s, v), (StatusCode::OK, json!("old @ now")));
     assert_eq!(calls.recv().await.unwrap(), vec![json!({"say": "old"})]);
 
+    // A service of the original board: the original argument shape (service dict, public
+    // port), and the wstun tunnel server opens that port only for this board.
+    let (tx, mut enables) = mpsc::channel(4);
+    let enable = format!("iotronic.{}.{old}.ServiceEnable", lr.id());
+    lr.register(&enable, move |inv| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(inv.args.clone()).await;
+            let reply = json!({"message": "exposed", "result": "SUCCESS"}).to_string();
+            Ok(Payload::new(vec![json!(reply)], Dict::new()))
+        }
+    })
+    .await
+    .unwrap();
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let svc = json!({"name": "echo", "port": echo_addr.port(), "protocol": "TCP"});
+    assert_eq!(api.req("POST", "/v1/services", Some(svc)).await.0, StatusCode::CREATED);
+    let (s, ex) =
+        api.req("POST", "/v1/boards/old/services/echo/action", Some(json!({"action": "ServiceEnable"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{ex}");
+    let public = u16::try_from(ex["public_port"].as_u64().unwrap()).unwrap();
+    let args = enables.recv().await.unwrap();
+    assert_eq!(args[1]["port"], echo_addr.port(), "{args:?}");
+    assert!(args[1].get("tunnel_token").is_none(), "the original gets the original service dict: {args:?}");
+    assert_eq!(args[2], public);
+    let tunnel = format!("ws://{}", listening.tunnel.unwrap());
+    let wstun = |board: &str| wstunnel::wstun::LegacyClient {
+        public_port: public,
+        target: echo_addr.to_string(),
+        url: tunnel.clone(),
+        board: Some(board.to_owned()),
+    };
+    let refused = tokio::time::timeout(CALL, wstun(&secure).run(CancellationToken::new())).await;
+    assert!(refused.unwrap().is_err(), "a wstun client naming another board got the port");
+    let client_stop = CancellationToken::new();
+    let client = wstun(&old);
+    let stop_client = client_stop.clone();
+    tokio::spawn(async move { client.run(stop_client).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", public)).await {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "public port {public} never opened: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"through wstun").await.unwrap();
+    let mut buf = [0u8; 13];
+    tokio::time::timeout(CALL, conn.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"through wstun");
+    client_stop.cancel();
+
     // Leaving marks the board offline.
     lr.leave().await;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -262,6 +262,9 @@ fn the_original_lightning_rod_joins_our_cloud() {
     assert!(out.contains(&format!("{}/", a.addr)), "the command did not run on the board: {out}");
     let list = rest.expect(200, "GET", "/v1/boards/leg/services", None).unwrap();
     assert_eq!(list["exposed"][0]["public_port"], port, "{list}");
+    // The cloud accounts the wstun listener to the board (its wstun passes `-u <uuid>`).
+    let opened = format!("public listener opened board=\"{uuid}\" port={port} legacy=true");
+    assert!(lab.proc("iotronic").unwrap().output().contains(&opened), "no {opened:?} in the cloud's log");
 
     // Legacy tunnels are unauthenticated, so the cloud opens only ports it allocated.
     let stray = if port < 59999 { port + 1 } else { port - 1 };
@@ -294,6 +297,11 @@ fn the_original_lightning_rod_joins_our_cloud() {
     wait_ssh_banner(&laptop, public, Duration::from_secs(60));
     let out = ssh(&laptop, port, &key, &["hostname", "-I"]);
     assert!(out.contains(&a.addr.to_string()), "after the restart: {out}");
+    // The original's ServiceRestore (kill and respawn its wstun) through the restore call.
+    let restored = rest.expect(200, "GET", "/v1/boards/leg/services/restore", None).unwrap();
+    assert_eq!(restored["exposed"][0]["public_port"], port, "{restored}");
+    wait_ssh_banner(&laptop, public, Duration::from_secs(60));
+    assert!(ssh(&laptop, port, &key, &["hostname", "-I"]).contains(&a.addr.to_string()));
 
     // Disabling the service closes the public port.
     rest.expect(200, "POST", "/v1/boards/leg/services/ssh/action", Some(&json!({"action": "ServiceDisable"}))).unwrap();

@@ -20,8 +20,9 @@ const MAX_HEAD: usize = 8 * 1024;
 pub(crate) enum Route {
     /// Our multiplexed channel.
     Channel,
-    /// wstun control channel: `?dst=host:port`.
-    LegacyControl { port: u16 },
+    /// wstun control channel: `?dst=host:port`, with `&board=<uuid>` when our wstun client
+    /// was given `-u <uuid>` (the original lightning-rod passes its board uuid).
+    LegacyControl { port: u16, board: Option<String> },
     /// wstun data channel: `?id=<uuid>`.
     LegacyData { id: String },
     /// A plain HTTP GET (no upgrade): answered with a status page.
@@ -76,23 +77,30 @@ pub fn fuzz_legacy_route(path: &str) -> bool {
     legacy_route(path).is_ok()
 }
 
-/// Routes a wstun request by its query: `?dst=host:port` or `?id=<id>`.
+/// Routes a wstun request by its query: `?dst=host:port[&board=<id>]` or `?id=<id>`.
 fn legacy_route(path: &str) -> Result<Route, Error> {
     let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let (mut dst, mut board) = (None, None);
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v);
         match k {
-            "dst" => {
-                let port = v
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .ok_or_else(|| Error::Legacy(format!("dst {v:?} has no port")))?;
-                return Ok(Route::LegacyControl { port });
+            "dst" if dst.is_none() => dst = Some(v),
+            // A board id is at most 64 characters of [0-9A-Za-z-] (uuids); anything else is
+            // ignored, as wstun ignores unknown parameters.
+            "board" if !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') => {
+                board = Some(v)
             }
-            "id" if !v.is_empty() && v.len() <= 64 => return Ok(Route::LegacyData { id: v }),
+            "id" if dst.is_none() && !v.is_empty() && v.len() <= 64 => return Ok(Route::LegacyData { id: v }),
             _ => {}
         }
+    }
+    if let Some(v) = dst {
+        let port = v
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .ok_or_else(|| Error::Legacy(format!("dst {v:?} has no port")))?;
+        return Ok(Route::LegacyControl { port, board });
     }
     Err(Error::Handshake(format!("no {SUBPROTOCOL:?} subprotocol and no wstun dst/id query")))
 }
@@ -200,8 +208,16 @@ mod tests {
 
     #[test]
     fn legacy_queries_route_to_control_or_data() {
-        assert_eq!(legacy_route("/?dst=cloud.example:50022").unwrap(), Route::LegacyControl { port: 50022 });
-        assert_eq!(legacy_route("/?dst=cloud%3A50022").unwrap(), Route::LegacyControl { port: 50022 });
+        assert_eq!(
+            legacy_route("/?dst=cloud.example:50022").unwrap(),
+            Route::LegacyControl { port: 50022, board: None }
+        );
+        assert_eq!(legacy_route("/?dst=cloud%3A50022").unwrap(), Route::LegacyControl { port: 50022, board: None });
+        let with_board = Route::LegacyControl { port: 50022, board: Some("3f1c-9a".into()) };
+        assert_eq!(legacy_route("/?dst=cloud:50022&board=3f1c-9a").unwrap(), with_board);
+        assert_eq!(legacy_route("/?board=3f1c-9a&dst=cloud:50022").unwrap(), with_board);
+        let bad_board = Route::LegacyControl { port: 50022, board: None };
+        assert_eq!(legacy_route("/?dst=cloud:50022&board=../x").unwrap(), bad_board);
         assert_eq!(legacy_route("/?id=abc-123").unwrap(), Route::LegacyData { id: "abc-123".into() });
         assert!(legacy_route("/?dst=nohost").is_err());
         assert!(legacy_route("/").is_err());

@@ -23,7 +23,16 @@ pub trait ServerHooks: Send + Sync + 'static {
         async { false }
     }
 
-    /// A public listener opened (`legacy`: for a wstun client, whose board is unknown).
+    /// The board a legacy port was allocated to, if the cloud knows: the wstun listener is
+    /// then accounted to that board (listings, revocation), and a client naming another board
+    /// (`-u`) is refused.
+    fn legacy_port_board(&self, port: u16) -> impl Future<Output = Option<String>> + Send {
+        let _ = port;
+        async { None }
+    }
+
+    /// A public listener opened (`legacy`: for a wstun client; `board` is the port's board when
+    /// [`ServerHooks::legacy_port_board`] knows it).
     fn listener_opened(&self, board: &str, port: u16, legacy: bool) {
         tracing::info!(board, port, legacy, "public listener opened");
     }

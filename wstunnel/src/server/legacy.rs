@@ -21,18 +21,30 @@ use super::registry::Registry;
 use super::{ServerConfig, ServerHooks};
 use crate::transport::Transport;
 
-/// Board name used in hooks and listings for wstun listeners (the protocol names no board).
+/// Board name used in hooks and listings for wstun listeners whose board the hooks do not
+/// know (the protocol names no board).
 pub(crate) const LEGACY_BOARD: &str = "legacy-wstun";
 
-/// Checks a control request before the upgrade is accepted.
-pub(crate) async fn admit<H: ServerHooks>(cfg: &ServerConfig, hooks: &H, port: u16) -> Result<(), String> {
+/// Checks a control request before the upgrade is accepted; returns the board the listener
+/// is accounted to. `claimed`: the board the client named (`-u`), refused if the port belongs
+/// to another.
+pub(crate) async fn admit<H: ServerHooks>(
+    cfg: &ServerConfig,
+    hooks: &H,
+    port: u16,
+    claimed: Option<&str>,
+) -> Result<String, String> {
     if !cfg.legacy {
         return Err("legacy wstun mode is disabled on this server".into());
     }
     if port == 0 || !hooks.legacy_port_allowed(port).await {
         return Err(format!("port {port} is not allocated to a legacy board"));
     }
-    Ok(())
+    match (hooks.legacy_port_board(port).await, claimed) {
+        (Some(owner), Some(c)) if owner != c => Err(format!("port {port} is allocated to another board")),
+        (Some(owner), _) => Ok(owner),
+        (None, _) => Ok(LEGACY_BOARD.to_owned()),
+    }
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -40,11 +52,11 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0).max_message_size(Some(1 << 20))
 }
 
-/// Serves a control socket until it closes.
+/// Serves a control socket for `port`, accounted to `board`, until it closes.
 pub(crate) async fn control<S: Transport, H: ServerHooks>(
     s: S,
     leftover: BytesMut,
-    port: u16,
+    (port, board): (u16, String),
     cfg: Arc<ServerConfig>,
     reg: Arc<Registry>,
     hooks: Arc<H>,
@@ -61,11 +73,11 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
         }
     };
     let cancel = shutdown.child_token();
-    let Some(entry) = reg.add_port(port, LEGACY_BOARD, true, cancel.clone()) else {
+    let Some(entry) = reg.add_port(port, &board, true, cancel.clone()) else {
         let _ = ws.close(None).await;
         return;
     };
-    hooks.listener_opened(LEGACY_BOARD, port, true);
+    hooks.listener_opened(&board, port, true);
     let mut ping = tokio::time::interval(cfg.limits.ping_interval);
     ping.tick().await;
     loop {
@@ -105,7 +117,7 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     drop(listener);
     reg.remove_port(port, entry);
     let _ = ws.close(None).await;
-    hooks.listener_closed(LEGACY_BOARD, port, true);
+    hooks.listener_closed(&board, port, true);
 }
 
 /// Pipes a data socket to the parked TCP connection until either side closes.

@@ -246,14 +246,18 @@ impl<H: ServerHooks> Conn<H> {
                         .await;
                 }
             }
-            Route::LegacyControl { port } => {
-                if let Err(reason) = legacy::admit(&self.cfg, &*self.hooks, port).await {
-                    tracing::warn!(port, %reason, "legacy wstun listener refused");
-                    handshake::refuse(&mut s, 403, &reason).await;
-                    return;
-                }
+            Route::LegacyControl { port, board } => {
+                let board = match legacy::admit(&self.cfg, &*self.hooks, port, board.as_deref()).await {
+                    Ok(board) => board,
+                    Err(reason) => {
+                        tracing::warn!(port, %reason, "legacy wstun listener refused");
+                        handshake::refuse(&mut s, 403, &reason).await;
+                        return;
+                    }
+                };
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
-                    legacy::control(s, inc.leftover, port, self.cfg, self.reg, self.hooks, self.shutdown).await;
+                    legacy::control(s, inc.leftover, (port, board), self.cfg, self.reg, self.hooks, self.shutdown)
+                        .await;
                 }
             }
             Route::LegacyData { id } => {
