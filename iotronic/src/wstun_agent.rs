@@ -2,6 +2,8 @@
 //! database: a board may open a public listener only on a port the conductor allocated to it
 //! (an `exposed_services` row), legacy wstun clients only on allocated ports. Tokens are
 //! minted by the API/conductor with the cloud's tunnel key (a setting shared by every process).
+//! Packet channels of VPN members end in the [`crate::vpn::Fabric`] (TAP/TUN devices,
+//! bridges), which this agent runs and reconciles with the database.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,10 +12,12 @@ use s4t_shared::token::{Claims, TokenKey};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use wstunnel::packet::PacketChannel;
 use wstunnel::server::{Auth, Server, ServerConfig, ServerHooks};
 
 use crate::Error;
 use crate::db::{Db, now_ms};
+use crate::vpn::Fabric;
 
 /// How long a tunnel token minted for an exposure stays valid.
 pub const TOKEN_TTL_S: u64 = 7 * 24 * 3600;
@@ -51,9 +55,10 @@ impl TunnelMint {
     }
 }
 
-/// The database's say on listeners.
+/// The database's say on listeners, and the VPN data plane for packet channels.
 struct DbHooks {
     db: Db,
+    fabric: Arc<Fabric>,
 }
 
 impl ServerHooks for DbHooks {
@@ -89,6 +94,10 @@ impl ServerHooks for DbHooks {
         let entry = crate::audit::system("tunnel.close", board, &format!("public port {port}"));
         crate::audit::spawn_record(&self.db, entry);
     }
+
+    async fn packet_channel(&self, board: &str, vpn: &str, channel: PacketChannel) -> Result<(), String> {
+        self.fabric.attach(board, vpn, channel).await.map_err(|e| e.to_string())
+    }
 }
 
 /// Runs the tunnel server on `listener` until `shutdown`; public listeners bind `public_bind`.
@@ -107,7 +116,12 @@ pub async fn run(
     cfg.legacy = legacy;
     let server = Server::bind(cfg).await.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))?;
     crate::revocation::spawn_tunnel_guard(db.clone(), server.handle(), shutdown.clone());
-    let r = server.run(Arc::new(DbHooks { db }), shutdown).await;
+    let fabric = Fabric::start(db.clone()).await?;
+    let stop = shutdown.child_token();
+    let reconciler = tokio::spawn(fabric.clone().run(stop.clone()));
+    let r = server.run(Arc::new(DbHooks { db, fabric }), shutdown).await;
+    stop.cancel();
+    let _ = reconciler.await;
     if let Err(e) = &r {
         warn!(cause = %e, "the tunnel server stopped");
     }

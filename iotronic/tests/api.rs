@@ -55,7 +55,9 @@ impl BoardCaller for FakeBoards {
                     reply("SUCCESS", json!({"written": a["data"].as_array().unwrap().len()}))
                 }
                 "I2cRead" => reply("SUCCESS", json!({"data": *self.i2c.lock().unwrap()})),
-                "ServiceEnable" | "ServiceDisable" | "ServiceRestore" => reply("SUCCESS", json!("ok")),
+                "ServiceEnable" | "ServiceDisable" | "ServiceRestore" | "VpnJoin" | "VpnLeave" => {
+                    reply("SUCCESS", json!("ok"))
+                }
                 "DeviceReboot" => reply("ERROR", json!("not allowed in the sim")),
                 other => reply("ERROR", json!(format!("no procedure {other}"))),
             })

@@ -107,7 +107,8 @@ impl Overlay {
             .build_async()
             .map_err(|e| net_err(&format!("creating {name}"), e))?;
         let index = device.if_index().map_err(|e| net_err(&name, e))?;
-        configure(index, &name, spec.address, spec.prefix_len, spec.mtu).await?;
+        let mac = (spec.layer == Layer::L2).then(|| stable_mac(&name, spec.address));
+        configure(index, &name, spec.address, spec.prefix_len, spec.mtu, mac).await?;
         let stats = Arc::new(Stats::default());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(pump(device, pipe, spec.layer, stats.clone(), cancel.clone(), name.clone()));
@@ -136,7 +137,23 @@ impl Drop for Overlay {
 }
 
 /// Address, MTU and link up, over rtnetlink.
-async fn configure(index: u32, name: &str, address: Ipv4Addr, prefix: u8, mtu: u16) -> Result<()> {
+/// A TAP's MAC address, derived from its name and address: locally administered, unicast,
+/// and the same after every restart of the agent, so the VPN's peers keep a valid ARP entry
+/// for this board (a random MAC per start would blackhole it until their entries expire).
+pub fn stable_mac(interface: &str, address: Ipv4Addr) -> [u8; 6] {
+    use sha2::Digest;
+    let d = sha2::Sha256::new().chain_update(interface.as_bytes()).chain_update(address.octets()).finalize();
+    [(d[0] & 0xfe) | 0x02, d[1], d[2], d[3], d[4], d[5]]
+}
+
+async fn configure(
+    index: u32,
+    name: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    mtu: u16,
+    mac: Option<[u8; 6]>,
+) -> Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| net_err("rtnetlink", e))?;
     let conn = tokio::spawn(conn);
     let result = async {
@@ -146,7 +163,11 @@ async fn configure(index: u32, name: &str, address: Ipv4Addr, prefix: u8, mtu: u
             .execute()
             .await
             .map_err(|e| net_err(&format!("{name}: adding {address}/{prefix}"), e))?;
-        let msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up().build();
+        let mut msg = rtnetlink::LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up();
+        if let Some(mac) = mac {
+            msg = msg.address(mac.to_vec());
+        }
+        let msg = msg.build();
         handle.link().set(msg).execute().await.map_err(|e| net_err(&format!("{name}: link up, mtu {mtu}"), e))?;
         // Read it back: the link must exist and be up in this namespace.
         let mut links = handle.link().get().match_index(index).execute();

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod boards;
+pub mod fixtures;
 pub mod rest;
 
 /// The cloud's address on the lab's "Internet".

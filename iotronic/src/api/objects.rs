@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::auth::check_name;
 use super::boards::{board_json, visible_board};
-use super::calls::{check_lease, message_value, request_json};
+use super::calls::{CallOpts, call_board, check_lease, message_value, request_json};
 use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
 use crate::Error;
@@ -302,7 +302,9 @@ pub async fn release_lease(
 }
 
 fn vpn_json(v: &Vpn) -> Value {
+    let cloud = if v.cloud_address { crate::db::cloud_host(&v.cidr).ok().map(|a| a.to_string()) } else { None };
     json!({"uuid": v.uuid, "name": v.name, "project": v.project, "type": v.vpn_type, "cidr": v.cidr,
+           "cloud_address": cloud,
            "created_at": v.created_at / 1000, "links": [{"href": format!("/v1/vpns/{}", v.uuid), "rel": "self"}]})
 }
 
@@ -326,6 +328,9 @@ pub struct VpnBody {
     #[serde(rename = "type", default = "l2")]
     vpn_type: String,
     cidr: String,
+    /// The cloud host takes the first host address (on the bridge, or on every L3 TUN).
+    #[serde(default)]
+    cloud_address: bool,
 }
 
 fn l2() -> String {
@@ -341,7 +346,11 @@ pub async fn create_vpn(
     if b.vpn_type != "l2" && b.vpn_type != "l3" {
         return Err(Error::Invalid(format!("type {:?}: use l2 or l3", b.vpn_type)).into());
     }
-    let v = state.db.create_vpn(&b.name, &c.project, &b.vpn_type, &b.cidr).await?;
+    let mut v = state.db.create_vpn(&b.name, &c.project, &b.vpn_type, &b.cidr).await?;
+    if b.cloud_address {
+        state.db.set_vpn_cloud_address(&v.uuid, true).await?;
+        v.cloud_address = true;
+    }
     Ok(created(vpn_json(&v)))
 }
 
@@ -360,6 +369,13 @@ pub async fn delete_vpn(
 ) -> ApiResult<StatusCode> {
     c.require(Role::User, "deleting VPNs")?;
     let v = visible_vpn(&state, &c, &ident).await?;
+    // Every member leaves first (an offline board is told at its next login by the refusal of
+    // its packet channel); the wstun-agent then removes the cloud's devices and the bridge.
+    for m in state.db.vpn_members(&v.uuid).await? {
+        if let Some(board) = state.db.board_by_uuid(&m.board).await? {
+            leave(&state, &c, &board, &v).await?;
+        }
+    }
     state.db.delete_vpn(&v.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -392,7 +408,28 @@ pub async fn add_vpn_member(
     let board = visible_board(&state, &c, &b.board).await?;
     let lease = check_lease(&state, &c, &board.uuid).await?;
     let m = state.db.add_vpn_member(&v, &board.uuid, b.address.as_deref(), lease.as_deref()).await?;
+    // The board creates its interface and opens the packet channel; the wstun-agent creates
+    // the cloud's end when that channel arrives. A board that cannot join leaves no row.
+    let mut join = json!({"vpn": v.uuid, "type": v.vpn_type, "address": m.address,
+                          "prefix_len": crate::db::parse_cidr(&v.cidr)?.1, "interface": m.interface});
+    if let Some(t) = &state.tunnels {
+        join["tunnel_url"] = json!(t.url);
+        join["token"] = json!(t.mint(&board.uuid, 0, Some(&v.uuid))?);
+    }
+    if let Err(e) = call_board(&state, &c, &board, "VpnJoin", json!([join]), CallOpts::default()).await {
+        state.db.remove_vpn_member(&v.uuid, &board.uuid).await?;
+        return Err(e.into());
+    }
     Ok(created(member_json(&m)))
+}
+
+/// Tells `board` to leave `v`; an offline board is not an error (it is refused at its next
+/// attempt to open the packet channel).
+async fn leave(state: &AppState, c: &Caller, board: &crate::db::Board, v: &Vpn) -> Result<(), Error> {
+    match call_board(state, c, board, "VpnLeave", json!([{"vpn": v.uuid}]), CallOpts::default()).await {
+        Ok(_) | Err(Error::Unavailable(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub async fn remove_vpn_member(
@@ -403,9 +440,11 @@ pub async fn remove_vpn_member(
     let v = visible_vpn(&state, &c, &ident).await?;
     let board = visible_board(&state, &c, &board).await?;
     check_lease(&state, &c, &board.uuid).await?;
-    if !state.db.remove_vpn_member(&v.uuid, &board.uuid).await? {
+    if state.db.vpn_member(&v.uuid, &board.uuid).await?.is_none() {
         return Err(Error::NotFound(format!("board {} is not in VPN {}", board.name, v.name)).into());
     }
+    leave(&state, &c, &board, &v).await?;
+    state.db.remove_vpn_member(&v.uuid, &board.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

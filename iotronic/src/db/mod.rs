@@ -31,6 +31,7 @@ pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
 pub use objects::{Exposure, Fleet, Service, Vpn, VpnMember};
 pub use plugins::{Injection, Plugin};
+pub use objects::{Exposure, Fleet, Plugin, Service, Vpn, VpnMember, cloud_host, parse_cidr};
 pub use requests::{Request, RequestStatus, ResultRow};
 
 use crate::Error;
@@ -41,6 +42,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "settings", include_str!("../../migrations/0002_settings.sql")),
     (3, "security", include_str!("../../migrations/0003_security.sql")),
     (4, "plugins", include_str!("../../migrations/0004_plugins.sql")),
+    (5, "vpn cloud address", include_str!("../../migrations/0005_vpn_cloud_address.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

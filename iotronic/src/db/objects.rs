@@ -49,6 +49,8 @@ pub struct Vpn {
     pub vpn_type: String,
     pub cidr: String,
     pub created_at: i64,
+    /// The cloud host takes the first host address of the CIDR on the VPN.
+    pub cloud_address: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +105,7 @@ fn vpn_row(r: &AnyRow) -> Result<Vpn, Error> {
         vpn_type: col(r, "type")?,
         cidr: col(r, "cidr")?,
         created_at: col(r, "created_at")?,
+        cloud_address: col::<i64>(r, "cloud_address")? != 0,
     })
 }
 
@@ -127,6 +130,12 @@ pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), Error> {
     }
     let mask = u32::MAX << (32 - len);
     Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
+}
+
+/// The cloud's own address in `cidr`: the first host.
+pub fn cloud_host(cidr: &str) -> Result<Ipv4Addr, Error> {
+    let (net, _) = parse_cidr(cidr)?;
+    Ok(Ipv4Addr::from(u32::from(net) + 1))
 }
 
 /// Host addresses a board may get in `cidr`: all but the network, the broadcast and the first
@@ -405,7 +414,15 @@ impl Db {
         .await
         .map_err(|e| unique_or(e, || format!("a VPN named {name:?} already exists in this project")))?;
         let vpn_type = vpn_type.to_owned();
-        Ok(Vpn { uuid, name: name.into(), project: project.into(), vpn_type, cidr, created_at: now })
+        Ok(Vpn {
+            uuid,
+            name: name.into(),
+            project: project.into(),
+            vpn_type,
+            cidr,
+            created_at: now,
+            cloud_address: false,
+        })
     }
 
     pub async fn vpn(&self, ident: &str, project: Option<&str>) -> Result<Option<Vpn>, Error> {
@@ -430,6 +447,26 @@ impl Db {
             .await
             .map_err(db_err)?;
         rows.iter().map(vpn_row).collect()
+    }
+
+    /// Gives (or takes back) the cloud host's address on the VPN.
+    pub async fn set_vpn_cloud_address(&self, uuid: &str, on: bool) -> Result<(), Error> {
+        sqlx::query("UPDATE vpns SET cloud_address = $1 WHERE uuid = $2")
+            .bind(i64::from(on))
+            .bind(uuid)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Every membership of every VPN (the wstun-agent reconciles its devices with this).
+    pub async fn all_vpn_members(&self) -> Result<Vec<VpnMember>, Error> {
+        let rows = sqlx::query("SELECT * FROM vpn_members ORDER BY vpn_uuid, board_uuid")
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(member_row).collect()
     }
 
     pub async fn delete_vpn(&self, uuid: &str) -> Result<(), Error> {

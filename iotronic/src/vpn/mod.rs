@@ -1,0 +1,378 @@
+//! The cloud end of VPNs, run by the wstun-agent: for every board in a VPN a TAP (L2) or TUN
+//! (L3) device fed by that board's packet channel; for every L2 VPN one Linux bridge joining
+//! its TAPs (so the boards share one broadcast domain: ARP, DHCP, mDNS, UDP broadcast); for L3
+//! VPNs packets from one board to another are routed between their channels here.
+//!
+//! # Lifecycle
+//!
+//! - A device is created when its board opens the packet channel (`VpnJoin` on the board,
+//!   and again after every reconnect of the board or restart of the cloud); a new channel of
+//!   the same member takes over the existing device.
+//! - [`Fabric::reconcile`] (every [`RECONCILE_EVERY`]) compares the devices with the
+//!   database: a member removed, a VPN deleted, a lease ended or a board deleted (the rows
+//!   cascade) removes the device, and the bridge once its VPN has no member left. The API or
+//!   conductor that changed the rows may be another process: the database is the truth.
+//! - TAP/TUN devices are not persistent (they vanish with this process); bridges are, so a
+//!   restarted cloud adopts the bridges of its VPNs (with their cloud address) and deletes
+//!   those of VPNs without members.
+//!
+//! GRE-TAP encapsulation is done in user space ([`wstunnel::packet::pump`],
+//! `s4t_shared::gre`) because the frames travel inside the board's WebSocket channel, not as
+//! IP packets the kernel could decapsulate; whether the kernel has `gretap` is probed at start
+//! and logged (it matters only for peers reached over plain IP, which this cloud has none of).
+//!
+//! # Names
+//!
+//! [`names`]: deterministic from the ids, 15 characters (IFNAMSIZ).
+
+pub mod names;
+mod net;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use wstunnel::packet::{DeviceSpec, Layer, PacketChannel, PacketSender};
+
+use crate::Error;
+use crate::db::{Db, Vpn, cloud_host, parse_cidr};
+use net::Net;
+
+/// How often devices are compared with the database.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// MTU of the cloud's devices: the board's overlay default (lightning-rod `DEFAULT_MTU`).
+pub const MTU: u16 = 1400;
+
+/// L3: where a destination address of a VPN goes (the member's channel), per VPN.
+type Routes = Arc<RwLock<HashMap<String, HashMap<Ipv4Addr, PacketSender>>>>;
+
+/// One member's device and the pump feeding it.
+struct Port {
+    name: String,
+    layer: Layer,
+    address: Ipv4Addr,
+    device: Arc<tun_rs::AsyncDevice>,
+    pump: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Port {
+    async fn stop_pump(&mut self) {
+        if let Some((cancel, task)) = self.pump.take() {
+            cancel.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
+struct State {
+    net: Net,
+    /// By (vpn, board).
+    ports: HashMap<(String, String), Port>,
+    /// L2 bridges by VPN: name and index.
+    bridges: HashMap<String, (String, u32)>,
+}
+
+/// The VPN data plane of one wstun-agent.
+pub struct Fabric {
+    db: Db,
+    state: tokio::sync::Mutex<State>,
+    routes: Routes,
+}
+
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fabric").finish_non_exhaustive()
+    }
+}
+
+fn layer_of(v: &Vpn) -> Layer {
+    if v.vpn_type == "l3" { Layer::L3 } else { Layer::L2 }
+}
+
+impl Fabric {
+    /// Opens netlink, logs whether the kernel has `gretap`, adopts or removes the bridges a
+    /// previous run left.
+    pub async fn start(db: Db) -> Result<Arc<Fabric>, Error> {
+        let net = Net::open()?;
+        match net.gretap_available().await {
+            Ok(()) => info!(
+                "kernel gretap available; VPN frames still travel GRE-TAP-encapsulated in user space over the board channels"
+            ),
+            Err(e) => info!(cause = %e, "kernel gretap unavailable; GRE-TAP is done in user space"),
+        }
+        let fabric = Arc::new(Fabric {
+            db,
+            state: tokio::sync::Mutex::new(State { net, ports: HashMap::new(), bridges: HashMap::new() }),
+            routes: Arc::default(),
+        });
+        if let Err(e) = fabric.adopt_bridges().await {
+            warn!(cause = %e, "cannot check the VPN bridges of a previous run");
+        }
+        Ok(fabric)
+    }
+
+    async fn adopt_bridges(&self) -> Result<(), Error> {
+        let vpns = self.db.list_vpns(None).await?;
+        let members = self.db.all_vpn_members().await?;
+        let mut st = self.state.lock().await;
+        let left = st.net.names_with_prefix(names::BRIDGE_PREFIX).await?;
+        for v in vpns.iter().filter(|v| layer_of(v) == Layer::L2) {
+            let name = names::bridge(&v.uuid);
+            if !left.contains(&name) {
+                continue;
+            }
+            if members.iter().any(|m| m.vpn == v.uuid) {
+                let index = st.net.ensure_bridge(&name).await?;
+                if v.cloud_address {
+                    st.net.add_address(index, cloud_host(&v.cidr)?, parse_cidr(&v.cidr)?.1).await?;
+                }
+                info!(vpn = %v.uuid, bridge = %name, "VPN bridge restored");
+                st.bridges.insert(v.uuid.clone(), (name, index));
+            } else {
+                st.net.delete(&name).await?;
+                info!(vpn = %v.uuid, bridge = %name, "stale VPN bridge removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// A board opened the packet channel of `vpn` (its token checked): creates or takes over
+    /// its device. Refuses boards that are not members.
+    pub async fn attach(&self, board: &str, vpn: &str, channel: PacketChannel) -> Result<(), Error> {
+        let v = self.db.vpn(vpn, None).await?.filter(|v| v.uuid == vpn);
+        let v = v.ok_or_else(|| Error::NotFound(format!("VPN {vpn} does not exist")))?;
+        let m = self.db.vpn_member(vpn, board).await?;
+        let m = m.ok_or_else(|| Error::Forbidden(format!("the board is not a member of VPN {}", v.name)))?;
+        let address: Ipv4Addr =
+            m.address.parse().map_err(|_| Error::Invalid(format!("bad member address {:?}", m.address)))?;
+        let layer = layer_of(&v);
+        let key = (vpn.to_owned(), board.to_owned());
+        let mut st = self.state.lock().await;
+        let stale = st.ports.get(&key).is_some_and(|p| p.address != address || p.layer != layer);
+        if stale {
+            self.remove_port(&mut st, &key).await;
+        }
+        if !st.ports.contains_key(&key) {
+            let port = self.create_port(&mut st, &v, board, address).await?;
+            st.ports.insert(key.clone(), port);
+        }
+        let port = st.ports.get_mut(&key).expect("just inserted");
+        port.stop_pump().await;
+        let cancel = CancellationToken::new();
+        let device = port.device.clone();
+        let task = match layer {
+            Layer::L2 => {
+                let stop = cancel.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = wstunnel::packet::pump(&device, channel, Layer::L2, stop).await {
+                        warn!(cause = %e, "VPN pump stopped");
+                    }
+                })
+            }
+            Layer::L3 => {
+                self.routes_write().entry(vpn.to_owned()).or_default().insert(address, channel.sender.clone());
+                tokio::spawn(pump_l3(device, channel, vpn.to_owned(), address, self.routes.clone(), cancel.clone()))
+            }
+        };
+        port.pump = Some((cancel, task));
+        info!(vpn, board, interface = %port.name, %address, layer = ?layer, "VPN member attached");
+        Ok(())
+    }
+
+    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, HashMap<Ipv4Addr, PacketSender>>> {
+        self.routes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn create_port(&self, st: &mut State, v: &Vpn, board: &str, address: Ipv4Addr) -> Result<Port, Error> {
+        let name = names::port(&v.uuid, board);
+        let layer = layer_of(v);
+        // A device of a previous run of this process cannot survive it, but another tool may
+        // hold the name: fail clearly rather than adopt it.
+        let spec = DeviceSpec { name: name.clone(), layer, mtu: MTU, ipv4: None };
+        let device = wstunnel::packet::create_device(&spec)
+            .map_err(|e| Error::Unavailable(format!("cannot create the VPN device {name}: {e}")))?;
+        let index = device.if_index().map_err(|e| Error::Unavailable(format!("{name}: {e}")))?;
+        let (_, prefix) = parse_cidr(&v.cidr)?;
+        match layer {
+            Layer::L2 => {
+                let bridge = match st.bridges.get(&v.uuid) {
+                    Some((_, i)) => *i,
+                    None => {
+                        let bname = names::bridge(&v.uuid);
+                        let i = st.net.ensure_bridge(&bname).await?;
+                        if v.cloud_address {
+                            st.net.add_address(i, cloud_host(&v.cidr)?, prefix).await?;
+                        }
+                        info!(vpn = %v.uuid, bridge = %bname, cloud_address = v.cloud_address, "VPN bridge up");
+                        st.bridges.insert(v.uuid.clone(), (bname, i));
+                        i
+                    }
+                };
+                st.net.attach(index, Some(names::mac(&name)), Some(bridge)).await?;
+            }
+            Layer::L3 => {
+                st.net.attach(index, None, None).await?;
+                if v.cloud_address {
+                    st.net.add_address(index, cloud_host(&v.cidr)?, 32).await?;
+                }
+                st.net.host_route(address, index).await?;
+            }
+        }
+        Ok(Port { name, layer, address, device: Arc::new(device), pump: None })
+    }
+
+    async fn remove_port(&self, st: &mut State, key: &(String, String)) {
+        let Some(mut port) = st.ports.remove(key) else { return };
+        port.stop_pump().await;
+        if port.layer == Layer::L3 {
+            let mut routes = self.routes_write();
+            if let Some(r) = routes.get_mut(&key.0) {
+                r.remove(&port.address);
+                if r.is_empty() {
+                    routes.remove(&key.0);
+                }
+            }
+        }
+        // The last handle: closing it removes the interface (and its bridge port and routes).
+        drop(port.device);
+        info!(vpn = %key.0, board = %key.1, interface = %port.name, "VPN member detached; device removed");
+    }
+
+    /// Removes devices and bridges the database no longer has (member removed, VPN deleted,
+    /// lease ended, board deleted), and takes the cloud address on or off.
+    pub async fn reconcile(&self) -> Result<(), Error> {
+        let members = self.db.all_vpn_members().await?;
+        let vpns: HashMap<String, Vpn> =
+            self.db.list_vpns(None).await?.into_iter().map(|v| (v.uuid.clone(), v)).collect();
+        let wanted: HashSet<(String, String, String)> =
+            members.iter().map(|m| (m.vpn.clone(), m.board.clone(), m.address.clone())).collect();
+        let mut st = self.state.lock().await;
+        let gone: Vec<(String, String)> = st
+            .ports
+            .iter()
+            .filter(|((v, b), p)| !wanted.contains(&(v.clone(), b.clone(), p.address.to_string())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.remove_port(&mut st, &key).await;
+        }
+        let used: HashSet<&String> = members.iter().map(|m| &m.vpn).collect();
+        let empty: Vec<String> =
+            st.bridges.keys().filter(|v| !used.contains(v) || !vpns.contains_key(*v)).cloned().collect();
+        for vpn in empty {
+            if let Some((name, _)) = st.bridges.remove(&vpn) {
+                match st.net.delete(&name).await {
+                    Ok(()) => info!(vpn = %vpn, bridge = %name, "VPN bridge removed"),
+                    Err(e) => warn!(vpn = %vpn, bridge = %name, cause = %e, "cannot remove the VPN bridge"),
+                }
+            }
+        }
+        for (vpn, (_, index)) in &st.bridges {
+            if let Some(v) = vpns.get(vpn).filter(|v| v.cloud_address) {
+                st.net.add_address(*index, cloud_host(&v.cidr)?, parse_cidr(&v.cidr)?.1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reconciles every [`RECONCILE_EVERY`] until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile().await {
+                        warn!(cause = %e, "VPN reconcile failed");
+                    }
+                }
+            }
+        }
+        let mut st = self.state.lock().await;
+        let keys: Vec<_> = st.ports.keys().cloned().collect();
+        for k in keys {
+            self.remove_port(&mut st, &k).await;
+        }
+    }
+
+    /// Interfaces of live members, for tests and metrics: (vpn, board, interface).
+    pub async fn ports(&self) -> Vec<(String, String, String)> {
+        let st = self.state.lock().await;
+        st.ports.iter().map(|((v, b), p)| (v.clone(), b.clone(), p.name.clone())).collect()
+    }
+}
+
+/// The IPv4 destination of a packet, if it is one.
+fn ipv4_dst(p: &[u8]) -> Option<Ipv4Addr> {
+    (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[16], p[17], p[18], p[19]))
+}
+
+/// L3: packets from the board go straight to the member they are addressed to (routing between
+/// the VPN's members without the kernel forwarding, so no `ip_forward` or firewall rule on the
+/// cloud host is involved), everything else to the TUN (the cloud host); packets from the TUN
+/// go to the board.
+async fn pump_l3(
+    device: Arc<tun_rs::AsyncDevice>,
+    channel: PacketChannel,
+    vpn: String,
+    own: Ipv4Addr,
+    routes: Routes,
+    cancel: CancellationToken,
+) {
+    let PacketChannel { sender, mut receiver } = channel;
+    let to_board = async {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match device.recv(&mut buf).await {
+                Ok(n) => {
+                    let _ = sender.send(&buf[..n]).await;
+                }
+                Err(e) => {
+                    warn!(cause = %e, "reading a VPN TUN failed");
+                    return;
+                }
+            }
+        }
+    };
+    let from_board = async {
+        while let Some(p) = receiver.recv().await {
+            let peer = ipv4_dst(&p).filter(|d| *d != own).and_then(|d| {
+                let r = routes.read().unwrap_or_else(|e| e.into_inner());
+                r.get(&vpn).and_then(|m| m.get(&d)).cloned()
+            });
+            match peer {
+                Some(peer) => {
+                    let _ = peer.send(&p).await;
+                }
+                None => {
+                    let _ = device.send(&p).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_board => {}
+        _ = from_board => {}
+        _ = cancel.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_destinations_are_read_only_from_ipv4_packets() {
+        let mut p = [0u8; 20];
+        p[0] = 0x45;
+        p[16..20].copy_from_slice(&[10, 0, 0, 3]);
+        assert_eq!(ipv4_dst(&p), Some(Ipv4Addr::new(10, 0, 0, 3)));
+        p[0] = 0x60;
+        assert_eq!(ipv4_dst(&p), None, "IPv6");
+        assert_eq!(ipv4_dst(&[0x45; 19]), None, "truncated");
+    }
+}

@@ -1,0 +1,134 @@
+//! The few rtnetlink operations the cloud end of VPNs needs: bridges, enslaving, addresses,
+//! host routes, link removal, and the kernel `gretap` probe.
+
+use std::net::Ipv4Addr;
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkGre, LinkUnspec, RouteMessageBuilder};
+
+use crate::Error;
+
+fn err(what: String, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("{what}: {e}"))
+}
+
+const EEXIST: i32 = 17;
+const ENODEV: i32 = 19;
+
+/// `EEXIST` from the kernel: the thing is already there.
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -EEXIST)
+}
+
+/// A netlink connection; its task ends when the `Net` is dropped.
+pub struct Net {
+    handle: Handle,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+fn name_of(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+impl Net {
+    pub fn open() -> Result<Net, Error> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| err("rtnetlink".into(), e))?;
+        Ok(Net { handle, conn: tokio::spawn(conn) })
+    }
+
+    /// The index of interface `name`, if it exists.
+    pub async fn index(&self, name: &str) -> Result<Option<u32>, Error> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(Some(m)) => Ok(Some(m.header.index)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -ENODEV => Ok(None),
+            Err(e) => Err(err(format!("looking up {name}"), e)),
+        }
+    }
+
+    /// Names of every interface starting with `prefix`.
+    pub async fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let mut links = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = links.try_next().await.map_err(|e| err("listing links".into(), e))? {
+            if let Some(n) = name_of(&m).filter(|n| n.starts_with(prefix)) {
+                out.push(n.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates bridge `name` (up) unless it exists; returns its index.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<u32, Error> {
+        if let Some(i) = self.index(name).await? {
+            return Ok(i);
+        }
+        let m = LinkBridge::new(name).address(super::names::mac(name).to_vec()).build();
+        match self.handle.link().add(m).execute().await {
+            Ok(()) => {}
+            Err(e) if exists(&e) => {}
+            Err(e) => return Err(err(format!("creating bridge {name}"), e)),
+        }
+        self.index(name).await?.ok_or_else(|| err(format!("bridge {name}"), "vanished after creation"))
+    }
+
+    /// Sets the MAC of `index`, puts it into `bridge` (or none) and brings it up.
+    pub async fn attach(&self, index: u32, mac: Option<[u8; 6]>, bridge: Option<u32>) -> Result<(), Error> {
+        let mut m = LinkUnspec::new_with_index(index).up();
+        if let Some(mac) = mac {
+            m = m.address(mac.to_vec());
+        }
+        if let Some(b) = bridge {
+            m = m.controller(b);
+        }
+        self.handle.link().set(m.build()).execute().await.map_err(|e| err(format!("link {index} up"), e))
+    }
+
+    /// Adds `addr/prefix` to `index` (already there is fine).
+    pub async fn add_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), Error> {
+        match self.handle.address().add(index, addr.into(), prefix).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if exists(&e) => Ok(()),
+            Err(e) => Err(err(format!("adding {addr}/{prefix} to link {index}"), e)),
+        }
+    }
+
+    /// Routes `dest/32` through `index` (replacing an older route).
+    pub async fn host_route(&self, dest: Ipv4Addr, index: u32) -> Result<(), Error> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dest, 32).output_interface(index).build();
+        self.handle.route().add(r).replace().execute().await.map_err(|e| err(format!("route {dest}/32"), e))
+    }
+
+    /// Deletes interface `name` if it exists.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        if let Some(i) = self.index(name).await? {
+            match self.handle.link().del(i).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -ENODEV => {}
+                Err(e) => return Err(err(format!("deleting {name}"), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this kernel can create `gretap` links (the `ip_gre` module): creates a probe
+    /// link and deletes it at once.
+    pub async fn gretap_available(&self) -> Result<(), String> {
+        const PROBE: &str = "s4tgreprobe";
+        let m = LinkGre::new_gretap(PROBE).local(Ipv4Addr::LOCALHOST).remote(Ipv4Addr::LOCALHOST).build();
+        let r = self.handle.link().add(m).execute().await.map_err(|e| e.to_string());
+        let _ = self.delete(PROBE).await;
+        r
+    }
+}
