@@ -116,7 +116,7 @@ fn latency(host: &Host, to: SocketAddr, n: usize) -> Result<(u64, u64, u64)> {
 
 fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
     match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| format!("{name}")),
+        Some(i) => args.get(i + 1).context("missing value")?.parse().with_context(|| name.to_owned()),
         None => Ok(default),
     }
 }
@@ -162,7 +162,12 @@ fn main() -> Result<()> {
     p.expect(201, "POST", "/v1/services", Some(&json!({"name": "ssh", "port": 22, "protocol": "TCP"})))?;
     let mut public = Vec::new();
     for s in ["bench", "ssh"] {
-        let e = p.expect(201, "POST", &format!("/v1/boards/b/services/{s}/action"), Some(&json!({"action": "ServiceEnable"})))?;
+        let e = p.expect(
+            201,
+            "POST",
+            &format!("/v1/boards/b/services/{s}/action"),
+            Some(&json!({"action": "ServiceEnable"})),
+        )?;
         public.push(u16::try_from(e["public_port"].as_u64().context("public_port")?)?);
     }
     let (sshd_config, key) = sshd_files(&dir)?;
