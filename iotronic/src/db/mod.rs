@@ -29,9 +29,8 @@ pub use audit::{AuditEntry, AuditQuery, NewAudit};
 pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
-pub use objects::{Exposure, Fleet, Service, Vpn, VpnMember};
+pub use objects::{Exposure, Fleet, Service, Vpn, VpnMember, cloud_host, parse_cidr};
 pub use plugins::{Injection, Plugin};
-pub use objects::{Exposure, Fleet, Plugin, Service, Vpn, VpnMember, cloud_host, parse_cidr};
 pub use requests::{Request, RequestStatus, ResultRow};
 
 use crate::Error;
