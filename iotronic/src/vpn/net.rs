@@ -125,10 +125,11 @@ impl Net {
     /// Whether this kernel can create `gretap` links (the `ip_gre` module): creates a probe
     /// link and deletes it at once.
     pub async fn gretap_available(&self) -> Result<(), String> {
-        const PROBE: &str = "s4tgreprobe";
-        let m = LinkGre::new_gretap(PROBE).local(Ipv4Addr::LOCALHOST).remote(Ipv4Addr::LOCALHOST).build();
+        // Per process, so that two clouds probing in one namespace do not meet.
+        let probe = format!("s4tg{:08x}", std::process::id());
+        let m = LinkGre::new_gretap(&probe).local(Ipv4Addr::LOCALHOST).remote(Ipv4Addr::LOCALHOST).build();
         let r = self.handle.link().add(m).execute().await.map_err(|e| e.to_string());
-        let _ = self.delete(PROBE).await;
+        let _ = self.delete(&probe).await;
         r
     }
 }
