@@ -24,9 +24,14 @@ use crate::error::{Error, Result};
 
 /// Packets queued per direction between a device and its tunnel channel.
 pub const PACKET_QUEUE: usize = 256;
-/// Largest frame read from a device (MTU 1500 + Ethernet header, with room to spare).
-const FRAME_MAX: usize = 2048;
-pub const DEFAULT_MTU: u16 = 1400;
+/// Overlay MTU. Jumbo: the packets travel inside a TCP (WebSocket) connection, never as IP
+/// on the path, so the path MTU does not apply, and every packet costs a trip through both
+/// agents' pumps: 9,000-byte packets move six times the data per trip of 1,400-byte ones.
+/// TCP over the VPN negotiates its MSS from both ends' MTU, so peers with a smaller MTU
+/// still interoperate.
+pub const DEFAULT_MTU: u16 = 9000;
+/// Largest frame read from a device (MTU + Ethernet header, with room to spare).
+const FRAME_MAX: usize = DEFAULT_MTU as usize + 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -44,8 +44,9 @@ use net::Net;
 
 /// How often devices are compared with the database.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// MTU of the cloud's devices: the board's overlay default (lightning-rod `DEFAULT_MTU`).
-pub const MTU: u16 = 1400;
+/// MTU of the cloud's devices: the board's overlay default (lightning-rod `DEFAULT_MTU`,
+/// jumbo because the packets travel inside the board's TCP channel).
+pub const MTU: u16 = 9000;
 
 /// L3: where a destination address of a VPN goes (the member's channel), per VPN.
 type Routes = Arc<RwLock<HashMap<String, HashMap<Ipv4Addr, PacketSender>>>>;
