@@ -7,19 +7,22 @@
 //!   is on, for public ports `1024-65535`; our own protocol on the same port refuses every
 //!   tunnel (no secret), as `wstunnel server` without `--secret-file` does.
 //! - `wstun -r<public>:<host>:<port> ws[s]://server:port [-u <board>]`: reverse client. The
-//!   process exits when its control socket closes (the lightning-rod respawns it). Like wstun,
-//!   `wss://` does not verify the server certificate.
+//!   process exits when its control socket closes (the lightning-rod respawns it); opening it,
+//!   the client retries for [`CONTROL_RETRY_FOR`] while the server is unreachable or the port
+//!   is busy (a restarted tunnel racing the old one's teardown). Like wstun, `wss://` does not
+//!   verify the server certificate.
 //!
 //! Forward mode (`-t`, `-s` without `-r`) is not supported.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
@@ -113,17 +116,67 @@ fn request(url: &str, query: &str) -> Result<tokio_tungstenite::tungstenite::han
     Ok(req)
 }
 
-async fn dial(url: &str, query: &str) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Error> {
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a wstun client keeps trying to open its control socket while the server is
+/// unreachable or its public port is still held by the tunnel this one replaces (HTTP 409);
+/// a refusal (403: not a port of this board) ends it at once. Once open, a closed control
+/// socket ends the client, as with wstun (the lightning-rod starts a new one).
+pub const CONTROL_RETRY_FOR: Duration = Duration::from_secs(20);
+const CONTROL_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
+
+async fn dial_raw(url: &str, query: &str) -> Result<Result<Ws, WsError>, Error> {
     let req = request(url, query)?;
     let connector = if url.starts_with("wss://") {
         Some(Connector::Rustls(crate::tls::client_config_insecure()?))
     } else {
         Some(Connector::Plain)
     };
-    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector)
-        .await
-        .map_err(|e| Error::Legacy(format!("connect to {url}: {e}")))?;
-    Ok(ws)
+    Ok(tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await.map(|(ws, _)| ws))
+}
+
+/// The error of a failed dial, with the server's reason for an HTTP refusal.
+fn dial_error(url: &str, e: &WsError) -> Error {
+    match e {
+        WsError::Http(resp) => {
+            let reason = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+            Error::Legacy(format!("{url} refused the tunnel ({}): {}", resp.status(), reason.trim()))
+        }
+        e => Error::Legacy(format!("connect to {url}: {e}")),
+    }
+}
+
+/// Worth another try: the server is not reachable (yet), or the port is busy.
+fn retryable(e: &WsError) -> bool {
+    match e {
+        WsError::Http(resp) => resp.status().as_u16() == 409,
+        WsError::Io(_) => true,
+        _ => false,
+    }
+}
+
+async fn dial(url: &str, query: &str) -> Result<Ws, Error> {
+    dial_raw(url, query).await?.map_err(|e| dial_error(url, &e))
+}
+
+/// Opens the control socket, retrying as [`CONTROL_RETRY_FOR`] says; `None` on `shutdown`.
+async fn dial_control(url: &str, query: &str, shutdown: &CancellationToken) -> Result<Option<Ws>, Error> {
+    let deadline = tokio::time::Instant::now() + CONTROL_RETRY_FOR;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match dial_raw(url, query).await? {
+            Ok(ws) => return Ok(Some(ws)),
+            Err(e) if retryable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tracing::info!(cause = %dial_error(url, &e), "wstun control socket not open yet; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+                pause = (pause * 2).min(CONTROL_RETRY_MAX_PAUSE);
+            }
+            Err(e) => return Err(dial_error(url, &e)),
+        }
+    }
 }
 
 impl LegacyClient {
@@ -138,7 +191,7 @@ impl LegacyClient {
         if let Some(b) = &self.board {
             query.push_str(&format!("&board={b}"));
         }
-        let mut control = dial(&self.url, &query).await?;
+        let Some(mut control) = dial_control(&self.url, &query, &shutdown).await? else { return Ok(()) };
         tracing::info!(url = self.url, port = self.public_port, target = self.target, "wstun control socket open");
         let conns = Arc::new(tokio::sync::Semaphore::new(4096));
         loop {

@@ -155,3 +155,43 @@ async fn our_wstun_compatible_client_works_against_our_server() {
     assert!(res.is_err(), "{res:?}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_is_a_409_our_client_waits_out_and_a_refusal_ends_it_at_once() {
+    let port = free_port();
+    let srv = legacy_server(port, true).await;
+    let echo = echo_server().await;
+    // The port is still held (the tunnel this one replaces has not been torn down yet).
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let err = wstun_socket(&srv, &format!("dst=127.0.0.1:{port}")).await.unwrap_err();
+    assert!(err.to_string().contains("409"), "{err}");
+    let client = |public_port| LegacyClient {
+        public_port,
+        target: echo.to_string(),
+        url: format!("ws://{}", srv.addr),
+        board: None,
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (stop, c) = (stop.clone(), client(port));
+        async move { c.run(stop).await }
+    });
+    // Once the port is free, the waiting client takes it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "the client gave up on a busy port");
+    drop(blocker);
+    within("listener up", async {
+        while srv.handle.listeners().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"after the wait").await, b"after the wait");
+    // A port the server refuses (403) ends the client at once, with the server's reason.
+    let other = if port == 65_535 { port - 1 } else { port + 1 };
+    let err = within("refused client exits", client(other).run(CancellationToken::new())).await.unwrap_err();
+    assert!(err.to_string().contains("403") && err.to_string().contains("not allocated"), "{err}");
+    stop.cancel();
+    within("client stops", task).await.unwrap().unwrap();
+}

@@ -52,26 +52,18 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0).max_message_size(Some(1 << 20))
 }
 
-/// Serves a control socket for `port`, accounted to `board`, until it closes.
+/// Serves a control socket for `port` (its `listener` already bound), accounted to `board`,
+/// until it closes.
 pub(crate) async fn control<S: Transport, H: ServerHooks>(
     s: S,
     leftover: BytesMut,
-    (port, board): (u16, String),
+    (port, board, listener): (u16, String, TcpListener),
     cfg: Arc<ServerConfig>,
     reg: Arc<Registry>,
     hooks: Arc<H>,
     shutdown: CancellationToken,
 ) {
     let mut ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
-    let listener = match TcpListener::bind((cfg.public_bind, port)).await {
-        Ok(l) => l,
-        Err(e) => {
-            // wstun closes the control socket on EADDRINUSE; so do we, with a reason.
-            tracing::warn!(port, cause = %e, "legacy listener cannot bind");
-            let _ = ws.close(None).await;
-            return;
-        }
-    };
     let cancel = shutdown.child_token();
     let Some(entry) = reg.add_port(port, &board, true, cancel.clone()) else {
         let _ = ws.close(None).await;

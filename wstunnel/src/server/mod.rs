@@ -255,9 +255,27 @@ impl<H: ServerHooks> Conn<H> {
                         return;
                     }
                 };
+                // Bound before the upgrade, so a busy port is a refusal the client can tell
+                // from a closed tunnel (wstun accepted, then closed the control socket).
+                let listener = match tokio::net::TcpListener::bind((self.cfg.public_bind, port)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(port, cause = %e, "legacy listener cannot bind");
+                        handshake::refuse(&mut s, 409, &format!("public port {port} is busy: {e}")).await;
+                        return;
+                    }
+                };
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
-                    legacy::control(s, inc.leftover, (port, board), self.cfg, self.reg, self.hooks, self.shutdown)
-                        .await;
+                    legacy::control(
+                        s,
+                        inc.leftover,
+                        (port, board, listener),
+                        self.cfg,
+                        self.reg,
+                        self.hooks,
+                        self.shutdown,
+                    )
+                    .await;
                 }
             }
             Route::LegacyData { id } => {
