@@ -186,8 +186,9 @@ fn emulated_aarch64_board_drives_real_gpio_and_i2c() {
     // the VM, and one set inside the VM reads back through the API.
     rest.expect(200, "POST", "/v1/boards/emu-cdev/i2c/0/0x50/write", Some(&json!({"register": 16, "data": [171]})))
         .unwrap();
-    assert_eq!(ask(&mut console, "i2cget 0 0x50 16"), "0xab");
-    assert_eq!(ask(&mut console, "i2cset 0 0x50 17 0x5a"), "ok");
+    // (busybox's i2c tools read every number as hex.)
+    assert_eq!(ask(&mut console, "i2cget 0 0x50 0x10"), "0xab");
+    assert_eq!(ask(&mut console, "i2cset 0 0x50 0x11 0x5a"), "ok");
     let read = rest
         .expect(200, "POST", "/v1/boards/emu-cdev/i2c/0/80/read", Some(&json!({"register": 17, "length": 1})))
         .unwrap();
