@@ -163,18 +163,10 @@ impl Throttle {
         }
     }
 
-    /// Ok if `key` may try now; otherwise the seconds to wait.
-    pub fn check(&self, key: &str) -> Result<(), u64> {
-        let now = std::time::Instant::now();
-        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let key = if !map.contains_key(key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
-        let Some(b) = map.get_mut(key) else { return Ok(()) };
-        self.refill(b, now);
-        if b.tokens >= 1.0 { Ok(()) } else { Err(((1.0 - b.tokens) / self.per_second).ceil().max(1.0) as u64) }
-    }
-
-    /// Records a failed attempt of `key`.
-    pub fn fail(&self, key: &str) {
+    /// Takes one attempt for `key`: Ok if it may try now (the attempt counts as a failure
+    /// until [`Throttle::refund`] says it succeeded), otherwise the seconds to wait. Taking
+    /// before trying, under the lock, keeps concurrent guessers within the budget.
+    pub fn take(&self, key: &str) -> Result<(), u64> {
         let now = std::time::Instant::now();
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(key) && map.len() >= THROTTLE_KEYS {
@@ -184,7 +176,20 @@ impl Throttle {
         let key = if !map.contains_key(key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
         let b = map.entry(key.to_owned()).or_insert(Bucket { tokens: self.burst, at: now });
         self.refill(b, now);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - b.tokens) / self.per_second).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// The attempt taken for `key` succeeded: it does not count.
+    pub fn refund(&self, key: &str) {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get_mut(key) {
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
     }
 
     fn refill(&self, b: &mut Bucket, now: std::time::Instant) {
@@ -222,18 +227,17 @@ mod tests {
     fn throttle_allows_a_burst_then_refills() {
         let t = Throttle::new(3, 1000.0);
         for _ in 0..3 {
-            assert!(t.check("k").is_ok());
-            t.fail("k");
+            assert!(t.take("k").is_ok());
         }
-        assert!(t.check("other").is_ok(), "keys are independent");
+        assert!(t.take("other").is_ok(), "keys are independent");
         let slow = Throttle::new(2, 0.01);
-        slow.fail("u");
-        slow.fail("u");
-        assert_eq!(slow.check("u"), Err(100));
+        assert!(slow.take("u").is_ok() && slow.take("u").is_ok());
+        assert_eq!(slow.take("u"), Err(100));
+        slow.refund("u");
+        assert!(slow.take("u").is_ok(), "a success gives its attempt back");
         // Refills with time (1000/s: one token within a few ms).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        t.fail("k");
-        while t.check("k").is_err() {
+        while t.take("k").is_err() {
             assert!(std::time::Instant::now() < deadline);
             std::thread::yield_now();
         }
@@ -243,10 +247,10 @@ mod tests {
     fn throttle_is_bounded() {
         let t = Throttle::new(1, 1e-6);
         for i in 0..THROTTLE_KEYS + 10 {
-            t.fail(&format!("peer{i}"));
+            assert!(t.take(&format!("peer{i}")).is_ok() || i >= THROTTLE_KEYS);
         }
         assert!(t.buckets.lock().unwrap().len() <= THROTTLE_KEYS + 1);
-        assert!(t.check("peer-new").is_ok() || t.check(OVERFLOW_KEY).is_err());
+        assert!(t.take("peer-new").is_err(), "beyond the bound, new keys share the overflow bucket");
     }
 
     #[test]

@@ -105,15 +105,17 @@ impl Authenticator for DbAuthenticator {
             if authid != "enroll" {
                 return Ok(None);
             }
-            if self.codes.check(ENROLL_KEY).is_err() {
+            if self.codes.take(ENROLL_KEY).is_err() {
                 // Somebody is guessing: not even a right code is looked at until it calms down.
                 crate::audit::record(&self.db, crate::audit::system("board.enroll.throttled", "", "wamp")).await;
                 return Ok(None);
             }
             match self.db.board_by_code(ticket.expose()).await {
-                Ok(Some(_)) => Ok(Some(Role::Enrollment)),
+                Ok(Some(_)) => {
+                    self.codes.refund(ENROLL_KEY);
+                    Ok(Some(Role::Enrollment))
+                }
                 Ok(None) => {
-                    self.codes.fail(ENROLL_KEY);
                     crate::audit::record(&self.db, crate::audit::system("board.enroll.refused", "", "wamp")).await;
                     Ok(None)
                 }
@@ -322,13 +324,15 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     let Some(code) = text(kwarg(inv, "code")) else {
         return wamp_message("ERROR", json!("register needs the code"));
     };
-    if c.codes.check(ENROLL_KEY).is_err() {
+    if c.codes.take(ENROLL_KEY).is_err() {
         return wamp_message("ERROR", json!("too many wrong registration codes: try again later"));
     }
     let board = match c.db.board_by_code(&code).await {
-        Ok(Some(b)) => b,
+        Ok(Some(b)) => {
+            c.codes.refund(ENROLL_KEY);
+            b
+        }
         Ok(None) => {
-            c.codes.fail(ENROLL_KEY);
             let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
             crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", &source)).await;
             return wamp_message("ERROR", json!("unknown, expired or already used registration code"));

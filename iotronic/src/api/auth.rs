@@ -106,10 +106,19 @@ pub async fn create_token(
     connect: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     Body(b): Body<TokenBody>,
 ) -> ApiResult<Response> {
+    let ttl_ms = b.ttl.map_or(crate::auth::TOKEN_TTL_MS, |s| s.saturating_mul(1000));
+    if ttl_ms <= 0 {
+        return Err(Error::Invalid("ttl must be a positive number of seconds".into()).into());
+    }
     let peer = connect.map(|c| c.0.0.ip().to_string()).unwrap_or_default();
     let (user_key, peer_key) = (format!("user:{}", b.username), format!("peer:{peer}"));
     let throttle = &state.login_throttle;
-    let waited = throttle.per_user.check(&user_key).and_then(|()| throttle.per_peer.check(&peer_key));
+    // Each attempt is taken before the password is checked (concurrent guesses stay within the
+    // budget) and given back when it succeeds.
+    let waited = throttle
+        .per_user
+        .take(&user_key)
+        .and_then(|()| throttle.per_peer.take(&peer_key).inspect_err(|_| throttle.per_user.refund(&user_key)));
     let mut entry = crate::db::NewAudit {
         user_name: b.username.chars().take(255).collect(),
         action: "auth.login".into(),
@@ -122,12 +131,10 @@ pub async fn create_token(
         crate::audit::record(&state.db, entry).await;
         return Err(Error::Throttled { retry_after_s }.into());
     }
-    let ttl_ms = b.ttl.map_or(crate::auth::TOKEN_TTL_MS, |s| s.saturating_mul(1000));
-    if ttl_ms <= 0 {
-        return Err(Error::Invalid("ttl must be a positive number of seconds".into()).into());
-    }
     match issue_token_for(&state.db, &b.username, &b.password, b.project.as_deref(), ttl_ms).await {
         Ok(issued) => {
+            throttle.per_user.refund(&user_key);
+            throttle.per_peer.refund(&peer_key);
             entry.status = 201;
             entry.detail = format!("project {}", issued.project);
             crate::audit::record(&state.db, entry).await;
@@ -136,9 +143,10 @@ pub async fn create_token(
             Ok((StatusCode::CREATED, Json(body)).into_response())
         }
         Err(e) => {
-            if matches!(e, Error::Unauthorized(_)) {
-                throttle.per_user.fail(&user_key);
-                throttle.per_peer.fail(&peer_key);
+            if !matches!(e, Error::Unauthorized(_)) {
+                // Not a wrong password (e.g. the database failed): it does not count.
+                throttle.per_user.refund(&user_key);
+                throttle.per_peer.refund(&peer_key);
             }
             entry.status = i64::from(super::error::status_of(&e).as_u16());
             crate::audit::record(&state.db, entry).await;

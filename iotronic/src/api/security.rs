@@ -17,7 +17,7 @@ use super::auth::Caller;
 use super::error::ApiResult;
 use crate::Error;
 use crate::audit;
-use crate::auth::{random_secret, token_hash};
+use crate::auth::token_hash;
 use crate::db::{AuditQuery, NewAudit, Role, now_ms};
 
 /// The peer of a request: `ConnectInfo` when the server provides it.
@@ -150,7 +150,8 @@ pub async fn rotate_secret(
     if !(1..=MAX_CODE_TTL_S).contains(&ttl) {
         return Err(Error::Invalid(format!("ttl must be 1 to {MAX_CODE_TTL_S} seconds")).into());
     }
-    let code = random_secret();
+    // Hex: safe on any command line (a base64url code may start with '-', which reads as a flag).
+    let code: String = rand::random::<[u8; 20]>().iter().map(|b| format!("{b:02x}")).collect();
     let expires_at = now_ms() + ttl * 1000;
     state.db.rotate_board(&b.uuid, &code, expires_at).await?;
     let body = json!({"uuid": b.uuid, "name": b.name, "code": code, "code_expires_at": expires_at / 1000});
