@@ -13,7 +13,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use portable_atomic::{AtomicU64, Ordering};
 
 use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
