@@ -11,9 +11,9 @@
 //! full a packet is dropped (as a congested link would), never queued without bound. A
 //! malformed GRE packet from the network is counted and dropped.
 
+use portable_atomic::{AtomicU64, Ordering};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use portable_atomic::{AtomicU64, Ordering};
 
 use futures_util::TryStreamExt;
 use tokio::sync::mpsc;

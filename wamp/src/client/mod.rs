@@ -16,9 +16,9 @@
 mod actor;
 mod connect;
 
+use portable_atomic::{AtomicU64, Ordering};
 use std::future::Future;
 use std::pin::Pin;
-use portable_atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

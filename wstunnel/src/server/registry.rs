@@ -2,9 +2,9 @@
 //! their data socket. Every entry holds the cancellation token of what it names, so the
 //! [`ServerHandle`] can revoke it.
 
+use portable_atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use portable_atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
