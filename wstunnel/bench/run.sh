@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -p wstunnel --bins
 echo "load before: $(cat /proc/loadavg)" >&2
-exec unshare --net -- sh -c 'ip link set lo up && exec "$0"' target/release/wstunnel-bench
+exec unshare --net -- sh -c 'ip link set lo up && exec "$0"' "${CARGO_TARGET_DIR:-target}/release/wstunnel-bench"
