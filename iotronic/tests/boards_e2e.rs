@@ -3,6 +3,10 @@
 //! action → GPIO → I2C → offline on disconnect → queued command delivered on reconnect.
 //! The lightning-rod binary must be built (`cargo build --workspace --bins`, as .ci/test does).
 
+mod common;
+
+use common::rest::Api;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -59,24 +63,7 @@ fn run_board(config: &Path, log: &Path) -> Board {
     Board(child)
 }
 
-struct Api {
-    url: String,
-    http: reqwest::Client,
-    token: String,
-}
-
 impl Api {
-    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
     async fn wait_status(&self, board: &str, status: &str, log: &Path) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -4,6 +4,10 @@
 //! covers what it cannot show: exact reply shapes, the `req` dict omitted below 0.4.9, and an
 //! anonymous session refused the identity of a board that holds a credential.
 
+mod common;
+
+use common::rest::Api;
+
 use std::time::{Duration, Instant};
 
 use iotronic::ServeConfig;
@@ -15,24 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 const CALL: Duration = Duration::from_secs(10);
 
-struct Api {
-    url: String,
-    http: reqwest::Client,
-    token: String,
-}
-
 impl Api {
-    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
     async fn create_board(&self, name: &str, code: &str) -> String {
         let body = json!({"name": name, "code": code, "type": "generic",
                           "location": [{"latitude": "38.2", "longitude": "15.5", "altitude": "3"}]});

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::rest::Api;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,24 +89,7 @@ impl Cloud {
     }
 }
 
-struct Api {
-    url: String,
-    http: reqwest::Client,
-    token: String,
-}
-
 impl Api {
-    async fn req(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-    }
-
     async fn wait_online(&self, board: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.req("GET", &format!("/v1/boards/{board}"), None).await.1["status"] != "online" {

@@ -3,6 +3,8 @@
 //! created per test and dropped afterwards, also when the test panics.
 #![allow(dead_code)]
 
+pub mod rest;
+
 use iotronic::db::{DatabaseUrl, Db};
 
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
