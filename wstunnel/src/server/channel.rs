@@ -388,6 +388,9 @@ async fn accept_loop<H: ServerHooks>(
             },
             _ = cancel.cancelled() => break,
         };
+        if !ctx.hooks.connection_allowed(&board, port, peer, false) {
+            continue; // dropping `tcp` closes it
+        }
         let Some(s) = ctx.mux.open_stream() else {
             tracing::warn!(%peer, "stream limit reached: connection dropped");
             continue;

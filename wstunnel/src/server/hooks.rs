@@ -1,6 +1,7 @@
 //! What the embedding cloud decides beyond the token check.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use crate::packet::PacketChannel;
@@ -35,6 +36,15 @@ pub trait ServerHooks: Send + Sync + 'static {
     /// [`ServerHooks::legacy_port_board`] knows it).
     fn listener_opened(&self, board: &str, port: u16, legacy: bool) {
         tracing::info!(board, port, legacy, "public listener opened");
+    }
+
+    /// A connection from `peer` was accepted on `board`'s public `port` (`legacy`: a wstun
+    /// listener). `false` closes it at once, before the board hears of it. Called on the
+    /// listener's accept loop, so it must not block: keep the policy in memory (the cloud
+    /// loads a port's source-address allow-list when it authorizes the listener).
+    fn connection_allowed(&self, board: &str, port: u16, peer: SocketAddr, legacy: bool) -> bool {
+        let _ = (board, port, peer, legacy);
+        true
     }
 
     /// A public listener closed (unexposed, revoked, or its channel died).

@@ -76,6 +76,9 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
         tokio::select! {
             r = listener.accept() => {
                 let Ok((tcp, peer)) = r else { continue };
+                if !hooks.connection_allowed(&board, port, peer, true) {
+                    continue; // dropping `tcp` closes it
+                }
                 let id = uuid::Uuid::new_v4().to_string();
                 if !reg.park(id.clone(), tcp) {
                     tracing::warn!(port, "too many legacy connections waiting: dropped one");
