@@ -138,6 +138,11 @@ pub struct PackageManager {
     /// How a version is attached to a package name: `"{package}={version}"` for apt.
     #[serde(default = "default_version_format")]
     pub version_format: String,
+    /// Directories the manager writes into. An operation is refused up front, with a message
+    /// naming the directory, when one of them is not writable (e.g. a read-only `/usr` under
+    /// systemd's `ProtectSystem=`), instead of letting the manager fail half-way through.
+    #[serde(default)]
+    pub writes: Vec<PathBuf>,
 }
 
 fn default_realm() -> String {
@@ -187,11 +192,13 @@ fn default_package_managers() -> BTreeMap<String, PackageManager> {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         commands: ["install", "remove", "update", "upgrade"].map(String::from).to_vec(),
         version_format: default_version_format(),
+        writes: vec!["/usr".into()],
     };
     let pip = PackageManager {
         argv: vec!["pip3".into()],
         commands: ["install", "uninstall"].map(String::from).to_vec(),
         version_format: "{package}=={version}".into(),
+        writes: vec!["/usr".into()],
     };
     BTreeMap::from([
         ("apt".into(), apt(&["apt", "-y", "-q"])),

@@ -190,6 +190,7 @@ async fn running_results_reach_notify_result() {
             argv: vec!["echo".into()],
             commands: vec!["install".into()],
             version_format: "{package}={version}".into(),
+            writes: vec![],
         },
     );
     let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));

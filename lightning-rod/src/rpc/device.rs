@@ -5,6 +5,7 @@
 //! manager and command with the package as one argv element (never a shell string), replies
 //! RUNNING and reports the outcome through `notify_result`.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -185,6 +186,9 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     } else if command != "update" && command != "upgrade" {
         return Err(bad(format!("parameters.package is required for {command}")));
     }
+    for dir in &manager.writes {
+        writable(dir).map_err(|e| bad(format!("{manager_name} {command}: {e}")))?;
+    }
     let (ctx2, req_id) = (ctx.clone(), call.req_id());
     tokio::spawn(async move {
         let reply = run_bounded(&argv, &ctx2.shutdown).await;
@@ -194,6 +198,21 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
         }
     });
     Ok(Reply { message: json!("RUNNING"), result: Outcome::Running, req_id: None })
+}
+
+/// Whether this process may write into `dir` (mount flags included: `access(2)` answers EROFS
+/// for a read-only mount even to root).
+fn writable(dir: &Path) -> std::result::Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    match access(dir, AccessFlags::W_OK) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EROFS) => Err(format!(
+            "{} is mounted read-only for the agent (systemd ProtectSystem=); package operations need \
+             systemd/lightning-rod.service.d/package-operations.conf",
+            dir.display()
+        )),
+        Err(e) => Err(format!("{} is not writable by the agent: {e}", dir.display())),
+    }
 }
 
 async fn read_limited(r: Option<impl AsyncRead + Unpin>) -> String {
@@ -259,4 +278,39 @@ pub(crate) fn iso8601_now() -> String {
         rem % 60,
         d.subsec_micros()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writable;
+
+    #[test]
+    fn writable_dirs_pass_and_missing_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        writable(dir.path()).unwrap();
+        let gone = dir.path().join("gone");
+        let e = writable(&gone).unwrap_err();
+        assert!(e.contains("gone") && e.contains("not writable"), "{e}");
+    }
+
+    /// A read-only mount (what `ProtectSystem=full` makes of `/usr`) is refused even for root.
+    /// Runs on its own thread in a private mount namespace, so the mount is never seen outside.
+    #[test]
+    fn a_read_only_mount_is_refused_with_the_fix_named() {
+        use nix::mount::{MsFlags, mount};
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root (CI runs as root): mounts a read-only tmpfs in a private mount namespace");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let e = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            mount(Some("tmpfs"), &path, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>).unwrap();
+            writable(&path).unwrap_err()
+        })
+        .join()
+        .unwrap();
+        assert!(e.contains("read-only") && e.contains("package-operations.conf"), "{e}");
+    }
 }

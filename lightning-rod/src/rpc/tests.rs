@@ -69,6 +69,7 @@ fn harness() -> Harness {
             argv: vec!["echo".into(), "pkg".into()],
             commands: vec!["install".into(), "update".into()],
             version_format: "{package}=={version}".into(),
+            writes: vec![dir.path().to_owned()],
         },
     );
     device.package_managers.insert(
@@ -77,6 +78,7 @@ fn harness() -> Harness {
             argv: vec!["false".into()],
             commands: vec!["install".into()],
             version_format: "{package}={version}".into(),
+            writes: vec![],
         },
     );
     let (ntx, notify) = mpsc::channel(8);
