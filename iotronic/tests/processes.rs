@@ -90,10 +90,22 @@ impl Cloud {
 }
 
 impl Api {
-    async fn wait_online(&self, board: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Waits for `board` to be online; on timeout the failure shows the tail of every log in
+    /// `logs` (board, agent), so a flaky run says why.
+    async fn wait_online(&self, board: &str, logs: &[&Path]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.req("GET", &format!("/v1/boards/{board}"), None).await.1["status"] != "online" {
-            assert!(Instant::now() < deadline, "board {board} did not come online");
+            if Instant::now() >= deadline {
+                let tails: Vec<String> = logs
+                    .iter()
+                    .map(|p| {
+                        let text = std::fs::read_to_string(p).unwrap_or_default();
+                        let lines: Vec<&str> = text.lines().collect();
+                        format!("--- {} ---\n{}", p.display(), lines[lines.len().saturating_sub(40)..].join("\n"))
+                    })
+                    .collect();
+                panic!("board {board} did not come online within 60 s\n{}", tails.join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -189,8 +201,9 @@ async fn killed_conductor_and_agent_lose_no_accepted_request() {
     assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
     let mut run = Command::new(&lr);
     run.args(["run", "--config"]).arg(&cfg).env_remove("NOTIFY_SOCKET").env("RUST_LOG", "info");
-    let _board = Proc::spawn(run, board_dir.join("lr.log"));
-    api.wait_online("lr").await;
+    let board_log = board_dir.join("lr.log");
+    let _board = Proc::spawn(run, board_log.clone());
+    api.wait_online("lr", &[&board_log]).await;
 
     // Synchronous call through RabbitMQ: API → conductor → agent → board → back.
     let (s, v) = api.req("POST", "/v1/boards/lr/action", Some(json!({"action": "DevicePing"}))).await;
@@ -213,7 +226,7 @@ async fn killed_conductor_and_agent_lose_no_accepted_request() {
     agent.wait_line("WAMP router on ").await;
     let (ok, failed) = api.settle(&ids).await;
     assert_eq!(ok + failed, 20);
-    api.wait_online("lr").await;
+    api.wait_online("lr", &[&board_log, &agent.log]).await;
     let (s, v) = api.req("POST", "/v1/boards/lr/action", Some(json!({"action": "DevicePing"}))).await;
     assert_eq!(s, StatusCode::OK, "after the restarts: {v}");
     delete_queues(&cloud.prefix).await;
