@@ -11,6 +11,12 @@ use crate::io::read_http_head;
 
 /// The subprotocol of our multiplexed channel.
 pub const SUBPROTOCOL: &str = "s4t-tunnel";
+/// Our channel with unmasked client frames. A client offers it before [`SUBPROTOCOL`]; a
+/// server that picks it accepts unmasked frames from that client. Masking (RFC 6455 §5.3)
+/// protects intermediaries that misread the stream as HTTP from script-chosen bytes; it costs
+/// a pass over every byte the board sends, and erebe/wstunnel leaves it off by default too.
+/// Older servers pick [`SUBPROTOCOL`], and the client then masks.
+pub const UNMASKED_SUBPROTOCOL: &str = "s4t-tunnel-unmasked";
 /// The subprotocol MDSLab wstun speaks.
 pub const LEGACY_SUBPROTOCOL: &str = "tunnel-protocol";
 const MAX_HEAD: usize = 8 * 1024;
@@ -18,8 +24,8 @@ const MAX_HEAD: usize = 8 * 1024;
 /// What an incoming connection asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// Our multiplexed channel.
-    Channel,
+    /// Our multiplexed channel; `unmasked`: the client offered unmasked frames.
+    Channel { unmasked: bool },
     /// wstun control channel: `?dst=host:port`, with `&board=<uuid>` when our wstun client
     /// was given `-u <uuid>` (the original lightning-rod passes its board uuid).
     LegacyControl { port: u16, board: Option<String> },
@@ -67,7 +73,13 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Inco
     }
     let protocols = header("sec-websocket-protocol").unwrap_or_default();
     let offers = |p: &str| protocols.split(',').any(|o| o.trim() == p);
-    let route = if offers(SUBPROTOCOL) { Route::Channel } else { legacy_route(&path)? };
+    let route = if offers(UNMASKED_SUBPROTOCOL) {
+        Route::Channel { unmasked: true }
+    } else if offers(SUBPROTOCOL) {
+        Route::Channel { unmasked: false }
+    } else {
+        legacy_route(&path)?
+    };
     Ok(Incoming { route, key: Some(key), leftover })
 }
 
@@ -165,17 +177,24 @@ pub(crate) async fn status_page<S: AsyncWrite + Unpin>(s: &mut S) {
     let _ = s.shutdown().await;
 }
 
-/// Client side: sends the upgrade request for our subprotocol and checks the answer. Returns
-/// the bytes the server sent after its response.
+/// A completed client upgrade.
+pub(crate) struct Upgraded {
+    /// The bytes the server sent after its response.
+    pub leftover: BytesMut,
+    /// The server accepts unmasked frames from us.
+    pub unmasked: bool,
+}
+
+/// Client side: sends the upgrade request for our subprotocol and checks the answer.
 pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     host: &str,
     path: &str,
-) -> Result<BytesMut, Error> {
+) -> Result<Upgraded, Error> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.map_err(|e| Error::io("send the upgrade request", e))?;
     let (head, leftover) = read_http_head(s, MAX_HEAD).await?;
@@ -190,21 +209,36 @@ pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         let body = String::from_utf8_lossy(&leftover).trim().chars().take(200).collect::<String>();
         return Err(Error::Handshake(format!("server answered {code}: {body}")));
     }
-    let accept = resp
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
-        .map(|h| h.value.to_vec())
-        .unwrap_or_default();
-    if accept != derive_accept_key(key.as_bytes()).as_bytes() {
+    let header = |name: &str| {
+        resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.to_vec()).unwrap_or_default()
+    };
+    if header("sec-websocket-accept") != derive_accept_key(key.as_bytes()).as_bytes() {
         return Err(Error::Handshake("wrong Sec-WebSocket-Accept".into()));
     }
-    Ok(leftover)
+    let unmasked = header("sec-websocket-protocol").trim_ascii() == UNMASKED_SUBPROTOCOL.as_bytes();
+    Ok(Upgraded { leftover, unmasked })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn route_of(protocols: &str) -> Route {
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {protocols}\r\n\r\n"
+        );
+        read_request(&mut req.as_bytes()).await.unwrap().route
+    }
+
+    #[tokio::test]
+    async fn unmasked_frames_only_when_the_client_offers_them() {
+        let both = format!("{UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}");
+        assert_eq!(route_of(&both).await, Route::Channel { unmasked: true });
+        // An older client offers only the masked channel, and must keep masking.
+        assert_eq!(route_of(SUBPROTOCOL).await, Route::Channel { unmasked: false });
+    }
 
     #[test]
     fn legacy_queries_route_to_control_or_data() {

@@ -1,15 +1,17 @@
-//! The channel's WebSocket I/O: a reader that holds no buffer while idle, and a writer task
-//! that batches frames into vectored writes.
+//! The channel's WebSocket I/O: a reader that holds no buffer while idle, and a shared sink
+//! that whoever has something to send writes to directly.
 //!
-//! Frames travel as complete WebSocket frames (`Bytes`) through two bounded queues: `ctrl`
-//! (small control frames, always drained first) and `data` (stream data, the only queue a
-//! producer waits on). The reader task never waits on either: when it must answer (a pong, a
-//! reset) it uses `try_send` on `ctrl`, and a full `ctrl` queue means the peer floods us, which
-//! closes the channel. That rule is what keeps two peers that both saturate their links from
-//! deadlocking on each other.
+//! Stream pumps take the sink's lock, read their TCP socket straight into the sink's frame
+//! buffer and write the frame: no queue, no task hop, no allocation per frame. The reader task
+//! never waits on the sink: when it must answer (a pong, a window update, a reset) it queues on
+//! the bounded `ctrl` queue, which the next lock holder (or the writer task, woken for it)
+//! writes first. A full `ctrl` queue means the peer floods us, which closes the channel. That
+//! rule is what keeps two peers that both saturate their links from deadlocking on each other.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -17,7 +19,9 @@ use s4t_shared::tunnel::Frame;
 use s4t_shared::tunnel::frame::{HEADER_LEN, header};
 use s4t_shared::tunnel::ws::{self, Decoded, Decoder, MAX_HEADER, Message, Opcode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 
@@ -26,10 +30,9 @@ pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Capacity of the control queue (frames). Overflowing it closes the channel.
 pub(crate) const CTRL_QUEUE: usize = 1024;
-/// Capacity of the data queue (frames of up to [`MAX_READ`] bytes each).
-pub(crate) const DATA_QUEUE: usize = 64;
-/// The most a stream reads from its TCP socket for one frame.
-pub(crate) const MAX_READ: usize = 64 * 1024 - PREFIX;
+/// The most a stream reads from its TCP socket for one frame: large frames for bulk transfers
+/// mean fewer system calls and wake-ups per byte (the frame buffer is reused, see [`Sink`]).
+pub(crate) const MAX_READ: usize = s4t_shared::tunnel::frame::MAX_DATA;
 /// Room in front of a payload for the WebSocket and tunnel headers.
 pub(crate) const PREFIX: usize = MAX_HEADER + HEADER_LEN;
 /// The largest message accepted on a channel: a full data frame plus headers.
@@ -48,8 +51,11 @@ pub(crate) struct WsReader {
 }
 
 impl WsReader {
-    pub(crate) fn new(rd: BoxRead, role: Role, leftover: BytesMut) -> WsReader {
-        WsReader { rd, buf: leftover, dec: Decoder::new(role, MAX_MESSAGE), big_reads: false }
+    /// `unmasked`: (server) the client agreed to send unmasked frames.
+    pub(crate) fn new(rd: BoxRead, role: Role, leftover: BytesMut, unmasked: bool) -> WsReader {
+        let dec = Decoder::new(role, MAX_MESSAGE);
+        let dec = if unmasked { dec.accept_unmasked() } else { dec };
+        WsReader { rd, buf: leftover, dec, big_reads: false }
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between messages.
@@ -63,7 +69,7 @@ impl WsReader {
                 // Quiet again: let the last burst's buffer go.
                 self.buf = BytesMut::new();
             }
-            let chunk = if self.big_reads { MAX_READ } else { SMALL_READ };
+            let chunk = if self.big_reads { MAX_MESSAGE + MAX_HEADER } else { SMALL_READ };
             let missing = need.saturating_sub(self.buf.len());
             self.buf.reserve(chunk.max(missing));
             // Inside a large frame, read exactly to its end: the frame then leaves the buffer
@@ -88,25 +94,77 @@ impl WsReader {
     }
 }
 
-/// The sending side of a channel: builds WebSocket frames (masked when this is the client)
-/// and queues them for the writer task.
+/// The sending side of a channel: builds WebSocket frames (masked when this is a client that
+/// did not agree unmasked frames with the server) and writes them. Cloneable; every clone
+/// writes to the same socket.
+///
+/// Whoever holds the sink lock writes: a stream pump writes its own frames (no task hop, no
+/// queue), and the writer task ([`write_loop`]) writes what the reader task queued on `ctrl`.
+/// Every lock holder first writes what is queued, so a frame queued earlier (an `Open`) always
+/// precedes frames written later (that stream's data). Writes are cancel-safe: a holder dropped
+/// in the middle of a frame leaves the rest of it in the sink for the next holder.
 #[derive(Clone)]
 pub(crate) struct Outbound {
-    ctrl: mpsc::Sender<Bytes>,
-    data: mpsc::Sender<Bytes>,
+    sh: Arc<Shared>,
     mask: bool,
 }
 
-/// The receiving ends, owned by the writer task.
-pub(crate) struct OutboundRx {
-    ctrl: mpsc::Receiver<Bytes>,
-    data: mpsc::Receiver<Bytes>,
+struct Shared {
+    ctrl: mpsc::Sender<Bytes>,
+    sink: tokio::sync::Mutex<Sink>,
+    /// Something was queued on `ctrl`, or the channel is closing: the writer task looks.
+    wake: Notify,
+    /// The writer task should write what is queued and end.
+    closing: AtomicBool,
+    /// A write failed or the writer task ended: every later send fails.
+    dead: AtomicBool,
+    /// The sink holds a frame buffer: the writer task frees it once the channel goes quiet.
+    holds_buf: AtomicBool,
+    /// Cancelled when the writer task ends: a holder stuck writing to a peer that stopped
+    /// reading gives up, so the socket closes.
+    kill: CancellationToken,
 }
 
-pub(crate) fn outbound(role: Role) -> (Outbound, OutboundRx) {
+struct Sink {
+    wr: Option<BoxWrite>,
+    ctrl: mpsc::Receiver<Bytes>,
+    /// Frames (or the rest of a frame) to write before anything else.
+    pending: VecDeque<Bytes>,
+    /// The frame buffer stream pumps read into (`[PREFIX room][payload]`), kept while data
+    /// flows so that bulk transfers neither allocate nor fault in pages per frame.
+    buf: BytesMut,
+    /// `buf[from..to]` is a frame being written.
+    from: usize,
+    to: usize,
+    /// A frame was built in `buf` since the writer task last looked.
+    used: bool,
+}
+
+/// The writer task's end of a channel, for [`write_loop`].
+pub(crate) struct Writer(Arc<Shared>);
+
+/// A new channel sink over `wr`. `mask`: mask outgoing frames (an RFC 6455 client).
+pub(crate) fn outbound(wr: BoxWrite, mask: bool) -> (Outbound, Writer) {
     let (ctrl, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
-    let (data, data_rx) = mpsc::channel(DATA_QUEUE);
-    (Outbound { ctrl, data, mask: role == Role::Client }, OutboundRx { ctrl: ctrl_rx, data: data_rx })
+    let sink = Sink {
+        wr: Some(wr),
+        ctrl: ctrl_rx,
+        pending: VecDeque::new(),
+        buf: BytesMut::new(),
+        from: 0,
+        to: 0,
+        used: false,
+    };
+    let sh = Arc::new(Shared {
+        ctrl,
+        sink: tokio::sync::Mutex::new(sink),
+        wake: Notify::new(),
+        closing: AtomicBool::new(false),
+        dead: AtomicBool::new(false),
+        holds_buf: AtomicBool::new(false),
+        kill: CancellationToken::new(),
+    });
+    (Outbound { sh: sh.clone(), mask }, Writer(sh))
 }
 
 impl Outbound {
@@ -126,44 +184,198 @@ impl Outbound {
 
     /// Queues a control frame without waiting; fails when the queue is full or closed.
     pub(crate) fn try_ctrl(&self, f: &Frame) -> Result<(), Error> {
-        self.ctrl.try_send(self.frame(f)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Protocol("control queue overflow: the peer floods us".into()),
-            mpsc::error::TrySendError::Closed(_) => Error::Closed,
-        })
+        self.try_ctrl_raw(self.frame(f))
     }
 
     pub(crate) fn try_ctrl_raw(&self, b: Bytes) -> Result<(), Error> {
-        self.ctrl.try_send(b).map_err(|_| Error::Protocol("control queue overflow: the peer floods us".into()))
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        self.sh.ctrl.try_send(b).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Protocol("control queue overflow: the peer floods us".into()),
+            mpsc::error::TrySendError::Closed(_) => Error::Closed,
+        })?;
+        self.sh.wake.notify_one();
+        Ok(())
     }
 
-    /// Queues a control frame, waiting for room (only from tasks other than the reader).
+    /// Writes a control frame, waiting for the socket (only from tasks other than the reader).
     pub(crate) async fn ctrl(&self, f: &Frame) -> Result<(), Error> {
-        self.ctrl.send(self.frame(f)).await.map_err(|_| Error::Closed)
+        self.data(self.frame(f)).await
     }
 
-    /// Queues a ready-made frame on the data queue, waiting for room (backpressure).
+    /// Writes a ready-made frame, waiting for the socket (backpressure).
     pub(crate) async fn data(&self, b: Bytes) -> Result<(), Error> {
-        self.data.send(b).await.map_err(|_| Error::Closed)
+        let mut g = self.lock().await?;
+        g.sink.pending.push_back(b);
+        g.flush().await
+    }
+
+    /// Takes the sink, writing whatever is queued first.
+    pub(crate) async fn lock(&self) -> Result<SinkGuard<'_>, Error> {
+        let sink = self.sh.sink.lock().await;
+        let mut g = SinkGuard { sh: &self.sh, sink, mask: self.mask };
+        if self.sh.dead.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        g.flush().await?;
+        Ok(g)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.ctrl.is_closed()
+        self.sh.dead.load(Ordering::Acquire) || self.sh.closing.load(Ordering::Acquire)
+    }
+
+    /// Asks the writer task to write what is queued, then close the socket and end.
+    pub(crate) fn close(&self) {
+        self.sh.closing.store(true, Ordering::Release);
+        self.sh.wake.notify_one();
     }
 
     /// Turns a buffer laid out as `[PREFIX bytes of room][payload]` into a complete frame of
     /// type `kind` for `id`, in place.
     pub(crate) fn seal(&self, mut buf: BytesMut, kind: u8, id: u32) -> Bytes {
-        let payload_len = buf.len() - PREFIX;
-        buf[MAX_HEADER..PREFIX].copy_from_slice(&header(kind, id));
-        let mask = self.mask_key();
-        let mut h = [0u8; MAX_HEADER];
-        let n = ws::write_header(&mut h, true, Opcode::Binary, mask, HEADER_LEN + payload_len);
-        buf[MAX_HEADER - n..MAX_HEADER].copy_from_slice(&h[MAX_HEADER - n..]);
-        if let Some(m) = mask {
-            ws::apply_mask(&mut buf[MAX_HEADER..], m);
-        }
-        buf.advance(MAX_HEADER - n);
+        let start = seal_in_place(&mut buf, kind, id, self.mask_key());
+        buf.advance(start);
         buf.freeze()
+    }
+}
+
+/// Writes the WebSocket and tunnel headers in front of the payload in `buf`
+/// (`[PREFIX room][payload]`) and masks; returns where the frame starts.
+fn seal_in_place(buf: &mut [u8], kind: u8, id: u32, mask: Option<[u8; 4]>) -> usize {
+    let payload_len = buf.len() - PREFIX;
+    buf[MAX_HEADER..PREFIX].copy_from_slice(&header(kind, id));
+    let mut h = [0u8; MAX_HEADER];
+    let n = ws::write_header(&mut h, true, Opcode::Binary, mask, HEADER_LEN + payload_len);
+    buf[MAX_HEADER - n..MAX_HEADER].copy_from_slice(&h[MAX_HEADER - n..]);
+    if let Some(m) = mask {
+        ws::apply_mask(&mut buf[MAX_HEADER..], m);
+    }
+    MAX_HEADER - n
+}
+
+/// The locked sink of a channel.
+pub(crate) struct SinkGuard<'a> {
+    sh: &'a Shared,
+    sink: tokio::sync::MutexGuard<'a, Sink>,
+    mask: bool,
+}
+
+/// What [`SinkGuard::send_from`] did.
+pub(crate) enum Sent {
+    /// A frame with this many payload bytes went out.
+    Data(usize),
+    /// The socket had nothing to read after all.
+    WouldBlock,
+    /// The socket reached end of stream.
+    Eof,
+    /// Reading the socket failed.
+    ReadFailed,
+}
+
+impl SinkGuard<'_> {
+    /// Adds a ready-made frame to write with the next [`flush`](Self::flush).
+    pub(crate) fn push(&mut self, frame: Bytes) {
+        self.sink.pending.push_back(frame);
+    }
+
+    /// Writes everything pending (queued control frames first).
+    pub(crate) async fn flush(&mut self) -> Result<(), Error> {
+        let sh = self.sh;
+        let res = tokio::select! {
+            r = self.flush_inner() => r,
+            _ = sh.kill.cancelled() => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        self.check(res)
+    }
+
+    async fn flush_inner(&mut self) -> std::io::Result<()> {
+        let s = &mut *self.sink;
+        let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
+        let mut wrote = false;
+        loop {
+            while s.pending.len() < MAX_BATCH {
+                match s.ctrl.try_recv() {
+                    Ok(b) => s.pending.push_back(b),
+                    Err(_) => break,
+                }
+            }
+            if s.pending.is_empty() {
+                break;
+            }
+            write_batch(wr, &mut s.pending).await?;
+            wrote = true;
+        }
+        if wrote {
+            wr.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn check<T>(&mut self, res: std::io::Result<T>) -> Result<T, Error> {
+        res.map_err(|e| {
+            self.sh.dead.store(true, Ordering::Release);
+            self.sink.wr = None;
+            Error::io("write to the tunnel channel", e)
+        })
+    }
+
+    /// Reads up to `max` bytes from `tcp` into the sink's frame buffer and writes them as one
+    /// frame of type `kind` for `id`. Fails only when the channel does.
+    pub(crate) async fn send_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Result<Sent, Error> {
+        let s = &mut *self.sink;
+        s.buf.clear();
+        s.buf.reserve(PREFIX + max);
+        s.buf.resize(PREFIX, 0);
+        if !s.used {
+            s.used = true;
+            self.sh.holds_buf.store(true, Ordering::Release);
+        }
+        let n = match tcp.try_read_buf(&mut (&mut s.buf).limit(max)) {
+            Ok(0) => return Ok(Sent::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::WouldBlock),
+            Err(_) => return Ok(Sent::ReadFailed),
+        };
+        let mask = self.mask.then(rand::random::<[u8; 4]>);
+        s.from = seal_in_place(&mut s.buf, kind, id, mask);
+        s.to = s.buf.len();
+        let sh = self.sh;
+        let res = tokio::select! {
+            r = self.write_buf() => r,
+            _ = sh.kill.cancelled() => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        self.check(res)?;
+        Ok(Sent::Data(n))
+    }
+
+    async fn write_buf(&mut self) -> std::io::Result<()> {
+        let s = &mut *self.sink;
+        let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
+        while s.from < s.to {
+            let n = wr.write(&s.buf[s.from..s.to]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            s.from += n;
+        }
+        wr.flush().await
+    }
+}
+
+impl Drop for SinkGuard<'_> {
+    fn drop(&mut self) {
+        let s = &mut *self.sink;
+        if s.from < s.to {
+            // Dropped in the middle of a frame: the next holder writes the rest first.
+            let rest = Bytes::copy_from_slice(&s.buf[s.from..s.to]);
+            s.pending.push_front(rest);
+            s.from = s.to;
+        }
+        if self.sh.dead.load(Ordering::Acquire) {
+            s.wr = None;
+        }
     }
 }
 
@@ -174,36 +386,62 @@ pub(crate) fn payload_buf(cap: usize) -> BytesMut {
     b
 }
 
-/// Writes queued frames until both queues close or a write fails. Control frames go first;
-/// data is taken only when no control frame waits, so an `Open` always precedes the data of
-/// its stream.
-pub(crate) async fn write_loop(mut wr: BoxWrite, mut rx: OutboundRx) -> Result<(), Error> {
-    let mut batch: VecDeque<Bytes> = VecDeque::with_capacity(MAX_BATCH);
+/// How long the sink keeps its frame buffer after the last frame built in it.
+const BUF_LINGER: Duration = Duration::from_secs(2);
+
+/// Writes what the reader task queues (control frames) until the channel closes or a write
+/// fails, then closes the socket. Frees the frame buffer of a channel that went quiet.
+pub(crate) async fn write_loop(w: Writer) -> Result<(), Error> {
+    let sh = w.0.clone();
+    let _closer = w;
     loop {
-        let first = tokio::select! {
-            biased;
-            Some(b) = rx.ctrl.recv() => b,
-            Some(b) = rx.data.recv() => b,
-            else => return Ok(()),
-        };
-        batch.push_back(first);
-        while batch.len() < MAX_BATCH {
-            match rx.ctrl.try_recv() {
-                Ok(b) => batch.push_back(b),
-                Err(_) => match rx.data.try_recv() {
-                    Ok(b) => batch.push_back(b),
-                    Err(_) => break,
-                },
+        if sh.holds_buf.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = sh.wake.notified() => {}
+                _ = tokio::time::sleep(BUF_LINGER) => {
+                    if let Ok(mut s) = sh.sink.try_lock() {
+                        if std::mem::take(&mut s.used) {
+                            continue;
+                        }
+                        s.buf = BytesMut::new();
+                        sh.holds_buf.store(false, Ordering::Release);
+                    }
+                    continue;
+                }
             }
+        } else {
+            sh.wake.notified().await;
         }
-        write_batch(&mut wr, &mut batch).await.map_err(|e| Error::io("write to the tunnel channel", e))?;
-        wr.flush().await.map_err(|e| Error::io("flush the tunnel channel", e))?;
+        let sink = sh.sink.lock().await;
+        let mut g = SinkGuard { sh: &sh, sink, mask: false };
+        if sh.dead.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        g.flush().await?;
+        if sh.closing.load(Ordering::Acquire) {
+            if let Some(wr) = g.sink.wr.as_mut() {
+                let _ = wr.shutdown().await;
+            }
+            return Ok(());
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // The writer task ended (or was aborted): nothing more goes out on this channel, and
+        // the socket closes now or as soon as the current holder lets go of the sink.
+        self.0.dead.store(true, Ordering::Release);
+        self.0.kill.cancel();
+        if let Ok(mut s) = self.0.sink.try_lock() {
+            s.wr = None;
+        }
     }
 }
 
 async fn write_batch(wr: &mut BoxWrite, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
     while !batch.is_empty() {
-        let slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+        let slices: Vec<IoSlice<'_>> = batch.iter().take(MAX_BATCH).map(|b| IoSlice::new(b)).collect();
         let mut n = wr.write_vectored(&slices).await?;
         drop(slices);
         if n == 0 {

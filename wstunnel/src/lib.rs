@@ -23,7 +23,7 @@
 //! - [`process`]: plumbing every Stack4Things binary shares (tracing set-up, the signal-driven
 //!   shutdown token). It lives here because this is the lowest crate with a runtime that every
 //!   binary links.
-//! - internals: `io` (the channel's WebSocket reader and batching writer), `handshake` (HTTP
+//! - internals: `io` (the channel's WebSocket reader and its shared sink), `handshake` (HTTP
 //!   upgrade and routing), `mux` (streams, flow control, the TCP pumps), `transport`.
 
 pub mod cli;

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use s4t_shared::tunnel::Frame;
 use s4t_shared::tunnel::frame::{T_DATA, code};
 use s4t_shared::tunnel::window::{RecvWindow, SendWindow};
@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::io::{MAX_READ, Outbound, payload_buf};
+use crate::io::{MAX_READ, Outbound, Sent};
 
 /// The streams of one channel.
 pub(crate) struct Mux {
@@ -227,8 +227,8 @@ pub(crate) async fn run_stream(mux: Arc<Mux>, s: Arc<Stream>, tcp: TcpStream) {
     }
 }
 
-/// TCP → channel: waits for credit, then for readability, then reads into a fresh buffer laid
-/// out so that the frame is built in place.
+/// TCP → channel: waits for credit, then for readability, then takes the channel's sink and
+/// reads straight into its frame buffer, which it writes out as one frame.
 async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
     loop {
         let credit = wait_credit(s).await?;
@@ -236,31 +236,29 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
             r = tcp.readable() => r.map_err(|_| End::Local(code::IO))?,
             _ = s.dead.cancelled() => return Err(End::Gone),
         }
-        let mut buf = payload_buf(credit);
-        let res = tcp.try_read_buf(&mut (&mut buf).limit(credit));
+        let mut sink = tokio::select! {
+            g = mux.out.lock() => g.map_err(|_| End::Gone)?,
+            _ = s.dead.cancelled() => return Err(End::Gone),
+        };
+        // Not cancelled by a reset of this stream: a frame half written stays in the sink.
+        let res = sink.send_from(tcp, credit, T_DATA, s.id).await;
         let used = match &res {
-            Ok(n) => *n,
-            Err(_) => 0,
+            Ok(Sent::Data(n)) => *n,
+            _ => 0,
         };
         if used < credit {
             give_back(s, credit - used);
         }
         match res {
-            Ok(0) => {
-                send_or_die(mux, s, mux.out.frame(&Frame::Fin { stream: s.id })).await?;
+            Ok(Sent::Data(_)) | Ok(Sent::WouldBlock) => {}
+            Ok(Sent::Eof) => {
+                sink.push(mux.out.frame(&Frame::Fin { stream: s.id }));
+                sink.flush().await.map_err(|_| End::Gone)?;
                 return Ok(());
             }
-            Ok(_) => send_or_die(mux, s, mux.out.seal(buf, T_DATA, s.id)).await?,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(End::Local(code::IO)),
+            Ok(Sent::ReadFailed) => return Err(End::Local(code::IO)),
+            Err(_) => return Err(End::Gone),
         }
-    }
-}
-
-async fn send_or_die(mux: &Mux, s: &Stream, frame: Bytes) -> Result<(), End> {
-    tokio::select! {
-        r = mux.out.data(frame) => r.map_err(|_| End::Gone),
-        _ = s.dead.cancelled() => Err(End::Gone),
     }
 }
 

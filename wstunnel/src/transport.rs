@@ -1,6 +1,10 @@
 //! The byte streams a channel runs over (TCP, or TLS over TCP), split into boxed halves.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::io::{BoxRead, BoxWrite};
@@ -18,16 +22,87 @@ impl Transport for TcpStream {
     }
 }
 
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+/// TLS runs over a [`Buffered`] socket.
+pub(crate) type TlsServerStream = tokio_rustls::server::TlsStream<Buffered>;
+pub(crate) type TlsClientStream = tokio_rustls::client::TlsStream<Buffered>;
+
+impl Transport for TlsServerStream {
     fn split_box(self) -> (BoxRead, BoxWrite) {
         let (r, w) = tokio::io::split(self);
         (Box::new(r), Box::new(w))
     }
 }
 
-impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
+impl Transport for TlsClientStream {
     fn split_box(self) -> (BoxRead, BoxWrite) {
         let (r, w) = tokio::io::split(self);
         (Box::new(r), Box::new(w))
+    }
+}
+
+/// How much [`Buffered`] reads from the socket at once.
+const TLS_READ: usize = 64 * 1024;
+
+/// A TCP socket read through a buffer, for rustls: rustls asks for at most 4 KiB per read, so
+/// without it a TLS channel makes four or more `read` calls per 16 KiB record. The buffer
+/// exists only while data flows: it is freed whenever the socket has nothing more to read, so
+/// an idle channel holds none.
+pub(crate) struct Buffered {
+    tcp: TcpStream,
+    buf: BytesMut,
+}
+
+impl Buffered {
+    pub(crate) fn new(tcp: TcpStream) -> Buffered {
+        Buffered { tcp, buf: BytesMut::new() }
+    }
+}
+
+impl AsyncRead for Buffered {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.buf.is_empty() {
+            if out.remaining() >= TLS_READ {
+                return Pin::new(&mut me.tcp).poll_read(cx, out);
+            }
+            me.buf.reserve(TLS_READ);
+            if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(&mut me.tcp), cx, &mut me.buf) {
+                r?;
+            } else {
+                // Drained: do not hold a buffer while the socket is quiet.
+                me.buf = BytesMut::new();
+                return Poll::Pending;
+            }
+        }
+        let n = me.buf.len().min(out.remaining());
+        out.put_slice(&me.buf[..n]);
+        me.buf.advance(n);
+        Ok(()).into()
+    }
+}
+
+impl AsyncWrite for Buffered {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
     }
 }

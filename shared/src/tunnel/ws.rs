@@ -199,13 +199,23 @@ pub enum Decoded {
 pub struct Decoder {
     role: Role,
     max_message: usize,
+    /// Server side only: also accept unmasked frames (the client negotiated unmasked frames).
+    unmasked_ok: bool,
     /// A fragmented data message being assembled: its opcode and the bytes so far.
     partial: Option<(Opcode, BytesMut)>,
 }
 
 impl Decoder {
     pub fn new(role: Role, max_message: usize) -> Decoder {
-        Decoder { role, max_message, partial: None }
+        Decoder { role, max_message, unmasked_ok: false, partial: None }
+    }
+
+    /// A server-side decoder that also accepts unmasked frames from the client. RFC 6455 makes
+    /// clients mask; a protocol on top may agree otherwise during the upgrade (masking guards
+    /// intermediaries that misread the stream as HTTP, and costs a pass over every byte).
+    pub fn accept_unmasked(mut self) -> Decoder {
+        self.unmasked_ok = true;
+        self
     }
 
     /// Takes the next message out of `buf` (consuming its bytes). Unmasks in place, so data
@@ -215,7 +225,11 @@ impl Decoder {
             let Some(h) = parse_header(buf)? else {
                 return Ok(Decoded::Need(buf.len() + 1));
             };
-            if h.mask.is_some() != (self.role == Role::Server) {
+            let masking_ok = match self.role {
+                Role::Client => h.mask.is_none(),
+                Role::Server => h.mask.is_some() || self.unmasked_ok,
+            };
+            if !masking_ok {
                 return Err(WsError::Masking);
             }
             if h.opcode.is_control() && (!h.fin || h.len > 125) {
@@ -378,6 +392,12 @@ mod tests {
 
     #[test]
     fn violations_are_errors() {
+        // Unless the upgrade agreed otherwise, a server accepts only masked frames.
+        let mut lenient = Decoder::new(Role::Server, 100).accept_unmasked();
+        for mask in [None, Some([9, 8, 7, 6])] {
+            let mut b = BytesMut::from(&encode_frame(Opcode::Binary, b"hi", mask)[..]);
+            assert_eq!(lenient.decode(&mut b), Ok(Decoded::Message(Message::Binary(Bytes::from_static(b"hi")))));
+        }
         let mut dec = Decoder::new(Role::Server, 100);
         // Unmasked frame sent to a server.
         let mut b = BytesMut::from(&encode_frame(Opcode::Binary, b"x", None)[..]);

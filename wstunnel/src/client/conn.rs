@@ -17,7 +17,7 @@ use crate::handshake;
 use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
 use crate::packet;
-use crate::transport::Transport;
+use crate::transport::{Buffered, Transport};
 
 /// A parsed server URL.
 pub(crate) struct Target {
@@ -45,7 +45,7 @@ impl Target {
 
 /// Dials the server and completes the WebSocket upgrade; returns the split transport and any
 /// bytes read past the upgrade response.
-async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, bytes::BytesMut), Error> {
+async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, handshake::Upgraded), Error> {
     let t = Target::parse(&inner.cfg.url)?;
     let tcp =
         TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;
@@ -54,8 +54,10 @@ async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, bytes::BytesM
     if t.tls {
         let cfg = inner.cfg.tls.clone().ok_or_else(|| Error::Config("wss:// needs a TLS configuration".into()))?;
         let name = rustls::pki_types::ServerName::try_from(t.host.clone()).map_err(|e| Error::Tls(e.to_string()))?;
-        let mut s =
-            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| Error::Tls(e.to_string()))?;
+        let mut s = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, Buffered::new(tcp))
+            .await
+            .map_err(|e| Error::Tls(e.to_string()))?;
         let left = handshake::connect(&mut s, &host_header, &t.path).await?;
         let (r, w) = s.split_box();
         Ok((r, w, left))
@@ -69,15 +71,14 @@ async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, bytes::BytesM
 
 /// Runs one connection until it ends.
 pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result<(), Error> {
-    let (rd, wr, left) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner))
+    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner))
         .await
         .map_err(|_| Error::Timeout(format!("connecting to {}", inner.cfg.url)))??;
-    let (out, orx) = io::outbound(Role::Client);
+    let (out, w) = io::outbound(wr, !up.unmasked);
     // Aborts the writer and pinger and kills every stream also when this future is dropped
     // (client shutdown), so the socket closes and the server frees the board's ports at once.
-    let mut guard =
-        Guard { writer: tokio::spawn(io::write_loop(wr, orx)), pinger: None, cancel: CancellationToken::new() };
-    let mut reader = WsReader::new(rd, Role::Client, left);
+    let mut guard = Guard { writer: tokio::spawn(io::write_loop(w)), pinger: None, cancel: CancellationToken::new() };
+    let mut reader = WsReader::new(rd, Role::Client, up.leftover, false);
     let res = async {
         let window = hello(inner, &mut reader, &out).await?;
         backoff.reset();
@@ -97,6 +98,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
     .await;
     inner.conn.lock().expect("conn").take();
     let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
+    out.close();
     drop(out);
     if let Some(p) = guard.pinger.take() {
         p.abort();

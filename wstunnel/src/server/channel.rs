@@ -63,12 +63,13 @@ pub(crate) async fn serve<H: ServerHooks>(
     rd: BoxRead,
     wr: BoxWrite,
     leftover: BytesMut,
+    unmasked: bool,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let (out, orx) = io::outbound(Role::Server);
-    let mut writer = tokio::spawn(io::write_loop(wr, orx));
-    let mut reader = WsReader::new(rd, Role::Server, leftover);
+    let (out, w) = io::outbound(wr, false);
+    let mut writer = tokio::spawn(io::write_loop(w));
+    let mut reader = WsReader::new(rd, Role::Server, leftover, unmasked);
     if let Err(e) = hello(&cfg, &mut reader, &out).await {
         tracing::warn!(%peer, cause = %e, "channel handshake failed");
         finish(&out, &mut writer, code::VERSION, &e.to_string()).await;
@@ -134,6 +135,7 @@ async fn hello(cfg: &ServerConfig, reader: &mut WsReader, out: &Outbound) -> Res
 async fn finish(out: &Outbound, writer: &mut tokio::task::JoinHandle<Result<(), Error>>, code: u16, reason: &str) {
     let _ = out.try_ctrl(&Frame::GoAway { code, reason: reason.to_owned() });
     let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &close_payload(1000, "")));
+    out.close();
     if tokio::time::timeout(Duration::from_secs(1), &mut *writer).await.is_err() {
         writer.abort();
     }

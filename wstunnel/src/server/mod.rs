@@ -39,8 +39,8 @@ pub(crate) use legacy::pipe as pipe_legacy;
 pub use registry::{ListenerInfo, ServerHandle};
 
 use crate::error::{Error, IoContext};
-use crate::handshake::{self, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL};
-use crate::transport::Transport;
+use crate::handshake::{self, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
+use crate::transport::{Buffered, Transport};
 use registry::Registry;
 
 /// How listener and packet-channel requests are authenticated.
@@ -219,11 +219,13 @@ impl<H: ServerHooks> Conn<H> {
     async fn handle(self, tcp: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
         match tls {
             None => self.upgrade(tcp).await,
-            Some(acc) => match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(tcp)).await {
-                Ok(Ok(s)) => self.upgrade(s).await,
-                Ok(Err(e)) => tracing::debug!(cause = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!("TLS handshake timed out"),
-            },
+            Some(acc) => {
+                match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(Buffered::new(tcp))).await {
+                    Ok(Ok(s)) => self.upgrade(s).await,
+                    Ok(Err(e)) => tracing::debug!(cause = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            }
         }
     }
 
@@ -239,11 +241,12 @@ impl<H: ServerHooks> Conn<H> {
         };
         match inc.route.clone() {
             Route::Status => handshake::status_page(&mut s).await,
-            Route::Channel => {
-                if handshake::accept(&mut s, &inc, SUBPROTOCOL).await.is_ok() {
+            Route::Channel { unmasked } => {
+                let proto = if unmasked { UNMASKED_SUBPROTOCOL } else { SUBPROTOCOL };
+                if handshake::accept(&mut s, &inc, proto).await.is_ok() {
                     let (rd, wr) = s.split_box();
-                    channel::serve(self.cfg, self.reg, self.hooks, rd, wr, inc.leftover, self.peer, self.shutdown)
-                        .await;
+                    let (cfg, reg, hooks, peer) = (self.cfg, self.reg, self.hooks, self.peer);
+                    channel::serve(cfg, reg, hooks, rd, wr, inc.leftover, unmasked, peer, self.shutdown).await;
                 }
             }
             Route::LegacyControl { port, board } => {
