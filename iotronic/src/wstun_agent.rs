@@ -3,10 +3,13 @@
 //! (an `exposed_services` row), legacy wstun clients only on allocated ports. Tokens are
 //! minted by the API/conductor with the cloud's tunnel key (a setting shared by every process).
 //! Packet channels of VPN members end in the [`crate::vpn::Fabric`] (TAP/TUN devices,
-//! bridges), which this agent runs and reconciles with the database.
+//! bridges), which this agent runs and reconciles with the database. An exposure's
+//! source-address allow-list is loaded when its listener is authorized and enforced at accept.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use s4t_shared::token::{Claims, TokenKey};
 use tokio::net::TcpListener;
@@ -16,7 +19,7 @@ use wstunnel::packet::PacketChannel;
 use wstunnel::server::{Auth, Server, ServerConfig, ServerHooks};
 
 use crate::Error;
-use crate::db::{Db, now_ms};
+use crate::db::{Db, Exposure, NewAudit, admits, now_ms, parse_allow_list};
 use crate::vpn::Fabric;
 
 /// How long a tunnel token minted for an exposure stays valid.
@@ -55,19 +58,86 @@ impl TunnelMint {
     }
 }
 
+/// At most one log line and one audit entry per public port this often for refused sources
+/// (a scan must not flood either); the entry counts the refusals since the previous one.
+const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The allow-list of a public port, as loaded when its listener was authorized.
+struct PortPolicy {
+    allow: Vec<ipnet::IpNet>,
+    project: String,
+    refused: u64,
+    reported: Option<Instant>,
+}
+
 /// The database's say on listeners, and the VPN data plane for packet channels.
 struct DbHooks {
     db: Db,
     fabric: Arc<Fabric>,
+    /// Port → policy, written before each listener opens (so never stale for an open one)
+    /// and read synchronously at accept. A port without an entry admits nobody.
+    policies: Mutex<HashMap<u16, PortPolicy>>,
+}
+
+impl DbHooks {
+    /// Loads `e`'s allow-list for its port; `Err` (the listener is refused) if it cannot, or
+    /// if the board is revoked (its tunnel tokens stay valid until they expire, its ports must
+    /// not: nor may they look like a legacy board's, which has no secret either).
+    async fn load_policy(&self, e: &Exposure) -> Result<(), String> {
+        let port = u16::try_from(e.public_port).map_err(|_| format!("bad public port {}", e.public_port))?;
+        let allow = parse_allow_list(&e.allow).map_err(|err| err.to_string())?;
+        let unreadable = |err: Error| format!("cannot read the board: {err}");
+        let project = match self.db.board_by_uuid(&e.board).await.map_err(unreadable)? {
+            Some(b) => b.project,
+            None => return Err("the board no longer exists".into()),
+        };
+        if self.db.board_revoked_at(&e.board).await.map_err(unreadable)?.is_some() {
+            return Err("the board is revoked".into());
+        }
+        let policy = PortPolicy { allow, project, refused: 0, reported: None };
+        self.policies.lock().expect("policies").insert(port, policy);
+        Ok(())
+    }
 }
 
 impl ServerHooks for DbHooks {
     async fn authorize_listener(&self, board: &str, port: u16) -> Result<(), String> {
         match self.db.exposure_by_port(i64::from(port)).await {
-            Ok(Some(e)) if e.board == board => Ok(()),
+            Ok(Some(e)) if e.board == board => self.load_policy(&e).await,
             Ok(_) => Err(format!("public port {port} is not allocated to this board")),
             Err(e) => Err(format!("cannot check the allocation: {e}")),
         }
+    }
+
+    fn connection_allowed(&self, board: &str, port: u16, peer: SocketAddr, legacy: bool) -> bool {
+        let mut policies = self.policies.lock().expect("policies");
+        let Some(p) = policies.get_mut(&port) else {
+            warn!(board, port, %peer, "no policy loaded for this public port: connection closed");
+            return false;
+        };
+        if admits(&p.allow, peer.ip()) {
+            return true;
+        }
+        p.refused += 1;
+        if p.reported.is_some_and(|t| t.elapsed() < REFUSAL_REPORT_INTERVAL) {
+            return false;
+        }
+        let refused = std::mem::take(&mut p.refused);
+        p.reported = Some(Instant::now());
+        warn!(board, port, %peer, legacy, refused, "source not in the exposure's allow-list: connection closed");
+        let entry = NewAudit {
+            user_name: "iotronic".into(),
+            project_uuid: p.project.clone(),
+            action: "tunnel.refused".into(),
+            target: board.into(),
+            source: peer.ip().to_canonical().to_string(),
+            status: 1,
+            detail: format!("public port {port}: source not allowed ({refused} refused since the last entry)"),
+            ..NewAudit::default()
+        };
+        drop(policies);
+        crate::audit::spawn_record(&self.db, entry);
+        false
     }
 
     async fn legacy_port_allowed(&self, port: u16) -> bool {
@@ -80,7 +150,11 @@ impl ServerHooks for DbHooks {
     async fn legacy_port_board(&self, port: u16) -> Option<String> {
         let e = self.db.exposure_by_port(i64::from(port)).await.ok()??;
         let b = self.db.board_by_uuid(&e.board).await.ok()??;
-        b.secret_salt.is_none().then_some(b.uuid)
+        if b.secret_salt.is_some() {
+            return None;
+        }
+        self.load_policy(&e).await.ok()?;
+        Some(b.uuid)
     }
 
     fn listener_opened(&self, board: &str, port: u16, legacy: bool) {
@@ -119,7 +193,8 @@ pub async fn run(
     let fabric = Fabric::start(db.clone()).await?;
     let stop = shutdown.child_token();
     let reconciler = tokio::spawn(fabric.clone().run(stop.clone()));
-    let r = server.run(Arc::new(DbHooks { db, fabric }), shutdown).await;
+    let hooks = DbHooks { db, fabric, policies: Mutex::default() };
+    let r = server.run(Arc::new(hooks), shutdown).await;
     stop.cancel();
     let _ = reconciler.await;
     if let Err(e) = &r {

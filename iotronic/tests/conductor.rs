@@ -75,7 +75,7 @@ async fn queued_requests_go_out_at_login_and_expired_leases_free_what_they_held(
 
     let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
     let lease = t.db.create_lease(&p.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() - 1).await.unwrap();
-    t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), Some(&lease.uuid)).await.unwrap();
+    t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), Some(&lease.uuid), &[]).await.unwrap();
     let vpn = t.db.create_vpn("v", &p.uuid, "l2", "10.0.0.0/24").await.unwrap();
     t.db.add_vpn_member(&vpn, &b.uuid, None, Some(&lease.uuid)).await.unwrap();
     let ended = c.expire_leases().await.unwrap();

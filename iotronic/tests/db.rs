@@ -96,7 +96,7 @@ async fn concurrent_conductors_never_share_a_public_port() {
         for (i, b) in boards.iter().enumerate() {
             let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
             let (b, s) = (b.clone(), svc.uuid.clone());
-            tasks.push(tokio::spawn(async move { db.allocate_exposure(&b, &s, (50001, 50010), None).await }));
+            tasks.push(tokio::spawn(async move { db.allocate_exposure(&b, &s, (50001, 50010), None, &[]).await }));
         }
         let mut ports = Vec::new();
         for task in tasks {
@@ -110,11 +110,11 @@ async fn concurrent_conductors_never_share_a_public_port() {
             NewBoard { name: "pb-extra".into(), code: "pc-extra".into(), project: p.clone(), ..Default::default() };
         let extra = t.db.insert_board(nb).await.unwrap();
         assert!(matches!(
-            t.db.allocate_exposure(&extra.uuid, &svc.uuid, (50001, 50010), None).await,
+            t.db.allocate_exposure(&extra.uuid, &svc.uuid, (50001, 50010), None, &[]).await,
             Err(Error::Unavailable(_))
         ));
         assert!(matches!(
-            t.db.allocate_exposure(&boards[0], &svc.uuid, (50001, 50010), None).await,
+            t.db.allocate_exposure(&boards[0], &svc.uuid, (50001, 50010), None, &[]).await,
             Err(Error::Conflict(_))
         ));
         assert!(t.db.delete_exposure(&boards[0], &svc.uuid).await.unwrap());

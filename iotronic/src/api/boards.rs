@@ -465,7 +465,7 @@ pub async fn i2c_write(
 
 fn exposure_json(e: &Exposure) -> Value {
     json!({"board_uuid": e.board, "service": e.service, "service_uuid": e.service, "public_port": e.public_port,
-           "lease": e.lease, "created_at": e.created_at / 1000})
+           "lease": e.lease, "created_at": e.created_at / 1000, "allow": e.allow})
 }
 
 /// The service dict a board receives (the original's keys).
@@ -516,6 +516,9 @@ pub async fn restore_services(
 #[serde(deny_unknown_fields)]
 pub struct ServiceActionBody {
     action: String,
+    /// ServiceEnable only: the sources (CIDRs) that may connect to the public port.
+    #[serde(default)]
+    allow: Option<Vec<String>>,
 }
 
 pub async fn service_action(
@@ -533,9 +536,17 @@ pub async fn service_action(
         .ok_or_else(|| Error::NotFound(format!("service {service} not found")))?;
     let lease = check_lease(&state, &c, &b.uuid).await?;
     let opts = CallOpts::from_query(&q)?;
+    if a.allow.is_some() && a.action != "ServiceEnable" {
+        return Err(Error::Invalid(format!(
+            "allow applies to ServiceEnable only (to change it, ServiceDisable then ServiceEnable), not to {:?}",
+            a.action
+        ))
+        .into());
+    }
     match a.action.as_str() {
         "ServiceEnable" => {
-            let e = state.db.allocate_exposure(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref()).await?;
+            let allow = crate::db::parse_allow_list(a.allow.as_deref().unwrap_or_default())?;
+            let e = state.db.allocate_exposure(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow).await?;
             let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             match call_board(&state, &c, &b, "ServiceEnable", args, opts).await {
                 Ok(Outcome::Done(_)) | Ok(Outcome::Accepted(_)) => {

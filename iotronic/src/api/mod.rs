@@ -12,6 +12,7 @@
 //! - `objects`: services, fleets, VPNs, leases, requests.
 //! - `plugins`: plugins (code, kinds, grants), injections into boards and plugin actions.
 //! - `calls`: how a REST call becomes a request, waits for it or returns 202.
+//! - `schemas`: the request-body schemas of the OpenAPI document.
 //! - `metrics`: Prometheus text.
 //!
 //! The route table below is the single source of both the router and the OpenAPI document.
@@ -23,6 +24,7 @@ pub mod error;
 mod metrics;
 mod objects;
 mod plugins;
+mod schemas;
 mod security;
 
 use std::sync::Arc;
@@ -223,8 +225,25 @@ pub fn openapi_document() -> Value {
                 "200": {"description": "success"}
             }
         });
+        let more: &[&str] = match *method {
+            "post" => &["201", "202", "204"],
+            "get" | "put" => &["202"],
+            "delete" => &["202", "204"],
+            _ => &[],
+        };
+        for code in more {
+            let description = match *code {
+                "201" => "created",
+                "202" => "accepted: a board request still under way (or queued, or ?async=true)",
+                _ => "done, nothing to return",
+            };
+            op["responses"][*code] = json!({"description": description});
+        }
         if public {
             op["security"] = json!([]);
+        }
+        if let Some((schema, required)) = schemas::request_body(method, path) {
+            op["requestBody"] = json!({"required": required, "content": {"application/json": {"schema": schema}}});
         }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
         entry[*method] = op;

@@ -100,6 +100,9 @@ pub async fn update_service(
         s.name = n;
     }
     if let Some(port) = p.port {
+        if port == 0 {
+            return Err(Error::Invalid("port must be 1-65535".into()).into());
+        }
         s.port = i64::from(port);
     }
     if let Some(proto) = p.protocol {

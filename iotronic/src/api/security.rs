@@ -160,7 +160,7 @@ pub async fn rotate_secret(
 
 /// `GET /v1/audit` (administrators: everything, `?project=` to filter; managers: their
 /// project's entries): newest first, `?limit=` (≤ 1000, default 100), `?since=`/`?before=`
-/// (Unix seconds).
+/// (Unix seconds), `?action=` (a prefix of the action: `tunnel.`, `POST /v1/boards`).
 pub async fn list_audit(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
@@ -187,6 +187,7 @@ pub async fn list_audit(
         project,
         since: num("since", 0)?.saturating_mul(1000),
         before: num("before", 0)?.saturating_mul(1000),
+        action: q.get("action").cloned().unwrap_or_default(),
         limit: num("limit", 100)?,
     };
     let entries: Vec<Value> = state

@@ -161,6 +161,8 @@ pub enum Command {
     SshConfig(commands::ssh::SshConfigArgs),
     /// Book boards if needed, join them in one new L2 VPN, print each board's address.
     Bridge(commands::vpns::BridgeArgs),
+    /// The audit log, newest first (administrators: every project; managers: their own).
+    Audit(commands::audit::AuditArgs),
     /// Print a shell completion script: `s4t completions bash > /etc/bash_completion.d/s4t`.
     Completions(commands::completions::CompletionsArgs),
 }
@@ -231,6 +233,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::SshProxy(a) => ssh::proxy(&ctx, a).await,
         Command::SshConfig(a) => ssh::config(&ctx, a).await,
         Command::Bridge(a) => vpns::bridge(&ctx, a).await,
+        Command::Audit(a) => audit::run(&ctx, a).await,
         Command::Completions(a) => {
             print_completions(a.shell);
             Ok(())

@@ -49,6 +49,8 @@ pub struct AuditQuery {
     pub since: i64,
     /// Only entries strictly before this time (ms); 0: no bound.
     pub before: i64,
+    /// Only entries whose action starts with this (`tunnel.`, `POST /v1/boards`); "": all.
+    pub action: String,
     pub limit: i64,
 }
 
@@ -81,6 +83,19 @@ fn clip(s: &str) -> String {
     s[..end].to_owned()
 }
 
+/// A LIKE pattern matching strings that start with `prefix` (wildcards in it escaped with `!`).
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '!') {
+            p.push('!');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 impl Db {
     pub async fn insert_audit(&self, e: &NewAudit) -> Result<(), Error> {
         sqlx::query(
@@ -108,12 +123,14 @@ impl Db {
         let before = if q.before > 0 { q.before } else { i64::MAX };
         let rows = sqlx::query(
             "SELECT id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail FROM audit \
-             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 ORDER BY at DESC, id DESC LIMIT $5",
+             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 AND action LIKE $5 ESCAPE '!' \
+             ORDER BY at DESC, id DESC LIMIT $6",
         )
         .bind(&project)
         .bind(&project)
         .bind(q.since)
         .bind(before)
+        .bind(like_prefix(&q.action))
         .bind(q.limit.clamp(1, 1000))
         .fetch_all(self.pool())
         .await
@@ -172,6 +189,11 @@ mod tests {
         assert!(alpha.iter().all(|e| e.project_uuid == "alpha"));
         let all = db.list_audit(&AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
         assert_eq!(all.len(), 3);
+        let by_action = |a: &str| AuditQuery { action: a.into(), limit: 10, ..Default::default() };
+        let posts = db.list_audit(&by_action("POST /v1/")).await.unwrap();
+        assert_eq!(posts.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["POST /v1/boards"]);
+        assert!(db.list_audit(&by_action("auth_")).await.unwrap().is_empty(), "'_' is not a wildcard");
+        assert!(db.list_audit(&by_action("%")).await.unwrap().is_empty(), "'%' is not a wildcard");
         for sql in ["UPDATE audit SET action = 'nothing'", "DELETE FROM audit"] {
             let r = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(db.pool()).await;
             assert!(r.is_err(), "{sql} was allowed");

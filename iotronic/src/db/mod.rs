@@ -29,7 +29,9 @@ pub use audit::{AuditEntry, AuditQuery, NewAudit};
 pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
-pub use objects::{Exposure, Fleet, Service, Vpn, VpnMember, cloud_host, parse_cidr};
+pub use objects::{
+    Exposure, Fleet, MAX_ALLOW, Service, Vpn, VpnMember, admits, cloud_host, parse_allow_list, parse_cidr,
+};
 pub use plugins::{Injection, Plugin};
 pub use requests::{Request, RequestStatus, ResultRow};
 
@@ -42,6 +44,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "security", include_str!("../../migrations/0003_security.sql")),
     (4, "plugins", include_str!("../../migrations/0004_plugins.sql")),
     (5, "vpn cloud address", include_str!("../../migrations/0005_vpn_cloud_address.sql")),
+    (6, "exposure allow-list", include_str!("../../migrations/0006_exposure_allow.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

@@ -1,7 +1,8 @@
 //! Fleets, services and their exposures (public ports), VPNs and their members.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
+use ipnet::IpNet;
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
@@ -39,6 +40,8 @@ pub struct Exposure {
     pub public_port: i64,
     pub lease: Option<String>,
     pub created_at: i64,
+    /// Sources allowed to connect to the public port, canonical CIDRs (empty: anyone).
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +97,9 @@ fn exposure_row(r: &AnyRow) -> Result<Exposure, Error> {
         public_port: col(r, "public_port")?,
         lease: col(r, "lease_uuid")?,
         created_at: col(r, "created_at")?,
+        // Strict: a list we cannot read must not become "anyone" (the hook refuses the port).
+        allow: serde_json::from_str(&col::<String>(r, "allow_from")?)
+            .map_err(|e| Error::Invalid(format!("stored allow-list is not a JSON list of strings: {e}")))?,
     })
 }
 
@@ -130,6 +136,34 @@ pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), Error> {
     }
     let mask = u32::MAX << (32 - len);
     Ok((Ipv4Addr::from(u32::from(addr) & mask), len))
+}
+
+/// Most entries in an exposure's allow-list.
+pub const MAX_ALLOW: usize = 64;
+
+/// Parses a source-address allow-list: CIDRs (`10.0.0.0/8`, `2001:db8::/32`) or single
+/// addresses (a /32 or /128). Returns them canonical (host bits cleared).
+pub fn parse_allow_list<S: AsRef<str>>(items: &[S]) -> Result<Vec<IpNet>, Error> {
+    if items.len() > MAX_ALLOW {
+        return Err(Error::Invalid(format!("allow: at most {MAX_ALLOW} entries")));
+    }
+    items
+        .iter()
+        .map(|s| {
+            let s = s.as_ref().trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| Error::Invalid(format!("allow: {s:?} is not a CIDR such as 10.0.0.0/8 or 2001:db8::/32")))
+        })
+        .collect()
+}
+
+/// Whether a connection from `peer` passes `allow` (empty: anyone). An IPv4 peer seen on an
+/// IPv6 socket (`::ffff:a.b.c.d`) is matched as IPv4.
+pub fn admits(allow: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    allow.is_empty() || allow.iter().any(|n| n.contains(&peer))
 }
 
 /// The cloud's own address in `cidr`: the first host.
@@ -296,7 +330,10 @@ impl Db {
         service: &str,
         range: (u16, u16),
         lease: Option<&str>,
+        allow: &[IpNet],
     ) -> Result<Exposure, Error> {
+        let allow: Vec<String> = allow.iter().map(|n| n.trunc().to_string()).collect();
+        let allow_json = serde_json::to_string(&allow).map_err(|e| Error::Invalid(e.to_string()))?;
         for _ in 0..64 {
             if let Some(e) = self.exposure(board, service).await? {
                 return Err(Error::Conflict(format!("service already exposed on public port {}", e.public_port)));
@@ -316,14 +353,15 @@ impl Db {
             let port = free[rand::random_range(0..free.len())];
             let now = now_ms();
             let r = sqlx::query(
-                "INSERT INTO exposed_services (board_uuid, service_uuid, public_port, lease_uuid, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO exposed_services (board_uuid, service_uuid, public_port, lease_uuid, created_at, allow_from) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(board)
             .bind(service)
             .bind(port)
             .bind(lease.map(str::to_owned))
             .bind(now)
+            .bind(&allow_json)
             .execute(self.pool())
             .await;
             match r {
@@ -335,6 +373,7 @@ impl Db {
                         public_port: port,
                         lease,
                         created_at: now,
+                        allow,
                     });
                 }
                 Err(e) if is_unique_violation(&e) => continue,
@@ -598,5 +637,25 @@ mod tests {
         }
         let (lo, hi) = board_hosts("10.0.0.0/29").unwrap();
         assert_eq!((Ipv4Addr::from(lo), Ipv4Addr::from(hi)), (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 6)));
+    }
+
+    #[test]
+    fn allow_lists_parse_and_match() {
+        let list = parse_allow_list(&["10.1.2.3/8", "2001:db8::1/32", "127.0.0.1"]).unwrap();
+        let text: Vec<String> = list.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["10.0.0.0/8", "2001:db8::/32", "127.0.0.1/32"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(admits(&list, ip("10.200.0.1")));
+        assert!(admits(&list, ip("::ffff:10.0.0.9")), "IPv4-mapped peers match IPv4 entries");
+        assert!(admits(&list, ip("2001:db8:ffff::1")));
+        assert!(admits(&list, ip("127.0.0.1")));
+        for refused in ["127.0.0.2", "11.0.0.1", "2001:db9::1", "::1"] {
+            assert!(!admits(&list, ip(refused)), "{refused}");
+        }
+        assert!(admits(&[], ip("192.0.2.1")), "an empty list lets anyone in");
+        for bad in ["10.0.0.0/33", "10.0.0", "", "any", "::/129", "10.0.0.0/8 junk"] {
+            assert!(matches!(parse_allow_list(&[bad]), Err(Error::Invalid(_))), "{bad:?}");
+        }
+        assert!(parse_allow_list(&vec!["10.0.0.0/8"; MAX_ALLOW + 1]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! One file per noun. Shared here: durations, `key=value` parameters, and board calls (the
 //! `--queue`/`--async` flags, 202 answers, and errors that say why a board did not answer).
 
+pub mod audit;
 pub mod auth;
 pub mod boards;
 pub mod completions;

@@ -33,12 +33,23 @@ pub enum ServiceCmd {
         services: Vec<String>,
     },
     /// Expose a board's service on a public port of the cloud (prints the port).
-    #[command(after_help = "Example:\n  s4t service expose pi1 ssh      # then: ssh -p PORT CLOUD")]
-    Expose(BoardService),
+    #[command(after_help = "Examples:\n  s4t service expose pi1 ssh      # then: ssh -p PORT CLOUD\n  \
+                            s4t service expose pi1 ssh --allow 192.0.2.0/24,2001:db8::/32")]
+    Expose(ExposeArgs),
     /// Close a service's public port.
     Unexpose(BoardService),
     /// Ask the board to re-open the tunnel of one exposed service, or of all of them.
     Restore { board: String, service: Option<String> },
+}
+
+#[derive(Args, Debug)]
+pub struct ExposeArgs {
+    #[command(flatten)]
+    target: BoardService,
+    /// Only these sources may connect to the public port (CIDRs or addresses; repeat or
+    /// separate with commas). Others are closed at accept and audited. Default: anyone.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    allow: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -79,15 +90,17 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
                     .map(|e| {
                         let h =
                             e.get("host").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| host.clone());
+                        let allow = field(e, "allow");
                         vec![
                             field(e, "service_name"),
                             field(e, "port"),
                             format!("{h}:{}", field(e, "public_port")),
+                            if allow.is_empty() { "anyone".to_owned() } else { allow },
                             time_field(e, "created_at"),
                         ]
                     })
                     .collect();
-                ctx.out.table(&["SERVICE", "BOARD_PORT", "PUBLIC", "SINCE"], &rows);
+                ctx.out.table(&["SERVICE", "BOARD_PORT", "PUBLIC", "ALLOW", "SINCE"], &rows);
             }
         }
         ServiceCmd::Create { name, port, protocol } => {
@@ -104,8 +117,12 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
                 ctx.out.json(&json!({"deleted": services}));
             }
         }
-        ServiceCmd::Expose(a) => {
-            let v = service_action(ctx, &client, &a.board, &a.service, "ServiceEnable", &a.call).await?;
+        ServiceCmd::Expose(ExposeArgs { target: a, allow }) => {
+            let mut body = json!({"action": "ServiceEnable"});
+            if !allow.is_empty() {
+                body["allow"] = json!(allow);
+            }
+            let v = service_call(ctx, &client, &a.board, &a.service, &body, &a.call).await?;
             let public = format!(
                 "{}:{}",
                 v.get("host").and_then(Value::as_str).unwrap_or(&client.host()),
@@ -145,8 +162,21 @@ pub async fn service_action(
     action: &str,
     flags: &CallFlags,
 ) -> Result<Value> {
+    service_call(ctx, client, board, service, &json!({"action": action}), flags).await
+}
+
+/// `POST …/services/{s}/action` with `body` (`{"action", …}`).
+async fn service_call(
+    ctx: &Ctx,
+    client: &Client,
+    board: &str,
+    service: &str,
+    body: &Value,
+    flags: &CallFlags,
+) -> Result<Value> {
+    let action = field(body, "action");
     let path = format!("/v1/boards/{}/services/{}/action", seg(board), seg(service));
-    match board_call(ctx, client, board, Method::POST, &path, Some(&json!({"action": action})), flags).await? {
+    match board_call(ctx, client, board, Method::POST, &path, Some(body), flags).await? {
         Called::Done(v) => Ok(v),
         Called::Accepted(v) if field(&v, "status") == "QUEUED" => Ok(v),
         Called::Accepted(v) => Err(Failure::new(Kind::Timeout, format!("board {board} has not answered {action} yet"))
