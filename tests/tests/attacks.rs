@@ -16,6 +16,17 @@
 //! - a board asking for another board's public port with its own valid tunnel token is
 //!   refused, and a public port answers only while its exposure exists.
 //!
+//! `tunnel_attacks_are_refused` (a lab of its own) attacks the public ports:
+//!
+//! - an exposure with a source-address allow-list: an allowed host reaches the board's sshd,
+//!   another host is closed at accept and audited (`tunnel.refused`, its address); the same
+//!   after a cloud restart;
+//! - a tunnel token replayed after its expiry (minted with the cloud's real key), and a valid
+//!   token whose port was altered, are refused;
+//! - a board registering procedures under another board's prefix (its uuid or its name, in its
+//!   own session or in the other board's) is refused, with its own valid credentials;
+//! - a revoked board's tunnel token no longer opens its public port.
+//!
 //! Figures (attempts let through, time to disconnect) are printed for docs/security.md.
 
 use std::fs;
@@ -24,8 +35,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use s4t_tests::fixtures::{sshd_files, start_cloud, start_sshd};
 use s4t_tests::rest::Rest;
-use s4t_tests::{CLOUD_ADDR, Host, Lab, require_root, run, wait_a_little, workspace_bin};
+use s4t_tests::{CLOUD_ADDR, Host, Lab, read_to_end_limited, require_root, run, wait_a_little, workspace_bin};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "lab-admin-password";
@@ -446,4 +458,201 @@ fn attacks_are_refused() {
     assert!(!out.status.success(), "enrollment through a MITM succeeded");
     assert!(err.contains("pinned CA") || err.contains("ca-fingerprint"), "the failure names the pin: {err}");
     assert!(!dir.join("d/state/identity.json").exists(), "an identity was stored");
+}
+
+/// What a connection from `host` to `addr` reads within a few seconds (sshd's banner through a
+/// tunnel; nothing when the cloud closed it at accept).
+fn first_bytes(host: &Host, addr: SocketAddr) -> Vec<u8> {
+    let Ok(s) = host.connect(addr, Duration::from_secs(5)) else { return Vec::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut s = std::io::BufReader::new(s);
+    let mut line = Vec::new();
+    let _ = std::io::BufRead::read_until(&mut s, b'\n', &mut line);
+    if line.is_empty() {
+        let _ = read_to_end_limited(s.get_mut(), 64).map(|rest| line.extend(rest));
+    }
+    line
+}
+
+/// A tunnel token made with python3: `expired BOARD PORT` mints one that expired an hour ago
+/// with the cloud's real key (read from its database); `port TOKEN PORT` changes the port of a
+/// valid token without re-signing it.
+fn craft_token(db: &Path, args: &[&str]) -> String {
+    const SCRIPT: &str = r#"
+import base64, hashlib, hmac, sqlite3, struct, sys, time
+b64e = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+b64d = lambda s: base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+db, mode = sys.argv[1], sys.argv[2]
+if mode == "expired":
+    key = sqlite3.connect(db).execute("SELECT value FROM settings WHERE name = 'tunnel_key'").fetchone()[0]
+    board, port = sys.argv[3].encode(), int(sys.argv[4])
+    body = bytes([1, len(board)]) + board + struct.pack(">H", port) + bytes([0]) + struct.pack(">Q", int(time.time()) - 3600)
+    print(b64e(body + hmac.new(key.encode(), body, hashlib.sha256).digest()))
+else:
+    raw = bytearray(b64d(sys.argv[3]))
+    n = raw[1]
+    raw[2 + n:4 + n] = struct.pack(">H", int(sys.argv[4]))
+    print(b64e(bytes(raw)))
+"#;
+    run(Command::new("python3").args(["-c", SCRIPT]).arg(db).args(args)).unwrap().trim().to_owned()
+}
+
+/// Logs in to the router from `host` with the credentials of the board whose identity file is
+/// `identity` (a real board's own secret) and registers `procedure`, where `{session}` stands
+/// for the new session's id.
+fn register_as(host: &Host, identity: &Path, procedure: &str) -> Result<(), String> {
+    let id: Value = serde_json::from_str(&fs::read_to_string(identity).unwrap()).unwrap();
+    let creds = &id["credentials"];
+    let auth = s4t_wamp::ClientAuth::WampCra {
+        authid: creds["authid"].as_str().expect("an authid").to_owned(),
+        secret: s4t_wamp::Secret::new(creds["secret"].as_str().expect("a secret")),
+    };
+    let cfg = s4t_wamp::ClientConfig::new(&format!("ws://{CLOUD_ADDR}:8181/"), "s4t", auth);
+    host.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let session = s4t_wamp::connect(&cfg).await.map_err(|e| format!("login: {e}"))?;
+            let procedure = procedure.replace("{session}", &session.id().to_string());
+            let r = session
+                .register(&procedure, |_| async { Err(s4t_wamp::WampError::new("wamp.error.canceled", "stolen")) })
+                .await;
+            session.leave().await;
+            r.map(|_| ()).map_err(|e| format!("{procedure}: {e}"))
+        })
+    })
+    .unwrap()
+}
+
+/// Runs `wstunnel client -R PORT:127.0.0.1:22 --token TOKEN` on `host` until the server refuses
+/// the exposure; returns its log.
+fn refused_tunnel(lab: &mut Lab, host: &Host, name: &str, port: u16, token: &str) -> String {
+    let mut thief = host.command(workspace_bin("wstunnel").unwrap());
+    thief
+        .args(["client", "--server", &format!("ws://{CLOUD_ADDR}:8080/"), "-R"])
+        .arg(format!("{port}:127.0.0.1:22"))
+        .args(["--token", token]);
+    let p = lab.spawn(name, thief).unwrap();
+    p.wait_for_log("exposure refused", Duration::from_secs(20)).unwrap();
+    let log = p.output();
+    assert!(!log.contains("exposed "), "{log}");
+    log
+}
+
+#[test]
+fn tunnel_attacks_are_refused() {
+    require_root!();
+    let mut lab = Lab::new("atkt").unwrap();
+    let a = lab.add_board("a").unwrap();
+    let b = lab.add_board("b").unwrap();
+    let friend = lab.add_public_host("friend").unwrap();
+    let eve = lab.add_public_host("eve").unwrap();
+    let dir = lab.dir().to_path_buf();
+    start_cloud(&mut lab, "iotronic").unwrap();
+    let rest = SocketAddr::from((CLOUD_ADDR, 8812));
+    friend.wait_tcp(rest, Duration::from_secs(30)).unwrap();
+    let admin = user(&friend, rest, "admin", PASSWORD);
+    admin.wait_ready(Duration::from_secs(30)).unwrap();
+    let (sshd_config, _) = sshd_files(&dir).unwrap();
+    start_sshd(&mut lab, &a, "sshd-a", &sshd_config).unwrap();
+    let a_uuid = admin.create_board("a", "CODE-TUN-a-4h7d2k").unwrap()["uuid"].as_str().unwrap().to_owned();
+    admin.create_board("b", "CODE-TUN-b-9w3m5p").unwrap();
+    let (a_cfg, b_cfg) = (board_config(&dir, "a"), board_config(&dir, "b"));
+    must_enroll(&a, &a_cfg, "CODE-TUN-a-4h7d2k");
+    must_enroll(&b, &b_cfg, "CODE-TUN-b-9w3m5p");
+    run_board(&mut lab, &a, &a_cfg, "lr-a");
+    run_board(&mut lab, &b, &b_cfg, "lr-b");
+    admin.wait_status("a", "online", Duration::from_secs(30)).unwrap();
+    admin.wait_status("b", "online", Duration::from_secs(30)).unwrap();
+    admin.expect(201, "POST", "/v1/services", Some(&json!({"name": "ssh", "port": 22, "protocol": "TCP"}))).unwrap();
+
+    // 1. Allow-lists. Bad lists are refused before anything is allocated.
+    let action = "/v1/boards/a/services/ssh/action";
+    for bad in [json!(["10.0.0.0/33"]), json!(["anywhere"]), json!(vec!["10.0.0.0/8"; 65])] {
+        let body = json!({"action": "ServiceEnable", "allow": bad});
+        assert_eq!(admin.call("POST", action, Some(&body)).unwrap().0, 400, "allow {bad}");
+    }
+    let off_with_allow = json!({"action": "ServiceDisable", "allow": ["10.0.0.0/8"]});
+    assert_eq!(admin.call("POST", action, Some(&off_with_allow)).unwrap().0, 400);
+    let allow = json!([format!("{}/32", friend.addr), "2001:db8::/32"]);
+    let exposed = admin.expect(201, "POST", action, Some(&json!({"action": "ServiceEnable", "allow": allow})));
+    let exposed = exposed.unwrap();
+    assert_eq!(exposed["allow"], allow);
+    let listed = admin.expect(200, "GET", "/v1/boards/a/services", None).unwrap();
+    assert_eq!(listed["exposed"][0]["allow"], allow, "{listed}");
+    let a_port = exposed["public_port"].as_u64().unwrap() as u16;
+    let public = SocketAddr::from((CLOUD_ADDR, a_port));
+    let refusals = |source: &Host| {
+        let v = admin.expect(200, "GET", "/v1/audit?action=tunnel.refused&limit=1000", None).unwrap();
+        let entries = v["audit"].as_array().unwrap().clone();
+        assert!(entries.iter().all(|e| e["action"] == "tunnel.refused"), "the action filter: {v}");
+        entries.iter().filter(|e| e["source"] == source.addr.to_string().as_str()).count()
+    };
+    for round in ["first start", "after a cloud restart"] {
+        wait_until("the allowed host reaches sshd", Duration::from_secs(30), || {
+            first_bytes(&friend, public).starts_with(b"SSH-")
+        });
+        let before = refusals(&eve);
+        let got = first_bytes(&eve, public);
+        assert!(!got.starts_with(b"SSH-"), "{round}: a source outside the allow-list got through: {got:?}");
+        wait_until("the refusal is audited", Duration::from_secs(10), || refusals(&eve) > before);
+        assert!(first_bytes(&friend, public).starts_with(b"SSH-"), "{round}: the allowed host after a refusal");
+        assert_eq!(refusals(&friend), 0, "the allowed host was refused");
+        if round == "first start" {
+            // The allow-list lives with the exposure: a restarted cloud enforces it again.
+            lab.proc("iotronic").unwrap().terminate(Duration::from_secs(20)).unwrap();
+            start_cloud(&mut lab, "iotronic-2").unwrap();
+            admin.wait_ready(Duration::from_secs(30)).unwrap();
+        }
+    }
+    println!("allow-list: the allowed host reached sshd, the other was closed at accept and audited");
+
+    // 2. Tunnel tokens: an expired one (minted with the real key) and a valid one whose port
+    // was changed are refused, whatever port they name.
+    let services: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("a/state/services.json")).unwrap()).unwrap();
+    let a_token = services
+        .as_object()
+        .unwrap()
+        .values()
+        .find_map(|s| s["token"].as_str())
+        .expect("a holds a tunnel token")
+        .to_owned();
+    let db = dir.join("cloud/iotronic.sqlite");
+    let expired = craft_token(&db, &["expired", &a_uuid, &a_port.to_string()]);
+    let log = refused_tunnel(&mut lab, &b, "replay", a_port, &expired);
+    assert!(log.contains("expired"), "{log}");
+    let other_port = if a_port == 60000 { a_port - 1 } else { a_port + 1 };
+    let forged = craft_token(&db, &["port", &a_token, &other_port.to_string()]);
+    let log = refused_tunnel(&mut lab, &b, "forged", other_port, &forged);
+    assert!(log.contains("signature does not match"), "{log}");
+
+    // 3. Board b, with its own valid credentials, registers a's procedures: under a's uuid or
+    // a's name in its own session, or under a's session: refused. Its own prefix works (so the
+    // refusals are the policy, not a broken client).
+    let b_identity = dir.join("b/state/identity.json");
+    let b_uuid = admin.expect(200, "GET", "/v1/boards/b", None).unwrap()["uuid"].as_str().unwrap().to_owned();
+    let a_session = admin.expect(200, "GET", "/v1/boards/a", None).unwrap()["session"].clone();
+    let a_session = a_session.as_str().map(str::to_owned).unwrap_or_else(|| a_session.to_string());
+    register_as(&b, &b_identity, &format!("iotronic.{{session}}.{b_uuid}.Probe")).expect("b's own prefix");
+    for (what, procedure) in [
+        ("a's uuid in b's session", format!("iotronic.{{session}}.{a_uuid}.DevicePing")),
+        ("a's name in b's session", "iotronic.{session}.a.DevicePing".to_owned()),
+        ("a's session", format!("iotronic.{a_session}.{a_uuid}.DevicePing")),
+    ] {
+        let r = register_as(&b, &b_identity, &procedure);
+        assert!(r.as_ref().is_err_and(|e| e.contains("not_authorized")), "b registered under {what}: {r:?}");
+    }
+    admin.expect(200, "POST", "/v1/boards/a/action", Some(&json!({"action": "DevicePing", "parameters": {}}))).unwrap();
+    println!("procedure prefixes: b's own credentials could not register under a's uuid, name or session");
+
+    // 4. Revocation: a's own, still unexpired token no longer opens its port.
+    admin.expect(200, "POST", "/v1/boards/a/revoke", None).unwrap();
+    admin.wait_status("a", "offline", Duration::from_secs(10)).unwrap();
+    wait_until("the revoked board's port closes", Duration::from_secs(10), || {
+        friend.connect(public, Duration::from_secs(2)).is_err()
+    });
+    let log = refused_tunnel(&mut lab, &a, "revoked", a_port, &a_token);
+    assert!(log.contains("revoked"), "{log}");
+    assert!(friend.connect(public, Duration::from_secs(2)).is_err(), "the revoked board's port opened");
+    println!("tunnel tokens: expired, altered and revoked-board tokens refused");
 }
