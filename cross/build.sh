@@ -34,6 +34,8 @@ apt=()
 zig_target=$target
 flags=""
 build_std=no
+# Cargo features of lightning-rod left out on this target (cross/README.md lists them).
+features=()
 case $target in
   armv7-unknown-linux-gnueabihf)
     # std rebuilt with the board profile (size-optimised, no unwinding): the prebuilt std
@@ -52,7 +54,11 @@ case $target in
     method=zig; zig_target=$target.2.28 ;;
   mips-unknown-linux-musl)
     # Without a static relocation model rustc makes a static-pie that crashes at start.
-    method=zig; flags="-C relocation-model=static" ;;
+    method=zig; flags="-C relocation-model=static"
+    # MIPS code is about 1.5 times the size of ARM code: without the WebAssembly plugin
+    # runtime the agent fits its 5 MB budget (wasm plugins are refused, with a message saying
+    # why; process and python plugins remain).
+    features=(--no-default-features) ;;
   *) log "unknown target: $target"; usage; exit 2 ;;
 esac
 
@@ -74,16 +80,28 @@ need_apt() {
 cd "$root"
 t0=$(date +%s)
 [ ${#apt[@]} -eq 0 ] || need_apt "${apt[@]}"
+[ $method = zig ] && build_std=yes
+# Where std is rebuilt, it is rebuilt for size: `optimize_for_size` (and none of std's default
+# features: no backtrace symbolizer, useless in a stripped binary; no unwinder, useless with
+# panic=abort); panics carry no file/line/column (`-Zlocation-detail=none`: the message stays);
+# the paths of this machine are cut from the strings that remain (tracing call sites).
+# -Z flags are unstable: RUSTC_BOOTSTRAP lets the pinned stable toolchain accept them.
+build_std_args=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
+if [ $build_std = yes ]; then
+  flags="$flags -Zlocation-detail=none --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}/registry/src=/cargo"
+  flags="$flags --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}/toolchains=/rust --remap-path-prefix=$root=/s4t"
+  export RUSTC_BOOTSTRAP=1
+fi
 tenv=$(echo "$target" | tr 'a-z-' 'A-Z_')
 if [ -n "$flags" ]; then
   export "CARGO_TARGET_${tenv}_RUSTFLAGS=$flags"
 fi
-args=(-p lightning-rod --bin lightning-rod --locked --profile "$profile")
+args=(-p lightning-rod --bin lightning-rod --locked --profile "$profile" "${features[@]}")
 if [ $method = rustup ]; then
   rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
   if [ $build_std = yes ]; then
     rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
-    RUSTC_BOOTSTRAP=1 cargo build "${args[@]}" --target "$target" -Zbuild-std=std,panic_abort >&2
+    cargo build "${args[@]}" --target "$target" "${build_std_args[@]}" >&2
   else
     cargo build "${args[@]}" --target "$target" >&2
   fi
@@ -97,8 +115,7 @@ else
     "$venv/bin/pip" install -q cargo-zigbuild==0.24.0 ziglang==0.17.0 >&2
   fi
   export PATH="$venv/bin:$PATH"
-  # -Zbuild-std is unstable: RUSTC_BOOTSTRAP lets the pinned stable toolchain accept it.
-  RUSTC_BOOTSTRAP=1 cargo zigbuild "${args[@]}" --target "$zig_target" -Zbuild-std=std,panic_abort >&2
+  cargo zigbuild "${args[@]}" --target "$zig_target" "${build_std_args[@]}" >&2
 fi
 
 case $profile in dev) dir=debug ;; *) dir=$profile ;; esac

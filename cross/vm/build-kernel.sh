@@ -38,6 +38,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}" >&2
 fi
 
+# One build at a time per key: a second run (another checkout's CI) waits, then finds it done.
+mkdir -p "$cache"
+exec 9>"$cache/.lock-$key"
+flock 9
+if [ -f "$out/.complete" ]; then
+  echo "$out"
+  exit 0
+fi
 work="$cache/build-$key"
 rm -rf "$work" && mkdir -p "$work"
 t0=$(date +%s)

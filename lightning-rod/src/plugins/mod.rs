@@ -19,6 +19,11 @@
 pub mod config;
 pub mod process;
 pub mod run;
+#[cfg(feature = "wasm-plugins")]
+pub mod wasm;
+/// Without the `wasm-plugins` feature (small-flash board builds) the sandbox refuses every module.
+#[cfg(not(feature = "wasm-plugins"))]
+#[path = "nowasm.rs"]
 pub mod wasm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -93,7 +98,7 @@ pub struct PluginManager {
     board: String,
     telemetry: mpsc::Sender<Telemetry>,
     sandbox: Arc<wasm::Sandbox>,
-    modules: Mutex<HashMap<String, wasmi::Module>>,
+    modules: Mutex<HashMap<String, wasm::Module>>,
     started: Mutex<HashMap<String, Started>>,
     slots: Arc<Semaphore>,
     /// Serializes changes so two calls never interleave a load-modify-save of plugins.json.
@@ -258,7 +263,7 @@ impl PluginManager {
         }
     }
 
-    fn module(&self, uuid: &str) -> Result<wasmi::Module> {
+    fn module(&self, uuid: &str) -> Result<wasm::Module> {
         if let Some(m) = lock(&self.modules).get(uuid) {
             return Ok(m.clone());
         }
@@ -376,7 +381,7 @@ impl PluginManager {
             End::Done { status: 0, .. } => "finished",
             End::Done { .. } | End::Failed(_) => "failed",
         };
-        let reason = wasm::describe(end);
+        let reason = run::describe(end);
         tracing::warn!(plugin = name, uuid, %reason, "started plugin ended by itself");
         let event = Telemetry {
             plugin: uuid.to_owned(),
@@ -438,7 +443,7 @@ impl PluginManager {
             return Ok("ALIVE".into());
         }
         Ok(match &*lock(&s.end) {
-            Some(end @ (End::Failed(_) | End::Done { .. })) => format!("DEAD: {}", wasm::describe(end)),
+            Some(end @ (End::Failed(_) | End::Done { .. })) => format!("DEAD: {}", run::describe(end)),
             _ => "DEAD".into(),
         })
     }

@@ -56,6 +56,16 @@ pub enum End {
     Stopped,
 }
 
+/// A result or error message from a run, for a reply.
+pub fn describe(end: &End) -> Value {
+    match end {
+        End::Done { result: Some(r), .. } => r.clone(),
+        End::Done { status, result: None } => Value::String(format!("returned {status}")),
+        End::Failed(why) => Value::String(why.clone()),
+        End::Stopped => Value::String("stopped".into()),
+    }
+}
+
 /// A call runs once against a deadline; a started plugin runs until it returns or is stopped.
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {

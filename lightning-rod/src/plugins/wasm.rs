@@ -16,9 +16,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
+/// A validated, compiled plugin module.
+pub use wasmi::Module;
 use wasmi::{
-    Caller, Config, Engine, Error as WasmError, Extern, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder,
+    Caller, Config, Engine, Error as WasmError, Extern, Linker, Memory, Store, StoreLimits, StoreLimitsBuilder,
     TypedResumableCall,
 };
 
@@ -427,16 +428,6 @@ fn host_i2c_write(mut c: Caller<'_, Host>, bus: i32, addr: i32, reg: i32, ptr: i
     match job.hal.i2c.write(bus, addr, reg, &data) {
         Ok(n) => n as i32,
         Err(e) => fail(&mut c, ERR_HARDWARE, e.to_string()),
-    }
-}
-
-/// A result or error message from a run, for a reply.
-pub fn describe(end: &End) -> Value {
-    match end {
-        End::Done { result: Some(r), .. } => r.clone(),
-        End::Done { status, result: None } => Value::String(format!("returned {status}")),
-        End::Failed(why) => Value::String(why.clone()),
-        End::Stopped => Value::String("stopped".into()),
     }
 }
 
