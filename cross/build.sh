@@ -84,12 +84,15 @@ t0=$(date +%s)
 # Where std is rebuilt, it is rebuilt for size: `optimize_for_size` (and none of std's default
 # features: no backtrace symbolizer, useless in a stripped binary; no unwinder, useless with
 # panic=abort); panics carry no file/line/column (`-Zlocation-detail=none`: the message stays);
-# the paths of this machine are cut from the strings that remain (tracing call sites).
+# the registry and toolchain paths of this machine are cut from the strings that remain.
 # -Z flags are unstable: RUSTC_BOOTSTRAP lets the pinned stable toolchain accept them.
 build_std_args=(-Zbuild-std=std,panic_abort -Zbuild-std-features=optimize_for_size)
 if [ $build_std = yes ]; then
   flags="$flags -Zlocation-detail=none --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}/registry/src=/cargo"
-  flags="$flags --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}/toolchains=/rust --remap-path-prefix=$root=/s4t"
+  # Not the checkout's own path: cargo already names workspace sources relative to it, and a
+  # flag that changes with the checkout would make every clean clone rebuild std and all
+  # dependencies from scratch (RUSTFLAGS are part of cargo's fingerprint).
+  flags="$flags --remap-path-prefix=${RUSTUP_HOME:-$HOME/.rustup}/toolchains=/rust"
   export RUSTC_BOOTSTRAP=1
 fi
 tenv=$(echo "$target" | tr 'a-z-' 'A-Z_')
