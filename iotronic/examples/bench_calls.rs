@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(run_worker("agent".into(), bus.clone(), Arc::new(InstantBoard), stop.clone()));
     let mut config = ServeConfig::new(dir.path().to_path_buf());
     config.bind = "127.0.0.1".parse()?;
+    config.plaintext = true;
     config.rest_port = 0;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (d, b, s) = (db.clone(), bus.clone(), stop.clone());

@@ -84,6 +84,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut config = ServeConfig::new(dir.path().join("cloud"));
     config.bind = "127.0.0.1".parse()?;
+    config.plaintext = true;
     config.rest_port = 0;
     config.wamp_port = 0;
     config.tunnel_port = 0;

@@ -29,8 +29,11 @@ pub struct ServeConfig {
     pub tunnel_port: u16,
     /// Accept the original Python lightning-rod (anonymous WAMP, wstun protocol).
     pub legacy_boards: bool,
-    /// Serve HTTP and WS without TLS.
+    /// Serve HTTP and WS without TLS (default: HTTPS and WSS with the cloud's own CA).
     pub plaintext: bool,
+    /// The operator's PEM certificate chain and key, served instead of the cloud's own CA.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// PostgreSQL (or another SQLite file); default: `data_dir/iotronic.sqlite`.
     pub database_url: Option<DatabaseUrl>,
     /// RabbitMQ; default: the in-process bus.
@@ -58,6 +61,8 @@ impl ServeConfig {
             tunnel_port: TUNNEL_PORT,
             legacy_boards: false,
             plaintext: false,
+            tls_cert: None,
+            tls_key: None,
             database_url: None,
             amqp_url: None,
             bus_prefix: DEFAULT_BUS_PREFIX.into(),
@@ -88,6 +93,11 @@ impl ServeConfig {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into())
+    }
+
+    /// `ws` or `wss`: the scheme of the URLs boards are given.
+    pub fn ws_scheme(&self) -> &'static str {
+        if self.plaintext { "ws" } else { "wss" }
     }
 
     pub fn database_url(&self) -> DatabaseUrl {

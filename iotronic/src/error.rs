@@ -16,6 +16,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS set-up: certificates, keys, the cloud's CA.
+    #[error("TLS: {context}")]
+    Tls {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("server failed")]
     Serve(#[source] std::io::Error),
     #[error("cannot connect to the database {url}")]

@@ -7,6 +7,7 @@
 //! - [`auth`]: password hashing, bearer tokens, the admin bootstrap.
 //! - [`api`]: the REST API v1 (axum). Owns the REST DTOs' HTTP mapping.
 //! - [`serve`]: runs every process of the cloud in one (the embedded default).
+//! - [`tls`]: the cloud's CA and server certificate; HTTPS/WSS for every listener.
 //! - [`vpn`]: the cloud end of VPNs (TAP/TUN per member, a bridge per L2 VPN), in the wstun-agent.
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod db;
 mod error;
 pub mod revocation;
 pub mod serve;
+pub mod tls;
 pub mod vpn;
 pub mod wamp_agent;
 pub mod wstun_agent;

@@ -54,9 +54,17 @@ struct Common {
     /// Accept the original Python lightning-rod (anonymous, restricted WAMP; wstun tunnels).
     #[arg(long, env = "IOTRONIC_LEGACY_BOARDS")]
     legacy_boards: bool,
-    /// Serve HTTP and WS without TLS.
+    /// Serve HTTP and WS without TLS (tests, legacy boards on a trusted network). Default:
+    /// HTTPS and WSS with the cloud's own CA, whose fingerprint is printed at start.
     #[arg(long, env = "IOTRONIC_PLAINTEXT")]
     plaintext: bool,
+    /// Serve this PEM certificate chain (leaf first) instead of the cloud's own CA; boards pin
+    /// the last certificate of the chain.
+    #[arg(long, env = "IOTRONIC_TLS_CERT", value_name = "FILE", requires = "tls_key", conflicts_with = "plaintext")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "IOTRONIC_TLS_KEY", value_name = "FILE", requires = "tls_cert", conflicts_with = "plaintext")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +101,8 @@ fn config(c: Common) -> ServeConfig {
     config.public_host = c.public_host;
     config.legacy_boards = c.legacy_boards;
     config.plaintext = c.plaintext;
+    config.tls_cert = c.tls_cert;
+    config.tls_key = c.tls_key;
     config.database_url = c.database_url.map(DatabaseUrl::new);
     config.amqp_url = c.amqp_url.map(AmqpUrl::new);
     config.bus_prefix = c.bus_prefix;

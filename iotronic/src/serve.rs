@@ -1,14 +1,18 @@
 //! The cloud's processes: `api`, `conductor`, `wamp-agent` and `serve` (all in one, on the
-//! embedded default). Same code each way; the database and the bus differ.
+//! embedded default). Same code each way; the database and the bus differ. Every listener
+//! speaks TLS with the set-up of [`crate::tls`] unless the configuration says `plaintext`.
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use axum::serve::ListenerExt;
+
 use crate::api::{self, AppState};
 use crate::bus::Bus;
 use crate::conductor::Conductor;
 use crate::db::Db;
+use crate::tls::{CloudTls, TlsListener};
 use crate::wamp_agent::{AgentSetup, WampAgent};
 use crate::wstun_agent::TunnelMint;
 use crate::{Error, ServeConfig};
@@ -46,9 +50,38 @@ pub async fn open_bus(config: &ServeConfig) -> Result<Bus, Error> {
     }
 }
 
-/// The REST API alone.
+/// The REST API alone (HTTPS unless `--plaintext`).
 pub async fn run_api(
     config: &ServeConfig,
+    db: Db,
+    bus: Bus,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Listening>>,
+) -> Result<(), Error> {
+    let tls = set_up_tls(config)?;
+    serve_api(config, tls, db, bus, shutdown, ready).await
+}
+
+/// The TLS set-up of this process (`None` with `--plaintext`); says what to pin.
+pub fn set_up_tls(config: &ServeConfig) -> Result<Option<CloudTls>, Error> {
+    let tls = crate::tls::set_up(config)?;
+    match &tls {
+        Some(t) => {
+            info!(fingerprint = %t.fingerprint, "TLS on");
+            println!(
+                "iotronic: CA fingerprint {} (in {}): boards and s4t pin it with --ca-fingerprint",
+                t.fingerprint,
+                config.data_dir.join(crate::tls::FINGERPRINT).display()
+            );
+        }
+        None => warn!("plaintext: HTTP and WS without TLS (--plaintext)"),
+    }
+    Ok(tls)
+}
+
+async fn serve_api(
+    config: &ServeConfig,
+    tls: Option<CloudTls>,
     db: Db,
     bus: Bus,
     shutdown: CancellationToken,
@@ -57,17 +90,32 @@ pub async fn run_api(
     let rest_addr = config.rest_addr();
     let rest = TcpListener::bind(rest_addr).await.map_err(|source| Error::Bind { addr: rest_addr, source })?;
     let listening = Listening { rest: rest.local_addr().map_err(Error::Serve)?, wamp: None, tunnel: None };
-    info!(rest = %listening.rest, "REST API listening");
-    println!("iotronic: REST API on http://{}/v1", listening.rest);
-    if let Some(ready) = ready {
-        let _ = ready.send(listening);
-    }
+    info!(rest = %listening.rest, tls = tls.is_some(), "REST API listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("iotronic: REST API on {scheme}://{}/v1", listening.rest);
     let mut state = AppState::new(db.clone(), bus);
     state.call_timeout = config.call_timeout;
     state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
     // The peer address feeds the login throttle and the audit log.
     let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(rest, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Serve)
+    let stop = shutdown.cancelled_owned();
+    let served = match tls {
+        None => {
+            if let Some(ready) = ready {
+                let _ = ready.send(listening);
+            }
+            axum::serve(rest, app).with_graceful_shutdown(stop).await
+        }
+        Some(tls) => {
+            // `tap_io` only to get axum's `ConnectInfo<SocketAddr>` for a custom listener.
+            let listener = TlsListener::new(rest, tls.server).map_err(Error::Serve)?.tap_io(|_| {});
+            if let Some(ready) = ready {
+                let _ = ready.send(listening);
+            }
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
+        }
+    };
+    served.map_err(Error::Serve)
 }
 
 /// The conductor alone.
@@ -76,9 +124,9 @@ pub async fn run_conductor(db: Db, bus: Bus, shutdown: CancellationToken) -> Res
     Conductor::new(db, bus).run(shutdown).await
 }
 
-/// `ws://host:port/` of the tunnel server boards are told to use.
+/// `ws[s]://host:port/` of the tunnel server boards are told to use.
 pub fn tunnel_url(config: &ServeConfig, port: u16) -> String {
-    format!("ws://{}:{port}/", config.public_host())
+    format!("{}://{}:{port}/", config.ws_scheme(), config.public_host())
 }
 
 /// Binds the tunnel server's port.
@@ -87,9 +135,20 @@ pub async fn bind_tunnels(config: &ServeConfig) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
-/// The wstun-agent alone: the tunnel server on `listener`.
+/// The wstun-agent alone: the tunnel server on `listener` (wss unless `--plaintext`).
 pub async fn run_wstun_agent(
     config: &ServeConfig,
+    db: Db,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let tls = set_up_tls(config)?;
+    serve_wstun(config, tls, db, listener, shutdown).await
+}
+
+async fn serve_wstun(
+    config: &ServeConfig,
+    tls: Option<CloudTls>,
     db: Db,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -98,7 +157,8 @@ pub async fn run_wstun_agent(
     let mint = TunnelMint::load(&db, tunnel_url(config, port)).await?;
     println!("iotronic: tunnel server on {} (public ports 50001-59999)", mint.url);
     db.upsert_agent(&config.agent_name, "wstun", &mint.url, true, false).await?;
-    crate::wstun_agent::run(db, &mint, listener, config.bind, config.legacy_boards, shutdown).await
+    let tls = tls.map(|t| t.server);
+    crate::wstun_agent::run(db, &mint, listener, config.bind, config.legacy_boards, tls, shutdown).await
 }
 
 /// Binds the WAMP router's port.
@@ -107,8 +167,8 @@ pub async fn bind_wamp(config: &ServeConfig) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
-/// The wamp-agent alone: the router on `listener`, the cloud procedures, session tracking,
-/// and this agent's queue of board calls.
+/// The wamp-agent alone: the router on `listener` (wss unless `--plaintext`), the cloud
+/// procedures, session tracking, and this agent's queue of board calls.
 pub async fn run_wamp_agent(
     config: &ServeConfig,
     db: Db,
@@ -116,18 +176,30 @@ pub async fn run_wamp_agent(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let tls = set_up_tls(config)?;
+    serve_wamp(config, tls, db, bus, listener, shutdown).await
+}
+
+async fn serve_wamp(
+    config: &ServeConfig,
+    tls: Option<CloudTls>,
+    db: Db,
+    bus: Bus,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let port = listener.local_addr().map_err(Error::Serve)?.port();
-    // TLS arrives with the security issue: until then the router speaks ws:// only.
-    let url = format!("ws://{}:{port}/", config.public_host());
+    let url = format!("{}://{}:{port}/", config.ws_scheme(), config.public_host());
     println!("iotronic: WAMP router on {url} (realm s4t, agent {})", config.agent_name);
     db.upsert_agent(&config.agent_name, "wamp", &url, true, true).await?;
     let setup = AgentSetup {
         name: config.agent_name.clone(),
         url: url.clone(),
-        tunnel_url: None,
+        tunnel_url: Some(tunnel_url(config, config.tunnel_port)),
         legacy: config.legacy_boards,
     };
-    let agent = WampAgent::start(db.clone(), bus.clone(), listener, setup, shutdown.clone()).await?;
+    let tls = tls.map(|t| t.server);
+    let agent = WampAgent::start(db.clone(), bus.clone(), listener, tls, setup, shutdown.clone()).await?;
     let result = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown).await;
     db.upsert_agent(&config.agent_name, "wamp", &url, false, true).await?;
     result
@@ -142,6 +214,7 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let db = open_database(&config).await?;
     let bus = open_bus(&config).await?;
+    let tls = set_up_tls(&config)?;
     info!(data_dir = %config.data_dir.display(), database = %config.database_url(), bus = ?bus, "iotronic starting");
     let stop = shutdown.child_token();
     let wamp = bind_wamp(&config).await?;
@@ -152,13 +225,13 @@ pub async fn serve(
     let mut config = config;
     config.tunnel_port = tunnel_addr.port();
     let wstun = tokio::spawn({
-        let (config, db, stop) = (config.clone(), db.clone(), stop.clone());
-        async move { run_wstun_agent(&config, db, tunnels, stop).await }
+        let (config, tls, db, stop) = (config.clone(), tls.clone(), db.clone(), stop.clone());
+        async move { serve_wstun(&config, tls, db, tunnels, stop).await }
     });
     let conductor = tokio::spawn(run_conductor(db.clone(), bus.clone(), stop.clone()));
     let agent = tokio::spawn({
-        let (config, db, bus, stop) = (config.clone(), db.clone(), bus.clone(), stop.clone());
-        async move { run_wamp_agent(&config, db, bus, wamp, stop).await }
+        let (config, tls, db, bus, stop) = (config.clone(), tls.clone(), db.clone(), bus.clone(), stop.clone());
+        async move { serve_wamp(&config, tls, db, bus, wamp, stop).await }
     });
     // Report both listeners once the REST one is bound.
     let (api_ready, bound) = tokio::sync::oneshot::channel::<Listening>();
@@ -169,7 +242,7 @@ pub async fn serve(
             let _ = ready.send(l);
         }
     });
-    let api = run_api(&config, db.clone(), bus, stop.clone(), Some(api_ready)).await;
+    let api = serve_api(&config, tls, db.clone(), bus, stop.clone(), Some(api_ready)).await;
     stop.cancel();
     for (name, task) in [("conductor", conductor), ("wamp-agent", agent), ("wstun-agent", wstun)] {
         match task.await {

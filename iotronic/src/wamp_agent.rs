@@ -212,12 +212,13 @@ struct Ctx {
 }
 
 impl WampAgent {
-    /// Starts the router on `listener`, opens the agent's session and registers the cloud
-    /// procedures. The router stops with `shutdown`.
+    /// Starts the router on `listener` (wss with `tls`), opens the agent's session and registers
+    /// the cloud procedures. The router stops with `shutdown`.
     pub async fn start(
         db: Db,
         bus: Bus,
         listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
         setup: AgentSetup,
         shutdown: CancellationToken,
     ) -> Result<WampAgent, Error> {
@@ -227,7 +228,7 @@ impl WampAgent {
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let r = router.clone();
         tokio::spawn(async move {
-            if let Err(e) = r.serve(listener, None, shutdown).await {
+            if let Err(e) = r.serve(listener, tls, shutdown).await {
                 warn!(cause = %e, "the WAMP router stopped");
             }
         });

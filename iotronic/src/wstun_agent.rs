@@ -174,13 +174,15 @@ impl ServerHooks for DbHooks {
     }
 }
 
-/// Runs the tunnel server on `listener` until `shutdown`; public listeners bind `public_bind`.
+/// Runs the tunnel server on `listener` (wss with `tls`) until `shutdown`; public listeners bind
+/// `public_bind`.
 pub async fn run(
     db: Db,
     mint: &TunnelMint,
     listener: TcpListener,
     public_bind: std::net::IpAddr,
     legacy: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let std_listener = listener.into_std().map_err(Error::Serve)?;
@@ -188,6 +190,7 @@ pub async fn run(
     cfg.listen = wstunnel::server::ListenOn::Listener(std_listener);
     cfg.public_bind = public_bind;
     cfg.legacy = legacy;
+    cfg.tls = tls;
     let server = Server::bind(cfg).await.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))?;
     crate::revocation::spawn_tunnel_guard(db.clone(), server.handle(), shutdown.clone());
     let fabric = Fabric::start(db.clone()).await?;

@@ -84,6 +84,7 @@ async fn start(t: &TestDb) -> Cloud {
     let bus = Bus::in_process();
     let mut config = ServeConfig::new(std::env::temp_dir());
     config.bind = "127.0.0.1".parse().unwrap();
+    config.plaintext = true;
     config.rest_port = 0;
     config.admin_password = Some("admin-password".into());
     config.call_timeout = Duration::from_secs(10);

@@ -83,6 +83,7 @@ async fn a_real_board_enrolls_answers_goes_offline_and_gets_its_queued_command()
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServeConfig::new(dir.path().join("cloud"));
     config.bind = "127.0.0.1".parse().unwrap();
+    config.plaintext = true;
     config.rest_port = 0;
     config.wamp_port = 0;
     config.admin_password = Some("admin-password".into());

@@ -98,6 +98,7 @@ async fn anonymous_boards_speak_the_original_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServeConfig::new(dir.path().join("cloud"));
     config.bind = "127.0.0.1".parse().unwrap();
+    config.plaintext = true;
     config.rest_port = 0;
     config.wamp_port = 0;
     config.tunnel_port = 0;

@@ -241,6 +241,7 @@ async fn plugins_are_created_injected_called_started_stopped_and_restarted_onboo
     let (blink, thermometer) = example_plugins(&dir.path().join("wasm-target"));
     let mut config = ServeConfig::new(dir.path().join("cloud"));
     config.bind = "127.0.0.1".parse().unwrap();
+    config.plaintext = true;
     config.rest_port = 0;
     config.wamp_port = 0;
     config.tunnel_port = 0;

@@ -77,7 +77,7 @@ impl Cloud {
     fn iotronic(&self, process: &str, extra: &[&str]) -> Proc {
         let mut c = Command::new(env!("CARGO_BIN_EXE_iotronic"));
         c.arg(process)
-            .args(["--bind", "127.0.0.1", "--database-url", &self.db_url, "--bus-prefix", &self.prefix])
+            .args(["--plaintext", "--bind", "127.0.0.1", "--database-url", &self.db_url, "--bus-prefix", &self.prefix])
             .args(["--amqp-url", &std::env::var("IOTRONIC_TEST_AMQP").unwrap_or_else(|_| AMQP.into())])
             .arg("--data-dir")
             .arg(self.dir.join(process))

@@ -47,6 +47,9 @@ pub const EXIT_CONFIG: i32 = 78;
 /// Exit code when the cloud refused this board for good (revoked, deleted, bad credentials;
 /// sysexits `EX_NOPERM`): restarting cannot help until an operator re-enrolls it.
 pub const EXIT_REVOKED: i32 = 77;
+/// Exit code of `enroll` when the cloud did not prove it holds the pinned CA (wrong
+/// `--ca-fingerprint`, or a man in the middle; sysexits `EX_PROTOCOL`): nothing was stored.
+pub const EXIT_UNTRUSTED: i32 = 76;
 /// Exit code of `DeviceRestartLR` without a restart command (sysexits `EX_TEMPFAIL`):
 /// `Restart=on-failure` starts the agent again.
 pub const EXIT_RESTART: i32 = 75;

@@ -98,6 +98,10 @@ async fn enroll(url: String, code: String, force: bool, config: Option<PathBuf>,
             println!("enrolled as {} ({}); agent {} at {}", id.name, id.uuid, id.agent, id.url);
             0
         }
+        Err(e @ Error::Wamp(_)) if e.to_string().contains(lightning_rod::tls::UNTRUSTED) => {
+            tracing::error!("{e}");
+            lightning_rod::EXIT_UNTRUSTED
+        }
         Err(e @ Error::Wamp(_)) => {
             tracing::error!("{e}");
             EXIT_UNAVAILABLE

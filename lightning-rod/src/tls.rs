@@ -17,6 +17,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// Starts every certificate failure under the pin, so `enroll` can tell it from a network
+/// failure (exit [`crate::EXIT_UNTRUSTED`]).
+pub const UNTRUSTED: &str = "the cloud did not prove it holds the pinned CA";
+
 /// Parses `sha256:HEX` (colons between bytes allowed).
 pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32]> {
     crate::config::validate_fingerprint(fp)?;
@@ -55,16 +59,20 @@ impl ServerCertVerifier for PinnedCa {
             return Ok(ServerCertVerified::assertion());
         }
         let Some(ca) = intermediates.iter().find(|c| matches(c)) else {
-            return Err(rustls::Error::General(
-                "the cloud's certificate chain does not contain the pinned CA (check --ca-fingerprint)".into(),
-            ));
+            return Err(rustls::Error::General(format!(
+                "{UNTRUSTED}: its certificate chain does not contain it (check --ca-fingerprint)"
+            )));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        // The CA certificate is public: a man in the middle can send it too, and then fails
+        // here (signature, name, validity), which is the same verdict.
+        verifier
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .map_err(|e| rustls::Error::General(format!("{UNTRUSTED}: {e}")))
     }
 
     fn verify_tls12_signature(

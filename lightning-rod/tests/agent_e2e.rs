@@ -441,7 +441,7 @@ async fn enroll_and_login_over_wss_with_a_pinned_ca() {
         .arg(&config)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(lightning_rod::EXIT_UNTRUSTED), "{}", String::from_utf8_lossy(&out.stderr));
     let out = bin()
         .args(["enroll", "--url", &url, "--code", CODE, "--ca-fingerprint", &pin, "--config"])
         .arg(&config)

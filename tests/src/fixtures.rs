@@ -5,7 +5,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,6 +17,31 @@ use crate::{CLOUD_ADDR, Host, Lab, run, workspace_bin};
 
 /// The admin password every lab cloud starts with.
 pub const ADMIN_PASSWORD: &str = "lab-admin-password";
+
+/// Runs `s4t ARGS` on `host` with the configuration file `config` and the lab's admin
+/// password; nothing else from the environment (no URL, token or CA pin).
+pub fn s4t(host: &Host, config: &Path, args: &[&str]) -> Output {
+    let mut cmd = host.command(workspace_bin("s4t").expect("the s4t binary is built"));
+    cmd.args(args)
+        .env("S4T_CONFIG", config)
+        .env("S4T_PASSWORD", ADMIN_PASSWORD)
+        .env_remove("S4T_URL")
+        .env_remove("S4T_TOKEN")
+        .env_remove("S4T_CA_FINGERPRINT");
+    cmd.output().expect("s4t runs")
+}
+
+/// The stdout of a command that must have succeeded (else a panic showing both outputs).
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 /// A lightning-rod configuration in `dir/NAME/` with the sim HAL and fast reconnects.
 pub fn board_config(dir: &Path, name: &str) -> Result<PathBuf> {

@@ -7,34 +7,13 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use s4t_tests::{CLOUD_ADDR, Host, Lab, require_root, run, workspace_bin};
+use s4t_tests::fixtures::{ok, s4t};
+use s4t_tests::{CLOUD_ADDR, Lab, require_root, run, workspace_bin};
 
 const PASSWORD: &str = "lab-admin-password";
-
-/// Runs `s4t ARGS` on `host` with the test's configuration file.
-fn s4t(host: &Host, config: &Path, args: &[&str]) -> Output {
-    let mut cmd = host.command(workspace_bin("s4t").unwrap());
-    cmd.args(args)
-        .env("S4T_CONFIG", config)
-        .env("S4T_PASSWORD", PASSWORD)
-        .env_remove("S4T_URL")
-        .env_remove("S4T_TOKEN");
-    cmd.output().unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "s4t failed with {}:\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn board_config(dir: &Path, name: &str) -> PathBuf {
     let d = dir.join(name);

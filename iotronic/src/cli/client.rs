@@ -23,6 +23,8 @@ pub struct Client {
     /// `http[s]://host:port`, no trailing slash, no `/v1`.
     base: String,
     token: Option<Token>,
+    /// Whether https trusts a pinned CA (`--ca-fingerprint`) rather than the public roots.
+    pinned: bool,
 }
 
 /// A successful answer: its status (200, 201, 202, 204) and JSON body (`null` when empty).
@@ -69,7 +71,7 @@ impl Client {
             builder = builder.use_preconfigured_tls(super::tls::pinned(fp)?);
         }
         let http = builder.build().map_err(|e| Failure::internal(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Client { http, base, token })
+        Ok(Client { http, base, token, pinned: ca_fingerprint.is_some() })
     }
 
     pub fn base(&self) -> &str {
@@ -130,8 +132,34 @@ impl Client {
             return Failure::new(Kind::Timeout, format!("the cloud at {} did not answer in time: {chain}", self.base))
                 .with_hint("the request may still complete: see `s4t request list`");
         }
+        if chain.contains("certificate") || chain.contains("pinned CA") {
+            return self.untrusted(&chain);
+        }
         Failure::new(Kind::Unreachable, format!("cannot reach the cloud at {}: {chain}", self.base))
             .with_hint("is `iotronic serve` running there? check --url / S4T_URL (and --ca-fingerprint for https)")
+    }
+
+    /// The TLS handshake failed on the certificate: never retried without verification.
+    fn untrusted(&self, chain: &str) -> Failure {
+        if self.pinned {
+            Failure::new(
+                Kind::Unreachable,
+                format!("the cloud at {} did not prove it holds the pinned CA: {chain}", self.base),
+            )
+            .with_hint(
+                "compare --ca-fingerprint (or the one stored by `s4t login`) with DATA_DIR/ca.fingerprint on the \
+                 cloud; if they match, something between you and the cloud is presenting its own certificate",
+            )
+        } else {
+            Failure::new(
+                Kind::Unreachable,
+                format!("the cloud at {} presented a certificate no public CA vouches for: {chain}", self.base),
+            )
+            .with_hint(
+                "pin the cloud's own CA: s4t login --url URL --user NAME --ca-fingerprint sha256:HEX \
+                 (`iotronic serve` prints it; it is in DATA_DIR/ca.fingerprint on the cloud)",
+            )
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! https to the cloud. With `--ca-fingerprint sha256:HEX` (the pin `iotronic serve` prints) the
 //! CLI trusts exactly that CA, which the cloud must send in its chain (or a self-signed server
-//! certificate pinned directly, like an SSH host key); without a pin, the public web roots.
-//! rustls with the ring provider only.
+//! certificate pinned directly, like an SSH host key); without a pin, the public web roots, and
+//! a certificate they do not vouch for fails with the way to pin (`client.rs`). There is no
+//! option to skip verification. rustls with the ring provider only.
 
 use std::sync::Arc;
 
@@ -58,10 +59,12 @@ impl ServerCertVerifier for PinnedCa {
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
+        // The CA certificate is public: a man in the middle may send it too, and fails here.
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .map_err(|e| rustls::Error::General(format!("not signed for this name by the pinned CA: {e}")))
     }
 
     fn verify_tls12_signature(
@@ -180,7 +183,9 @@ mod tests {
         assert!(by_ip.get("/v1").await.is_err(), "the host name is verified");
         // Without a pin, the cloud's own CA is not a public root.
         let unpinned = Client::new(&url, None, None).unwrap();
-        assert!(unpinned.get("/v1").await.is_err());
+        let e = unpinned.get("/v1").await.unwrap_err();
+        assert_eq!(e.kind, Kind::Unreachable, "{e}");
+        assert!(e.hint.as_deref().unwrap_or_default().contains("--ca-fingerprint"), "the hint says how to pin: {e:?}");
     }
 
     #[test]

@@ -1,0 +1,478 @@
+//! The cloud's TLS (security issue): HTTPS for REST, WSS for WAMP and tunnels, one rustls
+//! (ring) server configuration shared by the three listeners.
+//!
+//! Trust is pinned, not public: on first start the cloud creates its own CA (ECDSA P-256) in
+//! the data directory and a server certificate signed by it; boards and `s4t` trust exactly
+//! that CA, named by the SHA-256 fingerprint of its DER certificate (`sha256:HEX`), which
+//! `iotronic serve` prints and writes to `DATA_DIR/ca.fingerprint`. Later starts reuse both;
+//! the server certificate is re-issued by the same CA when the names it must carry change
+//! (another `--bind` or `--public-host`), so the pin never changes. With `--tls-cert` and
+//! `--tls-key` the operator's chain is served instead, and the pin is the last certificate of
+//! that chain (its CA, or the certificate itself when it is alone).
+//!
+//! Files (keys 0600, written atomically): `ca.crt`, `ca.key`, `server.crt`, `server.key`,
+//! `server.names` (the names in `server.crt`), `ca.fingerprint`.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, warn};
+
+use crate::{Error, ServeConfig};
+
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+pub const SERVER_CERT: &str = "server.crt";
+pub const SERVER_KEY: &str = "server.key";
+pub const SERVER_NAMES: &str = "server.names";
+pub const FINGERPRINT: &str = "ca.fingerprint";
+
+/// The CA's subject. Fixed, so that a server certificate issued on a later start names the
+/// same issuer as the stored CA certificate (rcgen signs with the name and key, not the file).
+const CA_NAME: &str = "Stack4Things cloud CA";
+/// Validity of the CA and of the server certificates it issues. Long on purpose: the CA is
+/// pinned on every board like an SSH host key, and an expired server certificate would cut
+/// every board off a cloud that has not been restarted. Rotation is explicit (new files,
+/// boards re-pinned at their next enrollment).
+const CA_YEARS: i32 = 30;
+const SERVER_YEARS: i32 = 10;
+
+/// Longest a client may take over its TLS handshake on the REST port.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once on the REST port; more wait in the kernel's backlog.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Handshaken connections waiting for axum to pick them up.
+const ACCEPTED_QUEUE: usize = 64;
+
+/// What the three listeners serve, and the pin clients must use.
+#[derive(Clone)]
+pub struct CloudTls {
+    pub server: Arc<rustls::ServerConfig>,
+    /// `sha256:HEX` of the pinned certificate (the CA).
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for CloudTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudTls").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+    }
+}
+
+fn msg(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::Tls { context: context.into(), source: source.into() }
+}
+
+/// `sha256:` and the lowercase hex SHA-256 of a DER certificate (the form boards and `s4t`
+/// take with `--ca-fingerprint`).
+pub fn fingerprint_of(der: &[u8]) -> String {
+    let d = Sha256::digest(der);
+    format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The TLS set-up of `config`: `None` with `--plaintext`; otherwise the operator's chain or the
+/// cloud's own CA (created on first start). Writes `DATA_DIR/ca.fingerprint` either way.
+pub fn set_up(config: &ServeConfig) -> Result<Option<CloudTls>, Error> {
+    if config.plaintext {
+        return Ok(None);
+    }
+    let (chain, key) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => operator_chain(cert, key)?,
+        (None, None) => own_ca(&config.data_dir, &server_names(config))?,
+        _ => {
+            return Err(msg("operator certificate", "give both --tls-cert and --tls-key (or neither: the cloud's own CA)"));
+        }
+    };
+    let pinned = chain.last().ok_or_else(|| msg("operator certificate", "the certificate file holds no certificate"))?;
+    let fingerprint = fingerprint_of(pinned);
+    let server = server_config(chain, key)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+    write_atomic(&config.data_dir.join(FINGERPRINT), format!("{fingerprint}\n").as_bytes(), 0o644)?;
+    Ok(Some(CloudTls { server, fingerprint }))
+}
+
+/// The rustls (ring) server configuration for a chain and its key; HTTP/1.1 only.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| msg("server configuration", e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| msg("the certificate and key do not make a server configuration", e))?;
+    Ok(Arc::new(config))
+}
+
+/// The names the server certificate carries: the public host boards dial, the bind address,
+/// this host's name and the loopback names.
+pub fn server_names(config: &ServeConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut add = |n: String| {
+        let n = n.trim().trim_start_matches('[').trim_end_matches(']').to_owned();
+        if !n.is_empty() && !names.contains(&n) {
+            names.push(n);
+        }
+    };
+    if let Some(h) = &config.public_host {
+        add(h.clone());
+    }
+    if !config.bind.is_unspecified() {
+        add(config.bind.to_string());
+    }
+    add(config.public_host());
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        add(h);
+    }
+    for n in ["localhost", "127.0.0.1", "::1"] {
+        add(n.to_owned());
+    }
+    names
+}
+
+/// The operator's PEM chain (leaf first) and key.
+fn operator_chain(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| msg(format!("cannot read {}", cert.display()), e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| msg(format!("{} is not a PEM certificate chain", cert.display()), e))?;
+    if chain.is_empty() {
+        return Err(msg(format!("{}", cert.display()), "no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| msg(format!("cannot read the key {}", key.display()), e))?;
+    Ok((chain, key))
+}
+
+/// The CA's parameters: the same on every start, so certificates issued later chain to it.
+fn ca_params() -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, CA_NAME);
+    p.distinguished_name.push(rcgen::DnType::OrganizationName, "Stack4Things");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// The current calendar year (UTC), for validity periods.
+fn this_year() -> i32 {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Days to a civil year (Howard Hinnant's algorithm, year part only).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let year = yoe + era * 400 + i64::from(mp >= 10);
+    year as i32
+}
+
+fn validity(p: &mut rcgen::CertificateParams, years: i32) {
+    let y = this_year();
+    // From a year back: a board whose clock is behind still accepts the certificate.
+    p.not_before = rcgen::date_time_ymd(y - 1, 1, 1);
+    p.not_after = rcgen::date_time_ymd(y + years, 1, 1);
+}
+
+fn random_serial(p: &mut rcgen::CertificateParams) {
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut serial);
+    serial[0] &= 0x7f;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+}
+
+fn rcgen_err(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
+    move |e| msg(what.to_owned(), e)
+}
+
+/// The cloud's own CA in `dir` (created when absent) and a server certificate for `names`
+/// (re-issued when the stored one carries other names).
+fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::DataDir { path: dir.to_owned(), source })?;
+    let (ca_crt, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    let (ca_der, ca_keypair) = if ca_crt.exists() || ca_key.exists() {
+        warn_if_open(&ca_key);
+        let der = CertificateDer::from_pem_file(&ca_crt).map_err(|e| msg(format!("cannot read {}", ca_crt.display()), e))?;
+        let pem = read(&ca_key)?;
+        let key = rcgen::KeyPair::from_pem(&pem).map_err(rcgen_err("the CA key"))?;
+        (der, key)
+    } else {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err("CA key"))?;
+        let mut params = ca_params();
+        validity(&mut params, CA_YEARS);
+        random_serial(&mut params);
+        let cert = params.self_signed(&key).map_err(rcgen_err("CA certificate"))?;
+        // Key first: a crash in between leaves a key without a certificate, which the next
+        // start reports instead of silently making another CA.
+        write_atomic(&ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&ca_crt, cert.pem().as_bytes(), 0o644)?;
+        (cert.der().clone(), key)
+    };
+    let (crt, key, names_file) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY), dir.join(SERVER_NAMES));
+    let wanted = names.join("\n") + "\n";
+    let current = std::fs::read_to_string(&names_file).ok();
+    if current.as_deref() != Some(wanted.as_str()) || !crt.exists() || !key.exists() {
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err("server key"))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = names.iter().filter_map(|n| san(n)).collect();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().map_or("iotronic", String::as_str));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        validity(&mut params, SERVER_YEARS);
+        random_serial(&mut params);
+        let issuer = rcgen::Issuer::new(ca_params(), ca_keypair);
+        let cert = params.signed_by(&leaf_key, &issuer).map_err(rcgen_err("server certificate"))?;
+        write_atomic(&key, leaf_key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
+        write_atomic(&names_file, wanted.as_bytes(), 0o644)?;
+    }
+    warn_if_open(&key);
+    let leaf = CertificateDer::from_pem_file(&crt).map_err(|e| msg(format!("cannot read {}", crt.display()), e))?;
+    let leaf_key = PrivateKeyDer::from_pem_file(&key).map_err(|e| msg(format!("cannot read {}", key.display()), e))?;
+    Ok((vec![leaf, ca_der], leaf_key))
+}
+
+fn san(name: &str) -> Option<rcgen::SanType> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Some(rcgen::SanType::IpAddress(ip));
+    }
+    match rcgen::string::Ia5String::try_from(name) {
+        Ok(dns) => Some(rcgen::SanType::DnsName(dns)),
+        Err(_) => {
+            warn!(name, "not a DNS name: left out of the server certificate");
+            None
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| msg(format!("cannot read {}", path.display()), e))
+}
+
+fn warn_if_open(path: &Path) {
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        warn!(path = %path.display(), "private key readable by others: chmod 600 it");
+    }
+}
+
+/// Writes a file atomically with `mode` (temporary file, fsync, rename).
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        msg(format!("cannot write {}", path.display()), e)
+    })
+}
+
+/// A TLS listener for axum: TCP accepts on one task, each handshake on its own task (under
+/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_HANDSHAKES`] at once), handshaken connections queued
+/// for `accept`. A client speaking plain HTTP gets a 400 that says to use https, then the close.
+/// Dropping the listener stops the accept task and closes the port.
+pub struct TlsListener {
+    local: SocketAddr,
+    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl TlsListener {
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, accepted) = mpsc::channel(ACCEPTED_QUEUE);
+        tokio::spawn(accept_loop(listener, tokio_rustls::TlsAcceptor::from(config), tx));
+        Ok(TlsListener { local, accepted })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            () = tx.closed() => return,
+            p = slots.clone().acquire_owned() => p,
+        };
+        let Ok(permit) = permit else { return };
+        let (tcp, peer) = tokio::select! {
+            () = tx.closed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, tcp)).await {
+                Ok(Some(tls)) => {
+                    let _ = tx.send((tls, peer)).await;
+                }
+                Ok(None) => {}
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+async fn handshake(acceptor: &tokio_rustls::TlsAcceptor, mut tcp: TcpStream) -> Option<TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await {
+        Ok(1) if first[0] != TLS_HANDSHAKE => {
+            let body = "this port speaks HTTPS only: use https:// (and pin the cloud's CA, see DATA_DIR/ca.fingerprint)\n";
+            let reply = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tcp.write_all(reply.as_bytes()).await;
+            let _ = tcp.shutdown().await;
+            return None;
+        }
+        Ok(1) => {}
+        _ => return None,
+    }
+    match acceptor.accept(tcp).await {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            debug!(cause = %e, "TLS handshake failed");
+            None
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(c) => c,
+            // The accept task ends only when this receiver is gone; never reached.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verify(chain: &[CertificateDer<'static>], ca: &CertificateDer<'static>, name: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            v.as_ref(),
+            &chain[0],
+            &chain[1..],
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(drop)
+    }
+
+    #[test]
+    fn the_ca_is_made_once_and_reissues_for_new_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["192.0.2.1".to_owned(), "localhost".to_owned()];
+        let (chain, _) = own_ca(dir.path(), &names).unwrap();
+        let ca = chain[1].clone();
+        verify(&chain, &ca, "192.0.2.1").unwrap();
+        verify(&chain, &ca, "localhost").unwrap();
+        assert!(verify(&chain, &ca, "cloud.example").is_err(), "a name the certificate lacks");
+        for key in [CA_KEY, SERVER_KEY] {
+            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+        // Same names: everything reused.
+        let (again, _) = own_ca(dir.path(), &names).unwrap();
+        assert_eq!(again, chain);
+        // Another public name: same CA, a new server certificate that verifies under it.
+        let more = vec!["cloud.example".to_owned(), "localhost".to_owned()];
+        let (other, _) = own_ca(dir.path(), &more).unwrap();
+        assert_eq!(other[1], ca, "the CA (and so the pin) never changes");
+        assert_ne!(other[0], chain[0]);
+        verify(&other, &ca, "cloud.example").unwrap();
+    }
+
+    #[test]
+    fn set_up_writes_the_fingerprint_and_takes_operator_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServeConfig::new(dir.path().join("data"));
+        config.plaintext = true;
+        assert!(set_up(&config).unwrap().is_none());
+        config.plaintext = false;
+        let tls = set_up(&config).unwrap().unwrap();
+        let ca = CertificateDer::from_pem_file(config.data_dir.join(CA_CERT)).unwrap();
+        assert_eq!(tls.fingerprint, fingerprint_of(&ca));
+        let written = std::fs::read_to_string(config.data_dir.join(FINGERPRINT)).unwrap();
+        assert_eq!(written.trim(), tls.fingerprint);
+        assert!(!format!("{tls:?}").contains("PRIVATE"), "no key in Debug");
+        // An operator's self-signed certificate: it is its own pin.
+        let ck = rcgen::generate_simple_self_signed(vec!["cloud.example".to_owned()]).unwrap();
+        let (cert, key) = (dir.path().join("op.crt"), dir.path().join("op.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        config.tls_cert = Some(cert.clone());
+        let e = set_up(&config).unwrap_err();
+        assert!(e.to_string().contains("operator"), "{e}");
+        config.tls_key = Some(key);
+        let op = set_up(&config).unwrap().unwrap();
+        assert_eq!(op.fingerprint, fingerprint_of(ck.cert.der()));
+        config.tls_key = Some(cert);
+        assert!(set_up(&config).is_err(), "a certificate is not a key");
+    }
+
+    #[test]
+    fn the_year_is_computed() {
+        let y = this_year();
+        assert!((2025..2200).contains(&y), "{y}");
+    }
+}
