@@ -90,10 +90,14 @@ pub fn set_up(config: &ServeConfig) -> Result<Option<CloudTls>, Error> {
         (Some(cert), Some(key)) => operator_chain(cert, key)?,
         (None, None) => own_ca(&config.data_dir, &server_names(config))?,
         _ => {
-            return Err(msg("operator certificate", "give both --tls-cert and --tls-key (or neither: the cloud's own CA)"));
+            return Err(msg(
+                "operator certificate",
+                "give both --tls-cert and --tls-key (or neither: the cloud's own CA)",
+            ));
         }
     };
-    let pinned = chain.last().ok_or_else(|| msg("operator certificate", "the certificate file holds no certificate"))?;
+    let pinned =
+        chain.last().ok_or_else(|| msg("operator certificate", "the certificate file holds no certificate"))?;
     let fingerprint = fingerprint_of(pinned);
     let server = server_config(chain, key)?;
     std::fs::create_dir_all(&config.data_dir)
@@ -152,7 +156,8 @@ fn operator_chain(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static
     if chain.is_empty() {
         return Err(msg(format!("{}", cert.display()), "no certificate in the file"));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| msg(format!("cannot read the key {}", key.display()), e))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| msg(format!("cannot read the key {}", key.display()), e))?;
     Ok((chain, key))
 }
 
@@ -206,7 +211,8 @@ fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>,
     let (ca_crt, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
     let (ca_der, ca_keypair) = if ca_crt.exists() || ca_key.exists() {
         warn_if_open(&ca_key);
-        let der = CertificateDer::from_pem_file(&ca_crt).map_err(|e| msg(format!("cannot read {}", ca_crt.display()), e))?;
+        let der =
+            CertificateDer::from_pem_file(&ca_crt).map_err(|e| msg(format!("cannot read {}", ca_crt.display()), e))?;
         let pem = read(&ca_key)?;
         let key = rcgen::KeyPair::from_pem(&pem).map_err(rcgen_err("the CA key"))?;
         (der, key)
@@ -357,7 +363,8 @@ async fn handshake(acceptor: &tokio_rustls::TlsAcceptor, mut tcp: TcpStream) -> 
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
         Ok(1) if first[0] != TLS_HANDSHAKE => {
-            let body = "this port speaks HTTPS only: use https:// (and pin the cloud's CA, see DATA_DIR/ca.fingerprint)\n";
+            let body =
+                "this port speaks HTTPS only: use https:// (and pin the cloud's CA, see DATA_DIR/ca.fingerprint)\n";
             let reply = format!(
                 "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
@@ -399,7 +406,11 @@ impl axum::serve::Listener for TlsListener {
 mod tests {
     use super::*;
 
-    fn verify(chain: &[CertificateDer<'static>], ca: &CertificateDer<'static>, name: &str) -> Result<(), rustls::Error> {
+    fn verify(
+        chain: &[CertificateDer<'static>],
+        ca: &CertificateDer<'static>,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone())?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -76,7 +76,9 @@ fn the_cloud_serves_tls_and_everyone_pins_its_ca() {
 
     // Default serve: no --plaintext.
     let mut iot = cloud.command(workspace_bin("iotronic").unwrap());
-    iot.args(["serve", "--bind", &CLOUD_ADDR.to_string(), "--data-dir"]).arg(&data).env("IOTRONIC_ADMIN_PASSWORD", PASSWORD);
+    iot.args(["serve", "--bind", &CLOUD_ADDR.to_string(), "--data-dir"])
+        .arg(&data)
+        .env("IOTRONIC_ADMIN_PASSWORD", PASSWORD);
     lab.spawn("iotronic", iot).unwrap();
     let rest = SocketAddr::from((CLOUD_ADDR, 8812));
     laptop.wait_tcp(rest, Duration::from_secs(30)).unwrap();
@@ -85,7 +87,8 @@ fn the_cloud_serves_tls_and_everyone_pins_its_ca() {
     let log = lab.proc("iotronic").unwrap();
     log.wait_for_log(&pin, Duration::from_secs(30)).unwrap();
     log.wait_for_log(&format!("REST API on https://{rest}/v1"), Duration::from_secs(30)).unwrap();
-    let key_mode = |f: &str| fs::metadata(data.join(f)).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    let key_mode =
+        |f: &str| fs::metadata(data.join(f)).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(key_mode("ca.key").unwrap(), 0o600);
     assert_eq!(key_mode("server.key").unwrap(), 0o600);
 

@@ -184,13 +184,15 @@ pub async fn run(ctx: &Ctx, cmd: BoardCmd) -> Result<()> {
                 body["fleet"] = json!(f);
             }
             let v = client.post("/v1/boards", &body).await?.body;
+            // The board dials the WAMP port with the scheme of the cloud's REST URL, and pins
+            // the CA this CLI pins.
+            let url = match (client.base().starts_with("https://"), ctx.ca_fingerprint()) {
+                (false, _) => format!("ws://{}:8181/", client.host()),
+                (true, fp) => format!("wss://{}:8181/ --ca-fingerprint {}", client.host(), fp.unwrap_or("sha256:HEX")),
+            };
             ctx.out.result(&v, Some(&field(&v, "uuid")), || {
                 println!("created board {} ({}), status {}", field(&v, "name"), field(&v, "uuid"), field(&v, "status"));
-                println!(
-                    "enroll it on the board: lightning-rod enroll --url ws://{}:8181/ --code {}",
-                    client.host(),
-                    a.code
-                );
+                println!("enroll it on the board: lightning-rod enroll --url {url} --code {}", a.code);
             });
         }
         BoardCmd::Update(a) => {
