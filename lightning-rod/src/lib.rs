@@ -23,6 +23,7 @@ pub mod error;
 pub mod hal;
 pub mod legacy;
 pub mod load;
+pub mod netif;
 pub mod overlay;
 pub mod plugins;
 pub mod rpc;

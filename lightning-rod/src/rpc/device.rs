@@ -68,34 +68,20 @@ fn device_info() -> Value {
 
 /// Interfaces with their MAC and addresses (the original returned `ifconfig` text).
 fn net_config() -> Result<Value> {
-    let addrs =
-        nix::ifaddrs::getifaddrs().map_err(|e| Error::Net { what: "getifaddrs".into(), reason: e.to_string() })?;
-    let mut ifaces: Vec<(String, Value)> = Vec::new();
-    for a in addrs {
-        let idx = match ifaces.iter().position(|(n, _)| *n == a.interface_name) {
-            Some(i) => i,
-            None => {
-                let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
-                ifaces.push((a.interface_name.clone(), json!({"name": a.interface_name, "up": up, "addresses": []})));
-                ifaces.len() - 1
+    let ifaces = crate::netif::interfaces()
+        .map_err(|e| Error::Net { what: "the interface list (rtnetlink)".into(), reason: e.to_string() })?;
+    let ifaces: Vec<Value> = ifaces
+        .into_iter()
+        .map(|i| {
+            let addrs: Vec<String> = i.addrs.iter().map(|(ip, prefix)| format!("{ip}/{prefix}")).collect();
+            let mut entry = json!({"name": i.name, "up": i.up, "addresses": addrs});
+            if let Some(mac) = i.mac {
+                entry["mac"] = json!(mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
             }
-        };
-        let entry = &mut ifaces[idx].1;
-        let Some(addr) = a.address else { continue };
-        if let Some(link) = addr.as_link_addr() {
-            if let Some(mac) = link.addr() {
-                let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-                entry["mac"] = json!(mac);
-            }
-        } else if let Some(v4) = addr.as_sockaddr_in() {
-            let prefix = a.netmask.and_then(|m| m.as_sockaddr_in().map(|m| m.ip().to_bits().count_ones()));
-            push_addr(entry, format!("{}/{}", v4.ip(), prefix.unwrap_or(32)));
-        } else if let Some(v6) = addr.as_sockaddr_in6() {
-            let prefix = a.netmask.and_then(|m| m.as_sockaddr_in6().map(|m| m.ip().to_bits().count_ones()));
-            push_addr(entry, format!("{}/{}", v6.ip(), prefix.unwrap_or(128)));
-        }
-    }
-    Ok(json!({"interfaces": ifaces.into_iter().map(|(_, v)| v).collect::<Vec<_>>()}))
+            entry
+        })
+        .collect();
+    Ok(json!({"interfaces": ifaces}))
 }
 
 /// `connection`'s `info.connectivity` (S4T-REFERENCE §5.2): the first interface that is up,
@@ -116,12 +102,6 @@ pub fn connectivity() -> Value {
         }
     }
     json!({})
-}
-
-fn push_addr(entry: &mut Value, addr: String) {
-    if let Some(list) = entry["addresses"].as_array_mut() {
-        list.push(json!(addr));
-    }
 }
 
 /// Reboot or restart after `max(delay, min_delay_s)` seconds.
