@@ -69,6 +69,13 @@ impl WsReader {
                 // Quiet again: let the last burst's buffer go.
                 self.buf = BytesMut::new();
             }
+            if self.buf.is_empty() && !self.big_reads {
+                // Between messages on a quiet channel: wait for data without holding a buffer.
+                if self.read_when_quiet().await? == 0 {
+                    return Ok(None);
+                }
+                continue;
+            }
             let chunk = if self.big_reads { MAX_MESSAGE + MAX_HEADER } else { SMALL_READ };
             let missing = need.saturating_sub(self.buf.len());
             self.buf.reserve(chunk.max(missing));
@@ -91,6 +98,25 @@ impl WsReader {
             }
             self.big_reads = n == room;
         }
+    }
+
+    /// Reads up to [`SMALL_READ`] bytes into the empty buffer, which is allocated only for
+    /// the read attempt: while the socket has nothing to read, the channel holds no buffer
+    /// (an idle board channel costs the cloud its tasks and tables, not a read buffer).
+    async fn read_when_quiet(&mut self) -> Result<usize, Error> {
+        let (rd, buf) = (&mut self.rd, &mut self.buf);
+        let n = std::future::poll_fn(|cx| {
+            buf.reserve(SMALL_READ);
+            let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, &mut *buf);
+            if r.is_pending() {
+                *buf = BytesMut::new();
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::io("read from the tunnel channel", e))?;
+        self.big_reads = n >= SMALL_READ;
+        Ok(n)
     }
 }
 
@@ -498,4 +524,31 @@ pub(crate) async fn read_http_head<R: AsyncRead + Unpin>(
 
 fn find_head_end(b: &[u8]) -> Option<usize> {
     b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Between messages, a reader waiting on a quiet socket holds no buffer.
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer() {
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let mut r = WsReader::new(Box::new(ours), Role::Client, BytesMut::new(), false);
+        let f = ws::encode_frame(Opcode::Binary, &[7u8; 3000], None);
+        peer.write_all(&f).await.unwrap();
+        match r.next().await.unwrap() {
+            Some(Message::Binary(b)) => assert_eq!(&b[..], &[7u8; 3000][..]),
+            other => panic!("expected the binary message, got {other:?}"),
+        }
+        // Nothing more to read: polled once, the read is pending and the buffer is gone.
+        assert!(futures_util::FutureExt::now_or_never(r.next()).is_none(), "no message was sent");
+        assert_eq!(r.buf.capacity(), 0, "an idle reader keeps a buffer");
+        // And it still reads the next message, and the end of the stream.
+        peer.write_all(&ws::encode_frame(Opcode::Binary, b"next", None)).await.unwrap();
+        drop(peer);
+        assert!(matches!(r.next().await.unwrap(), Some(Message::Binary(b)) if &b[..] == b"next"));
+        assert!(r.next().await.unwrap().is_none());
+    }
 }

@@ -28,6 +28,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use s4t_shared::token::TokenKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -40,6 +41,7 @@ pub use registry::{ListenerInfo, ServerHandle};
 
 use crate::error::{Error, IoContext};
 use crate::handshake::{self, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
+use crate::io::{BoxRead, BoxWrite};
 use crate::transport::{Buffered, Transport};
 use registry::Registry;
 
@@ -215,29 +217,53 @@ struct Conn<H> {
     peer: SocketAddr,
 }
 
+/// What a connection becomes once its upgrade is done.
+enum Next {
+    /// Served already (status page, legacy wstun) or refused.
+    Done,
+    /// A board channel: its halves, the bytes read past the upgrade, unmasked frames agreed.
+    Channel(BoxRead, BoxWrite, BytesMut, bool),
+}
+
 impl<H: ServerHooks> Conn<H> {
+    /// The TLS and HTTP upgrade run in a boxed future that is freed before the channel starts:
+    /// a future is as large as its largest state, and the TLS handshake's (about 10 KiB)
+    /// would otherwise stay allocated for every idle board channel's lifetime.
     async fn handle(self, tcp: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
-        match tls {
-            None => self.upgrade(tcp).await,
-            Some(acc) => {
-                match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(Buffered::new(tcp))).await {
-                    Ok(Ok(s)) => self.upgrade(s).await,
-                    Ok(Err(e)) => tracing::debug!(cause = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                }
+        let (cfg, reg, hooks, peer, shutdown) =
+            (self.cfg.clone(), self.reg.clone(), self.hooks.clone(), self.peer, self.shutdown.clone());
+        let next = match tls {
+            None => Box::pin(self.upgrade(tcp)).await,
+            Some(acc) => Box::pin(self.tls_upgrade(acc, tcp)).await,
+        };
+        if let Next::Channel(rd, wr, leftover, unmasked) = next {
+            channel::serve(cfg, reg, hooks, rd, wr, leftover, unmasked, peer, shutdown).await;
+        }
+    }
+
+    async fn tls_upgrade(self, acc: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Next {
+        match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(Buffered::new(tcp))).await {
+            Ok(Ok(s)) => self.upgrade(s).await,
+            Ok(Err(e)) => {
+                tracing::debug!(cause = %e, "TLS handshake failed");
+                Next::Done
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake timed out");
+                Next::Done
             }
         }
     }
 
-    async fn upgrade<S: Transport>(self, mut s: S) {
+    async fn upgrade<S: Transport>(self, mut s: S) -> Next {
         let inc = match tokio::time::timeout(self.cfg.limits.handshake_timeout, handshake::read_request(&mut s)).await {
             Ok(Ok(inc)) => inc,
             Ok(Err(e)) => {
                 tracing::debug!(cause = %e, "bad upgrade request");
                 handshake::refuse(&mut s, 400, &e.to_string()).await;
-                return;
+                return Next::Done;
             }
-            Err(_) => return,
+            Err(_) => return Next::Done,
         };
         match inc.route.clone() {
             Route::Status => handshake::status_page(&mut s).await,
@@ -245,8 +271,7 @@ impl<H: ServerHooks> Conn<H> {
                 let proto = if unmasked { UNMASKED_SUBPROTOCOL } else { SUBPROTOCOL };
                 if handshake::accept(&mut s, &inc, proto).await.is_ok() {
                     let (rd, wr) = s.split_box();
-                    let (cfg, reg, hooks, peer) = (self.cfg, self.reg, self.hooks, self.peer);
-                    channel::serve(cfg, reg, hooks, rd, wr, inc.leftover, unmasked, peer, self.shutdown).await;
+                    return Next::Channel(rd, wr, inc.leftover, unmasked);
                 }
             }
             Route::LegacyControl { port, board } => {
@@ -255,7 +280,7 @@ impl<H: ServerHooks> Conn<H> {
                     Err(reason) => {
                         tracing::warn!(port, %reason, "legacy wstun listener refused");
                         handshake::refuse(&mut s, 403, &reason).await;
-                        return;
+                        return Next::Done;
                     }
                 };
                 // Bound before the upgrade, so a busy port is a refusal the client can tell
@@ -265,7 +290,7 @@ impl<H: ServerHooks> Conn<H> {
                     Err(e) => {
                         tracing::warn!(port, cause = %e, "legacy listener cannot bind");
                         handshake::refuse(&mut s, 409, &format!("public port {port} is busy: {e}")).await;
-                        return;
+                        return Next::Done;
                     }
                 };
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
@@ -284,16 +309,17 @@ impl<H: ServerHooks> Conn<H> {
             Route::LegacyData { id } => {
                 if !self.cfg.legacy {
                     handshake::refuse(&mut s, 403, "legacy wstun mode is disabled on this server").await;
-                    return;
+                    return Next::Done;
                 }
                 let Some(tcp) = self.reg.take_pending(&id) else {
                     handshake::refuse(&mut s, 404, "unknown or expired wstun connection id").await;
-                    return;
+                    return Next::Done;
                 };
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
                     legacy::data(s, inc.leftover, tcp, self.shutdown).await;
                 }
             }
         }
+        Next::Done
     }
 }

@@ -240,7 +240,7 @@ async fn measure(env: &Env, s: &Setup, case: &str) -> Result<Value> {
     let (p50, p99) = load::rtt(s.echo_port, env.m).await?;
     r.insert("rtt_64b_us".into(), json!({"p50": round(p50, 1), "p99": round(p99, 1)}));
 
-    if case == "ours-ws" {
+    if case.starts_with("ours-") {
         r.insert("fleet".into(), fleet(env, s).await?);
     }
     Ok(Value::Object(r))
@@ -271,7 +271,7 @@ fn spawn_sampler(pids: Vec<u32>, peak: Arc<AtomicU64>) -> tokio::task::JoinHandl
 }
 
 /// Idle board channels: `env.fleet` in-process clients, each with one exposure; the server's
-/// RSS growth per channel.
+/// RSS growth per channel (over wss: with each channel's TLS state).
 async fn fleet(env: &Env, s: &Setup) -> Result<Value> {
     let url = s.url.clone().context("url")?;
     let sp = s.server_pids();
@@ -283,7 +283,11 @@ async fn fleet(env: &Env, s: &Setup) -> Result<Value> {
     let mut handles = Vec::new();
     for i in 0..env.fleet {
         let token = key.mint(&Claims { board: format!("board-{i}"), port: 0, vpn: None, expiry: now + 3600 })?;
-        let h = wstunnel::client::start(wstunnel::client::ClientConfig::new(url.clone()), stop.clone())?;
+        let mut cfg = wstunnel::client::ClientConfig::new(url.clone());
+        if url.starts_with("wss:") {
+            cfg.tls = Some(wstunnel::tls::client_config_with_ca(&env.dir.join("cert.pem"))?);
+        }
+        let h = wstunnel::client::start(cfg, stop.clone())?;
         h.expose(token, 0, env.echo.to_string()).await?;
         handles.push(h);
     }
