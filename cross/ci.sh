@@ -6,11 +6,12 @@
 # 1. the emulated board's kernel (cross/vm/build-kernel.sh; cached under /var/cache/s4t/vm,
 #    built only when missing);
 # 2. lightning-rod for armv7, aarch64, ARMv6 and MIPS with the size-optimised `board` profile;
-#    each binary runs under qemu-user and must stay within its size budget (armv7 <= 4,000,000
-#    bytes, MIPS <= 5,000,000);
+#    each binary runs under qemu-user and must stay within its size budget (armv7 and ARMv6
+#    <= 4,000,000 bytes, MIPS <= 5,000,000);
 # 3. the armhf and arm64 .deb and the OpenWrt .ipk, checked with dpkg-deb / tar;
-# 4. tests/tests/boards_emulated.rs: the armv7 and MIPS agents under qemu-user enroll into the
-#    x86 cloud and answer GPIO calls; the emulated aarch64 board drives gpio-sim and i2c-stub.
+# 4. tests/tests/boards_emulated.rs: the armv7, ARMv6 and MIPS agents under qemu-user enroll
+#    into the x86 cloud and answer GPIO calls; the emulated aarch64 board drives gpio-sim and
+#    i2c-stub.
 #
 # The kernel and the build-std compiles run under `nice` (CPU is shared) and everything is cached in $CARGO_TARGET_DIR
 # and /var/cache/s4t: warm, the stage rebuilds only the workspace crates per target. Timings
@@ -35,9 +36,8 @@ step() {
 TARGETS=(
   "armv7-unknown-linux-gnueabihf|qemu-arm-static -L /usr/arm-linux-gnueabihf|4000000|yes"
   "aarch64-unknown-linux-gnu|qemu-aarch64-static -L /usr/aarch64-linux-gnu|0|no"
-  # The Raspberry Pi Zero/1 (ARMv6): static, on the Pi Zero's own CPU. Not yet: its build
-  # with these flags is not verified (cross/README.md).
-  # "arm-unknown-linux-musleabihf|qemu-arm-static -cpu arm1176|0|yes"
+  # The Raspberry Pi Zero/1 (ARMv6): static, on the Pi Zero's own CPU. Same budget as armv7.
+  "arm-unknown-linux-musleabihf|qemu-arm-static -cpu arm1176|4000000|yes"
   # The Arduino Yún (AR9331, MIPS 24Kc).
   "mips-unknown-linux-musl|qemu-mips-static -cpu 24Kc|5000000|yes"
 )

@@ -1,9 +1,10 @@
 //! Boards for real: the lightning-rod binaries users flash, cross-built by `cross/build.sh`, run
 //! under emulation against the x86 cloud.
 //!
-//! - the armv7 (Raspberry Pi 2/3) and MIPS (Arduino Yún, big-endian, musl, without the wasm
-//!   sandbox) agents run under qemu-user, each on a board behind NAT, enroll, log in and answer
-//!   GPIO calls (sim HAL): the binaries work, not just link.
+//! - the armv7 (Raspberry Pi 2/3), ARMv6 (Pi Zero/1, musl, on qemu's arm1176) and MIPS (Arduino
+//!   Yún, big-endian, musl, without the wasm sandbox) agents run under qemu-user, each on a
+//!   board behind NAT, enroll, log in and answer GPIO calls (sim HAL): the binaries work, not
+//!   just link.
 //! - An emulated aarch64 board (qemu-system TCG, a kernel with gpio-sim and i2c-stub built by
 //!   `cross/vm/build-kernel.sh`) whose init runs the cross-built agent with the `cdev` HAL and a
 //!   second one with the `sysfs` HAL; the test drives lines through the REST API and checks the
@@ -91,9 +92,13 @@ fn get_gpio(rest: &Rest, board: &str, line: &str) -> u64 {
 }
 
 #[test]
-fn armv7_and_mips_agents_under_qemu_user_enroll_and_answer_gpio() {
+fn arm_and_mips_agents_under_qemu_user_enroll_and_answer_gpio() {
     require_root!();
-    let agents = [("armv7", "armv7-unknown-linux-gnueabihf"), ("mips", "mips-unknown-linux-musl")];
+    let agents = [
+        ("armv7", "armv7-unknown-linux-gnueabihf"),
+        ("armv6", "arm-unknown-linux-musleabihf"),
+        ("mips", "mips-unknown-linux-musl"),
+    ];
     let mut bins = Vec::new();
     for (_, target) in agents {
         let bin =
