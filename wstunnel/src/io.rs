@@ -265,6 +265,21 @@ impl Outbound {
         buf.advance(start);
         buf.freeze()
     }
+
+    /// The WebSocket and tunnel headers of a frame of type `kind` for `id` whose `len` payload
+    /// bytes are written right after them from another buffer (no copy of the payload);
+    /// `None` when this sink masks its frames (the payload must then be copied to be masked).
+    pub(crate) fn header_for(&self, kind: u8, id: u32, len: usize) -> Option<Bytes> {
+        if self.mask {
+            return None;
+        }
+        let mut h = [0u8; MAX_HEADER];
+        let n = ws::write_header(&mut h, true, Opcode::Binary, None, HEADER_LEN + len);
+        let mut b = BytesMut::with_capacity(n + HEADER_LEN);
+        b.put_slice(&h[MAX_HEADER - n..]);
+        b.put_slice(&header(kind, id));
+        Some(b.freeze())
+    }
 }
 
 /// Writes the WebSocket and tunnel headers in front of the payload in `buf`
