@@ -7,31 +7,36 @@
 //! persistent: it disappears with its file descriptor, so dropping the [`Overlay`] (removal,
 //! agent exit, even a crash) removes the interface.
 //!
-//! The packet channel is a pair of bounded queues ([`PacketPipe`]); when the tunnel side is
-//! full a packet is dropped (as a congested link would), never queued without bound. A
-//! malformed GRE packet from the network is counted and dropped.
+//! The device is pumped straight to the packet channel ([`PacketPipe`], the tunnel's
+//! [`wstunnel::packet::PacketChannel`]) by [`wstunnel::packet::pump_routed`], the pump the
+//! cloud runs too: one task, no queue or task hop between the device and the channel's socket.
+//! Sending waits for the channel's socket (TCP's own backpressure); packets the tunnel
+//! receives while the overlay lags are dropped at its bounded queue, as a congested link
+//! would. A malformed GRE packet from the network is counted and dropped.
 
-use portable_atomic::{AtomicU64, Ordering};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
-/// Packets queued per direction between a device and its tunnel channel.
-pub const PACKET_QUEUE: usize = 256;
-/// Overlay MTU. Jumbo: the packets travel inside a TCP (WebSocket) connection, never as IP
-/// on the path, so the path MTU does not apply, and every packet costs a trip through both
-/// agents' pumps: 9,000-byte packets move six times the data per trip of 1,400-byte ones.
-/// TCP over the VPN negotiates its MSS from both ends' MTU, so peers with a smaller MTU
-/// still interoperate.
-pub const DEFAULT_MTU: u16 = 9000;
-/// Largest frame read from a device (MTU + Ethernet header, with room to spare).
-const FRAME_MAX: usize = DEFAULT_MTU as usize + 64;
+/// The tunnel side of an overlay: the packet channel (tests and fakes use
+/// [`PacketChannel::in_memory`](wstunnel::packet::PacketChannel::in_memory)).
+pub type PacketPipe = wstunnel::packet::PacketChannel;
+/// Counters of one overlay.
+pub type Stats = wstunnel::packet::PumpStats;
+
+/// Overlay MTU. Jumbo, just under the 64 KiB an IP packet can be: the packets travel inside a
+/// TCP (WebSocket) connection, never as IP on the path, so the path MTU does not apply, and
+/// every packet costs a trip through both agents' pumps and the cloud, so the fewer packets
+/// per byte the better (65,000-byte packets move 7 times the data per trip of 9,000-byte
+/// ones, 46 times that of 1,400-byte ones). An Ethernet frame of this MTU plus the GRE header
+/// fits a packet channel's 65,535 bytes. TCP over the VPN negotiates its MSS from both ends'
+/// MTU, so peers with a smaller MTU still interoperate.
+pub const DEFAULT_MTU: u16 = 65000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,22 +52,6 @@ pub struct OverlaySpec {
     pub address: Ipv4Addr,
     pub prefix_len: u8,
     pub mtu: u16,
-}
-
-/// The tunnel side of an overlay: packets to send out, packets that arrived.
-#[derive(Debug)]
-pub struct PacketPipe {
-    pub to_tunnel: mpsc::Sender<Vec<u8>>,
-    pub from_tunnel: mpsc::Receiver<Vec<u8>>,
-}
-
-/// Counters of one overlay.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-    pub dropped: AtomicU64,
-    pub malformed: AtomicU64,
 }
 
 /// A live overlay; dropping it stops the pump and removes the interface.
@@ -186,57 +175,18 @@ async fn configure(
 
 async fn pump(
     device: tun_rs::AsyncDevice,
-    mut pipe: PacketPipe,
+    pipe: PacketPipe,
     layer: Layer,
     stats: Arc<Stats>,
     cancel: CancellationToken,
     name: String,
 ) {
-    let mut buf = vec![0u8; FRAME_MAX];
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = device.recv(&mut buf) => match r {
-                Ok(n) => {
-                    let packet = match layer {
-                        Layer::L2 => s4t_shared::gre::encapsulate(&buf[..n]),
-                        Layer::L3 => buf[..n].to_vec(),
-                    };
-                    match pipe.to_tunnel.try_send(packet) {
-                        Ok(()) => { stats.sent.fetch_add(1, Ordering::Relaxed); }
-                        Err(mpsc::error::TrySendError::Full(_)) => { stats.dropped.fetch_add(1, Ordering::Relaxed); }
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(interface = %name, cause = %e, "reading the overlay device failed");
-                    break;
-                }
-            },
-            p = pipe.from_tunnel.recv() => {
-                let Some(packet) = p else { break };
-                let frame = match layer {
-                    Layer::L2 => match s4t_shared::gre::decapsulate(&packet) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            if stats.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
-                                tracing::warn!(interface = %name, cause = %e, "dropping malformed GRE packets");
-                            }
-                            continue;
-                        }
-                    },
-                    Layer::L3 => &packet[..],
-                };
-                match device.send(frame).await {
-                    Ok(_) => { stats.received.fetch_add(1, Ordering::Relaxed); }
-                    Err(e) => {
-                        // EINVAL and friends for one bad packet: drop it, keep the link.
-                        stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(interface = %name, cause = %e, "packet refused by the device");
-                    }
-                }
-            }
-        }
+    let layer = match layer {
+        Layer::L2 => wstunnel::packet::Layer::L2,
+        Layer::L3 => wstunnel::packet::Layer::L3,
+    };
+    if let Err(e) = wstunnel::packet::pump_routed(&device, pipe, layer, cancel, &stats, |_| None).await {
+        tracing::error!(interface = %name, cause = %e, "overlay pump failed");
     }
     tracing::info!(interface = %name, "overlay pump stopped");
 }

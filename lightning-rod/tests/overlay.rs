@@ -6,8 +6,12 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use lightning_rod::overlay::{Layer, Overlay, OverlaySpec, PACKET_QUEUE, PacketPipe};
+use bytes::Bytes;
+use lightning_rod::overlay::{Layer, Overlay, OverlaySpec, PacketPipe};
 use tokio::sync::mpsc;
+
+/// Packets queued per direction between an overlay and the test's relay.
+const PACKET_QUEUE: usize = 256;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -44,8 +48,8 @@ fn ifindex(name: &str) -> Option<u32> {
 
 /// Forwards packets from `rx` to `tx`, checking each one against `check`.
 fn relay(
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    tx: mpsc::Sender<Vec<u8>>,
+    mut rx: mpsc::Receiver<Bytes>,
+    tx: mpsc::Sender<Bytes>,
     check: fn(&[u8]) -> bool,
 ) -> std::thread::JoinHandle<usize> {
     std::thread::spawn(move || {
@@ -97,10 +101,8 @@ fn board(
     Board { done, thread }
 }
 
-fn pipes() -> (PacketPipe, mpsc::Receiver<Vec<u8>>, mpsc::Sender<Vec<u8>>) {
-    let (to_tunnel, out_rx) = mpsc::channel(PACKET_QUEUE);
-    let (in_tx, from_tunnel) = mpsc::channel(PACKET_QUEUE);
-    (PacketPipe { to_tunnel, from_tunnel }, out_rx, in_tx)
+fn pipes() -> (PacketPipe, mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {
+    PacketPipe::in_memory(PACKET_QUEUE)
 }
 
 fn run_pair(layer: Layer, check: fn(&[u8]) -> bool, broadcast: bool) {
@@ -199,8 +201,8 @@ fn bad_specs_and_malformed_packets_are_errors_not_crashes() {
         let spec = OverlaySpec { interface: "s4tm0".into(), ..bad };
         let o = rt.block_on(Overlay::create(&spec, pipe)).unwrap();
         rt.block_on(async {
-            input2.send(vec![1, 2, 3]).await.unwrap();
-            input2.send(vec![0, 0, 0x08, 0x00, 1, 2]).await.unwrap();
+            input2.send(Bytes::from_static(&[1, 2, 3])).await.unwrap();
+            input2.send(Bytes::from_static(&[0, 0, 0x08, 0x00, 1, 2])).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             while o.stats.malformed.load(std::sync::atomic::Ordering::Relaxed) < 2 {
                 assert!(Instant::now() < deadline, "malformed packets not counted");
@@ -214,7 +216,7 @@ fn bad_specs_and_malformed_packets_are_errors_not_crashes() {
 }
 
 /// Hands out pipes and keeps the tunnel ends, so the test can close a channel (a lost tunnel).
-type TunnelEnd = (mpsc::Receiver<Vec<u8>>, mpsc::Sender<Vec<u8>>);
+type TunnelEnd = (mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>);
 
 #[derive(Default)]
 struct PipeEnds {

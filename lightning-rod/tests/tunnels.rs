@@ -125,7 +125,7 @@ async fn services_and_packet_channels_over_a_real_tunnel_server() {
             .await
             .unwrap()
             .unwrap();
-    pipe.to_tunnel.send(b"\x00\x00\x65\x58packet".to_vec()).await.unwrap();
-    let back = tokio::time::timeout(DEADLINE, pipe.from_tunnel.recv()).await.unwrap().unwrap();
-    assert_eq!(back, b"\x00\x00\x65\x58packet");
+    pipe.sender.send(b"\x00\x00\x65\x58packet").await.unwrap();
+    let back = tokio::time::timeout(DEADLINE, pipe.receiver.recv()).await.unwrap().unwrap();
+    assert_eq!(&back[..], b"\x00\x00\x65\x58packet");
 }

@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes};
+use portable_atomic::{AtomicU64, Ordering};
+use s4t_shared::gre;
 use s4t_shared::tunnel::frame::{MAX_PACKET, T_PACKET};
 use tokio::sync::mpsc;
 
@@ -29,11 +31,32 @@ impl std::fmt::Debug for PacketChannel {
     }
 }
 
+impl PacketChannel {
+    /// A packet channel over two in-memory queues instead of a tunnel, for tests and fakes:
+    /// what is sent comes out of the returned receiver, what is pushed into the returned
+    /// sender is received. Sending waits for room, as on a channel's socket.
+    pub fn in_memory(capacity: usize) -> (PacketChannel, mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {
+        let (out_tx, out_rx) = mpsc::channel(capacity);
+        let (in_tx, in_rx) = mpsc::channel(capacity);
+        let chan = PacketChannel {
+            sender: PacketSender { id: 0, to: Target::Queue(out_tx) },
+            receiver: PacketReceiver { rx: in_rx },
+        };
+        (chan, out_rx, in_tx)
+    }
+}
+
 /// Sends packets to the peer. Cloneable.
 #[derive(Clone)]
 pub struct PacketSender {
     id: u32,
-    link: Arc<Link>,
+    to: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    Link(Arc<Link>),
+    Queue(mpsc::Sender<Bytes>),
 }
 
 /// The channel a packet sender currently writes to: swapped on every reconnect, `None` while
@@ -47,6 +70,10 @@ impl Link {
     pub(crate) fn set(&self, out: Option<Outbound>) {
         *self.out.lock().expect("packet link") = out;
     }
+
+    fn get(&self) -> Result<Outbound, Error> {
+        self.out.lock().expect("packet link").clone().ok_or(Error::Closed)
+    }
 }
 
 /// Receives the peer's packets. `recv` returns `None` once the channel is closed for good.
@@ -56,25 +83,59 @@ pub struct PacketReceiver {
 
 pub(crate) fn new_channel(id: u32, link: Arc<Link>) -> (PacketChannel, mpsc::Sender<Bytes>) {
     let (tx, rx) = mpsc::channel(PACKET_QUEUE);
-    (PacketChannel { sender: PacketSender { id, link }, receiver: PacketReceiver { rx } }, tx)
+    (PacketChannel { sender: PacketSender { id, to: Target::Link(link) }, receiver: PacketReceiver { rx } }, tx)
+}
+
+fn check_len(len: usize) -> Result<(), Error> {
+    if len > MAX_PACKET {
+        return Err(Error::Protocol(format!("packet of {len} bytes exceeds {MAX_PACKET}")));
+    }
+    Ok(())
 }
 
 impl PacketSender {
     /// Sends one packet, waiting for room on the channel. Fails while disconnected (the packet
     /// is lost, as on a link that is down) and for packets over 65,535 bytes.
     pub async fn send(&self, packet: &[u8]) -> Result<(), Error> {
-        if packet.len() > MAX_PACKET {
-            return Err(Error::Protocol(format!("packet of {} bytes exceeds {MAX_PACKET}", packet.len())));
+        check_len(packet.len())?;
+        match &self.to {
+            Target::Link(link) => {
+                let out = link.get()?;
+                let mut buf = payload_buf(packet.len());
+                buf.put_slice(packet);
+                out.data(out.seal(buf, T_PACKET, self.id)).await
+            }
+            Target::Queue(q) => q.send(Bytes::copy_from_slice(packet)).await.map_err(|_| Error::Closed),
         }
-        let out = self.link.out.lock().expect("packet link").clone().ok_or(Error::Closed)?;
-        let mut buf = payload_buf(packet.len());
-        buf.put_slice(packet);
-        out.data(out.seal(buf, T_PACKET, self.id)).await
+    }
+
+    /// Sends a packet received from another channel without copying it when this channel's
+    /// frames are not masked (the header goes out beside it in one vectored write).
+    pub async fn forward(&self, packet: Bytes) -> Result<(), Error> {
+        check_len(packet.len())?;
+        match &self.to {
+            Target::Link(link) => {
+                let out = link.get()?;
+                match out.header_for(T_PACKET, self.id, packet.len()) {
+                    Some(header) => {
+                        let mut sink = out.lock().await?;
+                        sink.push(header);
+                        sink.push(packet);
+                        sink.flush().await
+                    }
+                    None => self.send(&packet).await,
+                }
+            }
+            Target::Queue(q) => q.send(packet).await.map_err(|_| Error::Closed),
+        }
     }
 
     /// True while the channel is up.
     pub fn is_connected(&self) -> bool {
-        self.link.out.lock().expect("packet link").as_ref().is_some_and(|o| !o.is_closed())
+        match &self.to {
+            Target::Link(link) => link.out.lock().expect("packet link").as_ref().is_some_and(|o| !o.is_closed()),
+            Target::Queue(q) => !q.is_closed(),
+        }
     }
 }
 
@@ -123,6 +184,25 @@ pub fn create_device(spec: &DeviceSpec) -> Result<tun_rs::AsyncDevice, Error> {
     b.build_async().map_err(|e| Error::io(format!("create {:?} device {}", spec.layer, spec.name), e))
 }
 
+/// Counters of one pump.
+#[derive(Debug, Default)]
+pub struct PumpStats {
+    /// Packets read from the device and sent on the channel.
+    pub sent: AtomicU64,
+    /// Packets received on the channel and written to the device.
+    pub received: AtomicU64,
+    /// Packets received on the channel and forwarded to another channel by the route.
+    pub forwarded: AtomicU64,
+    /// Packets lost: the channel was down, or the device or the other channel refused them.
+    pub dropped: AtomicU64,
+    /// Malformed GRE packets from the channel (dropped).
+    pub malformed: AtomicU64,
+}
+
+fn count(c: &AtomicU64) -> u64 {
+    c.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Moves packets between `device` and `channel` until the channel closes for good or
 /// `shutdown`. For [`Layer::L2`] each frame is GRE-TAP encapsulated on the way out and checked
 /// and decapsulated on the way in (malformed packets are dropped and counted in the log).
@@ -133,37 +213,64 @@ pub async fn pump(
     layer: Layer,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
+    pump_routed(device, channel, layer, shutdown, &PumpStats::default(), |_| None).await
+}
+
+/// [`pump`], counting in `stats`, and asking `route` where each packet received on the
+/// channel goes: `route` sees the Ethernet frame (L2) or IP packet (L3) and may name another
+/// channel, to which the packet is forwarded as it came (a switch or router in user space);
+/// `None` writes it to the device.
+pub async fn pump_routed(
+    device: &tun_rs::AsyncDevice,
+    channel: PacketChannel,
+    layer: Layer,
+    shutdown: tokio_util::sync::CancellationToken,
+    stats: &PumpStats,
+    mut route: impl FnMut(&[u8]) -> Option<PacketSender>,
+) -> Result<(), Error> {
     let PacketChannel { sender, mut receiver } = channel;
     let to_channel = async {
         let mut buf = vec![0u8; MAX_PACKET];
-        let hl = s4t_shared::gre::HEADER_LEN;
+        // L2: the frame is read behind room for the GRE header.
+        let off = if layer == Layer::L2 { gre::HEADER_LEN } else { 0 };
+        buf[..off].copy_from_slice(&gre::header()[..off]);
         loop {
-            // L2: read the frame behind room for the GRE header, so it is sent without a copy.
-            let off = if layer == Layer::L2 { hl } else { 0 };
             let n = device.recv(&mut buf[off..]).await.map_err(|e| Error::io("read from the device", e))?;
-            if layer == Layer::L2 {
-                buf[..hl].copy_from_slice(&s4t_shared::gre::header());
-            }
-            let _ = sender.send(&buf[..off + n]).await;
+            match sender.send(&buf[..off + n]).await {
+                Ok(()) => count(&stats.sent),
+                Err(_) => count(&stats.dropped),
+            };
         }
     };
     let to_device = async {
-        let mut dropped = 0u64;
         while let Some(p) = receiver.recv().await {
-            let frame = match layer {
+            let inner = match layer {
                 Layer::L3 => &p[..],
-                Layer::L2 => match s4t_shared::gre::decapsulate(&p) {
+                Layer::L2 => match gre::decapsulate(&p) {
                     Ok(f) => f,
                     Err(e) => {
-                        dropped += 1;
-                        tracing::debug!(cause = %e, dropped, "malformed GRE packet dropped");
+                        if count(&stats.malformed) == 0 {
+                            tracing::warn!(cause = %e, "dropping malformed GRE packets");
+                        }
                         continue;
                     }
                 },
             };
-            if let Err(e) = device.send(frame).await {
-                tracing::debug!(cause = %e, "device refused a packet");
+            if let Some(peer) = route(inner) {
+                match peer.forward(p).await {
+                    Ok(()) => count(&stats.forwarded),
+                    Err(_) => count(&stats.dropped),
+                };
+                continue;
             }
+            match device.send(inner).await {
+                Ok(_) => count(&stats.received),
+                Err(e) => {
+                    // EINVAL and friends for one bad packet: drop it, keep the link.
+                    tracing::debug!(cause = %e, "device refused a packet");
+                    count(&stats.dropped)
+                }
+            };
         }
         Ok::<(), Error>(())
     };

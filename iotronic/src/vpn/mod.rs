@@ -16,10 +16,20 @@
 //!   restarted cloud adopts the bridges of its VPNs (with their cloud address) and deletes
 //!   those of VPNs without members.
 //!
-//! GRE-TAP encapsulation is done in user space ([`wstunnel::packet::pump`],
+//! GRE-TAP encapsulation is done in user space ([`wstunnel::packet::pump_routed`],
 //! `s4t_shared::gre`) because the frames travel inside the board's WebSocket channel, not as
 //! IP packets the kernel could decapsulate; whether the kernel has `gretap` is probed at start
 //! and logged (it matters only for peers reached over plain IP, which this cloud has none of).
+//!
+//! # Fast paths between members
+//!
+//! Traffic from one board to another does not go through the kernel when the cloud knows where
+//! it goes: the pump of the sending member forwards the packet, as it came, to the other
+//! member's channel ([`Segment`]). L3: by destination address. L2: a learning switch in user
+//! space; a unicast frame whose destination MAC was seen as the source of another member's
+//! frames goes straight to that member, skipping the TAP write, the bridge and the other TAP's
+//! read. Broadcast, multicast, unknown unicast and frames for the cloud host (the bridge's MAC)
+//! still go through the TAP and the bridge, which floods and answers them as before.
 //!
 //! # Names
 //!
@@ -44,12 +54,27 @@ use net::Net;
 
 /// How often devices are compared with the database.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// MTU of the cloud's devices: the board's overlay default (lightning-rod `DEFAULT_MTU`,
-/// jumbo because the packets travel inside the board's TCP channel).
-pub const MTU: u16 = 9000;
+/// MTU of the cloud's devices: the board's overlay default (lightning-rod `DEFAULT_MTU`, just
+/// under 64 KiB because the packets travel inside the board's TCP channel, where the path MTU
+/// does not apply and every packet costs a trip through the pumps).
+pub const MTU: u16 = 65000;
 
-/// L3: where a destination address of a VPN goes (the member's channel), per VPN.
-type Routes = Arc<RwLock<HashMap<String, HashMap<Ipv4Addr, PacketSender>>>>;
+/// MAC addresses an L2 VPN learns at most: beyond, frames to new addresses take the bridge.
+const MAX_LEARNED: usize = 4096;
+
+/// What the cloud knows of a VPN's members for forwarding between them in user space.
+#[derive(Default)]
+struct Segment {
+    /// Board → its channel.
+    members: HashMap<String, PacketSender>,
+    /// L3: member address → board.
+    addresses: HashMap<Ipv4Addr, String>,
+    /// L2: MAC → the board whose frames carried it as source.
+    macs: HashMap<[u8; 6], String>,
+}
+
+/// Segments by VPN.
+type Segments = Arc<RwLock<HashMap<String, Segment>>>;
 
 /// One member's device and the pump feeding it.
 struct Port {
@@ -81,7 +106,7 @@ struct State {
 pub struct Fabric {
     db: Db,
     state: tokio::sync::Mutex<State>,
-    routes: Routes,
+    segments: Segments,
 }
 
 impl std::fmt::Debug for Fabric {
@@ -108,7 +133,7 @@ impl Fabric {
         let fabric = Arc::new(Fabric {
             db,
             state: tokio::sync::Mutex::new(State { net, ports: HashMap::new(), bridges: HashMap::new() }),
-            routes: Arc::default(),
+            segments: Arc::default(),
         });
         if let Err(e) = fabric.adopt_bridges().await {
             warn!(cause = %e, "cannot check the VPN bridges of a previous run");
@@ -165,27 +190,36 @@ impl Fabric {
         port.stop_pump().await;
         let cancel = CancellationToken::new();
         let device = port.device.clone();
-        let task = match layer {
-            Layer::L2 => {
-                let stop = cancel.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = wstunnel::packet::pump(&device, channel, Layer::L2, stop).await {
-                        warn!(cause = %e, "VPN pump stopped");
-                    }
-                })
+        {
+            let mut segs = self.segments_write();
+            let seg = segs.entry(vpn.to_owned()).or_default();
+            seg.members.insert(board.to_owned(), channel.sender.clone());
+            seg.macs.retain(|_, b| b.as_str() != board);
+            if layer == Layer::L3 {
+                seg.addresses.insert(address, board.to_owned());
             }
-            Layer::L3 => {
-                self.routes_write().entry(vpn.to_owned()).or_default().insert(address, channel.sender.clone());
-                tokio::spawn(pump_l3(device, channel, vpn.to_owned(), address, self.routes.clone(), cancel.clone()))
-            }
+        }
+        let route = Route {
+            segments: self.segments.clone(),
+            vpn: vpn.to_owned(),
+            board: board.to_owned(),
+            bridge_mac: names::mac(&names::bridge(vpn)),
         };
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move {
+            let stats = wstunnel::packet::PumpStats::default();
+            let r = wstunnel::packet::pump_routed(&device, channel, layer, stop, &stats, |p| route.next_hop(layer, p));
+            if let Err(e) = r.await {
+                warn!(cause = %e, "VPN pump stopped");
+            }
+        });
         port.pump = Some((cancel, task));
         info!(vpn, board, interface = %port.name, %address, layer = ?layer, "VPN member attached");
         Ok(())
     }
 
-    fn routes_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, HashMap<Ipv4Addr, PacketSender>>> {
-        self.routes.write().unwrap_or_else(|e| e.into_inner())
+    fn segments_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Segment>> {
+        self.segments.write().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn create_port(&self, st: &mut State, v: &Vpn, board: &str, address: Ipv4Addr) -> Result<Port, Error> {
@@ -229,12 +263,14 @@ impl Fabric {
     async fn remove_port(&self, st: &mut State, key: &(String, String)) {
         let Some(mut port) = st.ports.remove(key) else { return };
         port.stop_pump().await;
-        if port.layer == Layer::L3 {
-            let mut routes = self.routes_write();
-            if let Some(r) = routes.get_mut(&key.0) {
-                r.remove(&port.address);
-                if r.is_empty() {
-                    routes.remove(&key.0);
+        {
+            let mut segs = self.segments_write();
+            if let Some(seg) = segs.get_mut(&key.0) {
+                seg.members.remove(&key.1);
+                seg.addresses.retain(|_, b| *b != key.1);
+                seg.macs.retain(|_, b| *b != key.1);
+                if seg.members.is_empty() {
+                    segs.remove(&key.0);
                 }
             }
         }
@@ -312,53 +348,73 @@ fn ipv4_dst(p: &[u8]) -> Option<Ipv4Addr> {
     (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[16], p[17], p[18], p[19]))
 }
 
-/// L3: packets from the board go straight to the member they are addressed to (routing between
-/// the VPN's members without the kernel forwarding, so no `ip_forward` or firewall rule on the
-/// cloud host is involved), everything else to the TUN (the cloud host); packets from the TUN
-/// go to the board.
-async fn pump_l3(
-    device: Arc<tun_rs::AsyncDevice>,
-    channel: PacketChannel,
+/// Destination and source MAC of an Ethernet frame.
+fn macs(f: &[u8]) -> Option<([u8; 6], [u8; 6])> {
+    let dst = f.get(..6)?.try_into().ok()?;
+    let src = f.get(6..12)?.try_into().ok()?;
+    Some((dst, src))
+}
+
+/// Group (broadcast or multicast) MAC addresses have the lowest bit of the first octet set.
+fn is_group(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 1
+}
+
+/// The forwarding decision of one member's pump.
+struct Route {
+    segments: Segments,
     vpn: String,
-    own: Ipv4Addr,
-    routes: Routes,
-    cancel: CancellationToken,
-) {
-    let PacketChannel { sender, mut receiver } = channel;
-    let to_board = async {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            match device.recv(&mut buf).await {
-                Ok(n) => {
-                    let _ = sender.send(&buf[..n]).await;
+    /// The member this pump serves (packets from it are routed).
+    board: String,
+    /// The cloud host's MAC on an L2 VPN: never learned from a board.
+    bridge_mac: [u8; 6],
+}
+
+impl Route {
+    /// The other member a packet from this member goes to directly; `None` for the device
+    /// (the cloud host, the bridge, or nowhere known). L2 learns the frame's source MAC.
+    fn next_hop(&self, layer: Layer, p: &[u8]) -> Option<PacketSender> {
+        match layer {
+            Layer::L3 => {
+                let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
+                let seg = segs.get(&self.vpn)?;
+                let to = seg.addresses.get(&ipv4_dst(p)?)?;
+                (*to != self.board).then(|| seg.members.get(to).cloned()).flatten()
+            }
+            Layer::L2 => {
+                let (dst, src) = macs(p)?;
+                {
+                    let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
+                    let seg = segs.get(&self.vpn)?;
+                    if !self.learns(seg, &src) {
+                        return self.l2_hop(seg, &dst);
+                    }
                 }
-                Err(e) => {
-                    warn!(cause = %e, "reading a VPN TUN failed");
-                    return;
+                let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
+                let seg = segs.get_mut(&self.vpn)?;
+                if self.learns(seg, &src) && seg.members.contains_key(&self.board) {
+                    seg.macs.insert(src, self.board.clone());
                 }
+                self.l2_hop(seg, &dst)
             }
         }
-    };
-    let from_board = async {
-        while let Some(p) = receiver.recv().await {
-            let peer = ipv4_dst(&p).filter(|d| *d != own).and_then(|d| {
-                let r = routes.read().unwrap_or_else(|e| e.into_inner());
-                r.get(&vpn).and_then(|m| m.get(&d)).cloned()
-            });
-            match peer {
-                Some(peer) => {
-                    let _ = peer.send(&p).await;
-                }
-                None => {
-                    let _ = device.send(&p).await;
-                }
-            }
+    }
+
+    /// Whether `src` is to be (re)learned as this member's: a unicast address other than the
+    /// cloud host's, not already this member's, within the table's bound.
+    fn learns(&self, seg: &Segment, src: &[u8; 6]) -> bool {
+        !is_group(src)
+            && *src != self.bridge_mac
+            && seg.macs.get(src) != Some(&self.board)
+            && (seg.macs.len() < MAX_LEARNED || seg.macs.contains_key(src))
+    }
+
+    fn l2_hop(&self, seg: &Segment, dst: &[u8; 6]) -> Option<PacketSender> {
+        if is_group(dst) {
+            return None;
         }
-    };
-    tokio::select! {
-        _ = to_board => {}
-        _ = from_board => {}
-        _ = cancel.cancelled() => {}
+        let to = seg.macs.get(dst)?;
+        (*to != self.board).then(|| seg.members.get(to).cloned()).flatten()
     }
 }
 
@@ -375,5 +431,43 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_dst(&p), None, "IPv6");
         assert_eq!(ipv4_dst(&[0x45; 19]), None, "truncated");
+    }
+
+    fn frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        [&dst[..], &src[..], &[0x08, 0x00], &[0u8; 46][..]].concat()
+    }
+
+    #[tokio::test]
+    async fn the_l2_switch_forwards_learned_unicast_and_leaves_the_rest_to_the_bridge() {
+        let segments = Segments::default();
+        let (chan_a, mut out_a, _in_a) = PacketChannel::in_memory(4);
+        let (chan_b, mut out_b, _in_b) = PacketChannel::in_memory(4);
+        {
+            let mut segs = segments.write().unwrap();
+            let seg = segs.entry("v".into()).or_default();
+            seg.members.insert("a".into(), chan_a.sender.clone());
+            seg.members.insert("b".into(), chan_b.sender.clone());
+        }
+        let bridge_mac = [2, 0, 0, 0, 0, 0xbb];
+        let route =
+            |board: &str| Route { segments: segments.clone(), vpn: "v".into(), board: board.into(), bridge_mac };
+        let (from_a, from_b) = (route("a"), route("b"));
+        let (mac_a, mac_b, bcast) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb], [0xff; 6]);
+        assert!(from_b.next_hop(Layer::L2, &frame(mac_a, mac_b)).is_none(), "A's MAC is not known yet");
+        assert!(from_a.next_hop(Layer::L2, &frame(bcast, mac_a)).is_none(), "broadcast takes the bridge");
+        let to_a = from_b.next_hop(Layer::L2, &frame(mac_a, mac_b)).expect("A's MAC was learned from its broadcast");
+        to_a.send(b"to a").await.unwrap();
+        assert_eq!(&out_a.recv().await.unwrap()[..], b"to a", "forwarded on A's channel");
+        let to_b = from_a.next_hop(Layer::L2, &frame(mac_b, mac_a)).expect("B's MAC was learned from its frame");
+        to_b.send(b"to b").await.unwrap();
+        assert_eq!(&out_b.recv().await.unwrap()[..], b"to b");
+        assert!(from_a.next_hop(Layer::L2, &frame(bridge_mac, mac_a)).is_none(), "the cloud host takes the bridge");
+        assert!(from_a.next_hop(Layer::L2, &frame(mac_a, mac_a)).is_none(), "never back to the sender");
+        // A board claiming the cloud host's MAC or a group address teaches the switch nothing.
+        from_b.next_hop(Layer::L2, &frame(bcast, bridge_mac));
+        from_b.next_hop(Layer::L2, &frame(bcast, [3, 0, 0, 0, 0, 1]));
+        assert!(from_a.next_hop(Layer::L2, &frame(bridge_mac, mac_a)).is_none());
+        assert!(from_a.next_hop(Layer::L2, &frame([3, 0, 0, 0, 0, 1], mac_a)).is_none());
+        assert!(from_a.next_hop(Layer::L2, &[0u8; 11]).is_none(), "runt frames take the bridge");
     }
 }

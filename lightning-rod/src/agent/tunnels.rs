@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use wstunnel::client::{ClientConfig, ClientHandle};
 
 use crate::error::{Error, Result};
-use crate::overlay::{PACKET_QUEUE, PacketPipe};
+use crate::overlay::PacketPipe;
 use crate::rpc::services::{BoxFuture, Tunnel, TunnelOpener, TunnelSpec};
 use crate::rpc::vpn::PacketOpener;
 use crate::secret::Secret;
@@ -128,47 +127,7 @@ impl PacketOpener for WstunnelClients {
                 .await
                 .map_err(|_| Error::Tunnel(format!("{url} did not answer within {OPEN_TIMEOUT:?}")))?
                 .map_err(|e| Error::Tunnel(format!("packet channel for vpn {vpn}: {e}")))?;
-            Ok(bridge(chan))
+            Ok(chan)
         })
     }
-}
-
-/// Joins a `wstunnel` packet channel to an overlay's bounded queues. Both bridge tasks end when
-/// the overlay drops its side or the channel closes for good (the overlay then stops too).
-fn bridge(chan: wstunnel::packet::PacketChannel) -> PacketPipe {
-    let (to_tunnel, mut out_rx) = mpsc::channel::<Vec<u8>>(PACKET_QUEUE);
-    let (in_tx, from_tunnel) = mpsc::channel::<Vec<u8>>(PACKET_QUEUE);
-    let wstunnel::packet::PacketChannel { sender, mut receiver } = chan;
-    let closed = CancellationToken::new();
-    let stop = closed.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                p = out_rx.recv() => match p {
-                    // Lost while the channel reconnects, as on a link that is down.
-                    Some(p) => { let _ = sender.send(&p).await; }
-                    None => break,
-                },
-            }
-        }
-        stop.cancel();
-    });
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = closed.cancelled() => break,
-                p = receiver.recv() => match p {
-                    Some(p) => {
-                        if let Err(mpsc::error::TrySendError::Closed(_)) = in_tx.try_send(p.to_vec()) {
-                            break;
-                        }
-                    }
-                    None => break,
-                },
-            }
-        }
-        closed.cancel();
-    });
-    PacketPipe { to_tunnel, from_tunnel }
 }
