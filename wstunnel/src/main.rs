@@ -14,14 +14,9 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .is_some_and(|n| n.to_string_lossy().starts_with("wstun") && !n.to_string_lossy().starts_with("wstunnel"));
     let cli = if called_as_wstun { None } else { Some(Cli::parse_from(&args)) };
-    // WSTUNNEL_THREADS=N: N worker threads (0: one per core). Default: the client (the board
-    // side, as lightning-rod) runs on one thread: boards are often single-core, and one
-    // thread saves the wake-ups of a second worker on every new stream (3.4-3.8 instead of
-    // 4.7 context switches per tunneled connection, docs/benchmarks.md); the server, which
-    // carries every board, one worker per core.
-    let board_side = matches!(cli.as_ref().map(|c| &c.cmd), Some(cli::Cmd::Client(_)));
-    let threads: usize =
-        std::env::var("WSTUNNEL_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(if board_side { 1 } else { 0 });
+    // WSTUNNEL_THREADS=1 runs on one thread (boards are often single-core); default: one
+    // worker per core.
+    let threads: usize = std::env::var("WSTUNNEL_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
