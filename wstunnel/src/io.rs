@@ -273,27 +273,31 @@ impl Outbound {
         if self.mask {
             return None;
         }
-        let mut h = [0u8; MAX_HEADER];
-        let n = ws::write_header(&mut h, true, Opcode::Binary, None, HEADER_LEN + len);
-        let mut b = BytesMut::with_capacity(n + HEADER_LEN);
-        b.put_slice(&h[MAX_HEADER - n..]);
-        b.put_slice(&header(kind, id));
-        Some(b.freeze())
+        let (h, start) = frame_headers(kind, id, None, len);
+        Some(Bytes::copy_from_slice(&h[start..]))
     }
+}
+
+/// The WebSocket and tunnel headers of a frame of type `kind` for `id` carrying `payload_len`
+/// bytes, laid out at the end of a [`PREFIX`]-byte array; returns it and where they start.
+fn frame_headers(kind: u8, id: u32, mask: Option<[u8; 4]>, payload_len: usize) -> ([u8; PREFIX], usize) {
+    let mut out = [0u8; PREFIX];
+    out[MAX_HEADER..].copy_from_slice(&header(kind, id));
+    let mut h = [0u8; MAX_HEADER];
+    let n = ws::write_header(&mut h, true, Opcode::Binary, mask, HEADER_LEN + payload_len);
+    out[MAX_HEADER - n..MAX_HEADER].copy_from_slice(&h[MAX_HEADER - n..]);
+    (out, MAX_HEADER - n)
 }
 
 /// Writes the WebSocket and tunnel headers in front of the payload in `buf`
 /// (`[PREFIX room][payload]`) and masks; returns where the frame starts.
 fn seal_in_place(buf: &mut [u8], kind: u8, id: u32, mask: Option<[u8; 4]>) -> usize {
-    let payload_len = buf.len() - PREFIX;
-    buf[MAX_HEADER..PREFIX].copy_from_slice(&header(kind, id));
-    let mut h = [0u8; MAX_HEADER];
-    let n = ws::write_header(&mut h, true, Opcode::Binary, mask, HEADER_LEN + payload_len);
-    buf[MAX_HEADER - n..MAX_HEADER].copy_from_slice(&h[MAX_HEADER - n..]);
+    let (h, start) = frame_headers(kind, id, mask, buf.len() - PREFIX);
+    buf[start..PREFIX].copy_from_slice(&h[start..]);
     if let Some(m) = mask {
         ws::apply_mask(&mut buf[MAX_HEADER..], m);
     }
-    MAX_HEADER - n
+    start
 }
 
 /// The locked sink of a channel.
@@ -544,7 +548,25 @@ fn find_head_end(b: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use s4t_shared::tunnel::frame::T_PACKET;
     use tokio::io::AsyncWriteExt;
+
+    /// A header written beside its payload makes the same frame as one sealed in place.
+    #[test]
+    fn header_for_matches_a_sealed_frame() {
+        let (a, b) = tokio::io::duplex(64);
+        drop(a);
+        let (out, _w) = outbound(Box::new(b), false);
+        let payload = vec![9u8; 300];
+        let mut buf = payload_buf(payload.len());
+        buf.put_slice(&payload);
+        let sealed = out.seal(buf, T_PACKET, 7);
+        let head = out.header_for(T_PACKET, 7, payload.len()).expect("unmasked");
+        assert_eq!([&head[..], &payload[..]].concat(), &sealed[..]);
+        let (_, b2) = tokio::io::duplex(64);
+        let (masked, _w2) = outbound(Box::new(b2), true);
+        assert!(masked.header_for(T_PACKET, 7, 300).is_none(), "a masking sink must copy");
+    }
 
     /// Between messages, a reader waiting on a quiet socket holds no buffer.
     #[tokio::test]
