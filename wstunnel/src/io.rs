@@ -10,8 +10,10 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -20,13 +22,71 @@ use s4t_shared::tunnel::frame::{HEADER_LEN, header};
 use s4t_shared::tunnel::ws::{self, Decoded, Decoder, MAX_HEADER, Message, Opcode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::splice::{self, Pipe};
 
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The sending half of a channel's connection. Plain TCP stays visible as such, so that
+/// stream payload can be spliced into it ([`crate::splice`]).
+pub(crate) enum ChanWrite {
+    Tcp(OwnedWriteHalf),
+    Boxed(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl ChanWrite {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            ChanWrite::Tcp(w) => Some(w.as_ref()),
+            ChanWrite::Boxed(_) => None,
+        }
+    }
+}
+
+impl AsyncWrite for ChanWrite {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ChanWrite::Tcp(w) => Pin::new(w).poll_write(cx, b),
+            ChanWrite::Boxed(w) => Pin::new(w).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ChanWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, b),
+            ChanWrite::Boxed(w) => Pin::new(w).poll_write_vectored(cx, b),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ChanWrite::Tcp(w) => w.is_write_vectored(),
+            ChanWrite::Boxed(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ChanWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
+            ChanWrite::Boxed(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ChanWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            ChanWrite::Boxed(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Capacity of the control queue (frames). Overflowing it closes the channel.
 pub(crate) const CTRL_QUEUE: usize = 1024;
@@ -152,16 +212,22 @@ struct Shared {
 }
 
 struct Sink {
-    wr: Option<BoxWrite>,
+    wr: Option<ChanWrite>,
     ctrl: mpsc::Receiver<Bytes>,
     /// Frames (or the rest of a frame) to write before anything else.
     pending: VecDeque<Bytes>,
     /// The frame buffer stream pumps read into (`[PREFIX room][payload]`), kept while data
     /// flows so that bulk transfers neither allocate nor fault in pages per frame.
     buf: BytesMut,
-    /// `buf[from..to]` is a frame being written.
+    /// `buf[from..to]` is a frame being written, or the headers of one whose next `piped`
+    /// payload bytes wait in `pipe`.
     from: usize,
     to: usize,
+    /// Where spliced payload waits ([`crate::splice`]): kept, like `buf`, while data flows.
+    pipe: Option<Pipe>,
+    piped: usize,
+    /// Stream payload may be spliced: plain TCP, unmasked frames, and the kernel agrees.
+    splice: bool,
     /// A frame was built in `buf` since the writer task last looked.
     used: bool,
 }
@@ -170,8 +236,9 @@ struct Sink {
 pub(crate) struct Writer(Arc<Shared>);
 
 /// A new channel sink over `wr`. `mask`: mask outgoing frames (an RFC 6455 client).
-pub(crate) fn outbound(wr: BoxWrite, mask: bool) -> (Outbound, Writer) {
+pub(crate) fn outbound(wr: ChanWrite, mask: bool) -> (Outbound, Writer) {
     let (ctrl, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
+    let splice = !mask && wr.tcp().is_some() && splice::enabled();
     let sink = Sink {
         wr: Some(wr),
         ctrl: ctrl_rx,
@@ -179,6 +246,9 @@ pub(crate) fn outbound(wr: BoxWrite, mask: bool) -> (Outbound, Writer) {
         buf: BytesMut::new(),
         from: 0,
         to: 0,
+        pipe: None,
+        piped: 0,
+        splice,
         used: false,
     };
     let sh = Arc::new(Shared {
@@ -369,6 +439,11 @@ impl SinkGuard<'_> {
     /// Reads up to `max` bytes from `tcp` into the sink's frame buffer and writes them as one
     /// frame of type `kind` for `id`. Fails only when the channel does.
     pub(crate) async fn send_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Result<Sent, Error> {
+        if self.sink.splice
+            && let Some(sent) = self.splice_from(tcp, max, kind, id).await
+        {
+            return sent;
+        }
         let s = &mut *self.sink;
         s.buf.clear();
         s.buf.reserve(PREFIX + max);
@@ -395,6 +470,64 @@ impl SinkGuard<'_> {
         Ok(Sent::Data(n))
     }
 
+    /// [`send_from`](Self::send_from) without copying the payload: `tcp` → pipe → channel
+    /// socket. `None` when this channel cannot splice after all (it then never tries again).
+    async fn splice_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Option<Result<Sent, Error>> {
+        let s = &mut *self.sink;
+        if s.pipe.is_none() {
+            match Pipe::new(MAX_READ) {
+                Ok(p) => s.pipe = Some(p),
+                Err(e) => {
+                    tracing::debug!(cause = %e, "no pipe for splicing: buffered channel");
+                    s.splice = false;
+                    return None;
+                }
+            }
+        }
+        if !s.used {
+            s.used = true;
+            self.sh.holds_buf.store(true, Ordering::Release);
+        }
+        let pipe = s.pipe.as_ref()?;
+        let n = match pipe.fill_from(tcp, max) {
+            Ok(0) => return Some(Ok(Sent::Eof)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(Ok(Sent::WouldBlock)),
+            Err(e) if splice::unsupported(&e) => {
+                tracing::debug!(cause = %e, "splice refused: buffered channel");
+                s.splice = false;
+                s.pipe = None;
+                return None;
+            }
+            Err(_) => return Some(Ok(Sent::ReadFailed)),
+        };
+        let (h, start) = frame_headers(kind, id, None, n);
+        s.buf.clear();
+        s.buf.extend_from_slice(&h[start..]);
+        (s.from, s.to, s.piped) = (0, s.buf.len(), n);
+        let sh = self.sh;
+        let res = tokio::select! {
+            r = self.write_spliced() => r,
+            _ = sh.kill.cancelled() => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        Some(self.check(res).map(|()| Sent::Data(n)))
+    }
+
+    /// Writes the headers in `buf[from..to]`, then the `piped` payload bytes from the pipe.
+    async fn write_spliced(&mut self) -> std::io::Result<()> {
+        let s = &mut *self.sink;
+        let (Some(sock), Some(pipe)) = (s.wr.as_ref().and_then(ChanWrite::tcp), s.pipe.as_ref()) else {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        };
+        while s.from < s.to {
+            s.from += nonzero(Pipe::send_head(sock, &s.buf[s.from..s.to]).await?)?;
+        }
+        while s.piped > 0 {
+            s.piped -= nonzero(pipe.drain_into(sock, s.piped).await?)?;
+        }
+        Ok(())
+    }
+
     async fn write_buf(&mut self) -> std::io::Result<()> {
         let s = &mut *self.sink;
         let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
@@ -412,14 +545,26 @@ impl SinkGuard<'_> {
 impl Drop for SinkGuard<'_> {
     fn drop(&mut self) {
         let s = &mut *self.sink;
-        if s.from < s.to {
-            // Dropped in the middle of a frame: the next holder writes the rest first.
-            let rest = Bytes::copy_from_slice(&s.buf[s.from..s.to]);
-            s.pending.push_front(rest);
-            s.from = s.to;
-        }
         if self.sh.dead.load(Ordering::Acquire) {
             s.wr = None;
+            (s.from, s.piped) = (s.to, 0);
+            return;
+        }
+        if s.from < s.to || s.piped > 0 {
+            // Dropped in the middle of a frame: the next holder writes the rest first.
+            let mut rest = BytesMut::from(&s.buf[s.from..s.to]);
+            if s.piped > 0 {
+                match s.pipe.as_ref().map(|p| p.take(s.piped)) {
+                    Some(Ok(payload)) => rest.extend_from_slice(&payload),
+                    _ => {
+                        // The frame cannot be completed: the channel's byte stream is broken.
+                        self.sh.dead.store(true, Ordering::Release);
+                        s.wr = None;
+                    }
+                }
+            }
+            s.pending.push_front(rest.freeze());
+            (s.from, s.piped) = (s.to, 0);
         }
     }
 }
@@ -449,6 +594,7 @@ pub(crate) async fn write_loop(w: Writer) -> Result<(), Error> {
                             continue;
                         }
                         s.buf = BytesMut::new();
+                        s.pipe = None;
                         sh.holds_buf.store(false, Ordering::Release);
                     }
                     continue;
@@ -484,7 +630,11 @@ impl Drop for Writer {
     }
 }
 
-async fn write_batch(wr: &mut BoxWrite, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+fn nonzero(n: usize) -> std::io::Result<usize> {
+    if n == 0 { Err(std::io::ErrorKind::WriteZero.into()) } else { Ok(n) }
+}
+
+async fn write_batch(wr: &mut ChanWrite, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
     while !batch.is_empty() {
         let slices: Vec<IoSlice<'_>> = batch.iter().take(MAX_BATCH).map(|b| IoSlice::new(b)).collect();
         let mut n = wr.write_vectored(&slices).await?;
@@ -549,14 +699,14 @@ fn find_head_end(b: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
     use s4t_shared::tunnel::frame::T_PACKET;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A header written beside its payload makes the same frame as one sealed in place.
     #[test]
     fn header_for_matches_a_sealed_frame() {
         let (a, b) = tokio::io::duplex(64);
         drop(a);
-        let (out, _w) = outbound(Box::new(b), false);
+        let (out, _w) = outbound(ChanWrite::Boxed(Box::new(b)), false);
         let payload = vec![9u8; 300];
         let mut buf = payload_buf(payload.len());
         buf.put_slice(&payload);
@@ -564,8 +714,73 @@ mod tests {
         let head = out.header_for(T_PACKET, 7, payload.len()).expect("unmasked");
         assert_eq!([&head[..], &payload[..]].concat(), &sealed[..]);
         let (_, b2) = tokio::io::duplex(64);
-        let (masked, _w2) = outbound(Box::new(b2), true);
+        let (masked, _w2) = outbound(ChanWrite::Boxed(Box::new(b2)), true);
         assert!(masked.header_for(T_PACKET, 7, 300).is_none(), "a masking sink must copy");
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (a, l.accept().await.unwrap().0)
+    }
+
+    /// Stream payload goes TCP → pipe → channel socket, and a frame whose writer is cancelled
+    /// half way (here: the peer is not reading and the socket buffers are tiny) is completed
+    /// by the next holder of the sink: the channel's byte stream stays whole.
+    #[tokio::test]
+    async fn a_spliced_frame_cut_short_is_completed_by_the_next_writer() {
+        use std::future::Future;
+        let (chan, mut peer) = tcp_pair().await;
+        socket2::SockRef::from(&chan).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&peer).set_recv_buffer_size(4096).unwrap();
+        let (mut src, ours) = tcp_pair().await;
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = data.clone();
+        let _feeder = tokio::spawn(async move { src.write_all(&d).await.map(|()| src) });
+        let (_, wr) = chan.into_split();
+        let (out, w) = outbound(ChanWrite::Tcp(wr), false);
+        let mut frames = 0;
+        loop {
+            ours.readable().await.unwrap();
+            let mut g = out.lock().await.unwrap();
+            let mut fut = std::pin::pin!(g.send_from(&ours, MAX_READ, s4t_shared::tunnel::frame::T_DATA, 3));
+            match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                Poll::Ready(Ok(Sent::Data(_))) => frames += 1,
+                Poll::Ready(Ok(Sent::WouldBlock)) => {}
+                Poll::Ready(_) => panic!("the send failed"),
+                Poll::Pending => break,
+            }
+            assert!(frames < 1000, "the channel socket never filled up");
+        }
+        {
+            // The guard dropped with a frame half written: its rest waits in the sink.
+            let s = out.sh.sink.try_lock().expect("the sink is free");
+            assert!(s.pipe.is_some(), "the payload was not spliced");
+            assert!(!s.pending.is_empty(), "the rest of the cut frame was not kept");
+        }
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        // The next holder writes the rest of the cut frame first, then its own.
+        out.data(out.frame(&Frame::Fin { stream: 3 })).await.unwrap();
+        drop(out);
+        drop(w);
+        let mut all = BytesMut::from(&reader.await.unwrap()[..]);
+        let mut dec = Decoder::new(Role::Client, MAX_MESSAGE);
+        let mut got = Vec::new();
+        loop {
+            let Ok(Decoded::Message(Message::Binary(b))) = dec.decode(&mut all) else { panic!("a frame is corrupt") };
+            match Frame::decode(&b).unwrap() {
+                Frame::Data { stream: 3, payload } => got.extend_from_slice(&payload),
+                Frame::Fin { stream: 3 } => break,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        assert!(all.is_empty(), "bytes after the last frame");
+        assert!(got.len() > 8192, "too little went through to have filled the socket");
+        assert_eq!(&got[..], &data[..got.len()], "the payload is corrupt");
     }
 
     /// Between messages, a reader waiting on a quiet socket holds no buffer.

@@ -24,7 +24,8 @@
 //!   shutdown token). It lives here because this is the lowest crate with a runtime that every
 //!   binary links.
 //! - internals: `io` (the channel's WebSocket reader and its shared sink), `handshake` (HTTP
-//!   upgrade and routing), `mux` (streams, flow control, the TCP pumps), `transport`.
+//!   upgrade and routing), `mux` (streams, flow control, the TCP pumps), `splice` (zero-copy payload on plain TCP),
+//!   `transport`.
 
 pub mod cli;
 pub mod client;
@@ -35,6 +36,7 @@ mod mux;
 pub mod packet;
 pub mod process;
 pub mod server;
+mod splice;
 pub mod tls;
 mod transport;
 pub mod wstun;

@@ -45,7 +45,7 @@ impl Target {
 
 /// Dials the server and completes the WebSocket upgrade; returns the split transport and any
 /// bytes read past the upgrade response.
-async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::BoxWrite, handshake::Upgraded), Error> {
+async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::ChanWrite, handshake::Upgraded), Error> {
     let t = Target::parse(&inner.cfg.url)?;
     let tcp =
         TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;

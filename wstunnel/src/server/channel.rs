@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::registry::Registry;
 use super::{Auth, ServerConfig, ServerHooks};
 use crate::error::Error;
-use crate::io::{self, BoxRead, BoxWrite, Outbound, WsReader};
+use crate::io::{self, BoxRead, ChanWrite, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
 use crate::packet::{self, Link};
 
@@ -61,7 +61,7 @@ pub(crate) async fn serve<H: ServerHooks>(
     reg: Arc<Registry>,
     hooks: Arc<H>,
     rd: BoxRead,
-    wr: BoxWrite,
+    wr: ChanWrite,
     leftover: BytesMut,
     unmasked: bool,
     peer: SocketAddr,

@@ -5,8 +5,9 @@
 //! Environment: `EREBE_WSTUNNEL=/path/to/wstunnel` adds the erebe cases; `BENCH_SECS` (5)
 //! seconds per throughput run; `BENCH_N` (200) fresh connections; `BENCH_M` (2000) round
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
-//! `BENCH_CASES` (comma list) to run a subset; `BENCH_ROUNDS` (3) interleaved throughput
-//! rounds, of which the median is reported.
+//! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
+//! splicing turned off: payload copied through user space); `BENCH_ROUNDS` (3) interleaved
+//! throughput rounds, of which the median is reported.
 //!
 //! Prints a table as it goes and, last, one JSON line with every figure.
 
@@ -78,6 +79,7 @@ async fn main() -> Result<()> {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
     if let Ok(only) = std::env::var("BENCH_CASES") {
+        cases.push("ours-ws-copy");
         cases.retain(|c| only.split(',').any(|o| o == *c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
@@ -92,8 +94,9 @@ async fn main() -> Result<()> {
                 client: vec![],
                 url: None,
             },
-            "ours-ws" => start_ours(&env, false).await?,
-            "ours-wss" => start_ours(&env, true).await?,
+            "ours-ws" => start_ours(&env, false, &[]).await?,
+            "ours-ws-copy" => start_ours(&env, false, &[("S4T_TUNNEL_NO_SPLICE", "1")]).await?,
+            "ours-wss" => start_ours(&env, true, &[]).await?,
             "erebe-ws" => start_erebe(&env, erebe.as_deref().context("erebe")?, false).await?,
             "erebe-wss" => start_erebe(&env, erebe.as_deref().context("erebe")?, true).await?,
             _ => unreachable!(),
@@ -135,7 +138,7 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn start_ours(env: &Env, tls: bool) -> Result<Setup> {
+async fn start_ours(env: &Env, tls: bool, vars: &[(&str, &str)]) -> Result<Setup> {
     let bin = our_binary()?;
     let secret = env.dir.join("secret");
     std::fs::write(&secret, b"bench-secret")?;
@@ -152,7 +155,7 @@ async fn start_ours(env: &Env, tls: bool) -> Result<Setup> {
     } else {
         (None, "ws")
     };
-    let mut server = Proc::spawn(&bin, &sargs)?;
+    let mut server = Proc::spawn_env(&bin, &sargs, vars)?;
     let addr = server.wait_line("listening on ", Duration::from_secs(10)).await?;
     let url = format!("{scheme}://{addr}/");
     let key = TokenKey::new(b"bench-secret".to_vec())?;
@@ -163,7 +166,7 @@ async fn start_ours(env: &Env, tls: bool) -> Result<Setup> {
     if let Some(c) = cert {
         cargs.extend(["--ca-file".into(), c.display().to_string()]);
     }
-    let mut client = Proc::spawn(&bin, &cargs)?;
+    let mut client = Proc::spawn_env(&bin, &cargs, vars)?;
     let mut ports = BTreeMap::new();
     for _ in 0..2 {
         let line = client.wait_line("exposed ", Duration::from_secs(10)).await?;

@@ -17,9 +17,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(program: &Path, args: &[String]) -> Result<Proc> {
+        Proc::spawn_env(program, args, &[])
+    }
+
+    /// [`spawn`](Proc::spawn) with extra environment variables.
+    pub fn spawn_env(program: &Path, args: &[String], env: &[(&str, &str)]) -> Result<Proc> {
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,0 +1,89 @@
+//! Zero-copy payload for plain-TCP channels: a stream's bytes move from its TCP socket into a
+//! pipe and from the pipe into the channel's socket, behind the frame's headers, with
+//! splice(2). They never pass through user space, which on a bulk transfer saves the two
+//! copies (socket → buffer → socket) that were most of a tunnel end's CPU time.
+//!
+//! Only where the payload goes out as it came in: unmasked frames over plain TCP. TLS and
+//! masked frames take the buffered path ([`crate::io`]). A kernel that refuses splice for a
+//! socket makes the channel fall back to the buffered path for good.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Splicing is on unless `S4T_TUNNEL_NO_SPLICE` is set (for benchmarks and tests of the
+/// buffered path).
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("S4T_TUNNEL_NO_SPLICE").is_none())
+}
+
+/// A pipe that carries one frame's payload at a time.
+pub(crate) struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+const FLAGS: SpliceFlags = SpliceFlags::NONBLOCK.union(SpliceFlags::MOVE);
+
+impl Pipe {
+    /// A non-blocking pipe, enlarged to `size` bytes when the system allows (a smaller pipe
+    /// only means shorter frames).
+    pub(crate) fn new(size: usize) -> io::Result<Pipe> {
+        let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, size);
+        Ok(Pipe { r, w })
+    }
+
+    /// Moves up to `max` bytes that `tcp` has ready into the (empty) pipe: `Ok(0)` at end of
+    /// stream, `WouldBlock` when nothing is ready (which clears the socket's readiness).
+    pub(crate) fn fill_from(&self, tcp: &TcpStream, max: usize) -> io::Result<usize> {
+        tcp.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(tcp, None, &self.w, None, max, FLAGS)?))
+    }
+
+    /// Sends `head` (more follows: no segment is pushed for it alone) into `sock`; returns how
+    /// much it took, waiting for room.
+    pub(crate) async fn send_head(sock: &TcpStream, head: &[u8]) -> io::Result<usize> {
+        let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+        loop {
+            sock.writable().await?;
+            match sock.try_io(Interest::WRITABLE, || Ok(rustix::net::send(sock, head, flags)?)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Moves up to `len` bytes from the pipe into `sock`, waiting for room.
+    pub(crate) async fn drain_into(&self, sock: &TcpStream, len: usize) -> io::Result<usize> {
+        loop {
+            sock.writable().await?;
+            match sock.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&self.r, None, sock, None, len, FLAGS)?)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+
+    /// Reads the `len` bytes left in the pipe (a frame whose writer was cancelled) into
+    /// memory, so they can be written the ordinary way.
+    pub(crate) fn take(&self, len: usize) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match rustix::io::read(&self.r, &mut out[got..])? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The kernel (or a sandbox) does not splice between these descriptors: use buffers.
+pub(crate) fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM))
+}
