@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use s4t_shared::tunnel::Frame;
-use s4t_shared::tunnel::frame::{HEADER_LEN, header};
+use s4t_shared::tunnel::frame::{HEADER_LEN, T_DATA, header};
 use s4t_shared::tunnel::ws::{self, Decoded, Decoder, MAX_HEADER, Message, Opcode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,26 @@ use crate::error::Error;
 use crate::splice::{self, Pipe};
 
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The receiving half of a channel's connection. Plain TCP stays visible as such, so that a
+/// large data frame's payload can be spliced out of it ([`WsReader::next_data`]).
+pub(crate) enum ChanRead {
+    Tcp(OwnedReadHalf),
+    Boxed(BoxRead),
+}
+
+impl AsyncRead for ChanRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ChanRead::Tcp(r) => Pin::new(r).poll_read(cx, b),
+            ChanRead::Boxed(r) => Pin::new(r).poll_read(cx, b),
+        }
+    }
+}
 
 /// The sending half of a channel's connection. Plain TCP stays visible as such, so that
 /// stream payload can be spliced into it ([`crate::splice`]).
@@ -104,27 +124,76 @@ const MAX_BATCH: usize = 64;
 
 /// Reads whole messages. Between bursts it keeps at most a small buffer.
 pub(crate) struct WsReader {
-    rd: BoxRead,
+    rd: ChanRead,
     buf: BytesMut,
     dec: Decoder,
     big_reads: bool,
+    /// Large data frames may be handed out unread ([`WsReader::next_data`]): plain TCP.
+    splice: bool,
+    /// Where a large frame's payload passes on its way to a stream's socket; kept while data
+    /// flows.
+    pipe: Option<Pipe>,
+    /// The last frame was handed out unread: read the next header with a small read, not
+    /// into the payload behind it.
+    after_large: bool,
 }
+
+/// A data frame for `stream` of which only the first bytes (`head`) were read: its other
+/// `rest` payload bytes are still in the socket, and the caller must take exactly those with
+/// [`WsReader::splice_in`] or [`WsReader::read_some`] before anything else.
+pub(crate) struct LargeData {
+    pub(crate) stream: u32,
+    pub(crate) head: Bytes,
+    pub(crate) rest: usize,
+}
+
+/// What [`WsReader::next_data`] found.
+pub(crate) enum Next {
+    Message(Message),
+    Data(LargeData),
+}
+
+/// A data frame with at least this much payload left in the socket is spliced, not read.
+const SPLICE_MIN: usize = 16 * 1024;
 
 impl WsReader {
     /// `unmasked`: (server) the client agreed to send unmasked frames.
-    pub(crate) fn new(rd: BoxRead, role: Role, leftover: BytesMut, unmasked: bool) -> WsReader {
+    pub(crate) fn new(rd: ChanRead, role: Role, leftover: BytesMut, unmasked: bool) -> WsReader {
         let dec = Decoder::new(role, MAX_MESSAGE);
         let dec = if unmasked { dec.accept_unmasked() } else { dec };
-        WsReader { rd, buf: leftover, dec, big_reads: false }
+        let splice = matches!(rd, ChanRead::Tcp(_)) && splice::enabled();
+        WsReader { rd, buf: leftover, dec, big_reads: false, splice, pipe: None, after_large: false }
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between messages.
     pub(crate) async fn next(&mut self) -> Result<Option<Message>, Error> {
+        Ok(self.next_inner(false).await?.map(|n| match n {
+            Next::Message(m) => m,
+            Next::Data(_) => unreachable!("large data frames are handed out only when asked for"),
+        }))
+    }
+
+    /// Like [`next`](Self::next), but a stream data frame whose payload is mostly still in
+    /// the socket comes out as [`Next::Data`] with its payload unread, so that the caller can
+    /// splice it to the stream's socket.
+    pub(crate) async fn next_data(&mut self) -> Result<Option<Next>, Error> {
+        self.next_inner(self.splice).await
+    }
+
+    async fn next_inner(&mut self, large: bool) -> Result<Option<Next>, Error> {
         loop {
             let need = match self.dec.decode(&mut self.buf)? {
-                Decoded::Message(m) => return Ok(Some(m)),
+                Decoded::Message(m) => {
+                    self.after_large = false;
+                    return Ok(Some(Next::Message(m)));
+                }
                 Decoded::Need(n) => n,
             };
+            if large && let Some(d) = self.large_data(need) {
+                // The next frame is likely another large one: read its header on its own.
+                (self.big_reads, self.after_large) = (false, true);
+                return Ok(Some(Next::Data(d)));
+            }
             if self.buf.is_empty() && self.buf.capacity() > 4 * SMALL_READ {
                 // Quiet again: let the last burst's buffer go.
                 self.buf = BytesMut::new();
@@ -136,7 +205,7 @@ impl WsReader {
                 }
                 continue;
             }
-            let chunk = if self.big_reads { MAX_MESSAGE + MAX_HEADER } else { SMALL_READ };
+            let chunk = if self.big_reads && !self.after_large { MAX_MESSAGE + MAX_HEADER } else { SMALL_READ };
             let missing = need.saturating_sub(self.buf.len());
             self.buf.reserve(chunk.max(missing));
             // Inside a large frame, read exactly to its end: the frame then leaves the buffer
@@ -160,10 +229,91 @@ impl WsReader {
         }
     }
 
+    /// The frame at the start of the buffer, if it is a whole, unmasked stream data frame
+    /// (the decoder has checked it against the limits already: it asked for all of it) whose
+    /// headers are read and at least [`SPLICE_MIN`] payload bytes are not: consumes the
+    /// headers and what was read of the payload.
+    fn large_data(&mut self, need: usize) -> Option<LargeData> {
+        if self.dec.in_message() {
+            return None;
+        }
+        let h = ws::parse_header(&self.buf).ok()??;
+        let body = h.header_len;
+        let total = body + usize::try_from(h.len).ok()?;
+        let ok = h.fin && h.opcode == Opcode::Binary && h.mask.is_none() && total == need;
+        if !ok || self.buf.len() < body + HEADER_LEN || self.buf[body] != T_DATA {
+            return None;
+        }
+        let rest = total.checked_sub(self.buf.len())?;
+        if rest < SPLICE_MIN {
+            return None;
+        }
+        let id = &self.buf[body + 1..body + HEADER_LEN];
+        let stream = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+        self.buf.advance(body + HEADER_LEN);
+        let head = self.buf.split().freeze();
+        Some(LargeData { stream, head, rest })
+    }
+
+    /// Moves up to `max` bytes of a [`LargeData`]'s rest from the socket into the reader's
+    /// (empty) pipe, waiting for them; `None` when this channel cannot splice after all (take
+    /// the bytes with [`read_some`](Self::read_some)).
+    pub(crate) async fn splice_in(&mut self, max: usize) -> Result<Option<usize>, Error> {
+        let ChanRead::Tcp(r) = &self.rd else { return Ok(None) };
+        if self.pipe.is_none() {
+            match Pipe::new(MAX_READ) {
+                Ok(p) => self.pipe = Some(p),
+                Err(e) => {
+                    tracing::debug!(cause = %e, "no pipe for splicing: reading instead");
+                    self.splice = false;
+                    return Ok(None);
+                }
+            }
+        }
+        let (sock, pipe) = (r.as_ref(), self.pipe.as_ref().expect("just made"));
+        loop {
+            sock.readable().await.map_err(|e| Error::io("read from the tunnel channel", e))?;
+            match pipe.fill_from(sock, max) {
+                Ok(0) => return Err(Error::Protocol("connection closed in the middle of a frame".into())),
+                Ok(n) => return Ok(Some(n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if splice::unsupported(&e) => {
+                    tracing::debug!(cause = %e, "splice refused: reading instead");
+                    (self.splice, self.pipe) = (false, None);
+                    return Ok(None);
+                }
+                Err(e) => return Err(Error::io("read from the tunnel channel", e)),
+            }
+        }
+    }
+
+    /// Moves up to `len` of the bytes [`splice_in`](Self::splice_in) put in the pipe into
+    /// `tcp` without waiting; `WouldBlock` when it has no room.
+    pub(crate) fn pipe_to(&self, tcp: &TcpStream, len: usize) -> std::io::Result<usize> {
+        self.pipe.as_ref().ok_or(std::io::ErrorKind::NotFound)?.try_drain_into(tcp, len)
+    }
+
+    /// Reads `len` bytes left in the pipe into memory.
+    pub(crate) fn pipe_take(&self, len: usize) -> Result<Bytes, Error> {
+        let p = self.pipe.as_ref().ok_or_else(|| Error::Protocol("no pipe".into()))?;
+        p.take(len).map(Bytes::from).map_err(|e| Error::io("read from the splice pipe", e))
+    }
+
+    /// Reads up to `max` bytes of a [`LargeData`]'s rest into memory.
+    pub(crate) async fn read_some(&mut self, max: usize) -> Result<Bytes, Error> {
+        let mut b = BytesMut::with_capacity(max.min(MAX_READ));
+        let n = self.rd.read_buf(&mut b).await.map_err(|e| Error::io("read from the tunnel channel", e))?;
+        if n == 0 {
+            return Err(Error::Protocol("connection closed in the middle of a frame".into()));
+        }
+        Ok(b.freeze())
+    }
+
     /// Reads up to [`SMALL_READ`] bytes into the empty buffer, which is allocated only for
     /// the read attempt: while the socket has nothing to read, the channel holds no buffer
     /// (an idle board channel costs the cloud its tasks and tables, not a read buffer).
     async fn read_when_quiet(&mut self) -> Result<usize, Error> {
+        self.pipe = None;
         let (rd, buf) = (&mut self.rd, &mut self.buf);
         let n = std::future::poll_fn(|cx| {
             buf.reserve(SMALL_READ);
@@ -787,7 +937,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_reader_holds_no_buffer() {
         let (mut peer, ours) = tokio::io::duplex(1 << 20);
-        let mut r = WsReader::new(Box::new(ours), Role::Client, BytesMut::new(), false);
+        let mut r = WsReader::new(ChanRead::Boxed(Box::new(ours)), Role::Client, BytesMut::new(), false);
         let f = ws::encode_frame(Opcode::Binary, &[7u8; 3000], None);
         peer.write_all(&f).await.unwrap();
         match r.next().await.unwrap() {

@@ -9,17 +9,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use s4t_shared::tunnel::Frame;
 use s4t_shared::tunnel::frame::{T_DATA, code};
 use s4t_shared::tunnel::window::{RecvWindow, SendWindow};
+use s4t_shared::tunnel::ws::Message;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::io::{MAX_READ, Outbound, Sent};
+use crate::io::{LargeData, MAX_READ, Next, Outbound, Sent, WsReader};
 
 /// The streams of one channel.
 pub(crate) struct Mux {
@@ -173,13 +175,102 @@ impl Mux {
 
 impl Mux {
     fn on_data(&self, s: &Stream, payload: Bytes) {
-        let mut st = s.state.lock().expect("stream state");
-        if let Err(e) = st.recv.on_data(payload.len()) {
-            drop(st);
+        if self.admit(s, payload.len()) {
+            self.deliver(s, payload);
+        }
+    }
+
+    /// Counts `len` bytes in against the stream's window; resets the stream on an overrun.
+    fn admit(&self, s: &Stream, len: usize) -> bool {
+        let res = s.state.lock().expect("stream state").recv.on_data(len);
+        if let Err(e) = res {
             tracing::warn!(stream = s.id, cause = %e, "peer overran the stream window: reset");
             self.reset(s.id, code::PROTOCOL);
-            return;
         }
+        res.is_ok()
+    }
+
+    /// The channel's next message, after delivering the large data frames that come before
+    /// it ([`on_large_data`](Self::on_large_data)); `None` at the end of the stream. Fails
+    /// when `idle` passes without a message or a frame's progress.
+    pub(crate) async fn next_message(&self, reader: &mut WsReader, idle: Duration) -> Result<Option<Message>, Error> {
+        let stalled = |_| Error::Timeout(format!("nothing received for {idle:?}"));
+        loop {
+            match tokio::time::timeout(idle, reader.next_data()).await.map_err(stalled)?? {
+                Some(Next::Data(d)) => {
+                    tokio::time::timeout(idle, self.on_large_data(reader, d)).await.map_err(stalled)??
+                }
+                Some(Next::Message(m)) => return Ok(Some(m)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Delivers a large data frame whose payload is still mostly in the channel's socket
+    /// ([`WsReader::next_data`]): spliced socket → pipe → the stream's socket while nothing
+    /// is queued ahead of it (no copy through user space), read into the stream's inbox
+    /// otherwise, dropped for a stream that is gone. Takes exactly the frame's bytes from
+    /// `reader`, whatever happens to the stream.
+    pub(crate) async fn on_large_data(&self, reader: &mut WsReader, d: LargeData) -> Result<(), Error> {
+        let LargeData { stream, head, mut rest } = d;
+        let mut target = self.get(stream).filter(|s| self.admit(s, head.len() + rest));
+        if let Some(s) = &target
+            && !head.is_empty()
+        {
+            self.deliver(s, head);
+        }
+        while rest > 0 {
+            let want = rest.min(MAX_READ);
+            let Some(s) = target.as_ref().filter(|s| !s.dead.is_cancelled()) else {
+                rest -= reader.read_some(want).await?.len();
+                continue;
+            };
+            let tcp = s.tcp.get().filter(|_| {
+                let st = s.state.lock().expect("stream state");
+                st.inbox.is_empty() && !st.writing && !st.fin_in
+            });
+            let spliced = match tcp {
+                Some(_) => reader.splice_in(want).await?,
+                None => None,
+            };
+            let (Some(tcp), Some(k)) = (tcp, spliced) else {
+                let b = reader.read_some(want).await?;
+                rest -= b.len();
+                self.deliver(s, b);
+                continue;
+            };
+            rest -= k;
+            let j = match reader.pipe_to(tcp, k) {
+                Ok(j) => j,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(_) => {
+                    reader.pipe_take(k)?;
+                    self.reset(s.id, code::IO);
+                    target = None;
+                    continue;
+                }
+            };
+            let mut st = s.state.lock().expect("stream state");
+            if let Some(increment) = st.recv.on_drained(j)
+                && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
+            {
+                st.pending_window += increment;
+                s.readable.notify_one();
+            }
+            if j < k {
+                // The stream's socket is full: the rest waits in its inbox, like any data.
+                st.inbox.push_back(reader.pipe_take(k - j)?);
+                drop(st);
+                s.readable.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `payload` to the stream's socket now if nothing is queued ahead of it and the
+    /// socket has room; queues the rest for the down pump.
+    fn deliver(&self, s: &Stream, payload: Bytes) {
+        let mut st = s.state.lock().expect("stream state");
         let mut rest = payload;
         // Fast path: nothing queued ahead, so write straight to the socket without waiting.
         if st.inbox.is_empty()
@@ -351,5 +442,81 @@ async fn wait_inbox(s: &Stream) -> Result<Inbound, End> {
             _ = s.readable.notified() => {}
             _ = s.dead.cancelled() => return Err(End::Gone),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{ChanRead, ChanWrite, outbound};
+    use bytes::BytesMut;
+    use s4t_shared::tunnel::ws::{self, Opcode, Role};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (a, l.accept().await.unwrap().0)
+    }
+
+    fn data_frame(stream: u32, payload: &[u8]) -> Bytes {
+        ws::encode_frame(
+            Opcode::Binary,
+            &Frame::Data { stream, payload: Bytes::copy_from_slice(payload) }.encode(),
+            None,
+        )
+    }
+
+    /// Large data frames are delivered with their payload spliced (or, behind a full socket,
+    /// queued) in order, and a large frame for a stream that is gone is skipped whole: the
+    /// channel's next frame is read from the right place.
+    #[tokio::test]
+    async fn large_frames_reach_their_stream_whole_and_in_order() {
+        let (mut peer, chan) = tcp_pair().await;
+        let (rd, _) = chan.into_split();
+        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
+        let (sink_end, _keep) = tcp_pair().await;
+        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new()));
+        let s = mux.accept_stream(5).unwrap();
+        let (local, mut dst) = tcp_pair().await;
+        // A small receive buffer that is not read at first: part of the data must queue.
+        socket2::SockRef::from(&dst).set_recv_buffer_size(64 * 1024).unwrap();
+        let pump = tokio::spawn(run_stream(mux.clone(), s, local));
+        let a: Vec<u8> = (0..250_000u32).map(|i| (i % 253) as u8).collect();
+        let b: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&data_frame(5, &a));
+        wire.extend_from_slice(&data_frame(9, &[1u8; 100_000])); // no such stream
+        wire.extend_from_slice(&data_frame(5, &b));
+        wire.extend_from_slice(&ws::encode_frame(Opcode::Binary, &Frame::Fin { stream: 5 }.encode(), None));
+        wire.extend_from_slice(&ws::encode_frame(Opcode::Binary, &Frame::Reset { stream: 77, code: 1 }.encode(), None));
+        let writer = tokio::spawn(async move {
+            peer.write_all(&wire).await.unwrap();
+            peer
+        });
+        let mut frames = 0;
+        loop {
+            let Some(Message::Binary(m)) = mux.next_message(&mut reader, Duration::from_secs(30)).await.unwrap() else {
+                panic!("expected a binary message")
+            };
+            let f = Frame::decode(&m).unwrap();
+            let last = matches!(f, Frame::Reset { stream: 77, .. });
+            assert!(matches!(f, Frame::Fin { stream: 5 }) || last, "read from the wrong place: {f:?}");
+            mux.on_frame(f).unwrap();
+            frames += 1;
+            if last {
+                break;
+            }
+        }
+        assert_eq!(frames, 2);
+        let mut got = Vec::new();
+        dst.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), a.len() + b.len());
+        assert!(got[..a.len()] == a[..] && got[a.len()..] == b[..], "the stream's bytes are corrupt");
+        drop(writer.await.unwrap());
+        drop(dst); // the stream's other direction ends too
+        pump.await.unwrap();
     }
 }

@@ -68,6 +68,11 @@ impl Pipe {
         }
     }
 
+    /// Moves up to `len` bytes from the pipe into `sock` if it has room now.
+    pub(crate) fn try_drain_into(&self, sock: &TcpStream, len: usize) -> io::Result<usize> {
+        sock.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&self.r, None, sock, None, len, FLAGS)?))
+    }
+
     /// Reads the `len` bytes left in the pipe (a frame whose writer was cancelled) into
     /// memory, so they can be written the ordinary way.
     pub(crate) fn take(&self, len: usize) -> io::Result<Vec<u8>> {

@@ -7,18 +7,18 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::io::{BoxRead, ChanWrite};
+use crate::io::{ChanRead, ChanWrite};
 
 /// A connection a channel can run over.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn split_box(self) -> (BoxRead, ChanWrite);
+    fn split_box(self) -> (ChanRead, ChanWrite);
 }
 
 impl Transport for TcpStream {
-    fn split_box(self) -> (BoxRead, ChanWrite) {
+    fn split_box(self) -> (ChanRead, ChanWrite) {
         // Owned halves of a TCP stream need no lock.
         let (r, w) = self.into_split();
-        (Box::new(r), ChanWrite::Tcp(w))
+        (ChanRead::Tcp(r), ChanWrite::Tcp(w))
     }
 }
 
@@ -27,16 +27,16 @@ pub(crate) type TlsServerStream = tokio_rustls::server::TlsStream<Buffered>;
 pub(crate) type TlsClientStream = tokio_rustls::client::TlsStream<Buffered>;
 
 impl Transport for TlsServerStream {
-    fn split_box(self) -> (BoxRead, ChanWrite) {
+    fn split_box(self) -> (ChanRead, ChanWrite) {
         let (r, w) = tokio::io::split(self);
-        (Box::new(r), ChanWrite::Boxed(Box::new(w)))
+        (ChanRead::Boxed(Box::new(r)), ChanWrite::Boxed(Box::new(w)))
     }
 }
 
 impl Transport for TlsClientStream {
-    fn split_box(self) -> (BoxRead, ChanWrite) {
+    fn split_box(self) -> (ChanRead, ChanWrite) {
         let (r, w) = tokio::io::split(self);
-        (Box::new(r), ChanWrite::Boxed(Box::new(w)))
+        (ChanRead::Boxed(Box::new(r)), ChanWrite::Boxed(Box::new(w)))
     }
 }
 

@@ -218,6 +218,11 @@ impl Decoder {
         self
     }
 
+    /// A fragmented message is being assembled (the next frame continues it).
+    pub fn in_message(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Takes the next message out of `buf` (consuming its bytes). Unmasks in place, so data
     /// messages are slices of `buf`'s allocation.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, WsError> {

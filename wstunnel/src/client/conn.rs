@@ -45,7 +45,7 @@ impl Target {
 
 /// Dials the server and completes the WebSocket upgrade; returns the split transport and any
 /// bytes read past the upgrade response.
-async fn dial(inner: &Inner) -> Result<(io::BoxRead, io::ChanWrite, handshake::Upgraded), Error> {
+async fn dial(inner: &Inner) -> Result<(io::ChanRead, io::ChanWrite, handshake::Upgraded), Error> {
     let t = Target::parse(&inner.cfg.url)?;
     let tcp =
         TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;
@@ -162,9 +162,7 @@ fn restore(inner: &Inner, out: &Outbound) {
 async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, reader: &mut WsReader) -> Result<(), Error> {
     let idle = inner.cfg.idle_timeout;
     loop {
-        let msg = tokio::time::timeout(idle, reader.next())
-            .await
-            .map_err(|_| Error::Timeout(format!("nothing received for {idle:?}")))??;
+        let msg = mux.next_message(reader, idle).await?;
         match msg {
             None | Some(Message::Close(_)) => return Ok(()),
             Some(Message::Binary(b)) => on_frame(inner, mux, Frame::decode(&b)?)?,

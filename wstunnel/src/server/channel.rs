@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::registry::Registry;
 use super::{Auth, ServerConfig, ServerHooks};
 use crate::error::Error;
-use crate::io::{self, BoxRead, ChanWrite, Outbound, WsReader};
+use crate::io::{self, ChanRead, ChanWrite, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
 use crate::packet::{self, Link};
 
@@ -60,7 +60,7 @@ pub(crate) async fn serve<H: ServerHooks>(
     cfg: Arc<ServerConfig>,
     reg: Arc<Registry>,
     hooks: Arc<H>,
-    rd: BoxRead,
+    rd: ChanRead,
     wr: ChanWrite,
     leftover: BytesMut,
     unmasked: bool,
@@ -144,9 +144,7 @@ async fn finish(out: &Outbound, writer: &mut tokio::task::JoinHandle<Result<(), 
 async fn read_loop<H: ServerHooks>(ctx: &Arc<Ctx<H>>, reader: &mut WsReader) -> Result<(), Error> {
     let idle = ctx.cfg.limits.idle_timeout;
     loop {
-        let msg = tokio::time::timeout(idle, reader.next())
-            .await
-            .map_err(|_| Error::Timeout(format!("nothing received for {idle:?}")))??;
+        let msg = ctx.mux.next_message(reader, idle).await?;
         match msg {
             None | Some(Message::Close(_)) => return Ok(()),
             Some(Message::Binary(b)) => on_frame(ctx, Frame::decode(&b)?)?,

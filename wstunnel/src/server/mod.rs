@@ -41,7 +41,7 @@ pub use registry::{ListenerInfo, ServerHandle};
 
 use crate::error::{Error, IoContext};
 use crate::handshake::{self, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
-use crate::io::{BoxRead, ChanWrite};
+use crate::io::{ChanRead, ChanWrite};
 use crate::transport::{Buffered, Transport};
 use registry::Registry;
 
@@ -222,7 +222,7 @@ enum Next {
     /// Served already (status page, legacy wstun) or refused.
     Done,
     /// A board channel: its halves, the bytes read past the upgrade, unmasked frames agreed.
-    Channel(BoxRead, ChanWrite, BytesMut, bool),
+    Channel(ChanRead, ChanWrite, BytesMut, bool),
 }
 
 impl<H: ServerHooks> Conn<H> {
