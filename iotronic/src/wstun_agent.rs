@@ -109,6 +109,20 @@ impl ServerHooks for DbHooks {
         }
     }
 
+    /// Tokens minted before the board's last revocation or rotation are refused: they were
+    /// kept beside the secret that was replaced. A token's issue time is its expiry less
+    /// [`TOKEN_TTL_S`] (in whole seconds: one minted in the second of the rotation passes).
+    async fn token_accepted(&self, board: &str, expiry: u64) -> Result<(), String> {
+        let after = self.db.board_tokens_after(board).await.map_err(|e| format!("cannot read the board: {e}"))?;
+        let issued = expiry.saturating_sub(TOKEN_TTL_S);
+        match after {
+            Some(ms) if issued < (ms / 1000) as u64 => {
+                Err("token issued before the board's credentials were last revoked or rotated".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn connection_allowed(&self, board: &str, port: u16, peer: SocketAddr, legacy: bool) -> bool {
         let mut policies = self.policies.lock().expect("policies");
         let Some(p) = policies.get_mut(&port) else {

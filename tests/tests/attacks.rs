@@ -25,7 +25,8 @@
 //!   token whose port was altered, are refused;
 //! - a board registering procedures under another board's prefix (its uuid or its name, in its
 //!   own session or in the other board's) is refused, with its own valid credentials;
-//! - a revoked board's tunnel token no longer opens its public port.
+//! - a revoked board's tunnel token no longer opens its public port, nor after the board's
+//!   credentials were rotated and it enrolled again.
 //!
 //! Figures (attempts let through, time to disconnect) are printed for docs/security.md.
 
@@ -654,5 +655,13 @@ fn tunnel_attacks_are_refused() {
     let log = refused_tunnel(&mut lab, &a, "revoked", a_port, &a_token);
     assert!(log.contains("revoked"), "{log}");
     assert!(friend.connect(public, Duration::from_secs(2)).is_err(), "the revoked board's port opened");
-    println!("tunnel tokens: expired, altered and revoked-board tokens refused");
+
+    // 5. Rotation re-admits the board, not the tunnel tokens it held before: they sat beside
+    // the replaced secret.
+    let rotated = admin.expect(200, "POST", "/v1/boards/a/rotate-secret", Some(&json!({"ttl": 600}))).unwrap();
+    must_enroll(&a, &a_cfg, rotated["code"].as_str().unwrap());
+    let log = refused_tunnel(&mut lab, &a, "rotated", a_port, &a_token);
+    assert!(log.contains("issued before the board's credentials were last revoked or rotated"), "{log}");
+    assert!(friend.connect(public, Duration::from_secs(2)).is_err(), "a pre-rotation token opened the port");
+    println!("tunnel tokens: expired, altered, revoked-board and pre-rotation tokens refused");
 }

@@ -321,13 +321,13 @@ impl Db {
         row.as_ref().map(user_row).transpose()
     }
 
-    /// Revokes a board: its secret and code stop working at once, and the agents close its
+    /// Revokes a board: its secret, code and tunnel tokens stop working at once, and the agents close its
     /// sessions and tunnels at their next sweep. Idempotent.
     pub async fn revoke_board(&self, uuid: &str) -> Result<bool, Error> {
         let now = now_ms();
         let r = sqlx::query(
-            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), secret_salt = NULL, secret_key = NULL, \
-             code = NULL, code_expires_at = NULL, updated_at = $2 WHERE uuid = $3",
+            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), tokens_after = $1, secret_salt = NULL, \
+             secret_key = NULL, code = NULL, code_expires_at = NULL, updated_at = $2 WHERE uuid = $3",
         )
         .bind(now)
         .bind(now)
@@ -338,14 +338,14 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Rotates a board's credentials: the old secret stops working (the board is disconnected
-    /// like a revoked one) and a fresh one-time code, valid until `expires_at`, lets the board
+    /// Rotates a board's credentials: the old secret and tunnel tokens stop working (the board
+    /// is disconnected like a revoked one) and a fresh one-time code, valid until `expires_at`, lets the board
     /// enroll again and receive a new secret.
     pub async fn rotate_board(&self, uuid: &str, code: &str, expires_at: i64) -> Result<bool, Error> {
         let now = now_ms();
         let r = sqlx::query(
-            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), secret_salt = NULL, secret_key = NULL, \
-             code = $2, code_expires_at = $3, updated_at = $4 WHERE uuid = $5",
+            "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), tokens_after = $1, secret_salt = NULL, \
+             secret_key = NULL, code = $2, code_expires_at = $3, updated_at = $4 WHERE uuid = $5",
         )
         .bind(now)
         .bind(code)
@@ -356,6 +356,20 @@ impl Db {
         .await
         .map_err(|e| super::unique_or(e, || "that code is in use: try again".to_owned()))?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Since when the board's tunnel tokens count (Unix ms): its last revocation or rotation
+    /// (None: never, or no such board).
+    pub async fn board_tokens_after(&self, uuid: &str) -> Result<Option<i64>, Error> {
+        let row = sqlx::query("SELECT tokens_after FROM boards WHERE uuid = $1")
+            .bind(uuid)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        match row {
+            Some(r) => col::<Option<i64>>(&r, "tokens_after"),
+            None => Ok(None),
+        }
     }
 
     /// When the board was revoked (None: not revoked, or no such board).

@@ -225,10 +225,31 @@ fn now() -> u64 {
 }
 
 /// Checks a token for this channel: signature and expiry, then that it names `port` (or any
-/// port) and `vpn`, and the channel's board. Returns the board.
-fn check_token<H>(ctx: &Ctx<H>, token: &str, port: u16, vpn: Option<&str>) -> Result<String, (u16, String)> {
-    let board = match &ctx.cfg.auth {
-        Auth::Insecure => "insecure".to_owned(),
+/// port) and `vpn`, and the channel's board, then that the cloud still honours tokens of
+/// that age for the board ([`ServerHooks::token_accepted`]). Returns the board.
+async fn check_token<H: ServerHooks>(
+    ctx: &Ctx<H>,
+    token: &str,
+    port: u16,
+    vpn: Option<&str>,
+) -> Result<String, (u16, String)> {
+    let (board, expiry) = check_claims(ctx, token, port, vpn)?;
+    if let Some(expiry) = expiry {
+        ctx.hooks.token_accepted(&board, expiry).await.map_err(|r| (code::UNAUTHORIZED, r))?;
+    }
+    Ok(board)
+}
+
+/// The token's board and expiry (`None` without authentication) if it is valid for this
+/// channel and request.
+fn check_claims<H>(
+    ctx: &Ctx<H>,
+    token: &str,
+    port: u16,
+    vpn: Option<&str>,
+) -> Result<(String, Option<u64>), (u16, String)> {
+    let (board, expiry) = match &ctx.cfg.auth {
+        Auth::Insecure => ("insecure".to_owned(), None),
         Auth::Disabled => {
             return Err((code::UNAUTHORIZED, "the server has no token secret: start it with --secret-file".into()));
         }
@@ -240,7 +261,7 @@ fn check_token<H>(ctx: &Ctx<H>, token: &str, port: u16, vpn: Option<&str>) -> Re
             if c.port != 0 && c.port != port {
                 return Err((code::UNAUTHORIZED, format!("token is for port {}, not {port}", c.port)));
             }
-            c.board
+            (c.board, Some(c.expiry))
         }
     };
     let mut b = ctx.board.lock().expect("board");
@@ -248,11 +269,11 @@ fn check_token<H>(ctx: &Ctx<H>, token: &str, port: u16, vpn: Option<&str>) -> Re
         Some(existing) if existing != board => {
             Err((code::UNAUTHORIZED, format!("token is for board {board}, this channel belongs to {existing}")))
         }
-        Some(_) => Ok(board),
+        Some(_) => Ok((board, expiry)),
         None => {
             *b = Some(board.clone());
             ctx.reg.set_channel_board(ctx.chan_id, &board);
-            Ok(board)
+            Ok((board, expiry))
         }
     }
 }
@@ -275,7 +296,7 @@ async fn open_listener<H: ServerHooks>(
     port: u16,
     token: &str,
 ) -> Result<u16, (u16, String)> {
-    let board = check_token(ctx, token, port, None)?;
+    let board = check_token(ctx, token, port, None).await?;
     {
         // Check and reserve the slot in one step, so concurrent requests cannot overshoot.
         let mut l = ctx.listeners.lock().expect("listeners");
@@ -417,7 +438,7 @@ async fn accept_loop<H: ServerHooks>(
 
 async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, token: String) {
     let res = async {
-        let board = check_token(&ctx, &token, 0, Some(&vpn))?;
+        let board = check_token(&ctx, &token, 0, Some(&vpn)).await?;
         let link = Arc::new(Link::default());
         link.set(Some(ctx.mux.out.clone()));
         let (chan, tx) = packet::new_channel(id, link.clone());

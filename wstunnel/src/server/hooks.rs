@@ -17,6 +17,15 @@ pub trait ServerHooks: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Does the cloud still honour a valid token of `board`'s that expires at `expiry` (Unix
+    /// seconds)? Lets it refuse tokens issued before it last revoked or rotated the board's
+    /// credentials, which would otherwise stay usable until they expire. `Err(reason)`
+    /// refuses the request the token came with.
+    fn token_accepted(&self, board: &str, expiry: u64) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (board, expiry);
+        async { Ok(()) }
+    }
+
     /// May an (unauthenticated) wstun client listen on `port`? Called only when legacy mode is
     /// on; the cloud answers yes only for ports it allocated.
     fn legacy_port_allowed(&self, port: u16) -> impl Future<Output = bool> + Send {
