@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes};
-use portable_atomic::{AtomicU64, Ordering};
+use portable_atomic::{AtomicU64, AtomicUsize, Ordering};
 use s4t_shared::gre;
 use s4t_shared::tunnel::frame::{MAX_PACKET, T_PACKET};
 use tokio::sync::mpsc;
@@ -18,6 +18,9 @@ use crate::io::{Outbound, payload_buf};
 
 /// Packets queued per channel before new ones are dropped.
 pub(crate) const PACKET_QUEUE: usize = 512;
+/// Bytes of packets queued per channel before new ones are dropped: with packets of up to
+/// 64 KB, the count alone would let a slow receiver hold 32 MB per channel.
+pub(crate) const PACKET_QUEUE_BYTES: usize = 4 << 20;
 
 /// Both ends of one packet channel, as handed to the cloud's hook or returned to the board.
 pub struct PacketChannel {
@@ -40,7 +43,7 @@ impl PacketChannel {
         let (in_tx, in_rx) = mpsc::channel(capacity);
         let chan = PacketChannel {
             sender: PacketSender { id: 0, to: Target::Queue(out_tx) },
-            receiver: PacketReceiver { rx: in_rx },
+            receiver: PacketReceiver { rx: in_rx, queued: None },
         };
         (chan, out_rx, in_tx)
     }
@@ -79,11 +82,35 @@ impl Link {
 /// Receives the peer's packets. `recv` returns `None` once the channel is closed for good.
 pub struct PacketReceiver {
     rx: mpsc::Receiver<Bytes>,
+    /// Bytes queued, shared with the [`Inbox`] (none for an in-memory channel).
+    queued: Option<Arc<AtomicUsize>>,
 }
 
-pub(crate) fn new_channel(id: u32, link: Arc<Link>) -> (PacketChannel, mpsc::Sender<Bytes>) {
+/// Where a channel's reader task delivers received packets: a queue bounded in packets
+/// ([`PACKET_QUEUE`]) and in bytes ([`PACKET_QUEUE_BYTES`]).
+pub(crate) struct Inbox {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// Queues a received packet without waiting; drops it when the receiver lags (as a NIC
+    /// would) or is gone.
+    pub(crate) fn deliver(&self, packet: Bytes) {
+        let len = packet.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before + len > PACKET_QUEUE_BYTES || self.tx.try_send(packet).is_err() {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            tracing::trace!("packet receiver lags or is gone: packet dropped");
+        }
+    }
+}
+
+pub(crate) fn new_channel(id: u32, link: Arc<Link>) -> (PacketChannel, Inbox) {
     let (tx, rx) = mpsc::channel(PACKET_QUEUE);
-    (PacketChannel { sender: PacketSender { id, to: Target::Link(link) }, receiver: PacketReceiver { rx } }, tx)
+    let queued = Arc::new(AtomicUsize::new(0));
+    let receiver = PacketReceiver { rx, queued: Some(queued.clone()) };
+    (PacketChannel { sender: PacketSender { id, to: Target::Link(link) }, receiver }, Inbox { tx, queued })
 }
 
 fn check_len(len: usize) -> Result<(), Error> {
@@ -141,14 +168,11 @@ impl PacketSender {
 
 impl PacketReceiver {
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.rx.recv().await
-    }
-}
-
-/// Delivers a received packet without waiting; drops it when the receiver lags.
-pub(crate) fn deliver(tx: &mpsc::Sender<Bytes>, packet: Bytes) {
-    if tx.try_send(packet).is_err() {
-        tracing::trace!("packet receiver lags or is gone: packet dropped");
+        let p = self.rx.recv().await?;
+        if let Some(q) = &self.queued {
+            q.fetch_sub(p.len(), Ordering::AcqRel);
+        }
+        Some(p)
     }
 }
 
@@ -278,5 +302,31 @@ pub async fn pump_routed(
         r = to_channel => r,
         r = to_device => r,
         _ = shutdown.cancelled() => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow receiver makes the inbox drop packets once it holds [`PACKET_QUEUE_BYTES`],
+    /// well before [`PACKET_QUEUE`] packets; receiving frees the room again.
+    #[tokio::test]
+    async fn the_receive_queue_is_bounded_in_bytes() {
+        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()));
+        let big = Bytes::from(vec![7u8; 60_000]);
+        for _ in 0..100 {
+            inbox.deliver(big.clone());
+        }
+        let fit = PACKET_QUEUE_BYTES / big.len();
+        assert!(fit < 100, "the test must hit the byte bound first");
+        assert_eq!(inbox.queued.load(Ordering::Acquire), fit * big.len());
+        for _ in 0..fit {
+            assert_eq!(chan.receiver.recv().await.unwrap().len(), big.len());
+        }
+        assert!(futures_util::FutureExt::now_or_never(chan.receiver.recv()).is_none(), "more was queued");
+        assert_eq!(inbox.queued.load(Ordering::Acquire), 0);
+        inbox.deliver(Bytes::from_static(b"small"));
+        assert_eq!(&chan.receiver.recv().await.unwrap()[..], b"small");
     }
 }

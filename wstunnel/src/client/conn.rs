@@ -16,7 +16,6 @@ use crate::error::{Error, IoContext};
 use crate::handshake;
 use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
-use crate::packet;
 use crate::transport::{Buffered, Transport};
 
 /// A parsed server URL.
@@ -185,7 +184,7 @@ fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
         Frame::PacketClose { channel, code, reason } => packet_result(inner, mux, channel, Err((code, reason))),
         Frame::Packet { channel, payload } => {
             if let Some(p) = inner.packets.lock().expect("packets").get(&channel) {
-                packet::deliver(&p.tx, payload);
+                p.tx.deliver(payload);
             }
         }
         Frame::GoAway { code, reason } => return Err(Error::Refused { code, reason }),

@@ -23,9 +23,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use s4t_shared::backoff::Backoff;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -112,7 +111,7 @@ struct Packets {
     vpn: String,
     token: String,
     link: Arc<Link>,
-    tx: mpsc::Sender<Bytes>,
+    tx: packet::Inbox,
     waiters: Vec<oneshot::Sender<Result<(), Error>>>,
 }
 

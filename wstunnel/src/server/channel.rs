@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use s4t_shared::tunnel::ws::{Message, Opcode, Role, close_payload};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -46,7 +45,7 @@ impl Drop for InFlight<'_> {
 }
 
 /// The server's end of a packet channel: where received packets go, and the sender's link.
-type PacketEnd = (mpsc::Sender<Bytes>, Arc<Link>);
+type PacketEnd = (packet::Inbox, Arc<Link>);
 
 struct Listener {
     port: u16,
@@ -195,7 +194,7 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
         }
         Frame::Packet { channel, payload } => {
             if let Some((tx, _)) = ctx.packets.lock().expect("packets").get(&channel) {
-                packet::deliver(tx, payload);
+                tx.deliver(payload);
             }
         }
         Frame::PacketClose { channel, .. } => {
