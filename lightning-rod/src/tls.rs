@@ -101,7 +101,7 @@ impl ServerCertVerifier for PinnedCa {
 /// A rustls (ring) client configuration that trusts only the pinned CA.
 pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<rustls::ClientConfig>> {
     let pin = parse_fingerprint(fingerprint)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = wstunnel::tls::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::invalid(format!("TLS: {e}")))?

@@ -11,8 +11,13 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::error::Error;
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(ring::default_provider())
+/// ring's provider, AES-128-GCM first: as safe for TLS 1.3 and cheaper per byte than
+/// AES-256-GCM (10 AES rounds instead of 14), which ring's default order puts first. Every
+/// Stack4Things TLS end uses it (a server follows the client's order).
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 fn tls_err(e: impl std::fmt::Display) -> Error {
