@@ -153,7 +153,8 @@ pub(crate) enum Next {
     Data(LargeData),
 }
 
-/// A data frame with at least this much payload left in the socket is spliced, not read.
+/// A data frame with at least this much payload left in the socket is spliced, not read; a
+/// stream whose reads bring at least this much is spliced into the channel.
 const SPLICE_MIN: usize = 16 * 1024;
 
 impl WsReader {
@@ -588,10 +589,25 @@ impl SinkGuard<'_> {
 
     /// Reads up to `max` bytes from `tcp` into the sink's frame buffer and writes them as one
     /// frame of type `kind` for `id`. Fails only when the channel does.
-    pub(crate) async fn send_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Result<Sent, Error> {
+    ///
+    /// `bulk` is the stream's state across calls: while its reads come in large (at least
+    /// [`SPLICE_MIN`] bytes), the payload is spliced instead; small messages (keystrokes,
+    /// requests) take the two-call buffered path, cheaper for them than three splice calls.
+    pub(crate) async fn send_from(
+        &mut self,
+        tcp: &TcpStream,
+        max: usize,
+        kind: u8,
+        id: u32,
+        bulk: &mut bool,
+    ) -> Result<Sent, Error> {
         if self.sink.splice
+            && *bulk
             && let Some(sent) = self.splice_from(tcp, max, kind, id).await
         {
+            if let Ok(Sent::Data(n)) = sent {
+                *bulk = n >= SPLICE_MIN;
+            }
             return sent;
         }
         let s = &mut *self.sink;
@@ -608,6 +624,7 @@ impl SinkGuard<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::WouldBlock),
             Err(_) => return Ok(Sent::ReadFailed),
         };
+        *bulk = n >= SPLICE_MIN;
         let mask = self.mask.then(rand::random::<[u8; 4]>);
         s.from = seal_in_place(&mut s.buf, kind, id, mask);
         s.to = s.buf.len();
@@ -893,7 +910,8 @@ mod tests {
         loop {
             ours.readable().await.unwrap();
             let mut g = out.lock().await.unwrap();
-            let mut fut = std::pin::pin!(g.send_from(&ours, MAX_READ, s4t_shared::tunnel::frame::T_DATA, 3));
+            let mut bulk = true;
+            let mut fut = std::pin::pin!(g.send_from(&ours, MAX_READ, s4t_shared::tunnel::frame::T_DATA, 3, &mut bulk));
             match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
                 Poll::Ready(Ok(Sent::Data(_))) => frames += 1,
                 Poll::Ready(Ok(Sent::WouldBlock)) => {}

@@ -321,6 +321,7 @@ pub(crate) async fn run_stream(mux: Arc<Mux>, s: Arc<Stream>, tcp: TcpStream) {
 /// TCP → channel: waits for credit, then for readability, then takes the channel's sink and
 /// reads straight into its frame buffer, which it writes out as one frame.
 async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
+    let mut bulk = false;
     loop {
         let credit = wait_credit(s).await?;
         tokio::select! {
@@ -332,7 +333,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
             _ = s.dead.cancelled() => return Err(End::Gone),
         };
         // Not cancelled by a reset of this stream: a frame half written stays in the sink.
-        let res = sink.send_from(tcp, credit, T_DATA, s.id).await;
+        let res = sink.send_from(tcp, credit, T_DATA, s.id, &mut bulk).await;
         let used = match &res {
             Ok(Sent::Data(n)) => *n,
             _ => 0,
