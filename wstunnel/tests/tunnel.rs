@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use s4t_shared::token::{Claims, TokenKey};
 use s4t_shared::tunnel::frame::code;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use wstunnel::Error;
@@ -77,40 +76,7 @@ async fn large_transfers_arrive_intact_in_both_directions() {
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
-    let s = connect(port).await;
-    let (mut r, mut w) = s.into_split();
-    const TOTAL: usize = 48 * 1024 * 1024;
-    let writer = tokio::spawn(async move {
-        let mut h = Sha256::new();
-        let mut x: u32 = 7;
-        let mut buf = vec![0u8; 61_441]; // odd size: frames do not line up with writes
-        let mut sent = 0;
-        while sent < TOTAL {
-            let n = buf.len().min(TOTAL - sent);
-            for b in &mut buf[..n] {
-                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                *b = (x >> 16) as u8;
-            }
-            w.write_all(&buf[..n]).await.unwrap();
-            h.update(&buf[..n]);
-            sent += n;
-        }
-        w.shutdown().await.unwrap();
-        h.finalize()
-    });
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 100_000];
-    let mut got = 0;
-    loop {
-        let n = within("read", r.read(&mut buf)).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        got += n;
-    }
-    assert_eq!(got, TOTAL);
-    assert_eq!(h.finalize(), within("writer", writer).await.unwrap());
+    echo_checksummed(port, 48 * 1024 * 1024).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

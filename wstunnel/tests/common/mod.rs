@@ -108,3 +108,43 @@ pub async fn echo_once(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }
+
+/// Sends `total` pseudo-random bytes (in odd-sized writes, so frames do not line up with
+/// them) through the echo behind public `port`, half-closes, and checks that exactly the same
+/// bytes come back (SHA-256) before the end of stream.
+pub async fn echo_checksummed(port: u16, total: usize) {
+    use sha2::{Digest, Sha256};
+    let s = connect(port).await;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut x: u32 = 7;
+        let mut buf = vec![0u8; 61_441];
+        let mut sent = 0;
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            for b in &mut buf[..n] {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (x >> 16) as u8;
+            }
+            w.write_all(&buf[..n]).await.unwrap();
+            h.update(&buf[..n]);
+            sent += n;
+        }
+        w.shutdown().await.unwrap();
+        h.finalize()
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 100_000];
+    let mut got = 0;
+    loop {
+        let n = within("read", r.read(&mut buf)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, total);
+    assert_eq!(h.finalize(), within("writer", writer).await.unwrap());
+}

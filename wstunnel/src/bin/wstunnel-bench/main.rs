@@ -5,9 +5,9 @@
 //! Environment: `EREBE_WSTUNNEL=/path/to/wstunnel` adds the erebe cases; `BENCH_SECS` (5)
 //! seconds per throughput run; `BENCH_N` (200) fresh connections; `BENCH_M` (2000) round
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
-//! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
-//! splicing turned off: payload copied through user space); `BENCH_ROUNDS` (3) interleaved
-//! throughput rounds, of which the median is reported.
+//! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-splice` (our tunnel with
+//! `S4T_TUNNEL_SPLICE=1`: payload spliced, not copied through user space); `BENCH_ROUNDS` (3)
+//! interleaved throughput rounds, of which the median is reported.
 //!
 //! Prints a table as it goes and, last, one JSON line with every figure.
 
@@ -79,7 +79,7 @@ async fn main() -> Result<()> {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
     if let Ok(only) = std::env::var("BENCH_CASES") {
-        cases.push("ours-ws-copy");
+        cases.push("ours-ws-splice");
         cases.retain(|c| only.split(',').any(|o| o == *c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
@@ -95,7 +95,7 @@ async fn main() -> Result<()> {
                 url: None,
             },
             "ours-ws" => start_ours(&env, false, &[]).await?,
-            "ours-ws-copy" => start_ours(&env, false, &[("S4T_TUNNEL_NO_SPLICE", "1")]).await?,
+            "ours-ws-splice" => start_ours(&env, false, &[("S4T_TUNNEL_SPLICE", "1")]).await?,
             "ours-wss" => start_ours(&env, true, &[]).await?,
             "erebe-ws" => start_erebe(&env, erebe.as_deref().context("erebe")?, false).await?,
             "erebe-wss" => start_erebe(&env, erebe.as_deref().context("erebe")?, true).await?,
