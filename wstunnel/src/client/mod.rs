@@ -67,7 +67,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(65),
             target_connect_timeout: Duration::from_secs(10),
-            max_streams: 8_192,
+            max_streams: 2_048,
         }
     }
 }
