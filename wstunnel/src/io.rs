@@ -261,17 +261,8 @@ impl WsReader {
     /// the bytes with [`read_some`](Self::read_some)).
     pub(crate) async fn splice_in(&mut self, max: usize) -> Result<Option<usize>, Error> {
         let ChanRead::Tcp(r) = &self.rd else { return Ok(None) };
-        if self.pipe.is_none() {
-            match Pipe::new(MAX_READ) {
-                Ok(p) => self.pipe = Some(p),
-                Err(e) => {
-                    tracing::debug!(cause = %e, "no pipe for splicing: reading instead");
-                    self.splice = false;
-                    return Ok(None);
-                }
-            }
-        }
-        let (sock, pipe) = (r.as_ref(), self.pipe.as_ref().expect("just made"));
+        let Some(pipe) = splice::pipe_or_off(&mut self.pipe, &mut self.splice, MAX_READ) else { return Ok(None) };
+        let sock = r.as_ref();
         loop {
             sock.readable().await.map_err(|e| Error::io("read from the tunnel channel", e))?;
             match pipe.fill_from(sock, max) {
@@ -641,16 +632,7 @@ impl SinkGuard<'_> {
     /// socket. `None` when this channel cannot splice after all (it then never tries again).
     async fn splice_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Option<Result<Sent, Error>> {
         let s = &mut *self.sink;
-        if s.pipe.is_none() {
-            match Pipe::new(MAX_READ) {
-                Ok(p) => s.pipe = Some(p),
-                Err(e) => {
-                    tracing::debug!(cause = %e, "no pipe for splicing: buffered channel");
-                    s.splice = false;
-                    return None;
-                }
-            }
-        }
+        splice::pipe_or_off(&mut s.pipe, &mut s.splice, MAX_READ)?;
         if !s.used {
             s.used = true;
             self.sh.holds_buf.store(true, Ordering::Release);

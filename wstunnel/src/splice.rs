@@ -93,6 +93,22 @@ impl Pipe {
     }
 }
 
+/// The pipe in `slot`, made (of `size` bytes) if there is none yet; `None`, with `on` turned
+/// off for good, when no pipe can be made (out of descriptors, say): the caller copies.
+pub(crate) fn pipe_or_off<'a>(slot: &'a mut Option<Pipe>, on: &mut bool, size: usize) -> Option<&'a Pipe> {
+    if slot.is_none() {
+        match Pipe::new(size) {
+            Ok(p) => *slot = Some(p),
+            Err(e) => {
+                tracing::debug!(cause = %e, "no pipe for splicing: copying instead");
+                *on = false;
+                return None;
+            }
+        }
+    }
+    slot.as_ref()
+}
+
 /// The kernel (or a sandbox) does not splice between these descriptors: use buffers.
 pub(crate) fn unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM))
