@@ -632,12 +632,11 @@ impl SinkGuard<'_> {
     /// socket. `None` when this channel cannot splice after all (it then never tries again).
     async fn splice_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Option<Result<Sent, Error>> {
         let s = &mut *self.sink;
-        splice::pipe_or_off(&mut s.pipe, &mut s.splice, MAX_READ)?;
+        let pipe = splice::pipe_or_off(&mut s.pipe, &mut s.splice, MAX_READ)?;
         if !s.used {
             s.used = true;
             self.sh.holds_buf.store(true, Ordering::Release);
         }
-        let pipe = s.pipe.as_ref()?;
         let n = match pipe.fill_from(tcp, max) {
             Ok(0) => return Some(Ok(Sent::Eof)),
             Ok(n) => n,
@@ -844,6 +843,14 @@ fn find_head_end(b: &[u8]) -> Option<usize> {
     b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
+/// A connected pair of TCP sockets on 127.0.0.1 (port 0), for tests.
+#[cfg(test)]
+pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    (a, l.accept().await.unwrap().0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,12 +872,6 @@ mod tests {
         let (_, b2) = tokio::io::duplex(64);
         let (masked, _w2) = outbound(ChanWrite::Boxed(Box::new(b2)), true);
         assert!(masked.header_for(T_PACKET, 7, 300).is_none(), "a masking sink must copy");
-    }
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        (a, l.accept().await.unwrap().0)
     }
 
     /// Stream payload goes TCP → pipe → channel socket, and a frame whose writer is cancelled

@@ -61,6 +61,14 @@ struct StreamState {
     send: SendWindow,
 }
 
+impl StreamState {
+    /// Nothing is queued ahead of new data (and no FIN came): the reader task may write it
+    /// straight to the socket.
+    fn writes_directly(&self) -> bool {
+        self.inbox.is_empty() && !self.writing && !self.fin_in
+    }
+}
+
 /// How a stream ended when it did not end cleanly.
 #[derive(Debug)]
 enum End {
@@ -225,10 +233,7 @@ impl Mux {
                 rest -= reader.read_some(want).await?.len();
                 continue;
             };
-            let tcp = s.tcp.get().filter(|_| {
-                let st = s.state.lock().expect("stream state");
-                st.inbox.is_empty() && !st.writing && !st.fin_in
-            });
+            let tcp = s.tcp.get().filter(|_| s.state.lock().expect("stream state").writes_directly());
             let spliced = match tcp {
                 Some(_) => reader.splice_in(want).await?,
                 None => None,
@@ -251,12 +256,7 @@ impl Mux {
                 }
             };
             let mut st = s.state.lock().expect("stream state");
-            if let Some(increment) = st.recv.on_drained(j)
-                && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
-            {
-                st.pending_window += increment;
-                s.readable.notify_one();
-            }
+            self.drained_directly(s, &mut st, j);
             if j < k {
                 // The stream's socket is full: the rest waits in its inbox, like any data.
                 st.inbox.push_back(reader.pipe_take(k - j)?);
@@ -267,26 +267,31 @@ impl Mux {
         Ok(())
     }
 
+    /// Counts `n` bytes the reader task wrote straight to the stream's socket, and grants the
+    /// peer credit when it is time: queued without waiting, or left to the down pump when the
+    /// control queue is full (the reader task never waits).
+    fn drained_directly(&self, s: &Stream, st: &mut StreamState, n: usize) {
+        if let Some(increment) = st.recv.on_drained(n)
+            && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
+        {
+            st.pending_window += increment;
+            s.readable.notify_one();
+        }
+    }
+
     /// Writes `payload` to the stream's socket now if nothing is queued ahead of it and the
     /// socket has room; queues the rest for the down pump.
     fn deliver(&self, s: &Stream, payload: Bytes) {
         let mut st = s.state.lock().expect("stream state");
         let mut rest = payload;
         // Fast path: nothing queued ahead, so write straight to the socket without waiting.
-        if st.inbox.is_empty()
-            && !st.writing
-            && !st.fin_in
+        if st.writes_directly()
             && let Some(tcp) = s.tcp.get()
         {
             match tcp.try_write(&rest) {
                 Ok(n) => {
                     let _ = rest.split_to(n);
-                    if let Some(increment) = st.recv.on_drained(n)
-                        && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
-                    {
-                        st.pending_window += increment;
-                        s.readable.notify_one();
-                    }
+                    self.drained_directly(s, &mut st, n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => {
@@ -449,17 +454,10 @@ async fn wait_inbox(s: &Stream) -> Result<Inbound, End> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::{ChanRead, ChanWrite, outbound};
+    use crate::io::{ChanRead, ChanWrite, outbound, tcp_pair};
     use bytes::BytesMut;
     use s4t_shared::tunnel::ws::{self, Opcode, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        (a, l.accept().await.unwrap().0)
-    }
 
     fn data_frame(stream: u32, payload: &[u8]) -> Bytes {
         ws::encode_frame(

@@ -66,7 +66,7 @@ impl Pipe {
     pub(crate) async fn drain_into(&self, sock: &TcpStream, len: usize) -> io::Result<usize> {
         loop {
             sock.writable().await?;
-            match sock.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&self.r, None, sock, None, len, FLAGS)?)) {
+            match self.try_drain_into(sock, len) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }

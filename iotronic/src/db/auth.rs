@@ -321,8 +321,8 @@ impl Db {
         row.as_ref().map(user_row).transpose()
     }
 
-    /// Revokes a board: its secret, code and tunnel tokens stop working at once, and the agents close its
-    /// sessions and tunnels at their next sweep. Idempotent.
+    /// Revokes a board: its secret, code and tunnel tokens stop working at once, and the agents
+    /// close its sessions and tunnels at their next sweep. Idempotent.
     pub async fn revoke_board(&self, uuid: &str) -> Result<bool, Error> {
         let now = now_ms();
         let r = sqlx::query(
@@ -339,8 +339,8 @@ impl Db {
     }
 
     /// Rotates a board's credentials: the old secret and tunnel tokens stop working (the board
-    /// is disconnected like a revoked one) and a fresh one-time code, valid until `expires_at`, lets the board
-    /// enroll again and receive a new secret.
+    /// is disconnected like a revoked one) and a fresh one-time code, valid until
+    /// `expires_at`, lets the board enroll again and receive a new secret.
     pub async fn rotate_board(&self, uuid: &str, code: &str, expires_at: i64) -> Result<bool, Error> {
         let now = now_ms();
         let r = sqlx::query(
@@ -361,26 +361,21 @@ impl Db {
     /// Since when the board's tunnel tokens count (Unix ms): its last revocation or rotation
     /// (None: never, or no such board).
     pub async fn board_tokens_after(&self, uuid: &str) -> Result<Option<i64>, Error> {
-        let row = sqlx::query("SELECT tokens_after FROM boards WHERE uuid = $1")
-            .bind(uuid)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
-        match row {
-            Some(r) => col::<Option<i64>>(&r, "tokens_after"),
-            None => Ok(None),
-        }
+        self.board_time(uuid, "tokens_after").await
     }
 
     /// When the board was revoked (None: not revoked, or no such board).
     pub async fn board_revoked_at(&self, uuid: &str) -> Result<Option<i64>, Error> {
-        let row = sqlx::query("SELECT revoked_at FROM boards WHERE uuid = $1")
-            .bind(uuid)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
+        self.board_time(uuid, "revoked_at").await
+    }
+
+    /// A nullable time column of a board (None: NULL, or no such board). `column` is always
+    /// one of the names above, never input.
+    async fn board_time(&self, uuid: &str, column: &'static str) -> Result<Option<i64>, Error> {
+        let sql = format!("SELECT {column} FROM boards WHERE uuid = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(uuid).fetch_optional(self.pool()).await.map_err(db_err)?;
         match row {
-            Some(r) => col::<Option<i64>>(&r, "revoked_at"),
+            Some(r) => col::<Option<i64>>(&r, column),
             None => Ok(None),
         }
     }
