@@ -158,7 +158,7 @@ async fn serve_wstun(
     println!("iotronic: tunnel server on {} (public ports 50001-59999)", mint.url);
     db.upsert_agent(&config.agent_name, "wstun", &mint.url, true, false).await?;
     let tls = tls.map(|t| t.server);
-    crate::wstun_agent::run(db, &mint, listener, config.bind, config.legacy_boards, tls, shutdown).await
+    crate::wstun_agent::run(db, config, &mint, listener, tls, shutdown).await
 }
 
 /// Binds the WAMP router's port.

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wstunnel::packet::PacketChannel;
-use wstunnel::server::{Auth, Server, ServerConfig, ServerHooks};
+use wstunnel::server::{Auth, Server, ServerConfig, ServerHandle, ServerHooks};
 
 use crate::Error;
 use crate::db::{Db, Exposure, NewAudit, admits, now_ms, parse_allow_list};
@@ -55,6 +55,40 @@ impl TunnelMint {
         let expiry = (now_ms() / 1000) as u64 + TOKEN_TTL_S;
         let claims = Claims { board: board.to_owned(), port, vpn: vpn.map(str::to_owned), expiry };
         self.key.mint(&claims).map_err(|e| Error::Invalid(format!("cannot mint a tunnel token: {e}")))
+    }
+}
+
+/// How often a wstun-agent stores its counters for `/metrics` ([`AgentStats`]).
+pub const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// What a wstun-agent has carried since it started, as it stores it (JSON in `agents.stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AgentStats {
+    pub tunnel: wstunnel::TrafficStats,
+    /// Packet counters by VPN.
+    pub vpns: std::collections::BTreeMap<String, crate::vpn::VpnPackets>,
+}
+
+/// Stores the agent's counters now and every [`STATS_EVERY`], and once more when stopped.
+async fn report_stats(db: Db, agent: String, server: ServerHandle, fabric: Arc<Fabric>, stop: CancellationToken) {
+    loop {
+        let stats = AgentStats { tunnel: server.stats(), vpns: fabric.packet_stats().into_iter().collect() };
+        match serde_json::to_string(&stats) {
+            Ok(json) => {
+                if let Err(e) = db.set_agent_stats(&agent, "wstun", &json).await {
+                    warn!(cause = %e, "cannot store the tunnel counters");
+                }
+            }
+            Err(e) => warn!(cause = %e, "cannot encode the tunnel counters"),
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STATS_EVERY) => {}
+            _ = stop.cancelled() => {}
+        }
     }
 }
 
@@ -188,17 +222,18 @@ impl ServerHooks for DbHooks {
     }
 }
 
-/// Runs the tunnel server on `listener` (wss with `tls`) until `shutdown`; public listeners bind
-/// `public_bind`.
+/// Runs the tunnel server on `listener` (wss with `tls`) until `shutdown`, as agent
+/// `config.agent_name`; public listeners bind `config.bind`, legacy wstun clients are served
+/// when `config.legacy_boards`.
 pub async fn run(
     db: Db,
+    config: &crate::ServeConfig,
     mint: &TunnelMint,
     listener: TcpListener,
-    public_bind: std::net::IpAddr,
-    legacy: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let (agent, public_bind, legacy) = (config.agent_name.as_str(), config.bind, config.legacy_boards);
     let std_listener = listener.into_std().map_err(Error::Serve)?;
     let mut cfg = ServerConfig::new(SocketAddr::from(([0, 0, 0, 0], 0)), Auth::Token(mint.key()));
     cfg.listen = wstunnel::server::ListenOn::Listener(std_listener);
@@ -210,10 +245,13 @@ pub async fn run(
     let fabric = Fabric::start(db.clone()).await?;
     let stop = shutdown.child_token();
     let reconciler = tokio::spawn(fabric.clone().run(stop.clone()));
+    let reporter =
+        tokio::spawn(report_stats(db.clone(), agent.to_owned(), server.handle(), fabric.clone(), stop.clone()));
     let hooks = DbHooks { db, fabric, policies: Mutex::default() };
     let r = server.run(Arc::new(hooks), shutdown).await;
     stop.cancel();
     let _ = reconciler.await;
+    let _ = reporter.await;
     if let Err(e) = &r {
         warn!(cause = %e, "the tunnel server stopped");
     }

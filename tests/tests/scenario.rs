@@ -38,6 +38,14 @@ fn rest_as(laptop: &Host, user: &str, password: &str) -> Result<Rest> {
 }
 
 /// `ping` from `host` until one answer comes back (the first ARP or channel set-up may lose one).
+/// The sum of the samples of `metric` whose labels contain `filter` in Prometheus text.
+fn metric_sum(text: &str, metric: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with(['{', ' '])) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn ping(host: &Host, to: &str) -> Result<()> {
     eventually(&format!("{} pings {to}", host.name), Duration::from_secs(20), || {
         host.sh(&format!("ping -c 1 -W 1 {to}")).map(|_| ())
@@ -245,6 +253,21 @@ fn boards_behind_nat_bridged_reached_by_ssh_and_recovering_alone() {
     eprintln!("100 MB over the L2 VPN in {took:?}");
     same("L2 VPN A -> B", &sent, &sink.join().unwrap().unwrap()).unwrap();
     std::fs::remove_file(&file).unwrap();
+    // The operator sees that traffic in /metrics (each wstun-agent reports every few seconds).
+    eventually("the data plane's counters in /metrics", Duration::from_secs(20), || {
+        let (status, v) = admin.call("GET", "/metrics", None)?;
+        let text = v.as_str().with_context(|| format!("/metrics answered {status}: {v}"))?;
+        let to_boards = metric_sum(text, "iotronic_tunnel_bytes_total", "direction=\"to_boards\"");
+        let streams = metric_sum(text, "iotronic_tunnel_streams_total", "");
+        let forwarded = metric_sum(text, "iotronic_vpn_packets_total", "kind=\"forwarded\"");
+        let channels = metric_sum(text, "iotronic_tunnel_channels", "");
+        if to_boards >= MB100 as f64 && streams >= 3.0 && forwarded >= 1.0 && channels == 2.0 {
+            Ok(())
+        } else {
+            bail!("to boards {to_boards} B, {streams} streams, {forwarded} packets forwarded, {channels} channels")
+        }
+    })
+    .unwrap();
 
     // 7. The cloud dies and comes back; nobody touches the boards.
     step("7: cloud restart");

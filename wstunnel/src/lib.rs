@@ -14,8 +14,8 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: [`server::Server`] (bind, run), [`server::ServerHandle`] (revoke, list),
-//!   [`server::ServerHooks`] (the cloud's policy and notifications).
+//! - [`server`]: [`server::Server`] (bind, run), [`server::ServerHandle`] (revoke, list,
+//!   [`TrafficStats`]), [`server::ServerHooks`] (the cloud's policy and notifications).
 //! - [`client`]: [`client::start`] → [`client::ClientHandle`] (expose, unexpose, packet
 //!   channels, observable state).
 //! - [`packet`]: packet channels and the TUN/TAP pump.
@@ -37,9 +37,11 @@ pub mod packet;
 pub mod process;
 pub mod server;
 mod splice;
+mod stats;
 pub mod tls;
 mod transport;
 pub mod wstun;
 
 pub use error::Error;
 pub use handshake::{LEGACY_SUBPROTOCOL, SUBPROTOCOL, fuzz_legacy_route};
+pub use stats::TrafficStats;

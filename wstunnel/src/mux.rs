@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::io::{LargeData, MAX_READ, Next, Outbound, Sent, WsReader};
+use crate::stats::Counters;
 
 /// The streams of one channel.
 pub(crate) struct Mux {
@@ -33,6 +34,8 @@ pub(crate) struct Mux {
     next_id: AtomicU32,
     /// Cancelled when the channel dies: every stream dies with it.
     pub(crate) cancel: CancellationToken,
+    /// The server's (or client's) traffic counters.
+    counters: Arc<Counters>,
 }
 
 pub(crate) struct Stream {
@@ -79,8 +82,23 @@ enum End {
 }
 
 impl Mux {
-    pub(crate) fn new(out: Outbound, window: u32, max_streams: usize, cancel: CancellationToken) -> Mux {
-        Mux { out, streams: Mutex::new(HashMap::new()), window, max_streams, next_id: AtomicU32::new(1), cancel }
+    pub(crate) fn new(
+        out: Outbound,
+        window: u32,
+        max_streams: usize,
+        cancel: CancellationToken,
+        counters: Arc<Counters>,
+    ) -> Mux {
+        let streams = Mutex::new(HashMap::new());
+        Mux { out, streams, window, max_streams, next_id: AtomicU32::new(1), cancel, counters }
+    }
+
+    /// Enters a new stream in the table `t`.
+    fn insert(&self, t: &mut HashMap<u32, Arc<Stream>>, id: u32) -> Arc<Stream> {
+        let s = self.make(id);
+        t.insert(id, s.clone());
+        Counters::add(&self.counters.streams_opened, 1);
+        s
     }
 
     fn make(&self, id: u32) -> Arc<Stream> {
@@ -110,9 +128,7 @@ impl Mux {
         loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if id != 0 && !t.contains_key(&id) {
-                let s = self.make(id);
-                t.insert(id, s.clone());
-                return Some(s);
+                return Some(self.insert(&mut t, id));
             }
         }
     }
@@ -127,14 +143,13 @@ impl Mux {
         if t.len() >= self.max_streams {
             return Err(code::LIMIT);
         }
-        let s = self.make(id);
-        t.insert(id, s.clone());
-        Ok(s)
+        Ok(self.insert(&mut t, id))
     }
 
     pub(crate) fn remove(&self, id: u32) {
         if let Some(s) = self.streams.lock().expect("stream table").remove(&id) {
             s.dead.cancel();
+            Counters::add(&self.counters.streams_closed, 1);
         }
     }
 
@@ -191,6 +206,7 @@ impl Mux {
     /// Counts `len` bytes in against the stream's window; resets the stream on an overrun.
     fn admit(&self, s: &Stream, len: usize) -> bool {
         let res = s.state.lock().expect("stream state").recv.on_data(len);
+        Counters::add(&self.counters.bytes_received, len as u64);
         if let Err(e) = res {
             tracing::warn!(stream = s.id, cause = %e, "peer overran the stream window: reset");
             self.reset(s.id, code::PROTOCOL);
@@ -343,6 +359,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
             Ok(Sent::Data(n)) => *n,
             _ => 0,
         };
+        Counters::add(&mux.counters.bytes_sent, used as u64);
         if used < credit {
             give_back(s, credit - used);
         }
@@ -477,7 +494,7 @@ mod tests {
         let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
         let (sink_end, _keep) = tcp_pair().await;
         let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
-        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new()));
+        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default()));
         let s = mux.accept_stream(5).unwrap();
         let (local, mut dst) = tcp_pair().await;
         // A small receive buffer that is not read at first: part of the data must queue.

@@ -232,7 +232,7 @@ impl LegacyClient {
                     .await
                     .map_err(|e| Error::Legacy(format!("connect to {target}: {e}")))?;
                 let ws = dial(&url, &format!("id={id}")).await?;
-                crate::server::pipe_legacy(ws, tcp).await.map_err(Error::Legacy)
+                crate::server::pipe_legacy(ws, tcp, None).await.map_err(Error::Legacy)
             }
             .await;
             if let Err(e) = res {

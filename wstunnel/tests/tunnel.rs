@@ -79,6 +79,45 @@ async fn large_transfers_arrive_intact_in_both_directions() {
     echo_checksummed(port, 48 * 1024 * 1024).await;
 }
 
+/// The operator's counters ([`wstunnel::TrafficStats`]) follow what the tunnel carries: the
+/// channel, the listener, each connection as a stream, the payload both ways, refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_is_counted_for_the_operator() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    assert_eq!(srv.handle.stats(), wstunnel::TrafficStats::default(), "nothing carried yet");
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("board-a", 0), 0, echo.to_string())).await.unwrap().port;
+    let err = within("expose", client.expose(token("board-a", 1), 2, echo.to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { .. }), "{err:?}");
+    let msg = vec![7u8; 300_000];
+    for _ in 0..3 {
+        let mut s = connect(port).await;
+        assert_eq!(echo_once(&mut s, &msg).await, msg);
+    }
+    let held = connect(port).await;
+    let st = srv.handle.stats();
+    assert_eq!((st.channels_total, st.channels_open, st.listeners_open), (1, 1, 1), "{st:?}");
+    assert_eq!(st.refusals_total, 1, "{st:?}");
+    assert_eq!(st.bytes_sent, 3 * msg.len() as u64, "user → board payload: {st:?}");
+    assert_eq!(st.bytes_received, 3 * msg.len() as u64, "board → user payload: {st:?}");
+    // Connections are counted as the server accepts them; the held one may still be in the
+    // accept queue, and the finished ones are removed as their pumps end.
+    within("streams counted", async {
+        while srv.handle.stats().streams_total < 4 || srv.handle.stats().streams_open != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    drop(held);
+    within("held stream closed", async {
+        while srv.handle.stats().streams_open != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_with_a_reason_and_good_ones_still_work() {
     let srv = start_server().await;

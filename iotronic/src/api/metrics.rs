@@ -1,5 +1,6 @@
 //! `/metrics` in the Prometheus text format: HTTP answers and latency from counters kept
-//! here, boards, sessions, requests, tunnels and queue depth read from the database.
+//! here, boards, sessions, requests, tunnels and queue depth read from the database, and the
+//! data plane's counters each wstun-agent stores there.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::error::ApiResult;
+use crate::wstun_agent::AgentStats;
 
 /// Latency histogram bucket bounds, seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -95,5 +97,83 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
         out,
         "# HELP iotronic_tunnels Services exposed on public ports.\n# TYPE iotronic_tunnels gauge\niotronic_tunnels {tunnels}"
     );
+    render_tunnel_agents(&state.db, &mut out).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The data plane, from what each wstun-agent last stored ([`AgentStats`], every
+/// [`STATS_EVERY`](crate::wstun_agent::STATS_EVERY)): channels, listeners, streams, payload
+/// bytes and refusals of its tunnel server, packets of each VPN.
+async fn render_tunnel_agents(db: &crate::db::Db, out: &mut String) -> ApiResult<()> {
+    let mut agents = Vec::new();
+    for (name, json, at) in db.agent_stats("wstun").await? {
+        match serde_json::from_str::<AgentStats>(&json) {
+            Ok(s) => agents.push((label(&name), s, at)),
+            Err(e) => tracing::warn!(agent = name, cause = %e, "unreadable agent stats: skipped"),
+        }
+    }
+    let now = crate::db::now_ms();
+    type Get = fn(&wstunnel::TrafficStats) -> u64;
+    let series: [(&str, &str, &str, Get); 6] = [
+        ("iotronic_tunnel_channels", "gauge", "Board tunnel channels connected.", |t| t.channels_open),
+        ("iotronic_tunnel_channels_total", "counter", "Board tunnel channels accepted.", |t| t.channels_total),
+        ("iotronic_tunnel_listeners", "gauge", "Public listeners open.", |t| t.listeners_open),
+        ("iotronic_tunnel_streams", "gauge", "Tunneled TCP connections open.", |t| t.streams_open),
+        ("iotronic_tunnel_streams_total", "counter", "Tunneled TCP connections carried.", |t| t.streams_total),
+        ("iotronic_tunnel_refusals_total", "counter", "Listener and VPN requests refused.", |t| t.refusals_total),
+    ];
+    for (metric, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {metric} {help} By wstun-agent.\n# TYPE {metric} {kind}");
+        for (agent, s, _) in &agents {
+            let _ = writeln!(out, "{metric}{{agent=\"{agent}\"}} {}", get(&s.tunnel));
+        }
+    }
+    out.push_str(
+        "# HELP iotronic_tunnel_stats_age_seconds Age of the wstun-agent's last report (a stopped agent's grows).\n\
+         # TYPE iotronic_tunnel_stats_age_seconds gauge\n",
+    );
+    for (agent, _, at) in &agents {
+        let age = (now - at).max(0) as f64 / 1000.0;
+        let _ = writeln!(out, "iotronic_tunnel_stats_age_seconds{{agent=\"{agent}\"}} {age}");
+    }
+    out.push_str(
+        "# HELP iotronic_tunnel_bytes_total Tunneled payload bytes, by wstun-agent and direction.\n\
+         # TYPE iotronic_tunnel_bytes_total counter\n",
+    );
+    for (agent, s, _) in &agents {
+        let t = &s.tunnel;
+        let _ =
+            writeln!(out, "iotronic_tunnel_bytes_total{{agent=\"{agent}\",direction=\"to_boards\"}} {}", t.bytes_sent);
+        let _ = writeln!(
+            out,
+            "iotronic_tunnel_bytes_total{{agent=\"{agent}\",direction=\"from_boards\"}} {}",
+            t.bytes_received
+        );
+    }
+    out.push_str(
+        "# HELP iotronic_vpn_packets_total VPN packets through the cloud, by wstun-agent, VPN and outcome.\n\
+         # TYPE iotronic_vpn_packets_total counter\n",
+    );
+    for (agent, s, _) in &agents {
+        for (vpn, p) in &s.vpns {
+            let vpn = label(vpn);
+            let kinds = [
+                ("sent", p.sent),
+                ("received", p.received),
+                ("forwarded", p.forwarded),
+                ("dropped", p.dropped),
+                ("malformed", p.malformed),
+            ];
+            for (kind, n) in kinds {
+                let _ =
+                    writeln!(out, "iotronic_vpn_packets_total{{agent=\"{agent}\",vpn=\"{vpn}\",kind=\"{kind}\"}} {n}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -414,6 +414,32 @@ impl Db {
         tx.commit().await.map_err(db_err)
     }
 
+    /// Stores what agent `name` of `kind` has carried (JSON), stamped now.
+    pub async fn set_agent_stats(&self, name: &str, kind: &str, stats: &str) -> Result<(), Error> {
+        sqlx::query("UPDATE agents SET stats = $1, stats_at = $2 WHERE name = $3 AND kind = $4")
+            .bind(stats)
+            .bind(now_ms())
+            .bind(name)
+            .bind(kind)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The last stats of each agent of `kind` that reported: (name, JSON, when in Unix ms).
+    pub async fn agent_stats(&self, kind: &str) -> Result<Vec<(String, String, i64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT name, stats, stats_at FROM agents WHERE kind = $1 AND stats IS NOT NULL AND stats_at IS NOT NULL \
+             ORDER BY name",
+        )
+        .bind(kind)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(|r| Ok((col(r, "name")?, col(r, "stats")?, col(r, "stats_at")?))).collect()
+    }
+
     pub async fn agents(&self, kind: &str) -> Result<Vec<Agent>, Error> {
         let rows =
             sqlx::query("SELECT name, kind, url, online, ragent, last_seen FROM agents WHERE kind = $1 ORDER BY name")

@@ -46,6 +46,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "vpn cloud address", include_str!("../../migrations/0005_vpn_cloud_address.sql")),
     (6, "exposure allow-list", include_str!("../../migrations/0006_exposure_allow.sql")),
     (7, "tunnel tokens after", include_str!("../../migrations/0007_tunnel_tokens_after.sql")),
+    (8, "agent stats", include_str!("../../migrations/0008_agent_stats.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

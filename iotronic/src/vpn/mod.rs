@@ -46,7 +46,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use wstunnel::packet::{DeviceSpec, Layer, PacketChannel, PacketSender};
+use wstunnel::packet::{DeviceSpec, Layer, PacketChannel, PacketSender, PumpStats};
 
 use crate::Error;
 use crate::db::{Db, Vpn, cloud_host, parse_cidr};
@@ -107,6 +107,8 @@ pub struct Fabric {
     db: Db,
     state: tokio::sync::Mutex<State>,
     segments: Segments,
+    /// Packet counters by VPN, summed over its members' pumps since this process started.
+    stats: std::sync::Mutex<HashMap<String, Arc<PumpStats>>>,
 }
 
 impl std::fmt::Debug for Fabric {
@@ -134,6 +136,7 @@ impl Fabric {
             db,
             state: tokio::sync::Mutex::new(State { net, ports: HashMap::new(), bridges: HashMap::new() }),
             segments: Arc::default(),
+            stats: std::sync::Mutex::default(),
         });
         if let Err(e) = fabric.adopt_bridges().await {
             warn!(cause = %e, "cannot check the VPN bridges of a previous run");
@@ -206,8 +209,8 @@ impl Fabric {
             bridge_mac: names::mac(&names::bridge(vpn)),
         };
         let stop = cancel.clone();
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).entry(vpn.to_owned()).or_default().clone();
         let task = tokio::spawn(async move {
-            let stats = wstunnel::packet::PumpStats::default();
             let r = wstunnel::packet::pump_routed(&device, channel, layer, stop, &stats, |p| route.next_hop(layer, p));
             if let Err(e) = r.await {
                 warn!(cause = %e, "VPN pump stopped");
@@ -336,11 +339,44 @@ impl Fabric {
         }
     }
 
+    /// Packet counters by VPN since this process started, sorted by VPN.
+    pub fn packet_stats(&self) -> Vec<(String, VpnPackets)> {
+        use portable_atomic::Ordering::Relaxed;
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = stats
+            .iter()
+            .map(|(vpn, s)| {
+                let p = VpnPackets {
+                    sent: s.sent.load(Relaxed),
+                    received: s.received.load(Relaxed),
+                    forwarded: s.forwarded.load(Relaxed),
+                    dropped: s.dropped.load(Relaxed),
+                    malformed: s.malformed.load(Relaxed),
+                };
+                (vpn.clone(), p)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Interfaces of live members, for tests and metrics: (vpn, board, interface).
     pub async fn ports(&self) -> Vec<(String, String, String)> {
         let st = self.state.lock().await;
         st.ports.iter().map(|((v, b), p)| (v.clone(), b.clone(), p.name.clone())).collect()
     }
+}
+
+/// Packets of one VPN through the cloud (see [`PumpStats`]): `sent` to boards, `received`
+/// from boards into the cloud's device, `forwarded` from board to board, `dropped`,
+/// `malformed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VpnPackets {
+    pub sent: u64,
+    pub received: u64,
+    pub forwarded: u64,
+    pub dropped: u64,
+    pub malformed: u64,
 }
 
 /// The IPv4 destination of a packet, if it is one.

@@ -82,7 +82,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
         let window = hello(inner, &mut reader, &out).await?;
         backoff.reset();
         let cancel = guard.cancel.clone();
-        let mux = Arc::new(Mux::new(out.clone(), window, inner.cfg.max_streams, cancel.clone()));
+        let mux = Arc::new(Mux::new(out.clone(), window, inner.cfg.max_streams, cancel.clone(), Arc::default()));
         restore(inner, &out);
         inner.state.send_modify(|s| {
             s.connected = true;

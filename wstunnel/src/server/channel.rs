@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::io::{self, ChanRead, ChanWrite, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
 use crate::packet::{self, Link};
+use crate::stats::Counters;
 
 struct Ctx<H> {
     cfg: Arc<ServerConfig>,
@@ -75,7 +76,8 @@ pub(crate) async fn serve<H: ServerHooks>(
         return;
     }
     let cancel = shutdown.child_token();
-    let mux = Arc::new(Mux::new(out.clone(), cfg.limits.window, cfg.limits.max_streams_per_channel, cancel.clone()));
+    let (window, max_streams) = (cfg.limits.window, cfg.limits.max_streams_per_channel);
+    let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), reg.counters.clone()));
     let chan_id = reg.add_channel(cancel.clone());
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
@@ -283,6 +285,7 @@ async fn listen<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, port: u16, token: Str
         Err((code, reason)) => {
             let board = ctx.board.lock().expect("board").clone();
             tracing::warn!(board, port, code, %reason, "listener refused");
+            Counters::add(&ctx.reg.counters.refused, 1);
             Frame::ListenErr { listener: id, code, reason }
         }
     };
@@ -463,6 +466,7 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
         Ok(()) => Frame::PacketOk { channel: id },
         Err((code, reason)) => {
             tracing::warn!(vpn, code, %reason, "packet channel refused");
+            Counters::add(&ctx.reg.counters.refused, 1);
             Frame::PacketErr { channel: id, code, reason }
         }
     };

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::registry::Registry;
 use super::{ServerConfig, ServerHooks};
+use crate::stats::Counters;
 use crate::transport::Transport;
 
 /// Board name used in hooks and listings for wstun listeners whose board the hooks do not
@@ -116,18 +117,27 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
 }
 
 /// Pipes a data socket to the parked TCP connection until either side closes.
-pub(crate) async fn data<S: Transport>(s: S, leftover: BytesMut, tcp: TcpStream, shutdown: CancellationToken) {
+/// Counted as a stream in the server's traffic.
+pub(crate) async fn data<S: Transport>(
+    s: S,
+    leftover: BytesMut,
+    tcp: TcpStream,
+    counters: &Counters,
+    shutdown: CancellationToken,
+) {
     let ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
+    Counters::add(&counters.streams_opened, 1);
     tokio::select! {
-        r = pipe(ws, tcp) => if let Err(e) = r { tracing::debug!(cause = %e, "legacy data socket ended") },
+        r = pipe(ws, tcp, Some(counters)) => if let Err(e) = r { tracing::debug!(cause = %e, "legacy data socket ended") },
         _ = shutdown.cancelled() => {}
     }
+    Counters::add(&counters.streams_closed, 1);
 }
 
 /// Bytes both ways between a wstun-style WebSocket (binary frames) and a TCP connection.
 /// Either side closing closes the other, as wstun does. Backpressure comes from awaiting each
-/// write before reading more.
-pub(crate) async fn pipe<S>(ws: WebSocketStream<S>, tcp: TcpStream) -> Result<(), String>
+/// write before reading more. Payload bytes are added to `counters` when given.
+pub(crate) async fn pipe<S>(ws: WebSocketStream<S>, tcp: TcpStream, counters: Option<&Counters>) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -137,7 +147,12 @@ where
     let to_tcp = async {
         while let Some(m) = stream.next().await {
             match m.map_err(|e| e.to_string())? {
-                Message::Binary(b) => wr.write_all(&b).await.map_err(|e| e.to_string())?,
+                Message::Binary(b) => {
+                    if let Some(c) = counters {
+                        Counters::add(&c.bytes_received, b.len() as u64);
+                    }
+                    wr.write_all(&b).await.map_err(|e| e.to_string())?
+                }
                 Message::Text(_) => return Err("text frame on a wstun data socket".to_owned()),
                 Message::Close(_) => break,
                 _ => {}
@@ -154,6 +169,9 @@ where
                 break;
             }
             sink.send(Message::binary(buf[..n].to_vec())).await.map_err(|e| e.to_string())?;
+            if let Some(c) = counters {
+                Counters::add(&c.bytes_sent, n as u64);
+            }
         }
         let _ = sink.close().await;
         Ok::<(), String>(())

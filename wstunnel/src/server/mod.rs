@@ -320,7 +320,7 @@ impl<H: ServerHooks> Conn<H> {
                     return Next::Done;
                 };
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
-                    legacy::data(s, inc.leftover, tcp, self.shutdown).await;
+                    legacy::data(s, inc.leftover, tcp, &self.reg.counters, self.shutdown).await;
                 }
             }
         }

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::stats::{Counters, TrafficStats};
+
 pub(crate) struct Registry {
     pub(crate) local_addr: SocketAddr,
     channels: Mutex<HashMap<u64, ChannelEntry>>,
@@ -17,6 +19,7 @@ pub(crate) struct Registry {
     pending: Mutex<HashMap<String, TcpStream>>,
     max_pending: usize,
     next_channel: AtomicU64,
+    pub(crate) counters: Arc<Counters>,
 }
 
 struct ChannelEntry {
@@ -49,11 +52,13 @@ impl Registry {
             pending: Mutex::new(HashMap::new()),
             max_pending,
             next_channel: AtomicU64::new(1),
+            counters: Arc::default(),
         }
     }
 
     pub(crate) fn add_channel(&self, cancel: CancellationToken) -> u64 {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&self.counters.channels, 1);
         self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, cancel });
         id
     }
@@ -185,5 +190,11 @@ impl ServerHandle {
     /// Channels connected now, including those that have not presented a token yet.
     pub fn channel_count(&self) -> usize {
         self.reg.channels.lock().expect("registry").len()
+    }
+
+    /// What the server has carried since it started, and what is open now.
+    pub fn stats(&self) -> TrafficStats {
+        let listeners = self.reg.ports.lock().expect("registry").len();
+        TrafficStats::read(&self.reg.counters, self.channel_count(), listeners)
     }
 }
