@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -75,10 +74,7 @@ fn msg(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error +
 
 /// `sha256:` and the lowercase hex SHA-256 of a DER certificate (the form boards and `s4t`
 /// take with `--ca-fingerprint`).
-pub fn fingerprint_of(der: &[u8]) -> String {
-    let d = Sha256::digest(der);
-    format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
+pub use wstunnel::tls::fingerprint_of;
 
 /// The TLS set-up of `config`: `None` with `--plaintext`; otherwise the operator's chain or the
 /// cloud's own CA (created on first start). Writes `DATA_DIR/ca.fingerprint` either way.

@@ -1,114 +1,24 @@
 //! TLS for `wss://` (WAMP and tunnels): the board trusts exactly the cloud's CA, named by the
 //! SHA-256 fingerprint of its DER certificate (`--ca-fingerprint sha256:HEX`, printed by
-//! `iotronic serve`). No system roots are involved, so a board needs no CA bundle.
-//!
-//! The server must present the pinned certificate in its chain: either the CA (the usual
-//! leaf + CA chain; the leaf is then verified against it, host name included) or a self-signed
-//! server certificate pinned directly (accepted like an SSH host key).
+//! `iotronic serve`). No system roots are involved, so a board needs no CA bundle. The
+//! verifier is [`wstunnel::tls::pinned_client_config`], which the `s4t` command line shares.
 
 use std::sync::Arc;
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 
-/// Starts every certificate failure under the pin, so `enroll` can tell it from a network
-/// failure (exit [`crate::EXIT_UNTRUSTED`]).
-pub const UNTRUSTED: &str = "the cloud did not prove it holds the pinned CA";
+pub use wstunnel::tls::{UNTRUSTED, fingerprint_of};
 
 /// Parses `sha256:HEX` (colons between bytes allowed).
 pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32]> {
     crate::config::validate_fingerprint(fp)?;
-    let hex: Vec<u8> = fp["sha256:".len()..].bytes().filter(|c| *c != b':').collect();
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).map_err(|_| Error::invalid("fingerprint is not hex"))?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| Error::invalid("fingerprint is not hex"))?;
-    }
-    Ok(out)
-}
-
-/// `sha256:` and the lowercase hex digest of a DER certificate.
-pub fn fingerprint_of(der: &[u8]) -> String {
-    let d = Sha256::digest(der);
-    format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-#[derive(Debug)]
-struct PinnedCa {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let matches = |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pin;
-        if matches(end_entity) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let Some(ca) = intermediates.iter().find(|c| matches(c)) else {
-            return Err(rustls::Error::General(format!(
-                "{UNTRUSTED}: its certificate chain does not contain it (check --ca-fingerprint)"
-            )));
-        };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        // The CA certificate is public: a man in the middle can send it too, and then fails
-        // here (signature, name, validity), which is the same verdict.
-        verifier
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            .map_err(|e| rustls::Error::General(format!("{UNTRUSTED}: {e}")))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    wstunnel::tls::parse_fingerprint(fp).ok_or_else(|| Error::invalid("fingerprint is not hex"))
 }
 
 /// A rustls (ring) client configuration that trusts only the pinned CA.
 pub fn pinned_client_config(fingerprint: &str) -> Result<Arc<rustls::ClientConfig>> {
-    let pin = parse_fingerprint(fingerprint)?;
-    let provider = wstunnel::tls::provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::invalid(format!("TLS: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    wstunnel::tls::pinned_client_config(parse_fingerprint(fingerprint)?)
+        .map_err(|e| Error::invalid(format!("TLS: {e}")))
 }
 
 /// The TLS configuration for `url`: `None` for `ws://`; for `wss://` the pinned CA, which must
@@ -128,7 +38,8 @@ pub fn for_url(url: &str, fingerprint: Option<&str>) -> Result<Option<Arc<rustls
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use sha2::{Digest, Sha256};
 
     struct Pki {
         ca: CertificateDer<'static>,

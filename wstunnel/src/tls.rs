@@ -1,13 +1,16 @@
-//! rustls configurations (ring provider) for the command line and the benchmark.
+//! rustls configurations (ring provider): the tunnel's command line and benchmark, and the
+//! CA pin every Stack4Things client (board, `s4t`) uses to trust exactly the cloud's CA.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, ring};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
 
 use crate::error::Error;
 
@@ -77,6 +80,103 @@ pub fn client_config_insecure() -> Result<Arc<rustls::ClientConfig>, Error> {
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
         .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+/// Starts every failure of a pinned client's certificate check (lightning-rod tells it from a
+/// network failure by it).
+pub const UNTRUSTED: &str = "the cloud did not prove it holds the pinned CA";
+
+/// Parses a CA pin, `sha256:` and 64 hex digits (colons between bytes allowed).
+pub fn parse_fingerprint(fp: &str) -> Option<[u8; 32]> {
+    let hex: Vec<u8> = fp.strip_prefix("sha256:")?.bytes().filter(|c| *c != b':').collect();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The pin of a DER certificate: `sha256:` and the lowercase hex of its SHA-256.
+pub fn fingerprint_of(der: &[u8]) -> String {
+    let d = Sha256::digest(der);
+    format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// A client configuration that trusts exactly the CA whose certificate has SHA-256 `pin`
+/// ([`parse_fingerprint`]). No system roots are involved. The server must present the pinned
+/// certificate in its chain: the CA (the leaf is then verified against it, host name
+/// included), or a self-signed server certificate pinned directly (accepted like an SSH host
+/// key). Failures start with [`UNTRUSTED`].
+pub fn pinned_client_config(pin: [u8; 32]) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let provider = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct PinnedCa {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pinned = |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pin;
+        if pinned(end_entity) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let Some(ca) = intermediates.iter().find(|c| pinned(c)) else {
+            return Err(rustls::Error::General(format!(
+                "{UNTRUSTED}: its certificate chain does not contain it (check --ca-fingerprint)"
+            )));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        // The CA certificate is public: a man in the middle can send it too, and then fails
+        // here (signature, name, validity), which is the same verdict.
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .map_err(|e| rustls::Error::General(format!("{UNTRUSTED}: {e}")))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[derive(Debug)]

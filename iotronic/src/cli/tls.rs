@@ -1,105 +1,25 @@
 //! https to the cloud. With `--ca-fingerprint sha256:HEX` (the pin `iotronic serve` prints) the
 //! CLI trusts exactly that CA, which the cloud must send in its chain (or a self-signed server
-//! certificate pinned directly, like an SSH host key); without a pin, the public web roots, and
-//! a certificate they do not vouch for fails with the way to pin (`client.rs`). There is no
+//! certificate pinned directly, like an SSH host key): the verifier the boards use,
+//! [`wstunnel::tls::pinned_client_config`]. Without a pin, the public web roots, and a
+//! certificate they do not vouch for fails with the way to pin (`client.rs`). There is no
 //! option to skip verification. rustls with the ring provider only.
-
-use std::sync::Arc;
-
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
 
 use super::error::{Failure, Result};
 
 /// Parses `sha256:HEX` (64 hex digits, colons between bytes allowed).
 pub fn parse_fingerprint(fp: &str) -> Result<[u8; 32]> {
-    let bad = || {
+    wstunnel::tls::parse_fingerprint(fp).ok_or_else(|| {
         Failure::usage(format!("CA fingerprint {fp:?} is not sha256:HEX"))
             .with_hint("copy it from `iotronic serve`'s output or DATA_DIR/ca.fingerprint")
-    };
-    let hex: Vec<u8> = fp.strip_prefix("sha256:").ok_or_else(bad)?.bytes().filter(|c| *c != b':').collect();
-    if hex.len() != 64 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| bad())?;
-    }
-    Ok(out)
-}
-
-#[derive(Debug)]
-struct PinnedCa {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let pinned = |c: &CertificateDer<'_>| Sha256::digest(c.as_ref()).as_slice() == self.pin;
-        if pinned(end_entity) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let Some(ca) = intermediates.iter().find(|c| pinned(c)) else {
-            return Err(rustls::Error::General(
-                "the cloud's certificate chain does not contain the pinned CA (check --ca-fingerprint)".into(),
-            ));
-        };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        // The CA certificate is public: a man in the middle may send it too, and fails here.
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-            .map_err(|e| rustls::Error::General(format!("not signed for this name by the pinned CA: {e}")))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    })
 }
 
 /// A client configuration trusting only the pinned CA.
 pub fn pinned(fingerprint: &str) -> Result<rustls::ClientConfig> {
-    let pin = parse_fingerprint(fingerprint)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Failure::internal(format!("TLS set-up: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa { pin, provider }))
-        .with_no_client_auth())
+    let config = wstunnel::tls::pinned_client_config(parse_fingerprint(fingerprint)?)
+        .map_err(|e| Failure::internal(format!("TLS set-up: {e}")))?;
+    Ok(std::sync::Arc::unwrap_or_clone(config))
 }
 
 #[cfg(test)]
@@ -107,7 +27,8 @@ mod tests {
     use super::*;
     use crate::cli::client::Client;
     use crate::cli::error::Kind;
-    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Pki {
@@ -129,7 +50,7 @@ mod tests {
     }
 
     fn pin_of(der: &[u8]) -> String {
-        format!("sha256:{}", Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect::<String>())
+        wstunnel::tls::fingerprint_of(der)
     }
 
     /// An https server on 127.0.0.1 that answers every request with `{}`; returns its port.
