@@ -191,6 +191,29 @@ async fn auth_tenancy_actions_gpio_i2c_and_queued_commands() {
         assert_eq!(v["boards"].as_array().unwrap().len(), 0);
         let (_, v) = cloud.req("GET", "/v1/boards", Some(&ann), None).await;
         assert_eq!(v["boards"][0]["name"], "a1");
+        // Lists come in pages (limit, marker, sort_key, sort_dir): `next` leads to the end.
+        for n in ["a2", "a3"] {
+            let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body(n))).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+        }
+        let mut names = Vec::new();
+        let mut next = Some("/v1/boards?limit=2&sort_key=name&sort_dir=desc".to_owned());
+        while let Some(page) = next {
+            let (s, v) = cloud.req("GET", &page, Some(&ann), None).await;
+            assert_eq!(s, StatusCode::OK, "{page}: {v}");
+            names.extend(v["boards"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_owned()));
+            next = v["next"].as_str().map(str::to_owned);
+        }
+        assert_eq!(names, ["a3", "a2", "a1"], "{}", t.name);
+        let foreign_marker = format!("/v1/boards?marker={a1}");
+        for (who, page) in [
+            (&ann, "/v1/boards?limit=0"),
+            (&ann, "/v1/boards/detail?sort_key=secret_key"),
+            (&bob, foreign_marker.as_str()),
+        ] {
+            let (s, v) = cloud.req("GET", page, Some(who), None).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{page}: {v}");
+        }
 
         // Offline: refused with a hint, or queued and delivered at login.
         let ping = json!({"action": "DevicePing", "parameters": {}});

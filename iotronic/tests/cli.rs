@@ -460,3 +460,29 @@ async fn completions_for_bash_zsh_and_fish() {
     let help = u.run(&["--help"]).await.ok();
     assert!(help.stdout.contains("Exit codes:") && help.stdout.contains("s4t ssh pi1"), "{help:#?}");
 }
+
+/// A fleet longer than one page (1,000 boards): `s4t board list` follows the cloud's `next`
+/// links and shows every board once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn board_list_shows_fleets_longer_than_a_page() {
+    let c = cloud().await;
+    let db = iotronic::db::Db::open(&iotronic::db::DatabaseUrl::sqlite_in(&c.dir.path().join("cloud"))).await.unwrap();
+    let project = db.project("admin").await.unwrap().unwrap().uuid;
+    let total = iotronic::db::MAX_LIMIT as usize + 7;
+    for i in 0..total {
+        let b = iotronic::db::NewBoard {
+            name: format!("pi-{i:04}"),
+            code: format!("code-{i}"),
+            project: project.clone(),
+            ..Default::default()
+        };
+        db.insert_board(b).await.unwrap();
+    }
+    let admin = User::new(c.dir.path(), "admin");
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    let v = admin.run(&["board", "list", "--json"]).await.ok().json();
+    let names: std::collections::BTreeSet<_> =
+        v["boards"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!((v["boards"].as_array().unwrap().len(), names.len()), (total, total), "every board once");
+    assert!(v.get("next").is_none(), "{}", v["next"]);
+}

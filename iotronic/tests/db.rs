@@ -5,7 +5,7 @@ mod common;
 
 use common::TestDb;
 use iotronic::Error;
-use iotronic::db::{Db, NewBoard, RequestStatus, Role, now_ms};
+use iotronic::db::{Db, NewBoard, Page, RequestStatus, Role, now_ms};
 use serde_json::json;
 
 async fn project_and_board(db: &Db, name: &str) -> (String, String) {
@@ -44,6 +44,56 @@ async fn migrations_are_idempotent_and_auth_rows_round_trip() {
         assert_eq!((info.user_name.as_str(), info.project_name.as_str()), ("alice", "alpha"));
         assert!(t.db.token("h2").await.unwrap().is_none(), "{}: an expired token was accepted", t.name);
         assert!(t.db.token("nope").await.unwrap().is_none());
+    }
+}
+
+/// Keyset pages cover a list exactly once, in order, whatever the sort key and direction, and
+/// even when rows share a sort value (boards created in the same millisecond).
+#[tokio::test]
+async fn lists_come_in_pages_that_cover_them_exactly_once() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        let (p, _) = project_and_board(db, "zz-first").await;
+        let (_, foreign) = project_and_board(db, "other-project").await;
+        for i in 0..6 {
+            let nb = NewBoard {
+                name: format!("b{}", (i * 7) % 6),
+                code: format!("c{i}"),
+                project: p.clone(),
+                ..Default::default()
+            };
+            db.insert_board(nb).await.unwrap();
+        }
+        for (key, desc) in
+            [("created_at", false), ("created_at", true), ("name", false), ("name", true), ("uuid", true)]
+        {
+            let mut all = db.list_boards_page(Some(&p), None, &Page { key, desc, ..Page::first(key) }).await.unwrap();
+            assert_eq!(all.len(), 7, "{}", t.name);
+            assert!(all.iter().all(|b| b.uuid != foreign), "{}: another project's board", t.name);
+            let mut paged = Vec::new();
+            let mut page = Page { limit: 3, marker: None, key, desc };
+            loop {
+                let got = db.list_boards_page(Some(&p), None, &page).await.unwrap();
+                assert!(got.len() <= 3);
+                paged.extend(got.iter().map(|b| b.uuid.clone()));
+                match got.last() {
+                    Some(last) if got.len() == 3 => page.marker = Some(last.uuid.clone()),
+                    _ => break,
+                }
+            }
+            let whole: Vec<_> = all.iter().map(|b| b.uuid.clone()).collect();
+            assert_eq!(paged, whole, "{}: {key} desc={desc}", t.name);
+            if key == "name" {
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                if desc {
+                    all.reverse();
+                }
+                let names: Vec<_> = all.iter().map(|b| b.name.clone()).collect();
+                let got: Vec<_> =
+                    db.list_boards_page(Some(&p), None, &Page { key, desc, ..Page::first(key) }).await.unwrap();
+                assert_eq!(got.iter().map(|b| b.name.clone()).collect::<Vec<_>>(), names, "{}", t.name);
+            }
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::auth::check_name;
 use super::calls::{CallOpts, Outcome, call_board, check_lease};
 use super::error::{ApiResult, Body};
+use super::paging;
 use super::{AppState, Caller};
 use crate::Error;
 use crate::conductor::PUBLIC_PORTS;
@@ -116,7 +117,23 @@ pub async fn visible_board(state: &AppState, c: &Caller, ident: &str) -> Result<
     state.db.board(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("board {ident} not found")))
 }
 
-async fn list_boards(state: &AppState, c: &Caller, q: &HashMap<String, String>) -> Result<Vec<Board>, Error> {
+/// Sort keys of the board list (`id`, the original's default, is the creation order).
+const SORT_KEYS: &[(&str, &str)] = &[
+    ("id", "created_at"),
+    ("created_at", "created_at"),
+    ("updated_at", "updated_at"),
+    ("name", "name"),
+    ("uuid", "uuid"),
+    ("status", "status"),
+];
+
+/// One page of the boards the caller may see ([`paging`]), and the `next` link if it is full.
+async fn list_boards(
+    state: &AppState,
+    c: &Caller,
+    q: &HashMap<String, String>,
+    path: &str,
+) -> Result<(Vec<Board>, Option<String>), Error> {
     let project = match q.get("project") {
         Some(p) if c.is_admin => {
             Some(state.db.project(p).await?.ok_or_else(|| Error::NotFound(format!("project {p} not found")))?.uuid)
@@ -130,7 +147,23 @@ async fn list_boards(state: &AppState, c: &Caller, q: &HashMap<String, String>) 
     {
         return Err(Error::Invalid(format!("?status={s}: use registered, offline or online")));
     }
-    state.db.list_boards(project.as_deref(), status, None).await
+    let mut page = paging::page(q, SORT_KEYS)?;
+    if let Some(m) = &page.marker {
+        let b = state.db.board(m, project.as_deref()).await?;
+        page.marker = Some(b.ok_or_else(|| Error::Invalid(format!("?marker={m}: no such board in this list")))?.uuid);
+    }
+    let boards = state.db.list_boards_page(project.as_deref(), status, &page).await?;
+    let next = paging::next(path, q, &page, boards.len(), boards.last().map(|b| b.uuid.as_str()));
+    Ok((boards, next))
+}
+
+/// `{"boards": [...]}`, with `"next"` when there is a page after this one.
+fn board_list(items: Vec<Value>, next: Option<String>) -> Json<Value> {
+    let mut out = json!({ "boards": items });
+    if let Some(n) = next {
+        out["next"] = json!(n);
+    }
+    Json(out)
 }
 
 pub async fn list(
@@ -138,7 +171,7 @@ pub async fn list(
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let boards = list_boards(&state, &c, &q).await?;
+    let (boards, next) = list_boards(&state, &c, &q, "/v1/boards").await?;
     let fields = fields_param(&q);
     let out: Vec<Value> = boards
         .iter()
@@ -147,7 +180,7 @@ pub async fn list(
             None => subset(board_json(b), LIST_FIELDS),
         })
         .collect();
-    Ok(Json(json!({"boards": out})))
+    Ok(board_list(out, next))
 }
 
 pub async fn list_detail(
@@ -155,8 +188,8 @@ pub async fn list_detail(
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let boards = list_boards(&state, &c, &q).await?;
-    Ok(Json(json!({"boards": boards.iter().map(board_json).collect::<Vec<_>>()})))
+    let (boards, next) = list_boards(&state, &c, &q, "/v1/boards/detail").await?;
+    Ok(board_list(boards.iter().map(board_json).collect(), next))
 }
 
 #[derive(Deserialize)]

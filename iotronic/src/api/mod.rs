@@ -23,6 +23,7 @@ mod calls;
 pub mod error;
 mod metrics;
 mod objects;
+mod paging;
 mod plugins;
 mod schemas;
 mod security;

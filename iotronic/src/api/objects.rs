@@ -460,8 +460,20 @@ pub async fn list_requests(
         Some(b) => Some(visible_board(&state, &c, b).await?.uuid),
         None => None,
     };
-    let r = state.db.list_requests(c.scope(), board.as_deref()).await?;
-    Ok(Json(json!({"requests": r.iter().map(request_json).collect::<Vec<_>>()})))
+    const KEYS: &[(&str, &str)] =
+        &[("created_at", "created_at"), ("id", "created_at"), ("updated_at", "updated_at"), ("status", "status")];
+    let mut page = super::paging::page(&q, KEYS)?;
+    if let Some(m) = &page.marker {
+        let r = state.db.request(m, c.scope()).await?;
+        page.marker = Some(r.ok_or_else(|| Error::Invalid(format!("?marker={m}: no such request")))?.uuid);
+    }
+    let r = state.db.list_requests_page(c.scope(), board.as_deref(), &page).await?;
+    let next = super::paging::next("/v1/requests", &q, &page, r.len(), r.last().map(|x| x.uuid.as_str()));
+    let mut out = json!({"requests": r.iter().map(request_json).collect::<Vec<_>>()});
+    if let Some(n) = next {
+        out["next"] = json!(n);
+    }
+    Ok(Json(out))
 }
 
 pub async fn show_request(

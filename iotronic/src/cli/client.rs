@@ -112,6 +112,26 @@ impl Client {
         Ok(self.call(Method::GET, path, None).await?.body)
     }
 
+    /// A whole list: `GET path`, then every `next` page the cloud links (long lists come in
+    /// pages of up to 1,000), joined as `{key: [...]}`.
+    pub async fn get_all(&self, path: &str, key: &str) -> Result<Value> {
+        let mut v = self.get(path).await?;
+        let mut next = v.get("next").and_then(Value::as_str).map(str::to_owned);
+        while let Some(page) = next.take() {
+            let mut more = self.get(&page).await?;
+            next = more.get("next").and_then(Value::as_str).map(str::to_owned);
+            if let (Some(all), Some(Value::Array(items))) =
+                (v.get_mut(key).and_then(Value::as_array_mut), more.get_mut(key).map(Value::take))
+            {
+                all.extend(items);
+            }
+        }
+        if let Some(m) = v.as_object_mut() {
+            m.remove("next");
+        }
+        Ok(v)
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> Result<Reply> {
         self.call(Method::POST, path, Some(body)).await
     }

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, json_col, new_uuid, now_ms, unique_or};
+use super::{Db, Page, col, db_err, json_col, new_uuid, now_ms, unique_or};
 use crate::Error;
 
 /// A board row. `secret_key` (a derived key, not the secret) stays out of `Debug`.
@@ -228,6 +228,31 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(db_err)?;
+        rows.iter().map(board_row).collect()
+    }
+
+    /// One page of [`list_boards`](Self::list_boards) (no fleet filter).
+    pub async fn list_boards_page(
+        &self,
+        project: Option<&str>,
+        status: Option<&str>,
+        page: &Page,
+    ) -> Result<Vec<Board>, Error> {
+        let sql = format!(
+            "{}WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR status = $4){}",
+            board_query!(""),
+            page.sql("boards", 5)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .bind(status.unwrap_or(""))
+            .bind(status.unwrap_or(""))
+            .bind(page.marker())
+            .bind(page.marker())
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
         rows.iter().map(board_row).collect()
     }
 

@@ -13,6 +13,7 @@ mod auth;
 mod boards;
 mod leases;
 mod objects;
+mod page;
 mod plugins;
 mod requests;
 
@@ -32,6 +33,7 @@ pub use leases::Lease;
 pub use objects::{
     Exposure, Fleet, MAX_ALLOW, Service, Vpn, VpnMember, admits, cloud_host, parse_allow_list, parse_cidr,
 };
+pub use page::{MAX_LIMIT, Page};
 pub use plugins::{Injection, Plugin};
 pub use requests::{Request, RequestStatus, ResultRow};
 

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, json_col, new_uuid, now_ms};
+use super::{Db, Page, col, db_err, json_col, new_uuid, now_ms};
 use crate::Error;
 
 /// Where a request is in its life.
@@ -146,18 +146,27 @@ impl Db {
         row.as_ref().map(request_row).transpose()
     }
 
-    pub async fn list_requests(&self, project: Option<&str>, board: Option<&str>) -> Result<Vec<Request>, Error> {
-        let rows = sqlx::query(
-            "SELECT * FROM requests WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR destination_uuid = $4) \
-             ORDER BY created_at, uuid",
-        )
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .bind(board.unwrap_or(""))
-        .bind(board.unwrap_or(""))
-        .fetch_all(self.pool())
-        .await
-        .map_err(db_err)?;
+    /// One page of the requests of `project` (all: `None`), to `board` if given.
+    pub async fn list_requests_page(
+        &self,
+        project: Option<&str>,
+        board: Option<&str>,
+        page: &Page,
+    ) -> Result<Vec<Request>, Error> {
+        let sql = format!(
+            "SELECT * FROM requests WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR destination_uuid = $4){}",
+            page.sql("requests", 5)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .bind(board.unwrap_or(""))
+            .bind(board.unwrap_or(""))
+            .bind(page.marker())
+            .bind(page.marker())
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
         rows.iter().map(request_row).collect()
     }
 

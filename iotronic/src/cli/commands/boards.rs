@@ -168,7 +168,7 @@ pub async fn run(ctx: &Ctx, cmd: BoardCmd) -> Result<()> {
                         q.push(format!("project={}", seg(p)));
                     }
                     let q = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
-                    client.get(&format!("/v1/boards/detail{q}")).await?
+                    client.get_all(&format!("/v1/boards/detail{q}"), "boards").await?
                 }
             };
             print_list(ctx, &v, a.status.as_deref());

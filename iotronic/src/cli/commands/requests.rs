@@ -25,7 +25,7 @@ pub async fn run(ctx: &Ctx, cmd: RequestCmd) -> Result<()> {
     match cmd {
         RequestCmd::List { board } => {
             let q = board.map(|b| format!("?board={}", seg(&b))).unwrap_or_default();
-            let v = client.get(&format!("/v1/requests{q}")).await?;
+            let v = client.get_all(&format!("/v1/requests{q}"), "requests").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {

@@ -167,7 +167,7 @@ pub async fn proxy(ctx: &Ctx, a: SshProxyArgs) -> Result<()> {
 pub async fn config(ctx: &Ctx, a: SshConfigArgs) -> Result<()> {
     let client = ctx.client()?;
     let boards: Vec<String> = if a.boards.is_empty() {
-        let v = client.get("/v1/boards").await?;
+        let v = client.get_all("/v1/boards", "boards").await?;
         items(&v, "boards").iter().map(|b| field(b, "name")).collect()
     } else {
         a.boards.clone()

@@ -141,7 +141,7 @@ async fn add_member(ctx: &Ctx, client: &Client, vpn: &str, board: &str, address:
 /// The members of a VPN with their board names.
 async fn members_named(client: &Client, vpn: &str) -> Result<Vec<Value>> {
     let m = client.get(&format!("/v1/vpns/{}/boards", seg(vpn))).await?;
-    let boards = client.get("/v1/boards").await?;
+    let boards = client.get_all("/v1/boards", "boards").await?;
     Ok(items(&m, "members")
         .iter()
         .map(|x| {
