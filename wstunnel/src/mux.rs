@@ -7,7 +7,7 @@
 //! for socket readiness, then reads into a fresh buffer).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -36,6 +36,11 @@ pub(crate) struct Mux {
     pub(crate) cancel: CancellationToken,
     /// The server's (or client's) traffic counters.
     counters: Arc<Counters>,
+    /// Bytes held for all streams of this channel whose sockets could not take them yet.
+    buffered: AtomicUsize,
+    /// Most bytes the channel holds that way: beyond, the stream holding the most is reset
+    /// (its reader has stalled the longest). Each stream stays within its window as well.
+    budget: usize,
 }
 
 pub(crate) struct Stream {
@@ -57,6 +62,8 @@ struct StreamState {
     /// The down pump holds chunks taken from the inbox and is writing them: the reader task
     /// must queue behind them rather than write directly.
     writing: bool,
+    /// Bytes in the inbox plus those the down pump is writing (counted in `Mux::buffered`).
+    held: usize,
     /// Credit to grant that the reader task could not queue; the down pump sends it.
     pending_window: u32,
     fin_in: bool,
@@ -88,9 +95,11 @@ impl Mux {
         max_streams: usize,
         cancel: CancellationToken,
         counters: Arc<Counters>,
+        budget: usize,
     ) -> Mux {
         let streams = Mutex::new(HashMap::new());
-        Mux { out, streams, window, max_streams, next_id: AtomicU32::new(1), cancel, counters }
+        let buffered = AtomicUsize::new(0);
+        Mux { out, streams, window, max_streams, next_id: AtomicU32::new(1), cancel, counters, buffered, budget }
     }
 
     /// Enters a new stream in the table `t`.
@@ -108,6 +117,7 @@ impl Mux {
             state: Mutex::new(StreamState {
                 inbox: VecDeque::new(),
                 writing: false,
+                held: 0,
                 pending_window: 0,
                 fin_in: false,
                 recv: RecvWindow::new(self.window),
@@ -147,9 +157,12 @@ impl Mux {
     }
 
     pub(crate) fn remove(&self, id: u32) {
-        if let Some(s) = self.streams.lock().expect("stream table").remove(&id) {
+        let removed = self.streams.lock().expect("stream table").remove(&id);
+        if let Some(s) = removed {
             s.dead.cancel();
             Counters::add(&self.counters.streams_closed, 1);
+            let mut st = s.state.lock().expect("stream state");
+            self.buffered.fetch_sub(std::mem::take(&mut st.held), Ordering::Relaxed);
         }
     }
 
@@ -275,9 +288,8 @@ impl Mux {
             self.drained_directly(s, &mut st, j);
             if j < k {
                 // The stream's socket is full: the rest waits in its inbox, like any data.
-                st.inbox.push_back(reader.pipe_take(k - j)?);
-                drop(st);
-                s.readable.notify_one();
+                let rest = reader.pipe_take(k - j)?;
+                self.queue(s, st, rest);
             }
         }
         Ok(())
@@ -318,10 +330,42 @@ impl Mux {
             }
         }
         if !rest.is_empty() {
-            st.inbox.push_back(rest);
-            drop(st);
-            s.readable.notify_one();
+            self.queue(s, st, rest);
         }
+    }
+
+    /// Queues `b` for the stream's down pump, counted against the channel's budget.
+    fn queue(&self, s: &Stream, mut st: std::sync::MutexGuard<'_, StreamState>, b: Bytes) {
+        st.held += b.len();
+        let total = self.buffered.fetch_add(b.len(), Ordering::Relaxed) + b.len();
+        st.inbox.push_back(b);
+        drop(st);
+        s.readable.notify_one();
+        if total > self.budget {
+            self.shed();
+        }
+    }
+
+    /// The channel holds more than its budget for streams whose sockets do not take their
+    /// data: resets the stream holding the most, whose reader has stalled the longest.
+    fn shed(&self) {
+        let victim = {
+            let t = self.streams.lock().expect("stream table");
+            t.values().map(|s| (s.state.lock().expect("stream state").held, s.id)).max()
+        };
+        if let Some((held, id)) = victim {
+            tracing::warn!(stream = id, held, budget = self.budget, "channel over its buffer budget: stream reset");
+            self.reset(id, code::LIMIT);
+        }
+    }
+
+    /// The down pump wrote `n` queued bytes.
+    fn written(&self, s: &Stream, n: usize) {
+        let mut st = s.state.lock().expect("stream state");
+        // A stream removed meanwhile has given its bytes back already.
+        let n = n.min(st.held);
+        st.held -= n;
+        self.buffered.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -420,6 +464,7 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                         r = write_all(tcp, &c) => r.map_err(|_| End::Local(code::IO))?,
                         _ = s.dead.cancelled() => return Err(End::Gone),
                     }
+                    mux.written(s, c.len());
                 }
                 let inc = {
                     let mut st = s.state.lock().expect("stream state");
@@ -484,6 +529,32 @@ mod tests {
         )
     }
 
+    /// A channel whose streams' sockets stop taking data holds at most its budget: the
+    /// stream holding the most is reset, the others keep their data.
+    #[tokio::test]
+    async fn a_channel_over_its_budget_resets_the_stream_holding_the_most() {
+        let (sink_end, _keep) = tcp_pair().await;
+        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let budget = 1 << 20;
+        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), budget));
+        let mut readers_that_never_read = Vec::new();
+        for id in 1..=3 {
+            let s = mux.accept_stream(id).unwrap();
+            let (local, peer) = tcp_pair().await;
+            socket2::SockRef::from(&peer).set_recv_buffer_size(4096).unwrap();
+            socket2::SockRef::from(&local).set_send_buffer_size(4096).unwrap();
+            tokio::spawn(run_stream(mux.clone(), s, local));
+            readers_that_never_read.push(peer);
+        }
+        for (stream, n) in [(1, 400_000), (2, 700_000), (3, 300_000)] {
+            mux.on_frame(Frame::Data { stream, payload: Bytes::from(vec![7u8; n]) }).unwrap();
+        }
+        assert!(mux.get(2).is_none(), "the stream holding the most was reset");
+        assert!(mux.get(1).is_some() && mux.get(3).is_some(), "the others were not");
+        let held = mux.buffered.load(Ordering::Relaxed);
+        assert!(held <= budget && held > 600_000, "{held} bytes held");
+    }
+
     /// Large data frames are delivered with their payload spliced (or, behind a full socket,
     /// queued) in order, and a large frame for a stream that is gone is skipped whole: the
     /// channel's next frame is read from the right place.
@@ -494,7 +565,7 @@ mod tests {
         let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
         let (sink_end, _keep) = tcp_pair().await;
         let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
-        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default()));
+        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
         let s = mux.accept_stream(5).unwrap();
         let (local, mut dst) = tcp_pair().await;
         // A small receive buffer that is not read at first: part of the data must queue.

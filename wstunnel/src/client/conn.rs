@@ -82,7 +82,8 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
         let window = hello(inner, &mut reader, &out).await?;
         backoff.reset();
         let cancel = guard.cancel.clone();
-        let mux = Arc::new(Mux::new(out.clone(), window, inner.cfg.max_streams, cancel.clone(), Arc::default()));
+        let (max_streams, budget) = (inner.cfg.max_streams, inner.cfg.max_buffered);
+        let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), Arc::default(), budget));
         restore(inner, &out);
         inner.state.send_modify(|s| {
             s.connected = true;

@@ -48,6 +48,10 @@ pub struct ClientConfig {
     pub target_connect_timeout: Duration,
     /// Streams the client accepts at once.
     pub max_streams: usize,
+    /// The most the channel buffers for streams whose local sockets do not take their data
+    /// (each stream also within the server's window): beyond, the stream holding the most is
+    /// reset. A board has little memory.
+    pub max_buffered: usize,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -68,6 +72,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(65),
             target_connect_timeout: Duration::from_secs(10),
             max_streams: 2_048,
+            max_buffered: 32 * 1024 * 1024,
         }
     }
 }

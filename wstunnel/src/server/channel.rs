@@ -77,7 +77,8 @@ pub(crate) async fn serve<H: ServerHooks>(
     }
     let cancel = shutdown.child_token();
     let (window, max_streams) = (cfg.limits.window, cfg.limits.max_streams_per_channel);
-    let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), reg.counters.clone()));
+    let budget = cfg.limits.max_buffered_per_channel;
+    let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), reg.counters.clone(), budget));
     let chan_id = reg.add_channel(cancel.clone());
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),

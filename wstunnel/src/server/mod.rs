@@ -75,6 +75,9 @@ pub struct Limits {
     /// Flow-control window per stream and direction: the most one stream can make the
     /// receiving side buffer.
     pub window: u32,
+    /// The most one channel buffers for streams whose users do not read (each stream also
+    /// within its window): beyond, the stream holding the most is reset.
+    pub max_buffered_per_channel: usize,
     /// TLS + HTTP upgrade + Hello must complete within this.
     pub handshake_timeout: Duration,
     /// A WebSocket ping is sent this often on every channel.
@@ -92,13 +95,12 @@ impl Default for Limits {
         Limits {
             max_connections: 16_384,
             max_listeners_per_channel: 64,
-            // Streams × window bounds what one channel can make the server buffer (4 GiB, as
-            // with 8,192 × 512 KiB before the window grew).
             max_streams_per_channel: 2_048,
             max_packet_channels_per_channel: 8,
             // 2 MiB: one stream's throughput on loopback grew 10-25 % over 512 KiB (the
             // sender waited for credit), docs/benchmarks.md.
             window: 2 * 1024 * 1024,
+            max_buffered_per_channel: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(65),
