@@ -422,7 +422,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
 
 async fn wait_credit(s: &Stream) -> Result<usize, End> {
     loop {
-        let n = s.state.lock().expect("stream state").send.take(MAX_READ);
+        let n = s.state.lock().expect("stream state").send.take(crate::io::BATCH * MAX_READ);
         if n > 0 {
             return Ok(n);
         }
