@@ -613,21 +613,28 @@ impl SinkGuard<'_> {
             s.used = true;
             self.sh.holds_buf.store(true, Ordering::Release);
         }
-        // Several frames per read and write while the channel's socket keeps up: a socket
-        // read in 1 MiB rather than 256 KiB calls costs fewer system calls and wake-ups. After
-        // a write that found the socket full (a slow link), one frame at a time, so that other
-        // streams' frames do not queue behind a long batch.
-        let slots = if s.full_socket { 1 } else { max.div_ceil(MAX_READ).clamp(1, BATCH) };
+        // A bulk stream (its last read was large) reads several frames' worth at once while
+        // the channel's socket keeps up: a socket read in 1 MiB rather than 256 KiB calls costs
+        // fewer system calls and wake-ups. After a write that found the socket full (a slow
+        // link), one frame at a time, so that other streams' frames do not queue behind a
+        // long batch; and small messages read into spare capacity, never zeroing a big buffer.
+        let slots = if s.full_socket || !*bulk { 1 } else { max.div_ceil(MAX_READ).clamp(1, BATCH) };
+        let max = max.min(slots * MAX_READ);
         let mask = self.mask;
         let h_full = PREFIX - frame_headers(kind, id, mask.then_some([0; 4]), MAX_READ).1;
         let at = |i: usize| PREFIX + i * (MAX_READ + h_full);
-        let need = at(slots - 1) + max.min(slots * MAX_READ) - (slots - 1) * MAX_READ;
-        if s.buf.len() < need {
-            // Zeroed once; the buffer keeps its length (and so its initialised bytes) while
-            // data flows.
-            s.buf.resize(need, 0);
-        }
-        let n = {
+        let need = at(slots - 1) + max - (slots - 1) * MAX_READ;
+        let read = if slots == 1 && s.buf.len() < need {
+            s.buf.clear();
+            s.buf.reserve(need);
+            s.buf.resize(PREFIX, 0);
+            tcp.try_read_buf(&mut (&mut s.buf).limit(max))
+        } else {
+            if s.buf.len() < need {
+                // Zeroed once: the buffer keeps its length (so its bytes stay initialised)
+                // while data flows.
+                s.buf.resize(need, 0);
+            }
             let mut rest = &mut s.buf[..need];
             let mut iov = Vec::with_capacity(slots);
             let mut base = 0;
@@ -638,12 +645,13 @@ impl SinkGuard<'_> {
                 iov.push(std::io::IoSliceMut::new(payload));
                 (rest, base) = (after, at(i) + len);
             }
-            match tcp.try_read_vectored(&mut iov) {
-                Ok(0) => return Ok(Sent::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::WouldBlock),
-                Err(_) => return Ok(Sent::ReadFailed),
-            }
+            tcp.try_read_vectored(&mut iov)
+        };
+        let n = match read {
+            Ok(0) => return Ok(Sent::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::WouldBlock),
+            Err(_) => return Ok(Sent::ReadFailed),
         };
         *bulk = n >= SPLICE_MIN;
         // Seal each frame in place. Full frames (MAX_READ payload, `h_full` bytes of headers)
@@ -936,9 +944,10 @@ mod tests {
             for total in [3 * MAX_READ + 1000, 2 * MAX_READ, 100_000, 4 * MAX_READ + 70_000] {
                 let (chan, mut peer) = tcp_pair().await;
                 let (mut src, ours) = tcp_pair().await;
+                socket2::SockRef::from(&ours).set_recv_buffer_size(8 << 20).unwrap();
                 let data: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();
-                let d = data.clone();
-                let _feeder = tokio::spawn(async move { src.write_all(&d).await.map(|()| src) });
+                // All of it waits in the socket: the first read takes a whole batch.
+                src.write_all(&data).await.unwrap();
                 let reader = tokio::spawn(async move {
                     let dec = Decoder::new(Role::Server, MAX_MESSAGE);
                     let mut dec = if mask { dec } else { dec.accept_unmasked() };
@@ -964,11 +973,11 @@ mod tests {
                 });
                 let (_, wr) = chan.into_split();
                 let (out, _w) = outbound(ChanWrite::Tcp(wr), mask);
-                let (mut sent, mut writes) = (0, 0);
+                out.sh.sink.lock().await.splice = false; // unit tests splice bulk streams
+                let (mut sent, mut writes, mut bulk) = (0, 0, true);
                 while sent < total {
                     ours.readable().await.unwrap();
                     let mut g = out.lock().await.unwrap();
-                    let mut bulk = false; // the buffered path (unit tests splice bulk streams)
                     match g.send_from(&ours, BATCH * MAX_READ, T_DATA, 3, &mut bulk).await.unwrap() {
                         Sent::Data(n) => (sent, writes) = (sent + n, writes + 1),
                         Sent::WouldBlock => {}
@@ -977,7 +986,9 @@ mod tests {
                 }
                 let (got, frames) = reader.await.unwrap();
                 assert!(got == data, "mask {mask}, {total} bytes: the payload is corrupt");
-                assert!(frames >= total.div_ceil(MAX_READ) && frames >= writes, "{frames} frames, {writes} writes");
+                assert_eq!(frames, total.div_ceil(MAX_READ), "{total} bytes");
+                assert_eq!(writes, total.div_ceil(BATCH * MAX_READ), "{total} bytes: one write per batch");
+                drop(src);
             }
         }
     }
