@@ -238,8 +238,8 @@ impl WampAgent {
             Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone(), logins: logins.clone(), codes };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
-        let live: Vec<String> = router.sessions().iter().map(|s| s.id.to_string()).collect();
-        let n = db.reconcile_sessions(&setup.name, &live).await?;
+        let live = |s: &str| s.parse().is_ok_and(|id| router.session(id).is_some());
+        let n = db.reconcile_sessions(&setup.name, live).await?;
         info!(agent = %setup.name, url = %setup.url, offline = n, "wamp-agent ready");
         Ok(WampAgent { router, session, logins })
     }

@@ -97,7 +97,7 @@ async fn lists_come_in_pages_that_cover_them_exactly_once() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boards_are_scoped_and_follow_sessions() {
     for t in TestDb::all().await {
         let db = &t.db;
@@ -123,8 +123,20 @@ async fn boards_are_scoped_and_follow_sessions() {
         assert!(db.session_left("s1").await.unwrap().is_none());
 
         db.board_online(&b, "agent-1", "s2", None, &json!({})).await.unwrap();
-        assert_eq!(db.reconcile_sessions("agent-1", &["s2".into()]).await.unwrap(), 0);
-        assert_eq!(db.reconcile_sessions("agent-1", &[]).await.unwrap(), 1);
+        assert_eq!(db.reconcile_sessions("agent-1", |s| s == "s2").await.unwrap(), 0);
+        // The board logs in again while the cloud reconciles (between reading it and updating
+        // it): its new session stands.
+        let relogin = || {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(db.board_online(&b, "agent-1", "s3", None, &json!({})))
+            })
+            .unwrap();
+            false
+        };
+        assert_eq!(db.reconcile_sessions("agent-1", |_| relogin()).await.unwrap(), 0, "{}", t.name);
+        let board = db.board_by_uuid(&b).await.unwrap().unwrap();
+        assert_eq!((board.status.as_str(), board.session.as_deref()), ("online", Some("s3")), "{}", t.name);
+        assert_eq!(db.reconcile_sessions("agent-1", |_| false).await.unwrap(), 1);
         assert_eq!(db.board_by_uuid(&b).await.unwrap().unwrap().status, "offline");
     }
 }

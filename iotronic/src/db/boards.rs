@@ -367,8 +367,12 @@ impl Db {
         Ok(Some(board))
     }
 
-    /// Marks offline every online board of `agent` whose session is not in `live` (agent start).
-    pub async fn reconcile_sessions(&self, agent: &str, live: &[String]) -> Result<u64, Error> {
+    /// Marks offline every board of `agent` recorded online with a session `is_live` does not
+    /// know; returns how many. Each board is asked about after it is read, and updated only if
+    /// its session is still the one read: the boards of a restarted cloud log in while it
+    /// reconciles, and one that did must keep its new session (a snapshot of the live sessions
+    /// taken first, or an unconditional update, marked such a board offline).
+    pub async fn reconcile_sessions(&self, agent: &str, is_live: impl Fn(&str) -> bool) -> Result<u64, Error> {
         let boards = sqlx::query("SELECT uuid, session_id FROM boards WHERE agent = $1 AND status = 'online'")
             .bind(agent)
             .fetch_all(self.pool())
@@ -377,17 +381,22 @@ impl Db {
         let mut n = 0;
         for row in &boards {
             let session: Option<String> = col(row, "session_id")?;
-            if session.as_ref().is_some_and(|s| live.contains(s)) {
+            let session = session.unwrap_or_default();
+            if is_live(&session) {
                 continue;
             }
             let uuid: String = col(row, "uuid")?;
-            sqlx::query("UPDATE boards SET status = 'offline', session_id = NULL, updated_at = $1 WHERE uuid = $2")
-                .bind(now_ms())
-                .bind(&uuid)
-                .execute(self.pool())
-                .await
-                .map_err(db_err)?;
-            n += 1;
+            let done = sqlx::query(
+                "UPDATE boards SET status = 'offline', session_id = NULL, updated_at = $1 \
+                 WHERE uuid = $2 AND status = 'online' AND COALESCE(session_id, '') = $3",
+            )
+            .bind(now_ms())
+            .bind(&uuid)
+            .bind(&session)
+            .execute(self.pool())
+            .await
+            .map_err(db_err)?;
+            n += done.rows_affected();
         }
         Ok(n)
     }
