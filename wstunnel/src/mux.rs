@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::io::{LargeData, MAX_READ, Next, Outbound, Sent, WsReader};
+
+/// Most bytes of a new connection read as it is accepted, to ride with its `Open`.
+const FIRST_READ: usize = 4096;
 use crate::stats::Counters;
 
 /// The streams of one channel.
@@ -141,6 +144,27 @@ impl Mux {
                 return Some(self.insert(&mut t, id));
             }
         }
+    }
+
+    /// Server side: tells the peer about stream `s` with `open`, carrying in the same write
+    /// the first bytes the user has already sent (a request, a client banner: they usually
+    /// arrive with the connection). The board then learns of the stream and gets its first
+    /// data in one wake-up instead of two. Reads past tokio's readiness (a fresh socket's is
+    /// not known before the next poll of the driver), at most [`FIRST_READ`] bytes.
+    pub(crate) async fn announce(&self, s: &Stream, open: &Frame, tcp: &TcpStream) -> Result<(), Error> {
+        let mut first = [0u8; FIRST_READ];
+        let credit = s.state.lock().expect("stream state").send.take(FIRST_READ);
+        // Errors and EOF are left for the up pump to find again.
+        let n = std::io::Read::read(&mut &*socket2::SockRef::from(tcp), &mut first[..credit]).unwrap_or(0);
+        give_back(s, credit - n);
+        let mut sink = self.out.lock().await?;
+        sink.push(self.out.frame(open));
+        if n > 0 {
+            let payload = Bytes::copy_from_slice(&first[..n]);
+            sink.push(self.out.frame(&Frame::Data { stream: s.id, payload }));
+            Counters::add(&self.counters.bytes_sent, n as u64);
+        }
+        sink.flush().await
     }
 
     /// Client side: registers a stream the server opened, so that data sent right after the
@@ -527,6 +551,44 @@ mod tests {
             &Frame::Data { stream, payload: Bytes::copy_from_slice(payload) }.encode(),
             None,
         )
+    }
+
+    /// What the user sent before the connection was announced rides in the same write as
+    /// `Open`, and costs the stream that much credit; with nothing sent, only `Open` goes.
+    #[tokio::test]
+    async fn the_first_bytes_ride_with_open() {
+        let (sink_end, peer) = tcp_pair().await;
+        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let window = 1 << 20;
+        let mux = Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX);
+        let mut reader = WsReader::new(ChanRead::Tcp(peer.into_split().0), Role::Client, BytesMut::new(), false);
+        let mut next = async || match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+            Ok(m) => match m.unwrap() {
+                Some(Message::Binary(b)) => Frame::decode(&b).unwrap(),
+                other => panic!("expected a frame, got {other:?}"),
+            },
+            Err(_) => panic!("no frame came"),
+        };
+        let (mut user, accepted) = tcp_pair().await;
+        user.write_all(b"SSH-2.0-client\r\n").await.unwrap();
+        accepted.readable().await.unwrap();
+        let s = mux.open_stream().unwrap();
+        mux.announce(&s, &Frame::Open { stream: s.id, listener: 3, peer: "u".into() }, &accepted).await.unwrap();
+        assert!(matches!(next().await, Frame::Open { stream, listener: 3, .. } if stream == s.id));
+        match next().await {
+            Frame::Data { stream, payload } => assert!(stream == s.id && payload == b"SSH-2.0-client\r\n"[..]),
+            f => panic!("expected the user's first bytes, got {f:?}"),
+        }
+        assert_eq!(s.state.lock().unwrap().send.credit(), u64::from(window) - 16);
+
+        let (_quiet_user, accepted) = tcp_pair().await;
+        let s2 = mux.open_stream().unwrap();
+        mux.announce(&s2, &Frame::Open { stream: s2.id, listener: 3, peer: "u".into() }, &accepted).await.unwrap();
+        mux.out.try_ctrl(&Frame::Fin { stream: 99 }).unwrap();
+        mux.out.lock().await.unwrap().flush().await.unwrap();
+        assert!(matches!(next().await, Frame::Open { stream, .. } if stream == s2.id));
+        assert!(matches!(next().await, Frame::Fin { stream: 99 }), "no data frame for a quiet user");
+        assert_eq!(s2.state.lock().unwrap().send.credit(), u64::from(window));
     }
 
     /// A channel whose streams' sockets stop taking data holds at most its budget: the

@@ -420,7 +420,7 @@ async fn accept_loop<H: ServerHooks>(
             continue;
         };
         let open = Frame::Open { stream: s.id, listener: id, peer: peer.to_string() };
-        if ctx.mux.out.ctrl(&open).await.is_err() {
+        if ctx.mux.announce(&s, &open, &tcp).await.is_err() {
             break;
         }
         tokio::spawn(run_stream(ctx.mux.clone(), s, tcp));
