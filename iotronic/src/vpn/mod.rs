@@ -285,12 +285,15 @@ impl Fabric {
     /// Removes devices and bridges the database no longer has (member removed, VPN deleted,
     /// lease ended, board deleted), and takes the cloud address on or off.
     pub async fn reconcile(&self) -> Result<(), Error> {
+        // The lock before the reads: `attach` checks the membership in the database, then
+        // takes the lock to add the port. Read first, and a member added and attached between
+        // the read and the lock would be removed as unknown a moment after it joined.
+        let mut st = self.state.lock().await;
         let members = self.db.all_vpn_members().await?;
         let vpns: HashMap<String, Vpn> =
             self.db.list_vpns(None).await?.into_iter().map(|v| (v.uuid.clone(), v)).collect();
         let wanted: HashSet<(String, String, String)> =
             members.iter().map(|m| (m.vpn.clone(), m.board.clone(), m.address.clone())).collect();
-        let mut st = self.state.lock().await;
         let gone: Vec<(String, String)> = st
             .ports
             .iter()
