@@ -40,6 +40,13 @@ impl Transport for TlsClientStream {
     }
 }
 
+/// The most TLS output rustls queues before it writes to the socket (its default: 64 KiB).
+/// Three full 16 KiB records, 49,218 bytes on the wire, fit one loopback segment (MSS 65,483):
+/// four, 65,624 bytes, went out as a full segment plus a 141-byte one (the socket has
+/// `TCP_NODELAY`), which cost a third more segments per byte and 10-13 % more CPU per GB over
+/// wss (docs/benchmarks.md). On a 1,500-byte MTU path either size is a run of full segments.
+pub(crate) const TLS_WRITE_BUFFER: usize = 3 * 16 * 1024;
+
 /// How much [`Buffered`] reads from the socket at once.
 const TLS_READ: usize = 64 * 1024;
 

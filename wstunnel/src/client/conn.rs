@@ -57,6 +57,7 @@ async fn dial(inner: &Inner) -> Result<(io::ChanRead, io::ChanWrite, handshake::
             .connect(name, Buffered::new(tcp))
             .await
             .map_err(|e| Error::Tls(e.to_string()))?;
+        s.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_WRITE_BUFFER));
         let left = handshake::connect(&mut s, &host_header, &t.path).await?;
         let (r, w) = s.split_box();
         Ok((r, w, left))

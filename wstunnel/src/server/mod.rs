@@ -251,7 +251,10 @@ impl<H: ServerHooks> Conn<H> {
 
     async fn tls_upgrade(self, acc: tokio_rustls::TlsAcceptor, tcp: TcpStream) -> Next {
         match tokio::time::timeout(self.cfg.limits.handshake_timeout, acc.accept(Buffered::new(tcp))).await {
-            Ok(Ok(s)) => self.upgrade(s).await,
+            Ok(Ok(mut s)) => {
+                s.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_WRITE_BUFFER));
+                self.upgrade(s).await
+            }
             Ok(Err(e)) => {
                 tracing::debug!(cause = %e, "TLS handshake failed");
                 Next::Done
