@@ -16,7 +16,25 @@ use super::message::{Dict, Message, Payload};
 use super::parse::{DecodeError, from_array};
 
 /// Nesting depth allowed in a decoded message (the message array itself counts as one).
+/// Checked on the decoded value, the same for every serializer: their decoders count depth
+/// each their own way (a CBOR message ciborium took at its limit was too deep for rmp once
+/// the router translated it), so each decoder gets [`DECODER_DEPTH`] and this is the rule.
 pub const MAX_DEPTH: usize = 64;
+
+/// The decoders' own recursion limit: above [`MAX_DEPTH`] by a margin for how they count.
+const DECODER_DEPTH: usize = MAX_DEPTH + 8;
+
+/// Nesting depth of a value (lists and dicts count, a scalar is 0); stops counting past
+/// `limit`.
+fn depth(v: &Value, limit: usize) -> usize {
+    let inner = match v {
+        _ if limit == 0 => return 0,
+        Value::Array(items) => items.iter().map(|x| depth(x, limit - 1)).max().unwrap_or(0),
+        Value::Object(map) => map.values().map(|x| depth(x, limit - 1)).max().unwrap_or(0),
+        _ => return 0,
+    };
+    1 + inner
+}
 
 /// A WAMP serializer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,7 +97,7 @@ impl Serializer {
             Serializer::MsgPack => {
                 let mut rest = bytes;
                 let mut de = rmp_serde::Deserializer::new(&mut rest);
-                de.set_max_depth(MAX_DEPTH);
+                de.set_max_depth(DECODER_DEPTH);
                 let WireValue(v) = WireValue::deserialize(&mut de).map_err(|e| syntax(self, e))?;
                 if !rest.is_empty() {
                     return Err(syntax(self, "trailing bytes after the message"));
@@ -88,7 +106,7 @@ impl Serializer {
             }
             Serializer::Cbor => {
                 let mut rest = bytes;
-                let WireValue(v) = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_DEPTH)
+                let WireValue(v) = ciborium::de::from_reader_with_recursion_limit(&mut rest, DECODER_DEPTH)
                     .map_err(|e| syntax(self, e))?;
                 if !rest.is_empty() {
                     return Err(syntax(self, "trailing bytes after the message"));
@@ -96,6 +114,9 @@ impl Serializer {
                 v
             }
         };
+        if depth(&value, MAX_DEPTH + 1) > MAX_DEPTH {
+            return Err(syntax(self, format!("nested deeper than {MAX_DEPTH}")));
+        }
         match value {
             Value::Array(items) => from_array(items),
             other => Err(DecodeError::NotAMessage(format!("expected a list, got {}", kind(&other)))),

@@ -160,6 +160,52 @@ fn deep_nesting_is_refused() {
     assert!(matches!(Serializer::Cbor.decode(&cbor), Err(DecodeError::Syntax { .. })));
 }
 
+/// Every serializer draws the line at the same depth, so whatever one decodes, the router can
+/// pass on in any other (the fuzz target `decode` found a CBOR message ciborium took that rmp
+/// refused once re-encoded).
+#[test]
+fn every_serializer_accepts_the_same_depth() {
+    // CALL [48, 1, {}, "a", [args]]: the message list is depth 1, the args list 2, each list
+    // inside one more.
+    let nested = |depth: usize| {
+        let mut v = json!(1);
+        for _ in 0..depth - 2 {
+            v = json!([v]);
+        }
+        json!([48, 1, {}, "a", [v]])
+    };
+    for depth in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 8] {
+        let msg = nested(depth);
+        for ser in Serializer::ALL {
+            let bytes = match ser {
+                Serializer::Json => serde_json::to_vec(&msg).unwrap(),
+                Serializer::MsgPack => rmp_serde::to_vec(&msg).unwrap(),
+                Serializer::Cbor => {
+                    let mut out = Vec::new();
+                    ciborium::into_writer(&msg, &mut out).unwrap();
+                    out
+                }
+            };
+            let res = ser.decode(&bytes);
+            assert_eq!(res.is_ok(), depth <= MAX_DEPTH, "{} at depth {depth}: {res:?}", ser.name());
+            if let Ok(m) = res {
+                for other in Serializer::ALL {
+                    let again = other.encode(&m).unwrap();
+                    assert_eq!(other.decode(&again).unwrap(), m, "{} -> {}", ser.name(), other.name());
+                }
+            }
+        }
+    }
+    // The fuzz finding itself (first byte: the serializer).
+    let found = include_bytes!("testdata/decode-depth.bin");
+    let ser = Serializer::ALL[usize::from(found[0]) % Serializer::ALL.len()];
+    if let Ok(m) = ser.decode(&found[1..]) {
+        for other in Serializer::ALL {
+            assert_eq!(other.decode(&other.encode(&m).unwrap()).unwrap(), m);
+        }
+    }
+}
+
 #[test]
 fn lying_length_prefixes_do_not_allocate() {
     // An array claiming 2^32-1 elements, a bin claiming 4 GiB, a CBOR string claiming 2^63.
