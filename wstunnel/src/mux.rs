@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::io::{LargeData, MAX_READ, Next, Outbound, Sent, WsReader};
+use crate::stats::Counters;
 
 /// Most bytes of a new connection read as it is accepted, to ride with its `Open`.
 const FIRST_READ: usize = 4096;
-use crate::stats::Counters;
 
 /// The streams of one channel.
 pub(crate) struct Mux {
