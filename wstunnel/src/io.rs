@@ -165,6 +165,8 @@ pub(crate) enum Next {
 /// A data frame with at least this much payload left in the socket is spliced, not read; a
 /// stream whose reads bring at least this much is spliced into the channel.
 const SPLICE_MIN: usize = 16 * 1024;
+/// The headers of a full-size data frame (WebSocket, unmasked, 64-bit length; tunnel).
+const LARGE_HEAD: usize = 10 + HEADER_LEN;
 
 impl WsReader {
     /// `unmasked`: (server) the client agreed to send unmasked frames.
@@ -210,7 +212,11 @@ impl WsReader {
             }
             if self.buf.is_empty() && !self.big_reads {
                 // Between messages on a quiet channel: wait for data without holding a buffer.
-                if self.read_when_quiet().await? == 0 {
+                // After a large frame, read only the headers of the next (likely another):
+                // its payload then goes to the stream's socket in one splice, not as a few
+                // KiB written on their own first.
+                let max = if self.after_large { LARGE_HEAD } else { SMALL_READ };
+                if self.read_when_quiet(max).await? == 0 {
                     return Ok(None);
                 }
                 continue;
@@ -294,6 +300,12 @@ impl WsReader {
         self.pipe.as_ref().ok_or(std::io::ErrorKind::NotFound)?.try_drain_into(tcp, len)
     }
 
+    /// The splice pipe's inode (a new pipe has a new one), if the reader holds a pipe.
+    #[cfg(test)]
+    pub(crate) fn pipe_inode(&self) -> Option<u64> {
+        self.pipe.as_ref().map(Pipe::inode)
+    }
+
     /// Reads `len` bytes left in the pipe into memory.
     pub(crate) fn pipe_take(&self, len: usize) -> Result<Bytes, Error> {
         let p = self.pipe.as_ref().ok_or_else(|| Error::Protocol("no pipe".into()))?;
@@ -310,17 +322,21 @@ impl WsReader {
         Ok(b.freeze())
     }
 
-    /// Reads up to [`SMALL_READ`] bytes into the empty buffer, which is allocated only for
-    /// the read attempt: while the socket has nothing to read, the channel holds no buffer
-    /// (an idle board channel costs the cloud its tasks and tables, not a read buffer).
-    async fn read_when_quiet(&mut self) -> Result<usize, Error> {
-        self.pipe = None;
-        let (rd, buf) = (&mut self.rd, &mut self.buf);
+    /// Reads up to `max` bytes into the empty buffer, which is allocated only for the read
+    /// attempt: while the socket has nothing to read, the channel holds no buffer (an idle
+    /// board channel costs the cloud its tasks and tables, not a read buffer). The splice
+    /// pipe goes too when the read has to wait, unless a large frame came last: then the
+    /// wait is most likely the sender's, between two frames of a bulk transfer.
+    async fn read_when_quiet(&mut self, max: usize) -> Result<usize, Error> {
+        let (rd, buf, pipe, keep_pipe) = (&mut self.rd, &mut self.buf, &mut self.pipe, self.after_large);
         let n = std::future::poll_fn(|cx| {
-            buf.reserve(SMALL_READ);
-            let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, &mut *buf);
+            buf.reserve(max);
+            let r = tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *rd), cx, &mut (&mut *buf).limit(max));
             if r.is_pending() {
                 *buf = BytesMut::new();
+                if !keep_pipe {
+                    *pipe = None;
+                }
             }
             r
         })

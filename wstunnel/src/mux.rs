@@ -668,4 +668,42 @@ mod tests {
         drop(dst); // the stream's other direction ends too
         pump.await.unwrap();
     }
+
+    /// A bulk transfer keeps one splice pipe from frame to frame, even when the reader has to
+    /// wait for the next frame's headers; once a small message came last, a wait for more
+    /// lets the pipe go (a quiet channel holds none). Every frame's bytes arrive.
+    #[tokio::test]
+    async fn a_bulk_transfer_keeps_its_splice_pipe_between_frames() {
+        let (mut peer, chan) = tcp_pair().await;
+        let (rd, _) = chan.into_split();
+        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
+        let (sink_end, _keep) = tcp_pair().await;
+        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
+        let s = mux.accept_stream(5).unwrap();
+        let (local, mut dst) = tcp_pair().await;
+        let _pump = tokio::spawn(run_stream(mux.clone(), s, local));
+        let chunk: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut inodes = Vec::new();
+        for round in 0..3 {
+            if round == 2 {
+                // A small message between two bulk frames.
+                peer.write_all(&data_frame(5, b"small")).await.unwrap();
+                let Some(Next::Message(_)) = reader.next_data().await.unwrap() else { panic!("expected a message") };
+            }
+            // The reader waits (nothing is sent yet) before the frame arrives.
+            let (next, ()) = tokio::join!(reader.next_data(), async {
+                tokio::task::yield_now().await;
+                peer.write_all(&data_frame(5, &chunk)).await.unwrap();
+            });
+            let Some(Next::Data(d)) = next.unwrap() else { panic!("expected a large data frame") };
+            mux.on_large_data(&mut reader, d).await.unwrap();
+            let mut got = vec![0u8; chunk.len()];
+            dst.read_exact(&mut got).await.unwrap();
+            assert!(got == chunk, "round {round}: the stream's bytes are corrupt");
+            inodes.push(reader.pipe_inode().expect("the frame was spliced"));
+        }
+        assert_eq!(inodes[0], inodes[1], "a new pipe for the second frame of a bulk transfer");
+        assert_ne!(inodes[1], inodes[2], "the pipe outlived a quiet channel");
+    }
 }

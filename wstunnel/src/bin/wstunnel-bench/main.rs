@@ -7,12 +7,17 @@
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-splice` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=1`: payload spliced, not copied through user space); `BENCH_ROUNDS` (3)
-//! interleaved throughput rounds, of which the median is reported.
+//! interleaved throughput rounds, of which the median is reported. `BENCH_CASES` may also
+//! name `relay-copy` and `relay-splice`: a chain of two reference relays ([`relay`]), the
+//! bound for any tunnel of this shape on this machine.
+//!
+//! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
 //!
 //! Prints a table as it goes and, last, one JSON line with every figure.
 
 mod load;
 mod procs;
+mod relay;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -58,8 +63,15 @@ impl Setup {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "relay") {
+        return relay::run(&args[1..]);
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     procs::raise_nofile();
     let dir = std::env::temp_dir().join(format!("wstunnel-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -79,7 +91,7 @@ async fn main() -> Result<()> {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
     if let Ok(only) = std::env::var("BENCH_CASES") {
-        cases.push("ours-ws-splice");
+        cases.extend(["ours-ws-splice", "relay-copy", "relay-splice"]);
         cases.retain(|c| only.split(',').any(|o| o == *c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
@@ -97,6 +109,8 @@ async fn main() -> Result<()> {
             "ours-ws" => start_ours(&env, false, &[]).await?,
             "ours-ws-splice" => start_ours(&env, false, &[("S4T_TUNNEL_SPLICE", "1")]).await?,
             "ours-wss" => start_ours(&env, true, &[]).await?,
+            "relay-copy" => start_relays(&env, false).await?,
+            "relay-splice" => start_relays(&env, true).await?,
             "erebe-ws" => start_erebe(&env, erebe.as_deref().context("erebe")?, false).await?,
             "erebe-wss" => start_erebe(&env, erebe.as_deref().context("erebe")?, true).await?,
             _ => unreachable!(),
@@ -204,6 +218,27 @@ async fn start_erebe(env: &Env, bin: &std::path::Path, tls: bool) -> Result<Setu
     wait_port(pe).await?;
     wait_port(pb).await?;
     Ok(Setup { echo_port: pe, bulk_port: pb, server: vec![server], client: vec![client], url: None })
+}
+
+/// A chain of two reference relays in front of each board service: user → relay → relay →
+/// service, the three TCP connections a reverse tunnel crosses.
+async fn start_relays(env: &Env, splice: bool) -> Result<Setup> {
+    let me = std::env::current_exe()?;
+    let (mut server, mut client, mut ports) = (Vec::new(), Vec::new(), Vec::new());
+    for service in [env.echo, env.bulk] {
+        let mut args = vec!["relay".into(), "127.0.0.1:0".into(), service.to_string()];
+        if splice {
+            args.push("--splice".into());
+        }
+        let mut near = Proc::spawn(&me, &args)?;
+        args[2] = near.wait_line("listening on ", Duration::from_secs(10)).await?;
+        let mut far = Proc::spawn(&me, &args)?;
+        let addr = far.wait_line("listening on ", Duration::from_secs(10)).await?;
+        ports.push(addr.parse::<std::net::SocketAddr>()?.port());
+        server.push(far);
+        client.push(near);
+    }
+    Ok(Setup { echo_port: ports[0], bulk_port: ports[1], server, client, url: None })
 }
 
 async fn wait_port(port: u16) -> Result<()> {
