@@ -306,6 +306,12 @@ impl WsReader {
         self.pipe.as_ref().map(Pipe::inode)
     }
 
+    /// Hands over the pipe (holding what [`splice_in`](Self::splice_in) put there); the
+    /// next splice makes another.
+    pub(crate) fn take_pipe(&mut self) -> Option<Pipe> {
+        self.pipe.take()
+    }
+
     /// Reads `len` bytes left in the pipe into memory.
     pub(crate) fn pipe_take(&self, len: usize) -> Result<Bytes, Error> {
         let p = self.pipe.as_ref().ok_or_else(|| Error::Protocol("no pipe".into()))?;

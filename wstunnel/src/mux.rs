@@ -22,10 +22,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::io::{LargeData, MAX_READ, Next, Outbound, Sent, WsReader};
+use crate::splice::Pipe;
 use crate::stats::Counters;
 
 /// Most bytes of a new connection read as it is accepted, to ride with its `Open`.
 const FIRST_READ: usize = 4096;
+/// Most pipes a channel's streams hold queued data in (two descriptors each): one window's
+/// worth of full frames. Beyond, queued data is read into memory.
+const MAX_QUEUED_PIPES: usize = 16;
 
 /// The streams of one channel.
 pub(crate) struct Mux {
@@ -44,6 +48,8 @@ pub(crate) struct Mux {
     /// Most bytes the channel holds that way: beyond, the stream holding the most is reset
     /// (its reader has stalled the longest). Each stream stays within its window as well.
     budget: usize,
+    /// Pipes queued in the streams' inboxes ([`Piped`]).
+    pipes: Arc<AtomicUsize>,
 }
 
 pub(crate) struct Stream {
@@ -61,7 +67,7 @@ pub(crate) struct Stream {
 }
 
 struct StreamState {
-    inbox: VecDeque<Bytes>,
+    inbox: VecDeque<Chunk>,
     /// The down pump holds chunks taken from the inbox and is writing them: the reader task
     /// must queue behind them rather than write directly.
     writing: bool,
@@ -79,6 +85,36 @@ impl StreamState {
     /// straight to the socket.
     fn writes_directly(&self) -> bool {
         self.inbox.is_empty() && !self.writing && !self.fin_in
+    }
+}
+
+/// Data a stream's down pump has yet to write.
+enum Chunk {
+    Mem(Bytes),
+    /// Spliced from the channel's socket while the stream's socket was full or had data
+    /// queued ahead: it waits in the kernel, never copied through user space.
+    Piped(Piped),
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Mem(b) => b.len(),
+            Chunk::Piped(p) => p.len,
+        }
+    }
+}
+
+/// A pipe holding a stream's next `len` bytes, counted in its channel's pipes until dropped.
+struct Piped {
+    pipe: Pipe,
+    len: usize,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -101,8 +137,9 @@ impl Mux {
         budget: usize,
     ) -> Mux {
         let streams = Mutex::new(HashMap::new());
-        let buffered = AtomicUsize::new(0);
-        Mux { out, streams, window, max_streams, next_id: AtomicU32::new(1), cancel, counters, buffered, budget }
+        let (buffered, pipes) = (AtomicUsize::new(0), Arc::default());
+        let next_id = AtomicU32::new(1);
+        Mux { out, streams, window, max_streams, next_id, cancel, counters, buffered, budget, pipes }
     }
 
     /// Enters a new stream in the table `t`.
@@ -269,9 +306,10 @@ impl Mux {
 
     /// Delivers a large data frame whose payload is still mostly in the channel's socket
     /// ([`WsReader::next_data`]): spliced socket → pipe → the stream's socket while nothing
-    /// is queued ahead of it (no copy through user space), read into the stream's inbox
-    /// otherwise, dropped for a stream that is gone. Takes exactly the frame's bytes from
-    /// `reader`, whatever happens to the stream.
+    /// is queued ahead of it (no copy through user space); what the stream's socket cannot
+    /// take, or what has data queued ahead of it, waits in its pipe in the stream's inbox
+    /// (read into memory instead beyond [`MAX_QUEUED_PIPES`]); dropped for a stream that is
+    /// gone. Takes exactly the frame's bytes from `reader`, whatever happens to the stream.
     pub(crate) async fn on_large_data(&self, reader: &mut WsReader, d: LargeData) -> Result<(), Error> {
         let LargeData { stream, head, mut rest } = d;
         let mut target = self.get(stream).filter(|s| self.admit(s, head.len() + rest));
@@ -287,21 +325,20 @@ impl Mux {
                 continue;
             };
             let tcp = s.tcp.get().filter(|_| s.state.lock().expect("stream state").writes_directly());
-            let spliced = match tcp {
-                Some(_) => reader.splice_in(want).await?,
-                None => None,
-            };
-            let (Some(tcp), Some(k)) = (tcp, spliced) else {
+            let may_queue_a_pipe = self.pipes.load(Ordering::Relaxed) < MAX_QUEUED_PIPES;
+            let spliced = if tcp.is_some() || may_queue_a_pipe { reader.splice_in(want).await? } else { None };
+            let Some(k) = spliced else {
                 let b = reader.read_some(want).await?;
                 rest -= b.len();
                 self.deliver(s, b);
                 continue;
             };
             rest -= k;
-            let j = match reader.pipe_to(tcp, k) {
-                Ok(j) => j,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-                Err(_) => {
+            let j = match tcp.map(|tcp| reader.pipe_to(tcp, k)) {
+                None => 0,
+                Some(Ok(j)) => j,
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Some(Err(_)) => {
                     reader.pipe_take(k)?;
                     self.reset(s.id, code::IO);
                     target = None;
@@ -311,9 +348,11 @@ impl Mux {
             let mut st = s.state.lock().expect("stream state");
             self.drained_directly(s, &mut st, j);
             if j < k {
-                // The stream's socket is full: the rest waits in its inbox, like any data.
-                let rest = reader.pipe_take(k - j)?;
-                self.queue(s, st, rest);
+                // The rest waits in its inbox, in the pipe; the reader makes another.
+                let pipe = reader.take_pipe().ok_or_else(|| Error::Protocol("no pipe".into()))?;
+                self.pipes.fetch_add(1, Ordering::Relaxed);
+                let piped = Piped { pipe, len: k - j, count: self.pipes.clone() };
+                self.queue(s, st, Chunk::Piped(piped));
             }
         }
         Ok(())
@@ -354,12 +393,12 @@ impl Mux {
             }
         }
         if !rest.is_empty() {
-            self.queue(s, st, rest);
+            self.queue(s, st, Chunk::Mem(rest));
         }
     }
 
     /// Queues `b` for the stream's down pump, counted against the channel's budget.
-    fn queue(&self, s: &Stream, mut st: std::sync::MutexGuard<'_, StreamState>, b: Bytes) {
+    fn queue(&self, s: &Stream, mut st: std::sync::MutexGuard<'_, StreamState>, b: Chunk) {
         st.held += b.len();
         let total = self.buffered.fetch_add(b.len(), Ordering::Relaxed) + b.len();
         st.inbox.push_back(b);
@@ -463,7 +502,7 @@ fn give_back(s: &Stream, n: usize) {
 }
 
 enum Inbound {
-    Data(VecDeque<Bytes>),
+    Data(VecDeque<Chunk>),
     Fin,
     Window(u32),
 }
@@ -484,8 +523,14 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                 let mut total = 0;
                 for c in chunks {
                     total += c.len();
+                    let w = async {
+                        match &c {
+                            Chunk::Mem(b) => write_all(tcp, b).await,
+                            Chunk::Piped(p) => drain_all(tcp, p).await,
+                        }
+                    };
                     tokio::select! {
-                        r = write_all(tcp, &c) => r.map_err(|_| End::Local(code::IO))?,
+                        r = w => r.map_err(|_| End::Local(code::IO))?,
                         _ = s.dead.cancelled() => return Err(End::Gone),
                     }
                     mux.written(s, c.len());
@@ -510,6 +555,17 @@ async fn write_all(tcp: &TcpStream, mut b: &[u8]) -> std::io::Result<()> {
             Ok(n) => b = &b[n..],
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn drain_all(tcp: &TcpStream, p: &Piped) -> std::io::Result<()> {
+    let mut left = p.len;
+    while left > 0 {
+        match p.pipe.drain_into(tcp, left).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => left -= n,
         }
     }
     Ok(())
@@ -705,5 +761,42 @@ mod tests {
         }
         assert_eq!(inodes[0], inodes[1], "a new pipe for the second frame of a bulk transfer");
         assert_ne!(inodes[1], inodes[2], "the pipe outlived a quiet channel");
+    }
+
+    /// Large frames for a stream whose socket is full wait in pipes (no copy through user
+    /// space), at most [`MAX_QUEUED_PIPES`] per channel, then in memory; every byte arrives
+    /// in order, and the pipes are gone with the stream.
+    #[tokio::test]
+    async fn frames_behind_a_full_socket_wait_in_pipes_then_in_memory() {
+        let (mut peer, chan) = tcp_pair().await;
+        let (rd, _) = chan.into_split();
+        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
+        let (sink_end, _keep) = tcp_pair().await;
+        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let mux = Arc::new(Mux::new(out, 8 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
+        let s = mux.accept_stream(5).unwrap();
+        let (local, mut dst) = tcp_pair().await;
+        socket2::SockRef::from(&dst).set_recv_buffer_size(64 * 1024).unwrap();
+        socket2::SockRef::from(&local).set_send_buffer_size(64 * 1024).unwrap();
+        let pump = tokio::spawn(run_stream(mux.clone(), s, local));
+        let frames = MAX_QUEUED_PIPES + 8;
+        let mut sent = Vec::new();
+        for i in 0..frames {
+            let chunk: Vec<u8> = (0..200_000u32).map(|j| ((i as u32 * 7 + j) % 249) as u8).collect();
+            let wire = data_frame(5, &chunk);
+            sent.extend_from_slice(&chunk);
+            let (next, ()) = tokio::join!(reader.next_data(), async { peer.write_all(&wire).await.unwrap() });
+            let Some(Next::Data(d)) = next.unwrap() else { panic!("expected a large data frame") };
+            mux.on_large_data(&mut reader, d).await.unwrap();
+        }
+        assert_eq!(mux.pipes.load(Ordering::Relaxed), MAX_QUEUED_PIPES, "queued frames should fill the pipes");
+        mux.on_frame(Frame::Fin { stream: 5 }).unwrap();
+        let mut got = Vec::new();
+        dst.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the stream's bytes are corrupt or out of order");
+        drop(dst);
+        pump.await.unwrap();
+        assert_eq!(mux.pipes.load(Ordering::Relaxed), 0, "pipes outlived their stream");
     }
 }
