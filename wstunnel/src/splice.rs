@@ -1,8 +1,9 @@
-//! Zero-copy payload for plain-TCP channels (opt-in, see [`enabled`]): a stream's bytes move
-//! from its TCP socket into a pipe and from the pipe into the channel's socket, behind the
-//! frame's headers, with splice(2), and large data frames leave the channel socket the same
-//! way. They never pass through user space, which saves the two copies (socket → buffer →
-//! socket) per tunnel end; on loopback the page references cost more than the copies did.
+//! Zero-copy payload for plain-TCP channels (on unless turned off, see [`enabled`]): a
+//! stream's bytes move from its TCP socket into a pipe and from the pipe into the channel's
+//! socket, behind the frame's headers, with splice(2), and large data frames leave the
+//! channel socket the same way (waiting in their pipe while the stream's socket is full).
+//! They never pass through user space, which saves the two copies (socket → buffer → socket)
+//! per tunnel end: on loopback about a third of the CPU per byte (docs/benchmarks.md).
 //!
 //! Only where the payload goes out as it came in: unmasked frames over plain TCP. TLS and
 //! masked frames take the buffered path ([`crate::io`]). A kernel that refuses splice for a
@@ -15,15 +16,15 @@ use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Splicing is off unless `S4T_TUNNEL_SPLICE=1` (read once per process): measured on
-/// loopback it costs more CPU per byte than the two copies it saves (docs/benchmarks.md).
-/// Unit tests always exercise it.
+/// Splicing is on unless `S4T_TUNNEL_SPLICE=0` (read once per process), for a host where
+/// it does not pay or a sandbox that refuses it politely (one that fails it with `EINVAL`,
+/// `ENOSYS`, `EOPNOTSUPP` or `EPERM` turns it off by itself). Unit tests always exercise it.
 pub(crate) fn enabled() -> bool {
     if cfg!(test) {
         return true;
     }
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("S4T_TUNNEL_SPLICE").is_some_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var_os("S4T_TUNNEL_SPLICE").is_none_or(|v| v != "0"))
 }
 
 /// A pipe that carries one frame's payload at a time.

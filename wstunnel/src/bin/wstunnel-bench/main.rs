@@ -5,8 +5,8 @@
 //! Environment: `EREBE_WSTUNNEL=/path/to/wstunnel` adds the erebe cases; `BENCH_SECS` (5)
 //! seconds per throughput run; `BENCH_N` (200) fresh connections; `BENCH_M` (2000) round
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
-//! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-splice` (our tunnel with
-//! `S4T_TUNNEL_SPLICE=1`: payload spliced, not copied through user space); `BENCH_ROUNDS` (3)
+//! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
+//! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported. `BENCH_CASES` may also
 //! name `relay-copy` and `relay-splice`: a chain of two reference relays ([`relay`]), the
 //! bound for any tunnel of this shape on this machine.
@@ -91,7 +91,7 @@ async fn bench() -> Result<()> {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
     if let Ok(only) = std::env::var("BENCH_CASES") {
-        cases.extend(["ours-ws-splice", "relay-copy", "relay-splice"]);
+        cases.extend(["ours-ws-copy", "relay-copy", "relay-splice"]);
         cases.retain(|c| only.split(',').any(|o| o == *c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
@@ -107,7 +107,7 @@ async fn bench() -> Result<()> {
                 url: None,
             },
             "ours-ws" => start_ours(&env, false, &[]).await?,
-            "ours-ws-splice" => start_ours(&env, false, &[("S4T_TUNNEL_SPLICE", "1")]).await?,
+            "ours-ws-copy" => start_ours(&env, false, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
             "ours-wss" => start_ours(&env, true, &[]).await?,
             "relay-copy" => start_relays(&env, false).await?,
             "relay-splice" => start_relays(&env, true).await?,
