@@ -113,6 +113,7 @@ fn config(c: Common) -> ServeConfig {
 
 fn main() -> anyhow::Result<()> {
     wstunnel::process::init_tracing();
+    wstunnel::process::raise_fd_limit();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {

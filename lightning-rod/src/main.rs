@@ -56,6 +56,7 @@ enum Command {
 
 fn main() {
     wstunnel::process::init_tracing();
+    wstunnel::process::raise_fd_limit();
     let code = match Cli::parse().command {
         Command::CheckConfig { config, overrides } => {
             match lightning_rod::load::load_config(config.as_deref(), overrides) {

@@ -8,6 +8,7 @@ use wstunnel::cli::{self, Cli};
 
 fn main() -> ExitCode {
     wstunnel::process::init_tracing();
+    wstunnel::process::raise_fd_limit();
     let args: Vec<String> = std::env::args().collect();
     let called_as_wstun = args
         .first()

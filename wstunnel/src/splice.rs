@@ -46,12 +46,7 @@ impl Pipe {
 
     #[cfg(test)]
     pub(crate) fn inode(&self) -> u64 {
-        use std::os::fd::AsRawFd;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-        // SAFETY: fstat of an open descriptor into a buffer of the right type.
-        assert_eq!(unsafe { libc::fstat(self.r.as_raw_fd(), st.as_mut_ptr()) }, 0);
-        // SAFETY: fstat succeeded, so it filled the buffer.
-        unsafe { st.assume_init() }.st_ino
+        rustix::fs::fstat(&self.r).expect("fstat of a pipe").st_ino
     }
 
     /// Moves up to `max` bytes that `tcp` has ready into the (empty) pipe: `Ok(0)` at end of
