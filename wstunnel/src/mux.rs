@@ -675,19 +675,37 @@ mod tests {
         assert!(held <= budget && held > 600_000, "{held} bytes held");
     }
 
+    /// A board-side channel end read from a real socket, with stream 5 accepted: the peer's
+    /// end of the channel, the reader, the mux, the stream, and the stream's local socket pair
+    /// (`local` for the pump, `dst` the service's end).
+    struct Rig {
+        peer: TcpStream,
+        reader: WsReader,
+        mux: Arc<Mux>,
+        s: Arc<Stream>,
+        local: TcpStream,
+        dst: TcpStream,
+        _keep: (TcpStream, crate::io::Writer),
+    }
+
+    async fn rig(window: u32) -> Rig {
+        let (peer, chan) = tcp_pair().await;
+        let (rd, _) = chan.into_split();
+        let reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
+        let (sink_end, sink_peer) = tcp_pair().await;
+        let (out, w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let mux = Arc::new(Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX));
+        let s = mux.accept_stream(5).unwrap();
+        let (local, dst) = tcp_pair().await;
+        Rig { peer, reader, mux, s, local, dst, _keep: (sink_peer, w) }
+    }
+
     /// Large data frames are delivered with their payload spliced (or, behind a full socket,
     /// queued) in order, and a large frame for a stream that is gone is skipped whole: the
     /// channel's next frame is read from the right place.
     #[tokio::test]
     async fn large_frames_reach_their_stream_whole_and_in_order() {
-        let (mut peer, chan) = tcp_pair().await;
-        let (rd, _) = chan.into_split();
-        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
-        let (sink_end, _keep) = tcp_pair().await;
-        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
-        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
-        let s = mux.accept_stream(5).unwrap();
-        let (local, mut dst) = tcp_pair().await;
+        let Rig { mut peer, mut reader, mux, s, local, mut dst, _keep } = rig(4 << 20).await;
         // A small receive buffer that is not read at first: part of the data must queue.
         socket2::SockRef::from(&dst).set_recv_buffer_size(64 * 1024).unwrap();
         let pump = tokio::spawn(run_stream(mux.clone(), s, local));
@@ -732,14 +750,7 @@ mod tests {
     /// lets the pipe go (a quiet channel holds none). Every frame's bytes arrive.
     #[tokio::test]
     async fn a_bulk_transfer_keeps_its_splice_pipe_between_frames() {
-        let (mut peer, chan) = tcp_pair().await;
-        let (rd, _) = chan.into_split();
-        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
-        let (sink_end, _keep) = tcp_pair().await;
-        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
-        let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
-        let s = mux.accept_stream(5).unwrap();
-        let (local, mut dst) = tcp_pair().await;
+        let Rig { mut peer, mut reader, mux, s, local, mut dst, _keep } = rig(4 << 20).await;
         let _pump = tokio::spawn(run_stream(mux.clone(), s, local));
         let chunk: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let mut inodes = Vec::new();
@@ -770,14 +781,7 @@ mod tests {
     /// in order, and the pipes are gone with the stream.
     #[tokio::test]
     async fn frames_behind_a_full_socket_wait_in_pipes_then_in_memory() {
-        let (mut peer, chan) = tcp_pair().await;
-        let (rd, _) = chan.into_split();
-        let mut reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
-        let (sink_end, _keep) = tcp_pair().await;
-        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
-        let mux = Arc::new(Mux::new(out, 32 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX));
-        let s = mux.accept_stream(5).unwrap();
-        let (local, mut dst) = tcp_pair().await;
+        let Rig { mut peer, mut reader, mux, s, local, mut dst, _keep } = rig(32 << 20).await;
         socket2::SockRef::from(&dst).set_recv_buffer_size(64 * 1024).unwrap();
         socket2::SockRef::from(&local).set_send_buffer_size(64 * 1024).unwrap();
         let pump = tokio::spawn(run_stream(mux.clone(), s, local));
