@@ -308,13 +308,13 @@ impl WsReader {
 
     /// Hands over the pipe (holding what [`splice_in`](Self::splice_in) put there); the
     /// next splice makes another.
-    pub(crate) fn take_pipe(&mut self) -> Option<Pipe> {
-        self.pipe.take()
+    pub(crate) fn take_pipe(&mut self) -> Result<Pipe, Error> {
+        self.pipe.take().ok_or_else(no_pipe)
     }
 
     /// Reads `len` bytes left in the pipe into memory.
     pub(crate) fn pipe_take(&self, len: usize) -> Result<Bytes, Error> {
-        let p = self.pipe.as_ref().ok_or_else(|| Error::Protocol("no pipe".into()))?;
+        let p = self.pipe.as_ref().ok_or_else(no_pipe)?;
         p.take(len).map(Bytes::from).map_err(|e| Error::io("read from the splice pipe", e))
     }
 
@@ -864,6 +864,10 @@ impl Drop for Writer {
             s.wr = None;
         }
     }
+}
+
+fn no_pipe() -> Error {
+    Error::Protocol("no pipe".into())
 }
 
 fn nonzero(n: usize) -> std::io::Result<usize> {

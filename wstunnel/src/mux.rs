@@ -351,7 +351,7 @@ impl Mux {
             self.drained_directly(s, &mut st, j);
             if j < k {
                 // The rest waits in its inbox, in the pipe; the reader makes another.
-                let pipe = reader.take_pipe().ok_or_else(|| Error::Protocol("no pipe".into()))?;
+                let pipe = reader.take_pipe()?;
                 self.pipes.fetch_add(1, Ordering::Relaxed);
                 let piped = Piped { pipe, len: k - j, count: self.pipes.clone() };
                 self.queue(s, st, Chunk::Piped(piped));
