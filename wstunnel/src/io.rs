@@ -58,15 +58,6 @@ pub(crate) enum ChanWrite {
     Boxed(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
-impl ChanWrite {
-    fn tcp(&self) -> Option<&TcpStream> {
-        match self {
-            ChanWrite::Tcp(w) => Some(w.as_ref()),
-            ChanWrite::Boxed(_) => None,
-        }
-    }
-}
-
 impl AsyncWrite for ChanWrite {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
@@ -162,9 +153,10 @@ pub(crate) enum Next {
     Data(LargeData),
 }
 
-/// A data frame with at least this much payload left in the socket is spliced, not read; a
-/// stream whose reads bring at least this much is spliced into the channel.
+/// A data frame with at least this much payload left in the socket is spliced, not read.
 const SPLICE_MIN: usize = 16 * 1024;
+/// A stream whose reads bring at least this much is read several frames at a time.
+const BULK_MIN: usize = 16 * 1024;
 /// The headers of a full-size data frame (WebSocket, unmasked, 64-bit length; tunnel).
 const LARGE_HEAD: usize = 10 + HEADER_LEN;
 
@@ -392,15 +384,9 @@ struct Sink {
     /// The frame buffer stream pumps read into (`[PREFIX room][payload]`), kept while data
     /// flows so that bulk transfers neither allocate nor fault in pages per frame.
     buf: BytesMut,
-    /// `buf[from..to]` is a frame being written, or the headers of one whose next `piped`
-    /// payload bytes wait in `pipe`.
+    /// `buf[from..to]` is a frame being written.
     from: usize,
     to: usize,
-    /// Where spliced payload waits ([`crate::splice`]): kept, like `buf`, while data flows.
-    pipe: Option<Pipe>,
-    piped: usize,
-    /// Stream payload may be spliced: plain TCP, unmasked frames, and the kernel agrees.
-    splice: bool,
     /// A frame was built in `buf` since the writer task last looked.
     used: bool,
     /// The last frame written from `buf` did not fit in the socket at once (a slow link):
@@ -414,7 +400,6 @@ pub(crate) struct Writer(Arc<Shared>);
 /// A new channel sink over `wr`. `mask`: mask outgoing frames (an RFC 6455 client).
 pub(crate) fn outbound(wr: ChanWrite, mask: bool) -> (Outbound, Writer) {
     let (ctrl, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
-    let splice = !mask && wr.tcp().is_some() && splice::enabled();
     let sink = Sink {
         wr: Some(wr),
         ctrl: ctrl_rx,
@@ -422,9 +407,6 @@ pub(crate) fn outbound(wr: ChanWrite, mask: bool) -> (Outbound, Writer) {
         buf: BytesMut::new(),
         from: 0,
         to: 0,
-        pipe: None,
-        piped: 0,
-        splice,
         used: false,
         full_socket: false,
     };
@@ -616,9 +598,14 @@ impl SinkGuard<'_> {
     /// Reads up to `max` bytes from `tcp` into the sink's frame buffer and writes them as one
     /// frame of type `kind` for `id`. Fails only when the channel does.
     ///
-    /// `bulk` is the stream's state across calls: while its reads come in large (at least
-    /// [`SPLICE_MIN`] bytes), the payload is spliced instead; small messages (keystrokes,
-    /// requests) take the two-call buffered path, cheaper for them than three splice calls.
+    /// `bulk` is the stream's state across calls: whether its last read was large (at least
+    /// [`BULK_MIN`] bytes).
+    ///
+    /// The payload is copied, never spliced, on this side: a copying sender reads up to
+    /// [`BATCH`] frames in one call and writes them in one more, where a spliced one needed
+    /// three calls per frame (splice in, headers, splice out); on the 2026-12-04 VM (AMD EPYC
+    /// with AVX-512, fast copies) splicing on the sending side cost 25-35 % of the throughput,
+    /// while splicing on the receiving side gains (docs/benchmarks.md).
     pub(crate) async fn send_from(
         &mut self,
         tcp: &TcpStream,
@@ -627,15 +614,6 @@ impl SinkGuard<'_> {
         id: u32,
         bulk: &mut bool,
     ) -> Result<Sent, Error> {
-        if self.sink.splice
-            && *bulk
-            && let Some(sent) = self.splice_from(tcp, max, kind, id).await
-        {
-            if let Ok(Sent::Data(n)) = sent {
-                *bulk = n >= SPLICE_MIN;
-            }
-            return sent;
-        }
         let s = &mut *self.sink;
         if !s.used {
             s.used = true;
@@ -681,7 +659,7 @@ impl SinkGuard<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Sent::WouldBlock),
             Err(_) => return Ok(Sent::ReadFailed),
         };
-        *bulk = n >= SPLICE_MIN;
+        *bulk = n >= BULK_MIN;
         // Seal each frame in place. Full frames (MAX_READ payload, `h_full` bytes of headers)
         // follow one another without a gap; a short last frame has shorter headers, so it is
         // moved back to close the gap.
@@ -711,54 +689,6 @@ impl SinkGuard<'_> {
         Ok(Sent::Data(n))
     }
 
-    /// [`send_from`](Self::send_from) without copying the payload: `tcp` → pipe → channel
-    /// socket. `None` when this channel cannot splice after all (it then never tries again).
-    async fn splice_from(&mut self, tcp: &TcpStream, max: usize, kind: u8, id: u32) -> Option<Result<Sent, Error>> {
-        let s = &mut *self.sink;
-        let pipe = splice::pipe_or_off(&mut s.pipe, &mut s.splice, MAX_READ)?;
-        if !s.used {
-            s.used = true;
-            self.sh.holds_buf.store(true, Ordering::Release);
-        }
-        let n = match pipe.fill_from(tcp, max) {
-            Ok(0) => return Some(Ok(Sent::Eof)),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(Ok(Sent::WouldBlock)),
-            Err(e) if splice::unsupported(&e) => {
-                tracing::debug!(cause = %e, "splice refused: buffered channel");
-                s.splice = false;
-                s.pipe = None;
-                return None;
-            }
-            Err(_) => return Some(Ok(Sent::ReadFailed)),
-        };
-        let (h, start) = frame_headers(kind, id, None, n);
-        s.buf.clear();
-        s.buf.extend_from_slice(&h[start..]);
-        (s.from, s.to, s.piped) = (0, s.buf.len(), n);
-        let sh = self.sh;
-        let res = tokio::select! {
-            r = self.write_spliced() => r,
-            _ = sh.kill.cancelled() => Err(std::io::ErrorKind::BrokenPipe.into()),
-        };
-        Some(self.check(res).map(|()| Sent::Data(n)))
-    }
-
-    /// Writes the headers in `buf[from..to]`, then the `piped` payload bytes from the pipe.
-    async fn write_spliced(&mut self) -> std::io::Result<()> {
-        let s = &mut *self.sink;
-        let (Some(sock), Some(pipe)) = (s.wr.as_ref().and_then(ChanWrite::tcp), s.pipe.as_ref()) else {
-            return Err(std::io::ErrorKind::BrokenPipe.into());
-        };
-        while s.from < s.to {
-            s.from += nonzero(Pipe::send_head(sock, &s.buf[s.from..s.to]).await?)?;
-        }
-        while s.piped > 0 {
-            s.piped -= nonzero(pipe.drain_into(sock, s.piped).await?)?;
-        }
-        Ok(())
-    }
-
     async fn write_buf(&mut self) -> std::io::Result<()> {
         let s = &mut *self.sink;
         let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
@@ -783,24 +713,13 @@ impl Drop for SinkGuard<'_> {
         let s = &mut *self.sink;
         if self.sh.dead.load(Ordering::Acquire) {
             s.wr = None;
-            (s.from, s.piped) = (s.to, 0);
+            s.from = s.to;
             return;
         }
-        if s.from < s.to || s.piped > 0 {
+        if s.from < s.to {
             // Dropped in the middle of a frame: the next holder writes the rest first.
-            let mut rest = BytesMut::from(&s.buf[s.from..s.to]);
-            if s.piped > 0 {
-                match s.pipe.as_ref().map(|p| p.take(s.piped)) {
-                    Some(Ok(payload)) => rest.extend_from_slice(&payload),
-                    _ => {
-                        // The frame cannot be completed: the channel's byte stream is broken.
-                        self.sh.dead.store(true, Ordering::Release);
-                        s.wr = None;
-                    }
-                }
-            }
-            s.pending.push_front(rest.freeze());
-            (s.from, s.piped) = (s.to, 0);
+            s.pending.push_front(Bytes::copy_from_slice(&s.buf[s.from..s.to]));
+            s.from = s.to;
         }
     }
 }
@@ -830,7 +749,6 @@ pub(crate) async fn write_loop(w: Writer) -> Result<(), Error> {
                             continue;
                         }
                         s.buf = BytesMut::new();
-                        s.pipe = None;
                         sh.holds_buf.store(false, Ordering::Release);
                     }
                     continue;
@@ -868,10 +786,6 @@ impl Drop for Writer {
 
 fn no_pipe() -> Error {
     Error::Protocol("no pipe".into())
-}
-
-fn nonzero(n: usize) -> std::io::Result<usize> {
-    if n == 0 { Err(std::io::ErrorKind::WriteZero.into()) } else { Ok(n) }
 }
 
 async fn write_batch(wr: &mut ChanWrite, batch: &mut VecDeque<Bytes>) -> std::io::Result<()> {
@@ -1005,7 +919,6 @@ mod tests {
                 });
                 let (_, wr) = chan.into_split();
                 let (out, _w) = outbound(ChanWrite::Tcp(wr), mask);
-                out.sh.sink.lock().await.splice = false; // unit tests splice bulk streams
                 let (mut sent, mut writes, mut bulk) = (0, 0, true);
                 while sent < total {
                     ours.readable().await.unwrap();
@@ -1025,11 +938,11 @@ mod tests {
         }
     }
 
-    /// Stream payload goes TCP → pipe → channel socket, and a frame whose writer is cancelled
-    /// half way (here: the peer is not reading and the socket buffers are tiny) is completed
-    /// by the next holder of the sink: the channel's byte stream stays whole.
+    /// A frame whose writer is cancelled half way (here: the peer is not reading and the
+    /// socket buffers are tiny) is completed by the next holder of the sink: the channel's
+    /// byte stream stays whole.
     #[tokio::test]
-    async fn a_spliced_frame_cut_short_is_completed_by_the_next_writer() {
+    async fn a_frame_cut_short_is_completed_by_the_next_writer() {
         use std::future::Future;
         let (chan, mut peer) = tcp_pair().await;
         socket2::SockRef::from(&chan).set_send_buffer_size(4096).unwrap();
@@ -1057,7 +970,6 @@ mod tests {
         {
             // The guard dropped with a frame half written: its rest waits in the sink.
             let s = out.sh.sink.try_lock().expect("the sink is free");
-            assert!(s.pipe.is_some(), "the payload was not spliced");
             assert!(!s.pending.is_empty(), "the rest of the cut frame was not kept");
         }
         let reader = tokio::spawn(async move {

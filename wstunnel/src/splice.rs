@@ -1,13 +1,15 @@
-//! Zero-copy payload for plain-TCP channels (on unless turned off, see [`enabled`]): a
-//! stream's bytes move from its TCP socket into a pipe and from the pipe into the channel's
-//! socket, behind the frame's headers, with splice(2), and large data frames leave the
-//! channel socket the same way (waiting in their pipe while the stream's socket is full).
-//! They never pass through user space, which saves the two copies (socket → buffer → socket)
-//! per tunnel end: on loopback about a third of the CPU per byte (docs/benchmarks.md).
+//! Zero-copy payload on the receiving end of plain-TCP channels (on unless turned off, see
+//! [`enabled`]): a large data frame's payload moves from the channel's socket into a pipe and
+//! from the pipe into its stream's socket with splice(2), waiting in its pipe while the
+//! stream's socket is full. It never passes through user space, which saves the two copies
+//! (socket → buffer → socket) per byte received.
 //!
-//! Only where the payload goes out as it came in: unmasked frames over plain TCP. TLS and
-//! masked frames take the buffered path ([`crate::io`]). A kernel that refuses splice for a
-//! socket makes the channel fall back to the buffered path for good.
+//! The sending end copies ([`crate::io`]'s `send_from`): it reads several frames' worth in
+//! one call and writes them in one more, fewer calls than splicing each frame in and out
+//! behind its headers; measured, splicing there cost throughput (docs/benchmarks.md).
+//!
+//! Only unmasked frames over plain TCP are spliced; TLS and masked frames take the buffered
+//! path. A kernel that refuses splice for a socket makes the channel read instead, for good.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -53,19 +55,6 @@ impl Pipe {
     /// stream, `WouldBlock` when nothing is ready (which clears the socket's readiness).
     pub(crate) fn fill_from(&self, tcp: &TcpStream, max: usize) -> io::Result<usize> {
         tcp.try_io(Interest::READABLE, || Ok(rustix::pipe::splice(tcp, None, &self.w, None, max, FLAGS)?))
-    }
-
-    /// Sends `head` (more follows: no segment is pushed for it alone) into `sock`; returns how
-    /// much it took, waiting for room.
-    pub(crate) async fn send_head(sock: &TcpStream, head: &[u8]) -> io::Result<usize> {
-        let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
-        loop {
-            sock.writable().await?;
-            match sock.try_io(Interest::WRITABLE, || Ok(rustix::net::send(sock, head, flags)?)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return r,
-            }
-        }
     }
 
     /// Moves up to `len` bytes from the pipe into `sock`, waiting for room.

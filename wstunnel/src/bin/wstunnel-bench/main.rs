@@ -7,7 +7,8 @@
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
-//! interleaved throughput rounds, of which the median is reported. `BENCH_CASES` may also
+//! interleaved throughput rounds, of which the median is reported; `BENCH_RUNS` (comma list
+//! of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput figures (e.g. to profile one). `BENCH_CASES` may also
 //! name `relay-copy` and `relay-splice`: a chain of two reference relays ([`relay`]), the
 //! bound for any tunnel of this shape on this machine.
 //!
@@ -124,10 +125,14 @@ async fn bench() -> Result<()> {
         results.insert(case.clone(), r);
     }
     let rounds: usize = env_num("BENCH_ROUNDS", 3);
+    let mut runs = vec![("fwd1", 1, true), ("rev1", 1, false), ("fwd4", 4, true), ("rev4", 4, false)];
+    if let Ok(only) = std::env::var("BENCH_RUNS") {
+        runs.retain(|(name, _, _)| only.split(',').any(|o| o == *name));
+    }
     let mut samples: BTreeMap<(String, &str), Vec<Value>> = BTreeMap::new();
     for round in 0..rounds {
         for (case, setup) in &setups {
-            for (name, streams, fwd) in [("fwd1", 1, true), ("rev1", 1, false), ("fwd4", 4, true), ("rev4", 4, false)] {
+            for &(name, streams, fwd) in &runs {
                 let v = bulk(&env, setup, streams, fwd).await.with_context(|| format!("{case} {name}"))?;
                 eprintln!("  round {round} {case} {name}: {} MB/s", v["MBps"]);
                 samples.entry((case.clone(), name)).or_default().push(v);
