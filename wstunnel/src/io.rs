@@ -604,7 +604,7 @@ impl SinkGuard<'_> {
     /// The payload is copied, never spliced, on this side: a copying sender reads up to
     /// [`BATCH`] frames in one call and writes them in one more, where a spliced one needed
     /// three calls per frame (splice in, headers, splice out); on the 2026-12-04 VM (AMD EPYC
-    /// with AVX-512, fast copies) splicing on the sending side cost 25-35 % of the throughput,
+    /// with AVX-512, fast copies) splicing on the sending side cost 20-25 % of the throughput,
     /// while splicing on the receiving side gains (docs/benchmarks.md).
     pub(crate) async fn send_from(
         &mut self,

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     // WSTUNNEL_THREADS=N: worker threads. By default the server runs one per core and the
     // board side (`client`, wstun's client mode) runs on one thread, as lightning-rod does:
     // its work is mostly splicing in the kernel, and on one thread a new connection's `Open`
-    // is handled without waking a second worker (docs/benchmarks.md, 2026-12-04 17:00).
+    // is handled without waking a second worker (docs/benchmarks.md, 2026-12-04 17:15).
     let server = match &cli {
         Some(c) => matches!(c.cmd, cli::Cmd::Server(_)),
         None => matches!(wstunnel::wstun::parse(&args[1..]), Ok(wstunnel::wstun::Command::Server { .. })),
