@@ -197,6 +197,19 @@ async fn run_client(a: ClientArgs, shutdown: CancellationToken) -> Result<(), Er
     Ok(())
 }
 
+/// Whether the command line runs a tunnel server (the cloud side) rather than the board
+/// side or a one-shot command: `cli`, or when the binary was called as `wstun`, wstun's
+/// `args`. The server runs one worker per core, the rest on one thread.
+pub fn runs_server(cli: Option<&Cli>, wstun_args: &[String]) -> bool {
+    let wstun_args = match cli.map(|c| &c.cmd) {
+        Some(Cmd::Server(_)) => return true,
+        Some(Cmd::Wstun { args }) => args.as_slice(),
+        Some(_) => return false,
+        None => wstun_args,
+    };
+    matches!(wstun::parse(wstun_args), Ok(wstun::Command::Server { .. }))
+}
+
 /// Runs the wstun command line.
 pub async fn run_wstun(args: &[String], shutdown: CancellationToken) -> Result<(), Error> {
     match wstun::parse(args)? {
@@ -227,5 +240,17 @@ mod tests {
         assert!(parse_remote("x:127.0.0.1:22").is_err());
         assert_eq!(parse_range("50000-60000").unwrap(), 50000..=60000);
         assert!(parse_range("6-5").is_err());
+    }
+
+    #[test]
+    fn servers_are_told_from_the_board_side() {
+        let cli = |line: &str| Cli::parse_from(line.split(' '));
+        let words = |line: &str| line.split(' ').map(String::from).collect::<Vec<_>>();
+        assert!(runs_server(Some(&cli("wstunnel server --listen 127.0.0.1:0")), &[]));
+        assert!(runs_server(Some(&cli("wstunnel wstun -r -s 8080")), &[]));
+        assert!(!runs_server(Some(&cli("wstunnel wstun -r50022:127.0.0.1:22 ws://cloud:8080")), &[]));
+        assert!(!runs_server(Some(&cli("wstunnel client --server ws://cloud:8080 --token t -R 0:127.0.0.1:22")), &[]));
+        assert!(runs_server(None, &words("-r -s 8080")));
+        assert!(!runs_server(None, &words("-r50022:127.0.0.1:22 ws://cloud:8080")));
     }
 }

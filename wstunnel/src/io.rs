@@ -22,7 +22,7 @@ use s4t_shared::tunnel::frame::{HEADER_LEN, T_DATA, header};
 use s4t_shared::tunnel::ws::{self, Decoded, Decoder, MAX_HEADER, Message, Opcode, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -51,53 +51,8 @@ impl AsyncRead for ChanRead {
     }
 }
 
-/// The sending half of a channel's connection. Plain TCP stays visible as such, so that
-/// stream payload can be spliced into it ([`crate::splice`]).
-pub(crate) enum ChanWrite {
-    Tcp(OwnedWriteHalf),
-    Boxed(Box<dyn AsyncWrite + Send + Unpin>),
-}
-
-impl AsyncWrite for ChanWrite {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ChanWrite::Tcp(w) => Pin::new(w).poll_write(cx, b),
-            ChanWrite::Boxed(w) => Pin::new(w).poll_write(cx, b),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        b: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ChanWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, b),
-            ChanWrite::Boxed(w) => Pin::new(w).poll_write_vectored(cx, b),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ChanWrite::Tcp(w) => w.is_write_vectored(),
-            ChanWrite::Boxed(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ChanWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
-            ChanWrite::Boxed(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ChanWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            ChanWrite::Boxed(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
+/// The sending half of a channel's connection (an owned TCP half, or a TLS stream's).
+pub(crate) type ChanWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Capacity of the control queue (frames). Overflowing it closes the channel.
 pub(crate) const CTRL_QUEUE: usize = 1024;
@@ -868,7 +823,7 @@ mod tests {
     fn header_for_matches_a_sealed_frame() {
         let (a, b) = tokio::io::duplex(64);
         drop(a);
-        let (out, _w) = outbound(ChanWrite::Boxed(Box::new(b)), false);
+        let (out, _w) = outbound(Box::new(b), false);
         let payload = vec![9u8; 300];
         let mut buf = payload_buf(payload.len());
         buf.put_slice(&payload);
@@ -876,7 +831,7 @@ mod tests {
         let head = out.header_for(T_PACKET, 7, payload.len()).expect("unmasked");
         assert_eq!([&head[..], &payload[..]].concat(), &sealed[..]);
         let (_, b2) = tokio::io::duplex(64);
-        let (masked, _w2) = outbound(ChanWrite::Boxed(Box::new(b2)), true);
+        let (masked, _w2) = outbound(Box::new(b2), true);
         assert!(masked.header_for(T_PACKET, 7, 300).is_none(), "a masking sink must copy");
     }
 
@@ -918,7 +873,7 @@ mod tests {
                     (got, frames)
                 });
                 let (_, wr) = chan.into_split();
-                let (out, _w) = outbound(ChanWrite::Tcp(wr), mask);
+                let (out, _w) = outbound(Box::new(wr), mask);
                 let (mut sent, mut writes, mut bulk) = (0, 0, true);
                 while sent < total {
                     ours.readable().await.unwrap();
@@ -952,7 +907,7 @@ mod tests {
         let d = data.clone();
         let _feeder = tokio::spawn(async move { src.write_all(&d).await.map(|()| src) });
         let (_, wr) = chan.into_split();
-        let (out, w) = outbound(ChanWrite::Tcp(wr), false);
+        let (out, w) = outbound(Box::new(wr), false);
         let mut frames = 0;
         loop {
             ours.readable().await.unwrap();

@@ -16,13 +16,10 @@ fn main() -> ExitCode {
         .is_some_and(|n| n.to_string_lossy().starts_with("wstun") && !n.to_string_lossy().starts_with("wstunnel"));
     let cli = if called_as_wstun { None } else { Some(Cli::parse_from(&args)) };
     // WSTUNNEL_THREADS=N: worker threads. By default the server runs one per core and the
-    // board side (`client`, wstun's client mode) runs on one thread, as lightning-rod does:
+    // board side (`client`, wstun's client mode) on one thread, as lightning-rod does:
     // its work is mostly splicing in the kernel, and on one thread a new connection's `Open`
     // is handled without waking a second worker (docs/benchmarks.md, 2026-12-04 17:15).
-    let server = match &cli {
-        Some(c) => matches!(c.cmd, cli::Cmd::Server(_)),
-        None => matches!(wstunnel::wstun::parse(&args[1..]), Ok(wstunnel::wstun::Command::Server { .. })),
-    };
+    let server = cli::runs_server(cli.as_ref(), &args[1..]);
     let threads: usize =
         std::env::var("WSTUNNEL_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(if server { 0 } else { 1 });
     let rt = if threads == 1 {

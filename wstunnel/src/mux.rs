@@ -598,7 +598,7 @@ async fn wait_inbox(s: &Stream) -> Result<Inbound, End> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::{ChanRead, ChanWrite, outbound, tcp_pair};
+    use crate::io::{ChanRead, outbound, tcp_pair};
     use bytes::BytesMut;
     use s4t_shared::tunnel::ws::{self, Opcode, Role};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -616,7 +616,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_bytes_ride_with_open() {
         let (sink_end, peer) = tcp_pair().await;
-        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
         let window = 1 << 20;
         let mux = Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX);
         let mut reader = WsReader::new(ChanRead::Tcp(peer.into_split().0), Role::Client, BytesMut::new(), false);
@@ -654,7 +654,7 @@ mod tests {
     #[tokio::test]
     async fn a_channel_over_its_budget_resets_the_stream_holding_the_most() {
         let (sink_end, _keep) = tcp_pair().await;
-        let (out, _w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
         let budget = 1 << 20;
         let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), budget));
         let mut readers_that_never_read = Vec::new();
@@ -693,7 +693,7 @@ mod tests {
         let (rd, _) = chan.into_split();
         let reader = WsReader::new(ChanRead::Tcp(rd), Role::Client, BytesMut::new(), false);
         let (sink_end, sink_peer) = tcp_pair().await;
-        let (out, w) = outbound(ChanWrite::Tcp(sink_end.into_split().1), false);
+        let (out, w) = outbound(Box::new(sink_end.into_split().1), false);
         let mux = Arc::new(Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX));
         let s = mux.accept_stream(5).unwrap();
         let (local, dst) = tcp_pair().await;

@@ -18,7 +18,7 @@ impl Transport for TcpStream {
     fn split_box(self) -> (ChanRead, ChanWrite) {
         // Owned halves of a TCP stream need no lock.
         let (r, w) = self.into_split();
-        (ChanRead::Tcp(r), ChanWrite::Tcp(w))
+        (ChanRead::Tcp(r), Box::new(w))
     }
 }
 
@@ -29,14 +29,14 @@ pub(crate) type TlsClientStream = tokio_rustls::client::TlsStream<Buffered>;
 impl Transport for TlsServerStream {
     fn split_box(self) -> (ChanRead, ChanWrite) {
         let (r, w) = tokio::io::split(self);
-        (ChanRead::Boxed(Box::new(r)), ChanWrite::Boxed(Box::new(w)))
+        (ChanRead::Boxed(Box::new(r)), Box::new(w))
     }
 }
 
 impl Transport for TlsClientStream {
     fn split_box(self) -> (ChanRead, ChanWrite) {
         let (r, w) = tokio::io::split(self);
-        (ChanRead::Boxed(Box::new(r)), ChanWrite::Boxed(Box::new(w)))
+        (ChanRead::Boxed(Box::new(r)), Box::new(w))
     }
 }
 

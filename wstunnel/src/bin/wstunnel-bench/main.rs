@@ -8,9 +8,9 @@
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported; `BENCH_RUNS` (comma list
-//! of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput figures (e.g. to profile one). `BENCH_CASES` may also
-//! name `relay-copy` and `relay-splice`: a chain of two reference relays ([`relay`]), the
-//! bound for any tunnel of this shape on this machine.
+//! of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput figures (e.g. to profile
+//! one). `BENCH_CASES` may also name `relay-copy` and `relay-splice`: a chain of two reference
+//! relays ([`relay`]), the bound for any tunnel of this shape on this machine.
 //!
 //! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
 //!
@@ -40,6 +40,11 @@ struct Env {
     dir: PathBuf,
     echo: std::net::SocketAddr,
     bulk: std::net::SocketAddr,
+}
+
+/// Whether `name` is in the comma list in the environment variable `var`.
+fn listed(var: &str, name: &str) -> bool {
+    std::env::var(var).is_ok_and(|only| only.split(',').any(|o| o == name))
 }
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -91,9 +96,9 @@ async fn bench() -> Result<()> {
     if erebe.is_some() {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
-    if let Ok(only) = std::env::var("BENCH_CASES") {
+    if std::env::var_os("BENCH_CASES").is_some() {
         cases.extend(["ours-ws-copy", "relay-copy", "relay-splice"]);
-        cases.retain(|c| only.split(',').any(|o| o == *c));
+        cases.retain(|c| listed("BENCH_CASES", c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
     // can be interleaved: on a shared machine, load changes then hit every case alike.
@@ -126,9 +131,7 @@ async fn bench() -> Result<()> {
     }
     let rounds: usize = env_num("BENCH_ROUNDS", 3);
     let mut runs = vec![("fwd1", 1, true), ("rev1", 1, false), ("fwd4", 4, true), ("rev4", 4, false)];
-    if let Ok(only) = std::env::var("BENCH_RUNS") {
-        runs.retain(|(name, _, _)| only.split(',').any(|o| o == *name));
-    }
+    runs.retain(|(name, _, _)| std::env::var_os("BENCH_RUNS").is_none() || listed("BENCH_RUNS", name));
     let mut samples: BTreeMap<(String, &str), Vec<Value>> = BTreeMap::new();
     for round in 0..rounds {
         for (case, setup) in &setups {
