@@ -14,7 +14,9 @@
 //!
 //! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
 //!
-//! Prints a table as it goes and, last, one JSON line with every figure.
+//! Prints a table as it goes and, last, one JSON line with every figure and, under
+//! `vs_erebe`, each case's ratios to erebe/wstunnel's figures of the same run with whether
+//! issue 3's targets hold (throughput ≥ 1.25x in every run, connect p50 ≤ 0.5x).
 
 mod load;
 mod procs;
@@ -153,11 +155,43 @@ async fn bench() -> Result<()> {
     for (case, r) in &results {
         eprintln!("{case}: {r}");
     }
+    let ratios = vs_erebe(&results);
+    for (case, r) in &ratios {
+        eprintln!("{case} / erebe: {r}");
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let out = json!({"wstunnel_bench": results, "secs": env.secs, "loadavg_end": load.trim()});
+    let out = json!({"wstunnel_bench": results, "vs_erebe": ratios, "secs": env.secs, "loadavg_end": load.trim()});
     println!("{out}");
     let _ = std::fs::remove_dir_all(&env.dir);
     Ok(())
+}
+
+/// Each case's figures over erebe/wstunnel's in the same run (ws cases against erebe-ws, wss
+/// against erebe-wss), and whether issue 3's targets hold: throughput at least 1.25x in every
+/// run measured, connect → first echo p50 at most half.
+fn vs_erebe(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (case, r) in results {
+        let base = if case.ends_with("-wss") { "erebe-wss" } else { "erebe-ws" };
+        let Some(e) = results.get(base).filter(|_| case != "direct" && !case.starts_with("erebe")) else { continue };
+        let ratio = |a: &Value, b: &Value| Some(a.as_f64()? / b.as_f64().filter(|b| *b > 0.0)?);
+        let mut m = serde_json::Map::new();
+        let runs: Vec<(&str, f64)> = ["fwd1", "rev1", "fwd4", "rev4"]
+            .into_iter()
+            .filter_map(|run| Some((run, ratio(&r[run]["MBps"], &e[run]["MBps"])?)))
+            .collect();
+        for (run, x) in &runs {
+            m.insert((*run).into(), json!(round(*x, 2)));
+        }
+        let connect = ratio(&r["connect_first_echo_ms"]["p50"], &e["connect_first_echo_ms"]["p50"]);
+        if let Some(x) = connect {
+            m.insert("connect_p50".into(), json!(round(x, 2)));
+        }
+        m.insert("throughput_target_met".into(), json!(!runs.is_empty() && runs.iter().all(|(_, x)| *x >= 1.25)));
+        m.insert("connect_target_met".into(), json!(connect.is_some_and(|x| x <= 0.5)));
+        out.insert(case.clone(), Value::Object(m));
+    }
+    out
 }
 
 async fn start_ours(env: &Env, tls: bool, vars: &[(&str, &str)]) -> Result<Setup> {
@@ -347,4 +381,49 @@ async fn fleet(env: &Env, s: &Setup) -> Result<Value> {
 fn round(v: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (v * m).round() / m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn figures(mbps: [f64; 4], connect_ms: f64) -> Value {
+        json!({
+            "fwd1": {"MBps": mbps[0]}, "rev1": {"MBps": mbps[1]}, "fwd4": {"MBps": mbps[2]}, "rev4": {"MBps": mbps[3]},
+            "connect_first_echo_ms": {"p50": connect_ms},
+        })
+    }
+
+    /// Each tunnel is held against erebe's figures over the same transport; the targets hold
+    /// only when every run is at 1.25x and the connect p50 at half.
+    #[test]
+    fn ratios_are_taken_against_erebe_over_the_same_transport() {
+        let results = BTreeMap::from([
+            ("direct".to_owned(), figures([9000.0; 4], 0.05)),
+            ("erebe-ws".to_owned(), figures([1000.0; 4], 0.4)),
+            ("erebe-wss".to_owned(), figures([800.0; 4], 0.8)),
+            ("ours-ws".to_owned(), figures([1300.0, 1250.0, 1400.0, 1200.0], 0.2)),
+            ("ours-wss".to_owned(), figures([1000.0, 1000.0, 1000.0, 1000.0], 0.4)),
+        ]);
+        let r = vs_erebe(&results);
+        assert_eq!(
+            r.keys().collect::<Vec<_>>(),
+            ["ours-ws", "ours-wss"],
+            "only tunnels are compared, not direct or erebe"
+        );
+        let ws = &r["ours-ws"];
+        assert_eq!(
+            (ws["fwd1"].as_f64(), ws["rev4"].as_f64(), ws["connect_p50"].as_f64()),
+            (Some(1.3), Some(1.2), Some(0.5))
+        );
+        assert_eq!(ws["throughput_target_met"], json!(false), "rev4 is below 1.25x");
+        assert_eq!(ws["connect_target_met"], json!(true));
+        let wss = &r["ours-wss"];
+        assert_eq!(
+            (wss["fwd1"].as_f64(), wss["connect_p50"].as_f64()),
+            (Some(1.25), Some(0.5)),
+            "wss against erebe-wss"
+        );
+        assert_eq!((&wss["throughput_target_met"], &wss["connect_target_met"]), (&json!(true), &json!(true)));
+    }
 }
