@@ -7,9 +7,9 @@
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
-//! interleaved throughput rounds, of which the median is reported; `BENCH_RUNS` (comma list
-//! of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput figures (e.g. to profile
-//! one). `BENCH_CASES` may also name `relay-copy` and `relay-splice`: a chain of two reference
+//! interleaved throughput rounds, of which the median is reported, with the spread;
+//! `BENCH_RUNS` (comma list of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput
+//! figures (e.g. to profile one). `BENCH_CASES` may also name `relay-copy` and `relay-splice`: a chain of two reference
 //! relays ([`relay`]), the bound for any tunnel of this shape on this machine.
 //!
 //! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
@@ -145,9 +145,14 @@ async fn bench() -> Result<()> {
         }
     }
     for ((case, name), mut v) in samples {
-        // The median round by throughput, with the CPU and peak memory of that round.
+        // The median round by throughput, with the CPU and peak memory of that round, and the
+        // slowest and fastest rounds' throughput.
         v.sort_by(|a, b| a["MBps"].as_f64().unwrap_or(0.0).total_cmp(&b["MBps"].as_f64().unwrap_or(0.0)));
-        let mid = v[v.len() / 2].clone();
+        let mut mid = v[v.len() / 2].clone();
+        let range = [v[0]["MBps"].clone(), v[v.len() - 1]["MBps"].clone()];
+        if let Value::Object(m) = &mut mid {
+            m.insert("MBps_rounds_min_max".into(), json!(range));
+        }
         if let Some(Value::Object(r)) = results.get_mut(&case) {
             r.insert(name.to_owned(), mid);
         }
