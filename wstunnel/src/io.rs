@@ -259,12 +259,6 @@ impl WsReader {
         self.pipe.take().ok_or_else(no_pipe)
     }
 
-    /// Reads `len` bytes left in the pipe into memory.
-    pub(crate) fn pipe_take(&self, len: usize) -> Result<Bytes, Error> {
-        let p = self.pipe.as_ref().ok_or_else(no_pipe)?;
-        p.take(len).map(Bytes::from).map_err(|e| Error::io("read from the splice pipe", e))
-    }
-
     /// Reads up to `max` bytes of a [`LargeData`]'s rest into memory.
     pub(crate) async fn read_some(&mut self, max: usize) -> Result<Bytes, Error> {
         let mut b = BytesMut::with_capacity(max.min(MAX_READ));

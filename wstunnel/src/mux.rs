@@ -341,7 +341,8 @@ impl Mux {
                 Some(Ok(j)) => j,
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                 Some(Err(_)) => {
-                    reader.pipe_take(k)?;
+                    // The stream's socket failed: its bytes go with the pipe.
+                    drop(reader.take_pipe()?);
                     self.reset(s.id, code::IO);
                     target = None;
                     continue;

@@ -72,20 +72,6 @@ impl Pipe {
     pub(crate) fn try_drain_into(&self, sock: &TcpStream, len: usize) -> io::Result<usize> {
         sock.try_io(Interest::WRITABLE, || Ok(rustix::pipe::splice(&self.r, None, sock, None, len, FLAGS)?))
     }
-
-    /// Reads the `len` bytes left in the pipe (a frame whose writer was cancelled) into
-    /// memory, so they can be written the ordinary way.
-    pub(crate) fn take(&self, len: usize) -> io::Result<Vec<u8>> {
-        let mut out = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            match rustix::io::read(&self.r, &mut out[got..])? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => got += n,
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// The pipe in `slot`, made (of `size` bytes) if there is none yet; `None`, with `on` turned

@@ -9,8 +9,9 @@
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported, with the spread;
 //! `BENCH_RUNS` (comma list of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput
-//! figures (e.g. to profile one). `BENCH_CASES` may also name `relay-copy` and `relay-splice`: a chain of two reference
-//! relays ([`relay`]), the bound for any tunnel of this shape on this machine.
+//! figures (e.g. to profile one). `BENCH_CASES` may also name `relay-copy` and
+//! `relay-splice`: a chain of two reference relays ([`relay`]), the bound for any tunnel of
+//! this shape on this machine.
 //!
 //! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
 //!
