@@ -64,6 +64,10 @@ pub struct ServerArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Lanes (extra connections) a board channel may open to spread its streams over; 0
+    /// offers none.
+    #[arg(long, default_value_t = 4)]
+    pub max_lanes: usize,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +88,10 @@ pub struct ClientArgs {
     /// Do not verify the server certificate (as wstun does).
     #[arg(long)]
     pub tls_insecure: bool,
+    /// Open up to N lanes besides the channel (if the server offers them): the server spreads
+    /// connections over them, so that concurrent bulk streams do not share one TCP connection.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub lanes: u16,
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +155,7 @@ async fn run_server(a: ServerArgs, shutdown: CancellationToken) -> Result<(), Er
     cfg.public_bind = a.public_bind;
     cfg.legacy = a.legacy;
     cfg.assign_ports = a.assign_ports;
+    cfg.limits.max_lanes_per_channel = a.max_lanes;
     if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
         cfg.tls = Some(tls::server_config(c, k)?);
     }
@@ -175,6 +184,7 @@ pub fn parse_remote(spec: &str) -> Result<(u16, String), Error> {
 
 async fn run_client(a: ClientArgs, shutdown: CancellationToken) -> Result<(), Error> {
     let mut cfg = client::ClientConfig::new(a.server.clone());
+    cfg.lanes = a.lanes;
     if a.server.starts_with("wss://") {
         cfg.tls = Some(match (&a.ca_file, a.tls_insecure) {
             (Some(ca), _) => tls::client_config_with_ca(ca)?,

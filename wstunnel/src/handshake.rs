@@ -17,6 +17,12 @@ pub const SUBPROTOCOL: &str = "s4t-tunnel";
 /// a pass over every byte the board sends, and erebe/wstunnel leaves it off by default too.
 /// Older servers pick [`SUBPROTOCOL`], and the client then masks.
 pub const UNMASKED_SUBPROTOCOL: &str = "s4t-tunnel-unmasked";
+/// A lane of a channel (frames unmasked both ways): an extra connection that carries some of
+/// the channel's streams. Its first frame is `Lane` with the key the channel's `Lanes` gave.
+pub const LANE_SUBPROTOCOL: &str = "s4t-tunnel-lane";
+/// The request header in which a client asks for up to that many lanes for its channel
+/// (servers that do not know it ignore it, and the client then uses the channel alone).
+pub const LANES_HEADER: &str = "S4T-Tunnel-Lanes";
 /// The subprotocol MDSLab wstun speaks.
 pub const LEGACY_SUBPROTOCOL: &str = "tunnel-protocol";
 const MAX_HEAD: usize = 8 * 1024;
@@ -24,8 +30,11 @@ const MAX_HEAD: usize = 8 * 1024;
 /// What an incoming connection asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// Our multiplexed channel; `unmasked`: the client offered unmasked frames.
-    Channel { unmasked: bool },
+    /// Our multiplexed channel; `unmasked`: the client offered unmasked frames; `lanes`: how
+    /// many lanes it asked for.
+    Channel { unmasked: bool, lanes: u16 },
+    /// A lane of a channel.
+    Lane,
     /// wstun control channel: `?dst=host:port`, with `&board=<uuid>` when our wstun client
     /// was given `-u <uuid>` (the original lightning-rod passes its board uuid).
     LegacyControl { port: u16, board: Option<String> },
@@ -73,10 +82,13 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Inco
     }
     let protocols = header("sec-websocket-protocol").unwrap_or_default();
     let offers = |p: &str| protocols.split(',').any(|o| o.trim() == p);
-    let route = if offers(UNMASKED_SUBPROTOCOL) {
-        Route::Channel { unmasked: true }
+    let lanes = header(LANES_HEADER).and_then(|v| v.trim().parse::<u16>().ok()).unwrap_or(0);
+    let route = if offers(LANE_SUBPROTOCOL) {
+        Route::Lane
+    } else if offers(UNMASKED_SUBPROTOCOL) {
+        Route::Channel { unmasked: true, lanes }
     } else if offers(SUBPROTOCOL) {
-        Route::Channel { unmasked: false }
+        Route::Channel { unmasked: false, lanes }
     } else {
         legacy_route(&path)?
     };
@@ -185,16 +197,33 @@ pub(crate) struct Upgraded {
     pub unmasked: bool,
 }
 
+/// What a client dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dial {
+    /// A channel, asking for up to that many lanes (0: none).
+    Channel { lanes: u16 },
+    /// A lane of a channel that offered lanes.
+    Lane,
+}
+
 /// Client side: sends the upgrade request for our subprotocol and checks the answer.
 pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     host: &str,
     path: &str,
+    dial: Dial,
 ) -> Result<Upgraded, Error> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let offer = match dial {
+        Dial::Channel { lanes: 0 } => format!("Sec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}"),
+        Dial::Channel { lanes } => {
+            format!("Sec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}\r\n{LANES_HEADER}: {lanes}")
+        }
+        Dial::Lane => format!("Sec-WebSocket-Protocol: {LANE_SUBPROTOCOL}"),
+    };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.map_err(|e| Error::io("send the upgrade request", e))?;
     let (head, leftover) = read_http_head(s, MAX_HEAD).await?;
@@ -215,7 +244,11 @@ pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     if header("sec-websocket-accept") != derive_accept_key(key.as_bytes()).as_bytes() {
         return Err(Error::Handshake("wrong Sec-WebSocket-Accept".into()));
     }
-    let unmasked = header("sec-websocket-protocol").trim_ascii() == UNMASKED_SUBPROTOCOL.as_bytes();
+    let chosen = header("sec-websocket-protocol");
+    let unmasked = [UNMASKED_SUBPROTOCOL, LANE_SUBPROTOCOL].iter().any(|p| chosen.trim_ascii() == p.as_bytes());
+    if dial == Dial::Lane && !unmasked {
+        return Err(Error::Handshake("the server did not accept a lane".into()));
+    }
     Ok(Upgraded { leftover, unmasked })
 }
 
@@ -224,10 +257,13 @@ mod tests {
     use super::*;
 
     async fn route_of(protocols: &str) -> Route {
+        route_with(&format!("Sec-WebSocket-Protocol: {protocols}")).await
+    }
+
+    async fn route_with(headers: &str) -> Route {
         let req = format!(
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: {protocols}\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n\r\n"
         );
         read_request(&mut req.as_bytes()).await.unwrap().route
     }
@@ -235,9 +271,28 @@ mod tests {
     #[tokio::test]
     async fn unmasked_frames_only_when_the_client_offers_them() {
         let both = format!("{UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}");
-        assert_eq!(route_of(&both).await, Route::Channel { unmasked: true });
+        assert_eq!(route_of(&both).await, Route::Channel { unmasked: true, lanes: 0 });
         // An older client offers only the masked channel, and must keep masking.
-        assert_eq!(route_of(SUBPROTOCOL).await, Route::Channel { unmasked: false });
+        assert_eq!(route_of(SUBPROTOCOL).await, Route::Channel { unmasked: false, lanes: 0 });
+    }
+
+    /// What our client sends for a channel with lanes and for a lane routes as it should; a
+    /// lanes header that is not a number asks for none.
+    #[tokio::test]
+    async fn lanes_are_asked_for_in_the_upgrade() {
+        for (dial, want) in [
+            (Dial::Channel { lanes: 0 }, Route::Channel { unmasked: true, lanes: 0 }),
+            (Dial::Channel { lanes: 3 }, Route::Channel { unmasked: true, lanes: 3 }),
+            (Dial::Lane, Route::Lane),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(4096);
+            // No answer comes: the request is all this test needs.
+            let dialer = tokio::spawn(async move { connect(&mut client, "x", "/", dial).await.map(|_| ()) });
+            assert_eq!(read_request(&mut server).await.unwrap().route, want, "{dial:?}");
+            dialer.abort();
+        }
+        let odd = format!("Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n{LANES_HEADER}: many");
+        assert_eq!(route_with(&odd).await, Route::Channel { unmasked: false, lanes: 0 });
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Streams multiplexed over one channel: the table of open streams, the reader task's dispatch
 //! of stream frames, and the two pumps between a stream and its TCP socket.
 //!
+//! A channel may have **lanes**: extra connections, each with its own reader task and sink,
+//! that share the channel's stream table. Every frame of a stream travels on its stream's lane
+//! (the channel's own connection is lane 0), so a stream's data and its `Fin` stay in order;
+//! the server opens each new stream on the lane with the fewest streams.
+//!
 //! Memory per stream is bounded by the flow-control window: the sender never has more than the
 //! receiver's credit in flight, the receiver buffers at most that much per stream, and grants
 //! more only as it drains to the socket. An idle stream holds no buffer at all (its pump waits
@@ -15,7 +20,7 @@ use bytes::Bytes;
 use s4t_shared::tunnel::Frame;
 use s4t_shared::tunnel::frame::{T_DATA, code};
 use s4t_shared::tunnel::window::{RecvWindow, SendWindow};
-use s4t_shared::tunnel::ws::Message;
+use s4t_shared::tunnel::ws::{Message, Opcode};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,10 @@ const MAX_QUEUED_PIPES: usize = 64;
 
 /// The streams of one channel.
 pub(crate) struct Mux {
+    /// The channel's own connection (lane 0's sink), for channel-wide frames.
     pub(crate) out: Outbound,
+    /// Lane 0, then the lanes that joined.
+    lanes: Mutex<Vec<Arc<Lane>>>,
     streams: Mutex<HashMap<u32, Arc<Stream>>>,
     /// Initial credit in both directions (from `Welcome`).
     window: u32,
@@ -54,8 +62,20 @@ pub(crate) struct Mux {
     pipes: Arc<AtomicUsize>,
 }
 
+/// One connection of a channel: the channel's own (lane 0) or a lane that joined it.
+pub(crate) struct Lane {
+    pub(crate) out: Outbound,
+    /// Streams on this lane.
+    streams: AtomicUsize,
+    /// Cancelled when this lane's connection dies (or the channel does): its streams die
+    /// with it.
+    pub(crate) dead: CancellationToken,
+}
+
 pub(crate) struct Stream {
     pub(crate) id: u32,
+    /// The lane all of this stream's frames travel on.
+    lane: Arc<Lane>,
     /// The local socket, once connected. Shared: the reader task writes to it directly when
     /// nothing is queued (saving a task hop per frame), the pumps do the rest.
     tcp: OnceLock<Arc<TcpStream>>,
@@ -64,7 +84,7 @@ pub(crate) struct Stream {
     readable: Notify,
     /// Credit arrived.
     writable: Notify,
-    /// Cancelled on reset (either side) and when the channel dies.
+    /// Cancelled on reset (either side) and when its lane or the channel dies.
     dead: CancellationToken,
 }
 
@@ -141,20 +161,54 @@ impl Mux {
         let streams = Mutex::new(HashMap::new());
         let (buffered, pipes) = (AtomicUsize::new(0), Arc::default());
         let next_id = AtomicU32::new(1);
-        Mux { out, streams, window, max_streams, next_id, cancel, counters, buffered, budget, pipes }
+        let main = Arc::new(Lane { out: out.clone(), streams: AtomicUsize::new(0), dead: cancel.child_token() });
+        let lanes = Mutex::new(vec![main]);
+        Mux { out, lanes, streams, window, max_streams, next_id, cancel, counters, buffered, budget, pipes }
     }
 
-    /// Enters a new stream in the table `t`.
-    fn insert(&self, t: &mut HashMap<u32, Arc<Stream>>, id: u32) -> Arc<Stream> {
-        let s = self.make(id);
+    /// Lane 0: the channel's own connection.
+    pub(crate) fn main_lane(&self) -> Arc<Lane> {
+        self.lanes.lock().expect("lanes")[0].clone()
+    }
+
+    /// A lane joins, writing to `out`; `None` when the channel has `max` lanes already (or is
+    /// dead).
+    pub(crate) fn add_lane(&self, out: Outbound, max: usize) -> Option<Arc<Lane>> {
+        let mut lanes = self.lanes.lock().expect("lanes");
+        if lanes.len() > max || self.cancel.is_cancelled() {
+            return None;
+        }
+        let lane = Arc::new(Lane { out, streams: AtomicUsize::new(0), dead: self.cancel.child_token() });
+        lanes.push(lane.clone());
+        Some(lane)
+    }
+
+    /// A lane's connection died: its streams die with it (each end finds its own lane dead;
+    /// neither sends a `Reset`), and no new stream goes on it.
+    pub(crate) fn drop_lane(&self, lane: &Arc<Lane>) {
+        lane.dead.cancel();
+        self.lanes.lock().expect("lanes").retain(|l| !Arc::ptr_eq(l, lane));
+    }
+
+    /// Lanes other than lane 0.
+    pub(crate) fn extra_lanes(&self) -> usize {
+        self.lanes.lock().expect("lanes").len() - 1
+    }
+
+    /// Enters a new stream in the table `t`, on `lane`.
+    fn insert(&self, t: &mut HashMap<u32, Arc<Stream>>, id: u32, lane: Arc<Lane>) -> Arc<Stream> {
+        lane.streams.fetch_add(1, Ordering::Relaxed);
+        let s = self.make(id, lane);
         t.insert(id, s.clone());
         Counters::add(&self.counters.streams_opened, 1);
         s
     }
 
-    fn make(&self, id: u32) -> Arc<Stream> {
+    fn make(&self, id: u32, lane: Arc<Lane>) -> Arc<Stream> {
+        let dead = lane.dead.child_token();
         Arc::new(Stream {
             id,
+            lane,
             tcp: OnceLock::new(),
             state: Mutex::new(StreamState {
                 inbox: VecDeque::new(),
@@ -167,20 +221,27 @@ impl Mux {
             }),
             readable: Notify::new(),
             writable: Notify::new(),
-            dead: self.cancel.child_token(),
+            dead,
         })
     }
 
-    /// Server side: a new stream with a fresh id, or `None` at the stream limit.
+    /// Server side: a new stream with a fresh id, on the lane with the fewest streams (the
+    /// first such: lane 0 while the others are as busy), or `None` at the stream limit.
     pub(crate) fn open_stream(&self) -> Option<Arc<Stream>> {
         let mut t = self.streams.lock().expect("stream table");
         if t.len() >= self.max_streams {
             return None;
         }
+        let lane = {
+            let lanes = self.lanes.lock().expect("lanes");
+            let least =
+                lanes.iter().filter(|l| !l.dead.is_cancelled()).min_by_key(|l| l.streams.load(Ordering::Relaxed));
+            least.unwrap_or(&lanes[0]).clone()
+        };
         loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             if id != 0 && !t.contains_key(&id) {
-                return Some(self.insert(&mut t, id));
+                return Some(self.insert(&mut t, id, lane));
             }
         }
     }
@@ -196,19 +257,20 @@ impl Mux {
         // Errors and EOF are left for the up pump to find again.
         let n = std::io::Read::read(&mut &*socket2::SockRef::from(tcp), &mut first[..credit]).unwrap_or(0);
         give_back(s, credit - n);
-        let mut sink = self.out.lock().await?;
-        sink.push(self.out.frame(open));
+        let out = &s.lane.out;
+        let mut sink = out.lock().await?;
+        sink.push(out.frame(open));
         if n > 0 {
             let payload = Bytes::copy_from_slice(&first[..n]);
-            sink.push(self.out.frame(&Frame::Data { stream: s.id, payload }));
+            sink.push(out.frame(&Frame::Data { stream: s.id, payload }));
             Counters::add(&self.counters.bytes_sent, n as u64);
         }
         sink.flush().await
     }
 
-    /// Client side: registers a stream the server opened, so that data sent right after the
-    /// `Open` is buffered (within the window) while the local connect runs.
-    pub(crate) fn accept_stream(&self, id: u32) -> Result<Arc<Stream>, u16> {
+    /// Client side: registers a stream the server opened on `lane`, so that data sent right
+    /// after the `Open` is buffered (within the window) while the local connect runs.
+    pub(crate) fn accept_stream(&self, id: u32, lane: &Arc<Lane>) -> Result<Arc<Stream>, u16> {
         let mut t = self.streams.lock().expect("stream table");
         if t.contains_key(&id) || id == 0 {
             return Err(code::PROTOCOL);
@@ -216,23 +278,26 @@ impl Mux {
         if t.len() >= self.max_streams {
             return Err(code::LIMIT);
         }
-        Ok(self.insert(&mut t, id))
+        Ok(self.insert(&mut t, id, lane.clone()))
     }
 
-    pub(crate) fn remove(&self, id: u32) {
+    fn remove(&self, id: u32) -> Option<Arc<Stream>> {
         let removed = self.streams.lock().expect("stream table").remove(&id);
-        if let Some(s) = removed {
+        if let Some(s) = &removed {
             s.dead.cancel();
+            s.lane.streams.fetch_sub(1, Ordering::Relaxed);
             Counters::add(&self.counters.streams_closed, 1);
             let mut st = s.state.lock().expect("stream state");
             self.buffered.fetch_sub(std::mem::take(&mut st.held), Ordering::Relaxed);
         }
+        removed
     }
 
-    /// Resets a stream from this side: tells the peer and drops it.
+    /// Resets a stream from this side: tells the peer (on the stream's lane, or on the channel
+    /// for a stream never entered) and drops it.
     pub(crate) fn reset(&self, id: u32, code: u16) {
-        self.remove(id);
-        let _ = self.out.try_ctrl(&Frame::Reset { stream: id, code });
+        let out = self.remove(id).map(|s| s.lane.out.clone()).unwrap_or_else(|| self.out.clone());
+        let _ = out.try_ctrl(&Frame::Reset { stream: id, code });
     }
 
     fn get(&self, id: u32) -> Option<Arc<Stream>> {
@@ -366,7 +431,7 @@ impl Mux {
     /// control queue is full (the reader task never waits).
     fn drained_directly(&self, s: &Stream, st: &mut StreamState, n: usize) {
         if let Some(increment) = st.recv.on_drained(n)
-            && self.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
+            && s.lane.out.try_ctrl(&Frame::Window { stream: s.id, increment }).is_err()
         {
             st.pending_window += increment;
             s.readable.notify_one();
@@ -443,9 +508,38 @@ pub(crate) async fn run_stream(mux: Arc<Mux>, s: Arc<Stream>, tcp: TcpStream) {
     let _ = s.tcp.set(tcp.clone());
     let res = tokio::try_join!(up(&mux, &s, &tcp), down(&mux, &s, &tcp));
     match res {
-        Ok(_) => mux.remove(s.id),
-        Err(End::Gone) => mux.remove(s.id),
+        Ok(_) | Err(End::Gone) => drop(mux.remove(s.id)),
         Err(End::Local(code)) => mux.reset(s.id, code),
+    }
+}
+
+/// Reads a lane that joined the channel until it ends: stream frames go to the stream table,
+/// pings are answered, any other frame goes to `other` (the board's `Open`), whose error ends
+/// the lane, as does a malformed frame. Fails when `idle` passes without a message.
+pub(crate) async fn read_lane(
+    mux: &Mux,
+    lane: &Lane,
+    reader: &mut WsReader,
+    idle: Duration,
+    mut other: impl FnMut(Frame) -> Result<(), Error>,
+) -> Result<(), Error> {
+    loop {
+        let msg = tokio::select! {
+            m = mux.next_message(reader, idle) => m?,
+            _ = lane.dead.cancelled() => return Err(Error::Closed),
+        };
+        match msg {
+            None | Some(Message::Close(_)) => return Ok(()),
+            Some(Message::Binary(b)) => match Frame::decode(&b)? {
+                f @ (Frame::Data { .. } | Frame::Fin { .. } | Frame::Reset { .. } | Frame::Window { .. }) => {
+                    mux.on_frame(f)?
+                }
+                f => other(f)?,
+            },
+            Some(Message::Ping(p)) => lane.out.try_ctrl_raw(lane.out.ws_control(Opcode::Pong, &p))?,
+            Some(Message::Pong(_)) => {}
+            Some(Message::Text(_)) => return Err(Error::Protocol("text message on a tunnel lane".into())),
+        }
     }
 }
 
@@ -460,7 +554,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
             _ = s.dead.cancelled() => return Err(End::Gone),
         }
         let mut sink = tokio::select! {
-            g = mux.out.lock() => g.map_err(|_| End::Gone)?,
+            g = s.lane.out.lock() => g.map_err(|_| End::Gone)?,
             _ = s.dead.cancelled() => return Err(End::Gone),
         };
         // Not cancelled by a reset of this stream: a frame half written stays in the sink.
@@ -476,7 +570,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
         match res {
             Ok(Sent::Data(_)) | Ok(Sent::WouldBlock) => {}
             Ok(Sent::Eof) => {
-                sink.push(mux.out.frame(&Frame::Fin { stream: s.id }));
+                sink.push(s.lane.out.frame(&Frame::Fin { stream: s.id }));
                 sink.flush().await.map_err(|_| End::Gone)?;
                 return Ok(());
             }
@@ -520,7 +614,7 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                 return Ok(());
             }
             Inbound::Window(increment) => {
-                mux.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
+                s.lane.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
             }
             Inbound::Data(chunks) => {
                 let mut total = 0;
@@ -544,7 +638,7 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                     st.recv.on_drained(total)
                 };
                 if let Some(increment) = inc {
-                    mux.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
+                    s.lane.out.ctrl(&Frame::Window { stream: s.id, increment }).await.map_err(|_| End::Gone)?;
                 }
             }
         }
@@ -660,7 +754,7 @@ mod tests {
         let mux = Arc::new(Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), budget));
         let mut readers_that_never_read = Vec::new();
         for id in 1..=3 {
-            let s = mux.accept_stream(id).unwrap();
+            let s = mux.accept_stream(id, &mux.main_lane()).unwrap();
             let (local, peer) = tcp_pair().await;
             socket2::SockRef::from(&peer).set_recv_buffer_size(4096).unwrap();
             socket2::SockRef::from(&local).set_send_buffer_size(4096).unwrap();
@@ -696,7 +790,7 @@ mod tests {
         let (sink_end, sink_peer) = tcp_pair().await;
         let (out, w) = outbound(Box::new(sink_end.into_split().1), false);
         let mux = Arc::new(Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX));
-        let s = mux.accept_stream(5).unwrap();
+        let s = mux.accept_stream(5, &mux.main_lane()).unwrap();
         let (local, dst) = tcp_pair().await;
         Rig { peer, reader, mux, s, local, dst, _keep: (sink_peer, w) }
     }

@@ -12,6 +12,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) lanes_joined: AtomicU64,
+    pub(crate) lanes_left: AtomicU64,
 }
 
 impl Counters {
@@ -32,6 +34,8 @@ pub struct TrafficStats {
     pub channels_total: u64,
     /// Board channels connected now.
     pub channels_open: u64,
+    /// Lanes (a channel's extra connections) connected now.
+    pub lanes_open: u64,
     /// Public listeners open now.
     pub listeners_open: u64,
     /// TCP connections carried over channels (streams opened).
@@ -53,6 +57,7 @@ impl TrafficStats {
         TrafficStats {
             channels_total: Counters::get(&c.channels),
             channels_open: channels_open as u64,
+            lanes_open: Counters::get(&c.lanes_joined).saturating_sub(Counters::get(&c.lanes_left)),
             listeners_open: listeners_open as u64,
             streams_total: opened,
             streams_open: opened.saturating_sub(Counters::get(&c.streams_closed)),

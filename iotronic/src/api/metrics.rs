@@ -119,8 +119,9 @@ async fn render_tunnel_agents(db: &crate::db::Db, out: &mut String) -> ApiResult
     }
     let now = crate::db::now_ms();
     type Get = fn(&wstunnel::TrafficStats) -> u64;
-    let series: [(&str, &str, &str, Get); 6] = [
+    let series: [(&str, &str, &str, Get); 7] = [
         ("iotronic_tunnel_channels", "gauge", "Board tunnel channels connected.", |t| t.channels_open),
+        ("iotronic_tunnel_lanes", "gauge", "Extra connections (lanes) of board channels.", |t| t.lanes_open),
         ("iotronic_tunnel_channels_total", "counter", "Board tunnel channels accepted.", |t| t.channels_total),
         ("iotronic_tunnel_listeners", "gauge", "Public listeners open.", |t| t.listeners_open),
         ("iotronic_tunnel_streams", "gauge", "Tunneled TCP connections open.", |t| t.streams_open),

@@ -9,6 +9,8 @@
 //! | 0x01 | `Hello` | client → server | version u16, agent str |
 //! | 0x02 | `Welcome` | server → client | version u16, initial window u32 |
 //! | 0x03 | `GoAway` | both | code u16, reason str (the channel closes after it) |
+//! | 0x04 | `Lanes` | server → client | count u16, key str: the client may open up to `count` lanes |
+//! | 0x05 | `Lane` | client → server | key str: the first frame on a lane, in place of `Hello` |
 //! | 0x10 | `Listen` | client → server | port u16, token str (id = listener id chosen by the client) |
 //! | 0x11 | `ListenOk` | server → client | port u16 |
 //! | 0x12 | `ListenErr` | server → client | code u16, reason str |
@@ -24,6 +26,11 @@
 //! | 0x32 | `PacketErr` | server → client | code u16, reason str |
 //! | 0x33 | `Packet` | both | one whole packet |
 //! | 0x34 | `PacketClose` | both | code u16, reason str |
+//!
+//! A **lane** is an extra connection of a channel that carries some of its streams (all the
+//! frames of a stream travel on the lane its `Open` came on), so that bulk streams do not share
+//! one TCP connection. The server offers lanes with `Lanes` only to a client that asked for
+//! them in its upgrade request; a lane carries only stream frames and WebSocket pings.
 //!
 //! A `str` is a u16 length then that many bytes of UTF-8, at most [`MAX_STR`] bytes. Decoding
 //! never panics: anything malformed is a [`FrameError`] and the caller decides what to close.
@@ -71,12 +78,14 @@ pub mod code {
 }
 
 /// One multiplexing frame. `Data` and `Packet` payloads are slices of the received message
-/// (no copy).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (no copy). `Debug` leaves out tokens, lane keys and payloads.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello { version: u16, agent: String },
     Welcome { version: u16, initial_window: u32 },
     GoAway { code: u16, reason: String },
+    Lanes { count: u16, key: String },
+    Lane { key: String },
     Listen { listener: u32, port: u16, token: String },
     ListenOk { listener: u32, port: u16 },
     ListenErr { listener: u32, code: u16, reason: String },
@@ -92,6 +101,82 @@ pub enum Frame {
     PacketErr { channel: u32, code: u16, reason: String },
     Packet { channel: u32, payload: Bytes },
     PacketClose { channel: u32, code: u16, reason: String },
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HIDDEN: &str = "<hidden>";
+        match self {
+            Frame::Hello { version, agent } => {
+                f.debug_struct("Hello").field("version", version).field("agent", agent).finish()
+            }
+            Frame::Welcome { version, initial_window } => {
+                f.debug_struct("Welcome").field("version", version).field("initial_window", initial_window).finish()
+            }
+            Frame::GoAway { code, reason } => {
+                f.debug_struct("GoAway").field("code", code).field("reason", reason).finish()
+            }
+            Frame::Lanes { count, .. } => f.debug_struct("Lanes").field("count", count).field("key", &HIDDEN).finish(),
+            Frame::Lane { .. } => f.debug_struct("Lane").field("key", &HIDDEN).finish(),
+            Frame::Listen { listener, port, .. } => f
+                .debug_struct("Listen")
+                .field("listener", listener)
+                .field("port", port)
+                .field("token", &HIDDEN)
+                .finish(),
+            Frame::ListenOk { listener, port } => {
+                f.debug_struct("ListenOk").field("listener", listener).field("port", port).finish()
+            }
+            Frame::ListenErr { listener, code, reason } => f
+                .debug_struct("ListenErr")
+                .field("listener", listener)
+                .field("code", code)
+                .field("reason", reason)
+                .finish(),
+            Frame::Unlisten { listener } => f.debug_struct("Unlisten").field("listener", listener).finish(),
+            Frame::ListenerClosed { listener, code, reason } => f
+                .debug_struct("ListenerClosed")
+                .field("listener", listener)
+                .field("code", code)
+                .field("reason", reason)
+                .finish(),
+            Frame::Open { stream, listener, peer } => {
+                f.debug_struct("Open").field("stream", stream).field("listener", listener).field("peer", peer).finish()
+            }
+            Frame::Data { stream, payload } => {
+                f.debug_struct("Data").field("stream", stream).field("len", &payload.len()).finish()
+            }
+            Frame::Fin { stream } => f.debug_struct("Fin").field("stream", stream).finish(),
+            Frame::Reset { stream, code } => {
+                f.debug_struct("Reset").field("stream", stream).field("code", code).finish()
+            }
+            Frame::Window { stream, increment } => {
+                f.debug_struct("Window").field("stream", stream).field("increment", increment).finish()
+            }
+            Frame::PacketOpen { channel, vpn, .. } => f
+                .debug_struct("PacketOpen")
+                .field("channel", channel)
+                .field("vpn", vpn)
+                .field("token", &HIDDEN)
+                .finish(),
+            Frame::PacketOk { channel } => f.debug_struct("PacketOk").field("channel", channel).finish(),
+            Frame::PacketErr { channel, code, reason } => f
+                .debug_struct("PacketErr")
+                .field("channel", channel)
+                .field("code", code)
+                .field("reason", reason)
+                .finish(),
+            Frame::Packet { channel, payload } => {
+                f.debug_struct("Packet").field("channel", channel).field("len", &payload.len()).finish()
+            }
+            Frame::PacketClose { channel, code, reason } => f
+                .debug_struct("PacketClose")
+                .field("channel", channel)
+                .field("code", code)
+                .field("reason", reason)
+                .finish(),
+        }
+    }
 }
 
 /// Why a frame could not be decoded.
@@ -116,6 +201,8 @@ pub enum FrameError {
 const T_HELLO: u8 = 0x01;
 const T_WELCOME: u8 = 0x02;
 const T_GOAWAY: u8 = 0x03;
+const T_LANES: u8 = 0x04;
+const T_LANE: u8 = 0x05;
 const T_LISTEN: u8 = 0x10;
 const T_LISTEN_OK: u8 = 0x11;
 const T_LISTEN_ERR: u8 = 0x12;
@@ -163,6 +250,15 @@ impl Frame {
                 out.put_u32(*initial_window);
             }
             Frame::GoAway { code, reason } => put_code_reason(out, T_GOAWAY, 0, *code, reason),
+            Frame::Lanes { count, key } => {
+                out.put_slice(&header(T_LANES, 0));
+                out.put_u16(*count);
+                put_str(out, key);
+            }
+            Frame::Lane { key } => {
+                out.put_slice(&header(T_LANE, 0));
+                put_str(out, key);
+            }
             Frame::Listen { listener, port, token } => {
                 out.put_slice(&header(T_LISTEN, *listener));
                 out.put_u16(*port);
@@ -231,6 +327,8 @@ impl Frame {
             T_HELLO => Frame::Hello { version: r.u16()?, agent: r.str()? },
             T_WELCOME => Frame::Welcome { version: r.u16()?, initial_window: r.u32()? },
             T_GOAWAY => Frame::GoAway { code: r.u16()?, reason: r.str()? },
+            T_LANES => Frame::Lanes { count: r.u16()?, key: r.str()? },
+            T_LANE => Frame::Lane { key: r.str()? },
             T_LISTEN => Frame::Listen { listener: id, port: r.u16()?, token: r.str()? },
             T_LISTEN_OK => Frame::ListenOk { listener: id, port: r.u16()? },
             T_LISTEN_ERR => Frame::ListenErr { listener: id, code: r.u16()?, reason: r.str()? },
@@ -334,6 +432,8 @@ mod tests {
             Frame::Hello { version: PROTOCOL_VERSION, agent: "wstunnel/0.1".into() },
             Frame::Welcome { version: 1, initial_window: 262_144 },
             Frame::GoAway { code: code::VERSION, reason: "upgrade".into() },
+            Frame::Lanes { count: 3, key: "k3y".into() },
+            Frame::Lane { key: "k3y".into() },
             Frame::Listen { listener: 7, port: 0, token: "tok".into() },
             Frame::ListenOk { listener: 7, port: 50_001 },
             Frame::ListenErr { listener: 7, code: code::IN_USE, reason: "busy".into() },
@@ -394,6 +494,26 @@ mod tests {
         let mut big = BytesMut::from(&header(T_DATA, 1)[..]);
         big.put_bytes(0, MAX_DATA + 1);
         assert!(matches!(Frame::decode(&big.freeze()), Err(FrameError::PayloadTooLarge { .. })));
+    }
+
+    #[test]
+    fn debug_output_leaves_out_secrets_and_payloads() {
+        let secret = "s3cr3t-value";
+        let frames = [
+            Frame::Listen { listener: 1, port: 2, token: secret.into() },
+            Frame::PacketOpen { channel: 1, vpn: "v".into(), token: secret.into() },
+            Frame::Lanes { count: 2, key: secret.into() },
+            Frame::Lane { key: secret.into() },
+            Frame::Data { stream: 1, payload: Bytes::from(secret) },
+        ];
+        for f in frames {
+            let shown = format!("{f:?}");
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(
+            format!("{:?}", Frame::Data { stream: 4, payload: Bytes::from_static(b"abc") }),
+            "Data { stream: 4, len: 3 }"
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use crate::error::{Error, IoContext};
-use crate::handshake;
+use crate::handshake::{self, Dial};
 use crate::io::{self, Outbound, WsReader};
-use crate::mux::{Mux, run_stream};
+use crate::mux::{Lane, Mux, read_lane, run_stream};
 use crate::transport::{Buffered, Transport};
 
 /// A parsed server URL.
@@ -44,7 +44,7 @@ impl Target {
 
 /// Dials the server and completes the WebSocket upgrade; returns the split transport and any
 /// bytes read past the upgrade response.
-async fn dial(inner: &Inner) -> Result<(io::ChanRead, io::ChanWrite, handshake::Upgraded), Error> {
+async fn dial(inner: &Inner, how: Dial) -> Result<(io::ChanRead, io::ChanWrite, handshake::Upgraded), Error> {
     let t = Target::parse(&inner.cfg.url)?;
     let tcp =
         TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;
@@ -58,12 +58,12 @@ async fn dial(inner: &Inner) -> Result<(io::ChanRead, io::ChanWrite, handshake::
             .await
             .map_err(|e| Error::Tls(e.to_string()))?;
         s.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_WRITE_BUFFER));
-        let left = handshake::connect(&mut s, &host_header, &t.path).await?;
+        let left = handshake::connect(&mut s, &host_header, &t.path, how).await?;
         let (r, w) = s.split_box();
         Ok((r, w, left))
     } else {
         let mut s = tcp;
-        let left = handshake::connect(&mut s, &host_header, &t.path).await?;
+        let left = handshake::connect(&mut s, &host_header, &t.path, how).await?;
         let (r, w) = s.split_box();
         Ok((r, w, left))
     }
@@ -71,7 +71,8 @@ async fn dial(inner: &Inner) -> Result<(io::ChanRead, io::ChanWrite, handshake::
 
 /// Runs one connection until it ends.
 pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result<(), Error> {
-    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner))
+    let how = Dial::Channel { lanes: inner.cfg.lanes };
+    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, how))
         .await
         .map_err(|_| Error::Timeout(format!("connecting to {}", inner.cfg.url)))??;
     let (out, w) = io::outbound(wr, !up.unmasked);
@@ -177,7 +178,13 @@ async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, reader: &mut WsReader) ->
 fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
     match f {
         Frame::Data { .. } | Frame::Fin { .. } | Frame::Reset { .. } | Frame::Window { .. } => mux.on_frame(f)?,
-        Frame::Open { stream, listener, peer } => open(inner, mux, stream, listener, peer),
+        Frame::Open { stream, listener, peer } => open(inner, mux, &mux.main_lane(), stream, listener, peer),
+        Frame::Lanes { count, key } => {
+            let key: Arc<str> = key.into();
+            for _ in 0..count.min(inner.cfg.lanes) {
+                tokio::spawn(keep_lane(inner.clone(), mux.clone(), key.clone()));
+            }
+        }
         Frame::ListenOk { listener, port } => listen_result(inner, listener, Ok(port)),
         Frame::ListenErr { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
         Frame::ListenerClosed { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
@@ -195,13 +202,13 @@ fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
     Ok(())
 }
 
-fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, stream: u32, listener: u32, peer: String) {
+fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, lane: &Arc<Lane>, stream: u32, listener: u32, peer: String) {
     let target = inner.exposures.lock().expect("exposures").get(&listener).map(|e| e.target.clone());
     let Some(target) = target else {
         mux.reset(stream, code::CONNECT_FAILED);
         return;
     };
-    let s = match mux.accept_stream(stream) {
+    let s = match mux.accept_stream(stream, lane) {
         Ok(s) => s,
         Err(code) => {
             mux.reset(stream, code);
@@ -222,6 +229,56 @@ fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, stream: u32, listener: u32, peer: St
             }
         }
     });
+}
+
+/// Keeps one lane of the channel `mux` up while the channel lives: dials, presents `key`,
+/// carries the streams the server opens on it; after a failure, dials again with backoff.
+async fn keep_lane(inner: Arc<Inner>, mux: Arc<Mux>, key: Arc<str>) {
+    let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
+    loop {
+        let res = tokio::select! {
+            r = lane(&inner, &mux, &key, &mut backoff) => r,
+            _ = mux.cancel.cancelled() => return,
+        };
+        if let Err(e) = res {
+            tracing::warn!(cause = %e, "tunnel lane lost");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = mux.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Runs one lane connection until it ends.
+async fn lane(inner: &Arc<Inner>, mux: &Arc<Mux>, key: &str, backoff: &mut Backoff) -> Result<(), Error> {
+    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, Dial::Lane))
+        .await
+        .map_err(|_| Error::Timeout(format!("connecting a lane to {}", inner.cfg.url)))??;
+    let (out, w) = io::outbound(wr, false);
+    let mut guard = Guard { writer: tokio::spawn(io::write_loop(w)), pinger: None, cancel: CancellationToken::new() };
+    out.ctrl(&Frame::Lane { key: key.to_owned() }).await?;
+    let lane = mux.add_lane(out.clone(), usize::MAX).ok_or(Error::Closed)?;
+    backoff.reset();
+    guard.pinger = Some(tokio::spawn(io::ping_loop(out.clone(), inner.cfg.ping_interval)));
+    let mut reader = WsReader::new(rd, Role::Client, up.leftover, false);
+    let res = read_lane(mux, &lane, &mut reader, inner.cfg.idle_timeout, |f| match f {
+        Frame::Open { stream, listener, peer } => {
+            open(inner, mux, &lane, stream, listener, peer);
+            Ok(())
+        }
+        Frame::GoAway { code, reason } => Err(Error::Refused { code, reason }),
+        other => Err(Error::Protocol(format!("unexpected frame on a lane: {other:?}"))),
+    })
+    .await;
+    mux.drop_lane(&lane);
+    let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
+    out.close();
+    if let Some(p) = guard.pinger.take() {
+        p.abort();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut guard.writer).await;
+    res
 }
 
 /// How long an established exposure waits before asking again for a port that was busy.

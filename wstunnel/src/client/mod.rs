@@ -52,6 +52,11 @@ pub struct ClientConfig {
     /// (each stream also within the server's window): beyond, the stream holding the most is
     /// reset. A board has little memory.
     pub max_buffered: usize,
+    /// Lanes to open besides the channel, if the server offers them: each is one more
+    /// connection, and the server spreads the board's streams over all of them, so that
+    /// concurrent bulk streams do not share one TCP connection (nor one lost packet's
+    /// stall). 0 (the default): one connection carries everything.
+    pub lanes: u16,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -73,6 +78,7 @@ impl ClientConfig {
             target_connect_timeout: Duration::from_secs(10),
             max_streams: 2_048,
             max_buffered: 32 * 1024 * 1024,
+            lanes: 0,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use bytes::BytesMut;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use s4t_shared::tunnel::ws::{Message, Opcode, Role, close_payload};
@@ -63,7 +64,7 @@ pub(crate) async fn serve<H: ServerHooks>(
     rd: ChanRead,
     wr: ChanWrite,
     leftover: BytesMut,
-    unmasked: bool,
+    (unmasked, lanes): (bool, u16),
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
@@ -91,7 +92,13 @@ pub(crate) async fn serve<H: ServerHooks>(
         packets: Mutex::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
     });
-    tracing::debug!(%peer, "channel open");
+    let lanes = lanes.min(u16::try_from(cfg.limits.max_lanes_per_channel).unwrap_or(u16::MAX));
+    if lanes > 0 {
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+        ctx.reg.open_lane_door(chan_id, &key, Arc::downgrade(&ctx.mux));
+        let _ = out.try_ctrl(&Frame::Lanes { count: lanes, key });
+    }
+    tracing::debug!(%peer, lanes, "channel open");
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
     let res = tokio::select! {
         r = read_loop(&ctx, &mut reader) => r,
@@ -134,7 +141,12 @@ async fn hello(cfg: &ServerConfig, reader: &mut WsReader, out: &Outbound) -> Res
 }
 
 /// Says goodbye (best effort) and lets the writer flush, but not forever.
-async fn finish(out: &Outbound, writer: &mut tokio::task::JoinHandle<Result<(), Error>>, code: u16, reason: &str) {
+pub(super) async fn finish(
+    out: &Outbound,
+    writer: &mut tokio::task::JoinHandle<Result<(), Error>>,
+    code: u16,
+    reason: &str,
+) {
     let _ = out.try_ctrl(&Frame::GoAway { code, reason: reason.to_owned() });
     let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &close_payload(1000, "")));
     out.close();

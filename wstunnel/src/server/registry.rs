@@ -5,16 +5,19 @@
 use portable_atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::mux::Mux;
 use crate::stats::{Counters, TrafficStats};
 
 pub(crate) struct Registry {
     pub(crate) local_addr: SocketAddr,
     channels: Mutex<HashMap<u64, ChannelEntry>>,
+    /// Channels that offered lanes, by the key their lanes present.
+    lane_doors: Mutex<HashMap<String, Weak<Mux>>>,
     ports: Mutex<HashMap<u16, PortEntry>>,
     pending: Mutex<HashMap<String, TcpStream>>,
     max_pending: usize,
@@ -25,6 +28,8 @@ pub(crate) struct Registry {
 struct ChannelEntry {
     board: Option<String>,
     cancel: CancellationToken,
+    /// The key of its lanes, if it offered lanes.
+    lane_key: Option<String>,
 }
 
 struct PortEntry {
@@ -48,6 +53,7 @@ impl Registry {
         Registry {
             local_addr,
             channels: Mutex::new(HashMap::new()),
+            lane_doors: Mutex::new(HashMap::new()),
             ports: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             max_pending,
@@ -59,8 +65,21 @@ impl Registry {
     pub(crate) fn add_channel(&self, cancel: CancellationToken) -> u64 {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
         Counters::add(&self.counters.channels, 1);
-        self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, cancel });
+        self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, cancel, lane_key: None });
         id
+    }
+
+    /// Lets lanes that present `key` join channel `id`'s `mux` (until the channel is removed).
+    pub(crate) fn open_lane_door(&self, id: u64, key: &str, mux: Weak<Mux>) {
+        if let Some(c) = self.channels.lock().expect("registry").get_mut(&id) {
+            c.lane_key = Some(key.to_owned());
+            self.lane_doors.lock().expect("registry").insert(key.to_owned(), mux);
+        }
+    }
+
+    /// The live channel whose lanes present `key`.
+    pub(crate) fn lane_door(&self, key: &str) -> Option<Arc<Mux>> {
+        self.lane_doors.lock().expect("registry").get(key).and_then(Weak::upgrade)
     }
 
     pub(crate) fn set_channel_board(&self, id: u64, board: &str) {
@@ -70,7 +89,10 @@ impl Registry {
     }
 
     pub(crate) fn remove_channel(&self, id: u64) {
-        self.channels.lock().expect("registry").remove(&id);
+        let removed = self.channels.lock().expect("registry").remove(&id);
+        if let Some(key) = removed.and_then(|c| c.lane_key) {
+            self.lane_doors.lock().expect("registry").remove(&key);
+        }
     }
 
     /// Records a public listener and returns its entry id; `None` if a live listener already

@@ -5,6 +5,8 @@
 //! Environment: `EREBE_WSTUNNEL=/path/to/wstunnel` adds the erebe cases; `BENCH_SECS` (5)
 //! seconds per throughput run; `BENCH_N` (200) fresh connections; `BENCH_M` (2000) round
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
+//! `ours-ws-lanes` and `ours-wss-lanes` are our tunnel with the client opening three lanes
+//! (`--lanes 3`: the 4-stream runs get one connection per stream, as erebe's do).
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported, with the spread;
@@ -61,6 +63,8 @@ struct Setup {
     server: Vec<Proc>,
     client: Vec<Proc>,
     url: Option<String>,
+    /// Lanes our client opens (also those of the fleet's clients).
+    lanes: u16,
 }
 
 impl Setup {
@@ -95,7 +99,7 @@ async fn bench() -> Result<()> {
         dir,
     };
     let erebe = std::env::var_os("EREBE_WSTUNNEL").map(PathBuf::from);
-    let mut cases = vec!["direct", "ours-ws", "ours-wss"];
+    let mut cases = vec!["direct", "ours-ws", "ours-ws-lanes", "ours-wss", "ours-wss-lanes"];
     if erebe.is_some() {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
@@ -114,10 +118,13 @@ async fn bench() -> Result<()> {
                 server: vec![],
                 client: vec![],
                 url: None,
+                lanes: 0,
             },
-            "ours-ws" => start_ours(&env, false, &[]).await?,
-            "ours-ws-copy" => start_ours(&env, false, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
-            "ours-wss" => start_ours(&env, true, &[]).await?,
+            "ours-ws" => start_ours(&env, false, 0, &[]).await?,
+            "ours-ws-lanes" => start_ours(&env, false, LANES, &[]).await?,
+            "ours-ws-copy" => start_ours(&env, false, 0, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
+            "ours-wss" => start_ours(&env, true, 0, &[]).await?,
+            "ours-wss-lanes" => start_ours(&env, true, LANES, &[]).await?,
             "relay-copy" => start_relays(&env, false).await?,
             "relay-splice" => start_relays(&env, true).await?,
             "erebe-ws" => start_erebe(&env, erebe.as_deref().context("erebe")?, false).await?,
@@ -178,7 +185,7 @@ async fn bench() -> Result<()> {
 fn vs_erebe(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     for (case, r) in results {
-        let base = if case.ends_with("-wss") { "erebe-wss" } else { "erebe-ws" };
+        let base = if case.contains("-wss") { "erebe-wss" } else { "erebe-ws" };
         let Some(e) = results.get(base).filter(|_| case != "direct" && !case.starts_with("erebe")) else { continue };
         let ratio = |a: &Value, b: &Value| Some(a.as_f64()? / b.as_f64().filter(|b| *b > 0.0)?);
         let mut m = serde_json::Map::new();
@@ -200,7 +207,10 @@ fn vs_erebe(results: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     out
 }
 
-async fn start_ours(env: &Env, tls: bool, vars: &[(&str, &str)]) -> Result<Setup> {
+/// Lanes the `-lanes` cases' clients open: one connection per stream of the 4-stream runs.
+const LANES: u16 = 3;
+
+async fn start_ours(env: &Env, tls: bool, lanes: u16, vars: &[(&str, &str)]) -> Result<Setup> {
     let bin = our_binary()?;
     let secret = env.dir.join("secret");
     std::fs::write(&secret, b"bench-secret")?;
@@ -228,6 +238,7 @@ async fn start_ours(env: &Env, tls: bool, vars: &[(&str, &str)]) -> Result<Setup
     if let Some(c) = cert {
         cargs.extend(["--ca-file".into(), c.display().to_string()]);
     }
+    cargs.extend(["--lanes".into(), lanes.to_string()]);
     let mut client = Proc::spawn_env(&bin, &cargs, vars)?;
     let mut ports = BTreeMap::new();
     for _ in 0..2 {
@@ -241,6 +252,7 @@ async fn start_ours(env: &Env, tls: bool, vars: &[(&str, &str)]) -> Result<Setup
         server: vec![server],
         client: vec![client],
         url: Some(url),
+        lanes,
     })
 }
 
@@ -265,7 +277,7 @@ async fn start_erebe(env: &Env, bin: &std::path::Path, tls: bool) -> Result<Setu
     )?;
     wait_port(pe).await?;
     wait_port(pb).await?;
-    Ok(Setup { echo_port: pe, bulk_port: pb, server: vec![server], client: vec![client], url: None })
+    Ok(Setup { echo_port: pe, bulk_port: pb, server: vec![server], client: vec![client], url: None, lanes: 0 })
 }
 
 /// A chain of two reference relays in front of each board service: user → relay → relay →
@@ -286,7 +298,7 @@ async fn start_relays(env: &Env, splice: bool) -> Result<Setup> {
         server.push(far);
         client.push(near);
     }
-    Ok(Setup { echo_port: ports[0], bulk_port: ports[1], server, client, url: None })
+    Ok(Setup { echo_port: ports[0], bulk_port: ports[1], server, client, url: None, lanes: 0 })
 }
 
 async fn wait_port(port: u16) -> Result<()> {
@@ -370,6 +382,7 @@ async fn fleet(env: &Env, s: &Setup) -> Result<Value> {
     for i in 0..env.fleet {
         let token = key.mint(&Claims { board: format!("board-{i}"), port: 0, vpn: None, expiry: now + 3600 })?;
         let mut cfg = wstunnel::client::ClientConfig::new(url.clone());
+        cfg.lanes = s.lanes;
         if url.starts_with("wss:") {
             cfg.tls = Some(wstunnel::tls::client_config_with_ca(&env.dir.join("cert.pem"))?);
         }
@@ -410,11 +423,12 @@ mod tests {
             ("erebe-wss".to_owned(), figures([800.0; 4], 0.8)),
             ("ours-ws".to_owned(), figures([1300.0, 1250.0, 1400.0, 1200.0], 0.2)),
             ("ours-wss".to_owned(), figures([1000.0, 1000.0, 1000.0, 1000.0], 0.4)),
+            ("ours-wss-lanes".to_owned(), figures([800.0; 4], 0.8)),
         ]);
         let r = vs_erebe(&results);
         assert_eq!(
             r.keys().collect::<Vec<_>>(),
-            ["ours-ws", "ours-wss"],
+            ["ours-ws", "ours-wss", "ours-wss-lanes"],
             "only tunnels are compared, not direct or erebe"
         );
         let ws = &r["ours-ws"];
@@ -431,5 +445,6 @@ mod tests {
             "wss against erebe-wss"
         );
         assert_eq!((&wss["throughput_target_met"], &wss["connect_target_met"]), (&json!(true), &json!(true)));
+        assert_eq!(r["ours-wss-lanes"]["fwd1"].as_f64(), Some(1.0), "a wss case with lanes against erebe-wss");
     }
 }

@@ -1,0 +1,81 @@
+//! A lane joining a board channel: it presents the key its channel's `Lanes` gave, then
+//! carries the streams the channel opens on it until it or the channel dies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use s4t_shared::tunnel::frame::{Frame, code};
+use s4t_shared::tunnel::ws::{Message, Role};
+
+use super::ServerConfig;
+use super::channel::finish;
+use super::registry::Registry;
+use crate::error::Error;
+use crate::io::{self, ChanRead, ChanWrite, Outbound, WsReader};
+use crate::mux::{Lane, Mux, read_lane};
+use crate::stats::Counters;
+
+/// Runs a lane from just after the upgrade until it closes.
+pub(crate) async fn serve(
+    cfg: Arc<ServerConfig>,
+    reg: Arc<Registry>,
+    rd: ChanRead,
+    wr: ChanWrite,
+    leftover: BytesMut,
+    peer: SocketAddr,
+) {
+    let (out, w) = io::outbound(wr, false);
+    let mut writer = tokio::spawn(io::write_loop(w));
+    let mut reader = WsReader::new(rd, Role::Server, leftover, true);
+    let (mux, lane) = match join(&cfg, &reg, &mut reader, &out).await {
+        Ok(joined) => joined,
+        Err((code, reason)) => {
+            tracing::warn!(%peer, code, %reason, "lane refused");
+            Counters::add(&reg.counters.refused, 1);
+            finish(&out, &mut writer, code, &reason).await;
+            return;
+        }
+    };
+    tracing::debug!(%peer, lanes = mux.extra_lanes(), "lane joined");
+    Counters::add(&reg.counters.lanes_joined, 1);
+    let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
+    let unexpected = |f: Frame| Err(Error::Protocol(format!("unexpected frame on a lane: {f:?}")));
+    let res = read_lane(&mux, &lane, &mut reader, cfg.limits.idle_timeout, unexpected).await;
+    pinger.abort();
+    mux.drop_lane(&lane);
+    Counters::add(&reg.counters.lanes_left, 1);
+    let (code, reason) = match &res {
+        Ok(()) | Err(Error::Closed) => (code::NORMAL, String::new()),
+        Err(e) => {
+            tracing::warn!(%peer, cause = %e, "lane closed");
+            (code::PROTOCOL, e.to_string())
+        }
+    };
+    finish(&out, &mut writer, code, &reason).await;
+}
+
+/// Waits for `Lane` and joins the channel whose key it presents.
+async fn join(
+    cfg: &ServerConfig,
+    reg: &Registry,
+    reader: &mut WsReader,
+    out: &Outbound,
+) -> Result<(Arc<Mux>, Arc<Lane>), (u16, String)> {
+    let msg = tokio::time::timeout(cfg.limits.handshake_timeout, reader.next())
+        .await
+        .map_err(|_| (code::PROTOCOL, "no Lane frame from the client".to_owned()))?
+        .map_err(|e| (code::PROTOCOL, e.to_string()))?;
+    let Some(Message::Binary(b)) = msg else {
+        return Err((code::PROTOCOL, "expected a Lane frame".into()));
+    };
+    let key = match Frame::decode(&b) {
+        Ok(Frame::Lane { key }) => key,
+        Ok(other) => return Err((code::PROTOCOL, format!("expected Lane, got {other:?}"))),
+        Err(e) => return Err((code::PROTOCOL, e.to_string())),
+    };
+    let mux = reg.lane_door(&key).ok_or((code::UNAUTHORIZED, "no channel has this lane key".to_owned()))?;
+    let max = cfg.limits.max_lanes_per_channel;
+    let lane = mux.add_lane(out.clone(), max).ok_or((code::LIMIT, format!("the channel has {max} lanes already")))?;
+    Ok((mux, lane))
+}

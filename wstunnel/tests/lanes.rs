@@ -1,0 +1,293 @@
+//! Lanes: a board channel's extra connections, over which the server spreads its streams. The
+//! client reaches the server through a counting relay (a middlebox on 127.0.0.1, port 0) that
+//! shows which connection carried what, and can cut one of them.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use s4t_shared::tunnel::frame::{Frame, code};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+use wstunnel::client::{self, ClientHandle};
+use wstunnel::server::{DefaultHooks, ListenOn};
+
+/// One connection through the relay: bytes it carried towards the client, and a switch that
+/// cuts it.
+struct Relayed {
+    to_client: Arc<AtomicU64>,
+    cut: CancellationToken,
+}
+
+/// A TCP relay in front of the tunnel server, keeping every connection it relayed in order.
+struct Relay {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Relayed>>>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<Relayed>>> = Arc::default();
+        let c2 = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = l.accept().await {
+                let up = TcpStream::connect(upstream).await.unwrap();
+                let (to_client, cut) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
+                c2.lock().unwrap().push(Relayed { to_client: to_client.clone(), cut: cut.clone() });
+                tokio::spawn(async move {
+                    let (mut ur, mut uw) = up.into_split();
+                    let (mut dr, mut dw) = down.into_split();
+                    let counted = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match ur.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    to_client.fetch_add(n as u64, Ordering::Relaxed);
+                                    if tokio::io::AsyncWriteExt::write_all(&mut dw, &buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = counted => {}
+                        _ = tokio::io::copy(&mut dr, &mut uw) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                    // Dropping both halves of both sockets closes the connection on both ends.
+                });
+            }
+        });
+        Relay { addr, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Bytes each relayed connection carried towards the client, in the order they came.
+    fn carried(&self) -> Vec<u64> {
+        self.conns.lock().unwrap().iter().map(|c| c.to_client.load(Ordering::Relaxed)).collect()
+    }
+
+    fn cut(&self, i: usize) {
+        self.conns.lock().unwrap()[i].cut.cancel();
+    }
+}
+
+fn start_client_with_lanes(url: &str, lanes: u16) -> (ClientHandle, CancellationToken) {
+    let mut cfg = client_config(url);
+    cfg.lanes = lanes;
+    let shutdown = CancellationToken::new();
+    (client::start(cfg, shutdown.clone()).unwrap(), shutdown)
+}
+
+async fn wait_lanes(srv: &TestServer, n: u64) {
+    within(&format!("{n} lanes open"), async {
+        while srv.handle.stats().lanes_open != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Four concurrent bulk connections go one per connection of the board (the channel and its
+/// three lanes), and every byte arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_spread_over_the_lanes_and_arrive_intact() {
+    let srv = start_server().await;
+    let relay = Relay::start(srv.addr).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client_with_lanes(&relay.url(), 3);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    wait_lanes(&srv, 3).await;
+    let size = 8 * 1024 * 1024;
+    let transfers: Vec<_> = (0..4).map(|_| tokio::spawn(echo_checksummed(port, size))).collect();
+    for t in transfers {
+        within("transfer", t).await.unwrap();
+    }
+    let carried = relay.carried();
+    assert_eq!(carried.len(), 4, "the channel and three lanes: {carried:?}");
+    for (i, bytes) in carried.iter().enumerate() {
+        assert!(*bytes >= size as u64, "connection {i} carried {bytes} bytes to the board, not one stream's");
+    }
+    let st = srv.handle.stats();
+    assert_eq!((st.channels_open, st.streams_total), (1, 4), "{st:?}");
+}
+
+/// A lane that dies takes the streams on it, and only those; the board dials it again and
+/// new connections use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_dies_takes_only_its_streams_and_comes_back() {
+    let srv = start_server().await;
+    let relay = Relay::start(srv.addr).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client_with_lanes(&relay.url(), 1);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    wait_lanes(&srv, 1).await;
+    let mut on_channel = connect(port).await;
+    assert_eq!(echo_once(&mut on_channel, b"first").await, b"first");
+    let mut on_lane = connect(port).await;
+    assert_eq!(echo_once(&mut on_lane, b"second").await, b"second");
+    let before = relay.carried();
+    assert!(before[1] > 0, "the second connection went on the lane: {before:?}");
+
+    relay.cut(1);
+    let mut rest = Vec::new();
+    let end = within("the lane's stream ends", on_lane.read_to_end(&mut rest)).await;
+    assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
+    assert_eq!(echo_once(&mut on_channel, b"still here").await, b"still here");
+
+    // The board dials the lane again (the third connection the relay sees) and the next
+    // connection, with the channel still busy, goes on it.
+    within("lane back", async {
+        while relay.carried().len() < 3 || srv.handle.stats().lanes_open != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut third = connect(port).await;
+    assert_eq!(echo_once(&mut third, b"third").await, b"third");
+    assert!(relay.carried()[2] > 0, "{:?}", relay.carried());
+}
+
+/// Lanes die with their channel; when the board reconnects it opens them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_close_with_their_channel_and_return_with_it() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client_with_lanes(&srv.url(), 2);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    wait_lanes(&srv, 2).await;
+    assert_eq!(srv.handle.close_board("b"), 1);
+    within("channels back", async {
+        while srv.handle.stats().channels_total < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    wait_lanes(&srv, 2).await;
+    let mut s = within("reconnected", async {
+        loop {
+            if client.state().borrow().exposures.iter().all(|e| e.port == Some(port)) {
+                return connect(port).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(echo_once(&mut s, b"again").await, b"again");
+}
+
+/// A server that offers no lanes carries everything on the channel, whatever the board asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_offers_no_lanes_carries_everything_on_the_channel() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_lanes_per_channel = 0;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let relay = Relay::start(srv.addr).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client_with_lanes(&relay.url(), 3);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut conns = Vec::new();
+    for i in 0..3u8 {
+        let mut s = connect(port).await;
+        assert_eq!(echo_once(&mut s, &[i; 1000]).await, [i; 1000]);
+        conns.push(s);
+    }
+    assert_eq!(relay.carried().len(), 1, "only the channel");
+    assert_eq!(srv.handle.stats().lanes_open, 0);
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn raw_lane(srv: &TestServer) -> Ws {
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("s4t-tunnel-lane"));
+    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+}
+
+async fn goaway(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match within("next frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => match Frame::decode(&b).unwrap() {
+                Frame::GoAway { code, reason } => return (code, reason),
+                other => panic!("expected GoAway, got {other:?}"),
+            },
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected GoAway, got {other:?}"),
+        }
+    }
+}
+
+/// A lane must present the key of a live channel, first thing: otherwise it is refused with a
+/// reason and counted, and no channel gains a lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_without_a_valid_key_are_refused() {
+    let srv = start_server().await;
+    let (_client, _stop) = start_client_with_lanes(&srv.url(), 1);
+    wait_lanes(&srv, 1).await;
+
+    let mut ws = raw_lane(&srv).await;
+    ws.send(Message::binary(Frame::Lane { key: "not-a-key".into() }.encode())).await.unwrap();
+    let (c, reason) = goaway(&mut ws).await;
+    assert_eq!(c, code::UNAUTHORIZED);
+    assert!(reason.contains("lane key"), "{reason}");
+
+    let mut ws = raw_lane(&srv).await;
+    ws.send(Message::binary(Frame::Fin { stream: 1 }.encode())).await.unwrap();
+    let (c, reason) = goaway(&mut ws).await;
+    assert_eq!(c, code::PROTOCOL);
+    assert!(reason.contains("expected Lane"), "{reason}");
+
+    let st = srv.handle.stats();
+    assert_eq!((st.lanes_open, st.refusals_total), (1, 2), "{st:?}");
+}
+
+/// A channel is offered at most the server's lane limit, and a lane beyond it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_gets_at_most_the_servers_lane_limit() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_lanes_per_channel = 2;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+    req.headers_mut().insert("S4T-Tunnel-Lanes", HeaderValue::from_static("9"));
+    let mut chan = within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0;
+    let hello = Frame::Hello { version: s4t_shared::tunnel::frame::PROTOCOL_VERSION, agent: "raw".into() };
+    chan.send(Message::binary(hello.encode())).await.unwrap();
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        if let Some(Ok(Message::Binary(b))) = within("frame", chan.next()).await {
+            frames.push(Frame::decode(&b).unwrap());
+        }
+    }
+    assert!(matches!(frames[0], Frame::Welcome { .. }), "{frames:?}");
+    let Frame::Lanes { count: 2, key } = frames[1].clone() else { panic!("expected two lanes offered: {frames:?}") };
+    let mut lanes = Vec::new();
+    for _ in 0..2 {
+        let mut ws = raw_lane(&srv).await;
+        ws.send(Message::binary(Frame::Lane { key: key.clone() }.encode())).await.unwrap();
+        lanes.push(ws);
+    }
+    wait_lanes(&srv, 2).await;
+    let mut third = raw_lane(&srv).await;
+    third.send(Message::binary(Frame::Lane { key }.encode())).await.unwrap();
+    let (c, reason) = goaway(&mut third).await;
+    assert_eq!(c, code::LIMIT, "{reason}");
+    drop(chan);
+    wait_lanes(&srv, 0).await;
+}
