@@ -89,8 +89,9 @@ pub struct ClientArgs {
     #[arg(long)]
     pub tls_insecure: bool,
     /// Open up to N lanes besides the channel (if the server offers them): the server spreads
-    /// connections over them, so that concurrent bulk streams do not share one TCP connection.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// connections over them, so that an interactive session does not queue behind a bulk
+    /// transfer on one TCP connection. 0: the channel alone.
+    #[arg(long, default_value_t = 1, value_name = "N")]
     pub lanes: u16,
 }
 

@@ -53,9 +53,10 @@ pub struct ClientConfig {
     /// reset. A board has little memory.
     pub max_buffered: usize,
     /// Lanes to open besides the channel, if the server offers them: each is one more
-    /// connection, and the server spreads the board's streams over all of them, so that
-    /// concurrent bulk streams do not share one TCP connection (nor one lost packet's
-    /// stall). 0 (the default): one connection carries everything.
+    /// connection, and the server opens each new stream on the connection with the fewest
+    /// streams. One (the default) keeps an SSH session responsive while a bulk transfer runs
+    /// to the same board: on one connection its keystrokes wait behind the transfer's queued
+    /// bytes (docs/benchmarks.md, "Latency under load"). 0: one connection carries everything.
     pub lanes: u16,
 }
 
@@ -78,7 +79,7 @@ impl ClientConfig {
             target_connect_timeout: Duration::from_secs(10),
             max_streams: 2_048,
             max_buffered: 32 * 1024 * 1024,
-            lanes: 0,
+            lanes: 1,
         }
     }
 }

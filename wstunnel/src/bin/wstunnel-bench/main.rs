@@ -5,8 +5,9 @@
 //! Environment: `EREBE_WSTUNNEL=/path/to/wstunnel` adds the erebe cases; `BENCH_SECS` (5)
 //! seconds per throughput run; `BENCH_N` (200) fresh connections; `BENCH_M` (2000) round
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
-//! `ours-ws-lanes` and `ours-wss-lanes` are our tunnel with the client opening three lanes
-//! (`--lanes 3`: the 4-stream runs get one connection per stream, as erebe's do).
+//! Our client opens one lane (its default). `BENCH_CASES` may also name `ours-ws-lanes` and
+//! `ours-wss-lanes` (`--lanes 3`: the 4-stream runs get one connection per stream, as
+//! erebe's do) and `ours-ws-1conn` (no lane).
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported, with the spread;
@@ -99,12 +100,19 @@ async fn bench() -> Result<()> {
         dir,
     };
     let erebe = std::env::var_os("EREBE_WSTUNNEL").map(PathBuf::from);
-    let mut cases = vec!["direct", "ours-ws", "ours-ws-lanes", "ours-wss", "ours-wss-lanes"];
+    let mut cases = vec!["direct", "ours-ws", "ours-wss"];
     if erebe.is_some() {
         cases.extend(["erebe-ws", "erebe-wss"]);
     }
     if std::env::var_os("BENCH_CASES").is_some() {
-        cases.extend(["ours-ws-copy", "relay-copy", "relay-splice"]);
+        cases.extend([
+            "ours-ws-1conn",
+            "ours-ws-lanes",
+            "ours-wss-lanes",
+            "ours-ws-copy",
+            "relay-copy",
+            "relay-splice",
+        ]);
         cases.retain(|c| listed("BENCH_CASES", c));
     }
     // Every case's processes run at once (idle ones cost nothing), so the throughput rounds
@@ -120,10 +128,11 @@ async fn bench() -> Result<()> {
                 url: None,
                 lanes: 0,
             },
-            "ours-ws" => start_ours(&env, false, 0, &[]).await?,
+            "ours-ws" => start_ours(&env, false, 1, &[]).await?,
+            "ours-ws-1conn" => start_ours(&env, false, 0, &[]).await?,
             "ours-ws-lanes" => start_ours(&env, false, LANES, &[]).await?,
-            "ours-ws-copy" => start_ours(&env, false, 0, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
-            "ours-wss" => start_ours(&env, true, 0, &[]).await?,
+            "ours-ws-copy" => start_ours(&env, false, 1, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
+            "ours-wss" => start_ours(&env, true, 1, &[]).await?,
             "ours-wss-lanes" => start_ours(&env, true, LANES, &[]).await?,
             "relay-copy" => start_relays(&env, false).await?,
             "relay-splice" => start_relays(&env, true).await?,
