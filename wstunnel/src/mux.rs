@@ -12,7 +12,7 @@
 //! for socket readiness, then reads into a fresh buffer).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ pub(crate) struct Mux {
     window: u32,
     max_streams: usize,
     next_id: AtomicU32,
+    /// Streams entered so far (idle lanes retire when it stops moving).
+    opened: AtomicU64,
     /// Cancelled when the channel dies: every stream dies with it.
     pub(crate) cancel: CancellationToken,
     /// The server's (or client's) traffic counters.
@@ -163,7 +165,8 @@ impl Mux {
         let next_id = AtomicU32::new(1);
         let main = Arc::new(Lane { out: out.clone(), streams: AtomicUsize::new(0), dead: cancel.child_token() });
         let lanes = Mutex::new(vec![main]);
-        Mux { out, lanes, streams, window, max_streams, next_id, cancel, counters, buffered, budget, pipes }
+        let opened = AtomicU64::new(0);
+        Mux { out, lanes, streams, window, max_streams, next_id, opened, cancel, counters, buffered, budget, pipes }
     }
 
     /// Lane 0: the channel's own connection.
@@ -195,9 +198,35 @@ impl Mux {
         self.lanes.lock().expect("lanes").len() - 1
     }
 
+    /// Streams entered so far.
+    pub(crate) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Whether the channel has no stream now.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.streams.lock().expect("stream table").is_empty()
+    }
+
+    /// Server side: takes `lane` out of the lanes new streams may go on, if the channel has no
+    /// stream and none was entered since `*seen` streams had been (which it then updates).
+    /// Checked under the stream table's lock, which [`open_stream`](Self::open_stream) holds
+    /// while it picks a lane: no stream can be opened on a lane retired this way.
+    pub(crate) fn retire_if_idle(&self, lane: &Arc<Lane>, seen: &mut u64) -> bool {
+        let t = self.streams.lock().expect("stream table");
+        let opened = self.opened.load(Ordering::Relaxed);
+        let idle = t.is_empty() && opened == *seen;
+        *seen = opened;
+        if idle {
+            self.lanes.lock().expect("lanes").retain(|l| !Arc::ptr_eq(l, lane));
+        }
+        idle
+    }
+
     /// Enters a new stream in the table `t`, on `lane`.
     fn insert(&self, t: &mut HashMap<u32, Arc<Stream>>, id: u32, lane: Arc<Lane>) -> Arc<Stream> {
         lane.streams.fetch_add(1, Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let s = self.make(id, lane);
         t.insert(id, s.clone());
         Counters::add(&self.counters.streams_opened, 1);

@@ -104,6 +104,25 @@ async fn wait_lanes(srv: &TestServer, n: u64) {
     .await;
 }
 
+/// Waits until the server has no stream open.
+async fn wait_no_streams(srv: &TestServer) {
+    within("no streams open", async {
+        while srv.handle.stats().streams_open != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Lanes are dialled with the first stream: one connection through `port` brings them up.
+async fn bring_up_lanes(srv: &TestServer, port: u16, n: u64) {
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"wake").await, b"wake");
+    wait_lanes(srv, n).await;
+    drop(s);
+    wait_no_streams(srv).await;
+}
+
 /// Four concurrent bulk connections go one per connection of the board (the channel and its
 /// three lanes), and every byte arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +132,8 @@ async fn concurrent_streams_spread_over_the_lanes_and_arrive_intact() {
     let echo = echo_server().await;
     let (client, _stop) = start_client_with_lanes(&relay.url(), 3);
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
-    wait_lanes(&srv, 3).await;
+    assert_eq!(srv.handle.stats().lanes_open, 0, "no lane before the first stream");
+    bring_up_lanes(&srv, port, 3).await;
     let size = 8 * 1024 * 1024;
     let transfers: Vec<_> = (0..4).map(|_| tokio::spawn(echo_checksummed(port, size))).collect();
     for t in transfers {
@@ -125,7 +145,7 @@ async fn concurrent_streams_spread_over_the_lanes_and_arrive_intact() {
         assert!(*bytes >= size as u64, "connection {i} carried {bytes} bytes to the board, not one stream's");
     }
     let st = srv.handle.stats();
-    assert_eq!((st.channels_open, st.streams_total), (1, 4), "{st:?}");
+    assert_eq!((st.channels_open, st.streams_total), (1, 5), "{st:?}");
 }
 
 /// A lane that dies takes the streams on it, and only those; the board dials it again and
@@ -137,9 +157,9 @@ async fn a_lane_that_dies_takes_only_its_streams_and_comes_back() {
     let echo = echo_server().await;
     let (client, _stop) = start_client_with_lanes(&relay.url(), 1);
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
-    wait_lanes(&srv, 1).await;
     let mut on_channel = connect(port).await;
     assert_eq!(echo_once(&mut on_channel, b"first").await, b"first");
+    wait_lanes(&srv, 1).await;
     let mut on_lane = connect(port).await;
     assert_eq!(echo_once(&mut on_lane, b"second").await, b"second");
     let before = relay.carried();
@@ -171,6 +191,8 @@ async fn lanes_close_with_their_channel_and_return_with_it() {
     let echo = echo_server().await;
     let (client, _stop) = start_client_with_lanes(&srv.url(), 2);
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"first").await, b"first");
     wait_lanes(&srv, 2).await;
     assert_eq!(srv.handle.close_board("b"), 1);
     within("channels back", async {
@@ -179,7 +201,7 @@ async fn lanes_close_with_their_channel_and_return_with_it() {
         }
     })
     .await;
-    wait_lanes(&srv, 2).await;
+    wait_lanes(&srv, 0).await;
     let mut s = within("reconnected", async {
         loop {
             if client.state().borrow().exposures.iter().all(|e| e.port == Some(port)) {
@@ -190,6 +212,29 @@ async fn lanes_close_with_their_channel_and_return_with_it() {
     })
     .await;
     assert_eq!(echo_once(&mut s, b"again").await, b"again");
+    wait_lanes(&srv, 2).await;
+}
+
+/// Once its channel has had no stream for a while, a lane is retired (an idle board holds one
+/// connection); the next stream brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_lanes_are_retired_and_come_back_with_the_next_stream() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.lane_idle = Duration::from_millis(100);
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let relay = Relay::start(srv.addr).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client_with_lanes(&relay.url(), 1);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    bring_up_lanes(&srv, port, 1).await;
+    wait_lanes(&srv, 0).await;
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"back").await, b"back");
+    wait_lanes(&srv, 1).await;
+    assert_eq!(relay.carried().len(), 3, "the channel, the retired lane, the new one");
+    let mut on_lane = connect(port).await;
+    assert_eq!(echo_once(&mut on_lane, b"on the new lane").await, b"on the new lane");
+    assert!(relay.carried()[2] > 0, "{:?}", relay.carried());
 }
 
 /// A server that offers no lanes carries everything on the channel, whatever the board asks.
@@ -238,9 +283,6 @@ async fn goaway(ws: &mut Ws) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lanes_without_a_valid_key_are_refused() {
     let srv = start_server().await;
-    let (_client, _stop) = start_client_with_lanes(&srv.url(), 1);
-    wait_lanes(&srv, 1).await;
-
     let mut ws = raw_lane(&srv).await;
     ws.send(Message::binary(Frame::Lane { key: "not-a-key".into() }.encode())).await.unwrap();
     let (c, reason) = goaway(&mut ws).await;
@@ -254,7 +296,7 @@ async fn lanes_without_a_valid_key_are_refused() {
     assert!(reason.contains("expected Lane"), "{reason}");
 
     let st = srv.handle.stats();
-    assert_eq!((st.lanes_open, st.refusals_total), (1, 2), "{st:?}");
+    assert_eq!((st.lanes_open, st.refusals_total), (0, 2), "{st:?}");
 }
 
 /// A channel is offered at most the server's lane limit, and a lane beyond it is refused.

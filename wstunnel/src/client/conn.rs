@@ -1,7 +1,8 @@
 //! One connection of the client: dial, upgrade, Hello/Welcome, re-issue every exposure and
 //! packet channel, then dispatch frames until the channel dies.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use s4t_shared::backoff::Backoff;
@@ -93,7 +94,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
         });
         tracing::info!(url = %inner.cfg.url, "tunnel channel up");
         guard.pinger = Some(tokio::spawn(io::ping_loop(out.clone(), inner.cfg.ping_interval)));
-        let r = read_loop(inner, &mux, &mut reader).await;
+        let r = read_loop(inner, &mux, &Arc::default(), &mut reader).await;
         cancel.cancel();
         r
     }
@@ -161,13 +162,13 @@ fn restore(inner: &Inner, out: &Outbound) {
     }
 }
 
-async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, reader: &mut WsReader) -> Result<(), Error> {
+async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, reader: &mut WsReader) -> Result<(), Error> {
     let idle = inner.cfg.idle_timeout;
     loop {
         let msg = mux.next_message(reader, idle).await?;
         match msg {
             None | Some(Message::Close(_)) => return Ok(()),
-            Some(Message::Binary(b)) => on_frame(inner, mux, Frame::decode(&b)?)?,
+            Some(Message::Binary(b)) => on_frame(inner, mux, lanes, Frame::decode(&b)?)?,
             Some(Message::Ping(p)) => mux.out.try_ctrl_raw(mux.out.ws_control(Opcode::Pong, &p))?,
             Some(Message::Pong(_)) => {}
             Some(Message::Text(_)) => return Err(Error::Protocol("text message on a tunnel channel".into())),
@@ -175,14 +176,14 @@ async fn read_loop(inner: &Arc<Inner>, mux: &Arc<Mux>, reader: &mut WsReader) ->
     }
 }
 
-fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
+fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, f: Frame) -> Result<(), Error> {
     match f {
         Frame::Data { .. } | Frame::Fin { .. } | Frame::Reset { .. } | Frame::Window { .. } => mux.on_frame(f)?,
-        Frame::Open { stream, listener, peer } => open(inner, mux, &mux.main_lane(), stream, listener, peer),
+        Frame::Open { stream, listener, peer } => open(inner, mux, lanes, &mux.main_lane(), stream, listener, peer),
         Frame::Lanes { count, key } => {
-            let key: Arc<str> = key.into();
-            for _ in 0..count.min(inner.cfg.lanes) {
-                tokio::spawn(keep_lane(inner.clone(), mux.clone(), key.clone()));
+            *lanes.offer.lock().expect("lanes") = Some((key.into(), count.min(inner.cfg.lanes)));
+            if !mux.is_idle() {
+                lanes.ensure(inner, mux);
             }
         }
         Frame::ListenOk { listener, port } => listen_result(inner, listener, Ok(port)),
@@ -202,7 +203,15 @@ fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, f: Frame) -> Result<(), Error> {
     Ok(())
 }
 
-fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, lane: &Arc<Lane>, stream: u32, listener: u32, peer: String) {
+fn open(
+    inner: &Arc<Inner>,
+    mux: &Arc<Mux>,
+    lanes: &Arc<Lanes>,
+    lane: &Arc<Lane>,
+    stream: u32,
+    listener: u32,
+    peer: String,
+) {
     let target = inner.exposures.lock().expect("exposures").get(&listener).map(|e| e.target.clone());
     let Some(target) = target else {
         mux.reset(stream, code::CONNECT_FAILED);
@@ -215,6 +224,7 @@ fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, lane: &Arc<Lane>, stream: u32, liste
             return;
         }
     };
+    lanes.ensure(inner, mux);
     let (mux, timeout) = (mux.clone(), inner.cfg.target_connect_timeout);
     tokio::spawn(async move {
         match tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await {
@@ -231,27 +241,60 @@ fn open(inner: &Arc<Inner>, mux: &Arc<Mux>, lane: &Arc<Lane>, stream: u32, liste
     });
 }
 
-/// Keeps one lane of the channel `mux` up while the channel lives: dials, presents `key`,
-/// carries the streams the server opens on it; after a failure, dials again with backoff.
-async fn keep_lane(inner: Arc<Inner>, mux: Arc<Mux>, key: Arc<str>) {
-    let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
-    loop {
-        let res = tokio::select! {
-            r = lane(&inner, &mux, &key, &mut backoff) => r,
-            _ = mux.cancel.cancelled() => return,
-        };
-        if let Err(e) = res {
-            tracing::warn!(cause = %e, "tunnel lane lost");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = mux.cancel.cancelled() => return,
+/// The lanes the server offered this connection, and how many are kept up now. Lanes are
+/// dialled as streams open (a board with no streams holds none: the server retires them once
+/// the channel has been idle for a while, and they come back with the next stream).
+#[derive(Default)]
+struct Lanes {
+    /// The key, and how many lanes to keep (the server's offer, within the configuration).
+    offer: Mutex<Option<(Arc<str>, u16)>>,
+    kept: AtomicU16,
+}
+
+impl Lanes {
+    /// Dials the lanes that are not up.
+    fn ensure(self: &Arc<Self>, inner: &Arc<Inner>, mux: &Arc<Mux>) {
+        let Some((key, count)) = self.offer.lock().expect("lanes").clone() else { return };
+        while self.kept.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < count).then_some(n + 1)).is_ok() {
+            tokio::spawn(keep_lane(inner.clone(), mux.clone(), self.clone(), key.clone()));
         }
     }
 }
 
+/// Keeps one lane of the channel `mux` up while the channel lives and has streams: dials,
+/// presents `key`, carries the streams the server opens on it; when it ends (the server
+/// retires an idle lane, or it failed) and the channel still has streams, dials again with
+/// backoff.
+async fn keep_lane(inner: Arc<Inner>, mux: Arc<Mux>, lanes: Arc<Lanes>, key: Arc<str>) {
+    let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
+    loop {
+        let res = tokio::select! {
+            r = lane(&inner, &mux, &lanes, &key, &mut backoff) => r,
+            _ = mux.cancel.cancelled() => break,
+        };
+        match res {
+            Ok(()) | Err(Error::Refused { code: code::NORMAL, .. }) => {}
+            Err(e) => tracing::warn!(cause = %e, "tunnel lane lost"),
+        }
+        if mux.is_idle() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = mux.cancel.cancelled() => break,
+        }
+    }
+    lanes.kept.fetch_sub(1, Ordering::AcqRel);
+}
+
 /// Runs one lane connection until it ends.
-async fn lane(inner: &Arc<Inner>, mux: &Arc<Mux>, key: &str, backoff: &mut Backoff) -> Result<(), Error> {
+async fn lane(
+    inner: &Arc<Inner>,
+    mux: &Arc<Mux>,
+    lanes: &Arc<Lanes>,
+    key: &str,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
     let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, Dial::Lane))
         .await
         .map_err(|_| Error::Timeout(format!("connecting a lane to {}", inner.cfg.url)))??;
@@ -264,7 +307,7 @@ async fn lane(inner: &Arc<Inner>, mux: &Arc<Mux>, key: &str, backoff: &mut Backo
     let mut reader = WsReader::new(rd, Role::Client, up.leftover, false);
     let res = read_lane(mux, &lane, &mut reader, inner.cfg.idle_timeout, |f| match f {
         Frame::Open { stream, listener, peer } => {
-            open(inner, mux, &lane, stream, listener, peer);
+            open(inner, mux, lanes, &lane, stream, listener, peer);
             Ok(())
         }
         Frame::GoAway { code, reason } => Err(Error::Refused { code, reason }),

@@ -41,18 +41,35 @@ pub(crate) async fn serve(
     Counters::add(&reg.counters.lanes_joined, 1);
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
     let unexpected = |f: Frame| Err(Error::Protocol(format!("unexpected frame on a lane: {f:?}")));
-    let res = read_lane(&mux, &lane, &mut reader, cfg.limits.idle_timeout, unexpected).await;
+    let res = tokio::select! {
+        r = read_lane(&mux, &lane, &mut reader, cfg.limits.idle_timeout, unexpected) => r,
+        () = retire_when_idle(&mux, &lane, cfg.limits.lane_idle) => Err(Error::Timeout(IDLE.into())),
+    };
     pinger.abort();
     mux.drop_lane(&lane);
     Counters::add(&reg.counters.lanes_left, 1);
     let (code, reason) = match &res {
         Ok(()) | Err(Error::Closed) => (code::NORMAL, String::new()),
+        Err(Error::Timeout(idle)) if idle == IDLE => (code::NORMAL, IDLE.to_owned()),
         Err(e) => {
             tracing::warn!(%peer, cause = %e, "lane closed");
             (code::PROTOCOL, e.to_string())
         }
     };
     finish(&out, &mut writer, code, &reason).await;
+}
+
+const IDLE: &str = "idle: the channel has no streams";
+
+/// Returns once the lane is retired: its channel had no stream for a while.
+async fn retire_when_idle(mux: &Mux, lane: &Arc<Lane>, every: std::time::Duration) {
+    let mut seen = mux.opened();
+    loop {
+        tokio::time::sleep(every).await;
+        if mux.retire_if_idle(lane, &mut seen) {
+            return;
+        }
+    }
 }
 
 /// Waits for `Lane` and joins the channel whose key it presents.

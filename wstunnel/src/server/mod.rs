@@ -76,6 +76,9 @@ pub struct Limits {
     /// Lanes a channel may have besides its own connection (0: none are offered). Each is one
     /// more connection of the board, which spreads its streams over several TCP connections.
     pub max_lanes_per_channel: usize,
+    /// A lane closes once its channel has had no stream for between one and two of these (the
+    /// board dials it again with the next stream), so idle boards hold one connection each.
+    pub lane_idle: Duration,
     /// Flow-control window per stream and direction: the most one stream can make the
     /// receiving side buffer.
     pub window: u32,
@@ -102,6 +105,7 @@ impl Default for Limits {
             max_streams_per_channel: 2_048,
             max_packet_channels_per_channel: 8,
             max_lanes_per_channel: 4,
+            lane_idle: Duration::from_secs(30),
             // 4 MiB: with less, one stream's sender waits for credit while the channel's
             // socket buffers hold the rest. On loopback 2 MiB gained 10-25 % over 512 KiB, and
             // 4 MiB 4-9 % over 2 MiB in five alternating runs (8 MiB no more); the channel's

@@ -7,7 +7,7 @@
 //! trips; `BENCH_K` (1000) held connections; `BENCH_FLEET` (200) idle board channels;
 //! Our client opens one lane (its default). `BENCH_CASES` may also name `ours-ws-lanes` and
 //! `ours-wss-lanes` (`--lanes 3`: the 4-stream runs get one connection per stream, as
-//! erebe's do) and `ours-ws-1conn` (no lane).
+//! erebe's do) and `ours-ws-1conn`, `ours-wss-1conn` (no lane).
 //! `BENCH_CASES` (comma list) to run a subset, or to add `ours-ws-copy` (our tunnel with
 //! `S4T_TUNNEL_SPLICE=0`: payload copied through user space, not spliced); `BENCH_ROUNDS` (3)
 //! interleaved throughput rounds, of which the median is reported, with the spread;
@@ -66,6 +66,8 @@ struct Setup {
     url: Option<String>,
     /// Lanes our client opens (also those of the fleet's clients).
     lanes: u16,
+    /// The certificate a wss server presents.
+    ca: Option<PathBuf>,
 }
 
 impl Setup {
@@ -107,6 +109,7 @@ async fn bench() -> Result<()> {
     if std::env::var_os("BENCH_CASES").is_some() {
         cases.extend([
             "ours-ws-1conn",
+            "ours-wss-1conn",
             "ours-ws-lanes",
             "ours-wss-lanes",
             "ours-ws-copy",
@@ -127,6 +130,7 @@ async fn bench() -> Result<()> {
                 client: vec![],
                 url: None,
                 lanes: 0,
+                ca: None,
             },
             "ours-ws" => start_ours(&env, false, 1, &[]).await?,
             "ours-ws-1conn" => start_ours(&env, false, 0, &[]).await?,
@@ -134,6 +138,7 @@ async fn bench() -> Result<()> {
             "ours-ws-copy" => start_ours(&env, false, 1, &[("S4T_TUNNEL_SPLICE", "0")]).await?,
             "ours-wss" => start_ours(&env, true, 1, &[]).await?,
             "ours-wss-lanes" => start_ours(&env, true, LANES, &[]).await?,
+            "ours-wss-1conn" => start_ours(&env, true, 0, &[]).await?,
             "relay-copy" => start_relays(&env, false).await?,
             "relay-splice" => start_relays(&env, true).await?,
             "erebe-ws" => start_erebe(&env, erebe.as_deref().context("erebe")?, false).await?,
@@ -228,7 +233,8 @@ async fn start_ours(env: &Env, tls: bool, lanes: u16, vars: &[(&str, &str)]) -> 
     sargs.extend(["--secret-file".into(), secret.display().to_string()]);
     let (cert, scheme) = if tls {
         let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
-        let (c, k) = (env.dir.join("cert.pem"), env.dir.join("key.pem"));
+        // Each wss server its own certificate, which its clients (and the fleet's) trust.
+        let (c, k) = (env.dir.join(format!("cert-{lanes}.pem")), env.dir.join(format!("key-{lanes}.pem")));
         std::fs::write(&c, ck.cert.pem())?;
         std::fs::write(&k, ck.signing_key.serialize_pem())?;
         sargs.extend(["--tls-cert".into(), c.display().to_string(), "--tls-key".into(), k.display().to_string()]);
@@ -244,9 +250,10 @@ async fn start_ours(env: &Env, tls: bool, lanes: u16, vars: &[(&str, &str)]) -> 
     let token = key.mint(&Claims { board: "bench".into(), port: 0, vpn: None, expiry: now + 3600 })?;
     let mut cargs = vec!["client".into(), "--server".into(), url.clone(), "--token".into(), token];
     cargs.extend(["-R".into(), format!("0:{}", env.echo), "-R".into(), format!("0:{}", env.bulk)]);
-    if let Some(c) = cert {
+    if let Some(c) = &cert {
         cargs.extend(["--ca-file".into(), c.display().to_string()]);
     }
+    let ca = cert.clone();
     cargs.extend(["--lanes".into(), lanes.to_string()]);
     let mut client = Proc::spawn_env(&bin, &cargs, vars)?;
     let mut ports = BTreeMap::new();
@@ -262,6 +269,7 @@ async fn start_ours(env: &Env, tls: bool, lanes: u16, vars: &[(&str, &str)]) -> 
         client: vec![client],
         url: Some(url),
         lanes,
+        ca,
     })
 }
 
@@ -286,7 +294,15 @@ async fn start_erebe(env: &Env, bin: &std::path::Path, tls: bool) -> Result<Setu
     )?;
     wait_port(pe).await?;
     wait_port(pb).await?;
-    Ok(Setup { echo_port: pe, bulk_port: pb, server: vec![server], client: vec![client], url: None, lanes: 0 })
+    Ok(Setup {
+        echo_port: pe,
+        bulk_port: pb,
+        server: vec![server],
+        client: vec![client],
+        url: None,
+        lanes: 0,
+        ca: None,
+    })
 }
 
 /// A chain of two reference relays in front of each board service: user → relay → relay →
@@ -307,7 +323,7 @@ async fn start_relays(env: &Env, splice: bool) -> Result<Setup> {
         server.push(far);
         client.push(near);
     }
-    Ok(Setup { echo_port: ports[0], bulk_port: ports[1], server, client, url: None, lanes: 0 })
+    Ok(Setup { echo_port: ports[0], bulk_port: ports[1], server, client, url: None, lanes: 0, ca: None })
 }
 
 async fn wait_port(port: u16) -> Result<()> {
@@ -393,7 +409,7 @@ async fn fleet(env: &Env, s: &Setup) -> Result<Value> {
         let mut cfg = wstunnel::client::ClientConfig::new(url.clone());
         cfg.lanes = s.lanes;
         if url.starts_with("wss:") {
-            cfg.tls = Some(wstunnel::tls::client_config_with_ca(&env.dir.join("cert.pem"))?);
+            cfg.tls = Some(wstunnel::tls::client_config_with_ca(s.ca.as_deref().context("the server's certificate")?)?);
         }
         let h = wstunnel::client::start(cfg, stop.clone())?;
         h.expose(token, 0, env.echo.to_string()).await?;
