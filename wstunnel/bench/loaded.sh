@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Latency under load: 64-byte round trips of an interactive connection (an SSH session) while
-# a bulk transfer runs to the same board, over a slow link. Two network namespaces, "cloud"
-# (tunnel server, the user) and "board" (tunnel client, an echo and a sink service), joined by
-# a veth pair shaped to RATE Mbit/s each way (tc tbf, MTU 1500). Needs root, ip, tc, python3.
-#   RATE (100)  SECS (8: round trips measured while the transfer runs)
+# a bulk transfer runs to (DIR=fwd) or from (DIR=rev) the same board, over a slow link. Two
+# network namespaces, "cloud" (tunnel server, the user) and "board" (tunnel client, an echo
+# and a bulk service), joined by a veth pair shaped to RATE Mbit/s each way (tc tbf, MTU
+# 1500). Needs root, ip, tc, python3.
+#   RATE (100)  SECS (8: round trips measured while the transfer runs)  DIR (fwd)
 #   CASES (ours-1conn,ours,ours-lanes3[,erebe])  EREBE_WSTUNNEL=/path adds erebe/wstunnel 10.x
 # Prints one JSON line per case: idle and loaded p50/p90/p99 in ms, the transfer's MB/s.
 set -euo pipefail
@@ -12,6 +13,7 @@ cargo build --release -p wstunnel --bin wstunnel >&2
 OURS=$(realpath "${CARGO_TARGET_DIR:-target}/release/wstunnel")
 RATE=${RATE:-100}
 SECS=${SECS:-8}
+DIR=${DIR:-fwd}
 CASES=${CASES:-ours-1conn,ours,ours-lanes3${EREBE_WSTUNNEL:+,erebe}}
 C=s4tc$$ B=s4tb$$
 WORK=$(mktemp -d)
@@ -27,9 +29,18 @@ trap 'teardown; rm -rf "$WORK"' EXIT
 cat > "$WORK/tool.py" <<'PY'
 import socket, socketserver, sys, threading, time, json
 mode, port = sys.argv[1], int(sys.argv[2])
-if mode in ("echo", "sink"):
+if mode in ("echo", "bulk"):
     class H(socketserver.BaseRequestHandler):
         def handle(self):
+            # The bulk service: a first byte "F" and it reads until EOF, "R" and it writes
+            # until the peer goes away.
+            if mode == "bulk" and self.request.recv(1) == b"R":
+                buf = b"\x5a" * 65536
+                try:
+                    while True:
+                        self.request.sendall(buf)
+                except OSError:
+                    return
             while True:
                 b = self.request.recv(65536)
                 if not b:
@@ -40,11 +51,16 @@ if mode in ("echo", "sink"):
     socketserver.ThreadingTCPServer(("127.0.0.1", port), H).serve_forever()
 elif mode == "load":
     s = socket.create_connection(("127.0.0.1", port))
-    buf, sent, t0 = b"\xa5" * 65536, 0, time.time()
+    fwd = sys.argv[4] == "fwd"
+    s.sendall(b"F" if fwd else b"R")
+    buf, moved, t0 = b"\xa5" * 65536, 0, time.time()
     end = t0 + float(sys.argv[3])
     while time.time() < end:
-        s.sendall(buf); sent += len(buf)
-    print(json.dumps({"bulk_MBps": round(sent / (time.time() - t0) / 1e6, 1)}))
+        if fwd:
+            s.sendall(buf); moved += len(buf)
+        else:
+            moved += len(s.recv(65536))
+    print(json.dumps({"dir": sys.argv[4], "bulk_MBps": round(moved / (time.time() - t0) / 1e6, 1)}))
 elif mode == "rtt":
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -79,7 +95,7 @@ run_case() {
     ip -n "$C" link set s4tc0 up; ip -n "$B" link set s4tb0 up
     tc -n "$C" qdisc add dev s4tc0 root tbf rate "${RATE}mbit" burst 32kb latency 50ms
     tc -n "$B" qdisc add dev s4tb0 root tbf rate "${RATE}mbit" burst 32kb latency 50ms
-    ip netns exec "$B" python3 "$WORK/tool.py" echo 7007 & ip netns exec "$B" python3 "$WORK/tool.py" sink 7009 &
+    ip netns exec "$B" python3 "$WORK/tool.py" echo 7007 & ip netns exec "$B" python3 "$WORK/tool.py" bulk 7009 &
     wait_for "$B" 127.0.0.1 7007; wait_for "$B" 127.0.0.1 7009
     case $case in
     ours*)
@@ -106,7 +122,7 @@ run_case() {
     wait_for "$C" 127.0.0.1 "$pe"; wait_for "$C" 127.0.0.1 "$pb"
     local idle loaded bulk
     idle=$(ip netns exec "$C" python3 "$WORK/tool.py" rtt "$pe" 2)
-    ip netns exec "$C" python3 "$WORK/tool.py" load "$pb" $((SECS + 3)) > "$WORK/bulk.json" &
+    ip netns exec "$C" python3 "$WORK/tool.py" load "$pb" $((SECS + 3)) "$DIR" > "$WORK/bulk.json" &
     local loader=$!
     sleep 2 # the transfer fills the queues first
     loaded=$(ip netns exec "$C" python3 "$WORK/tool.py" rtt "$pe" "$SECS")

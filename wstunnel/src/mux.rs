@@ -12,7 +12,7 @@
 //! for socket readiness, then reads into a fresh buffer).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ pub(crate) struct Mux {
     max_streams: usize,
     next_id: AtomicU32,
     /// Streams entered so far (idle lanes retire when it stops moving).
-    opened: AtomicU64,
+    opened: AtomicUsize,
     /// Cancelled when the channel dies: every stream dies with it.
     pub(crate) cancel: CancellationToken,
     /// The server's (or client's) traffic counters.
@@ -165,7 +165,7 @@ impl Mux {
         let next_id = AtomicU32::new(1);
         let main = Arc::new(Lane { out: out.clone(), streams: AtomicUsize::new(0), dead: cancel.child_token() });
         let lanes = Mutex::new(vec![main]);
-        let opened = AtomicU64::new(0);
+        let opened = AtomicUsize::new(0);
         Mux { out, lanes, streams, window, max_streams, next_id, opened, cancel, counters, buffered, budget, pipes }
     }
 
@@ -199,7 +199,7 @@ impl Mux {
     }
 
     /// Streams entered so far.
-    pub(crate) fn opened(&self) -> u64 {
+    pub(crate) fn opened(&self) -> usize {
         self.opened.load(Ordering::Relaxed)
     }
 
@@ -212,7 +212,7 @@ impl Mux {
     /// stream and none was entered since `*seen` streams had been (which it then updates).
     /// Checked under the stream table's lock, which [`open_stream`](Self::open_stream) holds
     /// while it picks a lane: no stream can be opened on a lane retired this way.
-    pub(crate) fn retire_if_idle(&self, lane: &Arc<Lane>, seen: &mut u64) -> bool {
+    pub(crate) fn retire_if_idle(&self, lane: &Arc<Lane>, seen: &mut usize) -> bool {
         let t = self.streams.lock().expect("stream table");
         let opened = self.opened.load(Ordering::Relaxed);
         let idle = t.is_empty() && opened == *seen;
