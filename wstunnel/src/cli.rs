@@ -70,7 +70,7 @@ pub struct ServerArgs {
     pub max_lanes: usize,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ClientArgs {
     /// The server, ws://HOST:PORT or wss://HOST:PORT.
     #[arg(long)]
@@ -93,6 +93,20 @@ pub struct ClientArgs {
     /// transfer on one TCP connection. 0: the channel alone.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub lanes: u16,
+}
+
+impl std::fmt::Debug for ClientArgs {
+    /// Leaves out the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientArgs")
+            .field("server", &self.server)
+            .field("remote", &self.remote)
+            .field("token", &if self.token.is_empty() { "" } else { "<hidden>" })
+            .field("ca_file", &self.ca_file)
+            .field("tls_insecure", &self.tls_insecure)
+            .field("lanes", &self.lanes)
+            .finish()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -263,5 +277,15 @@ mod tests {
         assert!(!runs_server(Some(&cli("wstunnel client --server ws://cloud:8080 --token t -R 0:127.0.0.1:22")), &[]));
         assert!(runs_server(None, &words("-r -s 8080")));
         assert!(!runs_server(None, &words("-r50022:127.0.0.1:22 ws://cloud:8080")));
+    }
+
+    #[test]
+    fn the_client_command_line_shows_no_token_and_opens_one_lane_by_default() {
+        let cli =
+            Cli::parse_from("wstunnel client --server ws://cloud:8080 --token s3cr3t -R 0:127.0.0.1:22".split(' '));
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("s3cr3t") && shown.contains("ws://cloud:8080"), "{shown}");
+        let Cmd::Client(a) = cli.cmd else { panic!("expected the client command") };
+        assert_eq!(a.lanes, 1);
     }
 }

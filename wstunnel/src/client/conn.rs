@@ -287,6 +287,11 @@ async fn keep_lane(inner: Arc<Inner>, mux: Arc<Mux>, lanes: Arc<Lanes>, key: Arc
     lanes.kept.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// A lane up at least this long was working: the next dial after it ends waits only the
+/// initial backoff. One refused or failing at once (a server over its lane limit) backs off
+/// further each time.
+const LANE_STABLE: Duration = Duration::from_secs(10);
+
 /// Runs one lane connection until it ends.
 async fn lane(
     inner: &Arc<Inner>,
@@ -302,7 +307,7 @@ async fn lane(
     let mut guard = Guard { writer: tokio::spawn(io::write_loop(w)), pinger: None, cancel: CancellationToken::new() };
     out.ctrl(&Frame::Lane { key: key.to_owned() }).await?;
     let lane = mux.add_lane(out.clone(), usize::MAX).ok_or(Error::Closed)?;
-    backoff.reset();
+    let since = tokio::time::Instant::now();
     guard.pinger = Some(tokio::spawn(io::ping_loop(out.clone(), inner.cfg.ping_interval)));
     let mut reader = WsReader::new(rd, Role::Client, up.leftover, false);
     let res = read_lane(mux, &lane, &mut reader, inner.cfg.idle_timeout, |f| match f {
@@ -315,6 +320,9 @@ async fn lane(
     })
     .await;
     mux.drop_lane(&lane);
+    if since.elapsed() >= LANE_STABLE {
+        backoff.reset();
+    }
     let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
     out.close();
     if let Some(p) = guard.pinger.take() {
