@@ -214,13 +214,13 @@ pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     dial: Dial,
 ) -> Result<Upgraded, Error> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
-    let offer = match dial {
-        Dial::Channel { lanes: 0 } => format!("Sec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}"),
-        Dial::Channel { lanes } => {
-            format!("Sec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}\r\n{LANES_HEADER}: {lanes}")
-        }
+    let mut offer = match dial {
+        Dial::Channel { .. } => format!("Sec-WebSocket-Protocol: {UNMASKED_SUBPROTOCOL}, {SUBPROTOCOL}"),
         Dial::Lane => format!("Sec-WebSocket-Protocol: {LANE_SUBPROTOCOL}"),
     };
+    if let Dial::Channel { lanes: lanes @ 1.. } = dial {
+        offer.push_str(&format!("\r\n{LANES_HEADER}: {lanes}"));
+    }
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n\r\n"

@@ -193,11 +193,6 @@ impl Mux {
         self.lanes.lock().expect("lanes").retain(|l| !Arc::ptr_eq(l, lane));
     }
 
-    /// Lanes other than lane 0.
-    pub(crate) fn extra_lanes(&self) -> usize {
-        self.lanes.lock().expect("lanes").len() - 1
-    }
-
     /// Streams entered so far.
     pub(crate) fn opened(&self) -> usize {
         self.opened.load(Ordering::Relaxed)

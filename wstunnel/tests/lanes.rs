@@ -88,11 +88,16 @@ impl Relay {
     }
 }
 
-fn start_client_with_lanes(url: &str, lanes: u16) -> (ClientHandle, CancellationToken) {
+/// A board client with `lanes` lanes, dialling `url`, that exposes an echo service; returns the
+/// client, its stop switch and the public port.
+async fn board_with_echo(url: &str, lanes: u16) -> (ClientHandle, CancellationToken, u16) {
+    let echo = echo_server().await;
     let mut cfg = client_config(url);
     cfg.lanes = lanes;
-    let shutdown = CancellationToken::new();
-    (client::start(cfg, shutdown.clone()).unwrap(), shutdown)
+    let stop = CancellationToken::new();
+    let client = client::start(cfg, stop.clone()).unwrap();
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    (client, stop, port)
 }
 
 /// Polls `ready` until it holds, within the test deadline.
@@ -128,9 +133,7 @@ async fn bring_up_lanes(srv: &TestServer, port: u16, n: u64) {
 async fn concurrent_streams_spread_over_the_lanes_and_arrive_intact() {
     let srv = start_server().await;
     let relay = Relay::start(srv.addr).await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client_with_lanes(&relay.url(), 3);
-    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let (_client, _stop, port) = board_with_echo(&relay.url(), 3).await;
     assert_eq!(srv.handle.stats().lanes_open, 0, "no lane before the first stream");
     bring_up_lanes(&srv, port, 3).await;
     let size = 8 * 1024 * 1024;
@@ -153,9 +156,7 @@ async fn concurrent_streams_spread_over_the_lanes_and_arrive_intact() {
 async fn a_lane_that_dies_takes_only_its_streams_and_comes_back() {
     let srv = start_server().await;
     let relay = Relay::start(srv.addr).await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client_with_lanes(&relay.url(), 1);
-    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let (_client, _stop, port) = board_with_echo(&relay.url(), 1).await;
     let mut on_channel = connect(port).await;
     assert_eq!(echo_once(&mut on_channel, b"first").await, b"first");
     wait_lanes(&srv, 1).await;
@@ -182,9 +183,7 @@ async fn a_lane_that_dies_takes_only_its_streams_and_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lanes_close_with_their_channel_and_return_with_it() {
     let srv = start_server().await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client_with_lanes(&srv.url(), 2);
-    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let (_client, _stop, port) = board_with_echo(&srv.url(), 2).await;
     let mut s = connect(port).await;
     assert_eq!(echo_once(&mut s, b"first").await, b"first");
     wait_lanes(&srv, 2).await;
@@ -210,9 +209,7 @@ async fn idle_lanes_are_retired_and_come_back_with_the_next_stream() {
     cfg.limits.lane_idle = Duration::from_millis(100);
     let srv = start_server_with(cfg, DefaultHooks::default()).await;
     let relay = Relay::start(srv.addr).await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client_with_lanes(&relay.url(), 1);
-    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let (_client, _stop, port) = board_with_echo(&relay.url(), 1).await;
     bring_up_lanes(&srv, port, 1).await;
     wait_lanes(&srv, 0).await;
     let mut s = connect(port).await;
@@ -231,9 +228,7 @@ async fn a_server_that_offers_no_lanes_carries_everything_on_the_channel() {
     cfg.limits.max_lanes_per_channel = 0;
     let srv = start_server_with(cfg, DefaultHooks::default()).await;
     let relay = Relay::start(srv.addr).await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client_with_lanes(&relay.url(), 3);
-    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let (_client, _stop, port) = board_with_echo(&relay.url(), 3).await;
     let mut conns = Vec::new();
     for i in 0..3u8 {
         let mut s = connect(port).await;

@@ -100,13 +100,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
     }
     .await;
     inner.conn.lock().expect("conn").take();
-    let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
-    out.close();
-    drop(out);
-    if let Some(p) = guard.pinger.take() {
-        p.abort();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), &mut guard.writer).await;
+    guard.close(out).await;
     res
 }
 
@@ -114,6 +108,19 @@ struct Guard {
     writer: tokio::task::JoinHandle<Result<(), Error>>,
     pinger: Option<tokio::task::JoinHandle<()>>,
     cancel: CancellationToken,
+}
+
+impl Guard {
+    /// Says goodbye on `out` and lets the writer flush it, but not forever.
+    async fn close(&mut self, out: Outbound) {
+        let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
+        out.close();
+        drop(out);
+        if let Some(p) = self.pinger.take() {
+            p.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
+    }
 }
 
 impl Drop for Guard {
@@ -323,12 +330,8 @@ async fn lane(
     if since.elapsed() >= LANE_STABLE {
         backoff.reset();
     }
-    let _ = out.try_ctrl_raw(out.ws_control(Opcode::Close, &[]));
-    out.close();
-    if let Some(p) = guard.pinger.take() {
-        p.abort();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), &mut guard.writer).await;
+    drop(lane);
+    guard.close(out).await;
     res
 }
 

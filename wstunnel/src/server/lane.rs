@@ -37,29 +37,27 @@ pub(crate) async fn serve(
             return;
         }
     };
-    tracing::debug!(%peer, lanes = mux.extra_lanes(), "lane joined");
+    tracing::debug!(%peer, "lane joined");
     Counters::add(&reg.counters.lanes_joined, 1);
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
     let unexpected = |f: Frame| Err(Error::Protocol(format!("unexpected frame on a lane: {f:?}")));
-    let res = tokio::select! {
-        r = read_lane(&mux, &lane, &mut reader, cfg.limits.idle_timeout, unexpected) => r,
-        () = retire_when_idle(&mux, &lane, cfg.limits.lane_idle) => Err(Error::Timeout(IDLE.into())),
+    let (code, reason) = tokio::select! {
+        r = read_lane(&mux, &lane, &mut reader, cfg.limits.idle_timeout, unexpected) => match r {
+            Ok(()) | Err(Error::Closed) => (code::NORMAL, String::new()),
+            Err(e) => {
+                tracing::warn!(%peer, cause = %e, "lane closed");
+                (code::PROTOCOL, e.to_string())
+            }
+        },
+        () = retire_when_idle(&mux, &lane, cfg.limits.lane_idle) => {
+            (code::NORMAL, "idle: the channel has no streams".to_owned())
+        }
     };
     pinger.abort();
     mux.drop_lane(&lane);
     Counters::add(&reg.counters.lanes_left, 1);
-    let (code, reason) = match &res {
-        Ok(()) | Err(Error::Closed) => (code::NORMAL, String::new()),
-        Err(Error::Timeout(idle)) if idle == IDLE => (code::NORMAL, IDLE.to_owned()),
-        Err(e) => {
-            tracing::warn!(%peer, cause = %e, "lane closed");
-            (code::PROTOCOL, e.to_string())
-        }
-    };
     finish(&out, &mut writer, code, &reason).await;
 }
-
-const IDLE: &str = "idle: the channel has no streams";
 
 /// Returns once the lane is retired: its channel had no stream for a while.
 async fn retire_when_idle(mux: &Mux, lane: &Arc<Lane>, every: std::time::Duration) {
