@@ -6,11 +6,17 @@
 # 1500). Needs root, ip, tc, python3.
 #   RATE (100)  SECS (8: round trips measured while the transfer runs)  DIR (fwd)
 #   CASES (ours-1conn,ours,ours-lanes3[,erebe])  EREBE_WSTUNNEL=/path adds erebe/wstunnel 10.x
+#   HOLD=1: a second, quiet session is opened (one round trip, then held) after the transfer
+#   starts and before the measured one, as when an SSH session is already open beside scp
+#   OURS=/path: our wstunnel binary to run instead of building this tree's
 # Prints one JSON line per case: idle and loaded p50/p90/p99 in ms, the transfer's MB/s.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release -p wstunnel --bin wstunnel >&2
-OURS=$(realpath "${CARGO_TARGET_DIR:-target}/release/wstunnel")
+if [ -z "${OURS:-}" ]; then
+    cargo build --release -p wstunnel --bin wstunnel >&2
+    OURS=$(realpath "${CARGO_TARGET_DIR:-target}/release/wstunnel")
+fi
+HOLD=${HOLD:-0}
 RATE=${RATE:-100}
 SECS=${SECS:-8}
 DIR=${DIR:-fwd}
@@ -62,6 +68,11 @@ elif mode == "load":
             moved += len(s.recv(65536))
     print(json.dumps({"dir": sys.argv[4], "bulk_MBps": round(moved / (time.time() - t0) / 1e6, 1)}))
 elif mode == "rtt":
+    if len(sys.argv) > 4 and sys.argv[4] == "1":
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(b"q")
+        if held.recv(1) != b"q":
+            sys.exit("the held session got no echo")
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     v, end = [], time.time() + float(sys.argv[3])
@@ -125,10 +136,10 @@ run_case() {
     ip netns exec "$C" python3 "$WORK/tool.py" load "$pb" $((SECS + 3)) "$DIR" > "$WORK/bulk.json" &
     local loader=$!
     sleep 2 # the transfer fills the queues first
-    loaded=$(ip netns exec "$C" python3 "$WORK/tool.py" rtt "$pe" "$SECS")
+    loaded=$(ip netns exec "$C" python3 "$WORK/tool.py" rtt "$pe" "$SECS" "$HOLD")
     wait $loader
     bulk=$(cat "$WORK/bulk.json")
-    echo "{\"case\":\"$case\",\"rate_mbit\":$RATE,\"idle_rtt_ms\":$idle,\"loaded_rtt_ms\":$loaded,\"bulk\":$bulk}"
+    echo "{\"case\":\"$case\",\"hold\":$HOLD,\"rate_mbit\":$RATE,\"idle_rtt_ms\":$idle,\"loaded_rtt_ms\":$loaded,\"bulk\":$bulk}"
     teardown
 }
 

@@ -12,7 +12,7 @@
 //! for socket readiness, then reads into a fresh buffer).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -38,6 +38,10 @@ const FIRST_READ: usize = 4096;
 /// queued data is read into memory.
 const MAX_QUEUED_PIPES: usize = 64;
 
+/// A stream that has moved this many bytes (either way) is a bulk stream: new streams avoid
+/// its lane. An interactive session moves far less in its first minutes.
+pub(crate) const BULK: usize = 1 << 20;
+
 /// The streams of one channel.
 pub(crate) struct Mux {
     /// The channel's own connection (lane 0's sink), for channel-wide frames.
@@ -51,6 +55,8 @@ pub(crate) struct Mux {
     next_id: AtomicU32,
     /// Streams entered so far (idle lanes retire when it stops moving).
     opened: AtomicUsize,
+    /// Packet channels open (they travel on lane 0, and keep the lanes up).
+    packets: AtomicUsize,
     /// Cancelled when the channel dies: every stream dies with it.
     pub(crate) cancel: CancellationToken,
     /// The server's (or client's) traffic counters.
@@ -69,15 +75,28 @@ pub(crate) struct Lane {
     pub(crate) out: Outbound,
     /// Streams on this lane.
     streams: AtomicUsize,
+    /// Streams on this lane that have moved at least [`BULK`] bytes.
+    bulk: AtomicUsize,
     /// Cancelled when this lane's connection dies (or the channel does): its streams die
     /// with it.
     pub(crate) dead: CancellationToken,
+}
+
+impl Lane {
+    fn new(out: Outbound, channel: &CancellationToken) -> Lane {
+        let (streams, bulk) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        Lane { out, streams, bulk, dead: channel.child_token() }
+    }
 }
 
 pub(crate) struct Stream {
     pub(crate) id: u32,
     /// The lane all of this stream's frames travel on.
     lane: Arc<Lane>,
+    /// Payload bytes moved either way, counted up to [`BULK`].
+    moved: AtomicUsize,
+    /// Counted in its lane's `bulk` (set under the stream table's lock).
+    bulk: AtomicBool,
     /// The local socket, once connected. Shared: the reader task writes to it directly when
     /// nothing is queued (saving a task hop per frame), the pumps do the rest.
     tcp: OnceLock<Arc<TcpStream>>,
@@ -163,10 +182,24 @@ impl Mux {
         let streams = Mutex::new(HashMap::new());
         let (buffered, pipes) = (AtomicUsize::new(0), Arc::default());
         let next_id = AtomicU32::new(1);
-        let main = Arc::new(Lane { out: out.clone(), streams: AtomicUsize::new(0), dead: cancel.child_token() });
+        let main = Arc::new(Lane::new(out.clone(), &cancel));
         let lanes = Mutex::new(vec![main]);
-        let opened = AtomicUsize::new(0);
-        Mux { out, lanes, streams, window, max_streams, next_id, opened, cancel, counters, buffered, budget, pipes }
+        let (opened, packets) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        Mux {
+            out,
+            lanes,
+            streams,
+            window,
+            max_streams,
+            next_id,
+            opened,
+            packets,
+            cancel,
+            counters,
+            buffered,
+            budget,
+            pipes,
+        }
     }
 
     /// Lane 0: the channel's own connection.
@@ -181,7 +214,7 @@ impl Mux {
         if lanes.len() > max || self.cancel.is_cancelled() {
             return None;
         }
-        let lane = Arc::new(Lane { out, streams: AtomicUsize::new(0), dead: self.cancel.child_token() });
+        let lane = Arc::new(Lane::new(out, &self.cancel));
         lanes.push(lane.clone());
         Some(lane)
     }
@@ -198,19 +231,30 @@ impl Mux {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Whether the channel has no stream now.
+    /// Whether the channel has no stream and no packet channel now.
     pub(crate) fn is_idle(&self) -> bool {
-        self.streams.lock().expect("stream table").is_empty()
+        self.streams.lock().expect("stream table").is_empty() && self.packets.load(Ordering::Relaxed) == 0
+    }
+
+    /// A packet channel opened on this channel (`+1`) or closed (`-1`). Packets travel on
+    /// lane 0, which new streams then avoid, and the lanes stay up while any is open.
+    pub(crate) fn packet_channels_changed(&self, opened: bool) {
+        if opened {
+            self.packets.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self.packets.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     /// Server side: takes `lane` out of the lanes new streams may go on, if the channel has no
-    /// stream and none was entered since `*seen` streams had been (which it then updates).
+    /// stream nor packet channel and none was entered since `*seen` streams had been (which
+    /// it then updates).
     /// Checked under the stream table's lock, which [`open_stream`](Self::open_stream) holds
     /// while it picks a lane: no stream can be opened on a lane retired this way.
     pub(crate) fn retire_if_idle(&self, lane: &Arc<Lane>, seen: &mut usize) -> bool {
         let t = self.streams.lock().expect("stream table");
         let opened = self.opened.load(Ordering::Relaxed);
-        let idle = t.is_empty() && opened == *seen;
+        let idle = t.is_empty() && self.packets.load(Ordering::Relaxed) == 0 && opened == *seen;
         *seen = opened;
         if idle {
             self.lanes.lock().expect("lanes").retain(|l| !Arc::ptr_eq(l, lane));
@@ -233,6 +277,8 @@ impl Mux {
         Arc::new(Stream {
             id,
             lane,
+            moved: AtomicUsize::new(0),
+            bulk: AtomicBool::new(false),
             tcp: OnceLock::new(),
             state: Mutex::new(StreamState {
                 inbox: VecDeque::new(),
@@ -249,8 +295,10 @@ impl Mux {
         })
     }
 
-    /// Server side: a new stream with a fresh id, on the lane with the fewest streams (the
-    /// first such: lane 0 while the others are as busy), or `None` at the stream limit.
+    /// Server side: a new stream with a fresh id, on the least busy lane, or `None` at the
+    /// stream limit. Least busy: the fewest bulk streams (and packet channels, on lane 0), then
+    /// the fewest streams; the first such (lane 0 while the others are as busy). So a new
+    /// connection, an interactive session most likely, does not queue behind a transfer.
     pub(crate) fn open_stream(&self) -> Option<Arc<Stream>> {
         let mut t = self.streams.lock().expect("stream table");
         if t.len() >= self.max_streams {
@@ -258,8 +306,13 @@ impl Mux {
         }
         let lane = {
             let lanes = self.lanes.lock().expect("lanes");
-            let least =
-                lanes.iter().filter(|l| !l.dead.is_cancelled()).min_by_key(|l| l.streams.load(Ordering::Relaxed));
+            let packets = self.packets.load(Ordering::Relaxed);
+            let load = |(i, l): (usize, &Arc<Lane>)| {
+                let heavy = l.bulk.load(Ordering::Relaxed) + if i == 0 { packets } else { 0 };
+                (heavy, l.streams.load(Ordering::Relaxed))
+            };
+            let live = lanes.iter().enumerate().filter(|(_, l)| !l.dead.is_cancelled());
+            let least = live.min_by_key(|&il| load(il)).map(|(_, l)| l);
             least.unwrap_or(&lanes[0]).clone()
         };
         loop {
@@ -310,6 +363,9 @@ impl Mux {
         if let Some(s) = &removed {
             s.dead.cancel();
             s.lane.streams.fetch_sub(1, Ordering::Relaxed);
+            if s.bulk.load(Ordering::Relaxed) {
+                s.lane.bulk.fetch_sub(1, Ordering::Relaxed);
+            }
             Counters::add(&self.counters.streams_closed, 1);
             let mut st = s.state.lock().expect("stream state");
             self.buffered.fetch_sub(std::mem::take(&mut st.held), Ordering::Relaxed);
@@ -322,6 +378,22 @@ impl Mux {
     pub(crate) fn reset(&self, id: u32, code: u16) {
         let out = self.remove(id).map(|s| s.lane.out.clone()).unwrap_or_else(|| self.out.clone());
         let _ = out.try_ctrl(&Frame::Reset { stream: id, code });
+    }
+
+    /// Counts `n` payload bytes moved by `s`; the first time it reaches [`BULK`], it counts in
+    /// its lane's bulk streams (under the table's lock, so that [`remove`](Self::remove) takes
+    /// it out again exactly once).
+    fn moved(&self, s: &Arc<Stream>, n: usize) {
+        if n == 0 || s.bulk.load(Ordering::Relaxed) {
+            return;
+        }
+        let before = s.moved.fetch_add(n, Ordering::Relaxed);
+        if before < BULK && before.saturating_add(n) >= BULK {
+            let t = self.streams.lock().expect("stream table");
+            if t.get(&s.id).is_some_and(|e| Arc::ptr_eq(e, s)) && !s.bulk.swap(true, Ordering::Relaxed) {
+                s.lane.bulk.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn get(&self, id: u32) -> Option<Arc<Stream>> {
@@ -362,16 +434,17 @@ impl Mux {
 }
 
 impl Mux {
-    fn on_data(&self, s: &Stream, payload: Bytes) {
+    fn on_data(&self, s: &Arc<Stream>, payload: Bytes) {
         if self.admit(s, payload.len()) {
             self.deliver(s, payload);
         }
     }
 
     /// Counts `len` bytes in against the stream's window; resets the stream on an overrun.
-    fn admit(&self, s: &Stream, len: usize) -> bool {
+    fn admit(&self, s: &Arc<Stream>, len: usize) -> bool {
         let res = s.state.lock().expect("stream state").recv.on_data(len);
         Counters::add(&self.counters.bytes_received, len as u64);
+        self.moved(s, len);
         if let Err(e) = res {
             tracing::warn!(stream = s.id, cause = %e, "peer overran the stream window: reset");
             self.reset(s.id, code::PROTOCOL);
@@ -569,7 +642,7 @@ pub(crate) async fn read_lane(
 
 /// TCP → channel: waits for credit, then for readability, then takes the channel's sink and
 /// reads straight into its frame buffer, which it writes out as one frame.
-async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
+async fn up(mux: &Mux, s: &Arc<Stream>, tcp: &TcpStream) -> Result<(), End> {
     let mut bulk = false;
     loop {
         let credit = wait_credit(s).await?;
@@ -588,6 +661,7 @@ async fn up(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
             _ => 0,
         };
         Counters::add(&mux.counters.bytes_sent, used as u64);
+        mux.moved(s, used);
         if used < credit {
             give_back(s, credit - used);
         }
@@ -797,6 +871,51 @@ mod tests {
     /// A board-side channel end read from a real socket, with stream 5 accepted: the peer's
     /// end of the channel, the reader, the mux, the stream, and the stream's local socket pair
     /// (`local` for the pump, `dst` the service's end).
+    /// New streams go on the lane with the fewest bulk streams and packet channels, then the
+    /// fewest streams; a bulk stream stops counting when it ends, and a channel with a packet
+    /// channel open keeps its lanes.
+    #[tokio::test]
+    async fn new_streams_avoid_lanes_with_bulk_streams_or_packets() {
+        let (a, _a_peer) = tcp_pair().await;
+        let (out, _w) = outbound(Box::new(a.into_split().1), false);
+        let mux = Mux::new(out, 1 << 20, 64, CancellationToken::new(), Arc::default(), usize::MAX);
+        let (b, _b_peer) = tcp_pair().await;
+        let (lane_out, _lw) = outbound(Box::new(b.into_split().1), false);
+        let lane = mux.add_lane(lane_out, 4).unwrap();
+        let on_lane = |s: &Arc<Stream>| Arc::ptr_eq(&s.lane, &lane);
+
+        let transfer = mux.open_stream().unwrap();
+        assert!(!on_lane(&transfer), "lane 0 while the lanes are as busy");
+        let session = mux.open_stream().unwrap();
+        assert!(on_lane(&session), "the lane with fewer streams");
+        mux.moved(&transfer, BULK - 1);
+        let third = mux.open_stream().unwrap();
+        assert!(!on_lane(&third), "not bulk yet: a tie, lane 0");
+        mux.reset(third.id, code::NORMAL);
+        mux.moved(&transfer, 1);
+        let fourth = mux.open_stream().unwrap();
+        assert!(on_lane(&fourth), "lane 0 carries a bulk stream");
+        mux.reset(transfer.id, code::NORMAL);
+        mux.reset(fourth.id, code::NORMAL);
+        assert!(!on_lane(&mux.open_stream().unwrap()), "the bulk stream ended: lane 0 has fewer streams");
+
+        mux.packet_channels_changed(true);
+        assert!(on_lane(&mux.open_stream().unwrap()), "lane 0 carries packets");
+        mux.reset(session.id, code::NORMAL);
+
+        // Lanes are retired only when the channel has neither streams nor packet channels.
+        let quiet = Mux::new(mux.out.clone(), 1 << 20, 64, CancellationToken::new(), Arc::default(), usize::MAX);
+        let (c, _c_peer) = tcp_pair().await;
+        let quiet_lane = quiet.add_lane(outbound(Box::new(c.into_split().1), false).0, 4).unwrap();
+        let mut seen = quiet.opened();
+        quiet.packet_channels_changed(true);
+        assert!(!quiet.is_idle());
+        assert!(!quiet.retire_if_idle(&quiet_lane, &mut seen), "a packet channel is open");
+        quiet.packet_channels_changed(false);
+        assert!(quiet.is_idle());
+        assert!(quiet.retire_if_idle(&quiet_lane, &mut seen));
+    }
+
     struct Rig {
         peer: TcpStream,
         reader: WsReader,

@@ -74,6 +74,11 @@ impl Link {
         *self.out.lock().expect("packet link") = out;
     }
 
+    /// Whether it leads to a connection now.
+    pub(crate) fn is_set(&self) -> bool {
+        self.out.lock().expect("packet link").is_some()
+    }
+
     fn get(&self) -> Result<Outbound, Error> {
         self.out.lock().expect("packet link").clone().ok_or(Error::Closed)
     }

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::future::Future;
-
 use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -14,7 +12,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wstunnel::client::{self, ClientConfig};
 use wstunnel::packet::PacketChannel;
-use wstunnel::server::{DefaultHooks, ListenOn, ServerHooks};
+use wstunnel::server::{DefaultHooks, ListenOn};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -125,32 +123,6 @@ async fn echo_over_wss_with_a_verified_certificate() {
     let s = within("tls failure", st.wait_for(|s| s.last_error.is_some())).await.unwrap().clone();
     assert!(!s.connected && s.last_error.unwrap().contains("TLS"));
     stop.cancel();
-}
-
-/// Hooks that echo every packet of every packet channel back to the board.
-struct EchoPackets;
-
-impl ServerHooks for EchoPackets {
-    fn packet_channel(
-        &self,
-        _board: &str,
-        vpn: &str,
-        ch: PacketChannel,
-    ) -> impl Future<Output = Result<(), String>> + Send {
-        let ok = vpn == "vpn-1";
-        async move {
-            if !ok {
-                return Err("no such VPN".into());
-            }
-            let PacketChannel { sender, mut receiver } = ch;
-            tokio::spawn(async move {
-                while let Some(p) = receiver.recv().await {
-                    let _ = sender.send(&p).await;
-                }
-            });
-            Ok(())
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,6 +221,91 @@ async fn idle_lanes_are_retired_and_come_back_with_the_next_stream() {
     assert!(relay.carried()[2] > 0, "{:?}", relay.carried());
 }
 
+/// Bytes the relayed connections carried to the board while `f` ran.
+async fn carried_during<T>(relay: &Relay, f: impl std::future::Future<Output = T>) -> (T, Vec<u64>) {
+    let before = relay.carried();
+    let t = f.await;
+    let after = relay.carried();
+    (t, after.iter().zip(before.iter().chain(std::iter::repeat(&0))).map(|(a, b)| a - b).collect())
+}
+
+/// A new connection does not queue behind a transfer: with a bulk transfer on the channel and
+/// a quiet session on the lane, the third connection goes on the lane, not on the channel
+/// (where the fewest streams alone would put it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_avoids_the_connection_carrying_a_transfer() {
+    let srv = start_server().await;
+    let relay = Relay::start(srv.addr).await;
+    let (_client, _stop, port) = board_with_echo(&relay.url(), 1).await;
+    let mut transfer = connect(port).await;
+    assert_eq!(echo_once(&mut transfer, b"first").await, b"first");
+    wait_lanes(&srv, 1).await;
+    let mut session = connect(port).await;
+    let ((), moved) = carried_during(&relay, async {
+        assert_eq!(echo_once(&mut session, b"quiet").await, b"quiet");
+    })
+    .await;
+    assert!(moved[1] > 0 && moved[0] < 1000, "the session went on the lane: {moved:?}");
+    // The first connection becomes a bulk transfer (2 MiB each way)...
+    let big = vec![7u8; 2 << 20];
+    assert_eq!(echo_once(&mut transfer, &big).await, big);
+    // ... and the next connection joins the quiet session.
+    let probe = vec![9u8; 100_000];
+    let (mut third, moved) = carried_during(&relay, async {
+        let mut third = connect(port).await;
+        assert_eq!(echo_once(&mut third, &probe).await, probe);
+        third
+    })
+    .await;
+    assert!(moved[1] >= probe.len() as u64, "the third connection went on the lane: {moved:?}");
+    assert!(moved[0] < 10_000, "nothing of it on the channel: {moved:?}");
+    assert_eq!(echo_once(&mut third, b"still").await, b"still");
+}
+
+/// A packet channel brings the board's lanes up before any stream, and keeps them: its
+/// packets travel on the channel, the board's connections on the lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_channel_brings_the_lanes_up_and_streams_use_them() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.lane_idle = Duration::from_millis(50);
+    let srv = start_server_with(cfg, EchoPackets).await;
+    let relay = Relay::start(srv.addr).await;
+    let (client, _stop, port) = board_with_echo(&relay.url(), 1).await;
+    let ch = within("open", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    wait_lanes(&srv, 1).await;
+    let packet = vec![5u8; 1400];
+    let mut receiver = ch.receiver;
+    let (back, moved) = carried_during(&relay, async {
+        ch.sender.send(&packet).await.unwrap();
+        within("echoed packet", receiver.recv()).await.unwrap()
+    })
+    .await;
+    assert_eq!(back, packet);
+    assert!(moved[0] >= packet.len() as u64, "packets travel on the channel: {moved:?}");
+
+    let probe = vec![3u8; 100_000];
+    let (s, moved) = carried_during(&relay, async {
+        let mut s = connect(port).await;
+        assert_eq!(echo_once(&mut s, &probe).await, probe);
+        s
+    })
+    .await;
+    assert!(moved[1] >= probe.len() as u64, "the first connection went on the lane: {moved:?}");
+    assert!(moved[0] < 10_000, "not on the channel with the packets: {moved:?}");
+    // With the stream closed, the lane stays while the packet channel is open: 20 packets
+    // 10 ms apart span four of the server's idle checks (50 ms). A lane retired and dialled
+    // again would show as a third connection through the relay.
+    drop(s);
+    wait_no_streams(&srv).await;
+    for _ in 0..20 {
+        ch.sender.send(&packet).await.unwrap();
+        assert_eq!(within("echoed packet", receiver.recv()).await.unwrap(), packet);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(srv.handle.stats().lanes_open, 1, "the lane was retired under a packet channel");
+    }
+    assert_eq!(relay.carried().len(), 2, "the channel and one lane, never dialled again");
+}
+
 /// A server that offers no lanes carries everything on the channel, whatever the board asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_offers_no_lanes_carries_everything_on_the_channel() {

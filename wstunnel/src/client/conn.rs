@@ -196,9 +196,9 @@ fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, f: Frame) ->
         Frame::ListenOk { listener, port } => listen_result(inner, listener, Ok(port)),
         Frame::ListenErr { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
         Frame::ListenerClosed { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
-        Frame::PacketOk { channel } => packet_result(inner, mux, channel, Ok(())),
-        Frame::PacketErr { channel, code, reason } => packet_result(inner, mux, channel, Err((code, reason))),
-        Frame::PacketClose { channel, code, reason } => packet_result(inner, mux, channel, Err((code, reason))),
+        Frame::PacketOk { channel } => packet_result(inner, mux, lanes, channel, Ok(())),
+        Frame::PacketErr { channel, code, reason } => packet_result(inner, mux, lanes, channel, Err((code, reason))),
+        Frame::PacketClose { channel, code, reason } => packet_result(inner, mux, lanes, channel, Err((code, reason))),
         Frame::Packet { channel, payload } => {
             if let Some(p) = inner.packets.lock().expect("packets").get(&channel) {
                 p.tx.deliver(payload);
@@ -375,19 +375,29 @@ fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
     inner.publish();
 }
 
-fn packet_result(inner: &Inner, mux: &Mux, id: u32, res: Result<(), (u16, String)>) {
+/// The server's answer to a packet channel request, or its closing of one. An open packet
+/// channel brings the lanes up, so that streams need not share lane 0 with its packets.
+fn packet_result(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, id: u32, res: Result<(), (u16, String)>) {
     let mut pk = inner.packets.lock().expect("packets");
     let Some(p) = pk.get_mut(&id) else { return };
     match res {
         Ok(()) => {
+            if !p.link.is_set() {
+                mux.packet_channels_changed(true);
+            }
             p.link.set(Some(mux.out.clone()));
             for w in p.waiters.drain(..) {
                 let _ = w.send(Ok(()));
             }
+            drop(pk);
+            lanes.ensure(inner, mux);
         }
         Err((code, reason)) => {
             tracing::warn!(code, %reason, vpn = p.vpn, "packet channel refused or closed by the server");
             let p = pk.remove(&id).expect("present");
+            if p.link.is_set() {
+                mux.packet_channels_changed(false);
+            }
             p.link.set(None);
             for w in p.waiters {
                 let _ = w.send(Err(Error::Refused { code, reason: reason.clone() }));

@@ -215,6 +215,7 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
         Frame::PacketClose { channel, .. } => {
             if let Some((_, link)) = ctx.packets.lock().expect("packets").remove(&channel) {
                 link.set(None);
+                ctx.mux.packet_channels_changed(false);
             }
         }
         Frame::GoAway { code, reason } => {
@@ -471,6 +472,7 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
             ctx.packets.lock().expect("packets").remove(&id);
             return Err((code::FORBIDDEN, reason));
         }
+        ctx.mux.packet_channels_changed(true);
         tracing::info!(board, vpn, "packet channel open");
         Ok(())
     }

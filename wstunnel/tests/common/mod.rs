@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wstunnel::client::{self, ClientConfig, ClientHandle};
+use wstunnel::packet::PacketChannel;
 use wstunnel::server::{Auth, DefaultHooks, ListenOn, Server, ServerConfig, ServerHandle, ServerHooks};
 
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -147,4 +149,31 @@ pub async fn echo_checksummed(port: u16, total: usize) {
     }
     assert_eq!(got, total);
     assert_eq!(h.finalize(), within("writer", writer).await.unwrap());
+}
+
+/// Hooks that echo every packet of every packet channel into `vpn-1` back to the board, and
+/// refuse other VPNs.
+pub struct EchoPackets;
+
+impl ServerHooks for EchoPackets {
+    fn packet_channel(
+        &self,
+        _board: &str,
+        vpn: &str,
+        ch: PacketChannel,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let ok = vpn == "vpn-1";
+        async move {
+            if !ok {
+                return Err("no such VPN".into());
+            }
+            let PacketChannel { sender, mut receiver } = ch;
+            tokio::spawn(async move {
+                while let Some(p) = receiver.recv().await {
+                    let _ = sender.send(&p).await;
+                }
+            });
+            Ok(())
+        }
+    }
 }
