@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use s4t_shared::tunnel::Frame;
@@ -327,6 +327,14 @@ struct Shared {
 
 struct Sink {
     wr: Option<ChanWrite>,
+    /// The channel's TCP socket, to bound what it holds unsent on a slow link; dropped with
+    /// `wr` (a second descriptor would otherwise keep the connection open).
+    sock: Option<socket2::Socket>,
+    /// The `TCP_NOTSENT_LOWAT` set on `sock` (the link was found slow), 0 for none; while the
+    /// socket is full, frames are no larger either.
+    lowat: u32,
+    /// The current run of like samples of the link's rate.
+    run: Run,
     ctrl: mpsc::Receiver<Bytes>,
     /// Frames (or the rest of a frame) to write before anything else.
     pending: VecDeque<Bytes>,
@@ -338,19 +346,144 @@ struct Sink {
     to: usize,
     /// A frame was built in `buf` since the writer task last looked.
     used: bool,
-    /// The last frame written from `buf` did not fit in the socket at once (a slow link):
-    /// stream pumps send one frame at a time until one fits again.
+    /// A frame written from `buf` did not fit in the socket at once (a slow link, or a slow
+    /// peer), and no full-sized frame has fitted since: stream pumps send one frame at a time,
+    /// so that another stream's frame waits behind one frame, not a batch. A small frame that
+    /// fits (an interactive stream's) says nothing about the socket and leaves it set.
     full_socket: bool,
+}
+
+/// A frame's rest of [`SLOW_SAMPLE`] bytes or more that waited this long for room in a full
+/// socket, at under [`SLOW_LINK`], shows a slow link ([`Sink::drained`]): the next frame of
+/// any stream would wait as long. A peer that is slow to read (a busy host) drains faster.
+const SLOW_WAIT: Duration = Duration::from_millis(2);
+const SLOW_SAMPLE: usize = 32 * 1024;
+const SLOW_LINK: f64 = 64e6;
+/// A frame's rest that drained faster than this shows a fast link (loopback: GB/s).
+const FAST_LINK: f64 = 4.0 * SLOW_LINK;
+/// What a slow link's socket may hold unsent: this long of the link's rate...
+const UNSENT_TIME: f64 = 0.005;
+/// ... within these bounds (bytes).
+const MIN_LOWAT: u32 = 16 * 1024;
+const MAX_LOWAT: u32 = 128 * 1024;
+/// A frame's rest smaller than this is no sample.
+const RATE_SAMPLE: usize = 4 * 1024;
+
+impl Sink {
+    /// The socket is gone for this sink: no more writes, and its second descriptor closed.
+    fn close(&mut self) {
+        self.wr = None;
+        self.sock = None;
+    }
+
+    /// The last `left` bytes of a frame waited `took` for room in the socket. On a slow link
+    /// the socket's send buffer grows to hold the link's window and much more, and every other
+    /// stream's next frame queues behind what it holds unsent: a megabyte, 80 ms at 100
+    /// Mbit/s. So the socket of a slow link (see [`SLOW_WAIT`]) holds about
+    /// [`UNSENT_TIME`] of the link's rate unsent (`TCP_NOTSENT_LOWAT`; `S4T_TUNNEL_LOWAT` sets
+    /// a fixed number of bytes instead, 0 never bounds), and frames written to it while full
+    /// are no larger. Bytes in flight are not bounded, so throughput on a long link is not
+    /// either. A fast link is unbounded: there, bounding costs a tenth of the throughput in
+    /// wake-ups (docs/benchmarks.md) and saves nothing. One sample proves little (on a busy
+    /// host the peer may not run for milliseconds), so the link changes class only after
+    /// [`RUN`] samples of one class in a row (in-between samples do not count).
+    fn drained(&mut self, left: usize, took: Duration) {
+        if self.sock.is_none() || fixed_lowat() == Some(0) || left < RATE_SAMPLE {
+            return;
+        }
+        let rate = left as f64 / took.as_secs_f64().max(1e-9);
+        let slow = match rate {
+            r if r < SLOW_LINK && took >= SLOW_WAIT && left >= SLOW_SAMPLE => true,
+            r if r > FAST_LINK => false,
+            _ => return,
+        };
+        let r = &mut self.run;
+        if r.slow != Some(slow) {
+            *r = Run { slow: Some(slow), samples: 0, bytes: 0, time: Duration::ZERO };
+        }
+        r.samples += 1;
+        r.bytes += left;
+        r.time += took;
+        // A link seen slow for long enough needs fewer samples (one frame takes 100 ms at
+        // 10 Mbit/s).
+        if r.samples < RUN && !(r.samples >= 3 && r.time >= RUN_TIME) {
+            return;
+        }
+        let rate = r.bytes as f64 / r.time.as_secs_f64().max(1e-9);
+        let slow = r.slow == Some(true);
+        self.run = Run::default();
+        let want = match fixed_lowat() {
+            _ if !slow => 0, // The system's default.
+            Some(fixed) => fixed,
+            None => ((rate * UNSENT_TIME) as u32).clamp(MIN_LOWAT, MAX_LOWAT),
+        };
+        // Re-tuned only when the link's rate moved by half or more.
+        if want == self.lowat || (want > 0 && self.lowat > 0 && want.abs_diff(self.lowat) < self.lowat / 2) {
+            return;
+        }
+        let Some(sock) = &self.sock else { return };
+        match sock.set_tcp_notsent_lowat(want) {
+            Ok(()) => {
+                self.lowat = want;
+                tracing::debug!(rate_mbps = rate / 1e6, lowat = want, "channel socket tuned to its link");
+            }
+            Err(e) => {
+                tracing::debug!(cause = %e, "TCP_NOTSENT_LOWAT refused");
+                self.sock = None;
+            }
+        }
+    }
+}
+
+/// Samples in a row of one class of link ([`Sink::drained`]).
+#[derive(Default)]
+struct Run {
+    /// Slow (`Some(true)`) or fast; `None`: no sample yet.
+    slow: Option<bool>,
+    samples: u32,
+    bytes: usize,
+    time: Duration,
+}
+
+/// Samples in a row it takes to call a link slow or fast...
+const RUN: u32 = 8;
+/// ... or three that took this long in all.
+const RUN_TIME: Duration = Duration::from_millis(100);
+
+/// `S4T_TUNNEL_LOWAT`, read once.
+fn fixed_lowat() -> Option<u32> {
+    static LOWAT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *LOWAT.get_or_init(|| std::env::var("S4T_TUNNEL_LOWAT").ok().and_then(|v| v.parse().ok()))
 }
 
 /// The writer task's end of a channel, for [`write_loop`].
 pub(crate) struct Writer(Arc<Shared>);
 
-/// A new channel sink over `wr`. `mask`: mask outgoing frames (an RFC 6455 client).
+/// A new channel sink over `wr`, with no socket to tune. `mask`: mask outgoing frames (an
+/// RFC 6455 client).
+#[cfg(test)]
 pub(crate) fn outbound(wr: ChanWrite, mask: bool) -> (Outbound, Writer) {
+    outbound_on(wr, mask, None)
+}
+
+/// A new channel sink over `wr`, which writes to the TCP socket `sock` (a second descriptor
+/// of it): on a slow link the sink bounds what the socket holds unsent ([`Sink::drained`]).
+pub(crate) fn outbound_on(wr: ChanWrite, mask: bool, sock: Option<socket2::Socket>) -> (Outbound, Writer) {
+    // Bounded until the link proves fast: the first transfer on a slow link would otherwise
+    // fill the send buffer (a megabyte) before the link is found slow.
+    let lowat = match (&sock, fixed_lowat()) {
+        (None, _) | (_, Some(0)) => 0,
+        (Some(sock), fixed) => {
+            let lowat = fixed.unwrap_or(MAX_LOWAT);
+            if sock.set_tcp_notsent_lowat(lowat).is_ok() { lowat } else { 0 }
+        }
+    };
     let (ctrl, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
     let sink = Sink {
         wr: Some(wr),
+        sock,
+        lowat,
+        run: Run::default(),
         ctrl: ctrl_rx,
         pending: VecDeque::new(),
         buf: BytesMut::new(),
@@ -539,7 +672,7 @@ impl SinkGuard<'_> {
     fn check<T>(&mut self, res: std::io::Result<T>) -> Result<T, Error> {
         res.map_err(|e| {
             self.sh.dead.store(true, Ordering::Release);
-            self.sink.wr = None;
+            self.sink.close();
             Error::io("write to the tunnel channel", e)
         })
     }
@@ -574,7 +707,10 @@ impl SinkGuard<'_> {
         // link), one frame at a time, so that other streams' frames do not queue behind a
         // long batch; and small messages read into spare capacity, never zeroing a big buffer.
         let slots = if s.full_socket || !*bulk { 1 } else { max.div_ceil(MAX_READ).clamp(1, BATCH) };
-        let max = max.min(slots * MAX_READ);
+        let mut max = max.min(slots * MAX_READ);
+        if s.full_socket && s.lowat > 0 {
+            max = max.min(s.lowat as usize);
+        }
         let mask = self.mask;
         let h_full = PREFIX - frame_headers(kind, id, mask.then_some([0; 4]), MAX_READ).1;
         let at = |i: usize| PREFIX + i * (MAX_READ + h_full);
@@ -641,7 +777,7 @@ impl SinkGuard<'_> {
     async fn write_buf(&mut self) -> std::io::Result<()> {
         let s = &mut *self.sink;
         let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
-        let mut first = true;
+        let (mut first, whole, mut waited) = (true, s.to - s.from, None);
         while s.from < s.to {
             let n = wr.write(&s.buf[s.from..s.to]).await?;
             if n == 0 {
@@ -649,11 +785,20 @@ impl SinkGuard<'_> {
             }
             s.from += n;
             if first {
-                s.full_socket = s.from < s.to;
+                if s.from < s.to {
+                    s.full_socket = true;
+                    waited = Some((Instant::now(), s.to - s.from));
+                } else if whole >= MAX_READ {
+                    s.full_socket = false;
+                }
                 first = false;
             }
         }
-        wr.flush().await
+        let res = wr.flush().await;
+        if let Some((since, left)) = waited {
+            s.drained(left, since.elapsed());
+        }
+        res
     }
 }
 
@@ -661,7 +806,7 @@ impl Drop for SinkGuard<'_> {
     fn drop(&mut self) {
         let s = &mut *self.sink;
         if self.sh.dead.load(Ordering::Acquire) {
-            s.wr = None;
+            s.close();
             s.from = s.to;
             return;
         }
@@ -728,7 +873,7 @@ impl Drop for Writer {
         self.0.dead.store(true, Ordering::Release);
         self.0.kill.cancel();
         if let Ok(mut s) = self.0.sink.try_lock() {
-            s.wr = None;
+            s.close();
         }
     }
 }
@@ -811,6 +956,46 @@ mod tests {
     use super::*;
     use s4t_shared::tunnel::frame::T_PACKET;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A channel's socket starts bounded, is unbounded once its frames drain fast, and bounded
+    /// to about [`UNSENT_TIME`] of the link once they wait on a slow link; a few samples of the
+    /// other class among a run change nothing.
+    #[tokio::test]
+    async fn a_channel_socket_is_bounded_on_a_slow_link_only() {
+        let (a, _b) = tcp_pair().await;
+        let probe = socket2::SockRef::from(&a).try_clone().unwrap();
+        let sock = socket2::SockRef::from(&a).try_clone().unwrap();
+        let (out, _w) = outbound_on(Box::new(a.into_split().1), false, Some(sock));
+        let lowat = || probe.tcp_notsent_lowat().unwrap();
+        assert_eq!(lowat(), MAX_LOWAT, "bounded until the link proves fast");
+        let mut g = out.lock().await.unwrap();
+        let fast = |g: &mut SinkGuard<'_>| g.sink.drained(64 * 1024, Duration::from_micros(50));
+        let slow = |g: &mut SinkGuard<'_>| g.sink.drained(100 * 1024, Duration::from_millis(8));
+        for _ in 1..RUN {
+            fast(&mut g);
+        }
+        assert_eq!(lowat(), MAX_LOWAT, "one sample short of a run");
+        fast(&mut g);
+        assert_eq!(lowat(), 0, "a fast link has the system's default");
+        for i in 0..4 * RUN {
+            if i % 4 == 0 { slow(&mut g) } else { fast(&mut g) }
+        }
+        // A small frame's rest, or a peer slow to read on a busy host (a long wait at over
+        // 64 MB/s), is no sample.
+        g.sink.drained(1024, Duration::from_millis(50));
+        g.sink.drained(256 * 1024, Duration::from_micros(2500));
+        assert_eq!(lowat(), 0, "no run of slow samples");
+        for _ in 0..RUN {
+            slow(&mut g);
+        }
+        let want = (100.0 * 1024.0 / 0.008 * UNSENT_TIME) as u32;
+        assert_eq!(lowat(), want, "about 5 ms of a 12.8 MB/s link");
+        // Three long waits decide at once (a 10 Mbit/s link), and the bound has its floor.
+        for _ in 0..3 {
+            g.sink.drained(40 * 1024, Duration::from_millis(40));
+        }
+        assert_eq!(lowat(), MIN_LOWAT);
+    }
 
     /// A header written beside its payload makes the same frame as one sealed in place.
     #[test]

@@ -11,14 +11,25 @@ use crate::io::{ChanRead, ChanWrite};
 
 /// A connection a channel can run over.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn split_box(self) -> (ChanRead, ChanWrite);
+    /// The read and write halves, and a handle on the TCP socket (see [`Split`]).
+    fn split_box(self) -> Split;
+}
+
+/// A transport split in halves, and a second descriptor of its TCP socket through which the
+/// channel's sink tunes the socket to its link ([`crate::io::outbound`]); `None` when the
+/// system has no descriptor to spare (the socket then keeps its defaults).
+pub(crate) type Split = (ChanRead, ChanWrite, Option<socket2::Socket>);
+
+fn handle(tcp: &TcpStream) -> Option<socket2::Socket> {
+    socket2::SockRef::from(tcp).try_clone().ok()
 }
 
 impl Transport for TcpStream {
-    fn split_box(self) -> (ChanRead, ChanWrite) {
+    fn split_box(self) -> Split {
+        let sock = handle(&self);
         // Owned halves of a TCP stream need no lock.
         let (r, w) = self.into_split();
-        (ChanRead::Tcp(r), Box::new(w))
+        (ChanRead::Tcp(r), Box::new(w), sock)
     }
 }
 
@@ -27,16 +38,18 @@ pub(crate) type TlsServerStream = tokio_rustls::server::TlsStream<Buffered>;
 pub(crate) type TlsClientStream = tokio_rustls::client::TlsStream<Buffered>;
 
 impl Transport for TlsServerStream {
-    fn split_box(self) -> (ChanRead, ChanWrite) {
+    fn split_box(self) -> Split {
+        let sock = handle(&self.get_ref().0.tcp);
         let (r, w) = tokio::io::split(self);
-        (ChanRead::Boxed(Box::new(r)), Box::new(w))
+        (ChanRead::Boxed(Box::new(r)), Box::new(w), sock)
     }
 }
 
 impl Transport for TlsClientStream {
-    fn split_box(self) -> (ChanRead, ChanWrite) {
+    fn split_box(self) -> Split {
+        let sock = handle(&self.get_ref().0.tcp);
         let (r, w) = tokio::io::split(self);
-        (ChanRead::Boxed(Box::new(r)), Box::new(w))
+        (ChanRead::Boxed(Box::new(r)), Box::new(w), sock)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext};
 use crate::handshake::{self, Dial};
 use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Lane, Mux, read_lane, run_stream};
-use crate::transport::{Buffered, Transport};
+use crate::transport::{Buffered, Split, Transport};
 
 /// A parsed server URL.
 pub(crate) struct Target {
@@ -45,7 +45,7 @@ impl Target {
 
 /// Dials the server and completes the WebSocket upgrade; returns the split transport and any
 /// bytes read past the upgrade response.
-async fn dial(inner: &Inner, how: Dial) -> Result<(io::ChanRead, io::ChanWrite, handshake::Upgraded), Error> {
+async fn dial(inner: &Inner, how: Dial) -> Result<(Split, handshake::Upgraded), Error> {
     let t = Target::parse(&inner.cfg.url)?;
     let tcp =
         TcpStream::connect((t.host.as_str(), t.port)).await.ctx(|| format!("connect to {}:{}", t.host, t.port))?;
@@ -60,23 +60,21 @@ async fn dial(inner: &Inner, how: Dial) -> Result<(io::ChanRead, io::ChanWrite, 
             .map_err(|e| Error::Tls(e.to_string()))?;
         s.get_mut().1.set_buffer_limit(Some(crate::transport::TLS_WRITE_BUFFER));
         let left = handshake::connect(&mut s, &host_header, &t.path, how).await?;
-        let (r, w) = s.split_box();
-        Ok((r, w, left))
+        Ok((s.split_box(), left))
     } else {
         let mut s = tcp;
         let left = handshake::connect(&mut s, &host_header, &t.path, how).await?;
-        let (r, w) = s.split_box();
-        Ok((r, w, left))
+        Ok((s.split_box(), left))
     }
 }
 
 /// Runs one connection until it ends.
 pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result<(), Error> {
     let how = Dial::Channel { lanes: inner.cfg.lanes };
-    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, how))
+    let ((rd, wr, sock), up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, how))
         .await
         .map_err(|_| Error::Timeout(format!("connecting to {}", inner.cfg.url)))??;
-    let (out, w) = io::outbound(wr, !up.unmasked);
+    let (out, w) = io::outbound_on(wr, !up.unmasked, sock);
     // Aborts the writer and pinger and kills every stream also when this future is dropped
     // (client shutdown), so the socket closes and the server frees the board's ports at once.
     let mut guard = Guard { writer: tokio::spawn(io::write_loop(w)), pinger: None, cancel: CancellationToken::new() };
@@ -307,10 +305,10 @@ async fn lane(
     key: &str,
     backoff: &mut Backoff,
 ) -> Result<(), Error> {
-    let (rd, wr, up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, Dial::Lane))
+    let ((rd, wr, sock), up) = tokio::time::timeout(inner.cfg.connect_timeout, dial(inner, Dial::Lane))
         .await
         .map_err(|_| Error::Timeout(format!("connecting a lane to {}", inner.cfg.url)))??;
-    let (out, w) = io::outbound(wr, false);
+    let (out, w) = io::outbound_on(wr, false, sock);
     let mut guard = Guard { writer: tokio::spawn(io::write_loop(w)), pinger: None, cancel: CancellationToken::new() };
     out.ctrl(&Frame::Lane { key: key.to_owned() }).await?;
     let lane = mux.add_lane(out.clone(), usize::MAX).ok_or(Error::Closed)?;

@@ -18,10 +18,11 @@ use tracing::Instrument;
 use super::registry::Registry;
 use super::{Auth, ServerConfig, ServerHooks};
 use crate::error::Error;
-use crate::io::{self, ChanRead, ChanWrite, Outbound, WsReader};
+use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
 use crate::packet::{self, Link};
 use crate::stats::Counters;
+use crate::transport::Split;
 
 struct Ctx<H> {
     cfg: Arc<ServerConfig>,
@@ -61,14 +62,13 @@ pub(crate) async fn serve<H: ServerHooks>(
     cfg: Arc<ServerConfig>,
     reg: Arc<Registry>,
     hooks: Arc<H>,
-    rd: ChanRead,
-    wr: ChanWrite,
+    (rd, wr, sock): Split,
     leftover: BytesMut,
     (unmasked, lanes): (bool, u16),
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let (out, w) = io::outbound(wr, false);
+    let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
     let mut reader = WsReader::new(rd, Role::Server, leftover, unmasked);
     if let Err(e) = hello(&cfg, &mut reader, &out).await {

@@ -12,20 +12,20 @@ use super::ServerConfig;
 use super::channel::finish;
 use super::registry::Registry;
 use crate::error::Error;
-use crate::io::{self, ChanRead, ChanWrite, Outbound, WsReader};
+use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Lane, Mux, read_lane};
 use crate::stats::Counters;
+use crate::transport::Split;
 
 /// Runs a lane from just after the upgrade until it closes.
 pub(crate) async fn serve(
     cfg: Arc<ServerConfig>,
     reg: Arc<Registry>,
-    rd: ChanRead,
-    wr: ChanWrite,
+    (rd, wr, sock): Split,
     leftover: BytesMut,
     peer: SocketAddr,
 ) {
-    let (out, w) = io::outbound(wr, false);
+    let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
     let mut reader = WsReader::new(rd, Role::Server, leftover, true);
     let (mux, lane) = match join(&cfg, &reg, &mut reader, &out).await {

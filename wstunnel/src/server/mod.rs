@@ -42,8 +42,8 @@ pub use registry::{ListenerInfo, ServerHandle};
 
 use crate::error::{Error, IoContext};
 use crate::handshake::{self, LANE_SUBPROTOCOL, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
-use crate::io::{ChanRead, ChanWrite};
-use crate::transport::{Buffered, Transport};
+
+use crate::transport::{Buffered, Split, Transport};
 use registry::Registry;
 
 /// How listener and packet-channel requests are authenticated.
@@ -240,9 +240,9 @@ enum Next {
     Done,
     /// A board channel: its halves, the bytes read past the upgrade, unmasked frames agreed,
     /// lanes asked for.
-    Channel(ChanRead, ChanWrite, BytesMut, (bool, u16)),
+    Channel(Split, BytesMut, (bool, u16)),
     /// A lane of a board channel.
-    Lane(ChanRead, ChanWrite, BytesMut),
+    Lane(Split, BytesMut),
 }
 
 impl<H: ServerHooks> Conn<H> {
@@ -257,10 +257,10 @@ impl<H: ServerHooks> Conn<H> {
             Some(acc) => Box::pin(self.tls_upgrade(acc, tcp)).await,
         };
         match next {
-            Next::Channel(rd, wr, leftover, how) => {
-                channel::serve(cfg, reg, hooks, rd, wr, leftover, how, peer, shutdown).await
+            Next::Channel(split, leftover, how) => {
+                channel::serve(cfg, reg, hooks, split, leftover, how, peer, shutdown).await
             }
-            Next::Lane(rd, wr, leftover) => lane::serve(cfg, reg, rd, wr, leftover, peer).await,
+            Next::Lane(split, leftover) => lane::serve(cfg, reg, split, leftover, peer).await,
             Next::Done => {}
         }
     }
@@ -297,14 +297,12 @@ impl<H: ServerHooks> Conn<H> {
             Route::Channel { unmasked, lanes } => {
                 let proto = if unmasked { UNMASKED_SUBPROTOCOL } else { SUBPROTOCOL };
                 if handshake::accept(&mut s, &inc, proto).await.is_ok() {
-                    let (rd, wr) = s.split_box();
-                    return Next::Channel(rd, wr, inc.leftover, (unmasked, lanes));
+                    return Next::Channel(s.split_box(), inc.leftover, (unmasked, lanes));
                 }
             }
             Route::Lane => {
                 if handshake::accept(&mut s, &inc, LANE_SUBPROTOCOL).await.is_ok() {
-                    let (rd, wr) = s.split_box();
-                    return Next::Lane(rd, wr, inc.leftover);
+                    return Next::Lane(s.split_box(), inc.leftover);
                 }
             }
             Route::LegacyControl { port, board } => {

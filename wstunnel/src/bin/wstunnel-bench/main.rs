@@ -14,7 +14,7 @@
 //! `BENCH_RUNS` (comma list of `fwd1`, `rev1`, `fwd4`, `rev4`) to run only some throughput
 //! figures (e.g. to profile one). `BENCH_CASES` may also name `relay-copy` and
 //! `relay-splice`: a chain of two reference relays ([`relay`]), the bound for any tunnel of
-//! this shape on this machine.
+//! this shape on this machine. `BENCH_LOG` is the tunnels' `RUST_LOG` (`error`).
 //!
 //! `wstunnel-bench relay LISTEN TO [--splice]` runs one reference relay.
 //!

@@ -24,7 +24,7 @@ impl Proc {
     pub fn spawn_env(program: &Path, args: &[String], env: &[(&str, &str)]) -> Result<Proc> {
         let mut child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", std::env::var("BENCH_LOG").unwrap_or_else(|_| "error".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
