@@ -467,12 +467,15 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
                 return Err((code::LIMIT, "too many packet channels on this channel".into()));
             }
             p.insert(id, (tx, link));
+            // Counted with its entry, so that every removal takes out exactly what was put in.
+            ctx.mux.packet_channels_changed(true);
         }
         if let Err(reason) = ctx.hooks.packet_channel(&board, &vpn, chan).await {
-            ctx.packets.lock().expect("packets").remove(&id);
+            if ctx.packets.lock().expect("packets").remove(&id).is_some() {
+                ctx.mux.packet_channels_changed(false);
+            }
             return Err((code::FORBIDDEN, reason));
         }
-        ctx.mux.packet_channels_changed(true);
         tracing::info!(board, vpn, "packet channel open");
         Ok(())
     }

@@ -42,7 +42,6 @@ pub use registry::{ListenerInfo, ServerHandle};
 
 use crate::error::{Error, IoContext};
 use crate::handshake::{self, LANE_SUBPROTOCOL, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
-
 use crate::transport::{Buffered, Split, Transport};
 use registry::Registry;
 
