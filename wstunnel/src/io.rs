@@ -388,7 +388,7 @@ impl Sink {
     /// host the peer may not run for milliseconds), so the link changes class only after
     /// [`RUN`] samples of one class in a row (in-between samples do not count).
     fn drained(&mut self, left: usize, took: Duration) {
-        if self.sock.is_none() || fixed_lowat() == Some(0) || left < RATE_SAMPLE {
+        if self.sock.is_none() || left < RATE_SAMPLE {
             return;
         }
         let rate = left as f64 / took.as_secs_f64().max(1e-9);
@@ -471,13 +471,10 @@ pub(crate) fn outbound(wr: ChanWrite, mask: bool) -> (Outbound, Writer) {
 pub(crate) fn outbound_on(wr: ChanWrite, mask: bool, sock: Option<socket2::Socket>) -> (Outbound, Writer) {
     // Bounded until the link proves fast: the first transfer on a slow link would otherwise
     // fill the send buffer (a megabyte) before the link is found slow.
-    let lowat = match (&sock, fixed_lowat()) {
-        (None, _) | (_, Some(0)) => 0,
-        (Some(sock), fixed) => {
-            let lowat = fixed.unwrap_or(MAX_LOWAT);
-            if sock.set_tcp_notsent_lowat(lowat).is_ok() { lowat } else { 0 }
-        }
-    };
+    // With tuning off (`S4T_TUNNEL_LOWAT=0`), or refused, no second descriptor is kept.
+    let lowat = fixed_lowat().unwrap_or(MAX_LOWAT);
+    let sock = sock.filter(|s| lowat > 0 && s.set_tcp_notsent_lowat(lowat).is_ok());
+    let lowat = if sock.is_some() { lowat } else { 0 };
     let (ctrl, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
     let sink = Sink {
         wr: Some(wr),

@@ -233,7 +233,12 @@ impl Mux {
 
     /// Whether the channel has no stream and no packet channel now.
     pub(crate) fn is_idle(&self) -> bool {
-        self.streams.lock().expect("stream table").is_empty() && self.packets.load(Ordering::Relaxed) == 0
+        self.idle_with(&self.streams.lock().expect("stream table"))
+    }
+
+    /// [`is_idle`](Self::is_idle), the stream table `t` being locked already.
+    fn idle_with(&self, t: &HashMap<u32, Arc<Stream>>) -> bool {
+        t.is_empty() && self.packets.load(Ordering::Relaxed) == 0
     }
 
     /// A packet channel opened on this channel (`+1`) or closed (`-1`). Packets travel on
@@ -254,7 +259,7 @@ impl Mux {
     pub(crate) fn retire_if_idle(&self, lane: &Arc<Lane>, seen: &mut usize) -> bool {
         let t = self.streams.lock().expect("stream table");
         let opened = self.opened.load(Ordering::Relaxed);
-        let idle = t.is_empty() && self.packets.load(Ordering::Relaxed) == 0 && opened == *seen;
+        let idle = self.idle_with(&t) && opened == *seen;
         *seen = opened;
         if idle {
             self.lanes.lock().expect("lanes").retain(|l| !Arc::ptr_eq(l, lane));
@@ -868,9 +873,6 @@ mod tests {
         assert!(held <= budget && held > 600_000, "{held} bytes held");
     }
 
-    /// A board-side channel end read from a real socket, with stream 5 accepted: the peer's
-    /// end of the channel, the reader, the mux, the stream, and the stream's local socket pair
-    /// (`local` for the pump, `dst` the service's end).
     /// New streams go on the lane with the fewest bulk streams and packet channels, then the
     /// fewest streams; a bulk stream stops counting when it ends, and a channel with a packet
     /// channel open keeps its lanes.
@@ -916,6 +918,9 @@ mod tests {
         assert!(quiet.retire_if_idle(&quiet_lane, &mut seen));
     }
 
+    /// A board-side channel end read from a real socket, with stream 5 accepted: the peer's
+    /// end of the channel, the reader, the mux, the stream, and the stream's local socket pair
+    /// (`local` for the pump, `dst` the service's end).
     struct Rig {
         peer: TcpStream,
         reader: WsReader,
