@@ -200,6 +200,87 @@ async fn the_client_reconnects_after_the_server_restarts_and_reopens_its_tunnels
     assert_eq!(echo_once(&mut s, b"after").await, b"after");
 }
 
+/// Refuses tokens that expire before `min_expiry` (as the cloud refuses old ones), echoes
+/// packets of `vpn-1`.
+struct FreshTokensOnly {
+    min_expiry: u64,
+}
+
+impl wstunnel::server::ServerHooks for FreshTokensOnly {
+    async fn token_accepted(&self, _board: &str, expiry: u64) -> Result<(), String> {
+        if expiry < self.min_expiry { Err("token too old".into()) } else { Ok(()) }
+    }
+
+    fn packet_channel(
+        &self,
+        board: &str,
+        vpn: &str,
+        ch: wstunnel::packet::PacketChannel,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        EchoPackets.packet_channel(board, vpn, ch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_tokens_are_the_ones_presented_after_a_reconnect() {
+    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dup = std_l.try_clone().unwrap();
+    let srv = start_server_with(config(ListenOn::Listener(std_l)), EchoPackets).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let minted = |port, vpn: Option<&str>, expiry| {
+        key().mint(&Claims { board: "b".into(), port, vpn: vpn.map(str::to_owned), expiry }).unwrap()
+    };
+    let old = now() + 600;
+    let renewed = within("expose", client.expose(minted(0, None, old), 0, echo.to_string())).await.unwrap();
+    let kept = within("expose", client.expose(minted(0, None, old), 0, echo.to_string())).await.unwrap();
+    let mut packets =
+        within("packets", client.open_packet_channel(minted(0, Some("vpn-1"), old), "vpn-1".into())).await.unwrap();
+    let fresh = now() + 1200;
+    assert!(client.renew_exposure_token(renewed.id, minted(renewed.port, None, fresh)));
+    assert!(!client.renew_exposure_token(9_999, minted(renewed.port, None, fresh)), "no such exposure");
+    assert_eq!(client.renew_packet_token("vpn-1", &minted(0, Some("vpn-1"), fresh)), 1);
+    assert_eq!(client.renew_packet_token("vpn-2", &minted(0, Some("vpn-2"), fresh)), 0);
+
+    srv.shutdown.cancel();
+    within("server stop", srv.task).await.unwrap().unwrap();
+    let mut state = client.state();
+    within("client notices", state.wait_for(|s| !s.connected)).await.unwrap();
+    let srv2 = start_server_with(config(ListenOn::Listener(dup)), FreshTokensOnly { min_expiry: now() + 900 }).await;
+    // The exposure whose token was renewed comes back on its port; the other one presented
+    // its old token and was refused.
+    within("renewed restored, old refused", async {
+        let mut st = client.state();
+        st.wait_for(|s| {
+            s.exposures.len() == 1
+                && s.exposures[0].id == renewed.id
+                && s.last_refusal.as_deref() == Some("token too old")
+        })
+        .await
+        .unwrap();
+        while srv2.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(srv2.handle.listeners().iter().map(|l| l.port).collect::<Vec<_>>(), vec![renewed.port]);
+    assert!(!client.state().borrow().exposures.iter().any(|e| e.id == kept.id));
+    let mut s = connect(renewed.port).await;
+    assert_eq!(echo_once(&mut s, b"after").await, b"after");
+    // The packet channel was re-opened with its renewed token (packets sent before it is
+    // re-opened are lost, as on any network: send until one comes back).
+    within("packet echo", async {
+        loop {
+            packets.sender.send(b"ping").await.unwrap();
+            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(100), packets.receiver.recv()).await {
+                assert_eq!(&p[..], b"ping");
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_listener_closes_it_and_tells_the_board() {
     let srv = start_server().await;

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! After every reconnect (capped, jittered backoff) the client asks again for every exposure
-//! (the port it had, when the token allows it) and re-opens every packet channel; the
+//! (the port it had, when the token allows it) and re-opens every packet channel, each with
+//! the last token it was given (`renew_*_token`: tokens expire, the cloud renews them); the
 //! [`PacketChannel`]s handed out stay valid across reconnects.
 
 mod conn;
@@ -203,6 +204,31 @@ impl ClientHandle {
         }
         wrx.await.map_err(|_| Error::Closed)??;
         Ok(chan)
+    }
+
+    /// Replaces the token exposure `id` presents when it is asked for again after a
+    /// reconnect (the cloud renews tokens before they expire); the open listener is left as
+    /// it is. False if there is no such exposure.
+    pub fn renew_exposure_token(&self, id: u32, token: String) -> bool {
+        match self.inner.exposures.lock().expect("exposures").get_mut(&id) {
+            Some(e) => {
+                e.token = token;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the token every packet channel into `vpn` presents when it is re-opened after
+    /// a reconnect. Returns how many channels took it.
+    pub fn renew_packet_token(&self, vpn: &str, token: &str) -> usize {
+        let mut pk = self.inner.packets.lock().expect("packets");
+        let mut renewed = 0;
+        for p in pk.values_mut().filter(|p| p.vpn == vpn) {
+            p.token = token.to_owned();
+            renewed += 1;
+        }
+        renewed
     }
 
     /// Watches the connection state.
