@@ -28,12 +28,13 @@
 //! # Limits and backpressure
 //!
 //! Every session has a bounded outbound queue. A call to a callee whose queue is full fails at
-//! once with `wamp.error.unavailable`; an event for a full subscriber is dropped; a session
-//! whose queue stays full for `Limits::stuck_timeout` is closed (`s4t.close.overloaded`).
-//! Messages over `max_message_size` close the session; in-flight calls, registrations and
-//! subscriptions per session are capped (`s4t.error.limit_exceeded`); every call has a
-//! timeout (`wamp.error.timeout`, with INTERRUPT to the callee); WebSocket pings detect dead
-//! peers.
+//! once with `wamp.error.unavailable`; an event for a full subscriber is dropped (meta events
+//! to agents never are); a session whose queue stays full for `Limits::stuck_timeout` is
+//! closed (`s4t.close.overloaded`). A connection may send 64 KiB before its session is
+//! established; messages over `max_message_size` close the session; in-flight calls,
+//! registrations and subscriptions per session are capped (`s4t.error.limit_exceeded`); every
+//! call has a timeout (`wamp.error.timeout`, with INTERRUPT to the callee); WebSocket pings
+//! detect dead peers.
 //!
 //! # Layout
 //!

@@ -2,13 +2,16 @@
 //! message per WebSocket message, with ping/pong keepalive; or an in-memory pair of bounded
 //! channels for sessions inside the router's own process (the cloud's agent).
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use s4t_shared::wamp::{DecodeError, Message, Serializer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -21,6 +24,91 @@ use crate::Error;
 pub(crate) trait IoStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> IoStream for T {}
 pub(crate) type BoxStream = Box<dyn IoStream>;
+
+/// How many bytes may still be read from a [`Budgeted`] stream; lifted (unlimited) once the
+/// session is established.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadBudget(Arc<AtomicUsize>);
+
+const UNLIMITED: usize = usize::MAX;
+
+impl ReadBudget {
+    pub(crate) fn new(bytes: usize) -> Self {
+        ReadBudget(Arc::new(AtomicUsize::new(bytes.min(UNLIMITED - 1))))
+    }
+
+    pub(crate) fn lift(&self) {
+        self.0.store(UNLIMITED, Ordering::Release);
+    }
+}
+
+/// The error a [`Budgeted`] stream fails reads with once its budget is spent.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {0} bytes before the session was established")]
+pub(crate) struct OverBudget(usize);
+
+/// A byte stream whose reads fail once more than a budget was read, until the budget is
+/// lifted. It bounds what a connection can make the router buffer and decode before it has
+/// authenticated: the whole budget, not a message of `max_message_size`.
+pub(crate) struct Budgeted<S> {
+    inner: S,
+    budget: ReadBudget,
+    limit: usize,
+}
+
+impl<S> Budgeted<S> {
+    pub(crate) fn new(inner: S, budget: ReadBudget) -> Self {
+        let limit = budget.0.load(Ordering::Acquire);
+        Budgeted { inner, budget, limit }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Budgeted<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let left = this.budget.0.load(Ordering::Acquire);
+        if left == UNLIMITED {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = buf.filled().len() - before;
+        match left.checked_sub(read) {
+            Some(rest) => {
+                // Only this connection's task reads; a lift meanwhile is not undone.
+                let _ = this.budget.0.compare_exchange(left, rest, Ordering::AcqRel, Ordering::Acquire);
+                Poll::Ready(Ok(()))
+            }
+            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, OverBudget(this.limit)))),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Budgeted<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// WebSocket keepalive: a ping after `interval` without traffic from the peer; the link is
 /// declared dead when nothing arrives within `timeout` of that ping.
@@ -105,6 +193,9 @@ impl WsLink {
                     let frame = match frame {
                         None => return Ok(None),
                         Some(Err(WsError::Capacity(e))) => return Err(RecvError::Decode(DecodeError::TooLarge(e.to_string()))),
+                        Some(Err(WsError::Io(e))) if e.get_ref().is_some_and(|e| e.is::<OverBudget>()) => {
+                            return Err(RecvError::Decode(DecodeError::TooLarge(e.to_string())));
+                        }
                         Some(Err(e)) => return Err(RecvError::Fatal(e.into())),
                         Some(Ok(frame)) => frame,
                     };
@@ -184,6 +275,16 @@ impl LocalLink {
         let (b_tx, b_rx) = mpsc::channel(capacity);
         (LocalLink { rx: a_rx, tx: b_tx }, LocalLink { rx: b_rx, tx: a_tx })
     }
+
+    /// The next message; `None` when the other end went away. Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await.map(LocalLink::take)
+    }
+
+    /// A received message, copied only if another session shares it (an EVENT).
+    pub(crate) fn take(msg: Arc<Message>) -> Message {
+        Arc::try_unwrap(msg).unwrap_or_else(|m| (*m).clone())
+    }
 }
 
 /// Either kind of link.
@@ -197,7 +298,7 @@ impl Link {
     pub(crate) async fn recv(&mut self) -> Result<Option<Message>, RecvError> {
         match self {
             Link::Ws(ws) => ws.recv().await,
-            Link::Local(l) => Ok(l.rx.recv().await.map(|m| Arc::try_unwrap(m).unwrap_or_else(|m| (*m).clone()))),
+            Link::Local(l) => Ok(l.recv().await),
         }
     }
 

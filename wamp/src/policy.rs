@@ -4,10 +4,12 @@
 //! |---|---|
 //! | `agent` | everything except defining `wamp.*` (the router's own meta API) |
 //! | `enrollment` | call `stack4things.register` |
-//! | `board` | register `iotronic.<own session>.<own uuid>.*`; call `stack4things.register` and `<agent>.stack4things.{connection,wamp_alive,notify_result}`; publish under `board.<own uuid>.` |
+//! | `board` | register `iotronic.<own session>.<own uuid>.*` (but nothing named like an agent procedure); call `stack4things.register` and `<agent>.stack4things.{connection,wamp_alive,notify_result}`; publish under `board.<own uuid>.` |
 //! | `legacy` | as `board`, with the uuid the cloud bound to the session after `connection`; until then only the calls |
 //!
-//! Everything else is refused with `wamp.error.not_authorized`.
+//! Everything else is refused with `wamp.error.not_authorized`. On top of these URI rules the
+//! dealer lets `enrollment`, `board` and `legacy` sessions call only procedures an `agent`
+//! session registered: boards never reach each other, whatever the names.
 
 use s4t_shared::wamp::Id;
 use s4t_shared::wamp::validate::reserved_uri;
@@ -49,7 +51,7 @@ pub enum Action {
 /// The procedure boards call to enroll.
 pub const REGISTER_PROCEDURE: &str = "stack4things.register";
 /// The cloud procedures a board calls on its agent: `<agent>.stack4things.<name>`.
-pub const AGENT_PROCEDURES: [&str; 3] = ["connection", "wamp_alive", "notify_result"];
+pub const AGENT_PROCEDURES: [&str; 4] = ["connection", "wamp_alive", "notify_result", "tunnel_tokens"];
 
 /// Who is asking: the session's role, id and, for boards, its uuid.
 #[derive(Debug, Clone, Copy)]
@@ -71,14 +73,18 @@ pub fn authorize(subject: Subject<'_>, action: Action, uri: &str) -> bool {
         Role::Enrollment => action == Action::Call && uri == REGISTER_PROCEDURE,
         Role::Board | Role::Legacy => match action {
             Action::Call => uri == REGISTER_PROCEDURE || is_agent_procedure(uri),
-            Action::Register => subject.board.is_some_and(|b| own_procedure(uri, subject.session, b)),
+            // `iotronic.<s>.<b>.stack4things.connection` is both the board's own and, to
+            // `is_agent_procedure`, an agent's: another board could call it.
+            Action::Register => {
+                subject.board.is_some_and(|b| own_procedure(uri, subject.session, b)) && !is_agent_procedure(uri)
+            }
             Action::Publish => subject.board.is_some_and(|b| own_topic(uri, b)),
             Action::Subscribe => false,
         },
     }
 }
 
-/// `<agent>.stack4things.<connection|wamp_alive|notify_result>` for any agent name.
+/// `<agent>.stack4things.<one of AGENT_PROCEDURES>` for any agent name.
 fn is_agent_procedure(uri: &str) -> bool {
     let Some((agent, rest)) = uri.split_once(".stack4things.") else { return false };
     !agent.is_empty() && AGENT_PROCEDURES.contains(&rest)
@@ -141,6 +147,11 @@ mod tests {
         assert!(!authorize(b, Action::Register, &format!("iotronic.42.{B}")), "no method");
         assert!(!authorize(b, Action::Register, &format!("iotronic.420.{B}.X")), "session prefix only");
         assert!(!authorize(b, Action::Register, "agent.stack4things.connection"));
+        for name in AGENT_PROCEDURES {
+            let looks_like_an_agent = format!("iotronic.42.{B}.stack4things.{name}");
+            assert!(!authorize(b, Action::Register, &looks_like_an_agent), "{looks_like_an_agent}");
+        }
+        assert!(authorize(b, Action::Register, &format!("iotronic.42.{B}.stack4things.other")));
         assert!(authorize(b, Action::Call, "agent.stack4things.connection"));
         assert!(authorize(b, Action::Call, "my-agent.stack4things.notify_result"));
         assert!(authorize(b, Action::Call, REGISTER_PROCEDURE));

@@ -136,6 +136,28 @@ async fn invalid_requests_get_errors_and_the_session_goes_on() {
 }
 
 #[tokio::test]
+async fn invalid_uris_are_not_echoed_whole() {
+    let r = TestRouter::start(RouterConfig::default(), true).await;
+    let (mut ws, _) = joined(&r).await;
+    let long = format!("bad uri {}", "x".repeat(600));
+    send(&mut ws, json!([48, 1, {}, long])).await;
+    let e = next(&mut ws).await.unwrap();
+    assert_eq!((e[0].as_u64(), e[4].as_str()), (Some(8), Some("wamp.error.invalid_uri")), "{e}");
+    let reason = e[5][0].as_str().unwrap();
+    assert!(reason.len() < 200, "{} bytes: {reason}", reason.len());
+    // Options are echoed the same way (to a session allowed to register at all).
+    let mut ws = raw(&r, "wamp.2.json").await;
+    send(&mut ws, json!([1, "s4t", {"authid": "agent", "authmethods": ["ticket"]}])).await;
+    assert_eq!(next(&mut ws).await.unwrap()[0], 4);
+    send(&mut ws, json!([5, AGENT_TICKET, {}])).await;
+    assert_eq!(next(&mut ws).await.unwrap()[0], 2);
+    send(&mut ws, json!([64, 2, {"match": "y".repeat(600)}, "a.b"])).await;
+    let e = next(&mut ws).await.unwrap();
+    assert_eq!(e[4], "wamp.error.invalid_argument", "{e}");
+    assert!(e[5][0].as_str().unwrap().len() < 200, "{e}");
+}
+
+#[tokio::test]
 async fn messages_out_of_place_abort() {
     let r = TestRouter::start(RouterConfig::default(), true).await;
     let (agent, _board, p) = healthy_board(&r).await;
@@ -168,6 +190,28 @@ async fn oversized_messages_close_the_session() {
     send(&mut ws, json!([16, 1, {}, "board.x.y", [big]])).await;
     expect_abort(&mut ws, "wamp.error.protocol_violation").await;
     wait_until("the oversized session is gone", || r.router.session(id).is_none()).await;
+    still_healthy(&agent, &p).await;
+}
+
+/// A HELLO of 1 MiB in MessagePack (a million 1-byte elements) would decode to some 32 MiB of
+/// values, held until the client answers the challenge: it is refused unread.
+#[tokio::test]
+async fn a_huge_hello_is_refused_before_it_is_decoded() {
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let (agent, _board, p) = healthy_board(&r).await;
+    let mut details = kw(json!({"authid": BOARD, "authmethods": ["wampcra"]}));
+    details.insert("junk".into(), Value::Array(vec![json!(1); 1_000_000]));
+    let hello = Serializer::MsgPack.encode(&s4t_wamp::Message::Hello { realm: "s4t".into(), details }).unwrap();
+    assert!(hello.len() <= RouterConfig::default().max_message_size, "{} bytes", hello.len());
+    let mut ws = raw(&r, "wamp.2.msgpack").await;
+    // The router may close the connection before it has all of it.
+    let _ = ws.send(Ws::Binary(hello.into())).await;
+    while let Some(Ok(frame)) = within("the refusal", ws.next()).await {
+        if let Ws::Binary(b) = frame {
+            let msg = Serializer::MsgPack.decode(&b).unwrap();
+            assert!(matches!(&msg, s4t_wamp::Message::Abort { .. }), "{msg:?}");
+        }
+    }
     still_healthy(&agent, &p).await;
 }
 

@@ -392,3 +392,53 @@ async fn the_agent_is_not_held_to_the_board_in_flight_limit() {
         within("call", call).await.unwrap().unwrap();
     }
 }
+
+/// The cloud's in-process session with many calls queued towards the router and many results
+/// due back at once (both directions of its link full) must not deadlock.
+#[tokio::test]
+async fn the_local_session_survives_a_burst_of_concurrent_calls() {
+    let r = TestRouter::start(RouterConfig { queue_capacity: 16, ..RouterConfig::default() }, false).await;
+    let agent = r.router.local_session("agent").await.unwrap();
+    let mut config = r.board(Serializer::MsgPack);
+    config.max_concurrent_invocations = 1024;
+    let board = connect(&config).await.unwrap();
+    let p = format!("iotronic.{}.{BOARD}.DeviceEcho", board.id());
+    board.register(&p, |inv| async move { Ok(Payload::args(inv.args)) }).await.unwrap();
+    let calls: Vec<_> = (0..500)
+        .map(|i| {
+            let (agent, p) = (agent.clone(), p.clone());
+            tokio::spawn(async move { (i, agent.call(&p, vec![json!(i)], Default::default(), T).await) })
+        })
+        .collect();
+    let (mut ok, mut unavailable) = (0, 0);
+    for call in calls {
+        match within("500 concurrent calls from the local session", call).await.unwrap() {
+            (i, Ok(out)) => {
+                assert_eq!(out.args, vec![json!(i)]);
+                ok += 1;
+            }
+            // The board's queue may be full during the burst: that fails fast, it does not hang.
+            (_, Err(e)) if e.wamp_uri() == Some("wamp.error.unavailable") => unavailable += 1,
+            (_, Err(e)) => panic!("{e:?}"),
+        }
+    }
+    assert!(ok > 0, "{unavailable} calls found the board's queue full, none got through");
+    assert!(!agent.is_closed());
+    assert_eq!(agent.call(&p, vec![json!("after")], Default::default(), T).await.unwrap().args, vec![json!("after")]);
+}
+
+/// A board's procedure named like an agent's (`iotronic.<s>.<uuid>.stack4things.connection`)
+/// would be callable by every other board: it cannot be registered.
+#[tokio::test]
+async fn boards_cannot_register_procedures_named_like_the_agents() {
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let a = connect(&r.config(other_board_auth())).await.unwrap();
+    let b = connect(&r.board(Serializer::Json)).await.unwrap();
+    for name in ["connection", "wamp_alive", "notify_result"] {
+        let p = format!("iotronic.{}.{OTHER_BOARD}.stack4things.{name}", a.id());
+        let e = a.register(&p, |_| async { Ok(Payload::args(vec![json!("board A")])) }).await.unwrap_err();
+        assert_eq!(e.wamp_uri(), Some("wamp.error.not_authorized"), "{p}: {e}");
+        let e = b.call(&p, vec![], Default::default(), T).await.unwrap_err();
+        assert_ne!(e.wamp_uri(), None, "{p}: {e}");
+    }
+}

@@ -145,6 +145,20 @@ fn defects_in_requests_are_answered_with_errors() {
 }
 
 #[test]
+fn invalid_uris_are_not_echoed_whole() {
+    for ser in Serializer::ALL {
+        let long = format!("{} {}", "x".repeat(300), "é".repeat(300));
+        let call = Message::Call { request: 9, options: Dict::new(), procedure: long, payload: Payload::default() };
+        let e = ser.decode(&ser.encode(&call).unwrap()).unwrap_err();
+        assert!(e.to_string().len() < 200, "{ser:?}: {e}");
+        let Some(Message::Error { error, payload, .. }) = e.error_reply() else { panic!("{ser:?}: {e}") };
+        assert_eq!(error, uri::INVALID_URI);
+        let reason = payload.args[0].as_str().unwrap();
+        assert!(reason.len() < 200, "{ser:?}: {} bytes: {reason}", reason.len());
+    }
+}
+
+#[test]
 fn deep_nesting_is_refused() {
     let deep = format!("[48, 1, {{}}, \"a\", {}{}]", "[".repeat(10_000), "]".repeat(10_000));
     assert!(matches!(Serializer::Json.decode(deep.as_bytes()), Err(DecodeError::Syntax { .. })));

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::codec::kind;
 use super::message::{Dict, Id, Message, Payload, code, name_of, uri, valid_id};
-use super::validate::valid_uri;
+use super::validate::{excerpt, valid_uri};
 
 /// Why bytes from a peer are not a valid WAMP message.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -191,7 +191,11 @@ impl Parser {
 
     fn uri(&mut self, what: &str) -> Result<String, DecodeError> {
         let s = self.string(what)?;
-        if valid_uri(&s) { Ok(s) } else { Err(self.invalid(uri::INVALID_URI, format!("invalid {what} URI {s:?}"))) }
+        if valid_uri(&s) {
+            Ok(s)
+        } else {
+            Err(self.invalid(uri::INVALID_URI, format!("invalid {what} URI {}", excerpt(&s))))
+        }
     }
 
     fn dict(&mut self, what: &str) -> Result<Dict, DecodeError> {

@@ -176,14 +176,14 @@ pub fn router_roles() -> Value {
     })
 }
 
-/// A HELLO as the router reads it.
+/// What the router keeps of a HELLO while the handshake goes on: only what it needs, not the
+/// details a client may have filled up to the message size limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
     pub realm: String,
     pub authid: Option<String>,
-    /// The methods the client offers that we speak, in the client's order.
+    /// The methods the client offers that we speak, in the client's order, each once.
     pub methods: Vec<AuthMethod>,
-    pub details: Dict,
 }
 
 /// The identity a router grants a session.
@@ -240,7 +240,13 @@ impl RouterHandshake {
         let methods = match details.get("authmethods") {
             None => vec![AuthMethod::Anonymous],
             Some(Value::Array(names)) => {
-                names.iter().filter_map(Value::as_str).filter_map(AuthMethod::from_name).collect()
+                let mut methods = Vec::new();
+                for method in names.iter().filter_map(Value::as_str).filter_map(AuthMethod::from_name) {
+                    if !methods.contains(&method) {
+                        methods.push(method);
+                    }
+                }
+                methods
             }
             Some(_) => return Err(Message::abort(uri::PROTOCOL_VIOLATION, "authmethods must be a list")),
         };
@@ -250,7 +256,7 @@ impl RouterHandshake {
             Some(_) => return Err(Message::abort(uri::PROTOCOL_VIOLATION, "authid must be a non-empty string")),
         };
         self.pending = Pending::Done;
-        Ok(Hello { realm, authid, methods, details })
+        Ok(Hello { realm, authid, methods })
     }
 
     /// The CHALLENGE for ticket authentication.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use s4t_shared::wamp::message::{Dict, code, dict_bool, dict_str, uri};
+use s4t_shared::wamp::validate::excerpt;
 use s4t_shared::wamp::{Id, Message, Payload};
 use serde_json::Value;
 use tracing::debug;
@@ -21,7 +22,7 @@ pub(crate) fn subscribe(st: &mut State, sid: Id, request: Id, options: &Dict, to
         return fail(st, uri::NOT_AUTHORIZED, format!("session {sid} may not subscribe to {topic}"));
     }
     if let Some(m) = dict_str(options, "match").filter(|m| *m != "exact") {
-        return fail(st, uri::INVALID_ARGUMENT, format!("match policy {m:?} is not supported"));
+        return fail(st, uri::INVALID_ARGUMENT, format!("match policy {} is not supported", excerpt(m)));
     }
     let id = match st.topics.get(&topic) {
         Some(&id) => id,
@@ -98,13 +99,15 @@ pub(crate) fn publish(st: &mut State, sid: Id, request: Id, options: &Dict, topi
     }
     let exclude_me = dict_bool(options, "exclude_me").unwrap_or(true);
     let publication = random_id();
-    dispatch(st, topic, publication, payload, exclude_me.then_some(sid));
+    dispatch(st, topic, publication, payload, exclude_me.then_some(sid), false);
     if acknowledge {
         st.reply(sid, Message::Published { request, publication });
     }
 }
 
-fn dispatch(st: &mut State, topic: &str, publication: Id, payload: Payload, exclude: Option<Id>) {
+/// Sends an EVENT to every subscriber of `topic` but `exclude`; `meta`: a router meta event
+/// (see [`State::deliver_meta`]).
+fn dispatch(st: &mut State, topic: &str, publication: Id, payload: Payload, exclude: Option<Id>, meta: bool) {
     let Some(&subscription) = st.topics.get(topic) else { return };
     let targets: Vec<Id> =
         st.subscriptions[&subscription].subscribers.iter().copied().filter(|s| Some(*s) != exclude).collect();
@@ -114,7 +117,9 @@ fn dispatch(st: &mut State, topic: &str, publication: Id, payload: Payload, excl
     let event = Arc::new(Message::Event { subscription, publication, details: Dict::new(), payload });
     let mut dropped = 0;
     for target in targets {
-        if st.deliver_arc(target, event.clone()) == Delivery::Full {
+        let delivery =
+            if meta { st.deliver_meta(target, event.clone()) } else { st.deliver_arc(target, event.clone()) };
+        if delivery == Delivery::Full {
             dropped += 1;
         }
     }
@@ -125,7 +130,7 @@ fn dispatch(st: &mut State, topic: &str, publication: Id, payload: Payload, excl
 
 /// Publishes a router event (`wamp.session.on_join`, `wamp.session.on_leave`).
 pub(crate) fn publish_meta(st: &mut State, topic: &str, args: Vec<Value>) {
-    dispatch(st, topic, random_id(), Payload::args(args), None);
+    dispatch(st, topic, random_id(), Payload::args(args), None, true);
 }
 
 pub(crate) fn session_gone(st: &mut State, sid: Id, member: &Member) {

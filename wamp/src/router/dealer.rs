@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use s4t_shared::wamp::message::{Dict, code, dict_str, dict_u64, uri};
+use s4t_shared::wamp::validate::excerpt;
 use s4t_shared::wamp::{Id, Message, Payload};
 use serde_json::Value;
 use tracing::debug;
@@ -22,10 +23,10 @@ pub(crate) fn register(st: &mut State, sid: Id, request: Id, options: &Dict, pro
         return fail(st, uri::NOT_AUTHORIZED, format!("session {sid} may not register {procedure}"));
     }
     if let Some(m) = dict_str(options, "match").filter(|m| *m != "exact") {
-        return fail(st, uri::INVALID_ARGUMENT, format!("match policy {m:?} is not supported"));
+        return fail(st, uri::INVALID_ARGUMENT, format!("match policy {} is not supported", excerpt(m)));
     }
     if let Some(i) = dict_str(options, "invoke").filter(|i| *i != "single") {
-        return fail(st, uri::INVALID_ARGUMENT, format!("invocation policy {i:?} is not supported"));
+        return fail(st, uri::INVALID_ARGUMENT, format!("invocation policy {} is not supported", excerpt(i)));
     }
     if st.procedures.contains_key(&procedure) {
         return fail(st, uri::PROCEDURE_ALREADY_EXISTS, format!("{procedure} is already registered"));
@@ -94,6 +95,9 @@ pub(crate) fn call(realm: &Arc<Realm>, st: &mut State, call: Call) {
         return fail(st, uri::NO_SUCH_PROCEDURE, format!("no procedure {procedure}"));
     };
     let callee = st.registrations[&registration].callee;
+    if !may_invoke(st, caller, callee) {
+        return fail(st, uri::NOT_AUTHORIZED, format!("session {caller} may not call {procedure}"));
+    }
     let details = invocation_details(st, caller, callee);
     let Some(invocation) = st.sessions.get_mut(&callee).map(Member::next_invocation) else {
         return fail(st, uri::NO_SUCH_PROCEDURE, format!("the callee of {procedure} left"));
@@ -117,6 +121,13 @@ pub(crate) fn call(realm: &Arc<Realm>, st: &mut State, call: Call) {
     if let Some(m) = st.sessions.get_mut(&caller) {
         m.in_flight += 1;
     }
+}
+
+/// Sessions other than agents (boards, legacy boards, enrolling boards) only ever call the
+/// cloud: whatever a procedure is named, its callee must be an agent.
+fn may_invoke(st: &State, caller: Id, callee: Id) -> bool {
+    let role = |id| st.sessions.get(&id).map(|m| m.info.role);
+    role(caller) == Some(Role::Agent) || role(callee) == Some(Role::Agent)
 }
 
 /// Callees with the `agent` role (the cloud) learn who called: boards are identified by the

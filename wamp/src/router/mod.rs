@@ -90,7 +90,8 @@ pub struct RouterConfig {
     /// `authprovider` reported in WELCOME, challenges and the meta API.
     pub authprovider: String,
     pub limits: Limits,
-    /// Largest WAMP message accepted (bigger ones close the session).
+    /// Largest WAMP message accepted (bigger ones close the session). Before the session is
+    /// established a connection may send 64 KiB in all, whatever this says.
     pub max_message_size: usize,
     /// Concurrent connections accepted; more are closed at once.
     pub max_sessions: usize,
@@ -161,7 +162,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: RouterConfig, authenticator: Arc<dyn Authenticator>) -> Router {
-        let realm = Realm::new(config.realm.clone(), config.limits.clone());
+        let realm = Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity);
         let connections = Arc::new(Semaphore::new(config.max_sessions));
         Router { inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections }) }
     }

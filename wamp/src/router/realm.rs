@@ -7,6 +7,7 @@
 //! is decided here (see [`State::deliver`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Limits, SessionInfo};
-use crate::policy::{Action, Subject, authorize};
+use crate::policy::{Action, Role, Subject, authorize};
 
 /// How the router ends a session it closes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,12 +51,39 @@ impl Kill {
     }
 }
 
+/// A message in a session's outbound queue.
+pub(crate) struct Queued {
+    msg: Arc<Message>,
+    /// Counted against the queue's unsolicited part (INVOCATION, EVENT, INTERRUPT), as
+    /// opposed to answers to the session's own requests and meta events to agents.
+    unsolicited: bool,
+}
+
+/// The session task's end of its outbound queue.
+pub(crate) struct Outbox {
+    rx: mpsc::Receiver<Queued>,
+    unsolicited: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// The next message for the peer; `None` once the realm dropped the session. Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Option<Arc<Message>> {
+        let queued = self.rx.recv().await?;
+        if queued.unsolicited {
+            self.unsolicited.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(queued.msg)
+    }
+}
+
 /// A joined session, as the realm keeps it.
 pub(crate) struct Member {
     pub(crate) info: SessionInfo,
-    tx: mpsc::Sender<Arc<Message>>,
+    tx: mpsc::Sender<Queued>,
+    /// Unsolicited messages in the queue (or being taken out of it by the session task).
+    unsolicited: Arc<AtomicUsize>,
     kill: Arc<Kill>,
-    /// Since when the outbound queue has been full, if it is.
+    /// Since when the unsolicited part of the outbound queue has been full, if it is.
     stuck_since: Option<Instant>,
     /// Calls this session made that have not completed.
     pub(crate) in_flight: usize,
@@ -76,7 +104,7 @@ impl Member {
     /// Takes a publication token (`rate` per second, bursts of `burst`); false when the
     /// session publishes faster than that. Agents are not limited.
     pub(crate) fn may_publish(&mut self, rate: u32, burst: u32) -> bool {
-        if self.info.role == crate::Role::Agent {
+        if self.info.role == Role::Agent {
             return true;
         }
         let now = Instant::now();
@@ -139,6 +167,8 @@ pub(crate) struct State {
     pub(crate) calls: HashMap<(Id, Id), (Id, Id)>,
     next_router_id: Id,
     pub(crate) limits: Limits,
+    /// Unsolicited messages a session's queue may hold (`RouterConfig::queue_capacity`).
+    pub(crate) queue_capacity: usize,
     pub(crate) realm: String,
 }
 
@@ -150,28 +180,50 @@ impl State {
         self.next_router_id
     }
 
+    /// The size of the outbound queue of a session with `role`: `queue_capacity` unsolicited
+    /// messages, room reserved for answers to its own requests (its in-flight call limit of
+    /// results and one more reply) and, for agents, `queue_capacity` more for meta events.
+    pub(crate) fn queue_size(&self, role: Role) -> usize {
+        let meta = if role == Role::Agent { self.queue_capacity } else { 0 };
+        self.queue_capacity + self.limits.in_flight_for(role) + 1 + meta
+    }
+
     /// Queues an unsolicited message (INVOCATION, EVENT, INTERRUPT) for session `to`.
     ///
-    /// Each queue holds `queue_capacity` such messages plus room reserved for answers to the
-    /// session's own requests (at most its in-flight call limit of results and one reply), which
-    /// therefore never compete with unsolicited traffic. When the unsolicited part is full the
-    /// message is dropped; a queue that has stayed full longer than `stuck_timeout` gets its
+    /// At most `queue_capacity` unsolicited messages wait in a queue at once, counted apart
+    /// from the answers to the session's own requests, which therefore never compete with
+    /// them (see [`State::queue_size`]). When the unsolicited part is full the message is
+    /// dropped; a queue whose unsolicited part stays full longer than `stuck_timeout` (found
+    /// full then and now, with no delivery in between: the session took nothing out) gets its
     /// session closed (`s4t.close.overloaded`), so a board that stopped reading cannot hold
-    /// router memory or other sessions' calls hostage.
+    /// router memory or other sessions' calls hostage. The first delivery that finds room
+    /// ends an overflow, however long ago it began.
     pub(crate) fn deliver(&mut self, to: Id, msg: Message) -> Delivery {
         self.deliver_arc(to, Arc::new(msg))
     }
 
     pub(crate) fn deliver_arc(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
-        let stuck_timeout = self.limits.stuck_timeout;
+        let (stuck_timeout, capacity) = (self.limits.stuck_timeout, self.queue_capacity);
         let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
-        let reserved = self.limits.in_flight_for(member.info.role) + 1;
         if member.tx.is_closed() {
             return Delivery::Gone;
         }
-        if member.tx.capacity() > reserved && member.tx.try_send(msg.clone()).is_ok() {
-            member.stuck_since = None;
-            return Delivery::Sent;
+        if member.unsolicited.load(Ordering::Acquire) < capacity {
+            // Counted before it is sent, so that the session task never takes it out first.
+            member.unsolicited.fetch_add(1, Ordering::AcqRel);
+            match member.tx.try_send(Queued { msg: msg.clone(), unsolicited: true }) {
+                Ok(()) => {
+                    // The unsolicited part had room: whatever overflow came before is over.
+                    member.stuck_since = None;
+                    return Delivery::Sent;
+                }
+                Err(e) => {
+                    member.unsolicited.fetch_sub(1, Ordering::AcqRel);
+                    if matches!(e, TrySendError::Closed(_)) {
+                        return Delivery::Gone;
+                    }
+                }
+            }
         }
         let now = Instant::now();
         match member.stuck_since {
@@ -188,14 +240,36 @@ impl State {
         Delivery::Full
     }
 
+    /// Queues a router meta event (`wamp.session.on_join`, `on_leave`) for session `to`. The
+    /// cloud learns that a board went offline only from these, so agents never miss one: they
+    /// take any room left in the queue, and an agent whose queue has none at all is not
+    /// reading and is closed, as for replies. Other sessions get them as ordinary events.
+    pub(crate) fn deliver_meta(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
+        match self.sessions.get(&to) {
+            None => Delivery::Gone,
+            Some(m) if m.info.role == Role::Agent => self.push_answer(to, msg),
+            Some(_) => self.deliver_arc(to, msg),
+        }
+    }
+
     /// Answers session `to` about its own request (REGISTERED, RESULT, ERROR...). Room for
     /// these is reserved in every queue; if even that is exhausted the session is not reading
     /// at all: close it.
     pub(crate) fn reply(&mut self, to: Id, msg: Message) {
-        let Some(member) = self.sessions.get_mut(&to) else { return };
-        if let Err(TrySendError::Full(msg)) = member.tx.try_send(Arc::new(msg)) {
-            warn!(session = to, message = msg.name(), "no room even for replies: closing the session");
-            member.kill.fire(Farewell::Goodbye(uri::CLOSE_OVERLOADED));
+        let _ = self.push_answer(to, Arc::new(msg));
+    }
+
+    /// Queues `msg` outside the unsolicited part; a full queue closes the session.
+    fn push_answer(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
+        let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
+        match member.tx.try_send(Queued { msg, unsolicited: false }) {
+            Ok(()) => Delivery::Sent,
+            Err(TrySendError::Full(q)) => {
+                warn!(session = to, message = q.msg.name(), "no room even for replies: closing the session");
+                member.kill.fire(Farewell::Goodbye(uri::CLOSE_OVERLOADED));
+                Delivery::Full
+            }
+            Err(TrySendError::Closed(_)) => Delivery::Gone,
         }
     }
 
@@ -222,8 +296,9 @@ pub(crate) struct Realm {
 }
 
 impl Realm {
-    pub(crate) fn new(name: String, limits: Limits) -> Arc<Realm> {
-        Arc::new(Realm { state: Mutex::new(State { limits, realm: name.clone(), ..State::default() }), name })
+    pub(crate) fn new(name: String, limits: Limits, queue_capacity: usize) -> Arc<Realm> {
+        let state = State { limits, queue_capacity, realm: name.clone(), ..State::default() };
+        Arc::new(Realm { state: Mutex::new(state), name })
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -232,15 +307,12 @@ impl Realm {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a session under a fresh random id; returns the id.
-    pub(crate) fn join(
-        &self,
-        mut info: SessionInfo,
-        tx: mpsc::Sender<Arc<Message>>,
-        kill: Arc<Kill>,
-        reserved: Id,
-    ) -> Id {
+    /// Adds a session under a fresh random id (`reserved` if it is free); returns the id and
+    /// the session's end of its outbound queue.
+    pub(crate) fn join(&self, mut info: SessionInfo, kill: Arc<Kill>, reserved: Id) -> (Id, Outbox) {
         let mut st = self.lock();
+        let (tx, rx) = mpsc::channel(st.queue_size(info.role));
+        let unsolicited = Arc::new(AtomicUsize::new(0));
         let mut id = reserved;
         while !valid_id(id) || st.sessions.contains_key(&id) {
             id = random_id();
@@ -254,6 +326,7 @@ impl Realm {
             Member {
                 info,
                 tx,
+                unsolicited: unsolicited.clone(),
                 kill,
                 stuck_since: None,
                 in_flight: 0,
@@ -265,7 +338,7 @@ impl Realm {
             },
         );
         super::broker::publish_meta(&mut st, super::meta::ON_JOIN, vec![details.into()]);
-        id
+        (id, Outbox { rx, unsolicited })
     }
 
     /// Removes a session and everything it owned; pending calls on both sides fail cleanly.
@@ -310,6 +383,11 @@ impl Realm {
         }
     }
 
+    /// Answers session `id` (see [`State::reply`]).
+    pub(crate) fn reply(&self, id: Id, msg: Message) {
+        self.lock().reply(id, msg);
+    }
+
     /// A call's timer fired.
     pub(crate) fn call_timed_out(&self, callee: Id, invocation: Id) {
         super::dealer::timed_out(&mut self.lock(), callee, invocation);
@@ -341,10 +419,10 @@ impl Realm {
     }
 
     /// Sets the board uuid of a session; returns the session's role, or `None` if it is gone.
-    pub(crate) fn bind_board(&self, id: Id, board: &str) -> Option<crate::Role> {
+    pub(crate) fn bind_board(&self, id: Id, board: &str) -> Option<Role> {
         let mut st = self.lock();
         let m = st.sessions.get_mut(&id)?;
-        if m.info.role == crate::Role::Legacy {
+        if m.info.role == Role::Legacy {
             m.info.board = Some(board.to_owned());
         }
         Some(m.info.role)
@@ -362,5 +440,154 @@ pub(crate) fn call_timeout(option_ms: Option<u64>, limits: &Limits) -> Duration 
     match option_ms {
         Some(ms) if ms > 0 => Duration::from_millis(ms).min(limits.max_call_timeout),
         _ => limits.default_call_timeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::TransportInfo;
+    use s4t_shared::wamp::Payload;
+    use s4t_shared::wamp::message::Dict;
+    use serde_json::json;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    fn realm(queue_capacity: usize) -> Arc<Realm> {
+        let limits = Limits { max_in_flight_calls: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
+        Realm::new("s4t".into(), limits, queue_capacity)
+    }
+
+    fn join(realm: &Realm, role: Role) -> (Id, Outbox, Arc<Kill>) {
+        let transport = TransportInfo { peer: None, serializer: None, tls: false };
+        let authid = role.name().to_owned();
+        let info = SessionInfo {
+            id: 0,
+            authid,
+            role,
+            authmethod: "ticket",
+            authprovider: "s4t".into(),
+            board: None,
+            transport,
+        };
+        let kill = Arc::new(Kill::default());
+        let (id, outbox) = realm.join(info, kill.clone(), random_id());
+        (id, outbox, kill)
+    }
+
+    fn event() -> Message {
+        Message::Event { subscription: 1, publication: 1, details: Dict::new(), payload: Payload::default() }
+    }
+
+    fn result(request: Id) -> Message {
+        Message::Result { request, details: Dict::new(), payload: Payload::default() }
+    }
+
+    /// Everything queued for a session, without waiting.
+    fn drain(outbox: &mut Outbox) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        while let Ok(q) = outbox.rx.try_recv() {
+            if q.unsolicited {
+                outbox.unsolicited.fetch_sub(1, Ordering::AcqRel);
+            }
+            out.push(q.msg);
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replies_do_not_take_the_room_of_unsolicited_messages() {
+        let realm = realm(2);
+        let (board, _outbox, kill) = join(&realm, Role::Board);
+        let mut st = realm.lock();
+        // Results of the board's own calls, not read yet: its in-flight limit and one more.
+        for request in 1..=5 {
+            st.reply(board, result(request));
+        }
+        assert_eq!(st.deliver(board, event()), Delivery::Sent);
+        assert_eq!(st.deliver(board, event()), Delivery::Sent);
+        assert_eq!(st.deliver(board, event()), Delivery::Full, "two unsolicited messages at most");
+        assert!(!kill.token.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_overflow_does_not_close_the_session_later() {
+        let realm = realm(2);
+        let (board, mut outbox, kill) = join(&realm, Role::Board);
+        {
+            let mut st = realm.lock();
+            assert_eq!(st.deliver(board, event()), Delivery::Sent);
+            assert_eq!(st.deliver(board, event()), Delivery::Sent);
+            assert_eq!(st.deliver(board, event()), Delivery::Full);
+        }
+        assert_eq!(drain(&mut outbox).len(), 2);
+        tokio::time::advance(TIMEOUT * 10).await;
+        let mut st = realm.lock();
+        for request in 1..=5 {
+            st.reply(board, result(request));
+        }
+        assert_eq!(st.deliver(board, event()), Delivery::Sent, "the queue drained long ago");
+        assert!(!kill.token.is_cancelled(), "the overflow of long ago is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_stops_reading_is_closed_after_the_stuck_timeout() {
+        let realm = realm(2);
+        let (board, _outbox, kill) = join(&realm, Role::Board);
+        let deliver = || realm.lock().deliver(board, event());
+        for _ in 0..2 {
+            assert_eq!(deliver(), Delivery::Sent);
+        }
+        assert_eq!(deliver(), Delivery::Full);
+        tokio::time::advance(TIMEOUT / 2).await;
+        assert_eq!(deliver(), Delivery::Full);
+        assert!(!kill.token.is_cancelled(), "not full for long enough yet");
+        tokio::time::advance(TIMEOUT).await;
+        assert_eq!(deliver(), Delivery::Full);
+        assert_eq!(kill.farewell(), Farewell::Goodbye(uri::CLOSE_OVERLOADED));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn agents_get_every_meta_event_even_with_a_full_queue() {
+        let realm = realm(2);
+        let (agent, mut outbox, kill) = join(&realm, Role::Agent);
+        {
+            let mut st = realm.lock();
+            let topic = crate::router::meta::ON_LEAVE.to_owned();
+            super::super::broker::subscribe(&mut st, agent, 1, &Dict::new(), topic);
+            let sent = (0..10).take_while(|_| st.deliver(agent, event()) == Delivery::Sent).count();
+            assert!(sent <= 2, "the unsolicited part holds two");
+            st.reply(agent, result(2));
+        }
+        let (board, _board_outbox, _) = join(&realm, Role::Board);
+        realm.leave(board);
+        let queued = drain(&mut outbox);
+        let left =
+            queued.iter().find(|m| matches!(&***m, Message::Event { payload, .. } if payload.args == [json!(board)]));
+        assert!(left.is_some(), "no on_leave for the board among {queued:?}");
+        assert!(!kill.token.is_cancelled());
+        assert!(matches!(&*queued[0], Message::Subscribed { request: 1, .. }), "{queued:?}");
+    }
+
+    #[tokio::test]
+    async fn boards_call_only_agents_whatever_the_procedure_is_named() {
+        let realm = realm(8);
+        let (a, mut a_outbox, _) = join(&realm, Role::Board);
+        let (b, mut b_outbox, _) = join(&realm, Role::Legacy);
+        // A registration no board can make any more (see `policy`), made anyway.
+        let procedure = format!("iotronic.{a}.x.stack4things.connection");
+        {
+            let mut st = realm.lock();
+            let registration = st.next_router_id();
+            st.procedures.insert(procedure.clone(), registration);
+            st.registrations.insert(registration, Registration { procedure: procedure.clone(), callee: a });
+        }
+        let call = Message::Call { request: 1, options: Dict::new(), procedure, payload: Payload::default() };
+        realm.handle(b, call);
+        let answers = drain(&mut b_outbox);
+        let refused =
+            |m: &Message| matches!(m, Message::Error { request: 1, error, .. } if error == uri::NOT_AUTHORIZED);
+        assert!(answers.first().is_some_and(|m| refused(m)), "{answers:?}");
+        assert!(!drain(&mut a_outbox).iter().any(|m| matches!(&**m, Message::Invocation { .. })));
     }
 }

@@ -1,26 +1,34 @@
 //! One session's task: accept (TLS, WebSocket with subprotocol negotiation, WAMP opening
 //! handshake, all under one deadline), join the realm, then loop: say the farewell when
-//! killed, drain the outbound queue, read and route the next message.
+//! killed, drain the outbound queue, read and route the next message. In-process sessions
+//! have a loop of their own that never waits on a send (see [`run_local`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use s4t_shared::wamp::message::{Dict, uri};
 use s4t_shared::wamp::session::{RouterHandshake, router_may_receive, router_roles};
 use s4t_shared::wamp::{Id, Message, Serializer};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header::SEC_WEBSOCKET_PROTOCOL};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::realm::{Farewell, Kill};
+use super::realm::{Farewell, Kill, Outbox};
 use super::{Inner, SessionInfo, TransportInfo, auth};
-use crate::link::{BoxStream, Link, LocalLink, RecvError, WsLink, ws_config};
+use crate::link::{BoxStream, Budgeted, Link, LocalLink, ReadBudget, RecvError, WsLink, ws_config};
 use crate::{Error, Role};
+
+/// Bytes a connection may send before its session is established: the HTTP upgrade, HELLO,
+/// AUTHENTICATE (a few KiB at most). `max_message_size` applies only afterwards: a HELLO of
+/// 1 MiB in MessagePack or CBOR decodes to 30 MiB or more of values, and an unauthenticated
+/// peer must not make the router buffer or decode that.
+pub(crate) const HANDSHAKE_READ_LIMIT: usize = 64 * 1024;
 
 /// Identity of an in-process session.
 pub(crate) struct Trusted {
@@ -63,9 +71,10 @@ async fn open(
     peer: SocketAddr,
     tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> Result<Option<(Link, SessionInfo, RouterHandshake)>, Error> {
+    let budget = ReadBudget::new(HANDSHAKE_READ_LIMIT);
     let stream: BoxStream = match tls {
-        Some(acceptor) => Box::new(acceptor.accept(tcp).await?),
-        None => Box::new(tcp),
+        Some(acceptor) => Box::new(Budgeted::new(acceptor.accept(tcp).await?, budget.clone())),
+        None => Box::new(Budgeted::new(tcp, budget.clone())),
     };
     let mut chosen = None;
     let negotiate = |req: &Request, resp: Response| negotiate(req, resp, &mut chosen);
@@ -80,6 +89,7 @@ async fn open(
     let mut link = Link::Ws(Box::new(ws));
     let mut hs = RouterHandshake::new(auth::provisional_id());
     let Some(granted) = auth::open(inner, &mut link, &mut hs).await else { return Ok(None) };
+    budget.lift();
     let board = (granted.role == Role::Board).then(|| granted.authid.clone());
     let info = SessionInfo {
         id: 0,
@@ -148,71 +158,143 @@ fn welcome(id: Id, info: &SessionInfo) -> Message {
 
 /// Joins the realm, sends WELCOME, runs the session, leaves.
 async fn establish(inner: Arc<Inner>, mut link: Link, info: SessionInfo, reserved: Id) {
-    // Unsolicited messages may use `queue_capacity` slots; the rest is reserved for answers
-    // to the session's own requests (see `State::deliver`).
-    let capacity = inner.config.queue_capacity + inner.config.limits.in_flight_for(info.role) + 1;
-    let (tx, mut rx) = mpsc::channel(capacity);
     let kill = Arc::new(Kill::default());
     let (authid, role) = (info.authid.clone(), info.role);
     let welcome_info = info.clone();
-    let id = inner.realm.join(info, tx, kill.clone(), reserved);
+    let (id, mut outbox) = inner.realm.join(info, kill.clone(), reserved);
     tracing::Span::current().record("session", id);
     info!(%authid, role = role.name(), "session opened");
     if link.send(welcome(id, &welcome_info).into()).await.is_ok() {
-        run(&inner, &mut link, id, &mut rx, &kill).await;
+        match &mut link {
+            Link::Local(local) => run_local(&inner, local, id, &mut outbox, &kill).await,
+            ws => run(&inner, ws, id, &mut outbox, &kill).await,
+        }
     }
     inner.realm.leave(id);
     link.close().await;
     info!("session closed");
 }
 
-async fn run(inner: &Arc<Inner>, link: &mut Link, id: Id, rx: &mut mpsc::Receiver<Arc<Message>>, kill: &Kill) {
+/// The loop of a WebSocket session.
+async fn run(inner: &Arc<Inner>, link: &mut Link, id: Id, outbox: &mut Outbox, kill: &Kill) {
     loop {
         tokio::select! {
             biased;
             () = kill.token.cancelled() => {
-                let farewell = kill.farewell();
-                info!(?farewell, "closing the session");
-                let msg = match farewell {
-                    Farewell::Goodbye(reason) => Message::goodbye(reason),
-                    Farewell::Abort(reason, why) => Message::abort(reason, why),
-                };
-                let _ = link.send(msg.into()).await;
+                let _ = link.send(farewell(kill).into()).await;
                 return;
             }
-            out = rx.recv() => {
+            out = outbox.recv() => {
                 let Some(msg) = out else { return };
                 if let Err(e) = link.send(msg).await {
                     info!(cause = %e, "cannot write to the peer");
                     return;
                 }
             }
-            incoming = link.recv() => {
-                let reply = match incoming {
-                    Ok(Some(msg)) => route(inner, id, msg),
-                    Ok(None) => return,
-                    Err(RecvError::Decode(e)) => {
-                        warn!(error = %e, "invalid message");
-                        match e.error_reply() {
-                            Some(reply) => Step::Reply(reply),
-                            None => Step::Close(Message::abort(uri::PROTOCOL_VIOLATION, e.to_string())),
-                        }
-                    }
-                    Err(RecvError::Fatal(e)) => {
-                        info!(cause = %e, "session link failed");
-                        return;
-                    }
-                };
-                match reply {
-                    Step::Continue => {}
-                    Step::End => return,
-                    Step::Reply(msg) => if link.send(msg.into()).await.is_err() { return },
-                    Step::Close(msg) => {
-                        let _ = link.send(msg.into()).await;
-                        return;
-                    }
+            incoming = link.recv() => match step(inner, id, incoming) {
+                Step::Continue => {}
+                Step::End => return,
+                Step::Reply(msg) => if link.send(msg.into()).await.is_err() { return },
+                Step::Close(msg) => {
+                    let _ = link.send(msg.into()).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// The loop of an in-process session (the cloud's agent). A send on the in-process link waits
+/// for the client to read, and the client may itself be waiting for this task to read what it
+/// sends (CALLs): both links full, each side waiting on the other. So this task never waits on
+/// a send: it holds at most one message the client has no room for (and takes no more from
+/// its queue meanwhile, so that the realm's admission rules apply), hands it over when room
+/// appears, and keeps reading; answers to what it reads go into its own bounded queue.
+async fn run_local(inner: &Arc<Inner>, link: &mut LocalLink, id: Id, outbox: &mut Outbox, kill: &Kill) {
+    let mut held: Option<Arc<Message>> = None;
+    let last = loop {
+        tokio::select! {
+            biased;
+            () = kill.token.cancelled() => break farewell(kill),
+            room = link.tx.reserve(), if held.is_some() => {
+                let Ok(room) = room else { return };
+                if let Some(msg) = held.take() {
+                    room.send(msg);
                 }
             }
+            out = outbox.recv(), if held.is_none() => {
+                let Some(msg) = out else { return };
+                match link.tx.try_send(msg) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(msg)) => held = Some(msg),
+                    Err(TrySendError::Closed(_)) => return,
+                }
+            }
+            incoming = link.rx.recv() => match step(inner, id, Ok(incoming.map(LocalLink::take))) {
+                Step::Continue => {}
+                Step::End => return,
+                // Behind what is queued already; a queue without room closes the session.
+                Step::Reply(msg) => inner.realm.reply(id, msg),
+                Step::Close(msg) => break msg,
+            },
+        }
+    };
+    say_last_local(link, last, inner.config.write_timeout).await;
+}
+
+/// Sends the last message of an in-process session, within `limit`. What the client sends
+/// meanwhile is read and dropped, so a client blocked on sending gets to read it.
+async fn say_last_local(link: &mut LocalLink, msg: Message, limit: Duration) {
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let LocalLink { rx, tx } = link;
+    loop {
+        tokio::select! {
+            biased;
+            room = tx.reserve() => {
+                if let Ok(room) = room {
+                    room.send(Arc::new(msg));
+                }
+                return;
+            }
+            incoming = rx.recv() => if incoming.is_none() { return },
+            () = &mut deadline => {
+                info!(?limit, "the in-process client did not take the session's last message");
+                return;
+            }
+        }
+    }
+}
+
+/// The message that ends a session the router closes.
+fn farewell(kill: &Kill) -> Message {
+    let farewell = kill.farewell();
+    info!(?farewell, "closing the session");
+    match farewell {
+        Farewell::Goodbye(reason) => Message::goodbye(reason),
+        Farewell::Abort(reason, why) => Message::abort(reason, why),
+    }
+}
+
+/// What to do about what was read from the peer.
+fn step(inner: &Arc<Inner>, id: Id, incoming: Result<Option<Message>, RecvError>) -> Step {
+    match incoming {
+        Ok(Some(msg)) => route(inner, id, msg),
+        Ok(None) => Step::End,
+        Err(RecvError::Decode(e)) => match e.error_reply() {
+            // Answered, and the session goes on: not worth a warning per message.
+            Some(reply) => {
+                debug!(error = %e, "invalid request");
+                Step::Reply(reply)
+            }
+            None => {
+                warn!(error = %e, "invalid message");
+                Step::Close(Message::abort(uri::PROTOCOL_VIOLATION, e.to_string()))
+            }
+        },
+        Err(RecvError::Fatal(e)) => {
+            info!(cause = %e, "session link failed");
+            Step::End
         }
     }
 }
@@ -239,5 +321,45 @@ fn route(inner: &Arc<Inner>, id: Id, msg: Message) -> Step {
             inner.realm.handle(id, msg);
             Step::Continue
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{Router, RouterConfig, StaticAuthenticator};
+    use s4t_shared::wamp::Payload;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// An in-process session whose client sends without reading still reads everything it is
+    /// sent, and still ends at once when killed; the client then finds the GOODBYE last.
+    #[tokio::test]
+    async fn a_local_session_whose_client_does_not_read_keeps_reading_and_can_be_killed() {
+        let router = Router::new(RouterConfig::default(), Arc::new(StaticAuthenticator::new()));
+        let (router_end, mut client) = LocalLink::pair(4);
+        let trusted = Trusted { authid: "agent".into() };
+        let task = tokio::spawn(serve_local(router.inner.clone(), router_end, trusted));
+        client.tx.send(Arc::new(Message::Hello { realm: "s4t".into(), details: Dict::new() })).await.unwrap();
+        let Some(Message::Welcome { session, .. }) = client.recv().await else { panic!("no WELCOME") };
+        // 100 calls answered by the router itself, none of the answers read yet.
+        let calls = async {
+            for request in 1..=100 {
+                let procedure = "wamp.session.count".to_owned();
+                let call = Message::Call { request, options: Dict::new(), procedure, payload: Payload::default() };
+                client.tx.send(Arc::new(call)).await.unwrap();
+            }
+        };
+        tokio::time::timeout(DEADLINE, calls).await.expect("the router stopped reading the client");
+        assert!(router.kill_session(session));
+        let mut last = None;
+        let read_all = async {
+            while let Some(msg) = client.recv().await {
+                last = Some(msg);
+            }
+        };
+        tokio::time::timeout(DEADLINE, read_all).await.expect("the killed session did not end");
+        assert_eq!(last, Some(Message::goodbye(uri::CLOSE_KILLED)));
+        tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap();
     }
 }
