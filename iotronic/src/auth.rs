@@ -13,8 +13,15 @@ pub const TOKEN_TTL_MS: i64 = 12 * 3600 * 1000;
 /// How long a board's one-time registration code works when nobody said otherwise.
 pub const CODE_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
 
-/// The argon2 PHC string of `password`.
+/// Longest password a user may have (bytes): hashing and verifying cost time in its length, and
+/// the token endpoint refuses longer ones before any work.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// The argon2 PHC string of `password` (at most [`MAX_PASSWORD_BYTES`]).
 pub fn hash_password(password: &str) -> Result<String, Error> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(Error::Invalid(format!("the password must have at most {MAX_PASSWORD_BYTES} bytes")));
+    }
     Argon2::default()
         .hash_password(password.as_bytes())
         .map(|h| h.to_string())
@@ -130,9 +137,11 @@ pub async fn bootstrap_admin(db: &Db, password: Option<&str>) -> Result<Option<S
 /// A failure-driven throttle: every key (a user name, a peer address, or one key for all
 /// enrollment codes) has a bucket of `burst` attempts that refills at `per_second`. A failed
 /// attempt takes one; success takes none, so legitimate users are never slowed down, while a
-/// guesser gets `burst` tries and then `per_second` tries per second. The map is bounded.
+/// guesser gets `burst` tries and then `per_second` tries per second. The map is bounded, in
+/// keys ([`THROTTLE_KEYS`]) and in bytes: keys are stored as their SHA-256, whatever their
+/// length (a key may come from the network: a user name of a request body).
 pub struct Throttle {
-    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+    buckets: std::sync::Mutex<std::collections::HashMap<KeyDigest, Bucket>>,
     burst: f64,
     per_second: f64,
 }
@@ -152,7 +161,16 @@ impl std::fmt::Debug for Throttle {
 /// and, if that is not enough, new keys share one bucket (an attacker spraying addresses gains
 /// nothing but throttles himself).
 const THROTTLE_KEYS: usize = 16_384;
-const OVERFLOW_KEY: &str = "\0overflow";
+
+/// What a throttle stores of a key: its SHA-256.
+type KeyDigest = [u8; 32];
+
+/// The bucket new keys share beyond [`THROTTLE_KEYS`]: no key hashes to all zeros.
+const OVERFLOW_KEY: KeyDigest = [0; 32];
+
+fn key_digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
 
 impl Throttle {
     pub fn new(burst: u32, per_second: f64) -> Throttle {
@@ -168,13 +186,14 @@ impl Throttle {
     /// before trying, under the lock, keeps concurrent guessers within the budget.
     pub fn take(&self, key: &str) -> Result<(), u64> {
         let now = std::time::Instant::now();
+        let key = key_digest(key);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if !map.contains_key(key) && map.len() >= THROTTLE_KEYS {
+        if !map.contains_key(&key) && map.len() >= THROTTLE_KEYS {
             let (burst, rate) = (self.burst, self.per_second);
             map.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
-        let key = if !map.contains_key(key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
-        let b = map.entry(key.to_owned()).or_insert(Bucket { tokens: self.burst, at: now });
+        let key = if !map.contains_key(&key) && map.len() >= THROTTLE_KEYS { OVERFLOW_KEY } else { key };
+        let b = map.entry(key).or_insert(Bucket { tokens: self.burst, at: now });
         self.refill(b, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -186,8 +205,9 @@ impl Throttle {
 
     /// The attempt taken for `key` succeeded: it does not count.
     pub fn refund(&self, key: &str) {
+        let key = key_digest(key);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = map.get_mut(key) {
+        if let Some(b) = map.get_mut(&key) {
             b.tokens = (b.tokens + 1.0).min(self.burst);
         }
     }
@@ -253,12 +273,38 @@ mod tests {
         assert!(t.take("peer-new").is_err(), "beyond the bound, new keys share the overflow bucket");
     }
 
+    /// Bytes the keys of `t` hold (the map's own slots aside).
+    fn key_bytes(t: &Throttle) -> usize {
+        t.buckets.lock().unwrap().keys().map(|k| std::mem::size_of_val::<[u8]>(k.as_ref())).sum()
+    }
+
+    #[test]
+    fn throttle_memory_is_bounded_for_long_keys() {
+        // Keys may be user names from request bodies: 64 different 1 MiB names must not make
+        // the throttle hold 64 MiB (a 2 MB body per request would otherwise fill 16,384 keys).
+        let t = Throttle::new(5, 1e-6);
+        let long = "x".repeat(1 << 20);
+        for i in 0..64 {
+            assert!(t.take(&format!("user:{i}{long}")).is_ok());
+        }
+        assert_eq!(t.buckets.lock().unwrap().len(), 64, "long keys stay distinct");
+        assert!(key_bytes(&t) <= 64 * 32, "keys hold {} bytes", key_bytes(&t));
+        // Still one bucket per key: refunds and lock-outs find their key.
+        let k = format!("user:0{long}");
+        t.refund(&k);
+        for _ in 0..5 {
+            assert!(t.take(&k).is_ok());
+        }
+        assert!(t.take(&k).is_err());
+    }
+
     #[test]
     fn passwords_verify_and_tokens_hash() {
         let h = hash_password("correct horse").unwrap();
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong", &h));
         assert!(!verify_password("x", "not a phc string"));
+        assert!(matches!(hash_password(&"p".repeat(MAX_PASSWORD_BYTES + 1)), Err(Error::Invalid(_))));
         assert_eq!(token_hash("abc").len(), 64);
         assert_ne!(random_secret(), random_secret());
     }

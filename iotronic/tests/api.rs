@@ -372,3 +372,154 @@ async fn leases_conflict_expire_and_tear_down() {
         );
     }
 }
+
+#[tokio::test]
+async fn oversized_logins_are_refused_before_the_throttle() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let admin = cloud.token("admin", "admin-password").await;
+        // Longer than any user name (check_name: at most 255 bytes): 400, however often, and
+        // never a throttle's 429 (the throttle holds no key for it). Six tries: one more than
+        // the per-user burst.
+        let long = "u".repeat(300);
+        for _ in 0..6 {
+            let (s, v) =
+                cloud.req("POST", "/v1/auth/tokens", None, Some(json!({"username": long, "password": "x"}))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{}: {v}", t.name);
+            assert!(v["error_message"].as_str().unwrap().contains("255"), "{v}");
+        }
+        let (s, v) = cloud
+            .req("POST", "/v1/auth/tokens", None, Some(json!({"username": "admin", "password": "p".repeat(1025)})))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        // The longest valid name is an ordinary wrong login; the real one still works.
+        let (s, v) = cloud
+            .req("POST", "/v1/auth/tokens", None, Some(json!({"username": "u".repeat(255), "password": "x"})))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+        cloud.token("admin", "admin-password").await;
+        // Nobody gets a password the token endpoint would refuse.
+        let (s, v) = cloud.req("POST", "/v1/projects", Some(&admin), Some(json!({"name": "gamma"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let body = json!({"name": "long", "password": "p".repeat(1025), "project": "gamma"});
+        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        // Attempts are audited, the refused one with its (cut) name.
+        let (_, v) = cloud.req("GET", "/v1/audit?action=auth.login&limit=1000", Some(&admin), None).await;
+        let refused = v["audit"].as_array().unwrap().iter().filter(|e| e["status"] == 400).count();
+        assert_eq!(refused, 7, "{v}");
+    }
+}
+
+#[tokio::test]
+async fn out_of_range_numbers_are_400_not_a_panic() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, _) = tenants(&cloud).await;
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("n1"))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let (s, lease) =
+            cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["n1"], "duration": 600}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{lease}");
+        let extend = format!("/v1/leases/{}", lease["uuid"].as_str().unwrap());
+        for until in [i64::MAX, i64::MIN, i64::MAX / 1000 + 1, -1] {
+            let (s, v) =
+                cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["n1"], "until": until}))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{} until {until}: {v}", t.name);
+            let (s, v) = cloud.req("PATCH", &extend, Some(&ann), Some(json!({"until": until}))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{} extend until {until}: {v}", t.name);
+        }
+        for duration in [i64::MAX, i64::MIN] {
+            let (s, v) = cloud.req("PATCH", &extend, Some(&ann), Some(json!({"duration": duration}))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "duration {duration}: {v}");
+        }
+        // A range ending at 255.255.255.255 (its board addresses overflowed u32), and the
+        // other ranges no VPN can use.
+        for cidr in ["255.255.255.0/24", "255.0.0.0/8", "240.0.0.0/24", "224.0.0.0/24", "127.0.0.0/8", "0.0.0.0/8"] {
+            let body = json!({"name": "top", "type": "l3", "cidr": cidr, "cloud_address": true});
+            let (s, v) = cloud.req("POST", "/v1/vpns", Some(&ann), Some(body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{cidr}: {v}");
+        }
+        let (s, v) = cloud.req("GET", "/v1/vpns", Some(&ann), None).await;
+        assert_eq!((s, v["vpns"].as_array().map(Vec::len)), (StatusCode::OK, Some(0)), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn vpn_ranges_the_cloud_routes_do_not_overlap_across_projects() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, bob) = tenants(&cloud).await;
+        let vpn = |name: &str, ty: &str, cidr: &str, cloud_address: bool| json!({"name": name, "type": ty, "cidr": cidr, "cloud_address": cloud_address});
+        let (s, a) =
+            cloud.req("POST", "/v1/vpns", Some(&ann), Some(vpn("secret-net", "l2", "10.30.0.0/24", true))).await;
+        assert_eq!(s, StatusCode::CREATED, "{a}");
+        // Another project, an overlapping range with the cloud's address: 409, naming nothing
+        // of the other VPN (name, uuid, project).
+        for (ty, cidr, cloud_address) in [
+            ("l2", "10.30.0.0/24", true),
+            ("l3", "10.30.0.128/25", true),
+            ("l2", "10.0.0.0/8", true),
+            ("l3", "10.30.0.0/24", false),
+        ] {
+            let (s, v) = cloud.req("POST", "/v1/vpns", Some(&bob), Some(vpn("b1", ty, cidr, cloud_address))).await;
+            assert_eq!(s, StatusCode::CONFLICT, "{} {ty} {cidr} {cloud_address}: {v}", t.name);
+            let msg = v["error_message"].as_str().unwrap();
+            assert!(msg.contains("in use on this cloud"), "{msg}");
+            for hidden in ["secret-net", a["uuid"].as_str().unwrap(), "alpha", a["project"].as_str().unwrap()] {
+                assert!(!msg.contains(hidden), "{msg} reveals {hidden}");
+            }
+        }
+        // The same project is no different.
+        let (s, v) = cloud.req("POST", "/v1/vpns", Some(&ann), Some(vpn("a2", "l2", "10.30.0.0/16", true))).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        // Not overlapping: 201.
+        let (s, v) = cloud.req("POST", "/v1/vpns", Some(&bob), Some(vpn("b1", "l2", "10.31.0.0/24", true))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        // Overlapping, but the cloud routes none of it: an L2 VPN without the cloud's address.
+        let (s, v) = cloud.req("POST", "/v1/vpns", Some(&bob), Some(vpn("b2", "l2", "10.30.0.0/24", false))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        // Without the cloud's address in both, overlapping ranges are fine (L2 and L3).
+        for (who, name) in [(&ann, "a3"), (&bob, "b3")] {
+            for (ty, suffix) in [("l2", "-l2"), ("l3", "-l3")] {
+                let body = vpn(&format!("{name}{suffix}"), ty, "10.40.0.0/24", false);
+                let (s, v) = cloud.req("POST", "/v1/vpns", Some(who), Some(body)).await;
+                assert_eq!(s, StatusCode::CREATED, "{name} {ty}: {v}");
+            }
+        }
+        // Concurrent creations of clashing ranges: exactly one wins.
+        let tries = (0..8).map(|i| {
+            let (who, cloud) = (if i % 2 == 0 { &ann } else { &bob }, &cloud);
+            async move {
+                let body = vpn(&format!("race{i}"), "l2", "10.50.0.0/16", true);
+                cloud.req("POST", "/v1/vpns", Some(who), Some(body)).await
+            }
+        });
+        let answers = futures_util::future::join_all(tries).await;
+        let won = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
+        let lost = answers.iter().filter(|(s, _)| *s == StatusCode::CONFLICT).count();
+        assert_eq!((won, lost), (1, 7), "{}: {answers:?}", t.name);
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_for_administrators() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (admin, ann, _) = tenants(&cloud).await;
+        let body = json!({"name": "uma", "password": "password-1", "project": "alpha", "role": "user"});
+        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let uma = cloud.token("uma", "password-1").await;
+        for (who, token) in [("user", &uma), ("manager", &ann)] {
+            let (s, v) = cloud.req("GET", "/metrics", Some(token), None).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{} {who}: {v}", t.name);
+            assert!(v["error_message"].is_string(), "{v}");
+        }
+        let (s, v) = cloud.req("GET", "/metrics", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert!(v.as_str().unwrap().contains("iotronic_boards{status=\"online\"}"), "{v}");
+        let (s, _) = cloud.req("GET", "/metrics", None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+}

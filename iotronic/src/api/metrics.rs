@@ -1,6 +1,7 @@
 //! `/metrics` in the Prometheus text format: HTTP answers and latency from counters kept
 //! here, boards, sessions, requests, tunnels and queue depth read from the database, and the
-//! data plane's counters each wstun-agent stores there.
+//! data plane's counters each wstun-agent stores there. Cloud-wide (every project's VPNs by
+//! uuid, with their traffic), so for cloud administrators only.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,12 +9,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::error::ApiResult;
+use super::{AppState, Caller};
 use crate::wstun_agent::AgentStats;
 
 /// Latency histogram bucket bounds, seconds.
@@ -68,7 +70,8 @@ impl Metrics {
     }
 }
 
-pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
+pub async fn metrics(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Response> {
+    c.require_admin("reading /metrics (cloud-wide counters)")?;
     let mut out = String::new();
     state.metrics.render_http(&mut out);
     let boards = state.db.count_boards_by_status().await?;

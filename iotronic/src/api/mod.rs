@@ -153,7 +153,7 @@ route_table! {
     get "/v1/requests" => objects::list_requests, "requests", "List requests";
     get "/v1/requests/{request}" => objects::show_request, "requests", "Show a request";
     get "/v1/requests/{request}/results" => objects::request_results, "requests", "Results of a request";
-    get "/metrics" => metrics::metrics, "meta", "Prometheus metrics";
+    get "/metrics" => metrics::metrics, "meta", "Prometheus metrics (admin)";
     delete "/v1/auth/tokens" => security::revoke_token, "auth", "Revoke this token (log out), or X-Subject-Token's (admin)";
     delete "/v1/users/{user}/tokens" => security::revoke_user_tokens, "auth", "Revoke every token of a user (admin, or oneself)";
     post "/v1/boards/{board}/revoke" => security::revoke_board, "boards", "Revoke a board's credentials; it is disconnected within seconds";

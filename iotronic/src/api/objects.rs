@@ -227,12 +227,16 @@ pub struct LeaseBody {
 
 fn lease_expiry(b: &LeaseBody) -> Result<i64, Error> {
     let now = now_ms();
+    let range = || Error::Invalid(format!("a lease lasts from 1 s to {MAX_LEASE_S} s, starting now"));
     let until = match (b.duration, b.until) {
         (Some(d), None) if d > 0 && d <= MAX_LEASE_S => now + d * 1000,
-        (None, Some(u)) if u * 1000 > now && u * 1000 - now <= MAX_LEASE_S * 1000 => u * 1000,
+        // Any i64 may come in: multiplied only where it cannot overflow.
+        (None, Some(u)) => {
+            u.checked_mul(1000).filter(|ms| *ms > now && *ms - now <= MAX_LEASE_S * 1000).ok_or_else(range)?
+        }
         (Some(_), Some(_)) => return Err(Error::Invalid("give duration or until, not both".into())),
         (None, None) => return Err(Error::Invalid("give duration (seconds) or until (epoch seconds)".into())),
-        _ => return Err(Error::Invalid(format!("a lease lasts from 1 s to {MAX_LEASE_S} s, starting now"))),
+        (Some(_), None) => return Err(range()),
     };
     Ok(until)
 }
@@ -349,11 +353,9 @@ pub async fn create_vpn(
     if b.vpn_type != "l2" && b.vpn_type != "l3" {
         return Err(Error::Invalid(format!("type {:?}: use l2 or l3", b.vpn_type)).into());
     }
-    let mut v = state.db.create_vpn(&b.name, &c.project, &b.vpn_type, &b.cidr).await?;
-    if b.cloud_address {
-        state.db.set_vpn_cloud_address(&v.uuid, true).await?;
-        v.cloud_address = true;
-    }
+    // One transaction: a range that would clash with another VPN's on the cloud host (the
+    // cloud address, L3 routes) is refused with 409 before anything exists.
+    let v = state.db.create_vpn_with(&b.name, &c.project, &b.vpn_type, &b.cidr, b.cloud_address).await?;
     Ok(created(vpn_json(&v)))
 }
 

@@ -62,13 +62,16 @@ pub fn request_body(method: &str, path: &str) -> Option<(Value, bool)> {
     let schema = match (method, path) {
         ("post", "/v1/auth/tokens") => object(
             &["username", "password"],
-            json!({"username": string(), "password": string(), "project": string(),
+            json!({"username": {"type": "string", "maxLength": super::auth::MAX_NAME_BYTES},
+                   "password": {"type": "string", "maxLength": crate::auth::MAX_PASSWORD_BYTES},
+                   "project": string(),
                    "ttl": {"type": "integer", "minimum": 1}}),
         ),
         ("post", "/v1/projects") => object(&["name"], json!({"name": name()})),
         ("post", "/v1/users") => object(
             &["name", "password", "project"],
-            json!({"name": name(), "password": {"type": "string", "minLength": 8}, "project": string(),
+            json!({"name": name(), "password": {"type": "string", "minLength": 8, "maxLength": crate::auth::MAX_PASSWORD_BYTES},
+                   "project": string(),
                    "role": {"enum": ["admin", "manager", "user"]}}),
         ),
         ("post", "/v1/boards") => object(

@@ -173,12 +173,51 @@ pub fn cloud_host(cidr: &str) -> Result<Ipv4Addr, Error> {
 }
 
 /// Host addresses a board may get in `cidr`: all but the network, the broadcast and the first
-/// host (the cloud's end of the VPN).
+/// host (the cloud's end of the VPN). Computed in u64: a range may end at 255.255.255.255
+/// (stored before [`check_vpn_range`] refused such ranges).
 fn board_hosts(cidr: &str) -> Result<(u32, u32), Error> {
     let (net, len) = parse_cidr(cidr)?;
-    let base = u32::from(net);
-    let size = 1u32 << (32 - len);
-    Ok((base + 2, base + size - 2))
+    let base = u64::from(u32::from(net));
+    let size = 1u64 << (32 - len);
+    // len <= 30: size >= 4, so base + 2 <= base + size - 2 <= u32::MAX - 1.
+    let addr = |a: u64| u32::try_from(a).map_err(|_| Error::Invalid(format!("{cidr}: no board addresses")));
+    Ok((addr(base + 2)?, addr(base + size - 2)?))
+}
+
+/// Refuses ranges a VPN cannot use: "this network" (0.0.0.0/8), loopback (127.0.0.0/8),
+/// multicast and reserved (224.0.0.0/3, up to the limited broadcast 255.255.255.255). A
+/// prefix is at least /8, so a range touches one of them only if it lies inside it.
+fn check_vpn_range(net: Ipv4Addr, len: u8) -> Result<(), Error> {
+    let first = net.octets()[0];
+    if first == 0 || first == 127 || first >= 224 {
+        return Err(Error::Invalid(format!(
+            "{net}/{len} is not a unicast range a VPN can use (0.0.0.0/8, 127.0.0.0/8 and 224.0.0.0 and above are \
+             reserved): use a private range such as 10.10.0.0/24"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether two CIDRs share an address.
+pub fn cidrs_overlap(a: &str, b: &str) -> Result<bool, Error> {
+    let ((na, la), (nb, lb)) = (parse_cidr(a)?, parse_cidr(b)?);
+    let mask = u32::MAX << (32 - la.min(lb));
+    Ok(u32::from(na) & mask == u32::from(nb) & mask)
+}
+
+/// Whether the cloud host routes a VPN's addresses in its own (main) routing table: a cloud
+/// address puts the range (L2: on the bridge) or the member host routes (L3) there, and an L3
+/// VPN always adds a host route per member (`vpn::Fabric`).
+fn routes_on_host(cloud_address: bool, vpn_type: &str) -> bool {
+    cloud_address || vpn_type == "l3"
+}
+
+/// Two VPNs clash on the cloud host when their ranges overlap, both route on the host, and
+/// the host has an address in at least one: then a route of one replaces or shadows the
+/// other's, and the cloud's traffic for one VPN's member goes to the other's board.
+fn routes_clash(a: &Vpn, b: &Vpn) -> Result<bool, Error> {
+    let both_route = routes_on_host(a.cloud_address, &a.vpn_type) && routes_on_host(b.cloud_address, &b.vpn_type);
+    Ok(both_route && (a.cloud_address || b.cloud_address) && cidrs_overlap(&a.cidr, &b.cidr)?)
 }
 
 impl Db {
@@ -436,32 +475,71 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// A VPN without the cloud's address ([`Db::create_vpn_with`]).
     pub async fn create_vpn(&self, name: &str, project: &str, vpn_type: &str, cidr: &str) -> Result<Vpn, Error> {
+        self.create_vpn_with(name, project, vpn_type, cidr, false).await
+    }
+
+    /// Creates a VPN, with the cloud host's address in it if `cloud_address`. A VPN whose
+    /// routes on the cloud host would meet another VPN's (see `routes_clash`), in any project,
+    /// is refused with 409 without naming the other; concurrent creations are serialized so
+    /// that two clashing ones cannot both pass.
+    pub async fn create_vpn_with(
+        &self,
+        name: &str,
+        project: &str,
+        vpn_type: &str,
+        cidr: &str,
+        cloud_address: bool,
+    ) -> Result<Vpn, Error> {
         let (net, len) = parse_cidr(cidr)?;
-        let cidr = format!("{net}/{len}");
-        let (uuid, now) = (new_uuid(), now_ms());
+        check_vpn_range(net, len)?;
+        let v = Vpn {
+            uuid: new_uuid(),
+            name: name.into(),
+            project: project.into(),
+            vpn_type: vpn_type.into(),
+            cidr: format!("{net}/{len}"),
+            created_at: now_ms(),
+            cloud_address,
+        };
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        let routes = routes_on_host(cloud_address, vpn_type);
+        if routes {
+            self.serialize_vpn_routes(&mut tx).await?;
+        }
         sqlx::query(
-            "INSERT INTO vpns (uuid, name, project_uuid, type, cidr, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO vpns (uuid, name, project_uuid, type, cidr, created_at, cloud_address) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&uuid)
+        .bind(&v.uuid)
         .bind(name)
         .bind(project)
         .bind(vpn_type)
-        .bind(&cidr)
-        .bind(now)
-        .execute(self.pool())
+        .bind(&v.cidr)
+        .bind(v.created_at)
+        .bind(i64::from(cloud_address))
+        .execute(&mut *tx)
         .await
         .map_err(|e| unique_or(e, || format!("a VPN named {name:?} already exists in this project")))?;
-        let vpn_type = vpn_type.to_owned();
-        Ok(Vpn {
-            uuid,
-            name: name.into(),
-            project: project.into(),
-            vpn_type,
-            cidr,
-            created_at: now,
-            cloud_address: false,
-        })
+        if routes {
+            check_no_clash(&mut tx, &v).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(v)
+    }
+
+    /// Makes concurrent transactions that add routes on the cloud host (a VPN created, a cloud
+    /// address taken) run their clash check one after the other. SQLite: the transaction's
+    /// first statement must then be its write (which takes the database's one write lock and
+    /// waits for the other writer; its reads then see what the other committed). PostgreSQL
+    /// (READ COMMITTED, where two transactions would not see each other's new rows): a table
+    /// lock that conflicts with itself and with writes to `vpns`, held until commit.
+    async fn serialize_vpn_routes(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), Error> {
+        if self.backend() == super::Backend::Postgres {
+            sqlx::query("LOCK TABLE vpns IN SHARE ROW EXCLUSIVE MODE").execute(&mut **tx).await.map_err(db_err)?;
+        }
+        Ok(())
     }
 
     pub async fn vpn(&self, ident: &str, project: Option<&str>) -> Result<Option<Vpn>, Error> {
@@ -488,14 +566,30 @@ impl Db {
         rows.iter().map(vpn_row).collect()
     }
 
-    /// Gives (or takes back) the cloud host's address on the VPN.
+    /// Gives (or takes back) the cloud host's address on the VPN. Giving it is refused with
+    /// 409 when the VPN's range would then clash with another's, as at creation.
     pub async fn set_vpn_cloud_address(&self, uuid: &str, on: bool) -> Result<(), Error> {
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        if on {
+            self.serialize_vpn_routes(&mut tx).await?;
+        }
         sqlx::query("UPDATE vpns SET cloud_address = $1 WHERE uuid = $2")
             .bind(i64::from(on))
             .bind(uuid)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+        if on {
+            let row = sqlx::query("SELECT * FROM vpns WHERE uuid = $1")
+                .bind(uuid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if let Some(v) = row.as_ref().map(vpn_row).transpose()? {
+                check_no_clash(&mut tx, &v).await?;
+            }
+        }
+        tx.commit().await.map_err(db_err)?;
         Ok(())
     }
 
@@ -625,6 +719,27 @@ impl Db {
     }
 }
 
+/// 409 if `v` (already written in `tx`) clashes with another VPN on the cloud host. The
+/// message names neither the other VPN nor its project: only that the range is taken here.
+async fn check_no_clash(tx: &mut sqlx::Transaction<'_, sqlx::Any>, v: &Vpn) -> Result<(), Error> {
+    let rows = sqlx::query("SELECT * FROM vpns WHERE uuid <> $1 AND (cloud_address <> 0 OR type = 'l3')")
+        .bind(&v.uuid)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    for r in &rows {
+        if routes_clash(v, &vpn_row(r)?)? {
+            return Err(Error::Conflict(format!(
+                "{} overlaps a range already in use on this cloud's host (a VPN with the cloud address, or an L3 \
+                 VPN, whose routes would meet this one's): choose another range{}",
+                v.cidr,
+                if v.cloud_address { "" } else { ", or make the VPN L2" }
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +752,50 @@ mod tests {
         }
         let (lo, hi) = board_hosts("10.0.0.0/29").unwrap();
         assert_eq!((Ipv4Addr::from(lo), Ipv4Addr::from(hi)), (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 6)));
+    }
+
+    #[test]
+    fn board_hosts_of_the_last_ranges_do_not_overflow() {
+        let hosts = |c: &str| board_hosts(c).map(|(lo, hi)| (Ipv4Addr::from(lo), Ipv4Addr::from(hi))).unwrap();
+        assert_eq!(hosts("255.255.255.0/24"), (Ipv4Addr::new(255, 255, 255, 2), Ipv4Addr::new(255, 255, 255, 254)));
+        assert_eq!(hosts("255.255.255.252/30"), (Ipv4Addr::new(255, 255, 255, 254), Ipv4Addr::new(255, 255, 255, 254)));
+        assert_eq!(hosts("255.0.0.0/8"), (Ipv4Addr::new(255, 0, 0, 2), Ipv4Addr::new(255, 255, 255, 254)));
+    }
+
+    #[test]
+    fn vpn_ranges_are_unicast_and_overlaps_are_found() {
+        let check = |c: &str| parse_cidr(c).and_then(|(n, l)| check_vpn_range(n, l));
+        for bad in ["255.255.255.0/24", "240.0.0.0/8", "224.0.0.0/8", "127.0.0.0/8", "0.0.0.0/8", "239.1.0.0/16"] {
+            assert!(matches!(check(bad), Err(Error::Invalid(_))), "{bad}");
+        }
+        for good in ["10.0.0.0/8", "192.168.1.0/24", "172.16.0.0/12", "223.255.255.0/24", "1.0.0.0/8"] {
+            assert!(check(good).is_ok(), "{good}");
+        }
+        let overlap = |a: &str, b: &str| cidrs_overlap(a, b).unwrap();
+        assert!(overlap("10.0.0.0/24", "10.0.0.0/24"));
+        assert!(overlap("10.0.0.0/16", "10.0.200.0/24") && overlap("10.0.200.0/24", "10.0.0.0/16"));
+        assert!(!overlap("10.0.0.0/24", "10.0.1.0/24"));
+        assert!(!overlap("10.0.0.0/25", "10.0.0.128/25"));
+        let vpn = |t: &str, cidr: &str, cloud: bool| Vpn {
+            uuid: String::new(),
+            name: String::new(),
+            project: String::new(),
+            vpn_type: t.into(),
+            cidr: cidr.into(),
+            created_at: 0,
+            cloud_address: cloud,
+        };
+        let clash = |a: &Vpn, b: &Vpn| {
+            let (ab, ba) = (routes_clash(a, b).unwrap(), routes_clash(b, a).unwrap());
+            assert_eq!(ab, ba, "symmetric");
+            ab
+        };
+        let a = vpn("l2", "10.0.0.0/24", true);
+        assert!(clash(&a, &vpn("l2", "10.0.0.0/16", true)));
+        assert!(clash(&a, &vpn("l3", "10.0.0.0/24", false)), "L3 member routes shadow the cloud's");
+        assert!(!clash(&a, &vpn("l2", "10.0.0.0/24", false)), "an L2 VPN without address routes nothing");
+        assert!(!clash(&a, &vpn("l2", "10.0.1.0/24", true)));
+        assert!(!clash(&vpn("l3", "10.0.0.0/24", false), &vpn("l3", "10.0.0.0/24", false)), "no cloud address");
     }
 
     #[test]
