@@ -77,6 +77,40 @@ pub fn valid_ifname(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
+/// True when `ip` lies in the subnet `address/prefix_len` (the route an overlay adds).
+pub fn subnet_contains(address: Ipv4Addr, prefix_len: u8, ip: Ipv4Addr) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len.min(32))).unwrap_or(0);
+    u32::from(address) & mask == u32::from(ip) & mask
+}
+
+/// The gateways of the default routes in `/proc/net/route` text, with their interfaces.
+pub fn default_gateways(route_table: &str) -> Vec<(String, Ipv4Addr)> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_GATEWAY: u32 = 0x2;
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    route_table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, gw, flags, mask) =
+                (f.first()?, hex(f.get(1)?)?, hex(f.get(2)?)?, hex(f.get(3)?)?, hex(f.get(7)?)?);
+            // The kernel prints the network-order address as a host-order number.
+            let up_default = dest == 0 && mask == 0 && flags & (RTF_UP | RTF_GATEWAY) == RTF_UP | RTF_GATEWAY;
+            (up_default && gw != 0).then(|| ((*iface).to_owned(), Ipv4Addr::from(gw.to_ne_bytes())))
+        })
+        .collect()
+}
+
+/// The default gateways of the calling thread's network namespace (none when unreadable).
+pub fn system_default_gateways() -> Vec<(String, Ipv4Addr)> {
+    ["/proc/thread-self/net/route", "/proc/net/route"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| default_gateways(&t))
+        .unwrap_or_default()
+}
+
 fn net_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Net { what: what.to_owned(), reason: e.to_string() }
 }

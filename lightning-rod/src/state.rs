@@ -52,10 +52,23 @@ pub struct StateStore {
 
 impl StateStore {
     /// Creates the directory (mode 0700) if needed and removes temporary files a crash left.
+    /// On a read-only file system (ext4 remounts itself so after errors) it opens anyway, with
+    /// a warning: the identity can still be read, and every write fails naming its file.
     pub fn open(dir: &Path) -> Result<StateStore> {
         let werr = |source| Error::Write { path: dir.to_owned(), source };
         fs::create_dir_all(dir).map_err(werr)?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)?;
+        let mode =
+            fs::metadata(dir).map_err(|source| Error::Read { path: dir.to_owned(), source })?.permissions().mode();
+        if mode & 0o7777 != 0o700 {
+            match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                    tracing::warn!(dir = %dir.display(), mode = format_args!("{:o}", mode & 0o7777),
+                        "the state directory is on a read-only file system: not made private; changes will not be saved");
+                }
+                Err(e) => return Err(werr(e)),
+            }
+        }
         let entries = fs::read_dir(dir).map_err(|source| Error::Read { path: dir.to_owned(), source })?;
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().contains(TMP_MARKER) {
@@ -168,6 +181,46 @@ mod tests {
         let mode = fs::metadata(store.path(IDENTITY_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+
+    /// The state directory on a file system remounted read-only (what ext4 does after errors):
+    /// the store opens and reads, whatever the directory's mode; writes fail naming the file.
+    /// Runs on its own thread in a private mount namespace, so the mount is never seen outside.
+    #[test]
+    fn a_read_only_state_directory_still_opens_and_reads() {
+        use nix::mount::{MsFlags, mount};
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root (CI runs as root): mounts a read-only tmpfs in a private mount namespace");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let results = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            mount(Some("tmpfs"), &path, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+            let id = r#"{"uuid":"b","name":"n","agent":"a","url":"ws://c:8181/","realm":"s4t"}"#;
+            for (name, mode) in [("open", 0o755), ("private", 0o700)] {
+                let state = path.join(name);
+                fs::create_dir(&state).unwrap();
+                fs::set_permissions(&state, fs::Permissions::from_mode(mode)).unwrap();
+                fs::write(state.join(IDENTITY_FILE), id).unwrap();
+            }
+            let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, &path, None::<&str>, flags, None::<&str>).unwrap();
+            ["open", "private"].map(|name| {
+                let store = StateStore::open(&path.join(name)).map_err(|e| e.to_string())?;
+                let uuid = store.identity().map_err(|e| e.to_string())?.map(|id| id.uuid);
+                let write = store.save(SERVICES_FILE, &Services::new()).unwrap_err().to_string();
+                Ok::<_, String>((uuid, write))
+            })
+        })
+        .join()
+        .unwrap();
+        for r in results {
+            let (uuid, write) = r.unwrap();
+            assert_eq!(uuid.as_deref(), Some("b"));
+            assert!(write.contains(SERVICES_FILE) && write.contains("Read-only"), "{write}");
+        }
     }
 
     #[test]

@@ -258,7 +258,9 @@ fn vpn_membership_is_persisted_restored_and_cleaned_up() {
     let t = in_netns(move |rt| {
         let store = lightning_rod::state::StateStore::open(&path).unwrap();
         let pipes = Pipes::default();
-        let m = VpnManager::new(store.clone(), Box::new(pipes.clone()), "ws://cloud:8080/".into());
+        // An address, not a name: a join resolves the tunnel server to check that the VPN's
+        // subnet spares it, and this namespace has no DNS.
+        let m = VpnManager::new(store.clone(), Box::new(pipes.clone()), "ws://198.51.100.1:8080/".into());
         let member = Membership {
             layer: Layer::L2,
             address: Ipv4Addr::new(192, 0, 2, 7),
@@ -286,7 +288,7 @@ fn vpn_membership_is_persisted_restored_and_cleaned_up() {
         // A reboot: a new manager restores from vpns.json after the old one closed.
         rt.block_on(m.close_all());
         assert!(ifindex("s4tv0").is_none());
-        let again = VpnManager::new(store, Box::new(pipes.clone()), "ws://cloud:8080/".into());
+        let again = VpnManager::new(store, Box::new(pipes.clone()), "ws://198.51.100.1:8080/".into());
         assert_eq!(rt.block_on(again.restore_all()), 0);
         assert!(ifindex("s4tv0").is_some());
         assert!(rt.block_on(again.leave("vpn-a")).unwrap());

@@ -120,6 +120,30 @@ fn plugin_err(msg: impl Into<String>) -> Error {
     Error::Plugin(msg.into())
 }
 
+/// Longest plugin uuid.
+pub const MAX_UUID: usize = 64;
+
+/// A plugin uuid names its code file (`plugins/<uuid>.code`) and its thread: 1 to
+/// [`MAX_UUID`] letters, digits, `-` and `_`. Every procedure checks its uuid argument here.
+pub fn check_uuid(uuid: &str) -> std::result::Result<(), String> {
+    if uuid.is_empty()
+        || uuid.len() > MAX_UUID
+        || !uuid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!("must be letters, digits, - and _ (1 to {MAX_UUID}), got {uuid:?}"));
+    }
+    Ok(())
+}
+
+/// A plugin name goes into logs and a process plugin's environment: no control characters
+/// (a NUL cannot be in an environment variable or a thread name).
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.chars().any(char::is_control) {
+        return Err(format!("must not contain control characters, got {name:?}"));
+    }
+    Ok(())
+}
+
 impl PluginManager {
     pub fn new(
         store: StateStore,
@@ -170,8 +194,10 @@ impl PluginManager {
         Ok(())
     }
 
-    fn code_path(&self, uuid: &str) -> std::path::PathBuf {
-        self.store.path(CODE_DIR).join(format!("{uuid}.code"))
+    /// The code file of `uuid`; an error for a uuid that is not one (it could name another path).
+    fn code_path(&self, uuid: &str) -> Result<std::path::PathBuf> {
+        check_uuid(uuid).map_err(|e| plugin_err(format!("plugin uuid {e}")))?;
+        Ok(self.store.path(CODE_DIR).join(format!("{uuid}.code")))
     }
 
     /// Checks what the board allows, compiles WebAssembly, stores the code and the entry.
@@ -188,6 +214,8 @@ impl PluginManager {
         }
         let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
         p.grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))?;
+        let path = self.code_path(&p.uuid)?;
+        check_name(&p.name).map_err(|e| plugin_err(format!("plugin name {e}")))?;
         let module = match p.kind {
             PluginKind::Wasm => Some(self.sandbox.compile(&p.code).map_err(plugin_err)?),
             _ => None,
@@ -196,7 +224,7 @@ impl PluginManager {
         self.stop_run(&p.uuid).await;
         let dir = self.store.path(CODE_DIR);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Write { path: dir.clone(), source })?;
-        atomic_write(&self.code_path(&p.uuid), &p.code, 0o600)?;
+        atomic_write(&path, &p.code, 0o600)?;
         let mut reg = self.registry()?;
         let now = crate::rpc::device::iso8601_now();
         let previous = reg.remove(&p.uuid);
@@ -224,6 +252,7 @@ impl PluginManager {
 
     /// Stops the plugin if it runs, then forgets it; false when it was not injected.
     pub async fn remove(&self, uuid: &str) -> Result<bool> {
+        let path = self.code_path(uuid)?;
         let _guard = self.edit.lock().await;
         self.stop_run(uuid).await;
         lock(&self.started).remove(uuid);
@@ -233,7 +262,7 @@ impl PluginManager {
         if known {
             self.store.save(PLUGINS_FILE, &reg)?;
         }
-        match std::fs::remove_file(self.code_path(uuid)) {
+        match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed");
             }
@@ -274,7 +303,7 @@ impl PluginManager {
     }
 
     fn code(&self, uuid: &str) -> Result<Vec<u8>> {
-        let path = self.code_path(uuid);
+        let path = self.code_path(uuid)?;
         std::fs::read(&path).map_err(|source| Error::Read { path, source })
     }
 
@@ -290,8 +319,12 @@ impl PluginManager {
                 };
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let sandbox = self.sandbox.clone();
+                // Named after the uuid, never the name: a name is free text, and a NUL in a
+                // thread name panics.
+                let thread: String =
+                    uuid.chars().filter(|c| c.is_ascii_alphanumeric() || "-_".contains(*c)).take(MAX_UUID).collect();
                 let spawned = std::thread::Builder::new()
-                    .name(format!("plugin-{}", job.name))
+                    .name(format!("plugin-{thread}"))
                     .stack_size(PLUGIN_STACK)
                     .spawn(move || {
                         let end = sandbox.run(&module, job);
@@ -361,8 +394,9 @@ impl PluginManager {
         let job = self.job(uuid, &e, params.clone(), Mode::Start, signal.clone());
         let end = Arc::new(Mutex::new(None));
         let (done_tx, done) = watch::channel(false);
-        lock(&self.started).insert(uuid.to_owned(), Started { signal, end: end.clone(), done });
+        // Saved first: a run recorded as started but never spawned would look ALIVE for good.
         self.set_status(uuid, "operative", Some(&params))?;
+        lock(&self.started).insert(uuid.to_owned(), Started { signal, end: end.clone(), done });
         let (me, id, kind, name) = (self.clone(), uuid.to_owned(), e.kind, e.name.clone());
         tokio::spawn(async move {
             let result = me.execute(&id, kind, job, permit).await;

@@ -5,7 +5,8 @@
 //! the agent is root, removed afterwards. The child runs as that user (when root), with an
 //! empty environment but `PATH`, `HOME` and `S4T_*`, in its own process group (stop and
 //! timeout signal the whole group), parameters as JSON on stdin. A call's result is its stdout
-//! (at most `plugins.max_output_bytes`); a started plugin's stdout lines are telemetry.
+//! (at most `plugins.max_output_bytes`); a started plugin's stdout lines are telemetry. Of
+//! stderr only the last 4 KiB are kept, as the error of a run that fails.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -24,7 +25,9 @@ use super::run::{End, Job, Mode, output_value};
 const RUNNER: &str = include_str!("python_runner.py");
 /// How long a stopped child has between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-const STDERR_KEEP: u64 = 4096;
+/// How much of a plugin's stderr is kept: its end, where the error (a traceback) is. The rest
+/// is dropped as it is read, so a plugin that logs to stderr for days costs no memory.
+const STDERR_KEEP: usize = 4096;
 
 /// What to run.
 pub enum Program<'a> {
@@ -144,11 +147,55 @@ async fn read_bounded(r: Option<impl AsyncRead + Unpin>, max: u64) -> Result<Vec
     if buf.len() as u64 > max { Err(()) } else { Ok(buf) }
 }
 
+/// The last bytes of a stream, in at most twice `keep` bytes of memory however much flows.
+#[derive(Debug)]
+struct Tail {
+    buf: Vec<u8>,
+    keep: usize,
+}
+
+impl Tail {
+    fn new(keep: usize) -> Tail {
+        Tail { buf: Vec::new(), keep }
+    }
+
+    fn push(&mut self, mut data: &[u8]) {
+        if data.len() >= self.keep {
+            self.buf.clear();
+            data = &data[data.len() - self.keep..];
+        }
+        if self.buf.len() + data.len() > 2 * self.keep {
+            // Drop the oldest bytes; a move of at most `keep` bytes per `keep` bytes read.
+            self.buf.drain(..self.buf.len() + data.len() - self.keep);
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    fn into_bytes(mut self) -> Vec<u8> {
+        let excess = self.buf.len().saturating_sub(self.keep);
+        self.buf.drain(..excess);
+        self.buf
+    }
+}
+
+/// The last `keep` bytes of `r` up to its end (or a read error).
+async fn read_tail(r: Option<impl AsyncRead + Unpin>, keep: usize) -> Vec<u8> {
+    let Some(mut r) = r else { return vec![] };
+    let mut tail = Tail::new(keep);
+    let mut chunk = vec![0; 8192];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return tail.into_bytes(),
+            Ok(n) => tail.push(&chunk[..n]),
+        }
+    }
+}
+
 async fn call(job: &Job, child: &mut Child, deadline: tokio::time::Instant) -> End {
     let max = job.limits.max_output_bytes as u64;
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let work = async {
-        let (o, e) = tokio::join!(read_bounded(out, max), read_bounded(err, STDERR_KEEP));
+        let (o, e) = tokio::join!(read_bounded(out, max), read_tail(err, STDERR_KEEP));
         (child.wait().await, o, e)
     };
     let (status, out, err) = tokio::select! {
@@ -159,7 +206,6 @@ async fn call(job: &Job, child: &mut Child, deadline: tokio::time::Instant) -> E
         },
     };
     let Ok(out) = out else { return End::Failed(format!("wrote more than {max} bytes of output")) };
-    let err = err.unwrap_or_default();
     if !err.is_empty() {
         tracing::info!(plugin = %job.name, stderr = %String::from_utf8_lossy(&err).trim_end(), "plugin wrote to stderr");
     }
@@ -197,16 +243,22 @@ async fn supervise(job: &Job, child: &mut Child) -> End {
             }
         }
     };
-    let errs = async {
-        let _ = read_bounded(stderr, u64::MAX).await;
-    };
     let exited = async {
-        tokio::join!(lines, errs);
-        child.wait().await
+        let ((), err) = tokio::join!(lines, read_tail(stderr, STDERR_KEEP));
+        (child.wait().await, err)
     };
     tokio::select! {
-        status = exited => match status {
-            Ok(s) => End::Done { status: s.code().unwrap_or(-1), result: None },
+        (status, err) = exited => match status {
+            Ok(s) => {
+                let status = s.code().unwrap_or(-1);
+                if !err.is_empty() {
+                    tracing::info!(plugin = %job.name, status, stderr = %String::from_utf8_lossy(&err).trim_end(),
+                        "started plugin ended; the end of its stderr");
+                }
+                // A failure is reported with the end of what it wrote to stderr.
+                let result = (status != 0 && !err.is_empty()).then(|| output_value(&err));
+                End::Done { status, result }
+            }
             Err(e) => End::Failed(format!("waiting for the plugin: {e}")),
         },
         _ = job.signal.token().cancelled() => End::Stopped,
@@ -218,5 +270,42 @@ async fn terminate(child: &mut Child) {
     kill_group(child, Signal::SIGTERM);
     if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
         kill_group(child, Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[test]
+    fn a_tail_holds_at_most_twice_what_it_keeps() {
+        let mut tail = Tail::new(STDERR_KEEP);
+        let mut written = Vec::new();
+        // 64 MiB in pieces of every size around the bound.
+        let sizes = [1, 100, STDERR_KEEP - 1, STDERR_KEEP, STDERR_KEEP + 1, 3 * STDERR_KEEP, 8192];
+        let (mut total, mut i) = (0usize, 0usize);
+        while total < 64 << 20 {
+            let n = sizes[i % sizes.len()];
+            let piece: Vec<u8> = (0..n).map(|j| (total + j) as u8).collect();
+            tail.push(&piece);
+            assert!(tail.buf.len() <= 2 * STDERR_KEEP && tail.buf.capacity() <= 4 * STDERR_KEEP, "{}", tail.buf.len());
+            if total + n > (64 << 20) - 3 * STDERR_KEEP {
+                written.extend_from_slice(&piece);
+            }
+            total += n;
+            i += 1;
+        }
+        assert_eq!(tail.into_bytes(), written[written.len() - STDERR_KEEP..]);
+    }
+
+    #[tokio::test]
+    async fn read_tail_keeps_the_end_of_a_long_stream() {
+        let long = tokio::io::repeat(b'x').take(64 << 20).chain(&b"\nthe error\n"[..]);
+        let tail = read_tail(Some(long), STDERR_KEEP).await;
+        assert_eq!(tail.len(), STDERR_KEEP);
+        assert!(tail.ends_with(b"x\nthe error\n"));
+        assert_eq!(read_tail(Some(&b"short"[..]), STDERR_KEEP).await, b"short");
     }
 }

@@ -303,6 +303,87 @@ async fn started_process_plugins_stream_lines_and_stop_on_sigterm() {
     assert_eq!(h.plugins.status("lines").unwrap(), "DEAD");
 }
 
+/// A started plugin that logs 64 MiB to stderr: the agent keeps only its end, and reports it
+/// when the plugin fails.
+#[tokio::test]
+async fn a_started_process_plugin_keeps_only_the_end_of_its_stderr() {
+    let mut h = harness(config());
+    let mut p = script(
+        "noisy",
+        "#!/bin/sh\nhead -c 67108864 /dev/zero | tr '\\0' x >&2\necho >&2\necho 'the real error' >&2\nexit 3\n",
+    );
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    h.plugins.start("noisy", None).await.unwrap();
+    let t = within("end event", h.telemetry.recv()).await.unwrap();
+    assert_eq!((t.data["event"].as_str(), t.data["status"].as_str()), (Some("ended"), Some("failed")), "{}", t.data);
+    let reason = t.data["reason"].as_str().unwrap();
+    assert!(reason.ends_with("xxx\nthe real error") && reason.len() < 4096, "{} bytes", reason.len());
+    let status = h.plugins.status("noisy").unwrap();
+    assert!(status.starts_with("DEAD: ") && status.contains("the real error") && status.len() < 4200, "{status:.80}");
+}
+
+/// A failed call answers with the end of its stderr, where the error is, however long it is.
+#[tokio::test]
+async fn a_failed_call_answers_with_the_end_of_its_stderr() {
+    let h = harness(PluginsConfig { call_timeout_s: 20, ..config() });
+    let text = "#!/bin/sh\nhead -c 67108864 /dev/zero | tr '\\0' x >&2\necho >&2\necho 'the real error' >&2\nexit 1\n";
+    h.plugins.inject(script("noisy", text), false).await.unwrap();
+    let End::Done { status: 1, result: Some(Value::String(err)) } = h.plugins.call("noisy", json!({})).await.unwrap()
+    else {
+        panic!("no error text")
+    };
+    assert!(err.ends_with("xxx\nthe real error") && err.len() <= 4096, "{} bytes", err.len());
+}
+
+/// A start whose state cannot be saved (full disk) fails and leaves the plugin stopped, not
+/// "ALREADY STARTED!" for good.
+#[tokio::test]
+async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
+    let h = harness(config());
+    let mut p = wasm("ticker", TICKER, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    // Where the save writes its temporary file, a directory: the save fails.
+    let obstacle = h.store.path(&format!(".{PLUGINS_FILE}.tmp-{}", std::process::id()));
+    std::fs::create_dir(&obstacle).unwrap();
+    let err = h.plugins.start("ticker", None).await.unwrap_err().to_string();
+    assert!(err.contains(PLUGINS_FILE), "{err}");
+    std::fs::remove_dir(&obstacle).unwrap();
+    assert_eq!(h.plugins.status("ticker").unwrap(), "DEAD");
+    assert_eq!(h.plugins.registry().unwrap()["ticker"].status, "injected");
+    h.plugins.start("ticker", None).await.unwrap();
+    assert_eq!(h.plugins.status("ticker").unwrap(), "ALIVE");
+    let err = h.plugins.reboot("ticker", None).await;
+    assert!(err.is_ok(), "{err:?}");
+    assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
+}
+
+/// A name is free text: one with a NUL (refused at injection now, but saved by an older
+/// agent) must not kill the agent when the plugin runs.
+#[tokio::test]
+async fn a_plugin_whose_name_holds_a_nul_runs_without_a_panic() {
+    let h = harness(config());
+    let mut bad = wasm("echo", ECHO, Grants::default());
+    bad.name = "a\u{0}b".into();
+    let err = h.plugins.inject(bad, false).await.unwrap_err().to_string();
+    assert!(err.contains("control characters"), "{err}");
+    h.plugins.inject(wasm("echo", ECHO, Grants::default()), false).await.unwrap();
+    let mut p = wasm("ticker", TICKER, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    let mut reg = h.plugins.registry().unwrap();
+    for e in reg.values_mut() {
+        e.name = "a\u{0}b".into();
+    }
+    h.store.save(PLUGINS_FILE, &reg).unwrap();
+    let end = h.plugins.call("echo", json!({"n": 1})).await.unwrap();
+    assert_eq!(end, End::Done { status: 0, result: Some(json!({"n": 1})) });
+    h.plugins.start("ticker", None).await.unwrap();
+    assert_eq!(h.plugins.status("ticker").unwrap(), "ALIVE");
+    assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
+}
+
 fn python_available() -> bool {
     std::process::Command::new("python3").arg("-c").arg("pass").status().is_ok_and(|s| s.success())
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::args::{Params, bad, kind};
 use super::{Call, Context, Method, Outcome, Reply, message};
 use crate::error::Result;
-use crate::plugins::{End, NewPlugin};
+use crate::plugins::{End, NewPlugin, check_name, check_uuid};
 
 const MAX_STOP_DELAY_S: u64 = 3600;
 
@@ -98,16 +98,20 @@ fn stopped(was_running: bool, id: &str) -> Result<Reply> {
     if was_running { message(json!("STOPPED")) } else { Ok(warning(format!("plugin {id} was not running"))) }
 }
 
+/// The plugin uuid at `args[0]` (or its `uuid`), checked by [`check_uuid`] as at injection.
 fn uuid(call: &Call) -> Result<String> {
-    match call.args.first() {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s.clone()),
+    let (id, what) = match call.args.first() {
+        Some(Value::String(s)) => (s, "plugin (first argument)"),
         Some(Value::Object(m)) => match m.get("uuid") {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s.clone()),
-            _ => Err(bad("plugin.uuid is missing".into())),
+            Some(Value::String(s)) => (s, "plugin.uuid"),
+            Some(v) => return Err(bad(format!("plugin.uuid must be a string, got {}", kind(v)))),
+            None => return Err(bad("plugin.uuid is missing".into())),
         },
-        Some(v) => Err(bad(format!("plugin (first argument) must be the plugin uuid, got {}", kind(v)))),
-        None => Err(bad("plugin (first argument) is missing".into())),
-    }
+        Some(v) => return Err(bad(format!("plugin (first argument) must be the plugin uuid, got {}", kind(v)))),
+        None => return Err(bad("plugin (first argument) is missing".into())),
+    };
+    check_uuid(id).map_err(|e| bad(format!("{what} {e}")))?;
+    Ok(id.clone())
 }
 
 /// The parameters at `args[1]`: an object, or absent/null (`None`).
@@ -134,10 +138,9 @@ fn flag(v: Option<&Value>, what: &str) -> Result<bool> {
 fn parse_plugin(call: &Call, max_code: usize) -> Result<NewPlugin> {
     let p = Params::at(&call.args, 0, "plugin", true)?;
     let uuid = p.str("uuid")?.to_owned();
-    if uuid.len() > 64 || !uuid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(bad("plugin.uuid must be letters, digits, - and _ (at most 64)".into()));
-    }
+    check_uuid(&uuid).map_err(|e| bad(format!("plugin.uuid {e}")))?;
     let name = p.opt_str("name")?.unwrap_or(&uuid).to_owned();
+    check_name(&name).map_err(|e| bad(format!("plugin.name {e}")))?;
     let kind = match p.opt_str("kind")? {
         None => PluginKind::Python,
         Some(k) => {
@@ -168,4 +171,59 @@ fn parse_plugin(call: &Call, max_code: usize) -> Result<NewPlugin> {
         return Err(bad(format!("plugin.code is larger than this board accepts ({max_code} bytes)")));
     }
     Ok(NewPlugin { uuid, name, kind, callable, grants, code })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::vpn::tests::{context, procedure};
+    use super::super::vpn::{NoPackets, VpnManager};
+    use super::*;
+    use crate::rpc::Outcome;
+    use crate::state::StateStore;
+
+    /// A uuid is a file name: one that climbs out of `plugins/` is refused by every procedure,
+    /// and the file it names stays.
+    #[tokio::test]
+    async fn a_plugin_uuid_that_is_a_path_is_refused_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let ctx = context(store.clone(), VpnManager::new(store.clone(), Box::new(NoPackets), String::new()));
+        std::fs::create_dir(store.path("plugins")).unwrap();
+        let victim = dir.path().join("x.code");
+        std::fs::write(&victim, b"keep").unwrap();
+        for method in [
+            Method::PluginRemove,
+            Method::PluginStart,
+            Method::PluginReboot,
+            Method::PluginCall,
+            Method::PluginStop,
+            Method::PluginStatus,
+        ] {
+            for arg in [json!("../x"), json!({"uuid": "../x"}), json!("a\u{0}b"), json!("")] {
+                let r = procedure(&ctx, method, arg.clone()).await;
+                assert_eq!(r.result, Outcome::Error, "{} {arg}: {r:?}", method.name());
+                let text = r.message.as_str().unwrap();
+                assert!(text.contains("letters, digits, - and _"), "{} {arg}: {text}", method.name());
+            }
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "PluginRemove deleted a file outside plugins/");
+        // The manager refuses it too, whoever calls it.
+        assert!(ctx.plugins.remove("../x").await.is_err());
+        assert!(victim.exists());
+    }
+
+    #[tokio::test]
+    async fn a_plugin_name_with_control_characters_is_refused_at_injection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let ctx = context(store.clone(), VpnManager::new(store, Box::new(NoPackets), String::new()));
+        let code = base64::engine::general_purpose::STANDARD.encode(b"\0asm\x01\0\0\0");
+        let plugin = json!({"uuid": "p1", "name": "a\u{0}b", "kind": "wasm", "code": code, "callable": true});
+        let r = procedure(&ctx, Method::PluginInject, plugin).await;
+        assert_eq!(r.result, Outcome::Error, "{r:?}");
+        assert!(r.message.as_str().unwrap().contains("plugin.name must not contain control characters"), "{r:?}");
+        assert!(ctx.plugins.registry().unwrap().is_empty());
+    }
 }

@@ -3,8 +3,9 @@
 //! after every reconnect.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -13,9 +14,14 @@ use super::args::{Params, bad};
 use super::services::BoxFuture;
 use super::{Call, Context, Method, Outcome, Reply, message};
 use crate::error::{Error, Result};
-use crate::overlay::{DEFAULT_MTU, Layer, Overlay, OverlaySpec, PacketPipe, valid_ifname};
+use crate::overlay::{
+    DEFAULT_MTU, Layer, Overlay, OverlaySpec, PacketPipe, subnet_contains, system_default_gateways, valid_ifname,
+};
 use crate::secret::Secret;
-use crate::state::{StateStore, VPNS_FILE};
+use crate::state::{SERVICES_FILE, Services, StateStore, VPNS_FILE};
+
+/// How long resolving a cloud host name for [`VpnManager`]'s route check may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a packet channel for a VPN on the tunnel server. The agent's implementation uses the
 /// `wstunnel` client library.
@@ -72,6 +78,47 @@ impl VpnManager {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Refuses a membership whose subnet would capture the board's way to the cloud: the
+    /// addresses of the WAMP server and of every tunnel server the board uses, and the default
+    /// gateway. The overlay's connected route would send that traffic into the VPN, which
+    /// itself rides on that traffic: the board would be cut off, at every boot too.
+    async fn spares_the_cloud(&self, vpn: &str, m: &Membership) -> Result<()> {
+        let subnet = format!("{}/{}", m.address, m.prefix_len);
+        let refuse = |what: String| {
+            bad(format!(
+                "vpn {vpn}: the subnet {subnet} contains {what}; the board would reach the cloud through the VPN \
+                 itself and be cut off. Choose a subnet that does not contain it"
+            ))
+        };
+        for (iface, gw) in system_default_gateways() {
+            if iface != m.interface && subnet_contains(m.address, m.prefix_len, gw) {
+                return Err(refuse(format!("{gw}, the board's default gateway (on {iface})")));
+            }
+        }
+        let mut urls = vec![("tunnel server", m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone()))];
+        urls.push(("tunnel server", self.default_url.clone()));
+        if let Some(id) = self.store.identity()? {
+            urls.push(("WAMP server", id.url));
+        }
+        // Exposed services may use other tunnel servers; their file is the services' business.
+        if let Ok(Some(services)) = self.store.load::<Services>(SERVICES_FILE) {
+            urls.extend(services.into_values().filter_map(|s| s.tunnel_url).map(|u| ("tunnel server", u)));
+        }
+        urls.sort_by(|a, b| a.1.cmp(&b.1));
+        urls.dedup_by(|a, b| a.1 == b.1);
+        for (what, url) in urls {
+            for ip in resolve_v4(&url).await.map_err(|reason| Error::Net {
+                what: format!("vpn {vpn}: checking that {subnet} spares the {what} {url}"),
+                reason,
+            })? {
+                if subnet_contains(m.address, m.prefix_len, ip) {
+                    return Err(refuse(format!("{ip}, the address of the {what} {url}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn bring_up(&self, vpn: &str, m: &Membership) -> Result<Overlay> {
         let url = m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone());
         let pipe = self.opener.open(url, vpn.to_owned(), m.token.clone()).await?;
@@ -92,6 +139,7 @@ impl VpnManager {
         if let Some((other, _)) = saved.iter().find(|(v, s)| *v != vpn && s.interface == m.interface) {
             return Err(bad(format!("interface {} is already used by vpn {other}", m.interface)));
         }
+        self.spares_the_cloud(vpn, &m).await?;
         let old = self.live().remove(vpn);
         if let Some(o) = old {
             o.remove().await;
@@ -138,6 +186,12 @@ impl VpnManager {
             if let Some(o) = stale {
                 o.remove().await;
             }
+            // Saved by an older agent, or the cloud moved: never bring back a board-isolating VPN.
+            if let Err(e) = self.spares_the_cloud(&vpn, &m).await {
+                failed += 1;
+                tracing::error!(vpn = %vpn, cause = %e, "VPN not restored");
+                continue;
+            }
             match self.bring_up(&vpn, &m).await {
                 Ok(o) => {
                     self.live().insert(vpn, o);
@@ -162,6 +216,50 @@ impl VpnManager {
     pub fn is_up(&self, vpn: &str) -> bool {
         self.live().get(vpn).is_some_and(Overlay::is_alive)
     }
+}
+
+/// The host and port of a `ws[s]://` URL.
+fn url_host(url: &str) -> Option<(&str, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default_port = if scheme.eq_ignore_ascii_case("wss") { 443 } else { 80 };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']')?;
+            (host, after.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+/// The IPv4 addresses `url`'s host stands for (an IPv6-only host has none to check).
+async fn resolve_v4(url: &str) -> std::result::Result<Vec<Ipv4Addr>, String> {
+    let (host, port) = url_host(url).ok_or_else(|| "not a ws:// or wss:// URL with a host".to_owned())?;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(match ip {
+            IpAddr::V4(v4) => vec![v4],
+            IpAddr::V6(_) => vec![],
+        });
+    }
+    let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| format!("resolving {host} took more than {RESOLVE_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    Ok(found
+        .filter_map(|a| match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
 }
 
 fn parse_join(call: &Call) -> Result<(String, Membership)> {
@@ -211,5 +309,200 @@ pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Res
             }
         }
         _ => Err(bad(format!("{} is not a VPN procedure", method.name()))),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::Value;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::rpc::{Call, Reply, ServiceManager, dispatch, services::NoTunnels};
+
+    /// A context around `store` and `vpns`, the rest inert: for procedure tests of this file and
+    /// of `plugins.rs`.
+    pub(in crate::rpc) fn context(store: StateStore, vpns: VpnManager) -> Arc<Context> {
+        let (notify, _) = mpsc::channel(1);
+        let (gpio_events, _) = mpsc::channel(1);
+        let (lifecycle, _) = mpsc::channel(1);
+        let (telemetry, _) = mpsc::channel(1);
+        let plugins = crate::plugins::PluginManager::new(
+            store.clone(),
+            Default::default(),
+            crate::hal::Hal::sim(32),
+            "b1".into(),
+            telemetry,
+            CancellationToken::new(),
+        );
+        Arc::new(Context {
+            board_uuid: "b1".into(),
+            hal: crate::hal::Hal::sim(32),
+            device: Default::default(),
+            notify,
+            gpio_events,
+            lifecycle,
+            services: Arc::new(ServiceManager::new(store, Box::new(NoTunnels), "ws://127.0.0.1:8080/".into())),
+            vpns: Arc::new(vpns),
+            plugins: Arc::new(plugins),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub(in crate::rpc) async fn procedure(ctx: &Arc<Context>, method: Method, arg: Value) -> Reply {
+        dispatch(ctx, method, Call::from_positional(vec![json!({"uuid": "r"}), arg])).await
+    }
+
+    /// Counts the packet channels asked for and refuses them all (no device is ever made).
+    #[derive(Clone, Default)]
+    struct Counting(Arc<AtomicUsize>);
+
+    impl PacketOpener for Counting {
+        fn open(&self, _url: String, vpn: String, _token: Option<Secret>) -> BoxFuture<'_, Result<PacketPipe>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { Err(Error::Tunnel(format!("test: no packet channel for {vpn}"))) })
+        }
+    }
+
+    /// The tunnel server this board uses by default.
+    const TUNNEL: &str = "ws://203.0.113.50:8080/";
+
+    fn manager() -> (tempfile::TempDir, StateStore, Counting, VpnManager) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let opened = Counting::default();
+        let vpns = VpnManager::new(store.clone(), Box::new(opened.clone()), TUNNEL.into());
+        (dir, store, opened, vpns)
+    }
+
+    fn join(address: &str, prefix_len: u8, tunnel_url: Option<&str>) -> Value {
+        let mut p =
+            json!({"vpn": "v", "type": "l3", "address": address, "prefix_len": prefix_len, "interface": "s4tguard0"});
+        if let Some(u) = tunnel_url {
+            p["tunnel_url"] = json!(u);
+        }
+        p
+    }
+
+    fn text(r: &Reply) -> String {
+        r.message.as_str().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_vpn_whose_subnet_holds_the_cloud_is_refused_before_any_channel_opens() {
+        let (dir, store, opened, vpns) = manager();
+        let id = crate::state::Identity {
+            uuid: "b1".into(),
+            name: "b".into(),
+            agent: "agent".into(),
+            url: "wss://198.51.100.9:8181/".into(),
+            realm: "s4t".into(),
+            tunnel_url: Some(TUNNEL.into()),
+            credentials: None,
+            ca_fingerprint: None,
+        };
+        store.save_identity(&id).unwrap();
+        let ctx = context(store, vpns);
+        let cases = [
+            (join("203.0.113.1", 24, None), "203.0.113.50, the address of the tunnel server"),
+            (join("198.51.100.200", 24, None), "198.51.100.9, the address of the WAMP server"),
+            (join("100.64.7.1", 16, Some("ws://100.64.0.2:9000/")), "100.64.0.2, the address of the tunnel server"),
+            // The board's default tunnel server stays protected when a VPN uses another.
+            (join("203.0.113.1", 24, Some("ws://100.64.0.2:9000/")), "203.0.113.50"),
+        ];
+        for (args, why) in cases {
+            let r = procedure(&ctx, Method::VpnJoin, args.clone()).await;
+            assert_eq!(r.result, Outcome::Error, "{args}: {r:?}");
+            assert!(text(&r).contains(why) && text(&r).contains("cut off"), "{args}: {}", text(&r));
+            assert_eq!(opened.0.load(Ordering::SeqCst), 0, "{args}: a packet channel was opened");
+        }
+        assert!(!dir.path().join(VPNS_FILE).exists(), "a refused VPN was saved");
+        // A subnet next to them passes the check (and reaches the packet channel).
+        let r = procedure(&ctx, Method::VpnJoin, join("203.0.113.1", 28, None)).await;
+        assert!(text(&r).contains("test: no packet channel"), "{r:?}");
+        assert_eq!(opened.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_saved_vpn_holding_the_tunnel_server_is_not_restored() {
+        let (_dir, store, opened, vpns) = manager();
+        let m = Membership {
+            layer: Layer::L3,
+            address: Ipv4Addr::new(203, 0, 113, 1),
+            prefix_len: 24,
+            interface: "s4tguard0".into(),
+            tunnel_url: None,
+            token: None,
+        };
+        store.save(VPNS_FILE, &BTreeMap::from([("v".to_owned(), m)])).unwrap();
+        assert_eq!(vpns.restore_all().await, 1);
+        assert_eq!(opened.0.load(Ordering::SeqCst), 0, "a packet channel was opened");
+        assert!(!vpns.is_up("v"));
+    }
+
+    /// A default route in a network namespace of its own: a VPN holding its gateway is refused.
+    #[test]
+    fn a_vpn_holding_the_default_gateway_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root (CI runs as root): adds a default route in a private network namespace");
+        }
+        let (_dir, _store, opened, vpns) = manager();
+        let r = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            // A TUN stands in for the LAN interface (the dummy driver may be missing); it goes
+            // away with the namespace.
+            for args in [
+                &["tuntap", "add", "s4tgw0", "mode", "tun"][..],
+                &["addr", "add", "10.77.0.2/24", "dev", "s4tgw0"],
+                &["link", "set", "s4tgw0", "up"],
+                &["route", "add", "default", "via", "10.77.0.1", "dev", "s4tgw0", "onlink"],
+            ] {
+                let ok = std::process::Command::new("ip").args(args).status().unwrap();
+                assert!(ok.success(), "ip {args:?}");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let m = |prefix_len| Membership {
+                layer: Layer::L3,
+                address: Ipv4Addr::new(10, 77, 0, 9),
+                prefix_len,
+                interface: "s4tguard0".into(),
+                tunnel_url: None,
+                token: None,
+            };
+            let refused = rt.block_on(vpns.join("v", m(24))).unwrap_err().to_string();
+            let passed = rt.block_on(vpns.join("v", m(30))).unwrap_err().to_string();
+            (refused, passed)
+        })
+        .join()
+        .unwrap();
+        assert!(r.0.contains("10.77.0.1, the board's default gateway (on s4tgw0)"), "{}", r.0);
+        assert!(r.1.contains("test: no packet channel"), "{}", r.1);
+        assert_eq!(opened.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn route_table_and_urls_are_read() {
+        let hex = |ip: [u8; 4]| format!("{:08X}", u32::from_ne_bytes(ip));
+        let table = format!(
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+             eth0\t00000000\t{}\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+             eth0\t{}\t00000000\t0001\t0\t0\t0\t{}\t0\t0\t0\n\
+             wlan0\t00000000\t{}\t0001\t0\t0\t0\t00000000\t0\t0\t0\n",
+            hex([192, 0, 2, 1]),
+            hex([192, 0, 2, 0]),
+            hex([255, 255, 255, 0]),
+            hex([10, 0, 0, 1]),
+        );
+        assert_eq!(crate::overlay::default_gateways(&table), [("eth0".to_owned(), Ipv4Addr::new(192, 0, 2, 1))]);
+        assert!(subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 8, Ipv4Addr::new(10, 255, 0, 1)));
+        assert!(!subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 30, Ipv4Addr::new(10, 0, 0, 12)));
+        assert!(subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 32, Ipv4Addr::new(10, 0, 0, 9)));
+        assert_eq!(url_host("wss://cloud.example/ws"), Some(("cloud.example", 443)));
+        assert_eq!(url_host("ws://u@10.0.0.1:8080?x"), Some(("10.0.0.1", 8080)));
+        assert_eq!(url_host("ws://[2001:db8::1]:8181/"), Some(("2001:db8::1", 8181)));
+        assert_eq!(url_host("ws://:80/"), None);
     }
 }
