@@ -21,6 +21,7 @@ use crate::Error;
 use crate::agent::{BoardCaller, BoxFuture};
 use crate::bus::{Bus, ConductorMsg};
 use crate::db::Db;
+use crate::wstun_agent::TunnelMint;
 
 /// Longest a board procedure may run before the agent reports an error.
 pub const BOARD_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -209,6 +210,8 @@ struct Ctx {
     setup: AgentSetup,
     logins: Logins,
     codes: Arc<crate::auth::Throttle>,
+    /// Mints the tokens `tunnel_tokens` renews (none without a tunnel server).
+    mint: Option<TunnelMint>,
 }
 
 impl WampAgent {
@@ -234,8 +237,19 @@ impl WampAgent {
         });
         let session = router.local_session(&setup.name).await.map_err(wamp_err)?;
         let logins = Logins::default();
-        let ctx =
-            Ctx { db: db.clone(), bus, router: router.clone(), setup: setup.clone(), logins: logins.clone(), codes };
+        let mint = match &setup.tunnel_url {
+            Some(url) => Some(TunnelMint::load(&db, url.clone()).await?),
+            None => None,
+        };
+        let ctx = Ctx {
+            db: db.clone(),
+            bus,
+            router: router.clone(),
+            setup: setup.clone(),
+            logins: logins.clone(),
+            codes,
+            mint,
+        };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
         let live = |s: &str| s.parse().is_ok_and(|id| router.session(id).is_some());
@@ -295,7 +309,50 @@ async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> 
         })
         .await
         .map_err(wamp_err)?;
+    let c = ctx.clone();
+    session
+        .register(&format!("{prefix}.tunnel_tokens"), move |inv| {
+            let c = c.clone();
+            async move { tunnel_tokens(&c, &inv).await }
+        })
+        .await
+        .map_err(wamp_err)?;
     Ok(())
+}
+
+/// `<agent>.stack4things.tunnel_tokens(board_uuid)` (ours; the original has no tokens): fresh
+/// tunnel tokens for every exposed service and VPN membership of the calling board. Tokens
+/// expire ([`crate::wstun_agent::TOKEN_TTL_S`]); a board that only kept the ones it was given
+/// when a service was exposed or a VPN joined would be refused at its first reconnect after
+/// that, so our lightning-rod asks for new ones at every login and daily.
+async fn tunnel_tokens(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
+    let board = text(kwarg(inv, "board_uuid")).unwrap_or_default();
+    if inv.caller_authrole() != Some("board") || !speaks_for(c, inv, &board) {
+        return wamp_message("ERROR", json!("a board may only renew its own tunnel tokens"));
+    }
+    let Some(mint) = &c.mint else {
+        return wamp_message("ERROR", json!("this agent has no tunnel server"));
+    };
+    let renewed = async {
+        let mut services = Vec::new();
+        for e in c.db.exposures_of_board(&board).await? {
+            let port =
+                u16::try_from(e.public_port).map_err(|_| Error::Invalid(format!("bad port {}", e.public_port)))?;
+            services.push(json!({"uuid": e.service, "public_port": port, "token": mint.mint(&board, port, None)?}));
+        }
+        let mut vpns = Vec::new();
+        for m in c.db.vpn_memberships_of_board(&board).await? {
+            vpns.push(json!({"vpn": m.vpn, "token": mint.mint(&board, 0, Some(&m.vpn))?}));
+        }
+        Ok::<_, Error>(json!({"tunnel_url": mint.url, "services": services, "vpns": vpns}))
+    };
+    match renewed.await {
+        Ok(tokens) => {
+            info!(board = %board, "tunnel tokens renewed");
+            wamp_message("SUCCESS", tokens)
+        }
+        Err(e) => wamp_message("ERROR", json!(format!("cannot renew the tunnel tokens: {e}"))),
+    }
 }
 
 fn iso(ms: i64) -> String {

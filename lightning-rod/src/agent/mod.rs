@@ -191,8 +191,10 @@ async fn sessions(
                     ready = true;
                 }
                 delays.reset();
+                // Fresh tokens first, so what the restore re-opens presents them.
+                session::renew_tunnel_tokens(link.as_ref(), id, &timers, ctx).await;
                 spawn_restore(ctx);
-                let end = session::serve(link.as_ref(), id, &timers, queues, shutdown).await;
+                let end = session::serve(link.as_ref(), id, &timers, queues, ctx, shutdown).await;
                 link.close().await;
                 end
             }

@@ -1,6 +1,7 @@
 //! One WAMP session's life: login (`connection`), registration of every procedure under the
-//! session id, then serving until the session ends: periodic `wamp_alive`, RUNNING results to
-//! `notify_result`, GPIO edges to `board.<uuid>.gpio`.
+//! session id, fresh tunnel tokens (`tunnel_tokens`), then serving until the session ends:
+//! periodic `wamp_alive` and token renewal, RUNNING results to `notify_result`, GPIO edges to
+//! `board.<uuid>.gpio`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,12 +99,53 @@ async fn alive(link: &dyn Link, id: &Identity, t: &Timers) -> Result<()> {
     call_timed(link, t.call, format!("{}.stack4things.wamp_alive", id.agent), kw).await.map(drop)
 }
 
+/// How often a logged-in board asks for fresh tunnel tokens (the cloud's last a week).
+pub const RENEW_TOKENS_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// `<agent>.stack4things.tunnel_tokens(board_uuid)`: fresh tunnel tokens for every exposed
+/// service and VPN membership, saved and handed to the live tunnels for their next reconnect.
+/// Never fatal: a cloud without the procedure (the original has no tokens) or a failed call
+/// leaves the tokens as they are; the next login or period asks again.
+pub async fn renew_tunnel_tokens(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) {
+    match renew(link, id, t, ctx).await {
+        Ok((services, vpns)) => tracing::info!(services, vpns, "tunnel tokens renewed"),
+        Err(e) if e.to_string().contains("no_such_procedure") => {
+            tracing::debug!("the cloud does not renew tunnel tokens")
+        }
+        Err(e) => tracing::warn!(cause = %e, "tunnel tokens not renewed; trying again later"),
+    }
+}
+
+async fn renew(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) -> Result<(usize, usize)> {
+    let mut kw = Map::new();
+    kw.insert("board_uuid".into(), json!(id.uuid));
+    let reply = call_timed(link, t.call, format!("{}.stack4things.tunnel_tokens", id.agent), kw).await?;
+    let (result, message) = parse_wamp_message(&reply)?;
+    if result != "SUCCESS" {
+        return Err(Error::Wamp(format!("tunnel_tokens answered {result}: {message}")));
+    }
+    let list = |key: &str| message.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let token = |v: &Value| v.get("token").and_then(Value::as_str).map(crate::secret::Secret::new);
+    let services: Vec<_> = list("services")
+        .iter()
+        .filter_map(|v| {
+            let uuid = v.get("uuid")?.as_str()?.to_owned();
+            let port = u16::try_from(v.get("public_port")?.as_u64()?).ok()?;
+            Some((uuid, port, token(v)?))
+        })
+        .collect();
+    let vpns: Vec<_> =
+        list("vpns").iter().filter_map(|v| Some((v.get("vpn")?.as_str()?.to_owned(), token(v)?))).collect();
+    Ok((ctx.services.renew_tokens(&services).await?, ctx.vpns.renew_tokens(&vpns).await?))
+}
+
 /// Serves a logged-in, registered session until it ends.
 pub async fn serve(
     link: &dyn Link,
     id: &Identity,
     t: &Timers,
     q: &mut Queues,
+    ctx: &Context,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> SessionEnd {
     if let Some(n) = q.pending.take()
@@ -116,6 +158,8 @@ pub async fn serve(
     tokio::pin!(closed);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + t.alive, t.alive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renew_tick = tokio::time::interval_at(tokio::time::Instant::now() + RENEW_TOKENS_EVERY, RENEW_TOKENS_EVERY);
+    renew_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let topic = format!("board.{}.gpio", id.uuid);
     let telemetry_topic = format!("board.{}.telemetry", id.uuid);
     loop {
@@ -128,6 +172,7 @@ pub async fn serve(
                     return SessionEnd::Lost(e);
                 }
             }
+            _ = renew_tick.tick() => renew_tunnel_tokens(link, id, t, ctx).await,
             Some(n) = q.notify.recv() => {
                 if let Err(e) = notify(link, id, t, &n).await {
                     q.pending = Some(n);

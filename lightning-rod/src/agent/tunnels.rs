@@ -81,6 +81,9 @@ impl Tunnel for Exposure {
     fn public_port(&self) -> u16 {
         self.port
     }
+    fn renew(&self, token: &Secret) -> bool {
+        self.client.renew_exposure_token(self.id, token.expose().to_owned())
+    }
 }
 
 impl Drop for Exposure {
@@ -129,5 +132,10 @@ impl PacketOpener for WstunnelClients {
                 .map_err(|e| Error::Tunnel(format!("packet channel for vpn {vpn}: {e}")))?;
             Ok(chan)
         })
+    }
+
+    fn renew(&self, url: &str, vpn: &str, tok: &Secret) -> bool {
+        let client = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner()).get(url).cloned();
+        client.is_some_and(|c| c.renew_packet_token(vpn, tok.expose()) > 0)
     }
 }

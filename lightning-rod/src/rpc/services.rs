@@ -32,6 +32,12 @@ pub trait Tunnel: Send + Sync {
     fn is_alive(&self) -> bool;
     /// The public port the server listens on (the requested one, or the one it assigned).
     fn public_port(&self) -> u16;
+    /// Presents `token` from now on when the listener is asked for again (after a
+    /// reconnect); the open listener stays. False if the tunnel cannot take it.
+    fn renew(&self, token: &Secret) -> bool {
+        let _ = token;
+        false
+    }
 }
 
 /// Opens reverse tunnels. The agent's implementation uses the `wstunnel` client library.
@@ -141,6 +147,28 @@ impl ServiceManager {
             }
         }
         failed
+    }
+
+    /// Takes fresh tokens from the cloud (service uuid, public port, token): each replaces the
+    /// saved one of that exposure and the one its live tunnel presents at its next
+    /// reconnect. Tokens for another port (the cloud moved the service) or an unknown service
+    /// are ignored. Returns how many exposures took one.
+    pub async fn renew_tokens(&self, renewed: &[(String, u16, Secret)]) -> Result<usize> {
+        let _guard = self.edit.lock().await;
+        let mut saved = self.saved()?;
+        let mut took = 0;
+        for (uuid, port, token) in renewed {
+            let Some(svc) = saved.get_mut(uuid).filter(|s| s.public_port == *port) else { continue };
+            svc.token = Some(token.clone());
+            if let Some(t) = self.live().get(uuid) {
+                t.renew(token);
+            }
+            took += 1;
+        }
+        if took > 0 {
+            self.store.save(SERVICES_FILE, &saved)?;
+        }
+        Ok(took)
     }
 
     /// Closes every tunnel (at exit); the saved exposures stay for the next start.

@@ -21,15 +21,21 @@ struct FakeOpener {
     opened: Mutex<Vec<TunnelSpec>>,
     alive: Arc<AtomicBool>,
     refuse: AtomicBool,
+    /// Tokens handed to live tunnels by `Tunnel::renew`, by public port.
+    renewed: Arc<Mutex<Vec<(u16, String)>>>,
 }
 
-struct FakeTunnel(Arc<AtomicBool>, u16);
+struct FakeTunnel(Arc<AtomicBool>, u16, Arc<Mutex<Vec<(u16, String)>>>);
 impl Tunnel for FakeTunnel {
     fn is_alive(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
     fn public_port(&self) -> u16 {
         self.1
+    }
+    fn renew(&self, token: &Secret) -> bool {
+        self.2.lock().unwrap().push((self.1, token.expose().to_owned()));
+        true
     }
 }
 
@@ -42,7 +48,7 @@ impl TunnelOpener for Arc<FakeOpener> {
             let port = if spec.public_port == 0 { 50999 } else { spec.public_port };
             self.opened.lock().unwrap().push(spec);
             self.alive.store(true, Ordering::SeqCst);
-            Ok(Box::new(FakeTunnel(self.alive.clone(), port)) as Box<dyn Tunnel>)
+            Ok(Box::new(FakeTunnel(self.alive.clone(), port, self.renewed.clone())) as Box<dyn Tunnel>)
         })
     }
 }
@@ -261,6 +267,29 @@ async fn services_are_opened_persisted_and_restored() {
     let r = call(&h, "ServiceEnable", vec![svc, json!(50022)]).await;
     assert_eq!(r.result, Outcome::Error);
     assert!(!r.message.to_string().contains("tok-secret"));
+}
+
+#[tokio::test]
+async fn renewed_tunnel_tokens_are_saved_and_reach_the_live_tunnels() {
+    let h = harness();
+    let svc = json!({"uuid": "s-ssh", "name": "ssh", "port": 22, "tunnel_token": "tok-1"});
+    ok_msg(&h, "ServiceEnable", vec![svc, json!(50022)]).await;
+    let renewed = [
+        ("s-ssh".to_owned(), 50022, Secret::new("tok-2")),
+        // Another port (the cloud moved the service) or an unknown service: ignored.
+        ("s-ssh".to_owned(), 50023, Secret::new("tok-wrong-port")),
+        ("s-other".to_owned(), 50024, Secret::new("tok-other")),
+    ];
+    assert_eq!(h.ctx.services.renew_tokens(&renewed).await.unwrap(), 1);
+    assert_eq!(*h.opener.renewed.lock().unwrap(), vec![(50022, "tok-2".to_owned())]);
+    assert_eq!(h.opener.opened.lock().unwrap().len(), 1, "the live tunnel is kept, not re-opened");
+    // What a restore (or the next boot) re-opens presents the renewed token.
+    h.opener.alive.store(false, Ordering::SeqCst);
+    assert_eq!(h.ctx.services.restore_all().await, 0);
+    let spec = h.opener.opened.lock().unwrap()[1].clone();
+    assert_eq!((spec.public_port, spec.token.as_ref().map(Secret::expose)), (50022, Some("tok-2")));
+    // VPN memberships keep theirs too (none joined here: nothing to renew, nothing saved).
+    assert_eq!(h.ctx.vpns.renew_tokens(&[("v".to_owned(), Secret::new("t"))]).await.unwrap(), 0);
 }
 
 /// Every bad argument gives an ERROR reply naming the procedure, and the agent keeps serving.

@@ -27,6 +27,12 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `wstunnel` client library.
 pub trait PacketOpener: Send + Sync + 'static {
     fn open(&self, url: String, vpn: String, token: Option<Secret>) -> BoxFuture<'_, Result<PacketPipe>>;
+    /// The packet channels into `vpn` on `url` present `token` from now on when they are
+    /// re-opened (after a reconnect). False if there is no such channel.
+    fn renew(&self, url: &str, vpn: &str, token: &Secret) -> bool {
+        let _ = (url, vpn, token);
+        false
+    }
 }
 
 /// Refuses every packet channel: for agents run without a tunnel client.
@@ -149,6 +155,26 @@ impl VpnManager {
         self.store.save(VPNS_FILE, &saved)?;
         self.live().insert(vpn.to_owned(), overlay);
         Ok(())
+    }
+
+    /// Takes fresh tokens from the cloud (vpn, token): each replaces the saved one of that
+    /// membership and the one its packet channel presents at its next reconnect. Unknown
+    /// VPNs are ignored. Returns how many memberships took one.
+    pub async fn renew_tokens(&self, renewed: &[(String, Secret)]) -> Result<usize> {
+        let _guard = self.edit.lock().await;
+        let mut saved = self.saved()?;
+        let mut took = 0;
+        for (vpn, token) in renewed {
+            let Some(m) = saved.get_mut(vpn) else { continue };
+            m.token = Some(token.clone());
+            let url = m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone());
+            self.opener.renew(&url, vpn, token);
+            took += 1;
+        }
+        if took > 0 {
+            self.store.save(VPNS_FILE, &saved)?;
+        }
+        Ok(took)
     }
 
     /// Removes the interface and forgets the membership; `Ok(false)` when not a member.
