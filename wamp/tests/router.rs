@@ -393,6 +393,47 @@ async fn the_agent_is_not_held_to_the_board_in_flight_limit() {
     }
 }
 
+/// After a cloud restart the whole fleet logs in at once: the agent serves every `connection`
+/// (each waits on the database) instead of refusing those beyond a few handler slots.
+#[tokio::test]
+async fn a_fleet_logging_in_at_once_is_served_not_refused() {
+    const BOARDS: usize = 100;
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let agent = r.router.local_session("agent").await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(BOARDS);
+    let g = gate.clone();
+    agent
+        .register("agent.stack4things.connection", move |_| {
+            let (g, started_tx) = (g.clone(), started_tx.clone());
+            async move {
+                let _ = started_tx.send(()).await;
+                let _permit = g.acquire().await;
+                Ok(Payload::args(vec![json!("SUCCESS")]))
+            }
+        })
+        .await
+        .unwrap();
+    let mut boards = Vec::new();
+    for _ in 0..BOARDS {
+        boards.push(connect(&r.board(Serializer::Json)).await.unwrap());
+    }
+    let calls: Vec<_> = boards
+        .iter()
+        .map(|b| {
+            let b = b.clone();
+            tokio::spawn(async move { b.call("agent.stack4things.connection", vec![], Default::default(), T).await })
+        })
+        .collect();
+    for _ in 0..BOARDS {
+        within("every login reaches the agent at once", started.recv()).await.unwrap();
+    }
+    gate.add_permits(BOARDS);
+    for call in calls {
+        assert_eq!(within("login", call).await.unwrap().unwrap().args, vec![json!("SUCCESS")]);
+    }
+}
+
 /// The cloud's in-process session with many calls queued towards the router and many results
 /// due back at once (both directions of its link full) must not deadlock.
 #[tokio::test]

@@ -39,6 +39,8 @@ use realm::{Farewell, Realm};
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Calls a session may have in flight; more are refused with `s4t.error.limit_exceeded`.
+    /// Boards call only the agent (login, liveness, results: a few at a time), so this also
+    /// caps the agent's handler slots one board can hold (`RouterConfig::agent_invocations`).
     pub max_in_flight_calls: usize,
     /// The same for `agent` sessions: the cloud calls every board through them.
     pub max_in_flight_calls_agent: usize,
@@ -69,7 +71,7 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_in_flight_calls: 256,
+            max_in_flight_calls: 32,
             max_in_flight_calls_agent: 16_384,
             publish_rate: 100,
             publish_burst: 200,
@@ -104,6 +106,12 @@ pub struct RouterConfig {
     pub write_timeout: Duration,
     /// WebSocket pings towards idle peers; `None` disables them.
     pub keepalive: Option<Keepalive>,
+    /// Invocations the in-process (agent) session runs at once. Every board's login,
+    /// liveness and results go to it: after a cloud restart a whole fleet logs in at once,
+    /// and an invocation beyond this is refused (`wamp.error.unavailable`), which the
+    /// original lightning-rod answers by restarting itself. Each board session may have
+    /// `limits.max_in_flight_calls` of them, so no one board takes them all.
+    pub agent_invocations: usize,
 }
 
 impl Default for RouterConfig {
@@ -118,6 +126,7 @@ impl Default for RouterConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive::default()),
+            agent_invocations: 4096,
         }
     }
 }
@@ -162,7 +171,8 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: RouterConfig, authenticator: Arc<dyn Authenticator>) -> Router {
-        let realm = Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity);
+        let realm =
+            Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity, config.agent_invocations);
         let connections = Arc::new(Semaphore::new(config.max_sessions));
         Router { inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections }) }
     }
@@ -228,7 +238,8 @@ impl Router {
         let inner = self.inner.clone();
         let identity = session::Trusted { authid: authid.to_owned() };
         self.inner.tasks.spawn(session::serve_local(inner, router_end, identity));
-        let config = crate::ClientConfig::new("local:", &self.inner.config.realm, crate::ClientAuth::Anonymous);
+        let mut config = crate::ClientConfig::new("local:", &self.inner.config.realm, crate::ClientAuth::Anonymous);
+        config.max_concurrent_invocations = self.inner.config.agent_invocations;
         crate::client::join_local(client_end, &config).await
     }
 

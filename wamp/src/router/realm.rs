@@ -169,6 +169,9 @@ pub(crate) struct State {
     pub(crate) limits: Limits,
     /// Unsolicited messages a session's queue may hold (`RouterConfig::queue_capacity`).
     pub(crate) queue_capacity: usize,
+    /// The same for agent sessions (`RouterConfig::agent_invocations`, if larger): every
+    /// board's login comes to the agent, the whole fleet's at once after a cloud restart.
+    pub(crate) agent_queue_capacity: usize,
     pub(crate) realm: String,
 }
 
@@ -180,19 +183,24 @@ impl State {
         self.next_router_id
     }
 
-    /// The size of the outbound queue of a session with `role`: `queue_capacity` unsolicited
-    /// messages, room reserved for answers to its own requests (its in-flight call limit of
-    /// results and one more reply) and, for agents, `queue_capacity` more for meta events.
+    /// Unsolicited messages the queue of a session with `role` may hold.
+    pub(crate) fn unsolicited_capacity(&self, role: Role) -> usize {
+        if role == Role::Agent { self.queue_capacity.max(self.agent_queue_capacity) } else { self.queue_capacity }
+    }
+
+    /// The size of the outbound queue of a session with `role`: its unsolicited capacity, room
+    /// reserved for answers to its own requests (its in-flight call limit of results and one
+    /// more reply) and, for agents, `queue_capacity` more for meta events.
     pub(crate) fn queue_size(&self, role: Role) -> usize {
         let meta = if role == Role::Agent { self.queue_capacity } else { 0 };
-        self.queue_capacity + self.limits.in_flight_for(role) + 1 + meta
+        self.unsolicited_capacity(role) + self.limits.in_flight_for(role) + 1 + meta
     }
 
     /// Queues an unsolicited message (INVOCATION, EVENT, INTERRUPT) for session `to`.
     ///
-    /// At most `queue_capacity` unsolicited messages wait in a queue at once, counted apart
-    /// from the answers to the session's own requests, which therefore never compete with
-    /// them (see [`State::queue_size`]). When the unsolicited part is full the message is
+    /// At most `queue_capacity` unsolicited messages (for agents: `agent_queue_capacity`) wait
+    /// in a queue at once, counted apart from the answers to the session's own requests, which
+    /// therefore never compete with them (see [`State::queue_size`]). When the unsolicited part is full the message is
     /// dropped; a queue whose unsolicited part stays full longer than `stuck_timeout` (found
     /// full then and now, with no delivery in between: the session took nothing out) gets its
     /// session closed (`s4t.close.overloaded`), so a board that stopped reading cannot hold
@@ -203,7 +211,9 @@ impl State {
     }
 
     pub(crate) fn deliver_arc(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
-        let (stuck_timeout, capacity) = (self.limits.stuck_timeout, self.queue_capacity);
+        let stuck_timeout = self.limits.stuck_timeout;
+        let Some(role) = self.sessions.get(&to).map(|m| m.info.role) else { return Delivery::Gone };
+        let capacity = self.unsolicited_capacity(role);
         let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
         if member.tx.is_closed() {
             return Delivery::Gone;
@@ -296,8 +306,8 @@ pub(crate) struct Realm {
 }
 
 impl Realm {
-    pub(crate) fn new(name: String, limits: Limits, queue_capacity: usize) -> Arc<Realm> {
-        let state = State { limits, queue_capacity, realm: name.clone(), ..State::default() };
+    pub(crate) fn new(name: String, limits: Limits, queue_capacity: usize, agent_queue_capacity: usize) -> Arc<Realm> {
+        let state = State { limits, queue_capacity, agent_queue_capacity, realm: name.clone(), ..State::default() };
         Arc::new(Realm { state: Mutex::new(state), name })
     }
 
@@ -455,7 +465,7 @@ mod tests {
 
     fn realm(queue_capacity: usize) -> Arc<Realm> {
         let limits = Limits { max_in_flight_calls: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
-        Realm::new("s4t".into(), limits, queue_capacity)
+        Realm::new("s4t".into(), limits, queue_capacity, 0)
     }
 
     fn join(realm: &Realm, role: Role) -> (Id, Outbox, Arc<Kill>) {
