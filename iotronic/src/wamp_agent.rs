@@ -229,6 +229,7 @@ impl WampAgent {
         let auth = Arc::new(DbAuthenticator::with_throttle(db.clone(), setup.legacy, codes.clone()));
         let router = Router::new(RouterConfig::default(), auth);
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
+        let stop = shutdown.clone();
         let r = router.clone();
         tokio::spawn(async move {
             if let Err(e) = r.serve(listener, tls, shutdown).await {
@@ -255,6 +256,7 @@ impl WampAgent {
         let live = |s: &str| s.parse().is_ok_and(|id| router.session(id).is_some());
         let n = db.reconcile_sessions(&setup.name, live).await?;
         info!(agent = %setup.name, url = %setup.url, offline = n, "wamp-agent ready");
+        spawn_reconciler(db, setup.name.clone(), router.clone(), logins.clone(), RECONCILE_SESSIONS_EVERY, stop);
         Ok(WampAgent { router, session, logins })
     }
 
@@ -531,6 +533,33 @@ async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
 }
 
 /// Session leave → board offline.
+/// How often the agent checks the boards it has online against the router's live sessions.
+pub const RECONCILE_SESSIONS_EVERY: Duration = Duration::from_secs(30);
+
+/// Every `every`, marks offline the boards this agent has online under a session the router
+/// no longer has, and forgets such sessions' logins. `wamp.session.on_leave` normally does
+/// it at once; this catches a leave event lost (the subscription's queue was full during a
+/// burst of disconnects), which would otherwise leave a board "online" until the next start.
+fn spawn_reconciler(db: Db, agent: String, router: Router, logins: Logins, every: Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let live = |s: &str| s.parse().is_ok_and(|id| router.session(id).is_some());
+            match db.reconcile_sessions(&agent, live).await {
+                Ok(0) => {}
+                Ok(n) => warn!(boards = n, "boards marked offline whose session had ended unnoticed"),
+                Err(e) => warn!(cause = %e, "cannot reconcile board sessions"),
+            }
+            logins.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|s, _| live(s));
+        }
+    });
+}
+
 async fn track_sessions(session: &Session, ctx: &Ctx) -> Result<(), Error> {
     let mut leaves = session.subscribe("wamp.session.on_leave", 1024).await.map_err(wamp_err)?;
     let (db, logins) = (ctx.db.clone(), ctx.logins.clone());
@@ -551,6 +580,37 @@ async fn track_sessions(session: &Session, ctx: &Ctx) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A board the database has online under a session the router does not know (its
+    /// `on_leave` event was lost) is marked offline by the periodic check.
+    #[tokio::test]
+    async fn boards_whose_session_ended_unnoticed_go_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let board = crate::db::NewBoard {
+            name: "b".into(),
+            code: "code-b".into(),
+            project: p.uuid.clone(),
+            location: Some(("38.1".into(), "15.5".into(), "10".into())),
+            ..Default::default()
+        };
+        let b = db.insert_board(board).await.unwrap();
+        db.enroll_board(&b.uuid, "agent-1", &json!({}), None, false).await.unwrap();
+        assert!(db.board_online(&b.uuid, "agent-1", "4242", None, &json!({})).await.unwrap());
+        let router = Router::new(RouterConfig::default(), Arc::new(s4t_wamp::StaticAuthenticator::new()));
+        let logins = Logins::default();
+        logins.insert("4242");
+        let stop = CancellationToken::new();
+        spawn_reconciler(db.clone(), "agent-1".into(), router, logins.clone(), Duration::from_millis(20), stop.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while db.board_by_uuid(&b.uuid).await.unwrap().unwrap().status == "online" {
+            assert!(Instant::now() < deadline, "the board stayed online");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!logins.registering("4242"), "the dead session's login is forgotten");
+        stop.cancel();
+    }
 
     #[test]
     fn iso_dates_and_salts() {
