@@ -21,6 +21,8 @@ const TMP_MARKER: &str = ".tmp-";
 pub const IDENTITY_FILE: &str = "identity.json";
 pub const SERVICES_FILE: &str = "services.json";
 pub const VPNS_FILE: &str = "vpns.json";
+/// Written and removed at once by [`StateStore::check_writable`].
+const PROBE_FILE: &str = "write-probe";
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
@@ -112,6 +114,16 @@ impl StateStore {
 
     pub fn save_identity(&self, id: &Identity) -> Result<()> {
         self.save(IDENTITY_FILE, id)
+    }
+
+    /// Fails unless a file the size of an identity can be written and put in place here as
+    /// the identity will be: checked before enrollment spends its one-time code, so that a
+    /// full or read-only disk is an error to retry, not an identity the cloud issued and the
+    /// board lost (its code then refused for good).
+    pub fn check_writable(&self) -> Result<()> {
+        let path = self.path(PROBE_FILE);
+        atomic_write(&path, &[b' '; 4096], 0o600)?;
+        fs::remove_file(&path).map_err(|source| Error::Write { path, source })
     }
 }
 

@@ -72,6 +72,9 @@ pub async fn enroll(
     store: &StateStore,
 ) -> Result<Identity> {
     crate::config::validate_ws_url(url, "--url")?;
+    // The cloud uses the code up when it answers: a disk that cannot take the identity must
+    // fail here (and be retried), not after.
+    store.check_writable()?;
     let options = ConnectOptions {
         url: url.to_owned(),
         realm: config.cloud.realm.clone(),
@@ -105,7 +108,11 @@ pub async fn enroll(
         return Err(Error::EnrollmentRefused(message.as_str().map_or_else(|| message.to_string(), str::to_owned)));
     }
     let id = identity_from_config(&message, config.cloud.ca_fingerprint.clone())?;
-    store.save_identity(&id)?;
+    if let Err(e) = store.save_identity(&id) {
+        tracing::error!(uuid = %id.uuid, cause = %e, "enrolled, but the identity could not be saved: \
+            the code is used up; the board needs a new one (s4t board rotate-secret)");
+        return Err(e);
+    }
     tracing::info!(uuid = %id.uuid, agent = %id.agent, url = %id.url, authenticated = id.credentials.is_some(), "enrolled");
     Ok(id)
 }

@@ -178,6 +178,27 @@ async fn refused_login_is_permanent_and_missing_identity_is_a_config_error() {
     assert_eq!(err.exit_code(), Some(crate::EXIT_CONFIG), "{err}");
 }
 
+/// A disk that cannot take the identity fails enrollment before the cloud sees the code
+/// (which it uses up when it answers), so the attempt can be repeated once there is room.
+#[tokio::test]
+async fn enrollment_spends_no_code_when_the_identity_cannot_be_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let store = StateStore::open(dir.path()).unwrap();
+    // Nothing can be put in place of a directory: the disk "refuses" the write.
+    let blocker = dir.path().join("write-probe");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("x"), b"x").unwrap();
+    let (c, code) = (config(dir.path()), crate::Secret::new("CODE-1"));
+    let err = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap_err();
+    assert!(matches!(err, crate::Error::Write { .. }), "{err}");
+    assert!(cloud.calls_to("register").is_empty(), "the code was sent");
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let id = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap();
+    assert_eq!(store.identity().unwrap(), Some(id));
+    assert_eq!(cloud.calls_to("register").len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn running_results_reach_notify_result() {
     let dir = tempfile::tempdir().unwrap();
