@@ -502,6 +502,31 @@ async fn vpn_ranges_the_cloud_routes_do_not_overlap_across_projects() {
     }
 }
 
+/// A board's registration code enrolls a device as that board (and hands it the board's new
+/// secret after a rotation): members with the user role do not see it, managers do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_codes_are_shown_to_managers_only() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (admin, ann, _) = tenants(&cloud).await;
+        let body = json!({"name": "uma", "password": "password-1", "project": "alpha", "role": "user"});
+        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let uma = cloud.token("uma", "password-1").await;
+        let board = json!({"name": "coded", "code": "SECRET-CODE-1", "location": [{"latitude": "1", "longitude": "2", "altitude": "3"}]});
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        for (token, code) in [(&ann, json!("SECRET-CODE-1")), (&uma, Value::Null)] {
+            let (s, v) = cloud.req("GET", "/v1/boards/coded", Some(token), None).await;
+            assert_eq!((s, &v["code"]), (StatusCode::OK, &code), "{}: {v}", t.name);
+            let (_, v) = cloud.req("GET", "/v1/boards", Some(token), None).await;
+            assert_eq!(v["boards"][0]["code"], code, "{}: {v}", t.name);
+            let (_, v) = cloud.req("GET", "/v1/boards?fields=name,code", Some(token), None).await;
+            assert_eq!(v["boards"][0]["code"], code, "{}: {v}", t.name);
+        }
+    }
+}
+
 #[tokio::test]
 async fn metrics_are_for_administrators() {
     for t in TestDb::all().await {

@@ -48,6 +48,17 @@ const LIST_FIELDS: &[&str] = &[
     "links",
 ];
 
+/// [`board_json`] as `c` may see it: the registration code (set until the board enrolls,
+/// and again by rotate-secret) enrolls a device as this board and receives its secret, so
+/// only managers (who may re-provision it) see it.
+fn board_json_for(b: &Board, c: &Caller) -> Value {
+    let mut v = board_json(b);
+    if c.require(Role::Manager, "").is_err() {
+        v["code"] = Value::Null;
+    }
+    v
+}
+
 pub fn board_json(b: &Board) -> Value {
     let location = match (&b.latitude, &b.longitude, &b.altitude) {
         (Some(la), Some(lo), Some(al)) => json!([{"latitude": la, "longitude": lo, "altitude": al}]),
@@ -176,8 +187,8 @@ pub async fn list(
     let out: Vec<Value> = boards
         .iter()
         .map(|b| match &fields {
-            Some(f) => subset(board_json(b), &f.iter().map(String::as_str).collect::<Vec<_>>()),
-            None => subset(board_json(b), LIST_FIELDS),
+            Some(f) => subset(board_json_for(b, &c), &f.iter().map(String::as_str).collect::<Vec<_>>()),
+            None => subset(board_json_for(b, &c), LIST_FIELDS),
         })
         .collect();
     Ok(board_list(out, next))
@@ -283,7 +294,7 @@ pub async fn show(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let b = visible_board(&state, &c, &ident).await?;
-    let v = board_json(&b);
+    let v = board_json_for(&b, &c);
     Ok(Json(match fields_param(&q) {
         Some(f) => subset(v, &f.iter().map(String::as_str).collect::<Vec<_>>()),
         None => v,
