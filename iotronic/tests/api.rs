@@ -502,6 +502,46 @@ async fn vpn_ranges_the_cloud_routes_do_not_overlap_across_projects() {
     }
 }
 
+/// A public plugin another project has injected stays public (that project could no longer
+/// see it to stop or remove it), and its owner is not told which boards of others have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_plugin_injected_by_another_project_stays_public() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, bob) = tenants(&cloud).await;
+        let plugin = json!({"name": "shared", "kind": "python", "code": "def main(): pass", "public": true});
+        let (s, v) = cloud.req("POST", "/v1/plugins", Some(&ann), Some(plugin)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&bob), Some(board_body("bobs-board"))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let bobs_board = v["uuid"].as_str().unwrap().to_owned();
+        // Bob injects it into his (offline) board: queued, pending until the board is back.
+        let body = json!({"plugin": v_str(&cloud, &bob, "/v1/plugins/shared", "uuid").await});
+        let (s, v) = cloud.req("PUT", "/v1/boards/bobs-board/plugins?queue=true", Some(&bob), Some(body)).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let (s, v) = cloud.req("PATCH", "/v1/plugins/shared", Some(&ann), Some(json!({"public": false}))).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{}: {v}", t.name);
+        assert!(v["error_message"].as_str().unwrap().contains("1 board(s) of other projects"), "{v}");
+        let (s, _) = cloud.req("GET", "/v1/plugins/shared", Some(&bob), None).await;
+        assert_eq!(s, StatusCode::OK, "{}: still visible to the project that uses it", t.name);
+        let (s, v) = cloud.req("DELETE", "/v1/plugins/shared", Some(&ann), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        let text = v.to_string();
+        assert!(!text.contains(&bobs_board) && !text.contains("bobs-board"), "another project's board named: {v}");
+        // Once removed there, it may go private.
+        let (s, v) = cloud.req("DELETE", "/v1/boards/bobs-board/plugins/shared?queue=true", Some(&bob), None).await;
+        assert!(s.is_success(), "{v}");
+        let (s, v) = cloud.req("PATCH", "/v1/plugins/shared", Some(&ann), Some(json!({"public": false}))).await;
+        assert_eq!(s, StatusCode::OK, "{}: {v}", t.name);
+    }
+}
+
+async fn v_str(cloud: &Cloud, token: &str, path: &str, field: &str) -> String {
+    let (s, v) = cloud.req("GET", path, Some(token), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v[field].as_str().unwrap_or_else(|| panic!("no {field}: {v}")).to_owned()
+}
+
 /// A board's registration code enrolls a device as that board (and hands it the board's new
 /// secret after a rotation): members with the user role do not see it, managers do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

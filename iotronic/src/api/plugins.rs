@@ -298,6 +298,20 @@ pub async fn show(
 
 /// Only the owning project (or an administrator) changes a plugin; others may only use a
 /// public one.
+/// The boards `p` is injected on: the names of those of its own project, and how many of
+/// other projects' (a public plugin injected elsewhere; never named to the owner).
+async fn injected_on(state: &AppState, p: &Plugin) -> Result<(Vec<String>, usize), Error> {
+    let (mut own, mut others) = (Vec::new(), 0);
+    for uuid in state.db.boards_with_plugin(&p.uuid).await? {
+        match state.db.board_by_uuid(&uuid).await? {
+            Some(b) if b.project == p.project => own.push(b.name),
+            Some(_) => others += 1,
+            None => {}
+        }
+    }
+    Ok((own, others))
+}
+
 fn check_owner(c: &Caller, p: &Plugin, what: &str) -> Result<(), Error> {
     if c.is_admin || p.project == c.project {
         Ok(())
@@ -346,6 +360,17 @@ pub async fn update(
         (None, _) => {}
     }
     if let Some(v) = b.public {
+        if p.public && !v {
+            // Other projects could no longer see it, nor so stop or remove it from their boards.
+            let (_, others) = injected_on(&state, &p).await?;
+            if others > 0 {
+                return Err(Error::Conflict(format!(
+                    "plugin {} is injected on {others} board(s) of other projects: it stays public until they remove it",
+                    p.name
+                ))
+                .into());
+            }
+        }
         p.public = v;
     }
     if let Some(v) = b.callable {
@@ -373,14 +398,13 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let p = visible_plugin(&state, &c, &ident).await?;
     check_owner(&c, &p, "deleted")?;
-    let boards = state.db.boards_with_plugin(&p.uuid).await?;
-    if !boards.is_empty() {
-        return Err(Error::Conflict(format!(
-            "plugin {} is injected on board(s) {}: remove it from them first",
-            p.name,
-            boards.join(", ")
-        ))
-        .into());
+    let (own, others) = injected_on(&state, &p).await?;
+    if !own.is_empty() || others > 0 {
+        let mut on = own.join(", ");
+        if others > 0 {
+            on = format!("{on}{}{others} board(s) of other projects", if own.is_empty() { "" } else { " and " });
+        }
+        return Err(Error::Conflict(format!("plugin {} is injected on {on}: it must be removed first", p.name)).into());
     }
     state.db.delete_plugin(&p.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
