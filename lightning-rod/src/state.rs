@@ -108,6 +108,19 @@ impl StateStore {
         atomic_write(&path, &bytes, 0o600)
     }
 
+    /// [`StateStore::save`] on a blocking thread. The agent runs on one thread: a write and
+    /// two fsyncs on a busy SD card can take a second, during which no tunnel, VPN packet or
+    /// WAMP message would move. Async code saves with this.
+    pub async fn save_async<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let path = self.path(name);
+        let bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| Error::Write { path: path.clone(), source: std::io::Error::other(e) })?;
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || atomic_write(&p, &bytes, 0o600))
+            .await
+            .map_err(|e| Error::Write { path, source: std::io::Error::other(e) })?
+    }
+
     pub fn identity(&self) -> Result<Option<Identity>> {
         self.load(IDENTITY_FILE)
     }
@@ -172,6 +185,38 @@ pub struct ExposedService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An async save waits on a blocking thread: the agent's one thread keeps serving while
+    /// the disk stalls. The stall here is a FIFO where the save's temporary file goes: opening
+    /// it for writing blocks until someone reads it.
+    #[test]
+    fn an_async_save_leaves_the_agents_thread_free() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let tmp = dir.path().join(format!(".{SERVICES_FILE}{TMP_MARKER}{}", std::process::id()));
+        nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (free_tx, free_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let save = tokio::spawn(async move { store.save_async(SERVICES_FILE, &Services::new()).await });
+                // The save task runs (and, were it synchronous, would block this thread here).
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                free_tx.send(()).unwrap();
+                let reader = tokio::task::spawn_blocking(move || {
+                    let mut bytes = Vec::new();
+                    std::fs::File::open(&tmp).unwrap().read_to_end(&mut bytes).unwrap();
+                    bytes
+                });
+                let _ = save.await;
+                reader.await.unwrap()
+            });
+        });
+        free_rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the save blocked the agent's thread");
+    }
 
     #[test]
     fn save_load_round_trip_with_private_mode() {

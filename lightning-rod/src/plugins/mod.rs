@@ -224,7 +224,10 @@ impl PluginManager {
         self.stop_run(&p.uuid).await;
         let dir = self.store.path(CODE_DIR);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Write { path: dir.clone(), source })?;
-        atomic_write(&path, &p.code, 0o600)?;
+        let code = p.code.clone();
+        tokio::task::spawn_blocking(move || atomic_write(&path, &code, 0o600))
+            .await
+            .map_err(|e| Error::Write { path: dir.clone(), source: std::io::Error::other(e) })??;
         let mut reg = self.registry()?;
         let now = crate::rpc::device::iso8601_now();
         let previous = reg.remove(&p.uuid);
@@ -241,7 +244,7 @@ impl PluginManager {
             updated_at: now,
         };
         reg.insert(p.uuid.clone(), entry);
-        self.store.save(PLUGINS_FILE, &reg)?;
+        self.store.save_async(PLUGINS_FILE, &reg).await?;
         let mut modules = lock(&self.modules);
         match module {
             Some(m) => modules.insert(p.uuid, m),
@@ -260,7 +263,7 @@ impl PluginManager {
         let mut reg = self.registry()?;
         let known = reg.remove(uuid).is_some();
         if known {
-            self.store.save(PLUGINS_FILE, &reg)?;
+            self.store.save_async(PLUGINS_FILE, &reg).await?;
         }
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

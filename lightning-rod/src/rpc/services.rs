@@ -102,7 +102,7 @@ impl ServiceManager {
         let port = svc.public_port;
         let mut saved = self.saved()?;
         saved.insert(uuid.to_owned(), svc);
-        self.store.save(SERVICES_FILE, &saved)?;
+        self.store.save_async(SERVICES_FILE, &saved).await?;
         self.live().insert(uuid.to_owned(), tunnel);
         Ok(port)
     }
@@ -114,7 +114,7 @@ impl ServiceManager {
         let mut saved = self.saved()?;
         let was_saved = saved.remove(uuid).is_some();
         if was_saved {
-            self.store.save(SERVICES_FILE, &saved)?;
+            self.store.save_async(SERVICES_FILE, &saved).await?;
         }
         Ok(was_live || was_saved)
     }
@@ -166,7 +166,7 @@ impl ServiceManager {
             took += 1;
         }
         if took > 0 {
-            self.store.save(SERVICES_FILE, &saved)?;
+            self.store.save_async(SERVICES_FILE, &saved).await?;
         }
         Ok(took)
     }

@@ -152,7 +152,7 @@ impl VpnManager {
         }
         let overlay = self.bring_up(vpn, &m).await?;
         saved.insert(vpn.to_owned(), m);
-        self.store.save(VPNS_FILE, &saved)?;
+        self.store.save_async(VPNS_FILE, &saved).await?;
         self.live().insert(vpn.to_owned(), overlay);
         Ok(())
     }
@@ -172,7 +172,7 @@ impl VpnManager {
             took += 1;
         }
         if took > 0 {
-            self.store.save(VPNS_FILE, &saved)?;
+            self.store.save_async(VPNS_FILE, &saved).await?;
         }
         Ok(took)
     }
@@ -188,7 +188,7 @@ impl VpnManager {
         let mut saved = self.saved()?;
         let was_saved = saved.remove(vpn).is_some();
         if was_saved {
-            self.store.save(VPNS_FILE, &saved)?;
+            self.store.save_async(VPNS_FILE, &saved).await?;
         }
         Ok(was_live || was_saved)
     }
