@@ -144,6 +144,16 @@ fn board_body(name: &str) -> Value {
            "location": [{"latitude": "38.2", "longitude": "15.5", "altitude": "3"}]})
 }
 
+/// [`tenants`], plus "uma", a member of alpha with the user role: (admin, ann, uma).
+async fn alpha_with_a_user(cloud: &Cloud) -> (String, String, String) {
+    let (admin, ann, _) = tenants(cloud).await;
+    let body = json!({"name": "uma", "password": "password-1", "project": "alpha", "role": "user"});
+    let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let uma = cloud.token("uma", "password-1").await;
+    (admin, ann, uma)
+}
+
 async fn tenants(cloud: &Cloud) -> (String, String, String) {
     let admin = cloud.token("admin", "admin-password").await;
     for p in ["alpha", "beta"] {
@@ -548,11 +558,7 @@ async fn v_str(cloud: &Cloud, token: &str, path: &str, field: &str) -> String {
 async fn registration_codes_are_shown_to_managers_only() {
     for t in TestDb::all().await {
         let cloud = start(&t).await;
-        let (admin, ann, _) = tenants(&cloud).await;
-        let body = json!({"name": "uma", "password": "password-1", "project": "alpha", "role": "user"});
-        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
-        assert_eq!(s, StatusCode::CREATED, "{v}");
-        let uma = cloud.token("uma", "password-1").await;
+        let (_, ann, uma) = alpha_with_a_user(&cloud).await;
         let board = json!({"name": "coded", "code": "SECRET-CODE-1", "location": [{"latitude": "1", "longitude": "2", "altitude": "3"}]});
         let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board)).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
@@ -571,11 +577,7 @@ async fn registration_codes_are_shown_to_managers_only() {
 async fn metrics_are_for_administrators() {
     for t in TestDb::all().await {
         let cloud = start(&t).await;
-        let (admin, ann, _) = tenants(&cloud).await;
-        let body = json!({"name": "uma", "password": "password-1", "project": "alpha", "role": "user"});
-        let (s, v) = cloud.req("POST", "/v1/users", Some(&admin), Some(body)).await;
-        assert_eq!(s, StatusCode::CREATED, "{v}");
-        let uma = cloud.token("uma", "password-1").await;
+        let (admin, ann, uma) = alpha_with_a_user(&cloud).await;
         for (who, token) in [("user", &uma), ("manager", &ann)] {
             let (s, v) = cloud.req("GET", "/metrics", Some(token), None).await;
             assert_eq!(s, StatusCode::FORBIDDEN, "{} {who}: {v}", t.name);
