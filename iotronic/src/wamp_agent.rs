@@ -1,8 +1,8 @@
 //! The wamp-agent: embeds the WAMP router boards connect to, authenticates them from the
 //! database, implements the cloud procedures of S4T-REFERENCE §5.2 (`stack4things.register`,
 //! `<agent>.stack4things.{connection,wamp_alive,notify_result}`, with the original kwargs and
-//! reply shapes), tracks sessions (online/offline) and calls board procedures for the
-//! conductor through its in-process session.
+//! reply shapes, and our `tunnel_tokens`), tracks sessions (online/offline) and calls board
+//! procedures for the conductor through its in-process session.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

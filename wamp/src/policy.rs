@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `agent` | everything except defining `wamp.*` (the router's own meta API) |
 //! | `enrollment` | call `stack4things.register` |
-//! | `board` | register `iotronic.<own session>.<own uuid>.*` (but nothing named like an agent procedure); call `stack4things.register` and `<agent>.stack4things.{connection,wamp_alive,notify_result}`; publish under `board.<own uuid>.` |
+//! | `board` | register `iotronic.<own session>.<own uuid>.*` (but nothing named like an agent procedure); call `stack4things.register` and `<agent>.stack4things.{connection,wamp_alive,notify_result,tunnel_tokens}`; publish under `board.<own uuid>.` |
 //! | `legacy` | as `board`, with the uuid the cloud bound to the session after `connection`; until then only the calls |
 //!
 //! Everything else is refused with `wamp.error.not_authorized`. On top of these URI rules the
