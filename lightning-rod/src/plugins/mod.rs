@@ -181,7 +181,7 @@ impl PluginManager {
         self.registry()?.remove(uuid).ok_or_else(|| plugin_err(format!("plugin {uuid} is not injected on this board")))
     }
 
-    fn set_status(&self, uuid: &str, status: &str, params: Option<&Value>) -> Result<()> {
+    async fn set_status(&self, uuid: &str, status: &str, params: Option<&Value>) -> Result<()> {
         let mut reg = self.registry()?;
         if let Some(e) = reg.get_mut(uuid) {
             e.status = status.to_owned();
@@ -189,7 +189,7 @@ impl PluginManager {
             if let Some(p) = params {
                 e.params = p.clone();
             }
-            self.store.save(PLUGINS_FILE, &reg)?;
+            self.store.save_async(PLUGINS_FILE, &reg).await?;
         }
         Ok(())
     }
@@ -383,10 +383,10 @@ impl PluginManager {
     /// `PluginStart`: runs the plugin on its own until it returns or is stopped.
     pub async fn start(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
         let _guard = self.edit.lock().await;
-        self.start_locked(uuid, params)
+        self.start_locked(uuid, params).await
     }
 
-    fn start_locked(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+    async fn start_locked(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
         if self.alive(uuid) {
             return Err(plugin_err("ALREADY STARTED!"));
         }
@@ -398,23 +398,28 @@ impl PluginManager {
         let end = Arc::new(Mutex::new(None));
         let (done_tx, done) = watch::channel(false);
         // Saved first: a run recorded as started but never spawned would look ALIVE for good.
-        self.set_status(uuid, "operative", Some(&params))?;
+        self.set_status(uuid, "operative", Some(&params)).await?;
         lock(&self.started).insert(uuid.to_owned(), Started { signal, end: end.clone(), done });
         let (me, id, kind, name) = (self.clone(), uuid.to_owned(), e.kind, e.name.clone());
         tokio::spawn(async move {
             let result = me.execute(&id, kind, job, permit).await;
-            me.ended(&id, &name, &result);
+            let event = me.ended(&id, &name, &result).await;
             *lock(&end) = Some(result);
             let _ = done_tx.send(true);
+            // Reported once the status is saved and the run counts as ended.
+            if let Some(event) = event {
+                let _ = me.telemetry.try_send(event);
+            }
         });
         tracing::info!(plugin = %e.name, uuid, kind = e.kind.as_str(), "plugin started");
         Ok(())
     }
 
-    /// Records and reports a started plugin's end (unless it was asked to stop).
-    fn ended(&self, uuid: &str, name: &str, end: &End) {
+    /// Records a started plugin's end (unless it was asked to stop) and returns the telemetry
+    /// event that reports it.
+    async fn ended(&self, uuid: &str, name: &str, end: &End) -> Option<Telemetry> {
         let status = match end {
-            End::Stopped => return,
+            End::Stopped => return None,
             End::Done { status: 0, .. } => "finished",
             End::Done { .. } | End::Failed(_) => "failed",
         };
@@ -425,12 +430,12 @@ impl PluginManager {
             name: name.to_owned(),
             data: json!({"event": "ended", "status": status, "reason": reason}),
         };
-        let _ = self.telemetry.try_send(event);
         if !self.shutdown.is_cancelled()
-            && let Err(e) = self.set_status(uuid, status, None)
+            && let Err(e) = self.set_status(uuid, status, None).await
         {
             tracing::warn!(plugin = name, cause = %e, "plugin status not saved");
         }
+        Some(event)
     }
 
     fn alive(&self, uuid: &str) -> bool {
@@ -459,7 +464,7 @@ impl PluginManager {
         let _guard = self.edit.lock().await;
         self.entry(uuid)?;
         let was = self.stop_run(uuid).await;
-        self.set_status(uuid, "stopped", None)?;
+        self.set_status(uuid, "stopped", None).await?;
         Ok(was)
     }
 
@@ -468,7 +473,7 @@ impl PluginManager {
         let _guard = self.edit.lock().await;
         self.entry(uuid)?;
         self.stop_run(uuid).await;
-        self.start_locked(uuid, params)
+        self.start_locked(uuid, params).await
     }
 
     /// `PluginStatus`: `ALIVE`, or `DEAD` (with the reason when it ended by itself).
