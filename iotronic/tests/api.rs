@@ -552,6 +552,24 @@ async fn v_str(cloud: &Cloud, token: &str, path: &str, field: &str) -> String {
     v[field].as_str().unwrap_or_else(|| panic!("no {field}: {v}")).to_owned()
 }
 
+/// Revoking another user's tokens answers a non-administrator the same 403 whether that user
+/// exists or not: the answer tells no names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_user_tokens_tells_no_names() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (admin, ann, _) = tenants(&cloud).await;
+        for who in ["bob", "nobody"] {
+            let (s, v) = cloud.req("DELETE", &format!("/v1/users/{who}/tokens"), Some(&ann), None).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{}: {who}: {v}", t.name);
+        }
+        let (s, v) = cloud.req("DELETE", "/v1/users/nobody/tokens", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        let (s, v) = cloud.req("DELETE", "/v1/users/ann/tokens", Some(&ann), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+}
+
 /// A board's registration code enrolls a device as that board (and hands it the board's new
 /// secret after a rotation): members with the user role do not see it, managers do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

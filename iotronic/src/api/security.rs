@@ -96,10 +96,13 @@ pub async fn revoke_user_tokens(
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let user = state.db.user(&ident).await?.ok_or_else(|| Error::NotFound(format!("user {ident} not found")))?;
-    if user.uuid != c.user {
+    let user = state.db.user(&ident).await?;
+    // Anyone but an administrator gets the same 403 for another user and for no user at all:
+    // the answer must not tell which names exist.
+    if user.as_ref().is_none_or(|u| u.uuid != c.user) {
         c.require_admin("revoking another user's tokens")?;
     }
+    let user = user.ok_or_else(|| Error::NotFound(format!("user {ident} not found")))?;
     let n = state.db.delete_user_tokens(&user.uuid).await?;
     Ok(Json(json!({"user": user.uuid, "revoked": n})))
 }
