@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Overrides};
 use crate::error::Result;
 use crate::legacy::{LegacySettings, apply_legacy_conf};
-use crate::state::{Identity, StateStore};
+use crate::state::{IDENTITY_FILE, Identity, StateStore};
 
 /// The effective configuration. `path` None means the default path, where a missing file is
 /// allowed. When the TOML file does not exist, the original `iotronic.conf` timers and
@@ -22,8 +22,15 @@ pub fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config> 
     if !file_exists {
         apply_legacy_conf(&probe.cloud.legacy_conf, &mut config)?;
     }
-    if let Some(legacy) = LegacySettings::load(&probe.cloud.legacy_settings)? {
-        legacy.apply(&mut config);
+    match LegacySettings::load(&probe.cloud.legacy_settings) {
+        Ok(Some(legacy)) => legacy.apply(&mut config),
+        Ok(None) => {}
+        // A migrated board keeps its identity in the state directory: the original's file
+        // (which the Python agent does not write atomically) is no longer needed to start.
+        Err(e) if probe.board.state_dir.join(IDENTITY_FILE).is_file() => {
+            tracing::warn!(cause = %e, "ignoring the original lightning-rod's settings: the identity is in the state directory");
+        }
+        Err(e) => return Err(e),
     }
     overrides.apply(&mut config);
     config.validate()?;
@@ -84,6 +91,24 @@ mod tests {
         assert_eq!(c.cloud.url.as_deref(), Some("ws://r:8181/"));
         assert_eq!(c.cloud.code.as_ref().map(|s| s.expose()), Some("C-1"));
         assert_eq!(c.timers.alive_interval_s, 9, "iotronic.conf applies only without a TOML file");
+    }
+
+    /// A corrupt settings.json of the original agent stops only a board that still needs it:
+    /// one whose identity is already in the state directory starts.
+    #[test]
+    fn a_corrupt_legacy_settings_file_stops_only_a_board_that_needs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = dir.path().join("settings.json");
+        std::fs::write(&settings, r#"{"iotronic": {"board": {"co"#).unwrap();
+        let toml = dir.path().join("c.toml");
+        std::fs::write(&toml, "").unwrap();
+        let state = dir.path().join("state");
+        let o = Overrides { legacy_settings: Some(settings), state_dir: Some(state.clone()), ..Default::default() };
+        let err = load_config(Some(&toml), o.clone()).unwrap_err().to_string();
+        assert!(err.contains("settings.json"), "{err}");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join(IDENTITY_FILE), "{}").unwrap();
+        load_config(Some(&toml), o).unwrap();
     }
 
     #[test]
