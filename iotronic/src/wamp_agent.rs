@@ -270,56 +270,37 @@ fn wamp_err(e: s4t_wamp::Error) -> Error {
 }
 
 async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> {
+    /// Registers `uri` to run `handler(&ctx, &invocation)`.
+    macro_rules! procedure {
+        ($uri:expr, $handler:ident) => {{
+            let c = ctx.clone();
+            session
+                .register(&$uri, move |inv| {
+                    let c = c.clone();
+                    async move { $handler(&c, &inv).await }
+                })
+                .await
+                .map_err(wamp_err)?;
+        }};
+    }
     let prefix = format!("{}.stack4things", ctx.setup.name);
-    let c = ctx.clone();
-    session
-        .register("stack4things.register", move |inv| {
-            let c = c.clone();
-            async move { register(&c, &inv).await }
-        })
-        .await
-        .map_err(wamp_err)?;
-    let c = ctx.clone();
-    session
-        .register(&format!("{prefix}.connection"), move |inv| {
-            let c = c.clone();
-            async move { connection(&c, &inv).await }
-        })
-        .await
-        .map_err(wamp_err)?;
-    let c = ctx.clone();
-    session
-        .register(&format!("{prefix}.wamp_alive"), move |inv| {
-            let c = c.clone();
-            async move {
-                if let Some(b) = text(kwarg(&inv, "board_uuid"))
-                    && speaks_for(&c, &inv, &b)
-                {
-                    let _ = c.db.touch_board(&b).await;
-                }
-                let now = crate::db::now_ms();
-                Ok(Payload::new(vec![json!(format!("Iotronic alive @ {}", iso(now)))], Dict::new()))
-            }
-        })
-        .await
-        .map_err(wamp_err)?;
-    let c = ctx.clone();
-    session
-        .register(&format!("{prefix}.notify_result"), move |inv| {
-            let c = c.clone();
-            async move { notify_result(&c, &inv).await }
-        })
-        .await
-        .map_err(wamp_err)?;
-    let c = ctx.clone();
-    session
-        .register(&format!("{prefix}.tunnel_tokens"), move |inv| {
-            let c = c.clone();
-            async move { tunnel_tokens(&c, &inv).await }
-        })
-        .await
-        .map_err(wamp_err)?;
+    procedure!("stack4things.register", register);
+    procedure!(format!("{prefix}.connection"), connection);
+    procedure!(format!("{prefix}.wamp_alive"), wamp_alive);
+    procedure!(format!("{prefix}.notify_result"), notify_result);
+    procedure!(format!("{prefix}.tunnel_tokens"), tunnel_tokens);
     Ok(())
+}
+
+/// `<agent>.stack4things.wamp_alive(board_uuid, board_name)`: the caller's own board was seen.
+async fn wamp_alive(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
+    if let Some(b) = text(kwarg(inv, "board_uuid"))
+        && speaks_for(c, inv, &b)
+    {
+        let _ = c.db.touch_board(&b).await;
+    }
+    let now = crate::db::now_ms();
+    Ok(Payload::new(vec![json!(format!("Iotronic alive @ {}", iso(now)))], Dict::new()))
 }
 
 /// `<agent>.stack4things.tunnel_tokens(board_uuid)` (ours; the original has no tokens): fresh

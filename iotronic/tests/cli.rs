@@ -143,6 +143,15 @@ impl Board {
         Board { config, log: dir.join("lr.log"), child: None }
     }
 
+    /// Created by `u` (with `code`), enrolled, started, and online.
+    async fn online(cloud: &Cloud, u: &User, name: &str, code: &str) -> Board {
+        u.run(&["board", "create", name, "--code", code, "--location", "38.2,15.5,3"]).await.ok();
+        let mut board = Board::enroll(cloud, name, code).await;
+        board.start();
+        u.run(&["board", "wait", name, "--timeout", "30s"]).await.ok();
+        board
+    }
+
     fn start(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
         let child = tokio::process::Command::new(lightning_rod())
@@ -331,10 +340,7 @@ async fn a_real_board_through_the_cli() {
     let c = cloud().await;
     let u = User::new(c.dir.path(), "admin");
     u.login(&c.url, "admin", ADMIN_PASSWORD).await;
-    u.run(&["board", "create", "lr1", "--code", "CODE-LR1", "--location", "38.2,15.5,3"]).await.ok();
-    let mut board = Board::enroll(&c, "lr1", "CODE-LR1").await;
-    board.start();
-    u.run(&["board", "wait", "lr1", "--timeout", "30s"]).await.ok();
+    let mut board = Board::online(&c, &u, "lr1", "CODE-LR1").await;
 
     let r = u.run(&["board", "list"]).await.ok();
     let row = r.stdout.lines().find(|l| l.starts_with("lr1")).unwrap_or_else(|| panic!("{r:#?}"));
@@ -449,10 +455,7 @@ async fn a_board_renews_its_tunnel_tokens_at_every_login() {
     let c = cloud().await;
     let u = User::new(c.dir.path(), "admin");
     u.login(&c.url, "admin", ADMIN_PASSWORD).await;
-    u.run(&["board", "create", "lr-tok", "--code", "CODE-TOK", "--location", "38.2,15.5,3"]).await.ok();
-    let mut board = Board::enroll(&c, "lr-tok", "CODE-TOK").await;
-    board.start();
-    u.run(&["board", "wait", "lr-tok", "--timeout", "30s"]).await.ok();
+    let mut board = Board::online(&c, &u, "lr-tok", "CODE-TOK").await;
     let echo = echo_server().await;
     u.run(&["service", "create", "echo-tok", &echo.to_string()]).await.ok();
     u.run(&["service", "expose", "lr-tok", "echo-tok", "-q"]).await.ok();

@@ -54,3 +54,31 @@ pub const EXIT_UNTRUSTED: i32 = 76;
 /// Exit code of `DeviceRestartLR` without a restart command (sysexits `EX_TEMPFAIL`):
 /// `Restart=on-failure` starts the agent again.
 pub const EXIT_RESTART: i32 = 75;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::Path;
+
+    use nix::mount::{MsFlags, mount};
+
+    /// Runs `f` on a thread of its own in a private mount namespace, with a tmpfs mounted with
+    /// `flags` on a fresh directory that `f` gets: the mount is never seen outside. Needs root.
+    pub(crate) fn in_private_tmpfs<T: Send + 'static>(
+        flags: MsFlags,
+        f: impl FnOnce(&Path) -> T + Send + 'static,
+    ) -> T {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root (CI runs as root): mounts a tmpfs in a private mount namespace");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            mount(Some("tmpfs"), &path, Some("tmpfs"), flags, None::<&str>).unwrap();
+            f(&path)
+        })
+        .join()
+        .unwrap()
+    }
+}

@@ -246,15 +246,7 @@ mod tests {
     #[test]
     fn a_read_only_state_directory_still_opens_and_reads() {
         use nix::mount::{MsFlags, mount};
-        if !nix::unistd::geteuid().is_root() {
-            panic!("needs root (CI runs as root): mounts a read-only tmpfs in a private mount namespace");
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let results = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
-            mount(Some("tmpfs"), &path, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+        let results = crate::test_support::in_private_tmpfs(MsFlags::empty(), |path| {
             let id = r#"{"uuid":"b","name":"n","agent":"a","url":"ws://c:8181/","realm":"s4t"}"#;
             for (name, mode) in [("open", 0o755), ("private", 0o700)] {
                 let state = path.join(name);
@@ -263,16 +255,14 @@ mod tests {
                 fs::write(state.join(IDENTITY_FILE), id).unwrap();
             }
             let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &path, None::<&str>, flags, None::<&str>).unwrap();
+            mount(None::<&str>, path, None::<&str>, flags, None::<&str>).unwrap();
             ["open", "private"].map(|name| {
                 let store = StateStore::open(&path.join(name)).map_err(|e| e.to_string())?;
                 let uuid = store.identity().map_err(|e| e.to_string())?.map(|id| id.uuid);
                 let write = store.save(SERVICES_FILE, &Services::new()).unwrap_err().to_string();
                 Ok::<_, String>((uuid, write))
             })
-        })
-        .join()
-        .unwrap();
+        });
         for r in results {
             let (uuid, write) = r.unwrap();
             assert_eq!(uuid.as_deref(), Some("b"));

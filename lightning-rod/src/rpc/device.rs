@@ -277,20 +277,8 @@ mod tests {
     /// Runs on its own thread in a private mount namespace, so the mount is never seen outside.
     #[test]
     fn a_read_only_mount_is_refused_with_the_fix_named() {
-        use nix::mount::{MsFlags, mount};
-        if !nix::unistd::geteuid().is_root() {
-            panic!("needs root (CI runs as root): mounts a read-only tmpfs in a private mount namespace");
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let e = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
-            mount(Some("tmpfs"), &path, Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>).unwrap();
-            writable(&path).unwrap_err()
-        })
-        .join()
-        .unwrap();
+        let e =
+            crate::test_support::in_private_tmpfs(nix::mount::MsFlags::MS_RDONLY, |path| writable(path).unwrap_err());
         assert!(e.contains("read-only") && e.contains("package-operations.conf"), "{e}");
     }
 }

@@ -177,7 +177,7 @@ fn parse_plugin(call: &Call, max_code: usize) -> Result<NewPlugin> {
 mod tests {
     use serde_json::json;
 
-    use super::super::vpn::tests::{context, procedure};
+    use super::super::tests::{bare_context as context, procedure};
     use super::super::vpn::{NoPackets, VpnManager};
     use super::*;
     use crate::rpc::Outcome;

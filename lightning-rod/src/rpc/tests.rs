@@ -87,22 +87,36 @@ fn harness() -> Harness {
             writes: vec![],
         },
     );
+    let opener = Arc::new(FakeOpener::default());
+    let store = StateStore::open(dir.path()).unwrap();
+    let services = ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into());
+    let vpns = VpnManager::new(store.clone(), Box::new(vpn::NoPackets), "ws://cloud:8080/".into());
+    let (ctx, (notify, events, lifecycle)) = context(store, device, services, vpns);
+    Harness { ctx, notify, events, lifecycle, opener, dir }
+}
+
+/// The receivers of a test context's queues: notifications, GPIO events, lifecycle requests.
+type Queues = (mpsc::Receiver<Notification>, mpsc::Receiver<crate::hal::GpioEvent>, mpsc::Receiver<Lifecycle>);
+
+/// A context of board "b1" on the sim HAL around `store` and these managers.
+pub(super) fn context(
+    store: StateStore,
+    device: DeviceConfig,
+    services: ServiceManager,
+    vpns: VpnManager,
+) -> (Arc<Context>, Queues) {
     let (ntx, notify) = mpsc::channel(8);
     let (gtx, events) = mpsc::channel(8);
     let (ltx, lifecycle) = mpsc::channel(1);
-    let opener = Arc::new(FakeOpener::default());
-    let store = StateStore::open(dir.path()).unwrap();
-    let services = Arc::new(ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into()));
-    let vpns = Arc::new(VpnManager::new(store.clone(), Box::new(vpn::NoPackets), "ws://cloud:8080/".into()));
     let (ttx, _) = mpsc::channel(1);
-    let plugins = Arc::new(crate::plugins::PluginManager::new(
+    let plugins = crate::plugins::PluginManager::new(
         store,
         Default::default(),
         Hal::sim(32),
         "b1".into(),
         ttx,
         CancellationToken::new(),
-    ));
+    );
     let ctx = Arc::new(Context {
         board_uuid: "b1".into(),
         hal: Hal::sim(32),
@@ -110,12 +124,24 @@ fn harness() -> Harness {
         notify: ntx,
         gpio_events: gtx,
         lifecycle: ltx,
-        services,
-        vpns,
-        plugins,
+        services: Arc::new(services),
+        vpns: Arc::new(vpns),
+        plugins: Arc::new(plugins),
         shutdown: CancellationToken::new(),
     });
-    Harness { ctx, notify, events, lifecycle, opener, dir }
+    (ctx, (notify, events, lifecycle))
+}
+
+/// [`context`] around `store` and `vpns`, with no tunnels and the default device: for the
+/// procedure tests of `vpn.rs` and `plugins.rs`.
+pub(super) fn bare_context(store: StateStore, vpns: VpnManager) -> Arc<Context> {
+    let services = ServiceManager::new(store.clone(), Box::new(services::NoTunnels), "ws://127.0.0.1:8080/".into());
+    context(store, DeviceConfig::default(), services, vpns).0
+}
+
+/// `method(arg)` with a request dict first, as the cloud calls it.
+pub(super) async fn procedure(ctx: &Arc<Context>, method: Method, arg: Value) -> Reply {
+    dispatch(ctx, method, Call::from_positional(vec![json!({"uuid": "r"}), arg])).await
 }
 
 fn req() -> Value {

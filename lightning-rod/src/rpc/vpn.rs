@@ -84,6 +84,11 @@ impl VpnManager {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The tunnel server of membership `m`: its own, else the board's.
+    fn tunnel_url(&self, m: &Membership) -> String {
+        m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone())
+    }
+
     /// Refuses a membership whose subnet would capture the board's way to the cloud: the
     /// addresses of the WAMP server and of every tunnel server the board uses, and the default
     /// gateway. The overlay's connected route would send that traffic into the VPN, which
@@ -101,8 +106,8 @@ impl VpnManager {
                 return Err(refuse(format!("{gw}, the board's default gateway (on {iface})")));
             }
         }
-        let mut urls = vec![("tunnel server", m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone()))];
-        urls.push(("tunnel server", self.default_url.clone()));
+        // The board's default tunnel server stays protected when this VPN uses another.
+        let mut urls = vec![("tunnel server", self.tunnel_url(m)), ("tunnel server", self.default_url.clone())];
         if let Some(id) = self.store.identity()? {
             urls.push(("WAMP server", id.url));
         }
@@ -126,8 +131,7 @@ impl VpnManager {
     }
 
     async fn bring_up(&self, vpn: &str, m: &Membership) -> Result<Overlay> {
-        let url = m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone());
-        let pipe = self.opener.open(url, vpn.to_owned(), m.token.clone()).await?;
+        let pipe = self.opener.open(self.tunnel_url(m), vpn.to_owned(), m.token.clone()).await?;
         let spec = OverlaySpec {
             interface: m.interface.clone(),
             layer: m.layer,
@@ -167,8 +171,7 @@ impl VpnManager {
         for (vpn, token) in renewed {
             let Some(m) = saved.get_mut(vpn) else { continue };
             m.token = Some(token.clone());
-            let url = m.tunnel_url.clone().unwrap_or_else(|| self.default_url.clone());
-            self.opener.renew(&url, vpn, token);
+            self.opener.renew(&self.tunnel_url(m), vpn, token);
             took += 1;
         }
         if took > 0 {
@@ -244,32 +247,10 @@ impl VpnManager {
     }
 }
 
-/// The host and port of a `ws[s]://` URL.
-fn url_host(url: &str) -> Option<(&str, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default_port = if scheme.eq_ignore_ascii_case("wss") { 443 } else { 80 };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let (host, port) = match authority.strip_prefix('[') {
-        Some(v6) => {
-            let (host, after) = v6.split_once(']')?;
-            (host, after.strip_prefix(':'))
-        }
-        None => match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        },
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => default_port,
-    };
-    (!host.is_empty()).then_some((host, port))
-}
-
 /// The IPv4 addresses `url`'s host stands for (an IPv6-only host has none to check).
 async fn resolve_v4(url: &str) -> std::result::Result<Vec<Ipv4Addr>, String> {
-    let (host, port) = url_host(url).ok_or_else(|| "not a ws:// or wss:// URL with a host".to_owned())?;
+    let (host, port) = wstunnel::client::server_address(url).map_err(|e| e.to_string())?;
+    let host = host.as_str();
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(match ip {
             IpAddr::V4(v4) => vec![v4],
@@ -339,48 +320,13 @@ pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Res
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use serde_json::Value;
-    use tokio::sync::mpsc;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::rpc::{Call, Reply, ServiceManager, dispatch, services::NoTunnels};
-
-    /// A context around `store` and `vpns`, the rest inert: for procedure tests of this file and
-    /// of `plugins.rs`.
-    pub(in crate::rpc) fn context(store: StateStore, vpns: VpnManager) -> Arc<Context> {
-        let (notify, _) = mpsc::channel(1);
-        let (gpio_events, _) = mpsc::channel(1);
-        let (lifecycle, _) = mpsc::channel(1);
-        let (telemetry, _) = mpsc::channel(1);
-        let plugins = crate::plugins::PluginManager::new(
-            store.clone(),
-            Default::default(),
-            crate::hal::Hal::sim(32),
-            "b1".into(),
-            telemetry,
-            CancellationToken::new(),
-        );
-        Arc::new(Context {
-            board_uuid: "b1".into(),
-            hal: crate::hal::Hal::sim(32),
-            device: Default::default(),
-            notify,
-            gpio_events,
-            lifecycle,
-            services: Arc::new(ServiceManager::new(store, Box::new(NoTunnels), "ws://127.0.0.1:8080/".into())),
-            vpns: Arc::new(vpns),
-            plugins: Arc::new(plugins),
-            shutdown: CancellationToken::new(),
-        })
-    }
-
-    pub(in crate::rpc) async fn procedure(ctx: &Arc<Context>, method: Method, arg: Value) -> Reply {
-        dispatch(ctx, method, Call::from_positional(vec![json!({"uuid": "r"}), arg])).await
-    }
+    use crate::rpc::tests::{bare_context as context, procedure};
 
     /// Counts the packet channels asked for and refuses them all (no device is ever made).
     #[derive(Clone, Default)]
@@ -526,9 +472,10 @@ pub(super) mod tests {
         assert!(subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 8, Ipv4Addr::new(10, 255, 0, 1)));
         assert!(!subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 30, Ipv4Addr::new(10, 0, 0, 12)));
         assert!(subnet_contains(Ipv4Addr::new(10, 0, 0, 9), 32, Ipv4Addr::new(10, 0, 0, 9)));
-        assert_eq!(url_host("wss://cloud.example/ws"), Some(("cloud.example", 443)));
-        assert_eq!(url_host("ws://u@10.0.0.1:8080?x"), Some(("10.0.0.1", 8080)));
-        assert_eq!(url_host("ws://[2001:db8::1]:8181/"), Some(("2001:db8::1", 8181)));
-        assert_eq!(url_host("ws://:80/"), None);
+        let host = |url: &str| wstunnel::client::server_address(url).ok();
+        assert_eq!(host("wss://cloud.example/ws"), Some(("cloud.example".into(), 443)));
+        assert_eq!(host("ws://u@10.0.0.1:8080?x"), Some(("10.0.0.1".into(), 8080)));
+        assert_eq!(host("ws://[2001:db8::1]:8181/"), Some(("2001:db8::1".into(), 8181)));
+        assert_eq!(host("ws://:80/"), None);
     }
 }

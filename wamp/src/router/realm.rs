@@ -200,21 +200,21 @@ impl State {
     ///
     /// At most `queue_capacity` unsolicited messages (for agents: `agent_queue_capacity`) wait
     /// in a queue at once, counted apart from the answers to the session's own requests, which
-    /// therefore never compete with them (see [`State::queue_size`]). When the unsolicited part is full the message is
-    /// dropped; a queue whose unsolicited part stays full longer than `stuck_timeout` (found
-    /// full then and now, with no delivery in between: the session took nothing out) gets its
-    /// session closed (`s4t.close.overloaded`), so a board that stopped reading cannot hold
-    /// router memory or other sessions' calls hostage. The first delivery that finds room
-    /// ends an overflow, however long ago it began.
+    /// therefore never compete with them (see [`State::queue_size`]). When the unsolicited
+    /// part is full the message is dropped; a queue whose unsolicited part stays full longer
+    /// than `stuck_timeout` (found full then and now, with no delivery in between: the session
+    /// took nothing out) gets its session closed (`s4t.close.overloaded`), so a board that
+    /// stopped reading cannot hold router memory or other sessions' calls hostage. The first
+    /// delivery that finds room ends an overflow, however long ago it began.
     pub(crate) fn deliver(&mut self, to: Id, msg: Message) -> Delivery {
         self.deliver_arc(to, Arc::new(msg))
     }
 
     pub(crate) fn deliver_arc(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
         let stuck_timeout = self.limits.stuck_timeout;
-        let Some(role) = self.sessions.get(&to).map(|m| m.info.role) else { return Delivery::Gone };
-        let capacity = self.unsolicited_capacity(role);
+        let (plain, agent) = (self.unsolicited_capacity(Role::Board), self.unsolicited_capacity(Role::Agent));
         let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
+        let capacity = if member.info.role == Role::Agent { agent } else { plain };
         if member.tx.is_closed() {
             return Delivery::Gone;
         }

@@ -36,7 +36,8 @@ impl Target {
             Some("wss") => true,
             _ => return Err(bad("scheme must be ws or wss")),
         };
-        let host = uri.host().ok_or_else(|| bad("no host"))?.trim_matches(['[', ']']).to_owned();
+        let host = uri.host().map(|h| h.trim_matches(['[', ']'])).filter(|h| !h.is_empty());
+        let host = host.ok_or_else(|| bad("no host"))?.to_owned();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let path = uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
         Ok(Target { tls, host, port, path })

@@ -144,6 +144,11 @@ pub struct ClientHandle {
     inner: Arc<Inner>,
 }
 
+/// The host and port a client dials for `url` (`ws://` or `wss://`; default ports 80 and 443).
+pub fn server_address(url: &str) -> Result<(String, u16), Error> {
+    conn::Target::parse(url).map(|t| (t.host, t.port))
+}
+
 /// Starts the client: it connects, and reconnects forever until `shutdown` is cancelled.
 pub fn start(cfg: ClientConfig, shutdown: CancellationToken) -> Result<ClientHandle, Error> {
     conn::Target::parse(&cfg.url)?;
