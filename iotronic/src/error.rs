@@ -25,6 +25,13 @@ pub enum Error {
     },
     #[error("server failed")]
     Serve(#[source] std::io::Error),
+    /// A part of `iotronic serve` ended while the others ran (with its error, if it had one).
+    #[error("the {process} stopped while the cloud was running")]
+    Stopped {
+        process: &'static str,
+        #[source]
+        cause: Option<Box<Error>>,
+    },
     #[error("cannot connect to the database {url}")]
     DbConnect {
         url: String,

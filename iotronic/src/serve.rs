@@ -3,8 +3,9 @@
 //! speaks TLS with the set-up of [`crate::tls`] unless the configuration says `plaintext`.
 
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use axum::serve::ListenerExt;
 
@@ -199,8 +200,11 @@ async fn serve_wamp(
         legacy: config.legacy_boards,
     };
     let tls = tls.map(|t| t.server);
-    let agent = WampAgent::start(db.clone(), bus.clone(), listener, tls, setup, shutdown.clone()).await?;
-    let result = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown).await;
+    let mut agent = WampAgent::start(db.clone(), bus.clone(), listener, tls, setup, shutdown.clone()).await?;
+    let result = tokio::select! {
+        r = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown) => r,
+        reason = agent.failed() => Err(Error::Unavailable(reason)),
+    };
     db.upsert_agent(&config.agent_name, "wamp", &url, false, true).await?;
     result
 }
@@ -224,14 +228,18 @@ pub async fn serve(
     // Port 0 (tests) resolves here; every process of this cloud uses the bound port.
     let mut config = config;
     config.tunnel_port = tunnel_addr.port();
-    let wstun = tokio::spawn({
+    let mut parts = JoinSet::new();
+    parts.spawn({
         let (config, tls, db, stop) = (config.clone(), tls.clone(), db.clone(), stop.clone());
-        async move { serve_wstun(&config, tls, db, tunnels, stop).await }
+        async move { ("wstun-agent", serve_wstun(&config, tls, db, tunnels, stop).await) }
     });
-    let conductor = tokio::spawn(run_conductor(db.clone(), bus.clone(), stop.clone()));
-    let agent = tokio::spawn({
+    parts.spawn({
+        let (db, bus, stop) = (db.clone(), bus.clone(), stop.clone());
+        async move { ("conductor", run_conductor(db, bus, stop).await) }
+    });
+    parts.spawn({
         let (config, tls, db, bus, stop) = (config.clone(), tls.clone(), db.clone(), bus.clone(), stop.clone());
-        async move { serve_wamp(&config, tls, db, bus, wamp, stop).await }
+        async move { ("wamp-agent", serve_wamp(&config, tls, db, bus, wamp, stop).await) }
     });
     // Report both listeners once the REST one is bound.
     let (api_ready, bound) = tokio::sync::oneshot::channel::<Listening>();
@@ -242,15 +250,111 @@ pub async fn serve(
             let _ = ready.send(l);
         }
     });
-    let api = serve_api(&config, tls, db.clone(), bus, stop.clone(), Some(api_ready)).await;
-    stop.cancel();
-    for (name, task) in [("conductor", conductor), ("wamp-agent", agent), ("wstun-agent", wstun)] {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(process = name, cause = %e, "stopped with an error"),
-            Err(e) => warn!(process = name, cause = %e, "panicked"),
+    parts.spawn({
+        let (db, stop) = (db.clone(), stop.clone());
+        async move { ("REST API", serve_api(&config, tls, db, bus, stop, Some(api_ready)).await) }
+    });
+    let result = supervise(parts, &shutdown, &stop).await;
+    db.close().await;
+    result
+}
+
+/// Waits for the parts of `iotronic serve`. The first to end before `shutdown` stops the
+/// others (`stop`) and the process with [`Error::Stopped`], even if it ended without an
+/// error: a cloud missing a part (a conductor whose queue closed, an agent whose router
+/// stopped) must exit so that its supervisor restarts it, not run on half alive. After a
+/// shutdown the result is the first error of any part.
+async fn supervise(
+    mut parts: JoinSet<(&'static str, Result<(), Error>)>,
+    shutdown: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(), Error> {
+    let mut result = Ok(());
+    while let Some(ended) = parts.join_next().await {
+        let early = !stop.is_cancelled() && !shutdown.is_cancelled();
+        let (process, outcome) = match ended {
+            Ok(ended) => ended,
+            Err(e) => ("process", Err(Error::Unavailable(format!("panicked: {e}")))),
+        };
+        if early {
+            error!(process, cause = outcome.as_ref().err().map(tracing::field::display), "stopped: stopping the cloud");
+            result = Err(Error::Stopped { process, cause: outcome.err().map(Box::new) });
+            stop.cancel();
+        } else if let Err(e) = outcome {
+            warn!(process, cause = %e, "stopped with an error");
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
     }
-    db.close().await;
-    api
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A part that runs until `stop`, as every part of the cloud does.
+    fn until_stopped(
+        parts: &mut JoinSet<(&'static str, Result<(), Error>)>,
+        name: &'static str,
+        stop: &CancellationToken,
+    ) {
+        let stop = stop.clone();
+        parts.spawn(async move {
+            stop.cancelled().await;
+            (name, Ok(()))
+        });
+    }
+
+    #[tokio::test]
+    async fn a_part_that_ends_early_stops_the_others_and_the_process() {
+        let (shutdown, mut parts) = (CancellationToken::new(), JoinSet::new());
+        let stop = shutdown.child_token();
+        until_stopped(&mut parts, "REST API", &stop);
+        until_stopped(&mut parts, "wamp-agent", &stop);
+        // Ended without an error: still a cloud missing a part.
+        parts.spawn(async { ("conductor", Ok(())) });
+        match supervise(parts, &shutdown, &stop).await {
+            Err(Error::Stopped { process: "conductor", cause: None }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(stop.is_cancelled() && !shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_part_that_fails_is_named_with_its_cause() {
+        let (shutdown, mut parts) = (CancellationToken::new(), JoinSet::new());
+        let stop = shutdown.child_token();
+        until_stopped(&mut parts, "REST API", &stop);
+        parts.spawn(async { ("wamp-agent", Err(Error::Unavailable("the WAMP router stopped".into()))) });
+        let e = supervise(parts, &shutdown, &stop).await.unwrap_err();
+        assert_eq!(e.to_string(), "the wamp-agent stopped while the cloud was running");
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("the WAMP router stopped"));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_is_not_a_failure_but_errors_on_the_way_out_are_reported() {
+        let (shutdown, mut parts) = (CancellationToken::new(), JoinSet::new());
+        let stop = shutdown.child_token();
+        until_stopped(&mut parts, "REST API", &stop);
+        until_stopped(&mut parts, "conductor", &stop);
+        shutdown.cancel();
+        supervise(parts, &shutdown, &stop).await.unwrap();
+
+        let (shutdown, mut parts) = (CancellationToken::new(), JoinSet::new());
+        let stop = shutdown.child_token();
+        until_stopped(&mut parts, "REST API", &stop);
+        let s = stop.clone();
+        parts.spawn(async move {
+            s.cancelled().await;
+            ("wstun-agent", Err(Error::Unavailable("tunnel server: closing failed".into())))
+        });
+        shutdown.cancel();
+        match supervise(parts, &shutdown, &stop).await {
+            Err(Error::Unavailable(m)) => assert_eq!(m, "tunnel server: closing failed"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -178,6 +178,9 @@ pub struct WampAgent {
     pub router: Router,
     pub session: Session,
     logins: Logins,
+    /// Why the agent can no longer serve (its router stopped, its session ended) before the
+    /// shutdown: the first reason is taken by [`WampAgent::failed`].
+    failures: tokio::sync::mpsc::Receiver<String>,
 }
 
 /// The reply of the original's cloud procedures: a JSON string of exactly message + result.
@@ -231,12 +234,29 @@ impl WampAgent {
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let stop = shutdown.clone();
         let r = router.clone();
+        let (failed, failures) = tokio::sync::mpsc::channel(2);
+        let router_failed = failed.clone();
         tokio::spawn(async move {
-            if let Err(e) = r.serve(listener, tls, shutdown).await {
-                warn!(cause = %e, "the WAMP router stopped");
+            let reason = match r.serve(listener, tls, shutdown.clone()).await {
+                Ok(()) => "the WAMP router stopped".to_owned(),
+                Err(e) => format!("the WAMP router stopped: {e}"),
+            };
+            if !shutdown.is_cancelled() {
+                let _ = router_failed.try_send(reason);
             }
         });
         let session = router.local_session(&setup.name).await.map_err(wamp_err)?;
+        tokio::spawn({
+            let (session, stop) = (session.clone(), stop.clone());
+            async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    reason = session.closed() => {
+                        let _ = failed.try_send(format!("the agent's own WAMP session ended: {reason:?}"));
+                    }
+                }
+            }
+        });
         let logins = Logins::default();
         let mint = match &setup.tunnel_url {
             Some(url) => Some(TunnelMint::load(&db, url.clone()).await?),
@@ -257,7 +277,18 @@ impl WampAgent {
         let n = db.reconcile_sessions(&setup.name, live).await?;
         info!(agent = %setup.name, url = %setup.url, offline = n, "wamp-agent ready");
         spawn_reconciler(db, setup.name.clone(), router.clone(), logins.clone(), RECONCILE_SESSIONS_EVERY, stop);
-        Ok(WampAgent { router, session, logins })
+        Ok(WampAgent { router, session, logins, failures })
+    }
+
+    /// Resolves, with the reason, once the agent can no longer serve although no shutdown was
+    /// asked for: without its router or its own session no board can log in and no call can
+    /// reach a board, so the process must stop (and its supervisor restart it) rather than
+    /// run on answering REST requests it cannot carry out.
+    pub async fn failed(&mut self) -> String {
+        match self.failures.recv().await {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
     }
 
     pub fn caller(&self) -> Arc<dyn BoardCaller> {
@@ -591,6 +622,23 @@ mod tests {
         }
         assert!(!logins.registering("4242"), "the dead session's login is forgotten");
         stop.cancel();
+    }
+
+    /// Without its own session the agent cannot reach any board: it says so, and
+    /// `serve_wamp` (so the process) stops instead of running on.
+    #[tokio::test]
+    async fn an_agent_whose_session_ends_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let setup =
+            AgentSetup { name: "agent-1".into(), url: "ws://127.0.0.1/".into(), tunnel_url: None, legacy: false };
+        let shutdown = CancellationToken::new();
+        let mut agent = WampAgent::start(db, Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        assert!(agent.router.kill_session(agent.session.id()));
+        let reason = tokio::time::timeout(Duration::from_secs(20), agent.failed()).await.expect("no failure reported");
+        assert!(reason.contains("the agent's own WAMP session ended"), "{reason}");
+        shutdown.cancel();
     }
 
     #[test]

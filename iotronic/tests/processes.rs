@@ -232,6 +232,46 @@ async fn killed_conductor_and_agent_lose_no_accepted_request() {
     delete_queues(&cloud.prefix).await;
 }
 
+/// `iotronic serve` runs every part in one process. When one of them stops while the others
+/// run (here the conductor, whose RabbitMQ queue is deleted under it), the process exits with
+/// an error naming it, so that its supervisor restarts it, instead of accepting requests that
+/// nothing will carry out.
+#[tokio::test]
+async fn serve_exits_when_one_of_its_parts_stops() {
+    let pg = TestDb::postgres().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let cloud = Cloud {
+        dir: tmp.path().to_path_buf(),
+        db_url: pg.url.expose().to_owned(),
+        prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
+    };
+    let mut serve = cloud.iotronic("serve", &["--rest-port", "0", "--wamp-port", "0", "--tunnel-port", "0"]);
+    serve.wait_line("REST API on http://").await;
+    serve.wait_line("wamp-agent ready").await;
+    assert!(serve.child.try_wait().unwrap().is_none(), "serve runs:\n{}", serve.output());
+
+    use lapin::options::QueueDeleteOptions;
+    let url = std::env::var("IOTRONIC_TEST_AMQP").unwrap_or_else(|_| AMQP.into());
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = format!("{}.conductor", cloud.prefix);
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve ran on without its conductor:\n{}", serve.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "a cloud missing a part must exit with an error:\n{}", serve.output());
+    let out = serve.output();
+    assert!(out.contains("the conductor stopped while the cloud was running"), "{out}");
+    assert!(out.contains("the conductor queue closed"), "the cause is shown:\n{out}");
+    delete_queues(&cloud.prefix).await;
+}
+
 /// The test's durable queues and exchange would outlive it on the shared broker.
 async fn delete_queues(prefix: &str) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
