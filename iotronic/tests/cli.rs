@@ -310,6 +310,8 @@ async fn leases_fleets_services_and_vpns_as_two_projects() {
     bob.run(&["fleet", "update", "bench", "--description", "moved"]).await.ok();
     assert_eq!(bob.run(&["fleet", "show", "bench", "--json"]).await.ok().json()["description"], "moved");
     bob.run(&["board", "update", "b1", "--no-fleet"]).await.ok();
+    let b = bob.run(&["board", "show", "b1", "--json"]).await.ok().json();
+    assert_eq!((&b["fleet"], &b["location"][0]["altitude"]), (&Value::Null, &Value::from("3")), "{b}");
     bob.run(&["fleet", "delete", "bench"]).await.ok();
     assert!(bob.run(&["fleet", "list", "-q"]).await.ok().stdout.trim().is_empty());
 

@@ -308,9 +308,16 @@ pub struct PatchBoard {
     #[serde(rename = "type")]
     board_type: Option<String>,
     mobile: Option<bool>,
+    /// Absent: unchanged; `null`: out of its fleet (serde alone reads both as `None`).
+    #[serde(default, deserialize_with = "present")]
     fleet: Option<Option<String>>,
     extra: Option<Value>,
     location: Option<Vec<Location>>,
+}
+
+/// A field that is present, `null` included.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 pub async fn update(

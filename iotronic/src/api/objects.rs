@@ -16,7 +16,7 @@ use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
 use crate::Error;
 use crate::conductor::Conductor;
-use crate::db::{Fleet, Lease, Role, Service, Vpn, VpnMember, now_ms};
+use crate::db::{Fleet, Lease, Role, Service, ServiceUpdate, Vpn, VpnMember, now_ms};
 
 fn created(v: Value) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
@@ -94,25 +94,18 @@ pub async fn update_service(
     Path(ident): Path<String>,
     Body(p): Body<ServicePatch>,
 ) -> ApiResult<Json<Value>> {
-    let mut s = visible_service(&state, &c, &ident).await?;
-    if let Some(n) = p.name {
-        check_name(&n, "service name")?;
-        s.name = n;
+    let s = visible_service(&state, &c, &ident).await?;
+    if let Some(n) = &p.name {
+        check_name(n, "service name")?;
     }
-    if let Some(port) = p.port {
-        if port == 0 {
-            return Err(Error::Invalid("port must be 1-65535".into()).into());
-        }
-        s.port = i64::from(port);
+    if p.port == Some(0) {
+        return Err(Error::Invalid("port must be 1-65535".into()).into());
     }
-    if let Some(proto) = p.protocol {
-        check_protocol(&proto)?;
-        s.protocol = proto;
+    if let Some(proto) = &p.protocol {
+        check_protocol(proto)?;
     }
-    if let Some(e) = p.extra {
-        s.extra = e;
-    }
-    state.db.update_service(&s).await?;
+    let u = ServiceUpdate { name: p.name, port: p.port.map(i64::from), protocol: p.protocol, extra: p.extra };
+    state.db.update_service(&s.uuid, u).await?;
     Ok(Json(service_json(&visible_service(&state, &c, &s.uuid).await?)))
 }
 
@@ -178,10 +171,10 @@ pub async fn update_fleet(
     Body(b): Body<FleetBody>,
 ) -> ApiResult<Json<Value>> {
     let f = visible_fleet(&state, &c, &ident).await?;
-    let name = b.name.unwrap_or(f.name);
-    check_name(&name, "fleet name")?;
-    let description = b.description.unwrap_or(f.description);
-    state.db.update_fleet(&f.uuid, &name, &description, &b.extra.unwrap_or(f.extra)).await?;
+    if let Some(n) = &b.name {
+        check_name(n, "fleet name")?;
+    }
+    state.db.update_fleet(&f.uuid, b.name.as_deref(), b.description.as_deref(), b.extra.as_ref()).await?;
     Ok(Json(fleet_json(&visible_fleet(&state, &c, &f.uuid).await?)))
 }
 

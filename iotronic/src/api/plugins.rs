@@ -35,7 +35,7 @@ use super::calls::{CallOpts, Outcome, call_board, request_json};
 use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
 use crate::Error;
-use crate::db::{Board, Injection, Plugin, RequestStatus, Role};
+use crate::db::{Board, Injection, Plugin, PluginCode, PluginUpdate, RequestStatus, Role};
 
 /// Plugin actions of `POST /v1/boards/{b}/plugins/{p}` (the original's).
 pub const ACTIONS: &[&str] = &["PluginCall", "PluginStart", "PluginStop", "PluginStatus", "PluginReboot"];
@@ -339,54 +339,53 @@ pub async fn update(
     Path(ident): Path<String>,
     Body(b): Body<PatchBody>,
 ) -> ApiResult<Json<Value>> {
-    let mut p = visible_plugin(&state, &c, &ident).await?;
+    let p = visible_plugin(&state, &c, &ident).await?;
     check_owner(&c, &p, "changed")?;
+    let mut u = PluginUpdate::default();
     if let Some(n) = b.name {
         check_name(&n, "plugin name")?;
         if state.db.plugin_name_taken(&p.project, &n, &p.uuid).await? {
             return Err(Error::Conflict(format!("the project has a plugin called {n} already")).into());
         }
-        p.name = n;
+        u.name = Some(n);
     }
     match (b.code, b.kind) {
         (Some(code), kind) => {
             let code = prepare_code(kind.as_deref().or(Some(p.kind.as_str())), &code)?;
-            p.kind = code.kind.as_str().to_owned();
-            (p.code, p.code_sha256, p.code_size) = (code.stored, code.sha256, code.size as i64);
+            u.code = Some(PluginCode {
+                kind: code.kind.as_str().to_owned(),
+                code: code.stored,
+                sha256: code.sha256,
+                size: code.size as i64,
+            });
         }
         (None, Some(k)) if k != p.kind => {
             return Err(Error::Invalid("changing kind needs the new code too".into()).into());
         }
         (None, _) => {}
     }
-    if let Some(v) = b.public {
-        if p.public && !v {
-            // Other projects could no longer see it, nor so stop or remove it from their boards.
-            let (_, others) = injected_on(&state, &p).await?;
-            if others > 0 {
-                return Err(Error::Conflict(format!(
-                    "plugin {} is injected on {others} board(s) of other projects: it stays public until they remove it",
-                    p.name
-                ))
-                .into());
-            }
+    if b.public == Some(false) && p.public {
+        // Other projects could no longer see it, nor so stop or remove it from their boards.
+        let (_, others) = injected_on(&state, &p).await?;
+        if others > 0 {
+            return Err(Error::Conflict(format!(
+                "plugin {} is injected on {others} board(s) of other projects: it stays public until they remove it",
+                p.name
+            ))
+            .into());
         }
-        p.public = v;
     }
-    if let Some(v) = b.callable {
-        p.callable = v;
+    u.public = b.public;
+    u.callable = b.callable;
+    if let Some(v) = &b.parameters {
+        declared_keys(v)?;
     }
-    if let Some(v) = b.parameters {
-        declared_keys(&v)?;
-        p.parameters = v;
-    }
-    if let Some(v) = b.extra {
-        p.extra = v;
-    }
+    u.parameters = b.parameters;
+    u.extra = b.extra;
     if let Some(g) = b.grants {
-        p.grants = json!(parse_grants(&g)?);
+        u.grants = Some(json!(parse_grants(&g)?));
     }
-    state.db.update_plugin(&p).await?;
+    state.db.update_plugin(&p.uuid, u).await?;
     let p = visible_plugin(&state, &c, &p.uuid).await?;
     Ok(Json(plugin_json(&p, false)))
 }

@@ -256,22 +256,26 @@ impl Db {
         rows.iter().map(board_row).collect()
     }
 
+    /// Writes the fields `u` gives, and only those, in one statement: concurrent updates of
+    /// different fields never undo each other.
     pub async fn update_board(&self, uuid: &str, u: BoardUpdate) -> Result<Board, Error> {
-        let cur = self.board_by_uuid(uuid).await?.ok_or_else(|| Error::NotFound(format!("board {uuid} not found")))?;
         let (lat, lon, alt) = match u.location {
             Some((a, b, c)) => (Some(a), Some(b), Some(c)),
-            None => (cur.latitude, cur.longitude, cur.altitude),
+            None => (None, None, None),
         };
-        let name = u.name.unwrap_or(cur.name);
-        sqlx::query(
-            "UPDATE boards SET name = $1, type = $2, mobile = $3, fleet_uuid = $4, extra = $5, latitude = $6, \
-             longitude = $7, altitude = $8, updated_at = $9 WHERE uuid = $10",
+        let name = u.name;
+        let r = sqlx::query(
+            "UPDATE boards SET name = COALESCE($1, name), type = COALESCE($2, type), mobile = COALESCE($3, mobile), \
+             fleet_uuid = CASE WHEN $4 = 1 THEN $5 ELSE fleet_uuid END, extra = COALESCE($6, extra), \
+             latitude = COALESCE($7, latitude), longitude = COALESCE($8, longitude), \
+             altitude = COALESCE($9, altitude), updated_at = $10 WHERE uuid = $11",
         )
         .bind(&name)
-        .bind(u.board_type.unwrap_or(cur.board_type))
-        .bind(i64::from(u.mobile.unwrap_or(cur.mobile)))
-        .bind(u.fleet.unwrap_or(cur.fleet))
-        .bind(u.extra.unwrap_or(cur.extra).to_string())
+        .bind(u.board_type)
+        .bind(u.mobile.map(i64::from))
+        .bind(i64::from(u.fleet.is_some()))
+        .bind(u.fleet.flatten())
+        .bind(u.extra.map(|e| e.to_string()))
         .bind(lat)
         .bind(lon)
         .bind(alt)
@@ -279,7 +283,10 @@ impl Db {
         .bind(uuid)
         .execute(self.pool())
         .await
-        .map_err(|e| unique_or(e, || format!("a board named {name:?} already exists")))?;
+        .map_err(|e| unique_or(e, || format!("a board named {:?} already exists", name.unwrap_or_default())))?;
+        if r.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("board {uuid} not found")));
+        }
         self.board_by_uuid(uuid).await?.ok_or_else(|| Error::NotFound(format!("board {uuid} not found")))
     }
 

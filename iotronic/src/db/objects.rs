@@ -32,6 +32,15 @@ pub struct Service {
     pub updated_at: i64,
 }
 
+/// The fields of a service a PATCH changes (`None`: left as it is).
+#[derive(Debug, Default)]
+pub struct ServiceUpdate {
+    pub name: Option<String>,
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    pub extra: Option<Value>,
+}
+
 /// A service exposed on a public port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exposure {
@@ -270,16 +279,28 @@ impl Db {
         rows.iter().map(fleet_row).collect()
     }
 
-    pub async fn update_fleet(&self, uuid: &str, name: &str, description: &str, extra: &Value) -> Result<(), Error> {
-        sqlx::query("UPDATE fleets SET name = $1, description = $2, extra = $3, updated_at = $4 WHERE uuid = $5")
-            .bind(name)
-            .bind(description)
-            .bind(extra.to_string())
-            .bind(now_ms())
-            .bind(uuid)
-            .execute(self.pool())
-            .await
-            .map_err(|e| unique_or(e, || format!("a fleet named {name:?} already exists in this project")))?;
+    /// Writes the fields given, and only those, in one statement.
+    pub async fn update_fleet(
+        &self,
+        uuid: &str,
+        name: Option<&str>,
+        description: Option<&str>,
+        extra: Option<&Value>,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE fleets SET name = COALESCE($1, name), description = COALESCE($2, description), \
+             extra = COALESCE($3, extra), updated_at = $4 WHERE uuid = $5",
+        )
+        .bind(name)
+        .bind(description)
+        .bind(extra.map(Value::to_string))
+        .bind(now_ms())
+        .bind(uuid)
+        .execute(self.pool())
+        .await
+        .map_err(|e| {
+            unique_or(e, || format!("a fleet named {:?} already exists in this project", name.unwrap_or_default()))
+        })?;
         Ok(())
     }
 
@@ -339,19 +360,25 @@ impl Db {
         rows.iter().map(service_row).collect()
     }
 
-    pub async fn update_service(&self, s: &Service) -> Result<(), Error> {
+    /// Writes the fields given, and only those, in one statement (concurrent PATCHes of
+    /// different fields both land).
+    pub async fn update_service(&self, uuid: &str, u: ServiceUpdate) -> Result<(), Error> {
+        let name = u.name;
         sqlx::query(
-            "UPDATE services SET name = $1, port = $2, protocol = $3, extra = $4, updated_at = $5 WHERE uuid = $6",
+            "UPDATE services SET name = COALESCE($1, name), port = COALESCE($2, port), \
+             protocol = COALESCE($3, protocol), extra = COALESCE($4, extra), updated_at = $5 WHERE uuid = $6",
         )
-        .bind(&s.name)
-        .bind(s.port)
-        .bind(&s.protocol)
-        .bind(s.extra.to_string())
+        .bind(&name)
+        .bind(u.port)
+        .bind(u.protocol)
+        .bind(u.extra.map(|e| e.to_string()))
         .bind(now_ms())
-        .bind(&s.uuid)
+        .bind(uuid)
         .execute(self.pool())
         .await
-        .map_err(|e| unique_or(e, || format!("a service named {:?} already exists in this project", s.name)))?;
+        .map_err(|e| {
+            unique_or(e, || format!("a service named {:?} already exists in this project", name.unwrap_or_default()))
+        })?;
         Ok(())
     }
 

@@ -30,6 +30,27 @@ pub struct Plugin {
     pub updated_at: i64,
 }
 
+/// The fields of a plugin a PATCH changes (`None`: left as it is).
+#[derive(Debug, Default)]
+pub struct PluginUpdate {
+    pub name: Option<String>,
+    pub public: Option<bool>,
+    pub callable: Option<bool>,
+    pub parameters: Option<Value>,
+    pub extra: Option<Value>,
+    pub grants: Option<Value>,
+    pub code: Option<PluginCode>,
+}
+
+/// New code for a plugin, as stored, with what describes it.
+#[derive(Debug)]
+pub struct PluginCode {
+    pub kind: String,
+    pub code: String,
+    pub sha256: String,
+    pub size: i64,
+}
+
 /// A plugin held by a board.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Injection {
@@ -153,23 +174,31 @@ impl Db {
         rows.iter().map(plugin_row).collect()
     }
 
-    pub async fn update_plugin(&self, p: &Plugin) -> Result<(), Error> {
+    /// Writes the fields given, and only those, in one statement (concurrent PATCHes of
+    /// different fields both land; code, kind and their digest change together).
+    pub async fn update_plugin(&self, uuid: &str, u: PluginUpdate) -> Result<(), Error> {
+        let (kind, code, sha, size) = match u.code {
+            Some(c) => (Some(c.kind), Some(c.code), Some(c.sha256), Some(c.size)),
+            None => (None, None, None, None),
+        };
         sqlx::query(
-            "UPDATE plugins SET name = $1, public = $2, code = $3, callable = $4, parameters = $5, extra = $6, \
-             kind = $7, grants = $8, code_sha256 = $9, code_size = $10, updated_at = $11 WHERE uuid = $12",
+            "UPDATE plugins SET name = COALESCE($1, name), public = COALESCE($2, public), code = COALESCE($3, code), \
+             callable = COALESCE($4, callable), parameters = COALESCE($5, parameters), extra = COALESCE($6, extra), \
+             kind = COALESCE($7, kind), grants = COALESCE($8, grants), code_sha256 = COALESCE($9, code_sha256), \
+             code_size = COALESCE($10, code_size), updated_at = $11 WHERE uuid = $12",
         )
-        .bind(&p.name)
-        .bind(i64::from(p.public))
-        .bind(&p.code)
-        .bind(i64::from(p.callable))
-        .bind(p.parameters.to_string())
-        .bind(p.extra.to_string())
-        .bind(&p.kind)
-        .bind(p.grants.to_string())
-        .bind(&p.code_sha256)
-        .bind(p.code_size)
+        .bind(u.name)
+        .bind(u.public.map(i64::from))
+        .bind(code)
+        .bind(u.callable.map(i64::from))
+        .bind(u.parameters.map(|v| v.to_string()))
+        .bind(u.extra.map(|v| v.to_string()))
+        .bind(kind)
+        .bind(u.grants.map(|v| v.to_string()))
+        .bind(sha)
+        .bind(size)
         .bind(now_ms())
-        .bind(&p.uuid)
+        .bind(uuid)
         .execute(self.pool())
         .await
         .map_err(db_err)?;
