@@ -231,11 +231,20 @@ impl Throttle {
 pub struct LoginThrottle {
     pub per_user: Throttle,
     pub per_peer: Throttle,
+    /// How many attempts refused before any check (throttled, oversized) each peer gets into
+    /// the audit log: 10, then one a minute. They cost the sender nothing, so recording each
+    /// would let anyone grow the audit table at the rate they can send; the rest are counted
+    /// by `/metrics` (`iotronic_http_responses_total`, 400 and 429).
+    pub audited_refusals: Throttle,
 }
 
 impl Default for LoginThrottle {
     fn default() -> Self {
-        LoginThrottle { per_user: Throttle::new(5, 1.0 / 30.0), per_peer: Throttle::new(20, 1.0) }
+        LoginThrottle {
+            per_user: Throttle::new(5, 1.0 / 30.0),
+            per_peer: Throttle::new(20, 1.0),
+            audited_refusals: Throttle::new(10, 1.0 / 60.0),
+        }
     }
 }
 

@@ -609,6 +609,35 @@ async fn metrics_are_for_administrators() {
     }
 }
 
+/// Logins refused before any check (oversized, throttled) cost their sender nothing, so they
+/// must not each cost the cloud an audit row: a source gets 10 into the log, then one a
+/// minute. Checked attempts (a wrong password) are all recorded.
+#[tokio::test]
+async fn refused_logins_cannot_flood_the_audit_log() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let admin = cloud.token("admin", "admin-password").await;
+        let long = "u".repeat(300);
+        for _ in 0..40 {
+            let (s, v) =
+                cloud.req("POST", "/v1/auth/tokens", None, Some(json!({"username": long, "password": "x"}))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        }
+        let wrong = json!({"username": "admin", "password": "wrong-password"});
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            statuses.push(cloud.req("POST", "/v1/auth/tokens", None, Some(wrong.clone())).await.0.as_u16());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 25, "{statuses:?}");
+        let (_, v) = cloud.req("GET", "/v1/audit?action=auth.login&limit=1000", Some(&admin), None).await;
+        let count = |status: u16| v["audit"].as_array().unwrap().iter().filter(|e| e["status"] == status).count();
+        assert_eq!(count(401), 5, "{}: every checked attempt is audited: {v}", t.name);
+        let unchecked = count(400) + count(429);
+        assert!((10..=11).contains(&unchecked), "{}: {unchecked} rows for 65 unchecked refusals", t.name);
+    }
+}
+
 /// Two managers PATCH different fields of the same object at the same time: both changes
 /// land, for every object that takes PATCH (each request wrote back the whole object as it
 /// had read it, so one of them could undo the other's field).

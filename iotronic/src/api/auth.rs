@@ -103,7 +103,8 @@ pub struct TokenBody {
 pub const MAX_NAME_BYTES: usize = 255;
 
 /// `POST /v1/auth/tokens`. Throttled per user name (lock-out) and per peer address; every
-/// attempt, granted or not, goes to the audit log. A user name or password longer than any a
+/// checked attempt, granted or not, goes to the audit log, and attempts refused unchecked
+/// (throttled, oversized) as far as `audited_refusals` allows. A user name or password longer than any a
 /// user can have is a 400 before the throttles (which then never hold a key for it) and before
 /// any hashing: that rule is public (the API document says it), and no account exists behind
 /// such a name, so the 400 tells nothing a 401 would hide.
@@ -127,7 +128,7 @@ pub async fn create_token(
             detail: "user name or password too long".into(),
             ..Default::default()
         };
-        crate::audit::record(&state.db, entry).await;
+        record_refusal(&state, entry).await;
         return Err(Error::Invalid(format!(
             "a user name has at most {MAX_NAME_BYTES} bytes and a password at most {} bytes",
             crate::auth::MAX_PASSWORD_BYTES
@@ -151,7 +152,7 @@ pub async fn create_token(
     };
     if let Err(retry_after_s) = waited {
         entry.status = 429;
-        crate::audit::record(&state.db, entry).await;
+        record_refusal(&state, entry).await;
         return Err(Error::Throttled { retry_after_s }.into());
     }
     match issue_token_for(&state.db, &b.username, &b.password, b.project.as_deref(), ttl_ms).await {
@@ -175,6 +176,13 @@ pub async fn create_token(
             crate::audit::record(&state.db, entry).await;
             Err(e.into())
         }
+    }
+}
+
+/// Audits a login refused before any check, within the sender's `audited_refusals` budget.
+async fn record_refusal(state: &AppState, entry: crate::db::NewAudit) {
+    if state.login_throttle.audited_refusals.take(&format!("peer:{}", entry.source)).is_ok() {
+        crate::audit::record(&state.db, entry).await;
     }
 }
 
