@@ -49,7 +49,16 @@ pub struct ServeConfig {
     /// Host name or address boards are told to dial (default: `bind`, or this machine's
     /// host name when binding all addresses).
     pub public_host: Option<String>,
+    /// The address ranges VPNs may use (`--vpn-ranges`; default [`DEFAULT_VPN_RANGES`]).
+    pub vpn_ranges: Vec<String>,
 }
+
+/// Where VPN ranges may lie unless the operator says otherwise: the private ranges (RFC 1918)
+/// and shared address space (RFC 6598). The cloud host routes VPN addresses (a cloud address,
+/// L3 host routes), so a VPN over a public range would take the host's traffic for those
+/// addresses (a DNS server, the database, another board's NAT address) to a user's board.
+/// An operator whose own networks lie in these ranges narrows the list.
+pub const DEFAULT_VPN_RANGES: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"];
 
 impl ServeConfig {
     pub fn new(data_dir: PathBuf) -> Self {
@@ -70,6 +79,7 @@ impl ServeConfig {
             admin_password: None,
             call_timeout: Duration::from_secs(30),
             public_host: None,
+            vpn_ranges: DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 

@@ -62,6 +62,11 @@ struct Common {
     /// the last certificate of the chain.
     #[arg(long, env = "IOTRONIC_TLS_CERT", value_name = "FILE", requires = "tls_key", conflicts_with = "plaintext")]
     tls_cert: Option<PathBuf>,
+    /// The address ranges VPNs may use, comma-separated CIDRs (default: the private ranges
+    /// 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 and 100.64.0.0/10). Leave out ranges of the
+    /// cloud host's own networks: the host routes VPN addresses.
+    #[arg(long, env = "IOTRONIC_VPN_RANGES", value_delimiter = ',', value_parser = parse_range)]
+    vpn_ranges: Vec<String>,
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "IOTRONIC_TLS_KEY", value_name = "FILE", requires = "tls_cert", conflicts_with = "plaintext")]
     tls_key: Option<PathBuf>,
@@ -92,6 +97,11 @@ enum DbCommand {
     Migrate(Common),
 }
 
+fn parse_range(s: &str) -> Result<String, String> {
+    let net: ipnet::Ipv4Net = s.trim().parse().map_err(|_| format!("{s:?} is not an IPv4 CIDR such as 10.0.0.0/8"))?;
+    Ok(net.trunc().to_string())
+}
+
 fn config(c: Common) -> ServeConfig {
     let mut config = ServeConfig::new(c.data_dir);
     config.bind = c.bind;
@@ -107,6 +117,9 @@ fn config(c: Common) -> ServeConfig {
     config.amqp_url = c.amqp_url.map(AmqpUrl::new);
     config.bus_prefix = c.bus_prefix;
     config.agent_name = c.agent_name;
+    if !c.vpn_ranges.is_empty() {
+        config.vpn_ranges = c.vpn_ranges;
+    }
     config.admin_password = std::env::var("IOTRONIC_ADMIN_PASSWORD").ok();
     config
 }

@@ -672,3 +672,66 @@ async fn concurrent_patches_of_different_fields_both_land() {
         }
     }
 }
+
+/// Definitions are the managers': a project user may use services, fleets and VPNs but not
+/// create, change or delete them. A VPN range lies in the cloud's VPN ranges (private ones by
+/// default): the cloud host routes VPN addresses, so a VPN over 8.8.8.0/24 would take the
+/// host's traffic for them to a user's board. A service's port does not change while it is
+/// exposed (boards forward to the port they were told). No name reads as a uuid.
+#[tokio::test]
+async fn definitions_are_for_managers_in_private_ranges_and_stay_consistent() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, uma) = alpha_with_a_user(&cloud).await;
+        let who = t.name;
+        let vpn = |cidr: &str| json!({"name": "v", "type": "l3", "cidr": cidr});
+        for (path, body) in [
+            ("/v1/services", json!({"name": "web", "port": 80, "protocol": "TCP"})),
+            ("/v1/fleets", json!({"name": "f"})),
+            ("/v1/vpns", vpn("10.30.0.0/24")),
+        ] {
+            let (s, v) = cloud.req("POST", path, Some(&uma), Some(body.clone())).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{who} {path}: {v}");
+            let (s, v) = cloud.req("POST", path, Some(&ann), Some(body)).await;
+            assert_eq!(s, StatusCode::CREATED, "{who} {path}: {v}");
+            let at = format!("{path}/{}", v["uuid"].as_str().unwrap());
+            if path != "/v1/vpns" {
+                let (s, v) = cloud.req("PATCH", &at, Some(&uma), Some(json!({"extra": {"x": 1}}))).await;
+                assert_eq!(s, StatusCode::FORBIDDEN, "{who} {path}: {v}");
+            }
+            let (s, v) = cloud.req("DELETE", &at, Some(&uma), None).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{who} {path}: {v}");
+        }
+        for public in ["8.8.8.0/24", "192.0.2.0/24", "11.0.0.0/8", "172.32.0.0/16"] {
+            let (s, v) = cloud.req("POST", "/v1/vpns", Some(&ann), Some(vpn(public))).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{who} {public}: {v}");
+            assert!(v["error_message"].as_str().unwrap().contains("10.0.0.0/8"), "{v}");
+        }
+        let (s, v) = cloud
+            .req("POST", "/v1/vpns", Some(&ann), Some(json!({"name": "c", "type": "l2", "cidr": "100.64.1.0/24"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{who}: {v}");
+
+        let (_, b) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("e1"))).await;
+        cloud.login(b["uuid"].as_str().unwrap(), "3001").await;
+        let (s, ex) = cloud
+            .req("POST", "/v1/boards/e1/services/web/action", Some(&ann), Some(json!({"action": "ServiceEnable"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{who}: {ex}");
+        let (s, v) = cloud.req("PATCH", "/v1/services/web", Some(&ann), Some(json!({"port": 8080}))).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{who}: {v}");
+        let (s, v) =
+            cloud.req("PATCH", "/v1/services/web", Some(&ann), Some(json!({"port": 80, "extra": {"a": 1}}))).await;
+        assert_eq!(s, StatusCode::OK, "{who}: the same port is no change: {v}");
+        let (s, v) = cloud
+            .req("POST", "/v1/boards/e1/services/web/action", Some(&ann), Some(json!({"action": "ServiceDisable"})))
+            .await;
+        assert!(s.is_success(), "{who}: {v}");
+        let (s, v) = cloud.req("PATCH", "/v1/services/web", Some(&ann), Some(json!({"port": 8080}))).await;
+        assert_eq!((s, v["port"].as_i64()), (StatusCode::OK, Some(8080)), "{who}: {v}");
+
+        let uuid_name = b["uuid"].as_str().unwrap();
+        let (s, v) = cloud.req("POST", "/v1/fleets", Some(&ann), Some(json!({"name": uuid_name}))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{who}: {v}");
+    }
+}

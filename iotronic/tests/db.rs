@@ -282,3 +282,40 @@ async fn requests_move_by_compare_and_set_and_queued_ones_expire() {
         assert!(t.db.request(&q1.uuid, Some("another-project")).await.unwrap().is_none());
     }
 }
+
+/// A lookup by uuid finds the object with that uuid even when objects of other projects (seen
+/// by an administrator's unscoped lookup) are named like it: a decoy named after a victim's
+/// uuid must not be what an administrator acting on the victim reaches. Eight decoys, so that
+/// some sort before the victim by uuid (the order the lookups used to take).
+#[tokio::test]
+async fn a_uuid_finds_its_object_before_ones_named_like_it() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        let e = json!({});
+        let (victim_p, victim_b) = project_and_board(db, "victim").await;
+        let s = db.create_service("ssh", &victim_p, 22, "TCP", &e).await.unwrap();
+        let f = db.create_fleet("f", &victim_p, "", &e).await.unwrap();
+        let v = db.create_vpn("v", &victim_p, "l2", "10.77.0.0/24").await.unwrap();
+        for i in 0..8 {
+            let (attacker_p, _) = project_and_board(db, &format!("attacker-{i}")).await;
+            db.create_service(&s.uuid, &attacker_p, 22, "TCP", &e).await.unwrap();
+            db.create_fleet(&f.uuid, &attacker_p, "", &e).await.unwrap();
+            db.create_vpn(&v.uuid, &attacker_p, "l2", &format!("10.78.{i}.0/24")).await.unwrap();
+        }
+        // Board and project names are global: one decoy each.
+        let decoy = NewBoard {
+            name: victim_b.clone(),
+            code: "code-decoy".into(),
+            project: victim_p.clone(),
+            ..Default::default()
+        };
+        db.insert_board(decoy).await.unwrap();
+        db.create_project(&victim_p).await.unwrap();
+        let who = t.name;
+        assert_eq!(db.service(&s.uuid, None).await.unwrap().unwrap().uuid, s.uuid, "{who}");
+        assert_eq!(db.fleet(&f.uuid, None).await.unwrap().unwrap().uuid, f.uuid, "{who}");
+        assert_eq!(db.vpn(&v.uuid, None).await.unwrap().unwrap().uuid, v.uuid, "{who}");
+        assert_eq!(db.board(&victim_b, None).await.unwrap().unwrap().uuid, victim_b, "{who}");
+        assert_eq!(db.project(&victim_p).await.unwrap().unwrap().uuid, victim_p, "{who}");
+    }
+}

@@ -272,9 +272,13 @@ pub fn check_name(name: &str, what: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!("{what} {name:?} must be 1-255 letters, digits, '-', '_', '.' or spaces")))
+    if !ok {
+        return Err(Error::Invalid(format!("{what} {name:?} must be 1-255 letters, digits, '-', '_', '.' or spaces")));
     }
+    // Objects are looked up by uuid or name: a name that reads as a uuid would be a decoy for
+    // whoever acts on the object with that uuid.
+    if uuid::Uuid::try_parse(name).is_ok() {
+        return Err(Error::Invalid(format!("{what} {name:?} reads as a uuid; uuids are the cloud's to give")));
+    }
+    Ok(())
 }

@@ -66,6 +66,8 @@ pub struct AppState {
     pub tunnels: Option<crate::wstun_agent::TunnelMint>,
     /// Wrong passwords per user name and per peer address.
     pub login_throttle: Arc<crate::auth::LoginThrottle>,
+    /// The ranges VPNs must lie in ([`crate::config::DEFAULT_VPN_RANGES`] unless configured).
+    pub vpn_ranges: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
             call_timeout: Duration::from_secs(30),
             tunnels: None,
             login_throttle: Arc::default(),
+            vpn_ranges: Arc::new(crate::config::DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect()),
         }
     }
 }

@@ -61,6 +61,7 @@ pub async fn create_service(
     Extension(c): Extension<Caller>,
     Body(b): Body<ServiceBody>,
 ) -> ApiResult<Response> {
+    c.require(Role::Manager, "creating services")?;
     check_name(&b.name, "service name")?;
     check_protocol(&b.protocol)?;
     if b.port == 0 {
@@ -94,6 +95,7 @@ pub async fn update_service(
     Path(ident): Path<String>,
     Body(p): Body<ServicePatch>,
 ) -> ApiResult<Json<Value>> {
+    c.require(Role::Manager, "changing services")?;
     let s = visible_service(&state, &c, &ident).await?;
     if let Some(n) = &p.name {
         check_name(n, "service name")?;
@@ -114,6 +116,7 @@ pub async fn delete_service(
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
 ) -> ApiResult<StatusCode> {
+    c.require(Role::Manager, "deleting services")?;
     let s = visible_service(&state, &c, &ident).await?;
     state.db.delete_service(&s.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -149,6 +152,7 @@ pub async fn create_fleet(
     Extension(c): Extension<Caller>,
     Body(b): Body<FleetBody>,
 ) -> ApiResult<Response> {
+    c.require(Role::Manager, "creating fleets")?;
     let name = b.name.ok_or_else(|| Error::Invalid("a fleet needs a name".into()))?;
     check_name(&name, "fleet name")?;
     let extra = b.extra.unwrap_or_else(|| json!({}));
@@ -170,6 +174,7 @@ pub async fn update_fleet(
     Path(ident): Path<String>,
     Body(b): Body<FleetBody>,
 ) -> ApiResult<Json<Value>> {
+    c.require(Role::Manager, "changing fleets")?;
     let f = visible_fleet(&state, &c, &ident).await?;
     if let Some(n) = &b.name {
         check_name(n, "fleet name")?;
@@ -183,6 +188,7 @@ pub async fn delete_fleet(
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
 ) -> ApiResult<StatusCode> {
+    c.require(Role::Manager, "deleting fleets")?;
     let f = visible_fleet(&state, &c, &ident).await?;
     state.db.delete_fleet(&f.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -342,9 +348,18 @@ pub async fn create_vpn(
     Extension(c): Extension<Caller>,
     Body(b): Body<VpnBody>,
 ) -> ApiResult<Response> {
+    c.require(Role::Manager, "creating VPNs")?;
     check_name(&b.name, "VPN name")?;
     if b.vpn_type != "l2" && b.vpn_type != "l3" {
         return Err(Error::Invalid(format!("type {:?}: use l2 or l3", b.vpn_type)).into());
+    }
+    if !crate::db::cidr_within_any(&b.cidr, &state.vpn_ranges)? {
+        return Err(Error::Invalid(format!(
+            "{}: a VPN range must lie within {} (the ranges this cloud gives VPNs)",
+            b.cidr,
+            state.vpn_ranges.join(", ")
+        ))
+        .into());
     }
     // One transaction: a range that would clash with another VPN's on the cloud host (the
     // cloud address, L3 routes) is refused with 409 before anything exists.
@@ -365,7 +380,7 @@ pub async fn delete_vpn(
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
 ) -> ApiResult<StatusCode> {
-    c.require(Role::User, "deleting VPNs")?;
+    c.require(Role::Manager, "deleting VPNs")?;
     let v = visible_vpn(&state, &c, &ident).await?;
     // Every member leaves first (an offline board is told at its next login by the refusal of
     // its packet channel); the wstun-agent then removes the cloud's devices and the bridge.

@@ -109,12 +109,14 @@ impl Db {
 
     /// A project by uuid or name.
     pub async fn project(&self, ident: &str) -> Result<Option<Project>, Error> {
-        let row = sqlx::query("SELECT uuid, name, created_at FROM projects WHERE uuid = $1 OR name = $2")
-            .bind(ident)
-            .bind(ident)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
+        let row = sqlx::query(
+            "SELECT uuid, name, created_at FROM projects WHERE uuid = $1 OR name = $2 ORDER BY uuid <> $1 LIMIT 1",
+        )
+        .bind(ident)
+        .bind(ident)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
         row.as_ref().map(project_row).transpose()
     }
 
@@ -311,7 +313,8 @@ impl Db {
     /// A user by uuid or name.
     pub async fn user(&self, ident: &str) -> Result<Option<User>, Error> {
         let row = sqlx::query(
-            "SELECT uuid, name, password_hash, is_admin, created_at FROM users WHERE uuid = $1 OR name = $2",
+            "SELECT uuid, name, password_hash, is_admin, created_at FROM users WHERE uuid = $1 OR name = $2 \
+             ORDER BY uuid <> $1 LIMIT 1",
         )
         .bind(ident)
         .bind(ident)

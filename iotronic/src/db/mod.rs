@@ -31,8 +31,8 @@ pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
 pub use objects::{
-    Exposure, Fleet, MAX_ALLOW, Service, ServiceUpdate, Vpn, VpnMember, admits, cloud_host, parse_allow_list,
-    parse_cidr,
+    Exposure, Fleet, MAX_ALLOW, Service, ServiceUpdate, Vpn, VpnMember, admits, cidr_within_any, cloud_host,
+    parse_allow_list, parse_cidr,
 };
 pub use page::{MAX_LIMIT, Page};
 pub use plugins::{Injection, Plugin, PluginCode, PluginUpdate};

@@ -207,6 +207,22 @@ fn check_vpn_range(net: Ipv4Addr, len: u8) -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether `cidr` lies wholly within one of `ranges` (CIDRs; an unparsable range is an error,
+/// so a typo in the configuration refuses VPNs rather than admitting any).
+pub fn cidr_within_any<S: AsRef<str>>(cidr: &str, ranges: &[S]) -> Result<bool, Error> {
+    let (net, len) = parse_cidr(cidr)?;
+    for r in ranges {
+        let range: ipnet::Ipv4Net = r
+            .as_ref()
+            .parse()
+            .map_err(|_| Error::Invalid(format!("configured VPN range {:?} is not an IPv4 CIDR", r.as_ref())))?;
+        if range.contains(&ipnet::Ipv4Net::new(net, len).map_err(|_| Error::Invalid(format!("{cidr}: bad prefix")))?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Whether two CIDRs share an address.
 pub fn cidrs_overlap(a: &str, b: &str) -> Result<bool, Error> {
     let ((na, la), (nb, lb)) = (parse_cidr(a)?, parse_cidr(b)?);
@@ -257,7 +273,7 @@ impl Db {
 
     pub async fn fleet(&self, ident: &str, project: Option<&str>) -> Result<Option<Fleet>, Error> {
         let row = sqlx::query(
-            "SELECT * FROM fleets WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+            "SELECT * FROM fleets WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
         )
         .bind(ident)
         .bind(ident)
@@ -338,7 +354,7 @@ impl Db {
 
     pub async fn service(&self, ident: &str, project: Option<&str>) -> Result<Option<Service>, Error> {
         let row = sqlx::query(
-            "SELECT * FROM services WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+            "SELECT * FROM services WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
         )
         .bind(ident)
         .bind(ident)
@@ -361,12 +377,14 @@ impl Db {
     }
 
     /// Writes the fields given, and only those, in one statement (concurrent PATCHes of
-    /// different fields both land).
+    /// different fields both land). The port does not change while the service is exposed:
+    /// boards forward to the port they were told at exposure (409).
     pub async fn update_service(&self, uuid: &str, u: ServiceUpdate) -> Result<(), Error> {
         let name = u.name;
-        sqlx::query(
+        let r = sqlx::query(
             "UPDATE services SET name = COALESCE($1, name), port = COALESCE($2, port), \
-             protocol = COALESCE($3, protocol), extra = COALESCE($4, extra), updated_at = $5 WHERE uuid = $6",
+             protocol = COALESCE($3, protocol), extra = COALESCE($4, extra), updated_at = $5 WHERE uuid = $6 \
+             AND (COALESCE($7, port) = port OR NOT EXISTS (SELECT 1 FROM exposed_services WHERE service_uuid = $8))",
         )
         .bind(&name)
         .bind(u.port)
@@ -374,11 +392,18 @@ impl Db {
         .bind(u.extra.map(|e| e.to_string()))
         .bind(now_ms())
         .bind(uuid)
+        .bind(u.port)
+        .bind(uuid)
         .execute(self.pool())
         .await
         .map_err(|e| {
             unique_or(e, || format!("a service named {:?} already exists in this project", name.unwrap_or_default()))
         })?;
+        if r.rows_affected() == 0 {
+            return Err(Error::Conflict(format!(
+                "service {uuid} is exposed: its port cannot change until it is disabled on every board"
+            )));
+        }
         Ok(())
     }
 
@@ -571,7 +596,7 @@ impl Db {
 
     pub async fn vpn(&self, ident: &str, project: Option<&str>) -> Result<Option<Vpn>, Error> {
         let row = sqlx::query(
-            "SELECT * FROM vpns WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid LIMIT 1",
+            "SELECT * FROM vpns WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
         )
         .bind(ident)
         .bind(ident)
