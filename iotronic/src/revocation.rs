@@ -49,16 +49,27 @@ pub fn spawn_wamp_guard(db: Db, router: Router, shutdown: CancellationToken) {
     });
 }
 
+/// Every how many sweeps the tunnel guard also checks the public listeners.
+const LISTENER_SWEEP_EVERY: u32 = 5;
+
 /// Closes the tunnel channels (and so the public ports and packet channels) of revoked
-/// boards on this tunnel server until `shutdown`.
+/// boards on this tunnel server until `shutdown`, and every [`LISTENER_SWEEP_EVERY`] sweeps
+/// the public listeners whose exposure is gone: a service deleted, disabled while its board
+/// was unreachable, a lease's teardown, or a board that ignores `ServiceDisable` must not
+/// leave a port open (nor held, when the conductor gives it to another board).
 pub fn spawn_tunnel_guard(db: Db, handle: ServerHandle, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeps = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            sweeps = sweeps.wrapping_add(1);
+            if sweeps.is_multiple_of(LISTENER_SWEEP_EVERY) {
+                close_stale_listeners(&db, &handle).await;
             }
             let live = handle.boards();
             if live.is_empty() {
@@ -76,4 +87,24 @@ pub fn spawn_tunnel_guard(db: Db, handle: ServerHandle, shutdown: CancellationTo
             }
         }
     });
+}
+
+async fn close_stale_listeners(db: &Db, handle: &ServerHandle) {
+    let listeners: Vec<(String, u16)> = handle.listeners().into_iter().map(|l| (l.board, l.port)).collect();
+    if listeners.is_empty() {
+        return;
+    }
+    match db.stale_listeners(&listeners).await {
+        Ok(stale) => {
+            for port in stale {
+                let Some(board) = listeners.iter().find(|(_, p)| *p == port).map(|(b, _)| b.clone()) else { continue };
+                if handle.close_listener_of(port, &board) {
+                    info!(board = %board, port, "public listener closed: its exposure is gone");
+                    let entry = audit::system("tunnel.close", &board, &format!("public port {port}: not exposed"));
+                    audit::record(db, entry).await;
+                }
+            }
+        }
+        Err(e) => warn!(cause = %e, "listener sweep failed"),
+    }
 }

@@ -421,6 +421,16 @@ async fn a_real_board_through_the_cli() {
     u.run(&["service", "unexpose", "lr1", "echo"]).await.ok();
     let listed = u.run(&["service", "list", "--board", "lr1", "--json"]).await.ok().json();
     assert_eq!(listed["exposed"], Value::Array(vec![]), "{listed}");
+    // Deleting an exposed service removes its exposures without a word to the board: the
+    // tunnel server closes the public port itself once its exposure is gone.
+    let port: u16 = u.run(&["service", "expose", "lr1", "echo", "-q"]).await.ok().stdout.trim().parse().unwrap();
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("exposed again");
+    u.run(&["service", "delete", "echo"]).await.ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        assert!(Instant::now() < deadline, "public port {port} still open after its service was deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Offline: a clear error, then a queued command that runs when the board is back.
     board.stop().await;

@@ -493,6 +493,30 @@ impl Db {
         row.as_ref().map(exposure_row).transpose()
     }
 
+    /// Of `listeners` (board, public port), the ports whose exposure is gone or belongs to
+    /// another board now: their listeners must close.
+    pub async fn stale_listeners(&self, listeners: &[(String, u16)]) -> Result<Vec<u16>, Error> {
+        let mut stale = Vec::new();
+        for chunk in listeners.chunks(200) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT public_port, board_uuid FROM exposed_services WHERE public_port IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, port) in chunk {
+                q = q.bind(i64::from(*port));
+            }
+            let rows = q.fetch_all(self.pool()).await.map_err(db_err)?;
+            let mut held = std::collections::HashSet::new();
+            for r in &rows {
+                held.insert((col::<String>(r, "board_uuid")?, col::<i64>(r, "public_port")?));
+            }
+            stale.extend(chunk.iter().filter(|(b, p)| !held.contains(&(b.clone(), i64::from(*p)))).map(|(_, p)| *p));
+        }
+        Ok(stale)
+    }
+
     pub async fn exposures_of_board(&self, board: &str) -> Result<Vec<Exposure>, Error> {
         let rows = sqlx::query("SELECT * FROM exposed_services WHERE board_uuid = $1 ORDER BY public_port")
             .bind(board)

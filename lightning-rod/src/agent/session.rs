@@ -108,7 +108,7 @@ pub const RENEW_TOKENS_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// leaves the tokens as they are; the next login or period asks again.
 pub async fn renew_tunnel_tokens(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) {
     match renew(link, id, t, ctx).await {
-        Ok((services, vpns)) => tracing::info!(services, vpns, "tunnel tokens renewed"),
+        Ok((services, vpns, pruned)) => tracing::info!(services, vpns, pruned, "tunnel tokens renewed"),
         Err(e) if e.to_string().contains("no_such_procedure") => {
             tracing::debug!("the cloud does not renew tunnel tokens")
         }
@@ -116,7 +116,11 @@ pub async fn renew_tunnel_tokens(link: &dyn Link, id: &Identity, t: &Timers, ctx
     }
 }
 
-async fn renew(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) -> Result<(usize, usize)> {
+/// Renews the tokens and, the cloud's answer being the complete list of this board's
+/// exposures and memberships, forgets those it no longer has. Returns (services renewed,
+/// VPNs renewed, entries forgotten).
+async fn renew(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) -> Result<(usize, usize, usize)> {
+    let (services_before, vpns_before) = (ctx.services.saved_ids()?, ctx.vpns.saved_ids()?);
     let mut kw = Map::new();
     kw.insert("board_uuid".into(), json!(id.uuid));
     let reply = call_timed(link, t.call, format!("{}.stack4things.tunnel_tokens", id.agent), kw).await?;
@@ -136,7 +140,22 @@ async fn renew(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) -> Res
         .collect();
     let vpns: Vec<_> =
         list("vpns").iter().filter_map(|v| Some((v.get("vpn")?.as_str()?.to_owned(), token(v)?))).collect();
-    Ok((ctx.services.renew_tokens(&services).await?, ctx.vpns.renew_tokens(&vpns).await?))
+    // Only a whole, well-formed answer is the complete list: anything less prunes nothing.
+    let all = |key: &str| message.get(key).and_then(Value::as_array);
+    let listed: Option<Vec<(String, u16)>> = all("services").and_then(|l| {
+        l.iter()
+            .map(|v| Some((v.get("uuid")?.as_str()?.to_owned(), u16::try_from(v.get("public_port")?.as_u64()?).ok()?)))
+            .collect()
+    });
+    let member_of: Option<Vec<String>> =
+        all("vpns").and_then(|l| l.iter().map(|v| Some(v.get("vpn")?.as_str()?.to_owned())).collect());
+    let pruned = match (listed, member_of) {
+        (Some(listed), Some(member_of)) => {
+            ctx.services.prune(&services_before, &listed).await? + ctx.vpns.prune(&vpns_before, &member_of).await?
+        }
+        _ => 0,
+    };
+    Ok((ctx.services.renew_tokens(&services).await?, ctx.vpns.renew_tokens(&vpns).await?, pruned))
 }
 
 /// Serves a logged-in, registered session until it ends.

@@ -171,6 +171,39 @@ impl ServiceManager {
         Ok(took)
     }
 
+    /// The services exposed now (saved), by uuid.
+    pub fn saved_ids(&self) -> Result<Vec<String>> {
+        Ok(self.saved()?.into_keys().collect())
+    }
+
+    /// Forgets the exposures of `known_before` (saved before the cloud was asked) that the
+    /// cloud's complete list `listed` (service uuid, public port) no longer has, and closes
+    /// their tunnels: a service deleted or disabled while this board could not be told (or
+    /// whose ServiceEnable failed after the board had opened it) must not be re-opened at
+    /// every boot, nor keep forwarding a port the cloud may give to another service. An
+    /// exposure saved since the question was asked is kept (the answer may predate it).
+    pub async fn prune(&self, known_before: &[String], listed: &[(String, u16)]) -> Result<usize> {
+        let _guard = self.edit.lock().await;
+        let mut saved = self.saved()?;
+        let gone: Vec<String> = saved
+            .iter()
+            .filter(|(uuid, svc)| {
+                known_before.contains(uuid) && !listed.iter().any(|(u, p)| u == *uuid && *p == svc.public_port)
+            })
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        for uuid in &gone {
+            self.live().remove(uuid);
+            if let Some(svc) = saved.remove(uuid) {
+                tracing::warn!(service = %svc.name, public_port = svc.public_port, "exposure the cloud no longer has: closed");
+            }
+        }
+        if !gone.is_empty() {
+            self.store.save_async(SERVICES_FILE, &saved).await?;
+        }
+        Ok(gone.len())
+    }
+
     /// Closes every tunnel (at exit); the saved exposures stay for the next start.
     pub fn close_all(&self) {
         self.live().clear();

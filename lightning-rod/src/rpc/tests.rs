@@ -318,6 +318,44 @@ async fn renewed_tunnel_tokens_are_saved_and_reach_the_live_tunnels() {
     assert_eq!(h.ctx.vpns.renew_tokens(&[("v".to_owned(), Secret::new("t"))]).await.unwrap(), 0);
 }
 
+/// The cloud's token answer is the complete list of the board's exposures and memberships:
+/// those saved before it was asked and missing from it are forgotten (tunnel closed, state
+/// removed); those saved since, and those listed, stay.
+#[tokio::test]
+async fn exposures_and_memberships_the_cloud_no_longer_has_are_forgotten() {
+    let h = harness();
+    for (uuid, port) in [("s-kept", 50022), ("s-gone", 50023), ("s-moved", 50024)] {
+        let svc = json!({"uuid": uuid, "name": uuid, "port": 22, "tunnel_token": "tok"});
+        ok_msg(&h, "ServiceEnable", vec![svc, json!(port)]).await;
+    }
+    let m = |i: &str| vpn::Membership {
+        layer: crate::overlay::Layer::L2,
+        address: "10.9.0.2".parse().unwrap(),
+        prefix_len: 24,
+        interface: i.into(),
+        tunnel_url: None,
+        token: None,
+    };
+    let store = StateStore::open(h.dir.path()).unwrap();
+    let vpns: std::collections::BTreeMap<String, vpn::Membership> =
+        [("v-kept".to_owned(), m("s4v0")), ("v-gone".to_owned(), m("s4v1"))].into();
+    store.save(crate::state::VPNS_FILE, &vpns).unwrap();
+    let (services_before, vpns_before) = (h.ctx.services.saved_ids().unwrap(), h.ctx.vpns.saved_ids().unwrap());
+    // Enabled after the question: the answer may predate it.
+    let svc = json!({"uuid": "s-new", "name": "new", "port": 22, "tunnel_token": "tok"});
+    ok_msg(&h, "ServiceEnable", vec![svc, json!(50025)]).await;
+
+    let listed = [("s-kept".to_owned(), 50022), ("s-moved".to_owned(), 50030)];
+    assert_eq!(h.ctx.services.prune(&services_before, &listed).await.unwrap(), 2);
+    assert_eq!(h.ctx.vpns.prune(&vpns_before, &["v-kept".to_owned()]).await.unwrap(), 1);
+    let mut left = h.ctx.services.saved_ids().unwrap();
+    left.sort();
+    assert_eq!(left, ["s-kept", "s-new"]);
+    assert_eq!(h.ctx.vpns.saved_ids().unwrap(), ["v-kept"]);
+    let status = ok_msg(&h, "ServicesStatus", vec![]).await;
+    assert_eq!(status["services"].as_array().unwrap().len(), 2, "{status}");
+}
+
 /// Every bad argument gives an ERROR reply naming the procedure, and the agent keeps serving.
 #[tokio::test]
 async fn bad_arguments_give_error_replies() {

@@ -180,6 +180,34 @@ impl VpnManager {
         Ok(took)
     }
 
+    /// The VPNs this board is a member of now (saved).
+    pub fn saved_ids(&self) -> Result<Vec<String>> {
+        Ok(self.saved()?.into_keys().collect())
+    }
+
+    /// Leaves the VPNs of `known_before` (saved before the cloud was asked) that the cloud's
+    /// complete list `listed` no longer has (a VPN deleted, or a membership removed, while
+    /// this board could not be told): their interfaces, addresses and routes go. A membership
+    /// saved since the question was asked is kept.
+    pub async fn prune(&self, known_before: &[String], listed: &[String]) -> Result<usize> {
+        let _guard = self.edit.lock().await;
+        let mut saved = self.saved()?;
+        let gone: Vec<String> =
+            saved.keys().filter(|v| known_before.contains(v) && !listed.contains(v)).cloned().collect();
+        for vpn in &gone {
+            let old = self.live().remove(vpn);
+            if let Some(o) = old {
+                o.remove().await;
+            }
+            saved.remove(vpn);
+            tracing::warn!(vpn = %vpn, "membership the cloud no longer has: left");
+        }
+        if !gone.is_empty() {
+            self.store.save_async(VPNS_FILE, &saved).await?;
+        }
+        Ok(gone.len())
+    }
+
     /// Removes the interface and forgets the membership; `Ok(false)` when not a member.
     pub async fn leave(&self, vpn: &str) -> Result<bool> {
         let _guard = self.edit.lock().await;

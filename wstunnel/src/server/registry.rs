@@ -191,6 +191,18 @@ impl ServerHandle {
         }
     }
 
+    /// [`close_listener`](Self::close_listener), only if `board` holds the port: a sweep that
+    /// read the listeners a moment ago must not close another board's that opened since.
+    pub fn close_listener_of(&self, port: u16, board: &str) -> bool {
+        match self.reg.ports.lock().expect("registry").get(&port) {
+            Some(p) if p.board == board => {
+                p.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Public listeners open now.
     pub fn listeners(&self) -> Vec<ListenerInfo> {
         let p = self.reg.ports.lock().expect("registry");
