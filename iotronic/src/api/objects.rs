@@ -382,14 +382,20 @@ pub async fn delete_vpn(
 ) -> ApiResult<StatusCode> {
     c.require(Role::Manager, "deleting VPNs")?;
     let v = visible_vpn(&state, &c, &ident).await?;
-    // Every member leaves first (an offline board is told at its next login by the refusal of
-    // its packet channel); the wstun-agent then removes the cloud's devices and the bridge.
-    for m in state.db.vpn_members(&v.uuid).await? {
-        if let Some(board) = state.db.board_by_uuid(&m.board).await? {
-            leave(&state, &c, &board, &v).await?;
+    // The rows go first, whatever the boards say: a delete half done (some members told,
+    // one refusing or unreachable) would leave a VPN nobody can finish deleting. The
+    // wstun-agent then removes the cloud's devices and the bridge; members are told now, and
+    // one that cannot be forgets the membership at its next login (the token renewal's list
+    // lacks it) and has its packet channel refused meanwhile.
+    let members = state.db.vpn_members(&v.uuid).await?;
+    state.db.delete_vpn(&v.uuid).await?;
+    for m in members {
+        if let Some(board) = state.db.board_by_uuid(&m.board).await?
+            && let Err(e) = leave(&state, &c, &board, &v).await
+        {
+            tracing::warn!(vpn = %v.uuid, board = %board.uuid, cause = %e, "a member of a deleted VPN was not told");
         }
     }
-    state.db.delete_vpn(&v.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
