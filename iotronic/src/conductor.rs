@@ -13,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::Error;
 use crate::bus::{AgentCall, Bus, ConductorMsg};
-use crate::db::{Db, Lease, RequestStatus};
+use crate::db::{Db, Lease, Request, RequestStatus};
 
 /// How often queued requests and leases are checked for expiry.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
@@ -157,6 +157,9 @@ impl Conductor {
             // As the original: the request is COMPLETED; its result says SUCCESS or ERROR.
             let from = [RequestStatus::Running, RequestStatus::Pending];
             self.db.transition_request(request, &from, RequestStatus::Completed, None).await?;
+            if result == "ERROR" {
+                self.undo_allocation(&req).await?;
+            }
         }
         self.bus.completed(request).await
     }
@@ -164,8 +167,43 @@ impl Conductor {
     async fn fail(&self, request: &str, board: &str, why: &str) -> Result<(), Error> {
         self.db.set_result(request, board, "ERROR", why).await?;
         let from = [RequestStatus::Pending, RequestStatus::Running, RequestStatus::Queued];
-        self.db.transition_request(request, &from, RequestStatus::Failed, None).await?;
+        if self.db.transition_request(request, &from, RequestStatus::Failed, None).await?
+            && let Some(req) = self.db.request(request, None).await?
+        {
+            self.undo_allocation(&req).await?;
+        }
         self.bus.completed(request).await
+    }
+
+    /// A ServiceEnable or VpnJoin that did not happen (the board answered ERROR, or the
+    /// request failed or expired after the API had answered 202) gives back what was
+    /// allocated for it: the exposure on the port it named, the membership at the address it
+    /// named, if they are still those (a later enable or join has its own). Otherwise the
+    /// port would stay allocated and the membership listed for nothing that exists.
+    async fn undo_allocation(&self, req: &Request) -> Result<(), Error> {
+        let first = req.args.get(0);
+        let text = |v: Option<&Value>, key: &str| v.and_then(|d| d.get(key)).and_then(Value::as_str).map(str::to_owned);
+        let board = &req.destination;
+        match req.action.as_str() {
+            "ServiceEnable" => {
+                let (Some(service), Some(port)) = (text(first, "uuid"), req.args.get(1).and_then(Value::as_i64)) else {
+                    return Ok(());
+                };
+                if self.db.exposure(board, &service).await?.is_some_and(|e| e.public_port == port) {
+                    self.db.delete_exposure(board, &service).await?;
+                    info!(request = %req.uuid, port, "ServiceEnable did not happen: exposure freed");
+                }
+            }
+            "VpnJoin" => {
+                let (Some(vpn), Some(address)) = (text(first, "vpn"), text(first, "address")) else { return Ok(()) };
+                if self.db.vpn_member(&vpn, board).await?.is_some_and(|m| m.address == address) {
+                    self.db.remove_vpn_member(&vpn, board).await?;
+                    info!(request = %req.uuid, vpn = %vpn, "VpnJoin did not happen: membership removed");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// A board logged in: its queued requests go out, oldest first.
@@ -182,6 +220,7 @@ impl Conductor {
     /// Expires queued requests and leases whose time has come.
     pub async fn sweep(&self) -> Result<(), Error> {
         for r in self.db.expire_queued().await? {
+            self.undo_allocation(&r).await?;
             self.bus.completed(&r.uuid).await?;
         }
         self.expire_leases().await?;

@@ -762,3 +762,37 @@ async fn a_vpn_is_deleted_even_when_a_member_cannot_be_told() {
         assert_eq!(s, StatusCode::NOT_FOUND, "{who}: the VPN is gone");
     }
 }
+
+/// A ServiceEnable queued for an offline board holds its port only while it may still run:
+/// once it expires unrun, the exposure goes (it stayed allocated for good).
+#[tokio::test]
+async fn an_expose_that_never_ran_frees_its_port() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, _) = tenants(&cloud).await;
+        let who = t.name;
+        cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("q1"))).await;
+        let svc = json!({"name": "ssh", "port": 22, "protocol": "TCP"});
+        assert_eq!(cloud.req("POST", "/v1/services", Some(&ann), Some(svc)).await.0, StatusCode::CREATED);
+        let (s, v) = cloud
+            .req(
+                "POST",
+                "/v1/boards/q1/services/ssh/action?queue_ttl=1",
+                Some(&ann),
+                Some(json!({"action": "ServiceEnable"})),
+            )
+            .await;
+        assert!(s.is_success(), "{who}: {v}");
+        let (_, v) = cloud.req("GET", "/v1/boards/q1/services", Some(&ann), None).await;
+        assert_eq!(v["exposed"].as_array().map(Vec::len), Some(1), "{who}: allocated while queued: {v}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = cloud.req("GET", "/v1/boards/q1/services", Some(&ann), None).await;
+            if v["exposed"].as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{who}: the expired expose still holds its port: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
