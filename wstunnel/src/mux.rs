@@ -38,6 +38,19 @@ const FIRST_READ: usize = 4096;
 /// queued data is read into memory.
 const MAX_QUEUED_PIPES: usize = 64;
 
+/// Queued payloads shorter than this are copied out of the buffer they were read into, which
+/// a slice of them would keep whole (a read buffer holds up to a largest message, 256 KiB): a
+/// peer sending tiny frames to a stream whose socket is full would otherwise make the channel
+/// hold a read buffer per byte counted. A payload left uncopied pins at most a few times its
+/// size. Large frames, the bulk of a transfer, are never copied.
+const COPY_BELOW: usize = 64 * 1024;
+/// Smallest buffer small payloads are copied into: a stream's next small payloads are copied
+/// in behind, so tiny frames cost a few bytes each, not a chunk each.
+const COPY_CHUNK: usize = 4096;
+/// What a queued chunk costs against the channel's budget besides its bytes: its slot in the
+/// inbox and its bookkeeping.
+const CHUNK_OVERHEAD: usize = 64;
+
 /// A stream that has moved this many bytes (either way) is a bulk stream: new streams avoid
 /// its lane. An interactive session moves far less in its first minutes.
 pub(crate) const BULK: usize = 1 << 20;
@@ -61,7 +74,8 @@ pub(crate) struct Mux {
     pub(crate) cancel: CancellationToken,
     /// The server's (or client's) traffic counters.
     counters: Arc<Counters>,
-    /// Bytes held for all streams of this channel whose sockets could not take them yet.
+    /// Bytes held for all streams of this channel whose sockets could not take them yet, as
+    /// charged by [`Chunk::cost`].
     buffered: AtomicUsize,
     /// Most bytes the channel holds that way: beyond, the stream holding the most is reset
     /// (its reader has stalled the longest). Each stream stays within its window as well.
@@ -114,7 +128,8 @@ struct StreamState {
     /// The down pump holds chunks taken from the inbox and is writing them: the reader task
     /// must queue behind them rather than write directly.
     writing: bool,
-    /// Bytes in the inbox plus those the down pump is writing (counted in `Mux::buffered`).
+    /// What the inbox and the chunks the down pump is writing cost ([`Chunk::cost`], counted
+    /// in `Mux::buffered`).
     held: usize,
     /// Credit to grant that the reader task could not queue; the down pump sends it.
     pending_window: u32,
@@ -129,11 +144,32 @@ impl StreamState {
     fn writes_directly(&self) -> bool {
         self.inbox.is_empty() && !self.writing && !self.fin_in
     }
+
+    /// Queues a copy of the small payload `b`: behind the last chunk if that is a copy with
+    /// room, else in a new copy. Returns the cost added.
+    fn copy_in(&mut self, b: &[u8]) -> usize {
+        if let Some(Chunk::Copied(v)) = self.inbox.back_mut()
+            && v.capacity() - v.len() >= b.len()
+        {
+            // Within its capacity: no reallocation, so its cost stays what was charged.
+            v.extend_from_slice(b);
+            return 0;
+        }
+        let mut v = Vec::with_capacity(b.len().max(COPY_CHUNK));
+        v.extend_from_slice(b);
+        let c = Chunk::Copied(v);
+        let cost = c.cost();
+        self.inbox.push_back(c);
+        cost
+    }
 }
 
 /// Data a stream's down pump has yet to write.
 enum Chunk {
+    /// A slice of the buffer it was read into (a large payload).
     Mem(Bytes),
+    /// Small payloads copied out of their read buffers ([`COPY_BELOW`]).
+    Copied(Vec<u8>),
     /// Spliced from the channel's socket while the stream's socket was full or had data
     /// queued ahead: it waits in the kernel, never copied through user space.
     Piped(Piped),
@@ -143,8 +179,19 @@ impl Chunk {
     fn len(&self) -> usize {
         match self {
             Chunk::Mem(b) => b.len(),
+            Chunk::Copied(v) => v.len(),
             Chunk::Piped(p) => p.len,
         }
+    }
+
+    /// What it costs against the channel's budget: the memory it holds (a copy's whole
+    /// capacity) and its bookkeeping. Fixed once it left the inbox.
+    fn cost(&self) -> usize {
+        CHUNK_OVERHEAD
+            + match self {
+                Chunk::Copied(v) => v.capacity(),
+                c => c.len(),
+            }
     }
 }
 
@@ -567,11 +614,25 @@ impl Mux {
         }
     }
 
-    /// Queues `b` for the stream's down pump, counted against the channel's budget.
+    /// Queues `b` for the stream's down pump, counted against the channel's budget; small
+    /// payloads are copied ([`COPY_BELOW`]). Dropped for a dead stream.
     fn queue(&self, s: &Stream, mut st: std::sync::MutexGuard<'_, StreamState>, b: Chunk) {
-        st.held += b.len();
-        let total = self.buffered.fetch_add(b.len(), Ordering::Relaxed) + b.len();
-        st.inbox.push_back(b);
+        // `remove` cancels `dead`, then gives back what the stream holds under this lock:
+        // bytes queued after that (the reader task got the stream before waiting in a splice
+        // or a read) would be counted for good, and the channel would shed streams at random.
+        if s.dead.is_cancelled() {
+            return;
+        }
+        let cost = match b {
+            Chunk::Mem(b) if b.len() < COPY_BELOW => st.copy_in(&b),
+            b => {
+                let cost = b.cost();
+                st.inbox.push_back(b);
+                cost
+            }
+        };
+        st.held += cost;
+        let total = self.buffered.fetch_add(cost, Ordering::Relaxed) + cost;
         drop(st);
         s.readable.notify_one();
         if total > self.budget {
@@ -592,7 +653,7 @@ impl Mux {
         }
     }
 
-    /// The down pump wrote `n` queued bytes.
+    /// The down pump wrote a queued chunk that cost `n`.
     fn written(&self, s: &Stream, n: usize) {
         let mut st = s.state.lock().expect("stream state");
         // A stream removed meanwhile has given its bytes back already.
@@ -726,6 +787,7 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                     let w = async {
                         match &c {
                             Chunk::Mem(b) => write_all(tcp, b).await,
+                            Chunk::Copied(v) => write_all(tcp, v).await,
                             Chunk::Piped(p) => drain_all(tcp, p).await,
                         }
                     };
@@ -733,7 +795,7 @@ async fn down(mux: &Mux, s: &Stream, tcp: &TcpStream) -> Result<(), End> {
                         r = w => r.map_err(|_| End::Local(code::IO))?,
                         _ = s.dead.cancelled() => return Err(End::Gone),
                     }
-                    mux.written(s, c.len());
+                    mux.written(s, c.cost());
                 }
                 let inc = {
                     let mut st = s.state.lock().expect("stream state");
@@ -871,6 +933,58 @@ mod tests {
         assert!(mux.get(1).is_some() && mux.get(3).is_some(), "the others were not");
         let held = mux.buffered.load(Ordering::Relaxed);
         assert!(held <= budget && held > 600_000, "{held} bytes held");
+    }
+
+    /// Tiny frames for a stream whose socket takes nothing are copied together, not kept as a
+    /// chunk each pinning the buffer they were read into; the channel is charged for what it
+    /// holds (the copies' buffers and a chunk's bookkeeping), and large frames stay uncopied.
+    #[tokio::test]
+    async fn tiny_frames_are_charged_for_what_they_hold() {
+        let (sink_end, _keep) = tcp_pair().await;
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
+        let mux = Mux::new(out, 4 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX);
+        // No socket yet: everything queues.
+        let s = mux.accept_stream(1, &mux.main_lane()).unwrap();
+        let read_buffer = Bytes::from(vec![9u8; 256 * 1024]);
+        let frames = 100_000;
+        for i in 0..frames {
+            mux.on_frame(Frame::Data { stream: 1, payload: read_buffer.slice(i..i + 1) }).unwrap();
+        }
+        assert!(read_buffer.is_unique(), "queued tiny frames still pin their read buffer");
+        let large = Bytes::from(vec![3u8; 200_000]);
+        mux.on_frame(Frame::Data { stream: 1, payload: large.clone() }).unwrap();
+        assert!(!large.is_unique(), "a large frame was copied");
+
+        let st = s.state.lock().unwrap();
+        let chunks = st.inbox.len();
+        assert!(chunks <= frames / COPY_CHUNK + 2, "{chunks} chunks for {frames} one-byte frames");
+        assert_eq!(st.inbox.iter().map(Chunk::len).sum::<usize>(), frames + large.len());
+        let held: usize = st.inbox.iter().map(|c| CHUNK_OVERHEAD + c.len().max(COPY_CHUNK)).sum();
+        assert_eq!(st.held, held, "the copies' buffers and each chunk's overhead are charged");
+        assert_eq!(mux.buffered.load(Ordering::Relaxed), held);
+    }
+
+    /// Data that reaches a stream reset while the reader task waited for the rest of its
+    /// frame (in a splice or a read) is dropped, not counted: the reset gave back what the
+    /// stream held, and nothing would ever give back what came after it, leaving the channel
+    /// over its budget for good.
+    #[tokio::test]
+    async fn data_for_a_stream_reset_meanwhile_is_not_counted() {
+        let Rig { mut peer, mut reader, mux, s: _, local: _, dst: _, _keep } = rig(4 << 20).await;
+        let payload = vec![5u8; 100_000];
+        let wire = data_frame(5, &payload);
+        peer.write_all(&wire[..100]).await.unwrap();
+        let Some(Next::Data(d)) = reader.next_data().await.unwrap() else { panic!("expected a large data frame") };
+        let mut delivering = std::pin::pin!(mux.on_large_data(&mut reader, d));
+        // Delivers what was read (no socket yet: queued), then waits for the rest.
+        assert!(futures_util::FutureExt::now_or_never(&mut delivering).is_none(), "the rest was not sent yet");
+        assert!(mux.buffered.load(Ordering::Relaxed) > 0, "the first bytes were queued");
+        mux.on_frame(Frame::Reset { stream: 5, code: code::NORMAL }).unwrap();
+        assert_eq!(mux.buffered.load(Ordering::Relaxed), 0, "the reset gave back what the stream held");
+        peer.write_all(&wire[100..]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), delivering).await.expect("the frame was not taken").unwrap();
+        assert_eq!(mux.buffered.load(Ordering::Relaxed), 0, "bytes counted for a stream that is gone");
+        assert_eq!(mux.pipes.load(Ordering::Relaxed), 0, "a pipe queued for a stream that is gone");
     }
 
     /// New streams go on the lane with the fewest bulk streams and packet channels, then the

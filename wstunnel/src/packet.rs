@@ -3,9 +3,11 @@
 //! device that both the board and the cloud use.
 //!
 //! Packets are datagrams: a full receive queue drops the packet (as a NIC would) instead of
-//! stalling the channel; senders wait for room on the channel's data queue.
+//! stalling the channel; senders wait for room on the channel's data queue, except a pump
+//! forwarding to another channel, which drops the packet when that channel's forward queue is
+//! full (as a switch does for a congested port).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::{BufMut, Bytes};
 use portable_atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +23,19 @@ pub(crate) const PACKET_QUEUE: usize = 512;
 /// Bytes of packets queued per channel before new ones are dropped: with packets of up to
 /// 64 KB, the count alone would let a slow receiver hold 32 MB per channel.
 pub(crate) const PACKET_QUEUE_BYTES: usize = 4 << 20;
+/// What a queued packet costs against [`PACKET_QUEUE_BYTES`] besides its bytes: its slot and
+/// bookkeeping.
+const PACKET_OVERHEAD: usize = 64;
+/// Received packets shorter than this are copied out of the channel's read buffer before they
+/// are queued: a slice keeps the whole buffer (up to 256 KiB) while the packet waits, so 512
+/// small packets could hold 512 buffers against the 4 MiB bound. Every usual MTU (up to
+/// 9,000-byte jumbo frames) is copied; the bulk of a VPN with the cloud's 65,000-byte MTU,
+/// whose packets mostly share their buffers with each other, is not.
+const COPY_PACKET_BELOW: usize = 16 * 1024;
+/// Packets from other channels' pumps waiting to be written to one channel
+/// ([`PacketSender::try_forward`]); beyond, they are dropped. 64 of the largest packets are
+/// 4 MiB, a receive queue's bound.
+const FORWARD_QUEUE: usize = 64;
 
 /// Both ends of one packet channel, as handed to the cloud's hook or returned to the board.
 pub struct PacketChannel {
@@ -67,6 +82,11 @@ enum Target {
 #[derive(Default)]
 pub(crate) struct Link {
     out: Mutex<Option<Outbound>>,
+    /// Packets other channels' pumps forward to this one (with the channel id to send them
+    /// as), written by a task of their own ([`forward_queued`]) started with the first: a
+    /// pump must not wait for one destination's socket, or a member that stops reading would
+    /// stall the packets of its sender to every other member.
+    forwarded: OnceLock<mpsc::Sender<(u32, Bytes)>>,
 }
 
 impl Link {
@@ -99,13 +119,20 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    /// Queues a received packet without waiting; drops it when the receiver lags (as a NIC
-    /// would) or is gone.
+    /// Queues a received packet without waiting (a small one copied out of the read buffer,
+    /// [`COPY_PACKET_BELOW`]); drops it when the receiver lags (as a NIC would) or is gone.
     pub(crate) fn deliver(&self, packet: Bytes) {
-        let len = packet.len();
-        let before = self.queued.fetch_add(len, Ordering::AcqRel);
-        if before + len > PACKET_QUEUE_BYTES || self.tx.try_send(packet).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+        let cost = packet.len() + PACKET_OVERHEAD;
+        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
+        let packet = if before + cost > PACKET_QUEUE_BYTES {
+            None
+        } else if packet.len() < COPY_PACKET_BELOW {
+            Some(Bytes::copy_from_slice(&packet))
+        } else {
+            Some(packet)
+        };
+        if packet.is_none_or(|p| self.tx.try_send(p).is_err()) {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
             tracing::trace!("packet receiver lags or is gone: packet dropped");
         }
     }
@@ -162,6 +189,29 @@ impl PacketSender {
         }
     }
 
+    /// Queues a packet received from another channel to be [forwarded](Self::forward) on
+    /// this one, without waiting; `false` when it is dropped instead: the channel is down,
+    /// [`FORWARD_QUEUE`] packets wait already, or the packet is too large.
+    fn try_forward(&self, packet: Bytes) -> bool {
+        if packet.len() > MAX_PACKET {
+            return false;
+        }
+        match &self.to {
+            Target::Link(link) => {
+                if !link.is_set() {
+                    return false;
+                }
+                let q = link.forwarded.get_or_init(|| {
+                    let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
+                    tokio::spawn(forward_queued(Arc::downgrade(link), rx));
+                    tx
+                });
+                q.try_send((self.id, packet)).is_ok()
+            }
+            Target::Queue(q) => q.try_send(packet).is_ok(),
+        }
+    }
+
     /// True while the channel is up.
     pub fn is_connected(&self) -> bool {
         match &self.to {
@@ -171,11 +221,23 @@ impl PacketSender {
     }
 }
 
+/// Writes the packets other channels' pumps queued for `link`, in order, until the link is
+/// gone. It holds the link only while writing one, so the link's end drops the queue's sender
+/// and ends this task.
+async fn forward_queued(link: Weak<Link>, mut rx: mpsc::Receiver<(u32, Bytes)>) {
+    while let Some((id, packet)) = rx.recv().await {
+        let Some(link) = link.upgrade() else { return };
+        if let Err(e) = (PacketSender { id, to: Target::Link(link) }).forward(packet).await {
+            tracing::trace!(cause = %e, "forwarded packet lost");
+        }
+    }
+}
+
 impl PacketReceiver {
     pub async fn recv(&mut self) -> Option<Bytes> {
         let p = self.rx.recv().await?;
         if let Some(q) = &self.queued {
-            q.fetch_sub(p.len(), Ordering::AcqRel);
+            q.fetch_sub(p.len() + PACKET_OVERHEAD, Ordering::AcqRel);
         }
         Some(p)
     }
@@ -220,9 +282,10 @@ pub struct PumpStats {
     pub sent: AtomicU64,
     /// Packets received on the channel and written to the device.
     pub received: AtomicU64,
-    /// Packets received on the channel and forwarded to another channel by the route.
+    /// Packets received on the channel and queued for another channel by the route.
     pub forwarded: AtomicU64,
-    /// Packets lost: the channel was down, or the device or the other channel refused them.
+    /// Packets lost: the channel was down, the device refused them, or the other channel was
+    /// down or had its forward queue full.
     pub dropped: AtomicU64,
     /// Malformed GRE packets from the channel (dropped).
     pub malformed: AtomicU64,
@@ -247,8 +310,8 @@ pub async fn pump(
 
 /// [`pump`], counting in `stats`, and asking `route` where each packet received on the
 /// channel goes: `route` sees the Ethernet frame (L2) or IP packet (L3) and may name another
-/// channel, to which the packet is forwarded as it came (a switch or router in user space);
-/// `None` writes it to the device.
+/// channel, to which the packet is forwarded as it came (a switch or router in user space;
+/// dropped when that channel's forward queue is full); `None` writes it to the device.
 pub async fn pump_routed(
     device: &tun_rs::AsyncDevice,
     channel: PacketChannel,
@@ -286,10 +349,9 @@ pub async fn pump_routed(
                 },
             };
             if let Some(peer) = route(inner) {
-                match peer.forward(p).await {
-                    Ok(()) => count(&stats.forwarded),
-                    Err(_) => count(&stats.dropped),
-                };
+                // Never waits: a member that does not read must not stall this one's packets
+                // to the others (or to the device).
+                count(if peer.try_forward(p) { &stats.forwarded } else { &stats.dropped });
                 continue;
             }
             match device.send(inner).await {
@@ -313,6 +375,63 @@ pub async fn pump_routed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::{ChanRead, WsReader, outbound, tcp_pair};
+    use bytes::BytesMut;
+    use s4t_shared::tunnel::Frame;
+    use s4t_shared::tunnel::ws::{Message, Role};
+    use std::time::Duration;
+
+    /// Small packets waiting in the receive queue hold copies, not the buffers they were read
+    /// into, and each costs its overhead against the byte bound.
+    #[tokio::test]
+    async fn queued_small_packets_do_not_pin_their_read_buffer() {
+        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()));
+        let read_buffer = Bytes::from(vec![7u8; 256 * 1024]);
+        for i in 0..PACKET_QUEUE + 10 {
+            inbox.deliver(read_buffer.slice(i..i + 100));
+        }
+        assert!(read_buffer.is_unique(), "queued packets pin the read buffer");
+        assert_eq!(inbox.queued.load(Ordering::Acquire), PACKET_QUEUE * (100 + PACKET_OVERHEAD));
+        assert_eq!(chan.receiver.recv().await.unwrap(), read_buffer.slice(0..100));
+    }
+
+    /// Packets forwarded to a channel go out on it in order; forwarding to a channel whose
+    /// peer does not read never waits: once [`FORWARD_QUEUE`] packets wait, the next are
+    /// dropped.
+    #[tokio::test]
+    async fn forwarding_to_a_channel_never_waits() {
+        let (ours, theirs) = tcp_pair().await;
+        let (out, _w) = outbound(Box::new(ours.into_split().1), false);
+        let link = Arc::new(Link::default());
+        link.set(Some(out));
+        let (chan, _inbox) = new_channel(7, link);
+        let mut reader = WsReader::new(ChanRead::Tcp(theirs.into_split().0), Role::Client, BytesMut::new(), false);
+        for i in 0..3u8 {
+            assert!(chan.sender.try_forward(Bytes::from(vec![i; 100])));
+        }
+        for i in 0..3u8 {
+            let m = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.expect("no packet came");
+            let Some(Message::Binary(b)) = m.unwrap() else { panic!("expected a frame") };
+            match Frame::decode(&b).unwrap() {
+                Frame::Packet { channel: 7, payload } => assert_eq!(payload, vec![i; 100]),
+                f => panic!("expected packet {i}, got {f:?}"),
+            }
+        }
+
+        let (ours, _never_read) = tcp_pair().await;
+        let (out, _w) = outbound(Box::new(ours.into_split().1), false);
+        let link = Arc::new(Link::default());
+        link.set(Some(out));
+        let (chan, _inbox) = new_channel(8, link);
+        let big = Bytes::from(vec![1u8; 60_000]);
+        let mut accepted = 0;
+        for _ in 0..1000 {
+            accepted += usize::from(chan.sender.try_forward(big.clone()));
+            // The forwarder runs meanwhile, until the socket is full.
+            tokio::task::yield_now().await;
+        }
+        assert!(accepted < 1000, "every packet was taken: the socket holds {} MB", 60 * accepted / 1000);
+    }
 
     /// A slow receiver makes the inbox drop packets once it holds [`PACKET_QUEUE_BYTES`],
     /// well before [`PACKET_QUEUE`] packets; receiving frees the room again.
@@ -323,9 +442,9 @@ mod tests {
         for _ in 0..100 {
             inbox.deliver(big.clone());
         }
-        let fit = PACKET_QUEUE_BYTES / big.len();
+        let fit = PACKET_QUEUE_BYTES / (big.len() + PACKET_OVERHEAD);
         assert!(fit < 100, "the test must hit the byte bound first");
-        assert_eq!(inbox.queued.load(Ordering::Acquire), fit * big.len());
+        assert_eq!(inbox.queued.load(Ordering::Acquire), fit * (big.len() + PACKET_OVERHEAD));
         for _ in 0..fit {
             assert_eq!(chan.receiver.recv().await.unwrap().len(), big.len());
         }
