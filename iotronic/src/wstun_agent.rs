@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use wstunnel::packet::PacketChannel;
-use wstunnel::server::{Auth, Server, ServerConfig, ServerHandle, ServerHooks};
+use wstunnel::server::{Auth, Refusal, Server, ServerConfig, ServerHandle, ServerHooks};
 
 use crate::Error;
 use crate::db::{Db, Exposure, NewAudit, admits, now_ms, parse_allow_list};
@@ -117,16 +117,18 @@ impl DbHooks {
     /// Loads `e`'s allow-list for its port; `Err` (the listener is refused) if it cannot, or
     /// if the board is revoked (its tunnel tokens stay valid until they expire, its ports must
     /// not: nor may they look like a legacy board's, which has no secret either).
-    async fn load_policy(&self, e: &Exposure) -> Result<(), String> {
-        let port = u16::try_from(e.public_port).map_err(|_| format!("bad public port {}", e.public_port))?;
-        let allow = parse_allow_list(&e.allow).map_err(|err| err.to_string())?;
-        let unreadable = |err: Error| format!("cannot read the board: {err}");
+    async fn load_policy(&self, e: &Exposure) -> Result<(), Refusal> {
+        let port =
+            u16::try_from(e.public_port).map_err(|_| Refusal::Denied(format!("bad public port {}", e.public_port)))?;
+        let allow = parse_allow_list(&e.allow).map_err(|err| Refusal::Denied(err.to_string()))?;
+        // The database failing is no answer: the board keeps a working exposure and asks again.
+        let unreadable = |err: Error| Refusal::Unavailable(format!("cannot read the board: {err}"));
         let project = match self.db.board_by_uuid(&e.board).await.map_err(unreadable)? {
             Some(b) => b.project,
-            None => return Err("the board no longer exists".into()),
+            None => return Err(Refusal::Denied("the board no longer exists".into())),
         };
         if self.db.board_revoked_at(&e.board).await.map_err(unreadable)?.is_some() {
-            return Err("the board is revoked".into());
+            return Err(Refusal::Denied("the board is revoked".into()));
         }
         let policy = PortPolicy { allow, project, refused: 0, reported: None };
         self.policies.lock().expect("policies").insert(port, policy);
@@ -135,23 +137,27 @@ impl DbHooks {
 }
 
 impl ServerHooks for DbHooks {
-    async fn authorize_listener(&self, board: &str, port: u16) -> Result<(), String> {
+    async fn authorize_listener(&self, board: &str, port: u16) -> Result<(), Refusal> {
         match self.db.exposure_by_port(i64::from(port)).await {
             Ok(Some(e)) if e.board == board => self.load_policy(&e).await,
-            Ok(_) => Err(format!("public port {port} is not allocated to this board")),
-            Err(e) => Err(format!("cannot check the allocation: {e}")),
+            Ok(_) => Err(Refusal::Denied(format!("public port {port} is not allocated to this board"))),
+            Err(e) => Err(Refusal::Unavailable(format!("cannot check the allocation: {e}"))),
         }
     }
 
     /// Tokens minted before the board's last revocation or rotation are refused: they were
     /// kept beside the secret that was replaced. A token's issue time is its expiry less
     /// [`TOKEN_TTL_S`] (in whole seconds: one minted in the second of the rotation passes).
-    async fn token_accepted(&self, board: &str, expiry: u64) -> Result<(), String> {
-        let after = self.db.board_tokens_after(board).await.map_err(|e| format!("cannot read the board: {e}"))?;
+    async fn token_accepted(&self, board: &str, expiry: u64) -> Result<(), Refusal> {
+        let after = self
+            .db
+            .board_tokens_after(board)
+            .await
+            .map_err(|e| Refusal::Unavailable(format!("cannot read the board: {e}")))?;
         let issued = expiry.saturating_sub(TOKEN_TTL_S);
         match after {
             Some(ms) if issued < (ms / 1000) as u64 => {
-                Err("token issued before the board's credentials were last revoked or rotated".into())
+                Err(Refusal::Denied("token issued before the board's credentials were last revoked or rotated".into()))
             }
             _ => Ok(()),
         }

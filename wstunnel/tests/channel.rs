@@ -119,6 +119,9 @@ async fn echo_over_wss_with_a_verified_certificate() {
     let mut bad = ClientConfig::new(format!("wss://localhost:{}/", srv.addr.port()));
     bad.tls = Some(wstunnel::tls::client_config_with_roots(rustls::RootCertStore::empty()).unwrap());
     let b = client::start(bad, stop.clone()).unwrap();
+    // A client dials once it has something to ask for.
+    let b2 = b.clone();
+    tokio::spawn(async move { b2.expose(token("b", 0), 0, echo.to_string()).await });
     let mut st = b.state();
     let s = within("tls failure", st.wait_for(|s| s.last_error.is_some())).await.unwrap().clone();
     assert!(!s.connected && s.last_error.unwrap().contains("TLS"));

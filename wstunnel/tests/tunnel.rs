@@ -207,8 +207,8 @@ struct FreshTokensOnly {
 }
 
 impl wstunnel::server::ServerHooks for FreshTokensOnly {
-    async fn token_accepted(&self, _board: &str, expiry: u64) -> Result<(), String> {
-        if expiry < self.min_expiry { Err("token too old".into()) } else { Ok(()) }
+    async fn token_accepted(&self, _board: &str, expiry: u64) -> Result<(), wstunnel::server::Refusal> {
+        if expiry < self.min_expiry { Err(wstunnel::server::Refusal::Denied("token too old".into())) } else { Ok(()) }
     }
 
     fn packet_channel(
@@ -371,7 +371,6 @@ async fn listener_limits_hold_even_when_requests_arrive_at_once() {
     let srv = start_server_with(cfg, DefaultHooks::default()).await;
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
-    client.wait_connected(DEADLINE).await.unwrap();
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let (c, t) = (client.clone(), echo.to_string());

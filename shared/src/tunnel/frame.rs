@@ -75,6 +75,9 @@ pub mod code {
     pub const SHUTDOWN: u16 = 10;
     /// Anything else.
     pub const OTHER: u16 = 11;
+    /// The cloud could not decide now (its database is unreachable, …): ask again later. Clients
+    /// that predate this code treat it as any other refusal (they drop the request).
+    pub const UNAVAILABLE: u16 = 12;
 }
 
 /// One multiplexing frame. `Data` and `Packet` payloads are slices of the received message

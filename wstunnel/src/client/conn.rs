@@ -337,6 +337,26 @@ async fn lane(
 /// How long an established exposure waits before asking again for a port that was busy.
 const IN_USE_RETRY: Duration = Duration::from_secs(2);
 
+/// How long an established exposure or packet channel waits before asking again when the
+/// cloud could not decide (code `UNAVAILABLE`), plus up to as much again at random, so that
+/// a recovering cloud is not asked by every board at once.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(5);
+
+/// Sends `frame` again after `delay` if `still_wanted` then, on whatever connection is live.
+fn ask_again(inner: &Arc<Inner>, delay: Duration, frame: Frame, still_wanted: fn(&Inner, u32) -> bool, id: u32) {
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        if still_wanted(&inner, id) {
+            inner.send_if_connected(&frame);
+        }
+    });
+}
+
+fn jittered(d: Duration) -> Duration {
+    d + d.mul_f64(rand::random::<f64>())
+}
+
 fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
     let mut ex = inner.exposures.lock().expect("exposures");
     let Some(e) = ex.get_mut(&id) else { return };
@@ -348,18 +368,15 @@ fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
             }
             tracing::info!(port, target = e.target, "exposed");
         }
-        Err((code::IN_USE, reason)) if e.assigned.is_some() => {
+        Err((c @ (code::IN_USE | code::UNAVAILABLE), reason)) if e.assigned.is_some() => {
             // An exposure that worked before and now finds its port busy (the server has not
-            // yet noticed our previous channel died): keep it and ask again shortly.
-            tracing::warn!(%reason, target = e.target, "public port still busy: retrying");
+            // yet found our previous channel dead) or the cloud unable to decide (its database
+            // is down): keep it and ask again. A new one is refused below, and its caller
+            // decides.
+            let delay = if c == code::IN_USE { IN_USE_RETRY } else { jittered(UNAVAILABLE_RETRY) };
+            tracing::warn!(code = c, %reason, target = e.target, "exposure not re-established yet: retrying");
             let frame = Frame::Listen { listener: id, port: e.assigned.unwrap_or(e.requested), token: e.token.clone() };
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(IN_USE_RETRY).await;
-                if inner.exposures.lock().expect("exposures").contains_key(&id) {
-                    inner.send_if_connected(&frame);
-                }
-            });
+            ask_again(inner, delay, frame, |i, id| i.exposures.lock().expect("exposures").contains_key(&id), id);
         }
         Err((code, reason)) => {
             tracing::warn!(code, %reason, target = e.target, "exposure refused or closed by the server");
@@ -390,6 +407,19 @@ fn packet_result(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, id: u32
             }
             drop(pk);
             lanes.ensure(inner, mux);
+        }
+        Err((code::UNAVAILABLE, reason)) if p.waiters.is_empty() => {
+            // A packet channel that was open before (its opener has its answer) and the cloud
+            // cannot decide now: keep it and ask again.
+            tracing::warn!(%reason, vpn = p.vpn, "packet channel not re-established yet: retrying");
+            let frame = Frame::PacketOpen { channel: id, vpn: p.vpn.clone(), token: p.token.clone() };
+            ask_again(
+                inner,
+                jittered(UNAVAILABLE_RETRY),
+                frame,
+                |i, id| i.packets.lock().expect("packets").contains_key(&id),
+                id,
+            );
         }
         Err((code, reason)) => {
             tracing::warn!(code, %reason, vpn = p.vpn, "packet channel refused or closed by the server");

@@ -12,6 +12,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The client dials only while it has something to ask for (an exposure or a packet channel):
+//! the server closes a channel that presents no valid token soon after its handshake, and an
+//! idle client would otherwise reconnect over and over. Once up, a channel stays up while the
+//! client runs, even when everything on it was closed.
+//!
 //! After every reconnect (capped, jittered backoff) the client asks again for every exposure
 //! (the port it had, when the token allows it) and re-opens every packet channel, each with
 //! the last token it was given (`renew_*_token`: tokens expire, the cloud renews them); the
@@ -25,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use s4t_shared::backoff::Backoff;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -136,6 +141,9 @@ pub(crate) struct Inner {
     conn: Mutex<Option<Outbound>>,
     state: watch::Sender<ClientState>,
     next_id: AtomicU32,
+    /// An exposure or packet channel was asked for: a client that had nothing to dial for
+    /// dials now.
+    wanted: Notify,
 }
 
 /// Controls a running client. Cheap to clone.
@@ -159,6 +167,7 @@ pub fn start(cfg: ClientConfig, shutdown: CancellationToken) -> Result<ClientHan
         conn: Mutex::new(None),
         state: watch::Sender::new(ClientState::default()),
         next_id: AtomicU32::new(1),
+        wanted: Notify::new(),
     });
     tokio::spawn(run(inner.clone(), shutdown));
     Ok(ClientHandle { inner })
@@ -179,6 +188,7 @@ impl ClientHandle {
             ex.insert(id, e);
             self.inner.send_if_connected(&listen);
         }
+        self.inner.wanted.notify_one();
         self.inner.publish();
         let port = rx.await.map_err(|_| Error::Closed)??;
         Ok(Exposed { id, port })
@@ -207,6 +217,7 @@ impl ClientHandle {
             pk.insert(id, Packets { vpn, token, link, tx, waiters: vec![wtx] });
             self.inner.send_if_connected(&open);
         }
+        self.inner.wanted.notify_one();
         wrx.await.map_err(|_| Error::Closed)??;
         Ok(chan)
     }
@@ -241,7 +252,8 @@ impl ClientHandle {
         self.inner.state.subscribe()
     }
 
-    /// Waits until the client is connected or `timeout` passes.
+    /// Waits until the client is connected or `timeout` passes. A client dials only once it
+    /// has been asked for an exposure or a packet channel.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
         let mut rx = self.state();
         tokio::time::timeout(timeout, rx.wait_for(|s| s.connected))
@@ -258,6 +270,20 @@ impl Inner {
             // A full control queue means the connection is about to be torn down; the request
             // is sent again on the next connection.
             let _ = out.try_ctrl(f);
+        }
+    }
+
+    /// Whether there is anything to dial the server for.
+    fn wants_something(&self) -> bool {
+        !self.exposures.lock().expect("exposures").is_empty() || !self.packets.lock().expect("packets").is_empty()
+    }
+
+    /// Returns once there is something to dial the server for.
+    async fn wait_wanted(&self) {
+        // `notify_one` keeps a permit when nobody waits, so a request made between the check
+        // and the wait is not missed.
+        while !self.wants_something() {
+            self.wanted.notified().await;
         }
     }
 
@@ -280,6 +306,10 @@ impl Inner {
 async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(inner.cfg.reconnect_initial, inner.cfg.reconnect_max);
     loop {
+        tokio::select! {
+            () = inner.wait_wanted() => {}
+            _ = shutdown.cancelled() => break,
+        }
         let res = tokio::select! {
             r = conn::session(&inner, &mut backoff) => r,
             _ = shutdown.cancelled() => break,

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::BytesMut;
@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::registry::Registry;
-use super::{Auth, ServerConfig, ServerHooks};
+use super::registry::{ChannelLife, Holder, Registry};
+use super::{Auth, Refusal, ServerConfig, ServerHooks};
 use crate::error::Error;
 use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Mux, run_stream};
@@ -30,12 +30,55 @@ struct Ctx<H> {
     hooks: Arc<H>,
     mux: Arc<Mux>,
     chan_id: u64,
+    life: Arc<ChannelLife>,
     /// The board this channel belongs to, fixed by the first valid token.
     board: Mutex<Option<String>>,
+    /// A request presented a token that passed every check (or whose age the cloud could not
+    /// check for now): the channel is a board's, and [`super::Limits::token_timeout`] no
+    /// longer applies.
+    proved: AtomicBool,
+    /// Requests refused for their token while the channel had not proved itself.
+    bad_tokens: AtomicUsize,
+    refusal_log: Mutex<RefusalLog>,
     listeners: Mutex<HashMap<u32, Listener>>,
     packets: Mutex<HashMap<u32, PacketEnd>>,
     /// Listen/PacketOpen requests being processed (token check, hooks, bind).
     in_flight: AtomicUsize,
+}
+
+/// A channel that has presented this many invalid tokens and no valid one is closed: a peer
+/// guessing tokens, or a board whose tokens all expired (it is told why, and fetches fresh
+/// ones from the cloud at its next login).
+const MAX_BAD_TOKENS: usize = 8;
+
+/// At most this many refusals of one channel are logged per [`REFUSAL_LOG_EVERY`]; the rest
+/// are counted into the next line, so a peer sending bad requests cannot flood the log.
+const REFUSAL_LOG_BURST: u32 = 8;
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Which of a channel's refusals are logged.
+#[derive(Default)]
+struct RefusalLog {
+    since: Option<Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// `Some(n)`: log this refusal, saying that `n` before it were not.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.since.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
+            self.since = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < REFUSAL_LOG_BURST {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.unlogged))
+        } else {
+            self.unlogged += 1;
+            None
+        }
+    }
 }
 
 /// Decrements the in-flight count when a request task ends, however it ends.
@@ -80,14 +123,19 @@ pub(crate) async fn serve<H: ServerHooks>(
     let (window, max_streams) = (cfg.limits.window, cfg.limits.max_streams_per_channel);
     let budget = cfg.limits.max_buffered_per_channel;
     let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), reg.counters.clone(), budget));
-    let chan_id = reg.add_channel(cancel.clone());
+    let life = ChannelLife::new(cancel.clone(), out.clone());
+    let chan_id = reg.add_channel(life.clone());
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         reg,
         hooks,
         mux,
         chan_id,
+        life,
         board: Mutex::new(None),
+        proved: AtomicBool::new(false),
+        bad_tokens: AtomicUsize::new(0),
+        refusal_log: Mutex::default(),
         listeners: Mutex::new(HashMap::new()),
         packets: Mutex::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
@@ -103,17 +151,22 @@ pub(crate) async fn serve<H: ServerHooks>(
     let res = tokio::select! {
         r = read_loop(&ctx, &mut reader) => r,
         _ = cancel.cancelled() => Err(Error::Closed),
+        () = close_unless_proved(&ctx) => Err(Error::Closed),
     };
     pinger.abort();
-    let (code, reason) = match &res {
-        Ok(()) => (code::NORMAL, String::new()),
-        Err(Error::Closed) => (code::REVOKED, "closed by the server".to_owned()),
-        Err(e) => (code::PROTOCOL, e.to_string()),
+    let (code, reason) = match (&res, ctx.life.closed_because()) {
+        (Ok(()), _) => (code::NORMAL, String::new()),
+        (Err(Error::Closed), Some(why)) => why,
+        (Err(Error::Closed), None) => (code::REVOKED, "closed by the server".to_owned()),
+        (Err(e), _) => (code::PROTOCOL, e.to_string()),
     };
     let board = ctx.board.lock().expect("board").clone();
     match &res {
         Ok(()) => tracing::info!(board, "channel closed by the board"),
-        Err(e) => tracing::warn!(board, cause = %e, "channel closed"),
+        // Anonymous peers can open channels at will: what becomes of theirs is not worth a
+        // warning each.
+        Err(_) if board.is_none() => tracing::debug!(%peer, code, reason, "channel closed before any valid token"),
+        Err(_) => tracing::warn!(board, code, reason, "channel closed"),
     }
     cancel.cancel();
     teardown(&ctx);
@@ -140,6 +193,18 @@ async fn hello(cfg: &ServerConfig, reader: &mut WsReader, out: &Outbound) -> Res
     }
 }
 
+/// Closes the channel once [`super::Limits::token_timeout`] has passed, unless it has
+/// presented a valid token by then.
+async fn close_unless_proved<H>(ctx: &Ctx<H>) {
+    let timeout = ctx.cfg.limits.token_timeout;
+    tokio::time::sleep(timeout).await;
+    if ctx.proved.load(Ordering::Acquire) {
+        return std::future::pending().await;
+    }
+    let reason = format!("no valid token presented within {timeout:?} of the handshake");
+    ctx.life.close(code::UNAUTHORIZED, reason);
+}
+
 /// Says goodbye (best effort) and lets the writer flush, but not forever.
 pub(super) async fn finish(
     out: &Outbound,
@@ -159,6 +224,7 @@ async fn read_loop<H: ServerHooks>(ctx: &Arc<Ctx<H>>, reader: &mut WsReader) -> 
     let idle = ctx.cfg.limits.idle_timeout;
     loop {
         let msg = ctx.mux.next_message(reader, idle).await?;
+        ctx.life.heard();
         match msg {
             None | Some(Message::Close(_)) => return Ok(()),
             Some(Message::Binary(b)) => on_frame(ctx, Frame::decode(&b)?)?,
@@ -250,9 +316,37 @@ async fn check_token<H: ServerHooks>(
 ) -> Result<String, (u16, String)> {
     let (board, expiry) = check_claims(ctx, token, port, vpn)?;
     if let Some(expiry) = expiry {
-        ctx.hooks.token_accepted(&board, expiry).await.map_err(|r| (code::UNAUTHORIZED, r))?;
+        match ctx.hooks.token_accepted(&board, expiry).await {
+            Ok(()) => {}
+            Err(Refusal::Denied(r)) => return Err((code::UNAUTHORIZED, r)),
+            Err(Refusal::Unavailable(r)) => {
+                // The token is genuine (our key signed it), only its age cannot be checked now:
+                // the channel is a board's, which asks again later; closing it at the token
+                // timeout would make every board reconnect while the cloud is unwell.
+                ctx.proved.store(true, Ordering::Release);
+                return Err((code::UNAVAILABLE, r));
+            }
+        }
     }
+    ctx.proved.store(true, Ordering::Release);
     Ok(board)
+}
+
+/// Counts a refused request; `Some(n)` if it is to be logged, `n` refusals before it not.
+fn note_refusal<H>(ctx: &Ctx<H>, code: u16) -> Option<u64> {
+    Counters::add(&ctx.reg.counters.refused, 1);
+    if code == code::UNAUTHORIZED && !ctx.proved.load(Ordering::Acquire) {
+        ctx.bad_tokens.fetch_add(1, Ordering::AcqRel);
+    }
+    ctx.refusal_log.lock().expect("refusal log").admit(Instant::now())
+}
+
+/// Closes the channel if it has presented [`MAX_BAD_TOKENS`] invalid tokens and no valid one
+/// (after the refusal was sent, so the peer reads both).
+fn close_if_guessing<H>(ctx: &Ctx<H>) {
+    if !ctx.proved.load(Ordering::Acquire) && ctx.bad_tokens.load(Ordering::Acquire) >= MAX_BAD_TOKENS {
+        ctx.life.close(code::UNAUTHORIZED, format!("{MAX_BAD_TOKENS} requests with invalid tokens and no valid one"));
+    }
 }
 
 /// The token's board and expiry (`None` without authentication) if it is valid for this
@@ -297,13 +391,15 @@ async fn listen<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, port: u16, token: Str
     let reply = match open_listener(&ctx, id, port, &token).await {
         Ok(bound) => Frame::ListenOk { listener: id, port: bound },
         Err((code, reason)) => {
-            let board = ctx.board.lock().expect("board").clone();
-            tracing::warn!(board, port, code, %reason, "listener refused");
-            Counters::add(&ctx.reg.counters.refused, 1);
+            if let Some(unlogged) = note_refusal(&ctx, code) {
+                let board = ctx.board.lock().expect("board").clone();
+                tracing::warn!(board, port, code, %reason, unlogged, "listener refused");
+            }
             Frame::ListenErr { listener: id, code, reason }
         }
     };
     let _ = ctx.mux.out.ctrl(&reply).await;
+    close_if_guessing(&ctx);
 }
 
 async fn open_listener<H: ServerHooks>(
@@ -338,19 +434,24 @@ async fn bind_listener<H: ServerHooks>(
     board: &str,
 ) -> Result<u16, (u16, String)> {
     let board = board.to_owned();
-    ctx.hooks.authorize_listener(&board, port).await.map_err(|r| (code::FORBIDDEN, r))?;
+    ctx.hooks.authorize_listener(&board, port).await.map_err(|r| match r {
+        Refusal::Denied(r) => (code::FORBIDDEN, r),
+        Refusal::Unavailable(r) => (code::UNAVAILABLE, r),
+    })?;
+    // A channel that died while the hooks were deciding binds nothing (nor takes a port over).
+    if ctx.mux.cancel.is_cancelled() {
+        return Err((code::SHUTDOWN, "the channel is closing".into()));
+    }
     let listener = match bind_public(&ctx.cfg, port).await {
         Err((code::IN_USE, reason)) if port != 0 => {
-            // The same board reconnected before the server noticed its old channel died, or the
-            // previous listener is still closing: take the port over, briefly retrying.
-            ctx.reg.take_over(port, &board);
+            take_over(ctx, port, &board).await?;
             bind_retry(&ctx.cfg, port).await.map_err(|_| (code::IN_USE, reason))?
         }
         other => other?,
     };
     let bound = listener.local_addr().map(|a| a.port()).map_err(|e| (code::OTHER, e.to_string()))?;
     let cancel = ctx.mux.cancel.child_token();
-    let Some(entry) = ctx.reg.add_port(bound, &board, false, cancel.clone()) else {
+    let Some(entry) = ctx.reg.add_port(bound, &board, false, ctx.chan_id, cancel.clone()) else {
         return Err((code::IN_USE, format!("port {bound} is already in use")));
     };
     ctx.listeners.lock().expect("listeners").insert(id, Listener { port: bound, entry, cancel: cancel.clone() });
@@ -361,6 +462,34 @@ async fn bind_listener<H: ServerHooks>(
             .instrument(tracing::info_span!("listener", port = bound)),
     );
     Ok(bound)
+}
+
+/// Decides whether this channel may have `port`, which it could not bind. The board may have
+/// reconnected before the server noticed its old channel died: an older channel of the same
+/// board that does not answer a ping within [`super::Limits::liveness_probe`] is closed, and
+/// its ports are free to take (it is told with a `GoAway`, and our client reconnects and keeps
+/// its exposures). A live channel keeps its port whoever asks (a leaked token must not take it
+/// from the board), and a newer one too (an old channel's late request must not take it back).
+/// `Ok`: the port is closing, try to bind it again.
+async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str) -> Result<(), (u16, String)> {
+    let busy = || (code::IN_USE, format!("port {port} is held by another live listener"));
+    let old = match ctx.reg.holder(port, board, ctx.chan_id) {
+        Holder::Gone => return Ok(()),
+        Holder::Live => return Err(busy()),
+        Holder::Older(old) => old,
+    };
+    let probe = ctx.cfg.limits.liveness_probe;
+    if old.answers(probe).await {
+        return Err(busy());
+    }
+    if ctx.mux.cancel.is_cancelled() {
+        return Err((code::SHUTDOWN, "the channel is closing".into()));
+    }
+    tracing::info!(board, port, "an older channel of the board did not answer: closing it to take its port over");
+    let reason =
+        format!("another channel of this board asked for port {port}, and this one did not answer within {probe:?}");
+    old.close(code::OTHER, reason);
+    Ok(())
 }
 
 /// Binds a public listener on `port`, or on a server-assigned one for 0.
@@ -483,12 +612,14 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
     let reply = match res {
         Ok(()) => Frame::PacketOk { channel: id },
         Err((code, reason)) => {
-            tracing::warn!(vpn, code, %reason, "packet channel refused");
-            Counters::add(&ctx.reg.counters.refused, 1);
+            if let Some(unlogged) = note_refusal(&ctx, code) {
+                tracing::warn!(vpn, code, %reason, unlogged, "packet channel refused");
+            }
             Frame::PacketErr { channel: id, code, reason }
         }
     };
     let _ = ctx.mux.out.ctrl(&reply).await;
+    close_if_guessing(&ctx);
 }
 
 fn teardown<H: ServerHooks>(ctx: &Ctx<H>) {
@@ -502,4 +633,24 @@ fn teardown<H: ServerHooks>(ctx: &Ctx<H>) {
         link.set(None);
     }
     ctx.reg.remove_channel(ctx.chan_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_in_bursts_and_the_rest_counted() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        for _ in 0..REFUSAL_LOG_BURST {
+            assert_eq!(log.admit(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(log.admit(t0 + Duration::from_secs(1)), None);
+        }
+        // The next period's first line says how many were left out.
+        assert_eq!(log.admit(t0 + REFUSAL_LOG_EVERY), Some(5));
+        assert_eq!(log.admit(t0 + REFUSAL_LOG_EVERY), Some(0));
+    }
 }

@@ -6,22 +6,40 @@ use std::ops::RangeInclusive;
 
 use crate::packet::PacketChannel;
 
+/// Why a hook refused a request, and whether asking again may succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The cloud's policy says no (port not allocated to the board, token revoked): the board
+    /// is told so and drops the request.
+    Denied(String),
+    /// The cloud cannot decide now (its database is unreachable, …): the board is told to ask
+    /// again later and keeps the exposures and packet channels it has.
+    Unavailable(String),
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal::Denied(reason)
+    }
+}
+
 /// Policy and notifications the cloud implements. Every method has a default suited to the
 /// `wstunnel server` command line: allow what the token allows, refuse legacy ports unless
 /// they are in [`DefaultHooks::legacy_ports`], refuse packet channels.
 pub trait ServerHooks: Send + Sync + 'static {
-    /// May `board` (proved by its token) listen on `port` (0: server-assigned)? `Err(reason)`
-    /// refuses; the reason is logged and sent to the board.
-    fn authorize_listener(&self, board: &str, port: u16) -> impl Future<Output = Result<(), String>> + Send {
+    /// May `board` (proved by its token) listen on `port` (0: server-assigned)? A refusal is
+    /// logged and sent to the board: [`Refusal::Denied`] for good (the board drops the
+    /// exposure), [`Refusal::Unavailable`] for now (it keeps a working one and asks again).
+    fn authorize_listener(&self, board: &str, port: u16) -> impl Future<Output = Result<(), Refusal>> + Send {
         let _ = (board, port);
         async { Ok(()) }
     }
 
     /// Does the cloud still honour a valid token of `board`'s that expires at `expiry` (Unix
     /// seconds)? Lets it refuse tokens issued before it last revoked or rotated the board's
-    /// credentials, which would otherwise stay usable until they expire. `Err(reason)`
-    /// refuses the request the token came with.
-    fn token_accepted(&self, board: &str, expiry: u64) -> impl Future<Output = Result<(), String>> + Send {
+    /// credentials, which would otherwise stay usable until they expire. A refusal refuses the
+    /// request the token came with, for good or for now as in `authorize_listener`.
+    fn token_accepted(&self, board: &str, expiry: u64) -> impl Future<Output = Result<(), Refusal>> + Send {
         let _ = (board, expiry);
         async { Ok(()) }
     }

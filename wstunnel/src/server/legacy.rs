@@ -66,7 +66,7 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
 ) {
     let mut ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
     let cancel = shutdown.child_token();
-    let Some(entry) = reg.add_port(port, &board, true, cancel.clone()) else {
+    let Some(entry) = reg.add_port(port, &board, true, 0, cancel.clone()) else {
         let _ = ws.close(None).await;
         return;
     };
@@ -76,7 +76,15 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     loop {
         tokio::select! {
             r = listener.accept() => {
-                let Ok((tcp, peer)) = r else { continue };
+                let (tcp, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off a little instead of spinning.
+                        tracing::warn!(port, cause = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 if !hooks.connection_allowed(&board, port, peer, true) {
                     continue; // dropping `tcp` closes it
                 }

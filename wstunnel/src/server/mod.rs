@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use hooks::{DefaultHooks, ServerHooks};
+pub use hooks::{DefaultHooks, Refusal, ServerHooks};
 pub(crate) use legacy::pipe as pipe_legacy;
 pub use registry::{ListenerInfo, ServerHandle};
 
@@ -90,6 +90,15 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// A channel on which nothing (not even a pong) arrives for this long is closed.
     pub idle_timeout: Duration,
+    /// A channel that has not presented a valid token (with a `Listen` or `PacketOpen`) this
+    /// long after its `Welcome` is closed: without it, anonymous peers that only answer pings
+    /// could hold every connection slot. A channel that has presented one is kept, even once
+    /// it has nothing open: it belongs to a board the cloud can revoke.
+    pub token_timeout: Duration,
+    /// When a channel asks for a port an older channel of the same board holds, the older one
+    /// is pinged and must answer within this, or it is presumed dead (the board reconnected
+    /// before the server noticed) and closed so the port can be taken over.
+    pub liveness_probe: Duration,
     /// How long an accepted legacy connection waits for the board's `?id=` data socket.
     pub legacy_pending_timeout: Duration,
     /// Accepted legacy connections waiting for their data socket, server-wide.
@@ -114,6 +123,10 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(65),
+            // Our client asks for its listeners right after Welcome and dials only when it has
+            // something to ask for; ten seconds leave room for a slow link and a slow cloud.
+            token_timeout: Duration::from_secs(10),
+            liveness_probe: Duration::from_secs(5),
             legacy_pending_timeout: Duration::from_secs(10),
             legacy_max_pending: 1024,
         }

@@ -6,10 +6,13 @@ use portable_atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
+use s4t_shared::tunnel::ws::Opcode;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::io::Outbound;
 use crate::mux::Mux;
 use crate::stats::{Counters, TrafficStats};
 
@@ -27,7 +30,7 @@ pub(crate) struct Registry {
 
 struct ChannelEntry {
     board: Option<String>,
-    cancel: CancellationToken,
+    life: Arc<ChannelLife>,
     /// The key of its lanes, if it offered lanes.
     lane_key: Option<String>,
 }
@@ -36,7 +39,76 @@ struct PortEntry {
     id: u64,
     board: String,
     legacy: bool,
+    /// The channel that opened it (0 for a legacy listener). Channel ids grow, so a smaller
+    /// one is an older channel.
+    chan: u64,
     cancel: CancellationToken,
+}
+
+/// What the registry and a channel's own task share: how to close it, and whether its peer
+/// still answers.
+pub(crate) struct ChannelLife {
+    pub(crate) cancel: CancellationToken,
+    out: Outbound,
+    /// Messages received on the channel so far: a liveness probe watches it move.
+    heard: AtomicU64,
+    /// Why the server closed the channel, if it did: sent in its `GoAway`.
+    closed_because: Mutex<Option<(u16, String)>>,
+}
+
+impl ChannelLife {
+    pub(crate) fn new(cancel: CancellationToken, out: Outbound) -> Arc<ChannelLife> {
+        Arc::new(ChannelLife { cancel, out, heard: AtomicU64::new(0), closed_because: Mutex::new(None) })
+    }
+
+    /// Counts a message received from the peer.
+    pub(crate) fn heard(&self) {
+        self.heard.fetch_add(1, Ordering::Release);
+    }
+
+    /// Closes the channel, telling its peer `code` and `reason` (the first reason given wins).
+    pub(crate) fn close(&self, code: u16, reason: String) {
+        self.closed_because.lock().expect("channel life").get_or_insert((code, reason));
+        self.cancel.cancel();
+    }
+
+    /// The code and reason [`ChannelLife::close`] was given.
+    pub(crate) fn closed_because(&self) -> Option<(u16, String)> {
+        self.closed_because.lock().expect("channel life").clone()
+    }
+
+    /// Pings the peer and waits up to `within` for anything from it: false when nothing came
+    /// (or the channel is closing), so the peer is presumed gone.
+    pub(crate) async fn answers(&self, within: Duration) -> bool {
+        let before = self.heard.load(Ordering::Acquire);
+        if self.cancel.is_cancelled() || self.out.try_ctrl_raw(self.out.ws_control(Opcode::Ping, b"probe")).is_err() {
+            return false;
+        }
+        // Polled rather than notified: a probe is rare (two channels of one board want the
+        // same port), and the channel's reader then pays one atomic add per message, no more.
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.heard.load(Ordering::Acquire) != before {
+                return true;
+            }
+            if self.cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Who holds a port a channel could not bind, as that channel sees it.
+pub(crate) enum Holder {
+    /// Nobody live: no listener is recorded there, or it is closing.
+    Gone,
+    /// An older channel of the same board: perhaps one the board left behind when it
+    /// reconnected, perhaps a live one.
+    Older(Arc<ChannelLife>),
+    /// A live listener that must not be taken: another board's, a legacy one, one of the
+    /// asking channel's own, or one of a newer channel of the board.
+    Live,
 }
 
 /// A public listener, as [`ServerHandle::listeners`] reports it.
@@ -62,10 +134,10 @@ impl Registry {
         }
     }
 
-    pub(crate) fn add_channel(&self, cancel: CancellationToken) -> u64 {
+    pub(crate) fn add_channel(&self, life: Arc<ChannelLife>) -> u64 {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
         Counters::add(&self.counters.channels, 1);
-        self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, cancel, lane_key: None });
+        self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, life, lane_key: None });
         id
     }
 
@@ -97,24 +169,36 @@ impl Registry {
 
     /// Records a public listener and returns its entry id; `None` if a live listener already
     /// holds the port (an entry whose listener was cancelled is replaced).
-    pub(crate) fn add_port(&self, port: u16, board: &str, legacy: bool, cancel: CancellationToken) -> Option<u64> {
+    /// `chan`: the channel opening it, 0 for a legacy listener.
+    pub(crate) fn add_port(
+        &self,
+        port: u16,
+        board: &str,
+        legacy: bool,
+        chan: u64,
+        cancel: CancellationToken,
+    ) -> Option<u64> {
         let mut p = self.ports.lock().expect("registry");
         if p.get(&port).is_some_and(|e| !e.cancel.is_cancelled()) {
             return None;
         }
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
-        p.insert(port, PortEntry { id, board: board.to_owned(), legacy, cancel });
+        p.insert(port, PortEntry { id, board: board.to_owned(), legacy, chan, cancel });
         Some(id)
     }
 
-    /// Closes the listener on `port` if `board` owns it (a stale channel of the same board).
-    pub(crate) fn take_over(&self, port: u16, board: &str) -> bool {
-        match self.ports.lock().expect("registry").get(&port) {
-            Some(p) if !p.legacy && p.board == board => {
-                p.cancel.cancel();
-                true
-            }
-            _ => false,
+    /// Who holds `port`, which channel `chan` of `board` could not bind.
+    pub(crate) fn holder(&self, port: u16, board: &str, chan: u64) -> Holder {
+        let owner = match self.ports.lock().expect("registry").get(&port) {
+            None => return Holder::Gone,
+            Some(e) if e.cancel.is_cancelled() => return Holder::Gone,
+            Some(e) if e.legacy || e.board != board || e.chan >= chan => return Holder::Live,
+            Some(e) => e.chan,
+        };
+        match self.channels.lock().expect("registry").get(&owner) {
+            Some(c) => Holder::Older(c.life.clone()),
+            // Its channel is gone and its accept loop about to free the port.
+            None => Holder::Gone,
         }
     }
 
@@ -142,7 +226,7 @@ impl Registry {
 
     pub(crate) fn close_all(&self) {
         for c in self.channels.lock().expect("registry").values() {
-            c.cancel.cancel();
+            c.life.cancel.cancel();
         }
         for p in self.ports.lock().expect("registry").values() {
             p.cancel.cancel();
@@ -173,7 +257,7 @@ impl ServerHandle {
         let ch = self.reg.channels.lock().expect("registry");
         let mut n = 0;
         for c in ch.values().filter(|c| c.board.as_deref() == Some(board)) {
-            c.cancel.cancel();
+            c.life.cancel.cancel();
             n += 1;
         }
         n

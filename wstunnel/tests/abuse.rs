@@ -1,0 +1,241 @@
+//! What peers that hold no valid token, or a token of a board that is connected already, can
+//! make the server do: not hold connection slots, not take a live board's ports, not flood
+//! the log; and a cloud that cannot decide for a while does not make boards drop tunnels.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use wstunnel::Error;
+use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw peer that has said Hello and got its Welcome.
+async fn raw_channel(srv: &TestServer) -> Ws {
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+    let mut ws = within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0;
+    ws.send(Message::binary(Frame::Hello { version: PROTOCOL_VERSION, agent: "raw".into() }.encode())).await.unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::Welcome { .. })));
+    ws
+}
+
+/// The next tunnel frame (pings are answered by tungstenite as it reads); `None` once closed.
+async fn next_frame(ws: &mut Ws) -> Option<Frame> {
+    loop {
+        match within("next frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => return Some(Frame::decode(&b).unwrap()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, f: Frame) {
+    ws.send(Message::binary(f.encode())).await.unwrap();
+}
+
+async fn goaway(ws: &mut Ws) -> (u16, String) {
+    match next_frame(ws).await {
+        Some(Frame::GoAway { code: c, reason }) => (c, reason),
+        other => panic!("expected GoAway, got {other:?}"),
+    }
+}
+
+async fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    within(what, async {
+        while !ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+async fn assert_echo(port: u16) {
+    let mut s = connect(port).await;
+    assert_eq!(echo_once(&mut s, b"still here").await, b"still here");
+}
+
+fn short_token_timeout() -> wstunnel::server::ServerConfig {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.token_timeout = Duration::from_millis(300);
+    cfg
+}
+
+/// A peer that says Hello and nothing else (it answers pings) is closed once the token
+/// timeout passes; a board that opened a listener before it stays, on its first channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_valid_token_is_closed_and_a_board_stays() {
+    let srv = start_server_with(short_token_timeout(), DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    // Opened after the board's channel: its timeout passes after the board's.
+    let mut ws = raw_channel(&srv).await;
+    let (c, reason) = goaway(&mut ws).await;
+    assert_eq!(c, code::UNAUTHORIZED);
+    assert!(reason.contains("no valid token"), "{reason}");
+    assert!(next_frame(&mut ws).await.is_none(), "the socket closes");
+    wait_until("anonymous channel gone", || srv.handle.channel_count() == 1).await;
+    assert_eq!(srv.handle.stats().channels_total, 2, "the board never had to reconnect");
+    assert!(client.state().borrow().connected);
+    assert_eq!(srv.handle.boards(), vec!["b".to_owned()]);
+    assert_echo(port).await;
+}
+
+/// A client whose only request was refused has nothing left to ask for: the server closes
+/// its channel at the token timeout, and it does not dial again (it would every few
+/// milliseconds here) until it is asked for something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_dials_only_while_it_has_something_to_ask_for() {
+    let srv = start_server_with(short_token_timeout(), DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let err = within("expose", client.expose("bad".into(), 0, echo.to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { code: code::UNAUTHORIZED, .. }), "{err:?}");
+    let mut st = client.state();
+    let closed = |s: &wstunnel::client::ClientState| {
+        !s.connected && s.last_error.as_deref().is_some_and(|e| e.contains("no valid token"))
+    };
+    within("closed at the token timeout", st.wait_for(closed)).await.unwrap();
+    // Reconnects come 20-200 ms apart in these tests: half a second would see several.
+    let redialed = tokio::time::timeout(Duration::from_millis(500), st.wait_for(|s| s.connected)).await;
+    assert!(redialed.is_err(), "an idle client dialed again");
+    assert_eq!(srv.handle.stats().channels_total, 1);
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    assert_echo(port).await;
+}
+
+/// Another channel of the same board (a second process, a leaked token) asking for a port a
+/// live channel holds is refused, and the live channel keeps its listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_channel_does_not_take_a_port_from_a_live_one() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut ws = raw_channel(&srv).await;
+    send(&mut ws, Frame::Listen { listener: 1, port, token: token("b", port) }).await;
+    match next_frame(&mut ws).await {
+        Some(Frame::ListenErr { listener: 1, code: c, .. }) => assert_eq!(c, code::IN_USE),
+        other => panic!("expected ListenErr, got {other:?}"),
+    }
+    assert_eq!(srv.handle.listeners(), vec![ListenerInfo { board: "b".into(), port, legacy: false }]);
+    let s = client.state().borrow().clone();
+    assert_eq!(s.exposures.iter().map(|e| e.port).collect::<Vec<_>>(), vec![Some(port)]);
+    assert_eq!(s.last_refusal, None);
+    assert_echo(port).await;
+}
+
+/// An older channel of the board (one whose request was still with the hooks when the board
+/// reconnected) does not take a port back from the newer channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_channel_does_not_take_a_port_from_a_newer_one() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let mut old = raw_channel(&srv).await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    send(&mut old, Frame::Listen { listener: 1, port, token: token("b", port) }).await;
+    match next_frame(&mut old).await {
+        Some(Frame::ListenErr { listener: 1, code: c, .. }) => assert_eq!(c, code::IN_USE),
+        other => panic!("expected ListenErr, got {other:?}"),
+    }
+    assert_eq!(srv.handle.listeners(), vec![ListenerInfo { board: "b".into(), port, legacy: false }]);
+    assert_eq!(client.state().borrow().last_refusal, None);
+    assert_echo(port).await;
+}
+
+/// The board reconnected before the server noticed its old channel died: the old one does
+/// not answer the ping, is closed with a reason, and the new channel gets the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_does_not_answer_gives_its_port_to_its_boards_new_one() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.liveness_probe = Duration::from_millis(200);
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let mut old = raw_channel(&srv).await;
+    send(&mut old, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    let port = match next_frame(&mut old).await {
+        Some(Frame::ListenOk { listener: 1, port }) => port,
+        other => panic!("expected ListenOk, got {other:?}"),
+    };
+    // From here the old peer reads nothing, so it answers no ping.
+    let (client, _stop) = start_client(&srv.url());
+    let got = within("expose", client.expose(token("b", port), port, echo.to_string())).await.unwrap();
+    assert_eq!(got.port, port);
+    assert_echo(port).await;
+    let (c, reason) = goaway(&mut old).await;
+    assert_eq!(c, code::OTHER);
+    assert!(reason.contains("did not answer"), "{reason}");
+}
+
+/// A peer sending invalid tokens is closed after a few, with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_guessing_tokens_is_closed() {
+    let srv = start_server().await;
+    let mut ws = raw_channel(&srv).await;
+    for id in 1..=8 {
+        send(&mut ws, Frame::Listen { listener: id, port: 0, token: format!("guess-{id}") }).await;
+    }
+    let mut refused = 0;
+    let reason = loop {
+        match next_frame(&mut ws).await {
+            Some(Frame::ListenErr { code: c, .. }) => {
+                assert_eq!(c, code::UNAUTHORIZED);
+                refused += 1;
+            }
+            Some(Frame::GoAway { code: c, reason }) => {
+                assert_eq!(c, code::UNAUTHORIZED);
+                break reason;
+            }
+            other => panic!("expected ListenErr or GoAway, got {other:?}"),
+        }
+    };
+    assert_eq!(refused, 8);
+    assert!(reason.contains("invalid tokens"), "{reason}");
+}
+
+/// Hooks whose database can be down: they can decide nothing then.
+struct Flaky {
+    down: Arc<AtomicBool>,
+}
+
+impl ServerHooks for Flaky {
+    fn authorize_listener(&self, _board: &str, _port: u16) -> impl Future<Output = Result<(), Refusal>> + Send {
+        let down = self.down.load(Ordering::SeqCst);
+        async move { if down { Err(Refusal::Unavailable("database unreachable".into())) } else { Ok(()) } }
+    }
+}
+
+/// While the cloud cannot decide, a new exposure is refused with `UNAVAILABLE`, and an
+/// established one is kept and asked for again until the cloud answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
+    let down = Arc::new(AtomicBool::new(false));
+    let hooks = Flaky { down: down.clone() };
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let kept = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap();
+    down.store(true, Ordering::SeqCst);
+    let err = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { code: code::UNAVAILABLE, .. }), "{err:?}");
+    // The board reconnects and asks for its port again while the database is down.
+    assert_eq!(srv.handle.close_board("b"), 1);
+    wait_until("asked again while down", || srv.handle.stats().refusals_total == 2).await;
+    down.store(false, Ordering::SeqCst);
+    wait_until("listener back", || srv.handle.listeners().iter().any(|l| l.port == kept.port)).await;
+    let s = client.state().borrow().clone();
+    assert_eq!(s.exposures.iter().map(|e| (e.id, e.port)).collect::<Vec<_>>(), vec![(kept.id, Some(kept.port))]);
+    assert_echo(kept.port).await;
+}
