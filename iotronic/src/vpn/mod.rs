@@ -234,6 +234,7 @@ impl Fabric {
         let device = wstunnel::packet::create_device(&spec)
             .map_err(|e| Error::Unavailable(format!("cannot create the VPN device {name}: {e}")))?;
         let index = device.if_index().map_err(|e| Error::Unavailable(format!("{name}: {e}")))?;
+        net::harden(&name)?;
         let (_, prefix) = parse_cidr(&v.cidr)?;
         match layer {
             Layer::L2 => {

@@ -21,6 +21,23 @@ fn exists(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -EEXIST)
 }
 
+/// Makes the host refuse what a board could forge through VPN interface `name`: strict
+/// reverse-path filtering (a packet whose source the host would not route back through this
+/// interface is dropped, so a member cannot send as an address of another VPN, of the host's
+/// networks or of the internet) and no IPv6 on it (no router advertisements or link-local
+/// traffic from boards reach the host). Packets between members never reach the kernel (the
+/// pump routes them), so only what is meant for the host is filtered.
+pub fn harden(name: &str) -> Result<(), Error> {
+    let rp = format!("/proc/sys/net/ipv4/conf/{name}/rp_filter");
+    std::fs::write(&rp, "1").map_err(|e| err(format!("writing {rp}"), e))?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match std::fs::write(&v6, "1") {
+        // A kernel without IPv6 has nothing to disable.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err(format!("writing {v6}"), e)),
+        _ => Ok(()),
+    }
+}
+
 /// A netlink connection; its task ends when the `Net` is dropped.
 pub struct Net {
     handle: Handle,
@@ -69,9 +86,10 @@ impl Net {
         Ok(out)
     }
 
-    /// Creates bridge `name` (up) unless it exists; returns its index.
+    /// Creates bridge `name` (up, [hardened](harden)) unless it exists; returns its index.
     pub async fn ensure_bridge(&self, name: &str) -> Result<u32, Error> {
         if let Some(i) = self.index(name).await? {
+            harden(name)?;
             return Ok(i);
         }
         let m = LinkBridge::new(name).address(super::names::mac(name).to_vec()).build();
@@ -80,7 +98,9 @@ impl Net {
             Err(e) if exists(&e) => {}
             Err(e) => return Err(err(format!("creating bridge {name}"), e)),
         }
-        self.index(name).await?.ok_or_else(|| err(format!("bridge {name}"), "vanished after creation"))
+        let index = self.index(name).await?.ok_or_else(|| err(format!("bridge {name}"), "vanished after creation"))?;
+        harden(name)?;
+        Ok(index)
     }
 
     /// Sets the MAC of `index`, puts it into `bridge` (or none) and brings it up.
@@ -131,5 +151,41 @@ impl Net {
         let r = self.handle.link().add(m).execute().await.map_err(|e| e.to_string());
         let _ = self.delete(&probe).await;
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysctl(path: &str) -> String {
+        std::fs::read_to_string(path).unwrap().trim().to_owned()
+    }
+
+    /// The cloud's VPN interfaces filter forged sources and carry no IPv6, in a private
+    /// network namespace (needs root).
+    #[test]
+    fn vpn_interfaces_refuse_forged_sources_and_ipv6() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
+            eprintln!("SKIPPED: needs root (network namespace)");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this thread only; the namespace dies with it.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let net = Net::open().unwrap();
+                net.ensure_bridge("s4btest0").await.unwrap();
+                assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/rp_filter"), "1");
+                if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+                    assert_eq!(sysctl("/proc/sys/net/ipv6/conf/s4btest0/disable_ipv6"), "1");
+                }
+            });
+        })
+        .join()
+        .unwrap();
     }
 }
