@@ -239,3 +239,19 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     assert_eq!(s.exposures.iter().map(|e| (e.id, e.port)).collect::<Vec<_>>(), vec![(kept.id, Some(kept.port))]);
     assert_echo(kept.port).await;
 }
+
+/// A token for a server-assigned port (port 0) may ask again for a port the server assigns
+/// (a reconnect keeps its port: tunnel.rs, `the_client_reconnects_after_the_server_restarts…`),
+/// but not for a port of its choosing elsewhere on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_an_assigned_port_cannot_pick_any_port() {
+    let srv = start_server().await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let assigned = within("expose", client.expose(token("board-a", 0), 0, echo.to_string())).await.unwrap();
+    let err = within("expose", client.expose(token("board-a", 0), 1, echo.to_string())).await.unwrap_err();
+    assert!(err.to_string().contains("server-assigned"), "{err}");
+    assert!(srv.handle.listeners().iter().all(|l| l.port != 1), "port 1 was bound");
+    assert_eq!(srv.handle.listeners().len(), 1, "the assigned one stays");
+    assert_ne!(assigned.port, 1);
+}

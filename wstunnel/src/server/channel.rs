@@ -370,6 +370,14 @@ fn check_claims<H>(
             if c.port != 0 && c.port != port {
                 return Err((code::UNAUTHORIZED, format!("token is for port {}, not {port}", c.port)));
             }
+            // A port-0 token is for a port the server assigns: it may ask for one again (a
+            // reconnect keeps its port), not for any port of the host (5432, 22…).
+            if c.port == 0 && vpn.is_none() && port != 0 && !assignable(&ctx.cfg, port) {
+                return Err((
+                    code::UNAUTHORIZED,
+                    format!("token is for a server-assigned port; {port} is not one the server assigns"),
+                ));
+            }
             (c.board, Some(c.expiry))
         }
     };
@@ -490,6 +498,21 @@ async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str) -> Result<(), (u16, 
         format!("another channel of this board asked for port {port}, and this one did not answer within {probe:?}");
     old.close(code::OTHER, reason);
     Ok(())
+}
+
+/// Whether the server could have assigned `port`: in `assign_ports`, or else in the host's
+/// ephemeral range (where the OS picks when asked for port 0).
+fn assignable(cfg: &ServerConfig, port: u16) -> bool {
+    match &cfg.assign_ports {
+        Some(range) => range.contains(&port),
+        None => {
+            let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|s| {
+                let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+                Some(it.next()??..=it.next()??)
+            });
+            range.unwrap_or(32768..=60999).contains(&port)
+        }
+    }
 }
 
 /// Binds a public listener on `port`, or on a server-assigned one for 0.
