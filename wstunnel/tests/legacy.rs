@@ -195,3 +195,30 @@ async fn a_busy_port_is_a_409_our_client_waits_out_and_a_refusal_ends_it_at_once
     stop.cancel();
     within("client stops", task).await.unwrap().unwrap();
 }
+
+/// A wstun control socket whose peer went silent (a NAT dropped it: no pongs, no close) is
+/// closed after the idle timeout and its public port freed, so the board's reconnect is not
+/// refused as a busy port for as long as TCP takes to give up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_wstun_control_socket_frees_its_port() {
+    let port = free_port();
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.legacy = true;
+    cfg.limits.ping_interval = std::time::Duration::from_millis(100);
+    cfg.limits.idle_timeout = std::time::Duration::from_millis(500);
+    let srv = start_server_with(cfg, DefaultHooks { legacy_ports: Some(port..=port) }).await;
+    // Opened, then never read again: its pings go unanswered.
+    let _silent = within("control", wstun_socket(&srv, &format!("dst=127.0.0.1:{port}"))).await.unwrap();
+    within("listener up", async {
+        while srv.handle.listeners().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    within("the silent socket's listener closed", async {
+        while !srv.handle.listeners().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

@@ -73,6 +73,12 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     hooks.listener_opened(&board, port, true);
     let mut ping = tokio::time::interval(cfg.limits.ping_interval);
     ping.tick().await;
+    // A board whose NAT dropped the connection without a word would hold the port until TCP
+    // gave up (a quarter of an hour) and get 409 at every reconnect meanwhile: a control
+    // socket from which nothing (not even a pong) came for `idle_timeout` is closed, and so
+    // is one that takes no frame within it.
+    let idle = cfg.limits.idle_timeout;
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -94,7 +100,7 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
                     continue;
                 }
                 tracing::debug!(port, %peer, id, "legacy connection announced");
-                if ws.send(Message::text(format!("NC:{id}"))).await.is_err() {
+                if !matches!(tokio::time::timeout(idle, ws.send(Message::text(format!("NC:{id}")))).await, Ok(Ok(()))) {
                     reg.take_pending(&id);
                     break;
                 }
@@ -108,10 +114,14 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
             }
             m = ws.next() => match m {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
             _ = ping.tick() => {
-                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                if heard.elapsed() > idle {
+                    tracing::warn!(port, board, silent_s = heard.elapsed().as_secs(), "legacy control socket silent: closed");
+                    break;
+                }
+                if !matches!(tokio::time::timeout(idle, ws.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) {
                     break;
                 }
             }
