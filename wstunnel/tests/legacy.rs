@@ -222,3 +222,38 @@ async fn a_silent_wstun_control_socket_frees_its_port() {
     })
     .await;
 }
+
+/// Connections waiting for their data socket are capped per port as well as in all: users
+/// piling up on one board's port (whose board never opens data sockets) leave room for the
+/// other legacy boards' connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ports_waiting_connections_leave_room_for_the_others() {
+    let (p1, p2) = (free_port(), free_port());
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.legacy = true;
+    cfg.limits.legacy_max_pending = 16;
+    let srv = start_server_with(cfg, DefaultHooks { legacy_ports: Some(p1.min(p2)..=p1.max(p2)) }).await;
+    let _ignoring = within("control 1", wstun_socket(&srv, &format!("dst=127.0.0.1:{p1}"))).await.unwrap();
+    let mut answering = within("control 2", wstun_socket(&srv, &format!("dst=127.0.0.1:{p2}"))).await.unwrap();
+    within("listeners up", async {
+        while srv.handle.listeners().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // More than the whole server may hold wait on port 1; the last is refused (closed) once
+    // every one before it was taken or refused.
+    let mut users = Vec::new();
+    for _ in 0..17 {
+        users.push(connect(p1).await);
+    }
+    let mut last = users.pop().unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(within("the 17th is refused", last.read(&mut buf)).await.unwrap_or(0), 0);
+    // Port 2's user is still announced to its board.
+    let _user = connect(p2).await;
+    match within("NC on port 2", answering.next()).await.unwrap().unwrap() {
+        Message::Text(t) => assert!(t.as_str().starts_with("NC:"), "{t}"),
+        other => panic!("expected NC:<id>, got {other:?}"),
+    }
+}

@@ -95,7 +95,7 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
                     continue; // dropping `tcp` closes it
                 }
                 let id = uuid::Uuid::new_v4().to_string();
-                if !reg.park(id.clone(), tcp) {
+                if !reg.park(id.clone(), port, tcp) {
                     tracing::warn!(port, "too many legacy connections waiting: dropped one");
                     continue;
                 }

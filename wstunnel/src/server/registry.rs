@@ -22,7 +22,8 @@ pub(crate) struct Registry {
     /// Channels that offered lanes, by the key their lanes present.
     lane_doors: Mutex<HashMap<String, Weak<Mux>>>,
     ports: Mutex<HashMap<u16, PortEntry>>,
-    pending: Mutex<HashMap<String, TcpStream>>,
+    /// Legacy connections waiting for their data socket: id → (public port, connection).
+    pending: Mutex<HashMap<String, (u16, TcpStream)>>,
     max_pending: usize,
     next_channel: AtomicU64,
     pub(crate) counters: Arc<Counters>,
@@ -210,18 +211,22 @@ impl Registry {
         }
     }
 
-    /// Parks an accepted legacy connection until its data socket arrives; false when full.
-    pub(crate) fn park(&self, id: String, tcp: TcpStream) -> bool {
+    /// Parks an accepted legacy connection on `port` until its data socket arrives; false
+    /// when the server holds `max_pending` such connections, or one port an eighth of them
+    /// (a port whose board never answers, or whose users connect faster than it does, must
+    /// not take every other legacy board's room).
+    pub(crate) fn park(&self, id: String, port: u16, tcp: TcpStream) -> bool {
         let mut p = self.pending.lock().expect("registry");
-        if p.len() >= self.max_pending {
+        let per_port = (self.max_pending / 8).max(1);
+        if p.len() >= self.max_pending || p.values().filter(|(q, _)| *q == port).count() >= per_port {
             return false;
         }
-        p.insert(id, tcp);
+        p.insert(id, (port, tcp));
         true
     }
 
     pub(crate) fn take_pending(&self, id: &str) -> Option<TcpStream> {
-        self.pending.lock().expect("registry").remove(id)
+        self.pending.lock().expect("registry").remove(id).map(|(_, tcp)| tcp)
     }
 
     pub(crate) fn close_all(&self) {
