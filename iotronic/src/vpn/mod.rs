@@ -305,6 +305,8 @@ impl Fabric {
             self.remove_port(&mut st, &key).await;
         }
         let used: HashSet<&String> = members.iter().map(|m| &m.vpn).collect();
+        // A deleted VPN's packet counters go too (they would stay in `/metrics` for good).
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).retain(|v, _| vpns.contains_key(v));
         let empty: Vec<String> =
             st.bridges.keys().filter(|v| !used.contains(v) || !vpns.contains_key(*v)).cloned().collect();
         for vpn in empty {
@@ -461,6 +463,40 @@ impl Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deleted VPN's packet counters leave `/metrics` at the next reconcile; a live one's
+    /// stay. In a private network namespace (netlink; needs root).
+    #[test]
+    fn a_deleted_vpns_counters_go() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
+            eprintln!("SKIPPED: needs root (network namespace)");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this thread only; the namespace dies with it.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+                let p = db.create_project("p").await.unwrap();
+                let kept = db.create_vpn("kept", &p.uuid, "l2", "10.50.0.0/24").await.unwrap();
+                let gone = db.create_vpn("gone", &p.uuid, "l2", "10.51.0.0/24").await.unwrap();
+                let fabric = Fabric::start(db.clone()).await.unwrap();
+                for v in [&kept.uuid, &gone.uuid] {
+                    fabric.stats.lock().unwrap().entry(v.clone()).or_default();
+                }
+                db.delete_vpn(&gone.uuid).await.unwrap();
+                fabric.reconcile().await.unwrap();
+                let left: Vec<String> = fabric.packet_stats().into_iter().map(|(v, _)| v).collect();
+                assert_eq!(left, vec![kept.uuid.clone()]);
+            });
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn ipv4_destinations_are_read_only_from_ipv4_packets() {
