@@ -228,6 +228,38 @@ impl ServerHooks for DbHooks {
     }
 }
 
+/// Ports of `pool` inside the host's ephemeral range (`range`, from
+/// `net.ipv4.ip_local_port_range`) that `reserved` (`net.ipv4.ip_local_reserved_ports`, e.g.
+/// `50001-59999,60100`) does not reserve: the host may use them for outgoing connections, and
+/// a board's listener on one then fails.
+fn unreserved_pool_ports(pool: (u16, u16), range: &str, reserved: &str) -> usize {
+    let mut it = range.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
+    let (Some(lo), Some(hi)) = (it.next(), it.next()) else { return 0 };
+    let reserved: Vec<(u16, u16)> = reserved
+        .trim()
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect();
+    (pool.0.max(lo)..=pool.1.min(hi)).filter(|p| !reserved.iter().any(|(a, b)| (*a..=*b).contains(p))).count()
+}
+
+fn warn_unless_pool_reserved() {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).unwrap_or_default();
+    let (lo, hi) = crate::conductor::PUBLIC_PORTS;
+    let n = unreserved_pool_ports((lo, hi), &read("ip_local_port_range"), &read("ip_local_reserved_ports"));
+    if n > 0 {
+        warn!(
+            ports = n,
+            "{n} public ports of {lo}-{hi} are in the host's ephemeral range and not reserved: an outgoing \
+             connection may hold one when a board needs it; reserve them with \
+             `sysctl -w net.ipv4.ip_local_reserved_ports={lo}-{hi}`"
+        );
+    }
+}
+
 /// Runs the tunnel server on `listener` (wss with `tls`) until `shutdown`, as agent
 /// `config.agent_name`; public listeners bind `config.bind`, legacy wstun clients are served
 /// when `config.legacy_boards`.
@@ -247,6 +279,7 @@ pub async fn run(
     cfg.legacy = legacy;
     cfg.tls = tls;
     let server = Server::bind(cfg).await.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))?;
+    warn_unless_pool_reserved();
     crate::revocation::spawn_tunnel_guard(db.clone(), server.handle(), shutdown.clone());
     let fabric = Fabric::start(db.clone()).await?;
     let stop = shutdown.child_token();
@@ -262,4 +295,20 @@ pub async fn run(
         warn!(cause = %e, "the tunnel server stopped");
     }
     r.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_pool_is_checked_against_the_ephemeral_range() {
+        let pool = (50001, 59999);
+        assert_eq!(unreserved_pool_ports(pool, "32768\t60999\n", "\n"), 9999);
+        assert_eq!(unreserved_pool_ports(pool, "32768\t60999\n", "50001-59999\n"), 0);
+        assert_eq!(unreserved_pool_ports(pool, "32768 60999", "50001-55000,55002-59999"), 1);
+        assert_eq!(unreserved_pool_ports(pool, "32768 50100", "8080"), 100);
+        assert_eq!(unreserved_pool_ports(pool, "1024 40000", ""), 0, "ephemeral range below the pool");
+        assert_eq!(unreserved_pool_ports(pool, "", ""), 0, "unreadable: nothing to say");
+    }
 }
