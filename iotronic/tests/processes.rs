@@ -74,6 +74,15 @@ struct Cloud {
 }
 
 impl Cloud {
+    /// A cloud on `pg` with its files under `dir` and queues of its own on the broker.
+    fn new(pg: &TestDb, dir: &Path) -> Cloud {
+        Cloud {
+            dir: dir.to_path_buf(),
+            db_url: pg.url.expose().to_owned(),
+            prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
     fn iotronic(&self, process: &str, extra: &[&str]) -> Proc {
         let mut c = Command::new(env!("CARGO_BIN_EXE_iotronic"));
         c.arg(process)
@@ -156,13 +165,8 @@ fn board_config(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_conductor_and_agent_lose_no_accepted_request() {
-    let pg = TestDb::postgres().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let cloud = Cloud {
-        dir: tmp.path().to_path_buf(),
-        db_url: pg.url.expose().to_owned(),
-        prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
-    };
+    let (pg, tmp) = (TestDb::postgres().await, tempfile::tempdir().unwrap());
+    let cloud = Cloud::new(&pg, tmp.path());
     let mut api_proc = cloud.iotronic("api", &["--rest-port", "0"]);
     let mut conductor = cloud.iotronic("conductor", &[]);
     let mut agent = cloud.iotronic("wamp-agent", &["--wamp-port", "0"]);
@@ -238,13 +242,8 @@ async fn killed_conductor_and_agent_lose_no_accepted_request() {
 /// nothing will carry out.
 #[tokio::test]
 async fn serve_exits_when_one_of_its_parts_stops() {
-    let pg = TestDb::postgres().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let cloud = Cloud {
-        dir: tmp.path().to_path_buf(),
-        db_url: pg.url.expose().to_owned(),
-        prefix: format!("t{}", uuid::Uuid::new_v4().simple()),
-    };
+    let (pg, tmp) = (TestDb::postgres().await, tempfile::tempdir().unwrap());
+    let cloud = Cloud::new(&pg, tmp.path());
     let mut serve = cloud.iotronic("serve", &["--rest-port", "0", "--wamp-port", "0", "--tunnel-port", "0"]);
     serve.wait_line("REST API on http://").await;
     serve.wait_line("wamp-agent ready").await;

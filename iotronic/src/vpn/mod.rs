@@ -460,6 +460,26 @@ impl Route {
     }
 }
 
+/// Runs `test` on a thread of its own in a fresh network namespace (its devices exist only
+/// there and die with it), on a runtime of that thread; skipped without root, except under CI.
+#[cfg(test)]
+fn in_private_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
+        eprintln!("SKIPPED: needs root (network namespace)");
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; the namespace dies with it.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(test());
+    })
+    .join()
+    .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,34 +488,21 @@ mod tests {
     /// stay. In a private network namespace (netlink; needs root).
     #[test]
     fn a_deleted_vpns_counters_go() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
-            eprintln!("SKIPPED: needs root (network namespace)");
-            return;
-        }
-        std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; the namespace dies with it.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let dir = tempfile::tempdir().unwrap();
-                let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
-                let p = db.create_project("p").await.unwrap();
-                let kept = db.create_vpn("kept", &p.uuid, "l2", "10.50.0.0/24").await.unwrap();
-                let gone = db.create_vpn("gone", &p.uuid, "l2", "10.51.0.0/24").await.unwrap();
-                let fabric = Fabric::start(db.clone()).await.unwrap();
-                for v in [&kept.uuid, &gone.uuid] {
-                    fabric.stats.lock().unwrap().entry(v.clone()).or_default();
-                }
-                db.delete_vpn(&gone.uuid).await.unwrap();
-                fabric.reconcile().await.unwrap();
-                let left: Vec<String> = fabric.packet_stats().into_iter().map(|(v, _)| v).collect();
-                assert_eq!(left, vec![kept.uuid.clone()]);
-            });
-        })
-        .join()
-        .unwrap();
+        in_private_netns(|| async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+            let p = db.create_project("p").await.unwrap();
+            let kept = db.create_vpn("kept", &p.uuid, "l2", "10.50.0.0/24").await.unwrap();
+            let gone = db.create_vpn("gone", &p.uuid, "l2", "10.51.0.0/24").await.unwrap();
+            let fabric = Fabric::start(db.clone()).await.unwrap();
+            for v in [&kept.uuid, &gone.uuid] {
+                fabric.stats.lock().unwrap().entry(v.clone()).or_default();
+            }
+            db.delete_vpn(&gone.uuid).await.unwrap();
+            fabric.reconcile().await.unwrap();
+            let left: Vec<String> = fabric.packet_stats().into_iter().map(|(v, _)| v).collect();
+            assert_eq!(left, vec![kept.uuid.clone()]);
+        });
     }
 
     #[test]

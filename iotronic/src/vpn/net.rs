@@ -166,26 +166,13 @@ mod tests {
     /// network namespace (needs root).
     #[test]
     fn vpn_interfaces_refuse_forged_sources_and_ipv6() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
-            eprintln!("SKIPPED: needs root (network namespace)");
-            return;
-        }
-        std::thread::spawn(|| {
-            // SAFETY: unshare on this thread only; the namespace dies with it.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let net = Net::open().unwrap();
-                net.ensure_bridge("s4btest0").await.unwrap();
-                assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/rp_filter"), "1");
-                if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-                    assert_eq!(sysctl("/proc/sys/net/ipv6/conf/s4btest0/disable_ipv6"), "1");
-                }
-            });
-        })
-        .join()
-        .unwrap();
+        super::super::in_private_netns(|| async {
+            let net = Net::open().unwrap();
+            net.ensure_bridge("s4btest0").await.unwrap();
+            assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/rp_filter"), "1");
+            if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+                assert_eq!(sysctl("/proc/sys/net/ipv6/conf/s4btest0/disable_ipv6"), "1");
+            }
+        });
     }
 }
