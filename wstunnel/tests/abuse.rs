@@ -9,35 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wstunnel::Error;
 use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// A raw peer that has said Hello and got its Welcome.
-async fn raw_channel(srv: &TestServer) -> Ws {
-    let mut req = srv.url().into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
-    let mut ws = within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0;
+async fn hello_channel(srv: &TestServer) -> Ws {
+    let mut ws = raw_channel(srv).await;
     ws.send(Message::binary(Frame::Hello { version: PROTOCOL_VERSION, agent: "raw".into() }.encode())).await.unwrap();
     assert!(matches!(next_frame(&mut ws).await, Some(Frame::Welcome { .. })));
     ws
-}
-
-/// The next tunnel frame (pings are answered by tungstenite as it reads); `None` once closed.
-async fn next_frame(ws: &mut Ws) -> Option<Frame> {
-    loop {
-        match within("next frame", ws.next()).await {
-            Some(Ok(Message::Binary(b))) => return Some(Frame::decode(&b).unwrap()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return None,
-        }
-    }
 }
 
 async fn send(ws: &mut Ws, f: Frame) {
@@ -80,7 +63,7 @@ async fn a_peer_without_a_valid_token_is_closed_and_a_board_stays() {
     let (client, _stop) = start_client(&srv.url());
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
     // Opened after the board's channel: its timeout passes after the board's.
-    let mut ws = raw_channel(&srv).await;
+    let mut ws = hello_channel(&srv).await;
     let (c, reason) = goaway(&mut ws).await;
     assert_eq!(c, code::UNAUTHORIZED);
     assert!(reason.contains("no valid token"), "{reason}");
@@ -123,7 +106,7 @@ async fn a_newer_channel_does_not_take_a_port_from_a_live_one() {
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
-    let mut ws = raw_channel(&srv).await;
+    let mut ws = hello_channel(&srv).await;
     send(&mut ws, Frame::Listen { listener: 1, port, token: token("b", port) }).await;
     match next_frame(&mut ws).await {
         Some(Frame::ListenErr { listener: 1, code: c, .. }) => assert_eq!(c, code::IN_USE),
@@ -142,7 +125,7 @@ async fn a_newer_channel_does_not_take_a_port_from_a_live_one() {
 async fn an_older_channel_does_not_take_a_port_from_a_newer_one() {
     let srv = start_server().await;
     let echo = echo_server().await;
-    let mut old = raw_channel(&srv).await;
+    let mut old = hello_channel(&srv).await;
     let (client, _stop) = start_client(&srv.url());
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
     send(&mut old, Frame::Listen { listener: 1, port, token: token("b", port) }).await;
@@ -163,7 +146,7 @@ async fn a_channel_that_does_not_answer_gives_its_port_to_its_boards_new_one() {
     cfg.limits.liveness_probe = Duration::from_millis(200);
     let srv = start_server_with(cfg, DefaultHooks::default()).await;
     let echo = echo_server().await;
-    let mut old = raw_channel(&srv).await;
+    let mut old = hello_channel(&srv).await;
     send(&mut old, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
     let port = match next_frame(&mut old).await {
         Some(Frame::ListenOk { listener: 1, port }) => port,
@@ -183,7 +166,7 @@ async fn a_channel_that_does_not_answer_gives_its_port_to_its_boards_new_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_guessing_tokens_is_closed() {
     let srv = start_server().await;
-    let mut ws = raw_channel(&srv).await;
+    let mut ws = hello_channel(&srv).await;
     for id in 1..=8 {
         send(&mut ws, Frame::Listen { listener: id, port: 0, token: format!("guess-{id}") }).await;
     }

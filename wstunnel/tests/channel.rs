@@ -5,34 +5,14 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wstunnel::client::{self, ClientConfig};
 use wstunnel::packet::PacketChannel;
 use wstunnel::server::{DefaultHooks, ListenOn};
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// A raw peer speaking our subprotocol by hand (tungstenite does the WebSocket part).
-async fn raw_channel(srv: &TestServer) -> Ws {
-    let mut req = srv.url().into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
-    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
-}
-
-async fn next_frame(ws: &mut Ws) -> Option<Frame> {
-    loop {
-        match within("next frame", ws.next()).await {
-            Some(Ok(Message::Binary(b))) => return Some(Frame::decode(&b).unwrap()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return None,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_mismatch_gets_an_actionable_goaway() {
     let srv = start_server().await;

@@ -177,3 +177,28 @@ impl ServerHooks for EchoPackets {
         }
     }
 }
+
+/// A raw WebSocket to the tunnel server, for tests that speak the frames themselves.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// Opens a raw channel (subprotocol `s4t-tunnel`), nothing sent yet.
+pub async fn raw_channel(srv: &TestServer) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = srv.url().into_client_request().unwrap();
+    let proto = tokio_tungstenite::tungstenite::http::HeaderValue::from_static(wstunnel::SUBPROTOCOL);
+    req.headers_mut().insert("Sec-WebSocket-Protocol", proto);
+    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+}
+
+/// The next tunnel frame (pings are answered by tungstenite as it reads); `None` once closed.
+pub async fn next_frame(ws: &mut Ws) -> Option<s4t_shared::tunnel::frame::Frame> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match within("next frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => return Some(s4t_shared::tunnel::frame::Frame::decode(&b).unwrap()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        }
+    }
+}
