@@ -12,6 +12,8 @@ use common::*;
 use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wstunnel::Error;
 use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
 
@@ -237,4 +239,42 @@ async fn a_token_for_an_assigned_port_cannot_pick_any_port() {
     assert!(srv.handle.listeners().iter().all(|l| l.port != 1), "port 1 was bound");
     assert_eq!(srv.handle.listeners().len(), 1, "the assigned one stays");
     assert_ne!(assigned.port, 1);
+}
+
+/// One source may hold only so many connections that have not proved themselves: beyond,
+/// its new ones are dropped at accept, so it cannot take every slot of the server before the
+/// token timeout. A connection that proves itself (a board's first valid token) stops
+/// counting, and a closed one frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_holds_only_so_many_unproved_connections() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_unproved_per_source = 2;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    // A board proves itself: it does not count.
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let first = hello_channel(&srv).await;
+    let _second = hello_channel(&srv).await;
+    // The third is dropped before its upgrade.
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+    assert!(
+        within("third connect", tokio_tungstenite::connect_async(req)).await.is_err(),
+        "a third unproved connection"
+    );
+    // A closed one frees its place.
+    drop(first);
+    within("a place again", async {
+        loop {
+            let mut req = srv.url().into_client_request().unwrap();
+            req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+            if tokio_tungstenite::connect_async(req).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_echo(port).await;
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::registry::{ChannelLife, Holder, Registry};
+use super::registry::{ChannelLife, Holder, Registry, Unproved};
 use super::{Auth, Refusal, ServerConfig, ServerHooks};
 use crate::error::Error;
 use crate::io::{self, Outbound, WsReader};
@@ -37,6 +37,8 @@ struct Ctx<H> {
     /// check for now): the channel is a board's, and [`super::Limits::token_timeout`] no
     /// longer applies.
     proved: AtomicBool,
+    /// This channel's count among its source's unproved connections, dropped when it proves.
+    unproved: Mutex<Option<Unproved>>,
     /// Requests refused for their token while the channel had not proved itself.
     bad_tokens: AtomicUsize,
     refusal_log: Mutex<RefusalLog>,
@@ -110,6 +112,7 @@ pub(crate) async fn serve<H: ServerHooks>(
     (unmasked, lanes): (bool, u16),
     peer: SocketAddr,
     shutdown: CancellationToken,
+    unproved: Option<Unproved>,
 ) {
     let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
@@ -134,6 +137,7 @@ pub(crate) async fn serve<H: ServerHooks>(
         life,
         board: Mutex::new(None),
         proved: AtomicBool::new(false),
+        unproved: Mutex::new(unproved),
         bad_tokens: AtomicUsize::new(0),
         refusal_log: Mutex::default(),
         listeners: Mutex::new(HashMap::new()),
@@ -323,13 +327,20 @@ async fn check_token<H: ServerHooks>(
                 // The token is genuine (our key signed it), only its age cannot be checked now:
                 // the channel is a board's, which asks again later; closing it at the token
                 // timeout would make every board reconnect while the cloud is unwell.
-                ctx.proved.store(true, Ordering::Release);
+                prove(ctx);
                 return Err((code::UNAVAILABLE, r));
             }
         }
     }
-    ctx.proved.store(true, Ordering::Release);
+    prove(ctx);
     Ok(board)
+}
+
+/// The channel has presented a genuine token: the token deadline no longer applies, and it no
+/// longer counts among its source's unproved connections.
+fn prove<H>(ctx: &Ctx<H>) {
+    ctx.proved.store(true, Ordering::Release);
+    drop(ctx.unproved.lock().expect("unproved").take());
 }
 
 /// Counts a refused request; `Some(n)` if it is to be logged, `n` refusals before it not.

@@ -10,7 +10,7 @@ use s4t_shared::tunnel::ws::{Message, Role};
 
 use super::ServerConfig;
 use super::channel::finish;
-use super::registry::Registry;
+use super::registry::{Registry, Unproved};
 use crate::error::Error;
 use crate::io::{self, Outbound, WsReader};
 use crate::mux::{Lane, Mux, read_lane};
@@ -24,6 +24,7 @@ pub(crate) async fn serve(
     (rd, wr, sock): Split,
     leftover: BytesMut,
     peer: SocketAddr,
+    unproved: Option<Unproved>,
 ) {
     let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
@@ -37,6 +38,7 @@ pub(crate) async fn serve(
             return;
         }
     };
+    drop(unproved);
     tracing::debug!(%peer, "lane joined");
     Counters::add(&reg.counters.lanes_joined, 1);
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));

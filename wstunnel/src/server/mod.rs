@@ -43,7 +43,7 @@ pub use registry::{ListenerInfo, ServerHandle};
 use crate::error::{Error, IoContext};
 use crate::handshake::{self, LANE_SUBPROTOCOL, LEGACY_SUBPROTOCOL, Route, SUBPROTOCOL, UNMASKED_SUBPROTOCOL};
 use crate::transport::{Buffered, Split, Transport};
-use registry::Registry;
+use registry::{Registry, Unproved};
 
 /// How listener and packet-channel requests are authenticated.
 #[derive(Clone, Debug)]
@@ -99,6 +99,11 @@ pub struct Limits {
     /// is pinged and must answer within this, or it is presumed dead (the board reconnected
     /// before the server noticed) and closed so the port can be taken over.
     pub liveness_probe: Duration,
+    /// Connections one source address may have open that have not proved themselves yet (a
+    /// channel before its first valid token, a lane before its key, a wstun socket before its
+    /// upgrade): beyond, new ones from it are dropped at accept. Boards behind one NAT share
+    /// it only for the moment between connecting and their first `Listen`.
+    pub max_unproved_per_source: usize,
     /// How long an accepted legacy connection waits for the board's `?id=` data socket.
     pub legacy_pending_timeout: Duration,
     /// Accepted legacy connections waiting for their data socket, server-wide.
@@ -127,6 +132,7 @@ impl Default for Limits {
             // something to ask for; ten seconds leave room for a slow link and a slow cloud.
             token_timeout: Duration::from_secs(10),
             liveness_probe: Duration::from_secs(5),
+            max_unproved_per_source: 128,
             legacy_pending_timeout: Duration::from_secs(10),
             legacy_max_pending: 1024,
         }
@@ -216,6 +222,10 @@ impl Server {
                 tracing::warn!(%peer, "connection limit reached: dropping a connection");
                 continue;
             };
+            let Some(unproved) = self.reg.admit_unproved(peer.ip(), self.cfg.limits.max_unproved_per_source) else {
+                tracing::debug!(%peer, "too many unproved connections from this source: dropping one");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let conn = Conn {
                 cfg: self.cfg.clone(),
@@ -223,6 +233,7 @@ impl Server {
                 hooks: hooks.clone(),
                 shutdown: shutdown.clone(),
                 peer,
+                unproved: Some(unproved),
             };
             let tls = tls.clone();
             tokio::spawn(
@@ -244,6 +255,8 @@ struct Conn<H> {
     hooks: Arc<H>,
     shutdown: CancellationToken,
     peer: SocketAddr,
+    /// Counts this connection against its source's unproved ones until it proves itself.
+    unproved: Option<Unproved>,
 }
 
 /// What a connection becomes once its upgrade is done.
@@ -251,10 +264,10 @@ enum Next {
     /// Served already (status page, legacy wstun) or refused.
     Done,
     /// A board channel: its halves, the bytes read past the upgrade, unmasked frames agreed,
-    /// lanes asked for.
-    Channel(Split, BytesMut, (bool, u16)),
-    /// A lane of a board channel.
-    Lane(Split, BytesMut),
+    /// lanes asked for, and its count as unproved (dropped at its first valid token).
+    Channel(Split, BytesMut, (bool, u16), Option<Unproved>),
+    /// A lane of a board channel, unproved until its key is checked.
+    Lane(Split, BytesMut, Option<Unproved>),
 }
 
 impl<H: ServerHooks> Conn<H> {
@@ -269,10 +282,10 @@ impl<H: ServerHooks> Conn<H> {
             Some(acc) => Box::pin(self.tls_upgrade(acc, tcp)).await,
         };
         match next {
-            Next::Channel(split, leftover, how) => {
-                channel::serve(cfg, reg, hooks, split, leftover, how, peer, shutdown).await
+            Next::Channel(split, leftover, how, unproved) => {
+                channel::serve(cfg, reg, hooks, split, leftover, how, peer, shutdown, unproved).await
             }
-            Next::Lane(split, leftover) => lane::serve(cfg, reg, split, leftover, peer).await,
+            Next::Lane(split, leftover, unproved) => lane::serve(cfg, reg, split, leftover, peer, unproved).await,
             Next::Done => {}
         }
     }
@@ -294,7 +307,7 @@ impl<H: ServerHooks> Conn<H> {
         }
     }
 
-    async fn upgrade<S: Transport>(self, mut s: S) -> Next {
+    async fn upgrade<S: Transport>(mut self, mut s: S) -> Next {
         let inc = match tokio::time::timeout(self.cfg.limits.handshake_timeout, handshake::read_request(&mut s)).await {
             Ok(Ok(inc)) => inc,
             Ok(Err(e)) => {
@@ -309,12 +322,12 @@ impl<H: ServerHooks> Conn<H> {
             Route::Channel { unmasked, lanes } => {
                 let proto = if unmasked { UNMASKED_SUBPROTOCOL } else { SUBPROTOCOL };
                 if handshake::accept(&mut s, &inc, proto).await.is_ok() {
-                    return Next::Channel(s.split_box(), inc.leftover, (unmasked, lanes));
+                    return Next::Channel(s.split_box(), inc.leftover, (unmasked, lanes), self.unproved.take());
                 }
             }
             Route::Lane => {
                 if handshake::accept(&mut s, &inc, LANE_SUBPROTOCOL).await.is_ok() {
-                    return Next::Lane(s.split_box(), inc.leftover);
+                    return Next::Lane(s.split_box(), inc.leftover, self.unproved.take());
                 }
             }
             Route::LegacyControl { port, board } => {
@@ -336,6 +349,8 @@ impl<H: ServerHooks> Conn<H> {
                         return Next::Done;
                     }
                 };
+                // Admitted: legacy boards are anonymous by design (and behind one NAT, many).
+                drop(self.unproved.take());
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
                     legacy::control(
                         s,
@@ -358,6 +373,7 @@ impl<H: ServerHooks> Conn<H> {
                     handshake::refuse(&mut s, 404, "unknown or expired wstun connection id").await;
                     return Next::Done;
                 };
+                drop(self.unproved.take());
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
                     legacy::data(s, inc.leftover, tcp, &self.reg.counters, self.shutdown).await;
                 }

@@ -22,6 +22,8 @@ pub(crate) struct Registry {
     /// Channels that offered lanes, by the key their lanes present.
     lane_doors: Mutex<HashMap<String, Weak<Mux>>>,
     ports: Mutex<HashMap<u16, PortEntry>>,
+    /// Connections not yet proved (no valid token, lane key or legacy admission), by source.
+    unproved: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Legacy connections waiting for their data socket: id → (public port, connection).
     pending: Mutex<HashMap<String, (u16, TcpStream)>>,
     max_pending: usize,
@@ -128,6 +130,7 @@ impl Registry {
             channels: Mutex::new(HashMap::new()),
             lane_doors: Mutex::new(HashMap::new()),
             ports: Mutex::new(HashMap::new()),
+            unproved: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             max_pending,
             next_channel: AtomicU64::new(1),
@@ -211,6 +214,20 @@ impl Registry {
         }
     }
 
+    /// Counts a new connection from `ip` as unproved, unless `ip` has `cap` such connections
+    /// already (`None`): one source cannot hold every connection slot with peers that never
+    /// present a token. The count drops when the guard does: when the connection proves
+    /// itself or ends.
+    pub(crate) fn admit_unproved(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<Unproved> {
+        let mut u = self.unproved.lock().expect("registry");
+        let n = u.entry(ip).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Unproved { reg: self.clone(), ip })
+    }
+
     /// Parks an accepted legacy connection on `port` until its data socket arrives; false
     /// when the server holds `max_pending` such connections, or one port an eighth of them
     /// (a port whose board never answers, or whose users connect faster than it does, must
@@ -237,6 +254,24 @@ impl Registry {
             p.cancel.cancel();
         }
         self.pending.lock().expect("registry").clear();
+    }
+}
+
+/// A connection counted as unproved for its source ([`Registry::admit_unproved`]) while held.
+pub(crate) struct Unproved {
+    reg: Arc<Registry>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Unproved {
+    fn drop(&mut self) {
+        let mut u = self.reg.unproved.lock().expect("registry");
+        if let Some(n) = u.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                u.remove(&self.ip);
+            }
+        }
     }
 }
 
