@@ -12,8 +12,6 @@ use common::*;
 use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use wstunnel::Error;
 use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
 
@@ -257,19 +255,12 @@ async fn one_source_holds_only_so_many_unproved_connections() {
     let first = hello_channel(&srv).await;
     let _second = hello_channel(&srv).await;
     // The third is dropped before its upgrade.
-    let mut req = srv.url().into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
-    assert!(
-        within("third connect", tokio_tungstenite::connect_async(req)).await.is_err(),
-        "a third unproved connection"
-    );
+    assert!(within("third connect", try_raw_channel(&srv)).await.is_err(), "a third unproved connection");
     // A closed one frees its place.
     drop(first);
     within("a place again", async {
         loop {
-            let mut req = srv.url().into_client_request().unwrap();
-            req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
-            if tokio_tungstenite::connect_async(req).await.is_ok() {
+            if try_raw_channel(&srv).await.is_ok() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

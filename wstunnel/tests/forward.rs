@@ -16,21 +16,7 @@ const QUEUE: usize = 4;
 
 #[test]
 fn a_member_that_does_not_read_stalls_no_one_else() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
-        eprintln!("SKIPPED: needs root (TUN devices, network namespace)");
-        return;
-    }
-    // One thread in a fresh network namespace: the devices exist only there.
-    std::thread::spawn(|| {
-        // SAFETY: unshare on this thread only; the namespace dies with it.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(scenario());
-    })
-    .join()
-    .unwrap();
+    in_private_netns(scenario);
 }
 
 /// Runs the cloud's pump for `m` with its own TUN device, routing by the packet's first byte

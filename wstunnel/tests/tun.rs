@@ -65,24 +65,8 @@ fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u
 
 #[test]
 fn packets_flow_between_a_board_and_a_tun_device_in_the_cloud() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
-        eprintln!("SKIPPED: needs root (TUN device, network namespace)");
-        return;
-    }
-    // Everything runs on one thread that entered a fresh network namespace: the TUN device,
-    // its address and the UDP sockets exist only there.
-    std::thread::spawn(|| {
-        // SAFETY: unshare on this thread only; the namespace dies with it.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
-        assert!(st.success());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(scenario());
-    })
-    .join()
-    .unwrap();
+    // The TUN device, its address and the UDP sockets exist only in the test's namespace.
+    in_private_netns(scenario);
 }
 
 async fn scenario() {

@@ -174,16 +174,7 @@ impl Db {
 
     /// A board by uuid or name, within `project` when given (another project's board is absent).
     pub async fn board(&self, ident: &str, project: Option<&str>) -> Result<Option<Board>, Error> {
-        let row = sqlx::query(board_query!(
-            "WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1 LIMIT 1"
-        ))
-        .bind(ident)
-        .bind(ident)
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
-        .await
-        .map_err(db_err)?;
+        let row = self.row_by_ident(board_query!(""), ident, project).await?;
         row.as_ref().map(board_row).transpose()
     }
 

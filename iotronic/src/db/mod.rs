@@ -237,6 +237,31 @@ pub(crate) fn new_uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+impl Db {
+    /// The row `select` (a `SELECT … FROM <table>` with a `uuid`, a `name` and a
+    /// `project_uuid`) finds for `ident`, a uuid or a name, within `project` when given. A uuid
+    /// match comes before name matches: an object of another project named after a uuid (seen
+    /// by an administrator's unscoped lookup) is never what acting on that uuid reaches.
+    pub(crate) async fn row_by_ident(
+        &self,
+        select: &str,
+        ident: &str,
+        project: Option<&str>,
+    ) -> Result<Option<sqlx::any::AnyRow>, Error> {
+        let sql = format!(
+            "{select} WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(ident)
+            .bind(ident)
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)
+    }
+}
+
 /// A database error that is not the caller's fault.
 pub(crate) fn db_err(e: sqlx::Error) -> Error {
     Error::Db(e)

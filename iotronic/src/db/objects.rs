@@ -272,16 +272,7 @@ impl Db {
     }
 
     pub async fn fleet(&self, ident: &str, project: Option<&str>) -> Result<Option<Fleet>, Error> {
-        let row = sqlx::query(
-            "SELECT * FROM fleets WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
-        )
-        .bind(ident)
-        .bind(ident)
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
-        .await
-        .map_err(db_err)?;
+        let row = self.row_by_ident("SELECT * FROM fleets", ident, project).await?;
         row.as_ref().map(fleet_row).transpose()
     }
 
@@ -353,16 +344,7 @@ impl Db {
     }
 
     pub async fn service(&self, ident: &str, project: Option<&str>) -> Result<Option<Service>, Error> {
-        let row = sqlx::query(
-            "SELECT * FROM services WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
-        )
-        .bind(ident)
-        .bind(ident)
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
-        .await
-        .map_err(db_err)?;
+        let row = self.row_by_ident("SELECT * FROM services", ident, project).await?;
         row.as_ref().map(service_row).transpose()
     }
 
@@ -619,16 +601,7 @@ impl Db {
     }
 
     pub async fn vpn(&self, ident: &str, project: Option<&str>) -> Result<Option<Vpn>, Error> {
-        let row = sqlx::query(
-            "SELECT * FROM vpns WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1",
-        )
-        .bind(ident)
-        .bind(ident)
-        .bind(project.unwrap_or(""))
-        .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
-        .await
-        .map_err(db_err)?;
+        let row = self.row_by_ident("SELECT * FROM vpns", ident, project).await?;
         row.as_ref().map(vpn_row).transpose()
     }
 

@@ -183,11 +183,38 @@ pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 /// Opens a raw channel (subprotocol `s4t-tunnel`), nothing sent yet.
 pub async fn raw_channel(srv: &TestServer) -> Ws {
+    within("raw connect", try_raw_channel(srv)).await.unwrap()
+}
+
+/// [`raw_channel`], failing when the server drops the connection.
+pub async fn try_raw_channel(srv: &TestServer) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = srv.url().into_client_request().unwrap();
     let proto = tokio_tungstenite::tungstenite::http::HeaderValue::from_static(wstunnel::SUBPROTOCOL);
     req.headers_mut().insert("Sec-WebSocket-Protocol", proto);
-    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
+}
+
+/// Runs `test` on a thread of its own that entered a fresh network namespace (with `lo` up):
+/// its devices and sockets exist only there and die with it. Needs root: skipped without,
+/// except under CI.
+pub fn in_private_netns<F: Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var_os("CI").is_none(), "this test needs root and CI is set");
+        eprintln!("SKIPPED: needs root (network namespace)");
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare on this thread only; the namespace dies with it.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+        assert!(st.success());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(test());
+    })
+    .join()
+    .unwrap();
 }
 
 /// The next tunnel frame (pings are answered by tungstenite as it reads); `None` once closed.
