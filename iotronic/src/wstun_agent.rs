@@ -223,8 +223,13 @@ impl ServerHooks for DbHooks {
         crate::audit::spawn_record(&self.db, entry);
     }
 
-    async fn packet_channel(&self, board: &str, vpn: &str, channel: PacketChannel) -> Result<(), String> {
-        self.fabric.attach(board, vpn, channel).await.map_err(|e| e.to_string())
+    /// Policy says no for good (no such VPN, not a member, a bad row); anything else (the
+    /// database, the host's devices) may pass, and the board keeps a channel it had.
+    async fn packet_channel(&self, board: &str, vpn: &str, channel: PacketChannel) -> Result<(), Refusal> {
+        self.fabric.attach(board, vpn, channel).await.map_err(|e| match e {
+            Error::NotFound(_) | Error::Forbidden(_) | Error::Invalid(_) => Refusal::Denied(e.to_string()),
+            e => Refusal::Unavailable(e.to_string()),
+        })
     }
 }
 

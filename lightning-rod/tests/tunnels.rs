@@ -37,7 +37,7 @@ impl ServerHooks for Loopback {
         _board: &str,
         _vpn: &str,
         channel: PacketChannel,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), wstunnel::server::Refusal>> + Send {
         let PacketChannel { sender, mut receiver } = channel;
         tokio::spawn(async move {
             while let Some(p) = receiver.recv().await {

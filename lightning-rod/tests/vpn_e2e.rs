@@ -29,7 +29,7 @@ impl ServerHooks for Capture {
         board: &str,
         _vpn: &str,
         channel: PacketChannel,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), wstunnel::server::Refusal>> + Send {
         assert_eq!(board, BOARD);
         let tx = self.0.clone();
         let PacketChannel { sender, mut receiver } = channel;

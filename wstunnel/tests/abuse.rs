@@ -13,6 +13,7 @@ use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio_tungstenite::tungstenite::Message;
 use wstunnel::Error;
+use wstunnel::packet::PacketChannel;
 use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
 
 /// A raw peer that has said Hello and got its Welcome.
@@ -198,6 +199,17 @@ impl ServerHooks for Flaky {
         let down = self.down.load(Ordering::SeqCst);
         async move { if down { Err(Refusal::Unavailable("database unreachable".into())) } else { Ok(()) } }
     }
+
+    fn packet_channel(
+        &self,
+        board: &str,
+        vpn: &str,
+        ch: PacketChannel,
+    ) -> impl Future<Output = Result<(), Refusal>> + Send {
+        let down = self.down.load(Ordering::SeqCst);
+        let echo = EchoPackets.packet_channel(board, vpn, ch);
+        async move { if down { Err(Refusal::Unavailable("database unreachable".into())) } else { echo.await } }
+    }
 }
 
 /// While the cloud cannot decide, a new exposure is refused with `UNAVAILABLE`, and an
@@ -210,17 +222,32 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
     let kept = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap();
+    let vpn = within("packets", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
     down.store(true, Ordering::SeqCst);
     let err = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap_err();
     assert!(matches!(err, Error::Refused { code: code::UNAVAILABLE, .. }), "{err:?}");
-    // The board reconnects and asks for its port again while the database is down.
+    let err = within("packets", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap_err();
+    assert!(matches!(err, Error::Refused { code: code::UNAVAILABLE, .. }), "{err:?}");
+    // The board reconnects and asks for its port and its VPN again while the database is down.
     assert_eq!(srv.handle.close_board("b"), 1);
-    wait_until("asked again while down", || srv.handle.stats().refusals_total == 2).await;
+    wait_until("asked again while down", || srv.handle.stats().refusals_total == 4).await;
     down.store(false, Ordering::SeqCst);
     wait_until("listener back", || srv.handle.listeners().iter().any(|l| l.port == kept.port)).await;
     let s = client.state().borrow().clone();
     assert_eq!(s.exposures.iter().map(|e| (e.id, e.port)).collect::<Vec<_>>(), vec![(kept.id, Some(kept.port))]);
     assert_echo(kept.port).await;
+    // The packet channel the board had is the one carrying packets again.
+    let PacketChannel { sender, mut receiver } = vpn;
+    within("packets back", async {
+        loop {
+            let _ = sender.send(b"ping").await; // fails while the channel is down
+            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await {
+                assert_eq!(p, b"ping"[..]);
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// A token for a server-assigned port (port 0) may ask again for a port the server assigns

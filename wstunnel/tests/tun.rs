@@ -21,7 +21,7 @@ impl ServerHooks for TunHooks {
         _board: &str,
         _vpn: &str,
         ch: PacketChannel,
-    ) -> impl Future<Output = Result<(), String>> + Send {
+    ) -> impl Future<Output = Result<(), wstunnel::server::Refusal>> + Send {
         async move {
             let spec = DeviceSpec {
                 name: "s4tt0".into(),

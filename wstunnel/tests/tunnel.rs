@@ -216,7 +216,7 @@ impl wstunnel::server::ServerHooks for FreshTokensOnly {
         board: &str,
         vpn: &str,
         ch: wstunnel::packet::PacketChannel,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), wstunnel::server::Refusal>> + Send {
         EchoPackets.packet_channel(board, vpn, ch)
     }
 }

@@ -446,6 +446,14 @@ async fn open_listener<H: ServerHooks>(
     res
 }
 
+/// The code a hook's refusal of a listener or packet channel is sent to the board with.
+fn refusal_code(r: Refusal) -> (u16, String) {
+    match r {
+        Refusal::Denied(r) => (code::FORBIDDEN, r),
+        Refusal::Unavailable(r) => (code::UNAVAILABLE, r),
+    }
+}
+
 async fn bind_listener<H: ServerHooks>(
     ctx: &Arc<Ctx<H>>,
     id: u32,
@@ -453,10 +461,7 @@ async fn bind_listener<H: ServerHooks>(
     board: &str,
 ) -> Result<u16, (u16, String)> {
     let board = board.to_owned();
-    ctx.hooks.authorize_listener(&board, port).await.map_err(|r| match r {
-        Refusal::Denied(r) => (code::FORBIDDEN, r),
-        Refusal::Unavailable(r) => (code::UNAVAILABLE, r),
-    })?;
+    ctx.hooks.authorize_listener(&board, port).await.map_err(refusal_code)?;
     // A channel that died while the hooks were deciding binds nothing (nor takes a port over).
     if ctx.mux.cancel.is_cancelled() {
         return Err((code::SHUTDOWN, "the channel is closing".into()));
@@ -633,11 +638,11 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
             // Counted with its entry, so that every removal takes out exactly what was put in.
             ctx.mux.packet_channels_changed(true);
         }
-        if let Err(reason) = ctx.hooks.packet_channel(&board, &vpn, chan).await {
+        if let Err(refusal) = ctx.hooks.packet_channel(&board, &vpn, chan).await {
             if ctx.packets.lock().expect("packets").remove(&id).is_some() {
                 ctx.mux.packet_channels_changed(false);
             }
-            return Err((code::FORBIDDEN, reason));
+            return Err(refusal_code(refusal));
         }
         tracing::info!(board, vpn, "packet channel open");
         Ok(())

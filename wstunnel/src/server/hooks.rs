@@ -80,15 +80,18 @@ pub trait ServerHooks: Send + Sync + 'static {
     }
 
     /// A board opened a packet channel for `vpn` (token checked). Take it and pump it into a
-    /// TUN/TAP device (see [`crate::packet`]); `Err(reason)` refuses it.
+    /// TUN/TAP device (see [`crate::packet`]); a refusal is sent to the board as in
+    /// `authorize_listener`: [`Refusal::Denied`] for good (it drops the channel),
+    /// [`Refusal::Unavailable`] for now (a channel that was open keeps its place and is asked
+    /// for again).
     fn packet_channel(
         &self,
         board: &str,
         vpn: &str,
         channel: PacketChannel,
-    ) -> impl Future<Output = Result<(), String>> + Send {
+    ) -> impl Future<Output = Result<(), Refusal>> + Send {
         let _ = (board, vpn, channel);
-        async { Err("this server does not terminate packet channels".to_owned()) }
+        async { Err(Refusal::Denied("this server does not terminate packet channels".to_owned())) }
     }
 }
 

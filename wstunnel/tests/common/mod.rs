@@ -161,11 +161,11 @@ impl ServerHooks for EchoPackets {
         _board: &str,
         vpn: &str,
         ch: PacketChannel,
-    ) -> impl Future<Output = Result<(), String>> + Send {
+    ) -> impl Future<Output = Result<(), wstunnel::server::Refusal>> + Send {
         let ok = vpn == "vpn-1";
         async move {
             if !ok {
-                return Err("no such VPN".into());
+                return Err(wstunnel::server::Refusal::Denied("no such VPN".into()));
             }
             let PacketChannel { sender, mut receiver } = ch;
             tokio::spawn(async move {
