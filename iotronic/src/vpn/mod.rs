@@ -14,7 +14,10 @@
 //!   conductor that changed the rows may be another process: the database is the truth.
 //! - TAP/TUN devices are not persistent (they vanish with this process); bridges are, so a
 //!   restarted cloud adopts the bridges of its VPNs (with their cloud address) and deletes
-//!   those of VPNs without members.
+//!   those of VPNs without members, and those of VPNs deleted while it was down. A bridge
+//!   carries its cloud's mark as its alias (`s4t cloud <id>`, the id a setting of the
+//!   database): a host may run several clouds (tests do), and a bridge of a VPN this cloud
+//!   does not know is removed only when the mark is this cloud's.
 //!
 //! GRE-TAP encapsulation is done in user space ([`wstunnel::packet::pump_routed`],
 //! `s4t_shared::gre`) because the frames travel inside the board's WebSocket channel, not as
@@ -51,6 +54,9 @@ use wstunnel::packet::{DeviceSpec, Layer, PacketChannel, PacketSender, PumpStats
 use crate::Error;
 use crate::db::{Db, Vpn, cloud_host, parse_cidr};
 use net::Net;
+
+/// The setting naming this cloud on the host's interfaces (see the lifecycle above).
+const CLOUD_ID: &str = "cloud_id";
 
 /// How often devices are compared with the database.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
@@ -105,6 +111,8 @@ struct State {
 /// The VPN data plane of one wstun-agent.
 pub struct Fabric {
     db: Db,
+    /// This cloud's mark on its bridges (their alias).
+    owner: String,
     state: tokio::sync::Mutex<State>,
     segments: Segments,
     /// Packet counters by VPN, summed over its members' pumps since this process started.
@@ -132,8 +140,10 @@ impl Fabric {
             ),
             Err(e) => info!(cause = %e, "kernel gretap unavailable; GRE-TAP is done in user space"),
         }
+        let id = db.setting_or_init(CLOUD_ID, || uuid::Uuid::new_v4().to_string()).await?;
         let fabric = Arc::new(Fabric {
             db,
+            owner: format!("s4t cloud {id}"),
             state: tokio::sync::Mutex::new(State { net, ports: HashMap::new(), bridges: HashMap::new() }),
             segments: Arc::default(),
             stats: std::sync::Mutex::default(),
@@ -148,14 +158,21 @@ impl Fabric {
         let vpns = self.db.list_vpns(None).await?;
         let members = self.db.all_vpn_members().await?;
         let mut st = self.state.lock().await;
-        let left = st.net.names_with_prefix(names::BRIDGE_PREFIX).await?;
+        let left = st.net.links_with_prefix(names::BRIDGE_PREFIX).await?;
+        let known: HashSet<String> = vpns.iter().map(|v| names::bridge(&v.uuid)).collect();
+        for (name, _) in left.iter().filter(|(n, alias)| !known.contains(n) && alias.as_ref() == Some(&self.owner)) {
+            match st.net.delete(name).await {
+                Ok(()) => info!(bridge = %name, "bridge of a deleted VPN removed"),
+                Err(e) => warn!(bridge = %name, cause = %e, "cannot remove the bridge of a deleted VPN"),
+            }
+        }
         for v in vpns.iter().filter(|v| layer_of(v) == Layer::L2) {
             let name = names::bridge(&v.uuid);
-            if !left.contains(&name) {
+            if !left.iter().any(|(n, _)| *n == name) {
                 continue;
             }
             if members.iter().any(|m| m.vpn == v.uuid) {
-                let index = st.net.ensure_bridge(&name).await?;
+                let index = st.net.ensure_bridge(&name, &self.owner).await?;
                 if v.cloud_address {
                     st.net.add_address(index, cloud_host(&v.cidr)?, parse_cidr(&v.cidr)?.1).await?;
                 }
@@ -242,7 +259,7 @@ impl Fabric {
                     Some((_, i)) => *i,
                     None => {
                         let bname = names::bridge(&v.uuid);
-                        let i = st.net.ensure_bridge(&bname).await?;
+                        let i = st.net.ensure_bridge(&bname, &self.owner).await?;
                         if v.cloud_address {
                             st.net.add_address(i, cloud_host(&v.cidr)?, prefix).await?;
                         }
@@ -502,6 +519,53 @@ mod tests {
             fabric.reconcile().await.unwrap();
             let left: Vec<String> = fabric.packet_stats().into_iter().map(|(v, _)| v).collect();
             assert_eq!(left, vec![kept.uuid.clone()]);
+        });
+    }
+
+    /// An L2 VPN deleted while the cloud was down leaves its bridge: the next start removes
+    /// it, and leaves alone the bridges of another cloud on the host and one it did not make.
+    #[test]
+    fn a_restarted_cloud_removes_the_bridges_of_vpns_deleted_while_it_was_down() {
+        in_private_netns(|| async {
+            async fn cloud_with_bridge(dir: &std::path::Path) -> (Db, Vpn, String) {
+                let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir)).await.unwrap();
+                let p = db.create_project("p").await.unwrap();
+                let v = db.create_vpn("v", &p.uuid, "l2", "10.50.0.0/24").await.unwrap();
+                let nb =
+                    crate::db::NewBoard { name: "b".into(), code: "c".into(), project: p.uuid, ..Default::default() };
+                let b = db.insert_board(nb).await.unwrap();
+                db.add_vpn_member(&v, &b.uuid, None, None).await.unwrap();
+                let fabric = Fabric::start(db.clone()).await.unwrap();
+                let (chan, _out, _in) = PacketChannel::in_memory(4);
+                fabric.attach(&b.uuid, &v.uuid, chan).await.unwrap();
+                (db, v, b.uuid)
+            }
+            let bridges = || async {
+                let mut names: Vec<String> = Net::open()
+                    .unwrap()
+                    .links_with_prefix(names::BRIDGE_PREFIX)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| l.0)
+                    .collect();
+                names.sort();
+                names
+            };
+            let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let (db, gone, _) = cloud_with_bridge(dir.path()).await;
+            let (_other, theirs, _) = cloud_with_bridge(other_dir.path()).await;
+            let unmarked = names::bridge("made by someone else");
+            Net::open().unwrap().ensure_bridge(&unmarked, "").await.unwrap();
+            let mut before = vec![names::bridge(&gone.uuid), names::bridge(&theirs.uuid), unmarked.clone()];
+            before.sort();
+            assert_eq!(bridges().await, before);
+            // The first cloud is down (its fabric dropped) while its VPN is deleted.
+            db.delete_vpn(&gone.uuid).await.unwrap();
+            let _restarted = Fabric::start(db.clone()).await.unwrap();
+            let mut after = vec![names::bridge(&theirs.uuid), unmarked];
+            after.sort();
+            assert_eq!(bridges().await, after);
         });
     }
 

@@ -74,31 +74,41 @@ impl Net {
         }
     }
 
-    /// Names of every interface starting with `prefix`.
-    pub async fn names_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+    /// Every interface whose name starts with `prefix`: its name and its alias (`ip link set
+    /// … alias`), if it has one.
+    pub async fn links_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Option<String>)>, Error> {
         let mut links = self.handle.link().get().execute();
         let mut out = Vec::new();
         while let Some(m) = links.try_next().await.map_err(|e| err("listing links".into(), e))? {
             if let Some(n) = name_of(&m).filter(|n| n.starts_with(prefix)) {
-                out.push(n.to_owned());
+                let alias = m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfAlias(a) => Some(a.clone()),
+                    _ => None,
+                });
+                out.push((n.to_owned(), alias));
             }
         }
         Ok(out)
     }
 
-    /// Creates bridge `name` (up, [hardened](harden)) unless it exists; returns its index.
-    pub async fn ensure_bridge(&self, name: &str) -> Result<u32, Error> {
-        if let Some(i) = self.index(name).await? {
-            harden(name)?;
-            return Ok(i);
-        }
-        let m = LinkBridge::new(name).address(super::names::mac(name).to_vec()).build();
-        match self.handle.link().add(m).execute().await {
-            Ok(()) => {}
-            Err(e) if exists(&e) => {}
-            Err(e) => return Err(err(format!("creating bridge {name}"), e)),
-        }
-        let index = self.index(name).await?.ok_or_else(|| err(format!("bridge {name}"), "vanished after creation"))?;
+    /// Creates bridge `name` (up, [hardened](harden)) unless it exists, and gives it `alias`
+    /// (the owner's mark: an existing bridge is adopted); returns its index.
+    pub async fn ensure_bridge(&self, name: &str, alias: &str) -> Result<u32, Error> {
+        let index = match self.index(name).await? {
+            Some(i) => i,
+            None => {
+                let m = LinkBridge::new(name).address(super::names::mac(name).to_vec()).build();
+                match self.handle.link().add(m).execute().await {
+                    Ok(()) => {}
+                    Err(e) if exists(&e) => {}
+                    Err(e) => return Err(err(format!("creating bridge {name}"), e)),
+                }
+                self.index(name).await?.ok_or_else(|| err(format!("bridge {name}"), "vanished after creation"))?
+            }
+        };
+        // Set on every call: a bridge made before bridges carried marks is adopted too.
+        let m = LinkUnspec::new_with_index(index).alias(alias).build();
+        self.handle.link().set(m).execute().await.map_err(|e| err(format!("naming bridge {name}'s owner"), e))?;
         harden(name)?;
         Ok(index)
     }
@@ -168,7 +178,7 @@ mod tests {
     fn vpn_interfaces_refuse_forged_sources_and_ipv6() {
         super::super::in_private_netns(|| async {
             let net = Net::open().unwrap();
-            net.ensure_bridge("s4btest0").await.unwrap();
+            net.ensure_bridge("s4btest0", "s4t test").await.unwrap();
             assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/rp_filter"), "1");
             if std::path::Path::new("/proc/sys/net/ipv6").exists() {
                 assert_eq!(sysctl("/proc/sys/net/ipv6/conf/s4btest0/disable_ipv6"), "1");
