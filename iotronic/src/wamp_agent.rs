@@ -188,6 +188,19 @@ fn wamp_message(result: &str, message: Value) -> Result<Payload, WampError> {
     Ok(Payload::new(vec![Value::String(json!({"message": message, "result": result}).to_string())], Dict::new()))
 }
 
+/// The error URI of a call the cloud cannot answer now (its database failed, too many
+/// attempts): a WAMP error, not an `ERROR` reply, because both lightning-rods take an `ERROR`
+/// from `register` or `connection` as final (ours exits for good, the original exits) and
+/// retry a failed call (ours with backoff, the original re-executes itself).
+pub const UNAVAILABLE: &str = "iotronic.error.unavailable";
+
+/// Refuses a board's call for now; the cause is logged here, the board only hears `what`
+/// failed (database details are not the board's business).
+fn unavailable(what: &str, cause: Option<&Error>) -> Result<Payload, WampError> {
+    warn!(cause = ?cause, "{what}: answered {UNAVAILABLE}");
+    Err(WampError::new(UNAVAILABLE, format!("{what}: try again later")))
+}
+
 fn kwarg<'a>(inv: &'a Invocation, name: &str) -> Option<&'a Value> {
     inv.kwargs.get(name).or_else(|| match name {
         "code" | "uuid" | "board_uuid" => inv.args.first(),
@@ -397,7 +410,7 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         return wamp_message("ERROR", json!("register needs the code"));
     };
     if c.codes.take(ENROLL_KEY).is_err() {
-        return wamp_message("ERROR", json!("too many wrong registration codes: try again later"));
+        return unavailable("too many wrong registration codes", None);
     }
     let board = match c.db.board_by_code(&code).await {
         Ok(Some(b)) => {
@@ -409,7 +422,7 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
             crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", &source)).await;
             return wamp_message("ERROR", json!("unknown, expired or already used registration code"));
         }
-        Err(e) => return wamp_message("ERROR", json!(format!("registration failed: {e}"))),
+        Err(e) => return unavailable("registration failed", Some(&e)),
     };
     let authenticated = inv.caller_authrole() == Some("enrollment");
     let mut config = json!({"iotronic": {
@@ -441,7 +454,7 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     }
     let secret_ref = secret_row.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
     if let Err(e) = c.db.enroll_board(&board.uuid, &c.setup.name, &stored, secret_ref, authenticated).await {
-        return wamp_message("ERROR", json!(format!("registration failed: {e}")));
+        return unavailable("registration failed", Some(&e));
     }
     info!(board = %board.uuid, authenticated, "board enrolled");
     let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
@@ -474,12 +487,7 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
                     return wamp_message("ERROR", json!("this board authenticates: anonymous login refused"));
                 }
                 Ok(_) => {}
-                Err(e) => return wamp_message("ERROR", json!(format!("login failed: {e}"))),
-            }
-            if let Ok(id) = session.parse::<u64>()
-                && let Err(e) = c.router.bind_board(id, &uuid)
-            {
-                return wamp_message("ERROR", json!(format!("cannot bind the session: {e}")));
+                Err(e) => return unavailable("login failed", Some(&e)),
             }
         }
         _ => {}
@@ -490,7 +498,15 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     match c.db.board_online(&uuid, &c.setup.name, &session, lr_version, &connectivity).await {
         Ok(true) => {}
         Ok(false) => return wamp_message("ERROR", json!(format!("unknown board {uuid}"))),
-        Err(e) => return wamp_message("ERROR", json!(format!("login failed: {e}"))),
+        Err(e) => return unavailable("login failed", Some(&e)),
+    }
+    // A legacy session may register the board's procedures only once the board is known
+    // and not revoked (bound before, a refused login left it bound to whatever it named).
+    if inv.caller_authrole() == Some("legacy")
+        && let Ok(id) = session.parse::<u64>()
+        && let Err(e) = c.router.bind_board(id, &uuid)
+    {
+        return wamp_message("ERROR", json!(format!("cannot bind the session: {e}")));
     }
     c.logins.insert(&session);
     info!(board = %uuid, session = %session, "board online");
@@ -638,6 +654,46 @@ mod tests {
         assert!(agent.router.kill_session(agent.session.id()));
         let reason = tokio::time::timeout(Duration::from_secs(20), agent.failed()).await.expect("no failure reported");
         assert!(reason.contains("the agent's own WAMP session ended"), "{reason}");
+        shutdown.cancel();
+    }
+
+    /// A board's `register` or `connection` that the cloud cannot answer now (its database
+    /// fails) gets a WAMP error, which both lightning-rods retry; an `ERROR` reply, which they
+    /// take as final, is kept for what is final (an unknown board).
+    #[tokio::test]
+    async fn calls_the_cloud_cannot_answer_now_are_errors_boards_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: true };
+        let shutdown = CancellationToken::new();
+        let agent =
+            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let board =
+            s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous))
+                .await
+                .unwrap();
+        let call = |procedure: &'static str, kw: Value| {
+            let kw: Dict = kw.as_object().unwrap().clone().into_iter().collect();
+            board.call(procedure, vec![], kw, Duration::from_secs(10))
+        };
+        let login = || json!({"uuid": "0b5c7a5e-0000-4000-8000-000000000001", "session": board.id(), "info": {}});
+        let reply = call("agent-1.stack4things.connection", login()).await.unwrap();
+        let reply: Value = serde_json::from_str(reply.args[0].as_str().unwrap()).unwrap();
+        assert_eq!(reply["result"], "ERROR", "an unknown board: {reply}");
+        let bound = agent.router.session(board.id()).unwrap().board;
+        assert_eq!(bound, None, "a refused login binds the session to no board");
+        db.close().await;
+        for (procedure, kw) in [
+            ("agent-1.stack4things.connection", login()),
+            ("stack4things.register", json!({"code": "c", "session": board.id()})),
+        ] {
+            match call(procedure, kw).await {
+                Err(s4t_wamp::Error::Wamp(e)) => assert_eq!(e.error, UNAVAILABLE, "{procedure}"),
+                other => panic!("{procedure}: {other:?}"),
+            }
+        }
         shutdown.cancel();
     }
 
