@@ -74,6 +74,9 @@ pub struct DbAuthenticator {
     legacy: bool,
     /// Wrong enrollment codes, shared with `stack4things.register` (security issue).
     codes: Arc<crate::auth::Throttle>,
+    /// Attempts refused by `codes` are audited this far (10, then one a minute): anyone can
+    /// make them as fast as they can open sockets, and the audit table is append-only.
+    throttled_audits: crate::auth::Throttle,
 }
 
 impl DbAuthenticator {
@@ -82,7 +85,7 @@ impl DbAuthenticator {
     }
 
     pub fn with_throttle(db: Db, legacy: bool, codes: Arc<crate::auth::Throttle>) -> Self {
-        DbAuthenticator { db, legacy, codes }
+        DbAuthenticator { db, legacy, codes, throttled_audits: crate::auth::Throttle::new(10, 1.0 / 60.0) }
     }
 }
 
@@ -108,7 +111,9 @@ impl Authenticator for DbAuthenticator {
             }
             if self.codes.take(ENROLL_KEY).is_err() {
                 // Somebody is guessing: not even a right code is looked at until it calms down.
-                crate::audit::record(&self.db, crate::audit::system("board.enroll.throttled", "", "wamp")).await;
+                if self.throttled_audits.take(ENROLL_KEY).is_ok() {
+                    crate::audit::record(&self.db, crate::audit::system("board.enroll.throttled", "", "wamp")).await;
+                }
                 return Ok(None);
             }
             match self.db.board_by_code(ticket.expose()).await {
@@ -695,6 +700,22 @@ mod tests {
             }
         }
         shutdown.cancel();
+    }
+
+    /// Enrollment attempts refused by the throttle are audited 10 times, then once a minute:
+    /// an unauthenticated peer looping on handshakes cannot grow the append-only table.
+    #[tokio::test]
+    async fn throttled_enrollment_attempts_do_not_flood_the_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let auth = DbAuthenticator::with_throttle(db.clone(), false, Arc::new(crate::auth::Throttle::new(1, 0.001)));
+        for _ in 0..100 {
+            assert!(auth.ticket("s4t", "enroll", &Secret::new("guess")).await.unwrap().is_none());
+        }
+        let q = crate::db::AuditQuery { action: "board.enroll.".into(), limit: 1000, ..Default::default() };
+        let actions: Vec<String> = db.list_audit(&q).await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(actions.iter().filter(|a| *a == "board.enroll.refused").count(), 1, "the one looked at");
+        assert_eq!(actions.iter().filter(|a| *a == "board.enroll.throttled").count(), 10, "{actions:?}");
     }
 
     #[test]
