@@ -251,14 +251,24 @@ impl State {
     }
 
     /// Queues a router meta event (`wamp.session.on_join`, `on_leave`) for session `to`. The
-    /// cloud learns that a board went offline only from these, so agents never miss one: they
-    /// take any room left in the queue, and an agent whose queue has none at all is not
-    /// reading and is closed, as for replies. Other sessions get them as ordinary events.
+    /// cloud learns promptly that a board went offline from these, so agents get them beyond
+    /// the unsolicited part: they take any room left in the queue. When there is none (a
+    /// mass disconnect: thousands of boards leave within a moment) the event is dropped, not
+    /// the agent's session closed, which would stop the cloud; the wamp-agent finds boards
+    /// whose session ended unnoticed by itself (`iotronic`'s `RECONCILE_SESSIONS_EVERY`,
+    /// 30 s). Other sessions get them as ordinary events.
     pub(crate) fn deliver_meta(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
-        match self.sessions.get(&to) {
-            None => Delivery::Gone,
-            Some(m) if m.info.role == Role::Agent => self.push_answer(to, msg),
-            Some(_) => self.deliver_arc(to, msg),
+        let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
+        if member.info.role != Role::Agent {
+            return self.deliver_arc(to, msg);
+        }
+        match member.tx.try_send(Queued { msg, unsolicited: false }) {
+            Ok(()) => Delivery::Sent,
+            Err(TrySendError::Full(q)) => {
+                debug!(session = to, message = q.msg.name(), "agent queue full: meta event dropped");
+                Delivery::Full
+            }
+            Err(TrySendError::Closed(_)) => Delivery::Gone,
         }
     }
 
@@ -577,6 +587,36 @@ mod tests {
         assert!(left.is_some(), "no on_leave for the board among {queued:?}");
         assert!(!kill.token.is_cancelled());
         assert!(matches!(&*queued[0], Message::Subscribed { request: 1, .. }), "{queued:?}");
+    }
+
+    /// A mass disconnect overflows even an agent's room for meta events: the events beyond
+    /// are dropped, and the agent (the cloud's view of every board) stays connected.
+    #[tokio::test(start_paused = true)]
+    async fn a_mass_disconnect_does_not_close_the_agents_session() {
+        // An agent queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for meta events.
+        let limits = Limits { max_in_flight_calls_agent: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
+        let realm = Realm::new("s4t".into(), limits, 2, 0);
+        let (agent, mut outbox, kill) = join(&realm, Role::Agent);
+        {
+            let mut st = realm.lock();
+            let topic = crate::router::meta::ON_LEAVE.to_owned();
+            super::super::broker::subscribe(&mut st, agent, 1, &Dict::new(), topic);
+        }
+        let boards: Vec<Id> = (0..500).map(|_| join(&realm, Role::Board).0).collect();
+        for b in boards {
+            realm.leave(b);
+        }
+        assert!(!kill.token.is_cancelled(), "the agent was closed");
+        let left = drain(&mut outbox).iter().filter(|m| matches!(&***m, Message::Event { .. })).count();
+        assert!(left > 0 && left < 500, "{left} on_leave events queued");
+        // Once it has read them, it gets the next ones again.
+        let (b, _, _) = join(&realm, Role::Board);
+        realm.leave(b);
+        assert!(
+            drain(&mut outbox)
+                .iter()
+                .any(|m| matches!(&**m, Message::Event { payload, .. } if payload.args == [json!(b)]))
+        );
     }
 
     #[tokio::test]
