@@ -299,10 +299,16 @@ impl GpioBackend for SysfsGpio {
             .name(format!("sysfs-watch-{gpio}"))
             .spawn(move || watch_loop(file, &flag, &meta, &events))
             .map_err(|e| Error::gpio(line, e))?;
-        if let Some(e) = self.lock().get_mut(&gpio) {
-            e.watch = Some((stop, thread));
+        // Another watch of this line may have started while the lock was free: the last one
+        // stored wins and the one it displaces is stopped (its thread would publish edges
+        // for good, out of reach of `edge: none` and teardown). A line unexported meanwhile
+        // stops this one.
+        let mut exported = self.lock();
+        let mut displaced = Exported { by_us: false, watch: Some((stop, thread)) };
+        if let Some(e) = exported.get_mut(&gpio) {
+            std::mem::swap(&mut e.watch, &mut displaced.watch);
         }
-        Ok(())
+        stop_watch(gpio, &mut displaced).map_err(|why| Error::gpio(line, why))
     }
 }
 
@@ -449,6 +455,30 @@ mod tests {
         assert!(e.contains("no bias"), "{e}");
         g.teardown().unwrap();
         assert_eq!(fs::read_to_string(t.path().join("unexport")).unwrap(), "", "not ours to unexport");
+    }
+
+    /// Concurrent watches of one line leave one watch thread, which `edge: none` stops: none
+    /// runs on unseen. Each watch thread holds a clone of the events sender until it ends
+    /// (the sysfs `value` of this tree is a plain file, so they only poll).
+    #[test]
+    fn concurrent_watches_of_a_line_leave_no_orphan_thread() {
+        let t = tree();
+        let g = SysfsGpio::with_root(t.path(), vec![]);
+        let (tx, _rx) = mpsc::channel(16);
+        for _ in 0..10 {
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        start.wait();
+                        g.watch("gpio497", Edge::Both, tx.clone()).unwrap();
+                    });
+                }
+            });
+            assert_eq!(tx.strong_count(), 2, "ours and one watch thread's");
+        }
+        g.watch("gpio497", Edge::None, tx.clone()).unwrap();
+        assert_eq!(tx.strong_count(), 1, "a watch thread still runs");
     }
 
     #[test]
