@@ -121,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, clients: Clients) 
         vpns: vpns.clone(),
         plugins: plugins.clone(),
         shutdown: shutdown.child_token(),
+        package_operation: Arc::default(),
     });
     let mut queues = Queues { notify: nrx, gpio: grx, lifecycle: lrx, telemetry: trx, pending: None };
     spawn_onboot(&plugins, &ctx.shutdown);

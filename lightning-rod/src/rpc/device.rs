@@ -169,9 +169,13 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     for dir in &manager.writes {
         writable(dir).map_err(|e| bad(format!("{manager_name} {command}: {e}")))?;
     }
+    let Ok(running) = ctx.package_operation.clone().try_lock_owned() else {
+        return Err(bad("another package operation is running: try again when it has finished".into()));
+    };
     let (ctx2, req_id) = (ctx.clone(), call.req_id());
     tokio::spawn(async move {
         let reply = run_bounded(&argv, &ctx2.shutdown).await;
+        drop(running);
         let reply = Reply { req_id, ..reply };
         if ctx2.notify.send(reply).await.is_err() {
             tracing::warn!("package operation finished after the session task stopped");

@@ -188,6 +188,9 @@ pub struct Context {
     pub plugins: Arc<crate::plugins::PluginManager>,
     /// Cancelled at shutdown: background work (reboot timers, package operations) stops.
     pub shutdown: CancellationToken,
+    /// Held by the running package operation: one at a time (package managers take their own
+    /// locks and fail, or worse, when run side by side; each may run for 30 minutes).
+    pub package_operation: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Context {

@@ -87,6 +87,17 @@ fn harness() -> Harness {
             writes: vec![],
         },
     );
+    // Runs until something is written into the FIFO `release` (that a test creates).
+    let release = dir.path().join("release").display().to_string();
+    device.package_managers.insert(
+        "slow".into(),
+        PackageManager {
+            argv: vec!["sh".into(), "-c".into(), "cat \"$0\" >/dev/null".into(), release],
+            commands: vec!["install".into()],
+            version_format: "{package}".into(),
+            writes: vec![],
+        },
+    );
     let opener = Arc::new(FakeOpener::default());
     let store = StateStore::open(dir.path()).unwrap();
     let services = ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into());
@@ -128,6 +139,7 @@ pub(super) fn context(
         vpns: Arc::new(vpns),
         plugins: Arc::new(plugins),
         shutdown: CancellationToken::new(),
+        package_operation: Arc::default(),
     });
     (ctx, (notify, events, lifecycle))
 }
@@ -220,6 +232,29 @@ async fn package_operation_replies_running_then_notifies() {
     call(&h, "DevicePkgOperation", vec![json!({"manager": "false", "command": "install", "package": "x"})]).await;
     let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
     assert_eq!((n.result, &n.message["status"]), (Outcome::Error, &json!(1)));
+}
+
+/// One package operation at a time: a second while one runs is refused, and once the first
+/// has finished the next one runs.
+#[tokio::test]
+async fn package_operations_run_one_at_a_time() {
+    let mut h = harness();
+    let fifo = h.dir.path().join("release");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let op = |manager: &str| vec![json!({"manager": manager, "command": "install", "package": "x"})];
+    let first = call(&h, "DevicePkgOperation", op("slow")).await;
+    assert_eq!(first.result, Outcome::Running);
+    let second = call(&h, "DevicePkgOperation", op("echo")).await;
+    assert_eq!(second.result, Outcome::Error);
+    assert!(second.message.to_string().contains("another package operation is running"), "{:?}", second.message);
+    // Opening the FIFO waits for the manager to read it: on a blocking thread.
+    tokio::fs::write(&fifo, b"done").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!(n.result, Outcome::Success, "{:?}", n.message);
+    let third = call(&h, "DevicePkgOperation", op("echo")).await;
+    assert_eq!(third.result, Outcome::Running, "{:?}", third.message);
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!(n.result, Outcome::Success);
 }
 
 #[tokio::test]
