@@ -129,3 +129,19 @@ async fn services_and_packet_channels_over_a_real_tunnel_server() {
     let back = tokio::time::timeout(DEADLINE, pipe.receiver.recv()).await.unwrap().unwrap();
     assert_eq!(&back[..], b"\x00\x00\x65\x58packet");
 }
+
+/// A board joins and leaves VPNs on one tunnel channel as often as it likes: each pipe it drops
+/// closes its packet channel on the server too, which allows 8 at a time on a channel.
+#[tokio::test]
+async fn a_board_joins_and_leaves_vpns_on_one_channel_for_ever() {
+    let (url, _stop) = server().await;
+    let clients =
+        WstunnelClients::new(CancellationToken::new(), Duration::from_millis(100), Duration::from_secs(2), None);
+    for i in 0..12u8 {
+        let open = clients.open(url.clone(), "vpn-1".into(), Some(token(0, Some("vpn-1"))));
+        let mut pipe = tokio::time::timeout(DEADLINE, open).await.unwrap().unwrap_or_else(|e| panic!("join {i}: {e}"));
+        pipe.sender.send(&[i; 20]).await.unwrap();
+        let back = tokio::time::timeout(DEADLINE, pipe.receiver.recv()).await.unwrap().unwrap();
+        assert_eq!(&back[..], &[i; 20]);
+    }
+}

@@ -290,11 +290,13 @@ impl Mux {
 
     /// A packet channel opened on this channel (`+1`) or closed (`-1`). Packets travel on
     /// lane 0, which new streams then avoid, and the lanes stay up while any is open.
+    /// Also counted in the operator's `packet_channels_open`.
     pub(crate) fn packet_channels_changed(&self, opened: bool) {
         if opened {
             self.packets.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let _ = self.packets.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            Counters::add(&self.counters.packet_channels_opened, 1);
+        } else if self.packets.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+            Counters::add(&self.counters.packet_channels_closed, 1);
         }
     }
 

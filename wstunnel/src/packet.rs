@@ -38,6 +38,13 @@ const COPY_PACKET_BELOW: usize = 16 * 1024;
 const FORWARD_QUEUE: usize = 64;
 
 /// Both ends of one packet channel, as handed to the cloud's hook or returned to the board.
+///
+/// A board's channel (from [`crate::client::ClientHandle::open_packet_channel`]) is closed
+/// when its last handle is dropped: the receiver and every clone of the sender. The client then
+/// forgets it (no re-open after a reconnect) and tells the server (`PacketClose`), which drops
+/// its end, so the hook's receiver ends. The halves may be dropped in any order; a sender clone
+/// kept alone keeps the channel open. The server's ends have no such guard: the board decides
+/// when a channel closes.
 pub struct PacketChannel {
     pub sender: PacketSender,
     pub receiver: PacketReceiver,
@@ -57,8 +64,8 @@ impl PacketChannel {
         let (out_tx, out_rx) = mpsc::channel(capacity);
         let (in_tx, in_rx) = mpsc::channel(capacity);
         let chan = PacketChannel {
-            sender: PacketSender { id: 0, to: Target::Queue(out_tx) },
-            receiver: PacketReceiver { rx: in_rx, queued: None },
+            sender: PacketSender { id: 0, to: Target::Queue(out_tx), _close: None },
+            receiver: PacketReceiver { rx: in_rx, queued: None, _close: None },
         };
         (chan, out_rx, in_tx)
     }
@@ -69,6 +76,24 @@ impl PacketChannel {
 pub struct PacketSender {
     id: u32,
     to: Target,
+    /// Shared with the receiver and every clone: see [`OnClose`].
+    _close: Option<Arc<OnClose>>,
+}
+
+/// What closing a channel takes: run once, when the last handle holding it (a board's
+/// receiver and senders, [`PacketChannel`]) is dropped.
+pub(crate) type CloseAction = Box<dyn FnOnce() + Send + Sync>;
+
+/// Runs its [`CloseAction`] when dropped; the handles of one channel share it in an `Arc`, so
+/// it runs when the last of them goes. Never runs twice, and holds nothing but the action.
+pub(crate) struct OnClose(Option<CloseAction>);
+
+impl Drop for OnClose {
+    fn drop(&mut self) {
+        if let Some(close) = self.0.take() {
+            close();
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -109,6 +134,8 @@ pub struct PacketReceiver {
     rx: mpsc::Receiver<Bytes>,
     /// Bytes queued, shared with the [`Inbox`] (none for an in-memory channel).
     queued: Option<Arc<AtomicUsize>>,
+    /// Shared with the senders: see [`OnClose`].
+    _close: Option<Arc<OnClose>>,
 }
 
 /// Where a channel's reader task delivers received packets: a queue bounded in packets
@@ -138,11 +165,16 @@ impl Inbox {
     }
 }
 
-pub(crate) fn new_channel(id: u32, link: Arc<Link>) -> (PacketChannel, Inbox) {
+/// A channel `id` sending on `link` and the inbox its received packets go to. `on_close`, if
+/// given, runs once the returned channel's last handle is dropped (the board's channels; the
+/// server's have none).
+pub(crate) fn new_channel(id: u32, link: Arc<Link>, on_close: Option<CloseAction>) -> (PacketChannel, Inbox) {
     let (tx, rx) = mpsc::channel(PACKET_QUEUE);
     let queued = Arc::new(AtomicUsize::new(0));
-    let receiver = PacketReceiver { rx, queued: Some(queued.clone()) };
-    (PacketChannel { sender: PacketSender { id, to: Target::Link(link) }, receiver }, Inbox { tx, queued })
+    let close = on_close.map(|f| Arc::new(OnClose(Some(f))));
+    let receiver = PacketReceiver { rx, queued: Some(queued.clone()), _close: close.clone() };
+    let sender = PacketSender { id, to: Target::Link(link), _close: close };
+    (PacketChannel { sender, receiver }, Inbox { tx, queued })
 }
 
 fn check_len(len: usize) -> Result<(), Error> {
@@ -227,7 +259,7 @@ impl PacketSender {
 async fn forward_queued(link: Weak<Link>, mut rx: mpsc::Receiver<(u32, Bytes)>) {
     while let Some((id, packet)) = rx.recv().await {
         let Some(link) = link.upgrade() else { return };
-        if let Err(e) = (PacketSender { id, to: Target::Link(link) }).forward(packet).await {
+        if let Err(e) = (PacketSender { id, to: Target::Link(link), _close: None }).forward(packet).await {
             tracing::trace!(cause = %e, "forwarded packet lost");
         }
     }
@@ -385,7 +417,7 @@ mod tests {
     /// into, and each costs its overhead against the byte bound.
     #[tokio::test]
     async fn queued_small_packets_do_not_pin_their_read_buffer() {
-        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()));
+        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()), None);
         let read_buffer = Bytes::from(vec![7u8; 256 * 1024]);
         for i in 0..PACKET_QUEUE + 10 {
             inbox.deliver(read_buffer.slice(i..i + 100));
@@ -404,7 +436,7 @@ mod tests {
         let (out, _w) = outbound(Box::new(ours.into_split().1), false);
         let link = Arc::new(Link::default());
         link.set(Some(out));
-        let (chan, _inbox) = new_channel(7, link);
+        let (chan, _inbox) = new_channel(7, link, None);
         let mut reader = WsReader::new(ChanRead::Tcp(theirs.into_split().0), Role::Client, BytesMut::new(), false);
         for i in 0..3u8 {
             assert!(chan.sender.try_forward(Bytes::from(vec![i; 100])));
@@ -422,7 +454,7 @@ mod tests {
         let (out, _w) = outbound(Box::new(ours.into_split().1), false);
         let link = Arc::new(Link::default());
         link.set(Some(out));
-        let (chan, _inbox) = new_channel(8, link);
+        let (chan, _inbox) = new_channel(8, link, None);
         let big = Bytes::from(vec![1u8; 60_000]);
         let mut accepted = 0;
         for _ in 0..1000 {
@@ -437,7 +469,7 @@ mod tests {
     /// well before [`PACKET_QUEUE`] packets; receiving frees the room again.
     #[tokio::test]
     async fn the_receive_queue_is_bounded_in_bytes() {
-        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()));
+        let (mut chan, inbox) = new_channel(1, Arc::new(Link::default()), None);
         let big = Bytes::from(vec![7u8; 60_000]);
         for _ in 0..100 {
             inbox.deliver(big.clone());

@@ -14,6 +14,8 @@ pub(crate) struct Counters {
     pub(crate) refused: AtomicU64,
     pub(crate) lanes_joined: AtomicU64,
     pub(crate) lanes_left: AtomicU64,
+    pub(crate) packet_channels_opened: AtomicU64,
+    pub(crate) packet_channels_closed: AtomicU64,
 }
 
 impl Counters {
@@ -36,6 +38,9 @@ pub struct TrafficStats {
     pub channels_open: u64,
     /// Lanes (a channel's extra connections) connected now.
     pub lanes_open: u64,
+    /// Packet channels (a board's end of a VPN) open now, counting those whose hook has not
+    /// answered yet.
+    pub packet_channels_open: u64,
     /// Public listeners open now.
     pub listeners_open: u64,
     /// TCP connections carried over channels (streams opened).
@@ -58,6 +63,8 @@ impl TrafficStats {
             channels_total: Counters::get(&c.channels),
             channels_open: channels_open as u64,
             lanes_open: Counters::get(&c.lanes_joined).saturating_sub(Counters::get(&c.lanes_left)),
+            packet_channels_open: Counters::get(&c.packet_channels_opened)
+                .saturating_sub(Counters::get(&c.packet_channels_closed)),
             listeners_open: listeners_open as u64,
             streams_total: opened,
             streams_open: opened.saturating_sub(Counters::get(&c.streams_closed)),

@@ -35,15 +35,6 @@ async fn goaway(ws: &mut Ws) -> (u16, String) {
     }
 }
 
-async fn wait_until(what: &str, ready: impl Fn() -> bool) {
-    within(what, async {
-        while !ready() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
 async fn assert_echo(port: u16) {
     let mut s = connect(port).await;
     assert_eq!(echo_once(&mut s, b"still here").await, b"still here");

@@ -101,15 +101,6 @@ async fn board_with_echo(url: &str, lanes: u16) -> (ClientHandle, CancellationTo
 }
 
 /// Polls `ready` until it holds, within the test deadline.
-async fn wait_until(what: &str, ready: impl Fn() -> bool) {
-    within(what, async {
-        while !ready() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-}
-
 async fn wait_lanes(srv: &TestServer, n: u64) {
     wait_until(&format!("{n} lanes open"), || srv.handle.stats().lanes_open == n).await;
 }

@@ -126,6 +126,8 @@ impl PacketOpener for WstunnelClients {
     fn open(&self, url: String, vpn: String, tok: Option<Secret>) -> BoxFuture<'_, Result<PacketPipe>> {
         Box::pin(async move {
             let client = self.client(&url)?;
+            // Giving up drops the open, which withdraws it; dropping the returned pipe (both
+            // halves: the overlay's pump holds them) closes the channel on both ends.
             let chan = tokio::time::timeout(OPEN_TIMEOUT, client.open_packet_channel(token(tok), vpn.clone()))
                 .await
                 .map_err(|_| Error::Tunnel(format!("{url} did not answer within {OPEN_TIMEOUT:?}")))?

@@ -86,7 +86,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, backoff: &mut Backoff) -> Result
         let cancel = guard.cancel.clone();
         let (max_streams, budget) = (inner.cfg.max_streams, inner.cfg.max_buffered);
         let mux = Arc::new(Mux::new(out.clone(), window, max_streams, cancel.clone(), Arc::default(), budget));
-        restore(inner, &out);
+        restore(inner, &mux);
         inner.state.send_modify(|s| {
             s.connected = true;
             s.last_error = None;
@@ -153,12 +153,13 @@ async fn hello(inner: &Inner, reader: &mut WsReader, out: &Outbound) -> Result<u
 }
 
 /// Makes this connection the live one and asks again for everything the board wants.
-fn restore(inner: &Inner, out: &Outbound) {
+fn restore(inner: &Inner, mux: &Arc<Mux>) {
     // Under the exposure lock, so that a concurrent `expose` either lands in this snapshot
     // or sees the connection and sends its own request: never both, never neither.
     let ex = inner.exposures.lock().expect("exposures");
     let pk = inner.packets.lock().expect("packets");
-    *inner.conn.lock().expect("conn") = Some(out.clone());
+    *inner.conn.lock().expect("conn") = Some(mux.clone());
+    let out = &mux.out;
     for (id, e) in ex.iter() {
         let port = e.assigned.unwrap_or(e.requested);
         let _ = out.try_ctrl(&Frame::Listen { listener: *id, port, token: e.token.clone() });
@@ -393,9 +394,19 @@ fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
 
 /// The server's answer to a packet channel request, or its closing of one. An open packet
 /// channel brings the lanes up, so that streams need not share lane 0 with its packets.
+///
+/// A `PacketOk` for a channel the board no longer holds (its handles, or its opener's future,
+/// were dropped while the server was opening it) is answered with `PacketClose`, so the server
+/// drops what it just opened.
 fn packet_result(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, id: u32, res: Result<(), (u16, String)>) {
     let mut pk = inner.packets.lock().expect("packets");
-    let Some(p) = pk.get_mut(&id) else { return };
+    let Some(p) = pk.get_mut(&id) else {
+        if res.is_ok() {
+            let reason = "closed by the board".to_owned();
+            let _ = mux.out.try_ctrl(&Frame::PacketClose { channel: id, code: code::NORMAL, reason });
+        }
+        return;
+    };
     match res {
         Ok(()) => {
             if !p.link.is_set() {

@@ -21,12 +21,18 @@
 //! (the port it had, when the token allows it) and re-opens every packet channel, each with
 //! the last token it was given (`renew_*_token`: tokens expire, the cloud renews them); the
 //! [`PacketChannel`]s handed out stay valid across reconnects.
+//!
+//! A packet channel lives as long as its handles: once the [`PacketChannel`]'s receiver and
+//! every sender are dropped, the client forgets it and sends `PacketClose`, and the server
+//! drops its end. An [`open_packet_channel`](ClientHandle::open_packet_channel) future holds
+//! the channel it is opening, so dropping the future (a caller's timeout) withdraws the
+//! request the same way; a `PacketOk` that still comes for it is answered with `PacketClose`.
 
 mod conn;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use s4t_shared::backoff::Backoff;
@@ -34,7 +40,7 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::io::Outbound;
+use crate::mux::Mux;
 use crate::packet::{self, Link, PacketChannel};
 
 /// How to reach the server and how patient to be.
@@ -125,6 +131,8 @@ struct Exposure {
     waiters: Vec<oneshot::Sender<Result<u16, Error>>>,
 }
 
+/// A packet channel the board holds (open, or being opened): removed when the server refuses
+/// or closes it, or when its last handle is dropped ([`Inner::packets_dropped`]).
 struct Packets {
     vpn: String,
     token: String,
@@ -137,8 +145,8 @@ pub(crate) struct Inner {
     cfg: ClientConfig,
     exposures: Mutex<HashMap<u32, Exposure>>,
     packets: Mutex<HashMap<u32, Packets>>,
-    /// The live connection's outbound queues, if connected.
-    conn: Mutex<Option<Outbound>>,
+    /// The live connection (its `out`: the outbound queues), if connected.
+    conn: Mutex<Option<Arc<Mux>>>,
     state: watch::Sender<ClientState>,
     next_id: AtomicU32,
     /// An exposure or packet channel was asked for: a client that had nothing to dial for
@@ -205,11 +213,16 @@ impl ClientHandle {
     }
 
     /// Opens a packet channel into `vpn`. Waits for the server's answer; the channel then
-    /// survives reconnects (packets sent while disconnected are lost).
+    /// survives reconnects (packets sent while disconnected are lost) until its last handle
+    /// (receiver and senders) is dropped, which closes it on both ends. Dropping this future
+    /// before it is ready withdraws the request: nothing is left behind.
     pub async fn open_packet_channel(&self, token: String, vpn: String) -> Result<PacketChannel, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let link = Arc::new(Link::default());
-        let (chan, tx) = packet::new_channel(id, link.clone());
+        // Held across the wait below: if this future is dropped, so is `chan`, which closes it.
+        let weak = Arc::downgrade(&self.inner);
+        let on_close: packet::CloseAction = Box::new(move || Inner::packets_dropped(&weak, id));
+        let (chan, tx) = packet::new_channel(id, link.clone(), Some(on_close));
         let (wtx, wrx) = oneshot::channel();
         let open = s4t_shared::tunnel::Frame::PacketOpen { channel: id, vpn: vpn.clone(), token: token.clone() };
         {
@@ -247,6 +260,11 @@ impl ClientHandle {
         renewed
     }
 
+    /// Packet channels the client holds: open, being opened, or waiting to be re-opened.
+    pub fn packet_channels(&self) -> usize {
+        self.inner.packets.lock().expect("packets").len()
+    }
+
     /// Watches the connection state.
     pub fn state(&self) -> watch::Receiver<ClientState> {
         self.inner.state.subscribe()
@@ -266,11 +284,37 @@ impl ClientHandle {
 
 impl Inner {
     fn send_if_connected(&self, f: &s4t_shared::tunnel::Frame) {
-        if let Some(out) = self.conn.lock().expect("conn").as_ref() {
+        if let Some(mux) = self.conn.lock().expect("conn").as_ref() {
             // A full control queue means the connection is about to be torn down; the request
             // is sent again on the next connection.
-            let _ = out.try_ctrl(f);
+            let _ = mux.out.try_ctrl(f);
         }
+    }
+
+    /// The last handle of packet channel `id` was dropped (or its opener gave up): forget it
+    /// and, if connected, tell the server, which drops its end. Nothing if the client is gone
+    /// or the channel was already removed (refused or closed by the server).
+    fn packets_dropped(inner: &Weak<Inner>, id: u32) {
+        let Some(inner) = inner.upgrade() else { return };
+        // Under the packets lock, as `restore`: a reconnect either no longer sees the channel or
+        // has re-opened it already, on the connection this `PacketClose` then follows it on.
+        let mut pk = inner.packets.lock().expect("packets");
+        let Some(p) = pk.remove(&id) else { return };
+        if let Some(mux) = inner.conn.lock().expect("conn").as_ref() {
+            if p.link.is_set() {
+                mux.packet_channels_changed(false);
+            }
+            let close = s4t_shared::tunnel::Frame::PacketClose {
+                channel: id,
+                code: s4t_shared::tunnel::frame::code::NORMAL,
+                reason: "closed by the board".into(),
+            };
+            // A full control queue: the connection is about to be torn down, and the server
+            // drops the channel with it.
+            let _ = mux.out.try_ctrl(&close);
+        }
+        p.link.set(None);
+        tracing::debug!(vpn = p.vpn, "packet channel closed");
     }
 
     /// Whether there is anything to dial the server for.

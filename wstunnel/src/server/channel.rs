@@ -283,6 +283,10 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
             }
         }
         Frame::PacketClose { channel, .. } => {
+            // The board closed it (its last handle was dropped): dropping our end's inbox ends
+            // the hook's receiver, and the channel's count makes room for another. One still
+            // being opened is not here yet: the board answers its `PacketOk` with another
+            // `PacketClose`.
             if let Some((_, link)) = ctx.packets.lock().expect("packets").remove(&channel) {
                 link.set(None);
                 ctx.mux.packet_channels_changed(false);
@@ -625,7 +629,7 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
         let board = check_token(&ctx, &token, 0, Some(&vpn)).await?;
         let link = Arc::new(Link::default());
         link.set(Some(ctx.mux.out.clone()));
-        let (chan, tx) = packet::new_channel(id, link.clone());
+        let (chan, tx) = packet::new_channel(id, link.clone(), None);
         {
             let mut p = ctx.packets.lock().expect("packets");
             if p.contains_key(&id) {
@@ -670,6 +674,7 @@ fn teardown<H: ServerHooks>(ctx: &Ctx<H>) {
     }
     for (_, (_, link)) in ctx.packets.lock().expect("packets").drain() {
         link.set(None);
+        ctx.mux.packet_channels_changed(false);
     }
     ctx.reg.remove_channel(ctx.chan_id);
 }

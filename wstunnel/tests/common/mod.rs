@@ -111,6 +111,16 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
     tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// Polls `ready` until it holds, under the test deadline.
+pub async fn wait_until(what: &str, ready: impl Fn() -> bool) {
+    within(what, async {
+        while !ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// Sends `total` pseudo-random bytes (in odd-sized writes, so frames do not line up with
 /// them) through the echo behind public `port`, half-closes, and checks that exactly the same
 /// bytes come back (SHA-256) before the end of stream.
