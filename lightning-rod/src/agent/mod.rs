@@ -167,8 +167,9 @@ async fn sessions(
     };
     let mut delays = backoff(config);
     let mut ready = false;
+    let restorer = Arc::new(Restorer::default());
     // Tunnels do not need the WAMP session: restore them at boot right away.
-    spawn_restore(ctx);
+    restorer.request(ctx);
     loop {
         let attempt = async {
             let link = connector.connect(connect_options(config, id)).await?;
@@ -192,10 +193,19 @@ async fn sessions(
                     ready = true;
                 }
                 delays.reset();
-                // Fresh tokens first, so what the restore re-opens presents them.
-                session::renew_tunnel_tokens(link.as_ref(), id, &timers, ctx).await;
-                spawn_restore(ctx);
-                let end = session::serve(link.as_ref(), id, &timers, queues, ctx, shutdown).await;
+                // Fresh tokens first, so what the restore re-opens presents them; beside the
+                // session, not before it: the renewal waits for any restore still opening
+                // tunnels (up to 20 s each when the tunnel server is unreachable), and the
+                // session must answer alives and calls meanwhile.
+                let renew_then_restore = async {
+                    session::renew_tunnel_tokens(link.as_ref(), id, &timers, ctx).await;
+                    restorer.request(ctx);
+                    std::future::pending::<std::convert::Infallible>().await
+                };
+                let end = tokio::select! {
+                    end = session::serve(link.as_ref(), id, &timers, queues, ctx, shutdown) => end,
+                    never = renew_then_restore => match never {},
+                };
                 link.close().await;
                 end
             }
@@ -240,16 +250,42 @@ fn spawn_onboot(plugins: &Arc<PluginManager>, shutdown: &CancellationToken) {
     });
 }
 
-fn spawn_restore(ctx: &Arc<Context>) {
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => {}
-            failed = async { ctx.services.restore_all().await + ctx.vpns.restore_all().await } => if failed > 0 {
-                tracing::warn!(failed, "some services or VPNs are not restored yet; next attempt after the next login");
-            }
+/// Restores services and VPNs on a task of its own, one restore at a time: a request while
+/// one runs makes it go round once more when done (however many came meanwhile), so a board
+/// that reconnects often does not pile up restores that each wait for the one before.
+#[derive(Default)]
+struct Restorer {
+    running: std::sync::atomic::AtomicBool,
+    again: std::sync::atomic::AtomicBool,
+}
+
+impl Restorer {
+    fn request(self: &Arc<Self>, ctx: &Arc<Context>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.again.store(true, SeqCst);
+        if self.running.swap(true, SeqCst) {
+            return;
         }
-    });
+        let (me, ctx) = (self.clone(), ctx.clone());
+        tokio::spawn(async move {
+            loop {
+                while me.again.swap(false, SeqCst) {
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return,
+                        failed = async { ctx.services.restore_all().await + ctx.vpns.restore_all().await } => if failed > 0 {
+                            tracing::warn!(failed, "some services or VPNs are not restored yet; next attempt after the next login");
+                        }
+                    }
+                }
+                me.running.store(false, SeqCst);
+                // A request between the last round and the line above found us running and
+                // left it to us: take it, unless its own task already did.
+                if !me.again.load(SeqCst) || me.running.swap(true, SeqCst) {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

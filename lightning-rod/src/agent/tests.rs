@@ -243,3 +243,45 @@ async fn an_original_cloud_gets_an_anonymous_enrollment_and_login() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Opens nothing, ever: a tunnel server that does not answer (the agent's opener gives up
+/// after 20 s; this one never does).
+struct Unanswered;
+
+impl crate::rpc::services::TunnelOpener for Unanswered {
+    fn open(
+        &self,
+        _spec: crate::rpc::services::TunnelSpec,
+    ) -> BoxFuture<'_, crate::Result<Box<dyn crate::rpc::services::Tunnel>>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A restore that waits on the tunnel server does not hold up the session: the board logs in
+/// and answers (liveness, calls) while its saved services wait for their tunnels.
+#[tokio::test(start_paused = true)]
+async fn a_restore_waiting_for_tunnels_does_not_hold_up_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let svc = crate::state::ExposedService {
+        name: "ssh".into(),
+        local_port: 22,
+        public_port: 50022,
+        tunnel_url: None,
+        token: None,
+    };
+    let saved: crate::state::Services = [("s-1".to_owned(), svc)].into_iter().collect();
+    store.save(crate::state::SERVICES_FILE, &saved).unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let shutdown = CancellationToken::new();
+    let clients = Clients { tunnels: Box::new(Unanswered), ..clients(&cloud) };
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients));
+    wait_for("wamp_alive", || !cloud.calls_to(".stack4things.wamp_alive").is_empty()).await;
+    // A reconnect asks for another restore while the first still waits: the session again.
+    cloud.drop_session();
+    wait_for("second login", || cloud.calls_to(".stack4things.connection").len() == 2).await;
+    let alives = cloud.calls_to(".stack4things.wamp_alive").len();
+    wait_for("wamp_alive after the reconnect", || cloud.calls_to(".stack4things.wamp_alive").len() > alives).await;
+    shutdown.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Exit::Shutdown);
+}
