@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -24,12 +25,31 @@ pub const VPNS_FILE: &str = "vpns.json";
 /// Written and removed at once by [`StateStore::check_writable`].
 const PROBE_FILE: &str = "write-probe";
 
-/// Writes `bytes` to `path` so that a crash leaves either the old or the new file.
+/// Numbers the temporary files of this process: two writes of one file at once (on two
+/// blocking threads) each have their own, never one that the other truncates or renames away.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// `.<name>.tmp-<pid>-<seq>` beside `path`, for the write numbered `seq`.
+fn tmp_path(dir: &Path, name: &std::ffi::OsStr, seq: u64) -> PathBuf {
+    dir.join(format!(".{}{TMP_MARKER}{}-{seq}", name.to_string_lossy(), std::process::id()))
+}
+
+/// The temporary files the next `count` writes of `path` in this process may use (one of them
+/// if no other write happens meanwhile): for tests that put an obstacle where a save writes.
+#[cfg(test)]
+pub(crate) fn next_tmp_paths(path: &Path, count: u64) -> Vec<PathBuf> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let next = TMP_SEQ.load(Ordering::Relaxed);
+    (next..next + count).map(|seq| tmp_path(dir, path.file_name().unwrap(), seq)).collect()
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file. Writes of
+/// one file may run at once (each has its own temporary file): the file is then one of them.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let werr = |source| Error::Write { path: path.to_owned(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| werr(std::io::Error::other("no file name")))?;
-    let tmp = dir.join(format!(".{}{TMP_MARKER}{}", name.to_string_lossy(), std::process::id()));
+    let tmp = tmp_path(dir, name, TMP_SEQ.fetch_add(1, Ordering::Relaxed));
     let result = (|| -> std::io::Result<()> {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         // `mode` is filtered by the umask and ignored for an existing file: set it explicitly.
@@ -188,14 +208,17 @@ mod tests {
 
     /// An async save waits on a blocking thread: the agent's one thread keeps serving while
     /// the disk stalls. The stall here is a FIFO where the save's temporary file goes: opening
-    /// it for writing blocks until someone reads it.
+    /// it for writing blocks until someone reads it. (Every name the save may take is one:
+    /// writes of other tests in this process move the numbering on.)
     #[test]
     fn an_async_save_leaves_the_agents_thread_free() {
-        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        let tmp = dir.path().join(format!(".{SERVICES_FILE}{TMP_MARKER}{}", std::process::id()));
-        nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let fifos = next_tmp_paths(&store.path(SERVICES_FILE), 256);
+        for fifo in &fifos {
+            nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
         let (free_tx, free_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -206,16 +229,53 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
                 free_tx.send(()).unwrap();
-                let reader = tokio::task::spawn_blocking(move || {
-                    let mut bytes = Vec::new();
-                    std::fs::File::open(&tmp).unwrap().read_to_end(&mut bytes).unwrap();
-                    bytes
-                });
+                // A reader on every FIFO lets the save's open return (its fsync of a FIFO fails).
+                let nonblock = nix::fcntl::OFlag::O_NONBLOCK.bits();
+                let readers: Vec<_> = fifos
+                    .iter()
+                    .map(|f| OpenOptions::new().read(true).custom_flags(nonblock).open(f).unwrap())
+                    .collect();
                 let _ = save.await;
-                reader.await.unwrap()
+                drop(readers);
             });
         });
         free_rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the save blocked the agent's thread");
+    }
+
+    /// Writes of one file from several threads at once (the agent saves from blocking threads,
+    /// and two saves of one file can overlap): every write succeeds, and the file always is
+    /// one whole version, never a mix or a truncated one.
+    #[test]
+    fn concurrent_writes_of_one_file_all_succeed_and_leave_one_whole_version() {
+        const WRITERS: usize = 4;
+        const ROUNDS: usize = 200;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugins.json");
+        // Versions of different lengths: a mix of two, or a truncated one, does not parse.
+        let versions: Vec<Vec<u8>> = (0..WRITERS)
+            .map(|w| serde_json::to_vec(&serde_json::json!({"writer": w, "pad": "x".repeat(1000 + 3000 * w)})).unwrap())
+            .collect();
+        for round in 0..ROUNDS {
+            let start = std::sync::Barrier::new(WRITERS);
+            let errors: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = versions
+                    .iter()
+                    .map(|v| {
+                        let (start, path) = (&start, &path);
+                        s.spawn(move || {
+                            start.wait();
+                            atomic_write(path, v, 0o600).err().map(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().unwrap()).collect()
+            });
+            assert!(errors.is_empty(), "round {round}: {errors:?}");
+            let bytes = fs::read(&path).unwrap();
+            assert!(versions.contains(&bytes), "round {round}: {} bytes of no version", bytes.len());
+        }
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["plugins.json"], "temporary files left");
     }
 
     #[test]

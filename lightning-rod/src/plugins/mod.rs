@@ -101,8 +101,13 @@ pub struct PluginManager {
     modules: Mutex<HashMap<String, wasm::Module>>,
     started: Mutex<HashMap<String, Started>>,
     slots: Arc<Semaphore>,
-    /// Serializes changes so two calls never interleave a load-modify-save of plugins.json.
+    /// Serializes the procedures that change plugins (inject, remove, start, stop, reboot):
+    /// held across a whole change, waits for runs to end included.
     edit: tokio::sync::Mutex<()>,
+    /// Held by every load-modify-save of plugins.json and by nothing else, never while waiting
+    /// for a run: a run that ends by itself saves its status under it while a procedure holding
+    /// [`PluginManager::edit`] waits for that run to end.
+    registry_lock: Arc<tokio::sync::Mutex<()>>,
     shutdown: CancellationToken,
 }
 
@@ -165,6 +170,7 @@ impl PluginManager {
             started: Mutex::new(HashMap::new()),
             slots,
             edit: tokio::sync::Mutex::new(()),
+            registry_lock: Arc::new(tokio::sync::Mutex::new(())),
             shutdown,
         }
     }
@@ -181,17 +187,40 @@ impl PluginManager {
         self.registry()?.remove(uuid).ok_or_else(|| plugin_err(format!("plugin {uuid} is not injected on this board")))
     }
 
-    async fn set_status(&self, uuid: &str, status: &str, params: Option<&Value>) -> Result<()> {
+    /// Loads plugins.json, lets `change` edit it and saves it when `change` returns true: the
+    /// one way to change the registry, under [`PluginManager::registry_lock`].
+    async fn update_registry<T>(&self, change: impl FnOnce(&mut Registry) -> (bool, T)) -> Result<T> {
+        let guard = self.registry_lock.clone().lock_owned().await;
         let mut reg = self.registry()?;
-        if let Some(e) = reg.get_mut(uuid) {
+        let (save, out) = change(&mut reg);
+        if save {
+            let path = self.store.path(PLUGINS_FILE);
+            let werr = |e: String| Error::Write { path: path.clone(), source: std::io::Error::other(e) };
+            let bytes = serde_json::to_vec_pretty(&reg).map_err(|e| werr(e.to_string()))?;
+            let p = path.clone();
+            // The lock goes with the write: a caller that gives up waiting (its future dropped)
+            // does not let the next change save before this write is done.
+            tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                atomic_write(&p, &bytes, 0o600)
+            })
+            .await
+            .map_err(|e| werr(e.to_string()))??;
+        }
+        Ok(out)
+    }
+
+    async fn set_status(&self, uuid: &str, status: &str, params: Option<&Value>) -> Result<()> {
+        self.update_registry(|reg| {
+            let Some(e) = reg.get_mut(uuid) else { return (false, ()) };
             e.status = status.to_owned();
             e.updated_at = crate::rpc::device::iso8601_now();
             if let Some(p) = params {
                 e.params = p.clone();
             }
-            self.store.save_async(PLUGINS_FILE, &reg).await?;
-        }
-        Ok(())
+            (true, ())
+        })
+        .await
     }
 
     /// The code file of `uuid`; an error for a uuid that is not one (it could name another path).
@@ -228,23 +257,26 @@ impl PluginManager {
         tokio::task::spawn_blocking(move || atomic_write(&path, &code, 0o600))
             .await
             .map_err(|e| Error::Write { path: dir.clone(), source: std::io::Error::other(e) })??;
-        let mut reg = self.registry()?;
-        let now = crate::rpc::device::iso8601_now();
-        let previous = reg.remove(&p.uuid);
-        let updated = previous.is_some();
-        let entry = PluginEntry {
-            name: p.name,
-            kind: p.kind,
-            callable: p.callable,
-            onboot,
-            grants: p.grants,
-            status: if updated { "updated" } else { "injected" }.into(),
-            params: previous.map(|e| e.params).unwrap_or(Value::Null),
-            injected_at: now.clone(),
-            updated_at: now,
-        };
-        reg.insert(p.uuid.clone(), entry);
-        self.store.save_async(PLUGINS_FILE, &reg).await?;
+        let updated = self
+            .update_registry(|reg| {
+                let now = crate::rpc::device::iso8601_now();
+                let previous = reg.remove(&p.uuid);
+                let updated = previous.is_some();
+                let entry = PluginEntry {
+                    name: p.name,
+                    kind: p.kind,
+                    callable: p.callable,
+                    onboot,
+                    grants: p.grants,
+                    status: if updated { "updated" } else { "injected" }.into(),
+                    params: previous.map(|e| e.params).unwrap_or(Value::Null),
+                    injected_at: now.clone(),
+                    updated_at: now,
+                };
+                reg.insert(p.uuid.clone(), entry);
+                (true, updated)
+            })
+            .await?;
         let mut modules = lock(&self.modules);
         match module {
             Some(m) => modules.insert(p.uuid, m),
@@ -260,11 +292,12 @@ impl PluginManager {
         self.stop_run(uuid).await;
         lock(&self.started).remove(uuid);
         lock(&self.modules).remove(uuid);
-        let mut reg = self.registry()?;
-        let known = reg.remove(uuid).is_some();
-        if known {
-            self.store.save_async(PLUGINS_FILE, &reg).await?;
-        }
+        let known = self
+            .update_registry(|reg| {
+                let known = reg.remove(uuid).is_some();
+                (known, known)
+            })
+            .await?;
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed");

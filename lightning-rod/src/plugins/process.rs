@@ -74,13 +74,19 @@ pub async fn run(job: Arc<Job>, program: Program<'_>) -> End {
         Program::Python { .. } => json!({"uuid": job.uuid, "name": job.name, "board": job.board, "params": job.params,
                                          "mode": if matches!(job.mode, Mode::Call { .. }) { "call" } else { "start" }}),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // A plugin that does not read its parameters closes the pipe: not an error.
-        let _ = stdin.write_all(format!("{input}\n").as_bytes()).await;
-    }
+    // Written while the output is read and the stop signal and deadline are watched: a plugin
+    // that never reads its parameters (more than a pipe holds) is still stopped, and one that
+    // writes before it reads does not wait on the agent. Dropped, the pipe closes.
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            // A plugin that does not read its parameters closes the pipe: not an error.
+            let _ = stdin.write_all(format!("{input}\n").as_bytes()).await;
+        }
+    };
     let end = match job.mode {
-        Mode::Call { deadline } => call(&job, &mut child, deadline.into()).await,
-        Mode::Start => supervise(&job, &mut child).await,
+        Mode::Call { deadline } => call(&job, &mut child, feed, deadline.into()).await,
+        Mode::Start => supervise(&job, &mut child, feed).await,
     };
     if end == End::Stopped {
         terminate(&mut child).await;
@@ -191,11 +197,11 @@ async fn read_tail(r: Option<impl AsyncRead + Unpin>, keep: usize) -> Vec<u8> {
     }
 }
 
-async fn call(job: &Job, child: &mut Child, deadline: tokio::time::Instant) -> End {
+async fn call(job: &Job, child: &mut Child, feed: impl Future<Output = ()>, deadline: tokio::time::Instant) -> End {
     let max = job.limits.max_output_bytes as u64;
     let (out, err) = (child.stdout.take(), child.stderr.take());
     let work = async {
-        let (o, e) = tokio::join!(read_bounded(out, max), read_tail(err, STDERR_KEEP));
+        let ((), o, e) = tokio::join!(feed, read_bounded(out, max), read_tail(err, STDERR_KEEP));
         (child.wait().await, o, e)
     };
     let (status, out, err) = tokio::select! {
@@ -222,7 +228,7 @@ async fn call(job: &Job, child: &mut Child, deadline: tokio::time::Instant) -> E
 }
 
 /// A started plugin: its stdout lines become telemetry until it exits or is stopped.
-async fn supervise(job: &Job, child: &mut Child) -> End {
+async fn supervise(job: &Job, child: &mut Child, feed: impl Future<Output = ()>) -> End {
     let max = job.limits.max_output_bytes as u64;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -244,7 +250,7 @@ async fn supervise(job: &Job, child: &mut Child) -> End {
         }
     };
     let exited = async {
-        let ((), err) = tokio::join!(lines, read_tail(stderr, STDERR_KEEP));
+        let ((), (), err) = tokio::join!(feed, lines, read_tail(stderr, STDERR_KEEP));
         (child.wait().await, err)
     };
     tokio::select! {

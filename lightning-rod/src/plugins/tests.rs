@@ -344,12 +344,17 @@ async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
     let mut p = wasm("ticker", TICKER, Grants::default());
     p.callable = false;
     h.plugins.inject(p, false).await.unwrap();
-    // Where the save writes its temporary file, a directory: the save fails.
-    let obstacle = h.store.path(&format!(".{PLUGINS_FILE}.tmp-{}", std::process::id()));
-    std::fs::create_dir(&obstacle).unwrap();
+    // Where the save writes its temporary file, a directory: the save fails. (Every name it
+    // may take is one: writes of other tests in this process move the numbering on.)
+    let obstacles = crate::state::next_tmp_paths(&h.store.path(PLUGINS_FILE), 256);
+    for obstacle in &obstacles {
+        std::fs::create_dir(obstacle).unwrap();
+    }
     let err = h.plugins.start("ticker", None).await.unwrap_err().to_string();
     assert!(err.contains(PLUGINS_FILE), "{err}");
-    std::fs::remove_dir(&obstacle).unwrap();
+    for obstacle in &obstacles {
+        std::fs::remove_dir(obstacle).unwrap();
+    }
     assert_eq!(h.plugins.status("ticker").unwrap(), "DEAD");
     assert_eq!(h.plugins.registry().unwrap()["ticker"].status, "injected");
     h.plugins.start("ticker", None).await.unwrap();
@@ -357,6 +362,66 @@ async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
     let err = h.plugins.reboot("ticker", None).await;
     assert!(err.is_ok(), "{err:?}");
     assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
+}
+
+/// A started plugin that ends by itself saves its status while injections save theirs: no
+/// change is lost (neither an injected plugin, nor the end: a plugin left `operative` would
+/// start again at every boot). Each round the plugin ends amid a series of injections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_ending_by_itself_during_injections_loses_no_change() {
+    const ROUNDS: usize = 25;
+    const INJECTIONS: usize = 8;
+    let mut h = harness(config());
+    let mut quick = script("quick", "#!/bin/sh\nexit 0\n");
+    quick.callable = false;
+    h.plugins.inject(quick, true).await.unwrap();
+    let mut injected = Vec::new();
+    for round in 0..ROUNDS {
+        h.plugins.start("quick", None).await.unwrap();
+        let names: Vec<String> = (0..INJECTIONS).map(|i| format!("p{round}-{i}")).collect();
+        let injections = async {
+            for name in &names {
+                h.plugins.inject(script(name, "#!/bin/sh\n"), false).await.unwrap();
+            }
+        };
+        let ((), end) = tokio::join!(injections, within("end event", h.telemetry.recv()));
+        assert_eq!(end.unwrap().data["status"], "finished");
+        injected.extend(names);
+        let reg = h.plugins.registry().unwrap();
+        let lost: Vec<_> = injected.iter().filter(|n| !reg.contains_key(*n)).collect();
+        assert!(lost.is_empty(), "round {round}: injected plugins lost: {lost:?}");
+        assert_eq!(reg["quick"].status, "finished", "round {round}: the end of the plugin was lost");
+    }
+}
+
+/// A process plugin that never reads its parameters, started with more than a pipe holds: a
+/// stop ends it (its process is gone) and frees its slot for the next run.
+#[tokio::test]
+async fn a_process_plugin_that_never_reads_its_parameters_is_stopped() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = harness(PluginsConfig { max_running: 1, ..config() });
+    // The plugin tells its pid through a FIFO; open to all (run by root, it runs as nobody).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pid_pipe = dir.path().join("pid");
+    nix::unistd::mkfifo(&pid_pipe, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::set_permissions(&pid_pipe, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let mut p = script("deaf", &format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pid_pipe.display()));
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    h.plugins.start("deaf", Some(json!({"data": "x".repeat(100_000)}))).await.unwrap();
+    // Read on a thread of its own: a plugin that never writes leaves no blocked runtime thread.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || tx.send(std::fs::read_to_string(&pid_pipe).unwrap()));
+    let pid: i32 = within("the plugin's pid", rx).await.unwrap().trim().parse().unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    assert_eq!(h.plugins.status("deaf").unwrap(), "ALIVE");
+    assert!(within("stop", h.plugins.stop("deaf")).await.unwrap());
+    assert_eq!(nix::sys::signal::kill(pid, None), Err(nix::errno::Errno::ESRCH), "the stopped plugin still runs");
+    assert_eq!(h.plugins.status("deaf").unwrap(), "DEAD");
+    // Its slot is free: the next run starts (max_running is 1).
+    h.plugins.inject(script("echo", "#!/bin/sh\nread p\necho \"$p\"\n"), false).await.unwrap();
+    assert_eq!(h.plugins.call("echo", json!(7)).await.unwrap(), End::Done { status: 0, result: Some(json!(7)) });
 }
 
 /// A name is free text: one with a NUL (refused at injection now, but saved by an older
