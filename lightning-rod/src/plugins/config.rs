@@ -15,6 +15,10 @@ pub struct PluginsConfig {
     /// Largest plugin `code` accepted by `PluginInject`, in bytes after base64 decoding.
     #[serde(default = "default_plugin_max_code_bytes")]
     pub max_code_bytes: usize,
+    /// Plugins injected at once: each holds its code on disk and, for WebAssembly, its
+    /// compiled module in memory. Injecting another is refused until one is removed.
+    #[serde(default = "default_plugin_max_plugins")]
+    pub max_plugins: usize,
     /// Largest linear memory a WebAssembly plugin may have.
     #[serde(default = "default_plugin_memory_bytes")]
     pub memory_limit_bytes: usize,
@@ -53,6 +57,9 @@ fn default_plugin_max_running() -> usize {
 fn default_plugin_max_code_bytes() -> usize {
     768 * 1024
 }
+fn default_plugin_max_plugins() -> usize {
+    32
+}
 fn default_plugin_memory_bytes() -> usize {
     16 * 1024 * 1024
 }
@@ -77,6 +84,7 @@ impl Default for PluginsConfig {
         PluginsConfig {
             max_running: default_plugin_max_running(),
             max_code_bytes: default_plugin_max_code_bytes(),
+            max_plugins: default_plugin_max_plugins(),
             memory_limit_bytes: default_plugin_memory_bytes(),
             fuel: default_plugin_fuel(),
             call_timeout_s: default_plugin_call_timeout_s(),
@@ -93,9 +101,10 @@ impl Default for PluginsConfig {
 
 impl PluginsConfig {
     pub(crate) fn validate(&self) -> Result<()> {
-        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 6] = [
+        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 7] = [
             ("plugins.max_running", self.max_running as u64, 1..=256),
             ("plugins.max_code_bytes", self.max_code_bytes as u64, 1024..=64 << 20),
+            ("plugins.max_plugins", self.max_plugins as u64, 1..=4096),
             ("plugins.memory_limit_bytes", self.memory_limit_bytes as u64, 65_536..=1 << 30),
             ("plugins.fuel", self.fuel, 1_000..=u64::MAX / 2),
             ("plugins.call_timeout_s", self.call_timeout_s, 1..=3600),

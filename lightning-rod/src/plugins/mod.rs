@@ -250,6 +250,14 @@ impl PluginManager {
             _ => None,
         };
         let _guard = self.edit.lock().await;
+        let held = self.registry()?;
+        let max = self.config.max_plugins;
+        if !held.contains_key(&p.uuid) && held.len() >= max {
+            return Err(plugin_err(format!(
+                "this board holds {} plugins, its most (plugins.max_plugins = {max}): remove one first",
+                held.len()
+            )));
+        }
         self.stop_run(&p.uuid).await;
         let dir = self.store.path(CODE_DIR);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Write { path: dir.clone(), source })?;

@@ -118,6 +118,23 @@ async fn a_call_returns_what_the_module_sets() {
     assert_eq!(h.plugins.registry().unwrap()["echo"].status, "updated");
 }
 
+/// A board holds at most `max_plugins`: another is refused (nothing written), an update of
+/// one it holds is not, and removing one makes room.
+#[tokio::test]
+async fn a_board_holds_at_most_max_plugins() {
+    let h = harness(PluginsConfig { max_plugins: 2, ..config() });
+    for uuid in ["a", "b"] {
+        h.plugins.inject(wasm(uuid, ECHO, Grants::default()), false).await.unwrap();
+    }
+    let e = h.plugins.inject(wasm("c", ECHO, Grants::default()), false).await.unwrap_err().to_string();
+    assert!(e.contains("plugins.max_plugins = 2"), "{e}");
+    assert!(!h.store.path("plugins/c.code").exists() && !h.plugins.registry().unwrap().contains_key("c"));
+    assert!(h.plugins.inject(wasm("b", ECHO, Grants::default()), false).await.unwrap(), "an update");
+    assert!(h.plugins.remove("a").await.unwrap());
+    h.plugins.inject(wasm("c", ECHO, Grants::default()), false).await.unwrap();
+    assert_eq!(h.plugins.registry().unwrap().len(), 2);
+}
+
 #[tokio::test]
 async fn runaway_and_trapping_plugins_are_stopped_and_reported() {
     let h = harness(config());
