@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -27,17 +27,17 @@ const PROBE_FILE: &str = "write-probe";
 
 /// Numbers the temporary files of this process: two writes of one file at once (on two
 /// blocking threads) each have their own, never one that the other truncates or renames away.
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+static TMP_SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// `.<name>.tmp-<pid>-<seq>` beside `path`, for the write numbered `seq`.
-fn tmp_path(dir: &Path, name: &std::ffi::OsStr, seq: u64) -> PathBuf {
+fn tmp_path(dir: &Path, name: &std::ffi::OsStr, seq: usize) -> PathBuf {
     dir.join(format!(".{}{TMP_MARKER}{}-{seq}", name.to_string_lossy(), std::process::id()))
 }
 
 /// The temporary files the next `count` writes of `path` in this process may use (one of them
 /// if no other write happens meanwhile): for tests that put an obstacle where a save writes.
 #[cfg(test)]
-pub(crate) fn next_tmp_paths(path: &Path, count: u64) -> Vec<PathBuf> {
+pub(crate) fn next_tmp_paths(path: &Path, count: usize) -> Vec<PathBuf> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let next = TMP_SEQ.load(Ordering::Relaxed);
     (next..next + count).map(|seq| tmp_path(dir, path.file_name().unwrap(), seq)).collect()
