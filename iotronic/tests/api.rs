@@ -577,7 +577,10 @@ async fn registration_codes_are_shown_to_managers_only() {
     for t in TestDb::all().await {
         let cloud = start(&t).await;
         let (_, ann, uma) = alpha_with_a_user(&cloud).await;
-        let board = json!({"name": "coded", "code": "SECRET-CODE-1", "location": [{"latitude": "1", "longitude": "2", "altitude": "3"}]});
+        let (s, v) = cloud.req("POST", "/v1/fleets", Some(&ann), Some(json!({"name": "f"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let board = json!({"name": "coded", "code": "SECRET-CODE-1", "fleet": "f",
+                           "location": [{"latitude": "1", "longitude": "2", "altitude": "3"}]});
         let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board)).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         for (token, code) in [(&ann, json!("SECRET-CODE-1")), (&uma, Value::Null)] {
@@ -587,6 +590,10 @@ async fn registration_codes_are_shown_to_managers_only() {
             assert_eq!(v["boards"][0]["code"], code, "{}: {v}", t.name);
             let (_, v) = cloud.req("GET", "/v1/boards?fields=name,code", Some(token), None).await;
             assert_eq!(v["boards"][0]["code"], code, "{}: {v}", t.name);
+            let (_, v) = cloud.req("GET", "/v1/boards/detail", Some(token), None).await;
+            assert_eq!(v["boards"][0]["code"], code, "{}: detail: {v}", t.name);
+            let (_, v) = cloud.req("GET", "/v1/fleets/f/boards", Some(token), None).await;
+            assert_eq!(v["boards"][0]["code"], code, "{}: fleet: {v}", t.name);
         }
     }
 }
@@ -689,6 +696,7 @@ async fn definitions_are_for_managers_in_private_ranges_and_stay_consistent() {
             ("/v1/services", json!({"name": "web", "port": 80, "protocol": "TCP"})),
             ("/v1/fleets", json!({"name": "f"})),
             ("/v1/vpns", vpn("10.30.0.0/24")),
+            ("/v1/plugins", json!({"name": "p", "kind": "python", "code": "def main(): pass"})),
         ] {
             let (s, v) = cloud.req("POST", path, Some(&uma), Some(body.clone())).await;
             assert_eq!(s, StatusCode::FORBIDDEN, "{who} {path}: {v}");

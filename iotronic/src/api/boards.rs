@@ -51,10 +51,17 @@ const LIST_FIELDS: &[&str] = &[
 /// [`board_json`] as `c` may see it: the registration code (set until the board enrolls,
 /// and again by rotate-secret) enrolls a device as this board and receives its secret, so
 /// only managers (who may re-provision it) see it.
-fn board_json_for(b: &Board, c: &Caller) -> Value {
+/// A board as `c` may see it: the registration code (which enrolls a device as the board) only
+/// for managers.
+pub(crate) fn board_json_for(b: &Board, c: &Caller) -> Value {
     let mut v = board_json(b);
     if c.require(Role::Manager, "").is_err() {
         v["code"] = Value::Null;
+        // The config document sent at enrollment repeats it (a legacy enrollment leaves the
+        // code valid).
+        if let Some(board) = v.pointer_mut("/config/iotronic/board").and_then(Value::as_object_mut) {
+            board.remove("code");
+        }
     }
     v
 }
@@ -200,7 +207,7 @@ pub async fn list_detail(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let (boards, next) = list_boards(&state, &c, &q, "/v1/boards/detail").await?;
-    Ok(board_list(boards.iter().map(board_json).collect(), next))
+    Ok(board_list(boards.iter().map(|b| board_json_for(b, &c)).collect(), next))
 }
 
 #[derive(Deserialize)]
@@ -673,6 +680,31 @@ mod tests {
             created_at: 0,
             updated_at: 0,
         }
+    }
+
+    /// The registration code enrolls a device as the board: a project user sees it neither
+    /// as `code` nor inside the config document a legacy enrollment stored; a manager does.
+    #[test]
+    fn only_managers_see_a_boards_code_wherever_it_is() {
+        let mut b = board(Some("0.5.0"), false, "online", "ws://cloud:8181/");
+        b.code = Some("SECRET".into());
+        b.config["iotronic"]["board"] = json!({"uuid": "u", "code": "SECRET"});
+        let caller = |role| Caller {
+            user: "x".into(),
+            user_name: "x".into(),
+            project: "p".into(),
+            project_name: "p".into(),
+            role,
+            is_admin: false,
+        };
+        let shown = board_json_for(&b, &caller(Role::Manager));
+        assert_eq!(
+            (&shown["code"], &shown["config"]["iotronic"]["board"]["code"]),
+            (&json!("SECRET"), &json!("SECRET"))
+        );
+        let hidden = board_json_for(&b, &caller(Role::User));
+        assert!(!hidden.to_string().contains("SECRET"), "{hidden}");
+        assert_eq!(hidden["config"]["iotronic"]["board"]["uuid"], "u");
     }
 
     #[test]

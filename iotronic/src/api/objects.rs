@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::check_name;
-use super::boards::{board_json, visible_board};
+use super::boards::{board_json_for, visible_board};
 use super::calls::{CallOpts, call_board, check_lease, message_value, request_json};
 use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
@@ -201,7 +201,7 @@ pub async fn fleet_boards(
 ) -> ApiResult<Json<Value>> {
     let f = visible_fleet(&state, &c, &ident).await?;
     let boards = state.db.list_boards(c.scope(), None, Some(&f.uuid)).await?;
-    Ok(Json(json!({"boards": boards.iter().map(board_json).collect::<Vec<_>>()})))
+    Ok(Json(json!({"boards": boards.iter().map(|b| board_json_for(b, &c)).collect::<Vec<_>>()})))
 }
 
 fn lease_json(l: &Lease) -> Value {

@@ -256,6 +256,7 @@ pub async fn create(
     Extension(c): Extension<Caller>,
     Body(b): Body<CreateBody>,
 ) -> ApiResult<Response> {
+    c.require(Role::Manager, "creating plugins")?;
     check_name(&b.name, "plugin name")?;
     if state.db.plugin_name_taken(&c.project, &b.name, "").await? {
         return Err(
@@ -339,6 +340,7 @@ pub async fn update(
     Path(ident): Path<String>,
     Body(b): Body<PatchBody>,
 ) -> ApiResult<Json<Value>> {
+    c.require(Role::Manager, "changing plugins")?;
     let p = visible_plugin(&state, &c, &ident).await?;
     check_owner(&c, &p, "changed")?;
     let mut u = PluginUpdate::default();
@@ -395,6 +397,7 @@ pub async fn delete(
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
 ) -> ApiResult<StatusCode> {
+    c.require(Role::Manager, "deleting plugins")?;
     let p = visible_plugin(&state, &c, &ident).await?;
     check_owner(&c, &p, "deleted")?;
     let (own, others) = injected_on(&state, &p).await?;
