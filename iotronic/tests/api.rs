@@ -313,6 +313,11 @@ async fn leases_conflict_expire_and_tear_down() {
             .await;
         assert_eq!(s, StatusCode::CREATED, "{vpn}");
 
+        // A board named twice (here by name and by uuid) is a bad request, not a conflict.
+        let twice = json!({"boards": ["l1", l1.clone()], "duration": 2});
+        let (s, v) = cloud.req("POST", "/v1/leases", Some(&ann), Some(twice)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error_message"].as_str().unwrap().contains("named twice"), "{v}");
         let (s, lease) =
             cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["l1"], "duration": 2}))).await;
         assert_eq!(s, StatusCode::CREATED, "{lease}");

@@ -261,7 +261,11 @@ pub async fn create_lease(
     }
     let mut uuids = Vec::with_capacity(b.boards.len());
     for ident in &b.boards {
-        uuids.push(visible_board(&state, &c, ident).await?.uuid);
+        let uuid = visible_board(&state, &c, ident).await?.uuid;
+        if uuids.contains(&uuid) {
+            return Err(Error::Invalid(format!("board {ident} is named twice in the lease")).into());
+        }
+        uuids.push(uuid);
     }
     // Leases past their expiry free their boards first (and tear down what they held).
     Conductor::new(state.db.clone(), state.bus.clone()).expire_leases().await?;
