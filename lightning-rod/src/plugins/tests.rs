@@ -388,7 +388,7 @@ async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
 async fn a_plugin_ending_by_itself_during_injections_loses_no_change() {
     const ROUNDS: usize = 25;
     const INJECTIONS: usize = 8;
-    let mut h = harness(config());
+    let mut h = harness(PluginsConfig { max_plugins: 1 + ROUNDS * INJECTIONS, ..config() });
     let mut quick = script("quick", "#!/bin/sh\nexit 0\n");
     quick.callable = false;
     h.plugins.inject(quick, true).await.unwrap();
