@@ -51,7 +51,12 @@ pub struct ServeConfig {
     pub public_host: Option<String>,
     /// The address ranges VPNs may use (`--vpn-ranges`; default [`DEFAULT_VPN_RANGES`]).
     pub vpn_ranges: Vec<String>,
+    /// Public ports one project may hold (`--ports-per-project`).
+    pub ports_per_project: u32,
 }
+
+/// Public ports one project may hold unless the operator says otherwise: a tenth of the pool.
+pub const DEFAULT_PORTS_PER_PROJECT: u32 = 1000;
 
 /// Where VPN ranges may lie unless the operator says otherwise: the private ranges (RFC 1918)
 /// and shared address space (RFC 6598). The cloud host routes VPN addresses (a cloud address,
@@ -80,6 +85,7 @@ impl ServeConfig {
             call_timeout: Duration::from_secs(30),
             public_host: None,
             vpn_ranges: DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect(),
+            ports_per_project: DEFAULT_PORTS_PER_PROJECT,
         }
     }
 

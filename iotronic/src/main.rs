@@ -67,6 +67,10 @@ struct Common {
     /// cloud host's own networks: the host routes VPN addresses.
     #[arg(long, env = "IOTRONIC_VPN_RANGES", value_delimiter = ',', value_parser = parse_range)]
     vpn_ranges: Vec<String>,
+    /// Public ports (exposed services) one project may hold at once; administrators are not
+    /// limited. The pool has 9,999: one tenant cannot take every other's.
+    #[arg(long, env = "IOTRONIC_PORTS_PER_PROJECT", default_value_t = iotronic::config::DEFAULT_PORTS_PER_PROJECT)]
+    ports_per_project: u32,
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "IOTRONIC_TLS_KEY", value_name = "FILE", requires = "tls_cert", conflicts_with = "plaintext")]
     tls_key: Option<PathBuf>,
@@ -120,6 +124,7 @@ fn config(c: Common) -> ServeConfig {
     if !c.vpn_ranges.is_empty() {
         config.vpn_ranges = c.vpn_ranges;
     }
+    config.ports_per_project = c.ports_per_project;
     config.admin_password = std::env::var("IOTRONIC_ADMIN_PASSWORD").ok();
     config
 }

@@ -97,6 +97,7 @@ async fn serve_api(
     let mut state = AppState::new(db.clone(), bus);
     state.call_timeout = config.call_timeout;
     state.vpn_ranges = std::sync::Arc::new(config.vpn_ranges.clone());
+    state.ports_per_project = config.ports_per_project;
     state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
     // The peer address feeds the login throttle and the audit log.
     let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();

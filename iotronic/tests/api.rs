@@ -80,6 +80,11 @@ impl Drop for Cloud {
 }
 
 async fn start(t: &TestDb) -> Cloud {
+    start_with(t, |_| {}).await
+}
+
+/// [`start`] with `configure` applied to the cloud's configuration.
+async fn start_with(t: &TestDb, configure: impl FnOnce(&mut ServeConfig)) -> Cloud {
     let stop = CancellationToken::new();
     let bus = Bus::in_process();
     let mut config = ServeConfig::new(std::env::temp_dir());
@@ -88,6 +93,7 @@ async fn start(t: &TestDb) -> Cloud {
     config.rest_port = 0;
     config.admin_password = Some("admin-password".into());
     config.call_timeout = Duration::from_secs(10);
+    configure(&mut config);
     iotronic::auth::bootstrap_admin(&t.db, Some("admin-password")).await.unwrap();
     tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
     tokio::spawn(run_worker("agent".into(), bus.clone(), Arc::new(FakeBoards::default()), stop.clone()));
@@ -647,6 +653,48 @@ async fn refused_logins_cannot_flood_the_audit_log() {
         assert_eq!(count(401), 5, "{}: every checked attempt is audited: {v}", t.name);
         let unchecked = count(400) + count(429);
         assert!((10..=11).contains(&unchecked), "{}: {unchecked} rows for 65 unchecked refusals", t.name);
+    }
+}
+
+/// One project holds at most `--ports-per-project` public ports, so it cannot take the whole
+/// pool from the others (here 2); disabling a service gives its port back, and an
+/// administrator is not limited.
+#[tokio::test]
+async fn one_project_holds_at_most_its_share_of_public_ports() {
+    for t in TestDb::all().await {
+        let cloud = start_with(&t, |c| c.ports_per_project = 2).await;
+        let (admin, ann, _) = tenants(&cloud).await;
+        let (s, v) = cloud
+            .req("POST", "/v1/services", Some(&ann), Some(json!({"name": "ssh", "port": 22, "protocol": "TCP"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        for (i, name) in ["q1", "q2", "q3"].into_iter().enumerate() {
+            let (_, b) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body(name))).await;
+            cloud.login(b["uuid"].as_str().unwrap(), &format!("{}", 4001 + i)).await;
+        }
+        let cloud = &cloud;
+        let enable = |board: &str, token: &str| {
+            let at = format!("/v1/boards/{board}/services/ssh/action");
+            let token = token.to_owned();
+            async move { cloud.req("POST", &at, Some(&token), Some(json!({"action": "ServiceEnable"}))).await }
+        };
+        for board in ["q1", "q2"] {
+            let (s, v) = enable(board, &ann).await;
+            assert_eq!(s, StatusCode::CREATED, "{} {board}: {v}", t.name);
+        }
+        let (s, v) = enable("q3", &ann).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{}: {v}", t.name);
+        assert!(v["error_message"].as_str().unwrap().contains("--ports-per-project"), "{v}");
+        let (s, v) = enable("q3", &admin).await;
+        assert_eq!(s, StatusCode::CREATED, "{}: an administrator: {v}", t.name);
+        let off = json!({"action": "ServiceDisable"});
+        for board in ["q3", "q1"] {
+            let at = format!("/v1/boards/{board}/services/ssh/action");
+            let (s, v) = cloud.req("POST", &at, Some(&admin), Some(off.clone())).await;
+            assert!(s.is_success(), "{v}");
+        }
+        let (s, v) = enable("q3", &ann).await;
+        assert_eq!(s, StatusCode::CREATED, "{}: a port given back: {v}", t.name);
     }
 }
 

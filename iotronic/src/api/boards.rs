@@ -604,6 +604,16 @@ pub async fn service_action(
     match a.action.as_str() {
         "ServiceEnable" => {
             let allow = crate::db::parse_allow_list(a.allow.as_deref().unwrap_or_default())?;
+            // One tenant may not take the whole public pool (queued enables on offline boards
+            // hold their ports for as long as they wait).
+            let held = state.db.exposures_held_by(&c.project).await?;
+            if !c.is_admin && held >= i64::from(state.ports_per_project) {
+                return Err(Error::Conflict(format!(
+                    "project {} holds {held} public ports, its most (--ports-per-project): disable a service first",
+                    c.project_name
+                ))
+                .into());
+            }
             let e = state.db.allocate_exposure(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow).await?;
             let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             match call_board(&state, &c, &b, "ServiceEnable", args, opts).await {

@@ -68,6 +68,8 @@ pub struct AppState {
     pub login_throttle: Arc<crate::auth::LoginThrottle>,
     /// The ranges VPNs must lie in ([`crate::config::DEFAULT_VPN_RANGES`] unless configured).
     pub vpn_ranges: Arc<Vec<String>>,
+    /// Public ports one project may hold ([`crate::config::DEFAULT_PORTS_PER_PROJECT`]).
+    pub ports_per_project: u32,
 }
 
 impl AppState {
@@ -80,6 +82,7 @@ impl AppState {
             tunnels: None,
             login_throttle: Arc::default(),
             vpn_ranges: Arc::new(crate::config::DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect()),
+            ports_per_project: crate::config::DEFAULT_PORTS_PER_PROJECT,
         }
     }
 }

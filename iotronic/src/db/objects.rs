@@ -517,6 +517,22 @@ impl Db {
         rows.iter().map(exposure_row).collect()
     }
 
+    /// Public ports `project` holds: exposures on its boards outside leases, and exposures
+    /// under its leases (on boards of any project).
+    pub async fn exposures_held_by(&self, project: &str) -> Result<i64, Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM exposed_services e JOIN boards b ON b.uuid = e.board_uuid \
+             LEFT JOIN leases l ON l.uuid = e.lease_uuid \
+             WHERE (l.uuid IS NOT NULL AND l.project_uuid = $1) OR (l.uuid IS NULL AND b.project_uuid = $2)",
+        )
+        .bind(project)
+        .bind(project)
+        .fetch_one(self.pool())
+        .await
+        .map_err(db_err)?;
+        col(&row, "n")
+    }
+
     pub async fn count_exposures(&self) -> Result<i64, Error> {
         let row =
             sqlx::query("SELECT COUNT(*) AS n FROM exposed_services").fetch_one(self.pool()).await.map_err(db_err)?;
