@@ -115,6 +115,15 @@ impl Conductor {
             }
             return self.fail(uuid, &req.destination, "the board is offline").await;
         };
+        // A queued request may wait days, leases come and go meanwhile (one sent at once was
+        // checked by the API a moment ago; the conductor's own notifications have no lease).
+        if !again
+            && req.expires_at.is_some()
+            && let Some(reason) = self.lease_refusal(&req).await?
+        {
+            info!(request = %uuid, %reason, "request refused at delivery");
+            return self.fail(uuid, &req.destination, &reason).await;
+        }
         let (agent, session) = (board.agent.clone().unwrap_or_default(), board.session.clone().unwrap_or_default());
         if !again {
             let from = [RequestStatus::Pending];
@@ -162,6 +171,21 @@ impl Conductor {
             }
         }
         self.bus.completed(request).await
+    }
+
+    /// Why `req` may not reach its board now, if a lease stands in between: the board is
+    /// leased by another project than the one that made the request (a command queued before
+    /// the lease must not run inside it), or the lease it was made under has ended.
+    async fn lease_refusal(&self, req: &Request) -> Result<Option<String>, Error> {
+        let now = self.db.active_lease_of_board(&req.destination).await?;
+        Ok(match (&req.lease, now) {
+            (Some(made), Some(now)) if *made == now.uuid => None,
+            // Requests record the board's project: made outside a lease, by that project.
+            (None, Some(now)) if now.project == req.project => None,
+            (_, Some(now)) => Some(format!("the board is under lease {} of another project", now.uuid)),
+            (Some(made), None) => Some(format!("lease {made}, under which the request was made, has ended")),
+            (None, None) => None,
+        })
     }
 
     async fn fail(&self, request: &str, board: &str, why: &str) -> Result<(), Error> {

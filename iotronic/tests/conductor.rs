@@ -85,3 +85,52 @@ async fn queued_requests_go_out_at_login_and_expired_leases_free_what_they_held(
     assert!(c.expire_leases().await.unwrap().is_empty(), "a lease ends once");
     assert!(t.db.active_lease_of_board(&b.uuid).await.unwrap().is_none());
 }
+
+/// A queued command runs only under the lease situation it was made in: one queued before
+/// another project leased the board is failed at delivery (it must not run inside that
+/// lease), as is one made under a lease that has ended since; one queued by the lessee under
+/// its lease goes out.
+#[tokio::test]
+async fn queued_requests_do_not_cross_leases() {
+    let t = TestDb::sqlite().await;
+    let owner = t.db.create_project("owner").await.unwrap();
+    let lessee = t.db.create_project("lessee").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: owner.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    let bus = Bus::in_process();
+    let mut agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus.clone());
+    let later = Some(now_ms() + 60_000);
+    let queue = |lease: Option<String>| {
+        let db = t.db.clone();
+        let (project, board) = (owner.uuid.clone(), b.uuid.clone());
+        async move {
+            db.create_request_under(&project, &board, "DeviceReboot", &json!([]), later, lease.as_deref())
+                .await
+                .unwrap()
+        }
+    };
+    // Queued by the owner, then another project leases the board.
+    let before = queue(None).await;
+    c.handle(ConductorMsg::Execute { request: before.uuid.clone() }, false).await.unwrap();
+    let lease = t.db.create_lease(&lessee.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() + 60_000).await.unwrap();
+    let under = queue(Some(lease.uuid.clone())).await;
+    c.handle(ConductorMsg::Execute { request: under.uuid.clone() }, false).await.unwrap();
+    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    let status = |uuid: String| {
+        let db = t.db.clone();
+        async move { db.request(&uuid, None).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status(before.uuid.clone()).await, RequestStatus::Failed, "ran inside another project's lease");
+    let call = tokio::time::timeout(Duration::from_secs(5), agent.recv()).await.unwrap().unwrap().msg;
+    assert_eq!(call.request, under.uuid, "the lessee's own request goes out");
+    // Made under the lease, delivered after it ended.
+    t.db.session_left("7").await.unwrap();
+    let stale = queue(Some(lease.uuid.clone())).await;
+    c.handle(ConductorMsg::Execute { request: stale.uuid.clone() }, false).await.unwrap();
+    assert!(t.db.end_lease(&lease.uuid, "released").await.unwrap());
+    t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    assert_eq!(status(stale.uuid.clone()).await, RequestStatus::Failed, "ran after its lease ended");
+}

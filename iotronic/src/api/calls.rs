@@ -67,7 +67,7 @@ pub enum Outcome {
     /// The board's `message` (SUCCESS or WARNING).
     Done(Value),
     /// Accepted; see `/v1/requests/{uuid}`.
-    Accepted(Request),
+    Accepted(Box<Request>),
 }
 
 pub fn request_json(r: &Request) -> Value {
@@ -118,7 +118,7 @@ pub async fn call_board(
     args: Value,
     opts: CallOpts,
 ) -> Result<Outcome, Error> {
-    check_lease(state, caller, &board.uuid).await?;
+    let lease = check_lease(state, caller, &board.uuid).await?;
     if board.status != "online" && opts.queue_ttl.is_none() {
         return Err(Error::Unavailable(format!(
             "board {} is {}: add ?queue=true to queue the command until it logs in",
@@ -127,11 +127,12 @@ pub async fn call_board(
     }
     let expires = opts.queue_ttl.map(|t| now_ms() + t.as_millis() as i64);
     let mut completions = state.bus.completions().await?;
-    let req = state.db.create_request(&board.project, &board.uuid, action, &args, expires).await?;
+    let req =
+        state.db.create_request_under(&board.project, &board.uuid, action, &args, expires, lease.as_deref()).await?;
     state.bus.to_conductor(&ConductorMsg::Execute { request: req.uuid.clone() }).await?;
     state.metrics.count_call(action);
     if opts.asynchronous {
-        return Ok(Outcome::Accepted(req));
+        return Ok(Outcome::Accepted(Box::new(req)));
     }
     let deadline = Instant::now() + state.call_timeout;
     loop {
@@ -139,12 +140,12 @@ pub async fn call_board(
             state.db.request(&req.uuid, None).await?.ok_or_else(|| Error::NotFound("the request vanished".into()))?;
         match r.status {
             s if s.is_final() => return finish(state, r).await,
-            RequestStatus::Queued => return Ok(Outcome::Accepted(r)),
+            RequestStatus::Queued => return Ok(Outcome::Accepted(Box::new(r))),
             _ => {}
         }
         loop {
             match tokio::time::timeout_at(deadline, completions.recv()).await {
-                Err(_) => return Ok(Outcome::Accepted(r)),
+                Err(_) => return Ok(Outcome::Accepted(Box::new(r))),
                 Ok(Ok(id)) if id != req.uuid => continue,
                 Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => break,
                 Ok(Err(RecvError::Closed)) => return Err(Error::Bus("the completion stream closed".into())),

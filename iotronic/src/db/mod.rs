@@ -50,6 +50,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "exposure allow-list", include_str!("../../migrations/0006_exposure_allow.sql")),
     (7, "tunnel tokens after", include_str!("../../migrations/0007_tunnel_tokens_after.sql")),
     (8, "agent stats", include_str!("../../migrations/0008_agent_stats.sql")),
+    (9, "request lease", include_str!("../../migrations/0009_request_lease.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

@@ -63,6 +63,8 @@ pub struct Request {
     pub args: Value,
     pub agent: Option<String>,
     pub expires_at: Option<i64>,
+    /// The lease of the caller's project on the board when the request was made, if any.
+    pub lease: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -90,6 +92,7 @@ fn request_row(r: &AnyRow) -> Result<Request, Error> {
         args: json_col(r, "args")?,
         agent: col(r, "agent")?,
         expires_at: col(r, "expires_at")?,
+        lease: col(r, "lease_uuid")?,
         created_at: col(r, "created_at")?,
         updated_at: col(r, "updated_at")?,
     })
@@ -116,10 +119,23 @@ impl Db {
         args: &Value,
         queue_until: Option<i64>,
     ) -> Result<Request, Error> {
+        self.create_request_under(project, board, action, args, queue_until, None).await
+    }
+
+    /// [`Db::create_request`] by a project acting under `lease` on the board.
+    pub async fn create_request_under(
+        &self,
+        project: &str,
+        board: &str,
+        action: &str,
+        args: &Value,
+        queue_until: Option<i64>,
+        lease: Option<&str>,
+    ) -> Result<Request, Error> {
         let (uuid, now) = (new_uuid(), now_ms());
         sqlx::query(
             "INSERT INTO requests (uuid, project_uuid, destination_uuid, status, type, action, args, expires_at, \
-             created_at, updated_at) VALUES ($1, $2, $3, 'PENDING', 0, $4, $5, $6, $7, $8)",
+             created_at, updated_at, lease_uuid) VALUES ($1, $2, $3, 'PENDING', 0, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&uuid)
         .bind(project)
@@ -129,6 +145,7 @@ impl Db {
         .bind(queue_until)
         .bind(now)
         .bind(now)
+        .bind(lease.map(str::to_owned))
         .execute(self.pool())
         .await
         .map_err(db_err)?;
