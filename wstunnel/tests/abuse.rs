@@ -154,6 +154,55 @@ async fn a_channel_that_does_not_answer_gives_its_port_to_its_boards_new_one() {
     assert!(reason.contains("did not answer"), "{reason}");
 }
 
+/// Another peer holding a board's VPN token (leaked: it is not bound to the board's secret)
+/// cannot take the board's place in the VPN while the board's channel is live: its open is
+/// refused, and the board's packet channel keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_channel_does_not_take_a_vpn_from_a_live_one() {
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), EchoPackets).await;
+    let (client, _stop) = start_client(&srv.url());
+    let ch = within("open", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    let PacketChannel { sender, mut receiver } = ch;
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, Frame::PacketOpen { channel: 1, vpn: "vpn-1".into(), token: vpn_token("b", "vpn-1") }).await;
+    match next_frame(&mut ws).await {
+        Some(Frame::PacketErr { channel: 1, code: c, reason }) => {
+            assert_eq!(c, code::IN_USE, "{reason}");
+            assert!(reason.contains("vpn-1"), "{reason}");
+        }
+        other => panic!("expected PacketErr, got {other:?}"),
+    }
+    sender.send(&[7u8; 40]).await.unwrap();
+    assert_eq!(within("echo", receiver.recv()).await.unwrap(), vec![7u8; 40]);
+    assert_eq!(srv.handle.stats().packet_channels_open, 1);
+    // Once the board has closed its packet channel, the VPN is free to open elsewhere.
+    drop((sender, receiver));
+    wait_until("closed", || srv.handle.stats().packet_channels_open == 0).await;
+    send(&mut ws, Frame::PacketOpen { channel: 2, vpn: "vpn-1".into(), token: vpn_token("b", "vpn-1") }).await;
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::PacketOk { channel: 2 })));
+}
+
+/// The board reconnected before the server noticed its old channel died: the old channel
+/// does not answer the ping and is closed with a reason, and the new one carries the VPN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_does_not_answer_gives_its_vpn_to_its_boards_new_one() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.liveness_probe = Duration::from_millis(200);
+    let srv = start_server_with(cfg, EchoPackets).await;
+    let mut old = hello_channel(&srv).await;
+    send(&mut old, Frame::PacketOpen { channel: 1, vpn: "vpn-1".into(), token: vpn_token("b", "vpn-1") }).await;
+    assert!(matches!(next_frame(&mut old).await, Some(Frame::PacketOk { channel: 1 })));
+    // From here the old peer reads nothing, so it answers no ping.
+    let (client, _stop) = start_client(&srv.url());
+    let ch = within("open", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    ch.sender.send(&[9u8; 40]).await.unwrap();
+    let mut receiver = ch.receiver;
+    assert_eq!(within("echo", receiver.recv()).await.unwrap(), vec![9u8; 40]);
+    let (c, reason) = goaway(&mut old).await;
+    assert_eq!(c, code::OTHER);
+    assert!(reason.contains("did not answer"), "{reason}");
+}
+
 /// A peer sending invalid tokens is closed after a few, with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_guessing_tokens_is_closed() {

@@ -198,6 +198,11 @@ impl Fabric {
         let layer = layer_of(&v);
         let key = (vpn.to_owned(), board.to_owned());
         let mut st = self.state.lock().await;
+        // The tunnel server lets a channel replace only a dead or its own holder of the VPN;
+        // one that closed while waiting for the lock must not replace the one that followed.
+        if !channel.sender.is_connected() {
+            return Err(Error::Unavailable("the packet channel closed before it was attached".into()));
+        }
         let stale = st.ports.get(&key).is_some_and(|p| p.address != address || p.layer != layer);
         if stale {
             self.remove_port(&mut st, &key).await;

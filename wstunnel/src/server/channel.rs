@@ -92,8 +92,24 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The server's end of a packet channel: where received packets go, and the sender's link.
-type PacketEnd = (packet::Inbox, Arc<Link>);
+/// The server's end of a packet channel.
+struct PacketEnd {
+    /// Where received packets go.
+    inbox: packet::Inbox,
+    /// The sender's link.
+    link: Arc<Link>,
+    /// Its entry in the registry: (board, VPN, entry id).
+    claim: (String, String, u64),
+}
+
+impl PacketEnd {
+    /// Disconnects the hook's sender and frees the board's claim on the VPN.
+    fn close(self, reg: &Registry) {
+        self.link.set(None);
+        let (board, vpn, id) = self.claim;
+        reg.remove_vpn(&board, &vpn, id);
+    }
+}
 
 struct Listener {
     port: u16,
@@ -278,8 +294,8 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
             );
         }
         Frame::Packet { channel, payload } => {
-            if let Some((tx, _)) = ctx.packets.lock().expect("packets").get(&channel) {
-                tx.deliver(payload);
+            if let Some(end) = ctx.packets.lock().expect("packets").get(&channel) {
+                end.inbox.deliver(payload);
             }
         }
         Frame::PacketClose { channel, .. } => {
@@ -287,8 +303,9 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
             // the hook's receiver, and the channel's count makes room for another. One still
             // being opened is not here yet: the board answers its `PacketOk` with another
             // `PacketClose`.
-            if let Some((_, link)) = ctx.packets.lock().expect("packets").remove(&channel) {
-                link.set(None);
+            let end = ctx.packets.lock().expect("packets").remove(&channel);
+            if let Some(end) = end {
+                end.close(&ctx.reg);
                 ctx.mux.packet_channels_changed(false);
             }
         }
@@ -520,6 +537,37 @@ async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str) -> Result<(), (u16, 
     Ok(())
 }
 
+/// Claims the board's packet channel for `vpn` for this channel (the registry entry's id),
+/// as [`take_over`] decides for ports: a live channel of the board keeps it whoever asks
+/// (with a leaked VPN token, another peer would otherwise take over the board's place in the
+/// VPN: its traffic and its address), and a newer one too; an older one that does not answer
+/// a ping is closed. The asking channel may replace its own.
+async fn claim_vpn<H>(ctx: &Ctx<H>, board: &str, vpn: &str) -> Result<u64, (u16, String)> {
+    let old = match ctx.reg.claim_vpn(board, vpn, ctx.chan_id) {
+        Ok(entry) => return Ok(entry),
+        Err(Holder::Older(old)) => old,
+        Err(_) => return Err(vpn_busy(vpn)),
+    };
+    let probe = ctx.cfg.limits.liveness_probe;
+    if old.answers(probe).await {
+        return Err(vpn_busy(vpn));
+    }
+    if ctx.mux.cancel.is_cancelled() {
+        return Err((code::SHUTDOWN, "the channel is closing".into()));
+    }
+    tracing::info!(board, vpn, "an older channel of the board did not answer: closing it to take its VPN over");
+    old.close(
+        code::OTHER,
+        format!("another channel of this board opened VPN {vpn}, and this one did not answer within {probe:?}"),
+    );
+    // A closed holder is replaced; one that took it meanwhile is newer, and keeps it.
+    ctx.reg.claim_vpn(board, vpn, ctx.chan_id).map_err(|_| vpn_busy(vpn))
+}
+
+fn vpn_busy(vpn: &str) -> (u16, String) {
+    (code::IN_USE, format!("another live channel of this board carries VPN {vpn}"))
+}
+
 /// Whether the server could have assigned `port`: in `assign_ports`, or else in the host's
 /// ephemeral range (where the OS picks when asked for port 0).
 fn assignable(cfg: &ServerConfig, port: u16) -> bool {
@@ -630,20 +678,35 @@ async fn open_packets<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, vpn: String, to
         let link = Arc::new(Link::default());
         link.set(Some(ctx.mux.out.clone()));
         let (chan, tx) = packet::new_channel(id, link.clone(), None);
+        let no_room = |p: &HashMap<u32, PacketEnd>| {
+            if p.contains_key(&id) {
+                Err((code::PROTOCOL, format!("packet channel id {id} already in use")))
+            } else if p.len() >= ctx.cfg.limits.max_packet_channels_per_channel {
+                Err((code::LIMIT, "too many packet channels on this channel".into()))
+            } else {
+                Ok(())
+            }
+        };
+        no_room(&ctx.packets.lock().expect("packets"))?;
+        let claim = (board.clone(), vpn.clone(), claim_vpn(&ctx, &board, &vpn).await?);
         {
             let mut p = ctx.packets.lock().expect("packets");
-            if p.contains_key(&id) {
-                return Err((code::PROTOCOL, format!("packet channel id {id} already in use")));
+            // Again: the channel's other requests went on while this one claimed the VPN. A
+            // channel that died meanwhile has been torn down: nothing may be added to it.
+            let closing = || Err((code::SHUTDOWN, "the channel is closing".to_owned()));
+            let room = if ctx.mux.cancel.is_cancelled() { closing() } else { no_room(&p) };
+            if let Err(refused) = room {
+                ctx.reg.remove_vpn(&claim.0, &claim.1, claim.2);
+                return Err(refused);
             }
-            if p.len() >= ctx.cfg.limits.max_packet_channels_per_channel {
-                return Err((code::LIMIT, "too many packet channels on this channel".into()));
-            }
-            p.insert(id, (tx, link));
+            p.insert(id, PacketEnd { inbox: tx, link, claim });
             // Counted with its entry, so that every removal takes out exactly what was put in.
             ctx.mux.packet_channels_changed(true);
         }
         if let Err(refusal) = ctx.hooks.packet_channel(&board, &vpn, chan).await {
-            if ctx.packets.lock().expect("packets").remove(&id).is_some() {
+            let end = ctx.packets.lock().expect("packets").remove(&id);
+            if let Some(end) = end {
+                end.close(&ctx.reg);
                 ctx.mux.packet_channels_changed(false);
             }
             return Err(refusal_code(refusal));
@@ -672,8 +735,9 @@ fn teardown<H: ServerHooks>(ctx: &Ctx<H>) {
         // registry forgets the port even if that task never runs again.
         ctx.reg.remove_port(l.port, l.entry);
     }
-    for (_, (_, link)) in ctx.packets.lock().expect("packets").drain() {
-        link.set(None);
+    let ends: Vec<PacketEnd> = ctx.packets.lock().expect("packets").drain().map(|(_, end)| end).collect();
+    for end in ends {
+        end.close(&ctx.reg);
         ctx.mux.packet_channels_changed(false);
     }
     ctx.reg.remove_channel(ctx.chan_id);

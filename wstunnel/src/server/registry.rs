@@ -22,6 +22,8 @@ pub(crate) struct Registry {
     /// Channels that offered lanes, by the key their lanes present.
     lane_doors: Mutex<HashMap<String, Weak<Mux>>>,
     ports: Mutex<HashMap<u16, PortEntry>>,
+    /// Open packet channels by (board, VPN): a board has one per VPN, on one of its channels.
+    vpns: Mutex<HashMap<(String, String), VpnEntry>>,
     /// Connections not yet proved (no valid token, lane key or legacy admission), by source.
     unproved: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Legacy connections waiting for their data socket: id → (public port, connection).
@@ -46,6 +48,12 @@ struct PortEntry {
     /// one is an older channel.
     chan: u64,
     cancel: CancellationToken,
+}
+
+struct VpnEntry {
+    id: u64,
+    /// The channel carrying it.
+    chan: u64,
 }
 
 /// What the registry and a channel's own task share: how to close it, and whether its peer
@@ -130,6 +138,7 @@ impl Registry {
             channels: Mutex::new(HashMap::new()),
             lane_doors: Mutex::new(HashMap::new()),
             ports: Mutex::new(HashMap::new()),
+            vpns: Mutex::new(HashMap::new()),
             unproved: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             max_pending,
@@ -203,6 +212,37 @@ impl Registry {
             Some(c) => Holder::Older(c.life.clone()),
             // Its channel is gone and its accept loop about to free the port.
             None => Holder::Gone,
+        }
+    }
+
+    /// Records that channel `chan` carries the packet channel of `board` for `vpn` and
+    /// returns the entry's id, unless another channel holds it: as [`Registry::holder`] for
+    /// ports, except that `chan` may replace its own and that a closing holder is replaced.
+    pub(crate) fn claim_vpn(&self, board: &str, vpn: &str, chan: u64) -> Result<u64, Holder> {
+        let key = (board.to_owned(), vpn.to_owned());
+        let mut v = self.vpns.lock().expect("registry");
+        match v.get(&key) {
+            Some(e) if e.chan > chan => return Err(Holder::Live),
+            Some(e) if e.chan < chan => {
+                if let Some(c) = self.channels.lock().expect("registry").get(&e.chan)
+                    && !c.life.cancel.is_cancelled()
+                {
+                    return Err(Holder::Older(c.life.clone()));
+                }
+            }
+            _ => {}
+        }
+        let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        v.insert(key, VpnEntry { id, chan });
+        Ok(id)
+    }
+
+    /// Forgets the packet channel entry `id` (not a newer one that replaced it).
+    pub(crate) fn remove_vpn(&self, board: &str, vpn: &str, id: u64) {
+        let key = (board.to_owned(), vpn.to_owned());
+        let mut v = self.vpns.lock().expect("registry");
+        if v.get(&key).is_some_and(|e| e.id == id) {
+            v.remove(&key);
         }
     }
 
