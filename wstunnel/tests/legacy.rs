@@ -158,11 +158,12 @@ async fn our_wstun_compatible_client_works_against_our_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_port_is_a_409_our_client_waits_out_and_a_refusal_ends_it_at_once() {
-    let port = free_port();
+    // The port is still held (the tunnel this one replaces has not been torn down yet). Bound
+    // first: a port found free and bound later may be taken by another test meanwhile.
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = blocker.local_addr().unwrap().port();
     let srv = legacy_server(port, true).await;
     let echo = echo_server().await;
-    // The port is still held (the tunnel this one replaces has not been torn down yet).
-    let blocker = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let err = wstun_socket(&srv, &format!("dst=127.0.0.1:{port}")).await.unwrap_err();
     assert!(err.to_string().contains("409"), "{err}");
     let client = |public_port| LegacyClient {
