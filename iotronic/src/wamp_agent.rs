@@ -248,7 +248,10 @@ impl WampAgent {
     ) -> Result<WampAgent, Error> {
         let codes = Arc::new(crate::auth::enrollment_throttle());
         let auth = Arc::new(DbAuthenticator::with_throttle(db.clone(), setup.legacy, codes.clone()));
-        let router = Router::new(RouterConfig::default(), auth);
+        // Decoy WAMP-CRA salts stay the same across restarts, as real boards' do.
+        let decoy = db.setting_or_init("cra_decoy_key", crate::auth::random_secret).await?;
+        let config = RouterConfig { decoy_key: Some(Secret::new(decoy)), ..RouterConfig::default() };
+        let router = Router::new(config, auth);
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let stop = shutdown.clone();
         let r = router.clone();

@@ -388,3 +388,43 @@ async fn publication_floods_are_rate_limited() {
         agent.publish_acked("agent.broadcast", vec![json!(i)], Default::default()).await.unwrap();
     }
 }
+
+/// The CHALLENGE and the refusal a WAMP-CRA login gets, answered with a wrong signature.
+async fn cra_attempt(r: &TestRouter, authid: &str) -> (Value, Value) {
+    let mut ws = raw(r, "wamp.2.json").await;
+    let hello = json!([1, "s4t", {"roles": {"caller": {}}, "authmethods": ["wampcra"], "authid": authid}]);
+    send(&mut ws, hello).await;
+    let challenge = next(&mut ws).await.expect("a CHALLENGE");
+    assert_eq!((challenge[0].as_u64(), challenge[1].as_str()), (Some(4), Some("wampcra")), "{challenge}");
+    send(&mut ws, json!([5, "bm90IGEgc2lnbmF0dXJl", {}])).await;
+    let refusal = next(&mut ws).await.expect("an ABORT");
+    assert!(next(&mut ws).await.is_none(), "the connection must close after ABORT");
+    (challenge[2].clone(), refusal)
+}
+
+/// A peer cannot learn which board uuids exist: an unknown authid is challenged like a known
+/// one (the same fields, a salt of the same form that stays the same on the next attempt, as a
+/// real board's does) and refused, after its answer, with the same ABORT as a wrong secret.
+#[tokio::test]
+async fn unknown_cra_identities_look_like_known_ones() {
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let (known, known_refusal) = cra_attempt(&r, BOARD).await;
+    let (unknown, unknown_refusal) = cra_attempt(&r, "22222222-2c3d-4e5f-8a9b-0c1d2e3f4a5b").await;
+    assert_eq!(unknown_refusal, known_refusal);
+    assert_eq!(known_refusal[0], 3, "{known_refusal}");
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&unknown), keys(&known));
+    for field in ["iterations", "keylen"] {
+        assert_eq!(unknown[field], known[field], "{field}");
+    }
+    let salt_len = |v: &Value| v["salt"].as_str().unwrap().len();
+    assert_eq!(salt_len(&unknown), salt_len(&known), "{unknown} vs {known}");
+    let inner = |v: &Value| serde_json::from_str::<Value>(v["challenge"].as_str().unwrap()).unwrap();
+    assert_eq!(inner(&unknown)["authrole"], inner(&known)["authrole"]);
+    let (again, _) = cra_attempt(&r, "22222222-2c3d-4e5f-8a9b-0c1d2e3f4a5b").await;
+    assert_eq!(again["salt"], unknown["salt"], "the salt of an authid must not change between attempts");
+    let (other, _) = cra_attempt(&r, "33333333-2c3d-4e5f-8a9b-0c1d2e3f4a5b").await;
+    assert_ne!(other["salt"], unknown["salt"]);
+    // The real board still logs in.
+    connect(&r.board(Serializer::Json)).await.unwrap();
+}

@@ -87,6 +87,24 @@ impl CraCredential {
         CraCredential { salt, iterations: DEFAULT_ITERATIONS, keylen: DEFAULT_KEYLEN, derived_key }
     }
 
+    /// What a router challenges an unknown `authid` with, so that a peer cannot tell unknown
+    /// identities from known ones before it answers: a salt that looks like a real one and
+    /// stays the same for the same `authid` and `key` (a real board's salt does not change
+    /// between attempts), the default parameters, and a random derived key no signature
+    /// matches.
+    pub fn decoy(key: &Secret, authid: &str) -> CraCredential {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes()).expect("HMAC accepts keys of any length");
+        mac.update(authid.as_bytes());
+        let salt = B64.encode(&mac.finalize().into_bytes()[..16]);
+        let derived: [u8; 32] = rand::rng().random();
+        CraCredential {
+            salt,
+            iterations: DEFAULT_ITERATIONS,
+            keylen: DEFAULT_KEYLEN,
+            derived_key: Secret(B64.encode(derived)),
+        }
+    }
+
     /// True when `signature` signs `challenge` with this credential.
     pub fn verify(&self, challenge: &str, signature: &str) -> bool {
         verify_signature(&self.derived_key, challenge, signature)

@@ -21,8 +21,9 @@ pub type AuthFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Sen
 
 /// Credential lookups the router needs; the cloud implements it over its database.
 ///
-/// Returning `Ok(None)` refuses the session (`wamp.error.authentication_failed`); `Err` is a
-/// failure of the lookup itself (logged, and the session is refused the same way).
+/// Returning `Ok(None)` refuses the session (`wamp.error.authentication_failed`; for
+/// WAMP-CRA only after a decoy challenge has been answered, as a wrong signature is); `Err` is
+/// a failure of the lookup itself (logged, and the session is refused at once).
 pub trait Authenticator: Send + Sync + 'static {
     /// Verifies `ticket` presented by `authid` (e.g. `authid = "enroll"` with a one-time
     /// registration code, or the cloud's own agent ticket); returns the role it grants.
@@ -128,7 +129,13 @@ async fn open_inner(inner: &Inner, link: &mut Link, hs: &mut RouterHandshake) ->
                 return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::Ticket });
             }
             (AuthMethod::WampCra, Some(authid)) => {
-                let (role, cred) = lookup(inner.authenticator.wampcra(realm, authid).await)?;
+                // An unknown authid is challenged like a known one and refused only after its
+                // answer, as a wrong signature is: the refusal must not tell which it was.
+                let (role, cred, known) = match inner.authenticator.wampcra(realm, authid).await {
+                    Ok(Some((role, cred))) => (role, cred, true),
+                    Ok(None) => (Role::Board, CraCredential::decoy(&inner.decoy_key, authid), false),
+                    Err(e) => return Err(lookup::<()>(Err(e)).err().flatten()),
+                };
                 let who = ChallengeFor {
                     authid,
                     authrole: role.name(),
@@ -136,7 +143,13 @@ async fn open_inner(inner: &Inner, link: &mut Link, hs: &mut RouterHandshake) ->
                     session: hs.session(),
                 };
                 link.send(hs.challenge_cra(&who, cred, SystemTime::now()).into()).await.map_err(|_| None)?;
-                hs.authenticate(next(link).await?).map_err(Some)?;
+                let verified = hs.authenticate(next(link).await?).map_err(Some);
+                if !known {
+                    info!(authid, "WAMP-CRA for an unknown authid");
+                    // The decoy's key matches no signature: this is the refusal a wrong one gets.
+                    return Err(verified.err().unwrap_or_else(|| Some(refused("WAMP-CRA signature is invalid"))));
+                }
+                verified?;
                 return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::WampCra });
             }
             (AuthMethod::Anonymous, _) if inner.authenticator.anonymous(realm) => {

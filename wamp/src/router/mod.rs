@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use s4t_shared::wamp::auth::Secret;
 use s4t_shared::wamp::message::uri;
 use s4t_shared::wamp::{Id, Serializer};
 use tokio::net::TcpListener;
@@ -112,6 +113,11 @@ pub struct RouterConfig {
     /// original lightning-rod answers by restarting itself. Each board session may have
     /// `limits.max_in_flight_calls` of them, so no one board takes them all.
     pub agent_invocations: usize,
+    /// Keys the salts of the decoy WAMP-CRA challenges unknown authids get
+    /// ([`s4t_shared::wamp::auth::CraCredential::decoy`]); keep it across restarts, or a
+    /// decoy's salt changes when the router restarts while a real board's does not. `None`: a
+    /// random key per router.
+    pub decoy_key: Option<Secret>,
 }
 
 impl Default for RouterConfig {
@@ -127,6 +133,7 @@ impl Default for RouterConfig {
             write_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive::default()),
             agent_invocations: 4096,
+            decoy_key: None,
         }
     }
 }
@@ -161,6 +168,8 @@ pub(crate) struct Inner {
     pub(crate) realm: Arc<Realm>,
     tasks: TaskTracker,
     connections: Arc<Semaphore>,
+    /// [`RouterConfig::decoy_key`], or a random one.
+    pub(crate) decoy_key: Secret,
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -174,7 +183,13 @@ impl Router {
         let realm =
             Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity, config.agent_invocations);
         let connections = Arc::new(Semaphore::new(config.max_sessions));
-        Router { inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections }) }
+        let decoy_key = config.decoy_key.clone().unwrap_or_else(|| {
+            let bytes: [u8; 32] = rand::random();
+            Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        });
+        Router {
+            inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections, decoy_key }),
+        }
     }
 
     pub fn config(&self) -> &RouterConfig {
