@@ -698,6 +698,43 @@ async fn one_project_holds_at_most_its_share_of_public_ports() {
     }
 }
 
+/// Registration codes are unique across the cloud, so `POST /v1/boards` refused as a conflict
+/// tells a manager that some board still waits with that code: those refusals are throttled
+/// per project like guesses at the agent (20, then 2 a second), created boards do not count,
+/// and another project is not held up.
+#[tokio::test]
+async fn probing_for_registration_codes_is_throttled() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, bob) = tenants(&cloud).await;
+        let mut target = board_body("target");
+        target["code"] = json!("BETA-CODE-7");
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&bob), Some(target)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        for i in 0..30 {
+            let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body(&format!("ok{i}")))).await;
+            assert_eq!(s, StatusCode::CREATED, "{}: board {i}: {v}", t.name);
+        }
+        let mut conflicts = 0;
+        let throttled = loop {
+            let mut probe = board_body(&format!("probe{conflicts}"));
+            probe["code"] = json!("BETA-CODE-7");
+            let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(probe)).await;
+            match s {
+                StatusCode::CONFLICT => conflicts += 1,
+                StatusCode::TOO_MANY_REQUESTS => break v,
+                _ => panic!("{}: {s} {v}", t.name),
+            }
+            assert!(conflicts < 200, "{}: 200 probes for a taken code were answered", t.name);
+        };
+        assert!(conflicts >= 20, "{}: throttled after {conflicts}: {throttled}", t.name);
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("fresh"))).await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{}: a right attempt while throttled: {v}", t.name);
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&bob), Some(board_body("beta2"))).await;
+        assert_eq!(s, StatusCode::CREATED, "{}: another project: {v}", t.name);
+    }
+}
+
 /// Two managers PATCH different fields of the same object at the same time: both changes
 /// land, for every object that takes PATCH (each request wrote back the whole object as it
 /// had read it, so one of them could undo the other's field).

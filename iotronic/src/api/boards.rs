@@ -277,7 +277,12 @@ pub async fn create(
         ),
         None => None,
     };
-    let board = state
+    // Throttled like a guess at the agent even when right (a throttled attempt must not tell
+    // anything either); see `board_conflicts`.
+    if let Err(retry_after_s) = state.board_conflicts.take(&c.project) {
+        return Err(Error::Throttled { retry_after_s }.into());
+    }
+    let inserted = state
         .db
         .insert_board(NewBoard {
             name: b.name,
@@ -290,8 +295,11 @@ pub async fn create(
             extra: b.extra.unwrap_or_else(|| json!({})),
             location,
         })
-        .await?;
-    Ok((StatusCode::CREATED, Json(board_json(&board))).into_response())
+        .await;
+    if !matches!(inserted, Err(Error::Conflict(_))) {
+        state.board_conflicts.refund(&c.project);
+    }
+    Ok((StatusCode::CREATED, Json(board_json(&inserted?))).into_response())
 }
 
 pub async fn show(

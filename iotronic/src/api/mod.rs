@@ -70,6 +70,17 @@ pub struct AppState {
     pub vpn_ranges: Arc<Vec<String>>,
     /// Public ports one project may hold ([`crate::config::DEFAULT_PORTS_PER_PROJECT`]).
     pub ports_per_project: u32,
+    /// Boards refused per project because their name or code is taken ([`board_conflicts`]).
+    pub board_conflicts: Arc<crate::auth::Throttle>,
+}
+
+/// Registration codes are unique across the cloud, so a refused `POST /v1/boards` tells that
+/// some board, perhaps another project's, still waits to enroll with that code: without a
+/// bound, a manager could test codes there far faster than the agent lets anyone guess them
+/// (its enrollment throttle). The same bound, per project: 20 refusals, then 2 per second;
+/// boards that are created do not count.
+pub fn board_conflicts() -> crate::auth::Throttle {
+    crate::auth::enrollment_throttle()
 }
 
 impl AppState {
@@ -83,6 +94,7 @@ impl AppState {
             login_throttle: Arc::default(),
             vpn_ranges: Arc::new(crate::config::DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect()),
             ports_per_project: crate::config::DEFAULT_PORTS_PER_PROJECT,
+            board_conflicts: Arc::new(board_conflicts()),
         }
     }
 }
