@@ -119,8 +119,10 @@ impl ServiceManager {
         Ok(was_live || was_saved)
     }
 
-    /// Reopens every saved exposure whose tunnel is not alive; returns how many failed (each
-    /// is logged and retried at the next restore).
+    /// Reopens every saved exposure whose tunnel is not alive, all at once (one that gets no
+    /// answer takes the open timeout, 20 s; one after the other, a board with
+    /// many would keep a ServiceEnable waiting for the edit lock that many times as long);
+    /// returns how many failed (each is logged and retried at the next restore).
     pub async fn restore_all(&self) -> usize {
         let _guard = self.edit.lock().await;
         let saved = match self.saved() {
@@ -130,12 +132,16 @@ impl ServiceManager {
                 return 1;
             }
         };
+        let dead: Vec<(String, ExposedService)> =
+            saved.into_iter().filter(|(uuid, _)| !self.live().get(uuid).is_some_and(|t| t.is_alive())).collect();
+        let opened = futures_util::future::join_all(dead.into_iter().map(|(uuid, svc)| async move {
+            let tunnel = self.opener.open(self.spec(&svc)).await;
+            (uuid, svc, tunnel)
+        }))
+        .await;
         let mut failed = 0;
-        for (uuid, svc) in saved {
-            if self.live().get(&uuid).is_some_and(|t| t.is_alive()) {
-                continue;
-            }
-            match self.opener.open(self.spec(&svc)).await {
+        for (uuid, svc, tunnel) in opened {
+            match tunnel {
                 Ok(t) => {
                     tracing::info!(service = %svc.name, public_port = svc.public_port, "service restored");
                     self.live().insert(uuid, t);

@@ -330,6 +330,40 @@ async fn services_are_opened_persisted_and_restored() {
     assert!(!r.message.to_string().contains("tok-secret"));
 }
 
+/// Opens a tunnel only when as many opens as its barrier counts are waiting together.
+struct GatedOpener(Arc<tokio::sync::Barrier>);
+
+impl TunnelOpener for GatedOpener {
+    fn open(&self, spec: TunnelSpec) -> BoxFuture<'_, crate::Result<Box<dyn Tunnel>>> {
+        Box::pin(async move {
+            self.0.wait().await;
+            let t = FakeTunnel(Arc::new(AtomicBool::new(true)), spec.public_port, Arc::default());
+            Ok(Box::new(t) as Box<dyn Tunnel>)
+        })
+    }
+}
+
+/// A restore opens a board's exposures at once, not one after the other: a tunnel server
+/// that does not answer costs one open timeout, not one per service, while ServiceEnable
+/// waits for the restore (fails when the opens are made in turn: the first never returns).
+#[tokio::test]
+async fn a_restore_opens_every_exposure_at_once() {
+    let h = harness();
+    for (i, name) in ["ssh", "http", "mqtt"].into_iter().enumerate() {
+        let svc = json!({"uuid": format!("s-{name}"), "name": name, "port": 22 + i, "tunnel_token": "t"});
+        ok_msg(&h, "ServiceEnable", vec![svc, json!(50022 + i)]).await;
+    }
+    let store = StateStore::open(h.dir.path()).unwrap();
+    let gate = Arc::new(tokio::sync::Barrier::new(3));
+    let rebooted = ServiceManager::new(store, Box::new(GatedOpener(gate)), "ws://x:8080/".into());
+    let failed = tokio::time::timeout(Duration::from_secs(10), rebooted.restore_all()).await;
+    assert_eq!(failed.expect("the three opens never ran at the same time"), 0);
+    let status = rebooted.status().unwrap();
+    let active: Vec<bool> =
+        status["services"].as_array().unwrap().iter().map(|s| s["active"].as_bool().unwrap()).collect();
+    assert_eq!(active, [true, true, true], "{status}");
+}
+
 #[tokio::test]
 async fn renewed_tunnel_tokens_are_saved_and_reach_the_live_tunnels() {
     let h = harness();
