@@ -69,8 +69,10 @@ impl Conductor {
     /// After a restart of the whole cloud (in-process bus): accepted requests are sent again;
     /// requests that were at a board when the process died are marked failed.
     async fn recover(&self) -> Result<(), Error> {
+        // Executed here, not sent to our own queue: nobody reads it yet, and more than its
+        // capacity would block the start for ever.
         for r in self.db.requests_in(RequestStatus::Pending).await? {
-            self.bus.to_conductor(&ConductorMsg::Execute { request: r.uuid }).await?;
+            self.execute(&r.uuid, false).await?;
         }
         for r in self.db.requests_in(RequestStatus::Running).await? {
             self.fail(&r.uuid, &r.destination, "the cloud restarted while the board was running this request").await?;
@@ -241,13 +243,18 @@ impl Conductor {
         Ok(())
     }
 
-    /// Expires queued requests and leases whose time has come.
+    /// Expires queued requests and leases whose time has come, and finishes teardowns that
+    /// failed half way.
     pub async fn sweep(&self) -> Result<(), Error> {
         for r in self.db.expire_queued().await? {
             self.undo_allocation(&r).await?;
             self.bus.completed(&r.uuid).await?;
         }
         self.expire_leases().await?;
+        for lease in self.db.ended_leases_with_leftovers().await? {
+            info!(lease = %lease.uuid, "finishing the teardown of an ended lease");
+            self.teardown_lease(&lease).await?;
+        }
         Ok(())
     }
 
@@ -266,27 +273,33 @@ impl Conductor {
         Ok(ended)
     }
 
-    /// Frees what `lease` created (also on release).
+    /// Frees what `lease` created (also on release). May run again, or twice at once (the
+    /// sweep finishing one that failed half way): a board is told what this run removed.
     pub async fn teardown_lease(&self, lease: &Lease) -> Result<(), Error> {
         for e in self.db.exposures_of_lease(&lease.uuid).await? {
-            self.db.delete_exposure(&e.board, &e.service).await?;
+            if !self.db.delete_exposure(&e.board, &e.service).await? {
+                continue;
+            }
             if let Some(s) = self.db.service(&e.service, None).await? {
                 let svc = json!({"uuid": s.uuid, "name": s.name, "port": s.port, "protocol": s.protocol});
                 self.notify_board(&lease.project, &e.board, "ServiceDisable", json!([svc])).await?;
             }
         }
         for m in self.db.vpn_members_of_lease(&lease.uuid).await? {
-            self.db.remove_vpn_member(&m.vpn, &m.board).await?;
-            self.notify_board(&lease.project, &m.board, "VpnLeave", json!([{"vpn": m.vpn}])).await?;
+            if self.db.remove_vpn_member(&m.vpn, &m.board).await? {
+                self.notify_board(&lease.project, &m.board, "VpnLeave", json!([{"vpn": m.vpn}])).await?;
+            }
         }
         Ok(())
     }
 
     /// Fire-and-forget board call recorded as a request (dropped if the board is offline: its
-    /// state is restored from the database at its next login).
+    /// state is restored from the database at its next login). Executed here rather than sent
+    /// to the conductor's queue: the conductor itself calls this while it does not read that
+    /// queue (a lease of many boards ending would fill it and block the conductor for ever).
     async fn notify_board(&self, project: &str, board: &str, action: &str, args: Value) -> Result<(), Error> {
         let r = self.db.create_request(project, board, action, &args, None).await?;
-        self.bus.to_conductor(&ConductorMsg::Execute { request: r.uuid }).await
+        self.execute(&r.uuid, false).await
     }
 }
 

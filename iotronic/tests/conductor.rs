@@ -134,3 +134,69 @@ async fn queued_requests_do_not_cross_leases() {
     c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
     assert_eq!(status(stale.uuid.clone()).await, RequestStatus::Failed, "ran after its lease ended");
 }
+
+/// At a start with more accepted requests than the conductor's queue holds (the in-process
+/// bus: a cloud restarted with a backlog), every one is handled: they were sent to the
+/// conductor's own queue before it read it, and the start blocked for ever at the 1,025th.
+#[tokio::test]
+async fn a_backlog_larger_than_the_queue_does_not_block_the_start() {
+    let t = TestDb::sqlite().await;
+    let p = t.db.create_project("p").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    let n = iotronic::bus::QUEUE_CAPACITY + 8;
+    for _ in 0..n {
+        t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    }
+    let bus = Bus::in_process();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
+    // The board is offline: each is failed, and then a new one is handled too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !t.db.requests_in(RequestStatus::Pending).await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the backlog was not handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(t.db.requests_in(RequestStatus::Failed).await.unwrap().len(), n);
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    bus.to_conductor(&ConductorMsg::Execute { request: r.uuid.clone() }).await.unwrap();
+    while t.db.request(&r.uuid, None).await.unwrap().unwrap().status != RequestStatus::Failed {
+        assert!(tokio::time::Instant::now() < deadline, "the conductor does not read its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// A lease marked ended whose teardown failed half way (a database or bus error after
+/// `end_lease`) is finished by the sweep: its exposures and memberships go, each board is
+/// told once. Before, nothing ever looked at an ended lease again.
+#[tokio::test]
+async fn a_teardown_that_failed_half_way_is_finished_by_the_sweep() {
+    let t = TestDb::sqlite().await;
+    let p = t.db.create_project("p").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
+    let bus = Bus::in_process();
+    let mut agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus.clone());
+    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+    let lease = t.db.create_lease(&p.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() + 60_000).await.unwrap();
+    t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), Some(&lease.uuid), &[]).await.unwrap();
+    let vpn = t.db.create_vpn("v", &p.uuid, "l2", "10.0.0.0/24").await.unwrap();
+    t.db.add_vpn_member(&vpn, &b.uuid, None, Some(&lease.uuid)).await.unwrap();
+    // Ended, and then the process died before the teardown.
+    assert!(t.db.end_lease(&lease.uuid, "released").await.unwrap());
+    c.sweep().await.unwrap();
+    assert!(t.db.exposures_of_board(&b.uuid).await.unwrap().is_empty());
+    assert!(t.db.vpn_members(&vpn.uuid).await.unwrap().is_empty());
+    let mut told = Vec::new();
+    while let Ok(d) = agent.try_recv() {
+        told.push(d.msg.procedure);
+    }
+    told.sort();
+    assert_eq!(told, ["ServiceDisable", "VpnLeave"]);
+    c.sweep().await.unwrap();
+    assert!(agent.try_recv().is_err(), "a finished teardown is not done again");
+}

@@ -149,13 +149,7 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(db_err)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let mut l = lease_row(r)?;
-            self.lease_boards(&mut l).await?;
-            out.push(l);
-        }
-        Ok(out)
+        self.leases_of_rows(&rows).await
     }
 
     /// Moves an active lease's expiry. Returns false when the lease is no longer active.
@@ -197,8 +191,27 @@ impl Db {
             .fetch_all(self.pool())
             .await
             .map_err(db_err)?;
+        self.leases_of_rows(&rows).await
+    }
+
+    /// Ended leases that still have exposures or VPN memberships: their teardown failed half
+    /// way (a database or bus error after the lease was marked ended).
+    pub async fn ended_leases_with_leftovers(&self) -> Result<Vec<Lease>, Error> {
+        let rows = sqlx::query(
+            "SELECT * FROM leases WHERE status <> 'active' AND \
+             (uuid IN (SELECT lease_uuid FROM exposed_services WHERE lease_uuid IS NOT NULL) \
+              OR uuid IN (SELECT lease_uuid FROM vpn_members WHERE lease_uuid IS NOT NULL)) \
+             ORDER BY updated_at",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        self.leases_of_rows(&rows).await
+    }
+
+    async fn leases_of_rows(&self, rows: &[AnyRow]) -> Result<Vec<Lease>, Error> {
         let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
+        for r in rows {
             let mut l = lease_row(r)?;
             self.lease_boards(&mut l).await?;
             out.push(l);
