@@ -67,6 +67,10 @@ pub const MTU: u16 = 65000;
 
 /// MAC addresses an L2 VPN learns at most: beyond, frames to new addresses take the bridge.
 const MAX_LEARNED: usize = 4096;
+/// MAC addresses one member's frames may teach: one member sending random source addresses
+/// must not fill the table (nothing ages out) and send every other member's unicast through
+/// the bridge for good.
+const MAX_LEARNED_PER_MEMBER: usize = 512;
 
 /// What the cloud knows of a VPN's members for forwarding between them in user space.
 #[derive(Default)]
@@ -77,6 +81,24 @@ struct Segment {
     addresses: HashMap<Ipv4Addr, String>,
     /// L2: MAC → the board whose frames carried it as source.
     macs: HashMap<[u8; 6], String>,
+    /// L2: how many of `macs` each board holds.
+    learned: HashMap<String, usize>,
+}
+
+impl Segment {
+    fn learn(&mut self, mac: [u8; 6], board: &str) {
+        if let Some(old) = self.macs.insert(mac, board.to_owned())
+            && let Some(n) = self.learned.get_mut(&old)
+        {
+            *n = n.saturating_sub(1);
+        }
+        *self.learned.entry(board.to_owned()).or_default() += 1;
+    }
+
+    fn forget_macs_of(&mut self, board: &str) {
+        self.macs.retain(|_, b| b != board);
+        self.learned.remove(board);
+    }
 }
 
 /// Segments by VPN.
@@ -219,7 +241,7 @@ impl Fabric {
             let mut segs = self.segments_write();
             let seg = segs.entry(vpn.to_owned()).or_default();
             seg.members.insert(board.to_owned(), channel.sender.clone());
-            seg.macs.retain(|_, b| b.as_str() != board);
+            seg.forget_macs_of(board);
             if layer == Layer::L3 {
                 seg.addresses.insert(address, board.to_owned());
             }
@@ -228,6 +250,7 @@ impl Fabric {
             segments: self.segments.clone(),
             vpn: vpn.to_owned(),
             board: board.to_owned(),
+            address,
             bridge_mac: names::mac(&names::bridge(vpn)),
         };
         let stop = cancel.clone();
@@ -277,10 +300,14 @@ impl Fabric {
             }
             Layer::L3 => {
                 st.net.attach(index, None, None).await?;
+                // Without a cloud address the host has nothing to say to the member, and no
+                // route to it: the reverse-path filter then drops whatever the member sends
+                // the host (its other addresses included), and VPNs of different projects
+                // over the same range do not take each other's routes.
                 if v.cloud_address {
                     st.net.add_address(index, cloud_host(&v.cidr)?, 32).await?;
+                    st.net.host_route(address, index).await?;
                 }
-                st.net.host_route(address, index).await?;
             }
         }
         Ok(Port { name, layer, address, device: Arc::new(device), pump: None })
@@ -294,7 +321,7 @@ impl Fabric {
             if let Some(seg) = segs.get_mut(&key.0) {
                 seg.members.remove(&key.1);
                 seg.addresses.retain(|_, b| *b != key.1);
-                seg.macs.retain(|_, b| *b != key.1);
+                seg.forget_macs_of(&key.1);
                 if seg.members.is_empty() {
                     segs.remove(&key.0);
                 }
@@ -412,6 +439,10 @@ fn ipv4_dst(p: &[u8]) -> Option<Ipv4Addr> {
     (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[16], p[17], p[18], p[19]))
 }
 
+fn ipv4_src(p: &[u8]) -> Option<Ipv4Addr> {
+    (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[12], p[13], p[14], p[15]))
+}
+
 /// Destination and source MAC of an Ethernet frame.
 fn macs(f: &[u8]) -> Option<([u8; 6], [u8; 6])> {
     let dst = f.get(..6)?.try_into().ok()?;
@@ -430,16 +461,24 @@ struct Route {
     vpn: String,
     /// The member this pump serves (packets from it are routed).
     board: String,
+    /// Its address: on an L3 VPN, the only source its packets may carry.
+    address: Ipv4Addr,
     /// The cloud host's MAC on an L2 VPN: never learned from a board.
     bridge_mac: [u8; 6],
 }
 
 impl Route {
     /// The other member a packet from this member goes to directly; `None` for the device
-    /// (the cloud host, the bridge, or nowhere known). L2 learns the frame's source MAC.
+    /// (the cloud host, the bridge, or nowhere known). L2 learns the frame's source MAC. An
+    /// L3 packet whose source is not the member's address goes to the device too, whose
+    /// reverse-path filter drops it: the cloud is the VPN's router and knows each member's
+    /// one address, so no member can send as another (or as anyone else).
     fn next_hop(&self, layer: Layer, p: &[u8]) -> Option<PacketSender> {
         match layer {
             Layer::L3 => {
+                if ipv4_src(p)? != self.address {
+                    return None;
+                }
                 let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
                 let seg = segs.get(&self.vpn)?;
                 let to = seg.addresses.get(&ipv4_dst(p)?)?;
@@ -457,7 +496,7 @@ impl Route {
                 let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
                 let seg = segs.get_mut(&self.vpn)?;
                 if self.learns(seg, &src) && seg.members.contains_key(&self.board) {
-                    seg.macs.insert(src, self.board.clone());
+                    seg.learn(src, &self.board);
                 }
                 self.l2_hop(seg, &dst)
             }
@@ -465,12 +504,13 @@ impl Route {
     }
 
     /// Whether `src` is to be (re)learned as this member's: a unicast address other than the
-    /// cloud host's, not already this member's, within the table's bound.
+    /// cloud host's, not already this member's, within the table's bounds.
     fn learns(&self, seg: &Segment, src: &[u8; 6]) -> bool {
         !is_group(src)
             && *src != self.bridge_mac
             && seg.macs.get(src) != Some(&self.board)
             && (seg.macs.len() < MAX_LEARNED || seg.macs.contains_key(src))
+            && seg.learned.get(&self.board).copied().unwrap_or(0) < MAX_LEARNED_PER_MEMBER
     }
 
     fn l2_hop(&self, seg: &Segment, dst: &[u8; 6]) -> Option<PacketSender> {
@@ -601,8 +641,13 @@ mod tests {
             seg.members.insert("b".into(), chan_b.sender.clone());
         }
         let bridge_mac = [2, 0, 0, 0, 0, 0xbb];
-        let route =
-            |board: &str| Route { segments: segments.clone(), vpn: "v".into(), board: board.into(), bridge_mac };
+        let route = |board: &str| Route {
+            segments: segments.clone(),
+            vpn: "v".into(),
+            board: board.into(),
+            address: Ipv4Addr::UNSPECIFIED,
+            bridge_mac,
+        };
         let (from_a, from_b) = (route("a"), route("b"));
         let (mac_a, mac_b, bcast) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb], [0xff; 6]);
         assert!(from_b.next_hop(Layer::L2, &frame(mac_a, mac_b)).is_none(), "A's MAC is not known yet");
@@ -621,5 +666,80 @@ mod tests {
         assert!(from_a.next_hop(Layer::L2, &frame(bridge_mac, mac_a)).is_none());
         assert!(from_a.next_hop(Layer::L2, &frame([3, 0, 0, 0, 0, 1], mac_a)).is_none());
         assert!(from_a.next_hop(Layer::L2, &[0u8; 11]).is_none(), "runt frames take the bridge");
+    }
+
+    /// Two members of a VPN, as `attach` records them: a at .2 and b at .3.
+    fn two_members(vpn: &str) -> (Segments, PacketChannel, PacketChannel) {
+        let segments = Segments::default();
+        let (chan_a, _, _) = PacketChannel::in_memory(4);
+        let (chan_b, _, _) = PacketChannel::in_memory(4);
+        {
+            let mut segs = segments.write().unwrap();
+            let seg = segs.entry(vpn.into()).or_default();
+            seg.members.insert("a".into(), chan_a.sender.clone());
+            seg.members.insert("b".into(), chan_b.sender.clone());
+            seg.addresses.insert(Ipv4Addr::new(10, 0, 0, 2), "a".into());
+            seg.addresses.insert(Ipv4Addr::new(10, 0, 0, 3), "b".into());
+        }
+        (segments, chan_a, chan_b)
+    }
+
+    fn route(segments: &Segments, board: &str, address: Ipv4Addr) -> Route {
+        Route {
+            segments: segments.clone(),
+            vpn: "v".into(),
+            board: board.into(),
+            address,
+            bridge_mac: [2, 0, 0, 0, 0, 0xbb],
+        }
+    }
+
+    /// On an L3 VPN a member sends only as its own address: a packet with another member's
+    /// (or anyone's) source is not forwarded to the other member but left to the device,
+    /// whose reverse-path filter drops it.
+    #[test]
+    fn an_l3_member_cannot_send_as_another() {
+        let (segments, _a, _b) = two_members("v");
+        let c = Ipv4Addr::new(10, 0, 0, 4);
+        {
+            let (chan_c, _, _) = PacketChannel::in_memory(4);
+            let mut segs = segments.write().unwrap();
+            let seg = segs.get_mut("v").unwrap();
+            seg.members.insert("c".into(), chan_c.sender);
+            seg.addresses.insert(c, "c".into());
+        }
+        let from_a = route(&segments, "a", Ipv4Addr::new(10, 0, 0, 2));
+        let packet = |src: [u8; 4], dst: Ipv4Addr| {
+            let mut p = [0u8; 28];
+            p[0] = 0x45;
+            p[12..16].copy_from_slice(&src);
+            p[16..20].copy_from_slice(&dst.octets());
+            p
+        };
+        assert!(from_a.next_hop(Layer::L3, &packet([10, 0, 0, 2], c)).is_some(), "its own source");
+        assert!(from_a.next_hop(Layer::L3, &packet([10, 0, 0, 3], c)).is_none(), "b's source");
+        assert!(from_a.next_hop(Layer::L3, &packet([192, 0, 2, 1], c)).is_none(), "a foreign source");
+    }
+
+    /// One member sending frames from ever new MAC addresses fills only its share of the
+    /// table: the others' addresses are still learned and switched directly.
+    #[test]
+    fn one_member_cannot_fill_the_mac_table() {
+        let (segments, _a, _b) = two_members("v");
+        let (from_a, from_b) =
+            (route(&segments, "a", Ipv4Addr::UNSPECIFIED), route(&segments, "b", Ipv4Addr::UNSPECIFIED));
+        for i in 0..MAX_LEARNED as u32 {
+            let [_, x, y, z] = i.to_be_bytes();
+            from_a.next_hop(Layer::L2, &frame([0xff; 6], [2, 1, 0, x, y, z]));
+        }
+        let learned_by_a = segments.read().unwrap()["v"].macs.len();
+        assert_eq!(learned_by_a, MAX_LEARNED_PER_MEMBER);
+        let mac_b = [2, 0, 0, 0, 0, 0xb];
+        from_b.next_hop(Layer::L2, &frame([0xff; 6], mac_b));
+        assert!(from_a.next_hop(Layer::L2, &frame(mac_b, [2, 1, 0, 0, 0, 1])).is_some(), "b's MAC was learned");
+        // A member that re-attaches starts afresh.
+        segments.write().unwrap().get_mut("v").unwrap().forget_macs_of("a");
+        assert_eq!(segments.read().unwrap()["v"].learned.get("a"), None);
+        assert_eq!(segments.read().unwrap()["v"].macs.len(), 1);
     }
 }

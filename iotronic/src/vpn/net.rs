@@ -25,11 +25,15 @@ fn exists(e: &rtnetlink::Error) -> bool {
 /// reverse-path filtering (a packet whose source the host would not route back through this
 /// interface is dropped, so a member cannot send as an address of another VPN, of the host's
 /// networks or of the internet) and no IPv6 on it (no router advertisements or link-local
-/// traffic from boards reach the host). Packets between members never reach the kernel (the
-/// pump routes them), so only what is meant for the host is filtered.
+/// traffic from boards reach the host), and no forwarding of what comes in on it (on a host
+/// with `ip_forward` on, as many are, a board could otherwise reach another VPN's members,
+/// another project's, through the host's routes to them). Packets between members never
+/// reach the kernel (the pump routes them), so only what is meant for the host is filtered.
 pub fn harden(name: &str) -> Result<(), Error> {
-    let rp = format!("/proc/sys/net/ipv4/conf/{name}/rp_filter");
-    std::fs::write(&rp, "1").map_err(|e| err(format!("writing {rp}"), e))?;
+    for (setting, value) in [("rp_filter", "1"), ("forwarding", "0")] {
+        let path = format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
+        std::fs::write(&path, value).map_err(|e| err(format!("writing {path}"), e))?;
+    }
     let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
     match std::fs::write(&v6, "1") {
         // A kernel without IPv6 has nothing to disable.
@@ -178,8 +182,12 @@ mod tests {
     fn vpn_interfaces_refuse_forged_sources_and_ipv6() {
         super::super::in_private_netns(|| async {
             let net = Net::open().unwrap();
+            // New interfaces inherit the default: a host that forwards.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+            std::fs::write("/proc/sys/net/ipv4/conf/default/forwarding", "1").unwrap();
             net.ensure_bridge("s4btest0", "s4t test").await.unwrap();
             assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/rp_filter"), "1");
+            assert_eq!(sysctl("/proc/sys/net/ipv4/conf/s4btest0/forwarding"), "0");
             if std::path::Path::new("/proc/sys/net/ipv6").exists() {
                 assert_eq!(sysctl("/proc/sys/net/ipv6/conf/s4btest0/disable_ipv6"), "1");
             }
