@@ -193,7 +193,6 @@ async fn serve_wamp(
 ) -> Result<(), Error> {
     let port = listener.local_addr().map_err(Error::Serve)?.port();
     let url = format!("{}://{}:{port}/", config.ws_scheme(), config.public_host());
-    println!("iotronic: WAMP router on {url} (realm s4t, agent {})", config.agent_name);
     db.upsert_agent(&config.agent_name, "wamp", &url, true, true).await?;
     let setup = AgentSetup {
         name: config.agent_name.clone(),
@@ -203,6 +202,9 @@ async fn serve_wamp(
     };
     let tls = tls.map(|t| t.server);
     let mut agent = WampAgent::start(db.clone(), bus.clone(), listener, tls, setup, shutdown.clone()).await?;
+    // Said once the cloud procedures are registered: a board that enrolls on reading it
+    // (scripts, tests) found no `stack4things.register` before.
+    println!("iotronic: WAMP router on {url} (realm s4t, agent {})", config.agent_name);
     let result = tokio::select! {
         r = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown) => r,
         reason = agent.failed() => Err(Error::Unavailable(reason)),
