@@ -18,6 +18,14 @@ use crate::db::{Db, Lease, Request, RequestStatus};
 /// How often queued requests and leases are checked for expiry.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// A request still PENDING this long was lost on its way to the conductor (the bus failed
+/// after the API stored it, or a database error dropped the in-process message): it fails.
+pub const PENDING_LIMIT: Duration = Duration::from_secs(15 * 60);
+/// A request RUNNING this long gets no result any more: the board answered RUNNING and was to
+/// report later (a package operation, at most 30 min on lightning-rod; a delayed plugin stop,
+/// at most 1 h), but it restarted or rebooted meanwhile, or the call was lost. It fails.
+pub const RUNNING_LIMIT: Duration = Duration::from_secs(2 * 3600);
+
 /// Public ports handed out for exposed services (the original's pool, ends excluded).
 pub const PUBLIC_PORTS: (u16, u16) = (50001, 59999);
 
@@ -190,13 +198,14 @@ impl Conductor {
         })
     }
 
+    /// Fails a request that is not final yet (one that completed meanwhile keeps its result).
     async fn fail(&self, request: &str, board: &str, why: &str) -> Result<(), Error> {
-        self.db.set_result(request, board, "ERROR", why).await?;
         let from = [RequestStatus::Pending, RequestStatus::Running, RequestStatus::Queued];
-        if self.db.transition_request(request, &from, RequestStatus::Failed, None).await?
-            && let Some(req) = self.db.request(request, None).await?
-        {
-            self.undo_allocation(&req).await?;
+        if self.db.transition_request(request, &from, RequestStatus::Failed, None).await? {
+            self.db.set_result(request, board, "ERROR", why).await?;
+            if let Some(req) = self.db.request(request, None).await? {
+                self.undo_allocation(&req).await?;
+            }
         }
         self.bus.completed(request).await
     }
@@ -243,12 +252,28 @@ impl Conductor {
         Ok(())
     }
 
-    /// Expires queued requests and leases whose time has come, and finishes teardowns that
-    /// failed half way.
+    /// Expires queued requests and leases whose time has come, fails requests stuck PENDING
+    /// or RUNNING, and finishes lease teardowns that failed half way.
     pub async fn sweep(&self) -> Result<(), Error> {
+        self.sweep_at(crate::db::now_ms()).await
+    }
+
+    /// [`Conductor::sweep`] as at `now` (ms) for the stuck requests.
+    pub async fn sweep_at(&self, now: i64) -> Result<(), Error> {
         for r in self.db.expire_queued().await? {
             self.undo_allocation(&r).await?;
             self.bus.completed(&r.uuid).await?;
+        }
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let stuck = [
+            (RequestStatus::Pending, PENDING_LIMIT, "the cloud lost the request before sending it to the board"),
+            (RequestStatus::Running, RUNNING_LIMIT, "no result from the board (it may have restarted meanwhile)"),
+        ];
+        for (status, limit, why) in stuck {
+            for r in self.db.requests_in_since(status, now.saturating_sub(ms(limit))).await? {
+                warn!(request = %r.uuid, action = %r.action, status = ?status, "request failed after {limit:?}: {why}");
+                self.fail(&r.uuid, &r.destination, &format!("{why} within {} min", limit.as_secs() / 60)).await?;
+            }
         }
         self.expire_leases().await?;
         for lease in self.db.ended_leases_with_leftovers().await? {

@@ -200,3 +200,47 @@ async fn a_teardown_that_failed_half_way_is_finished_by_the_sweep() {
     c.sweep().await.unwrap();
     assert!(agent.try_recv().is_err(), "a finished teardown is not done again");
 }
+
+/// Requests that can no longer end by themselves fail: one left PENDING (its message lost)
+/// after 15 minutes, one RUNNING (the board answered RUNNING, then restarted) after 2 hours;
+/// younger ones, and finished ones, are left alone.
+#[tokio::test]
+async fn requests_stuck_pending_or_running_fail_in_the_end() {
+    let t = TestDb::sqlite().await;
+    let p = t.db.create_project("p").await.unwrap();
+    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
+    let b = t.db.insert_board(nb).await.unwrap();
+    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
+    let bus = Bus::in_process();
+    let mut agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus.clone());
+    let lost = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    let running = t.db.create_request(&p.uuid, &b.uuid, "DevicePkgOperation", &json!([]), None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: running.uuid.clone() }, false).await.unwrap();
+    agent.recv().await.unwrap();
+    let result = |r: &str| ConductorMsg::Result {
+        request: r.into(),
+        board: b.uuid.clone(),
+        result: "RUNNING".into(),
+        message: json!("RUNNING"),
+    };
+    c.handle(result(&running.uuid), false).await.unwrap();
+    let status = |uuid: String| {
+        let db = t.db.clone();
+        async move { db.request(&uuid, None).await.unwrap().unwrap().status }
+    };
+    let minutes = |m: i64| now_ms() + m * 60_000;
+    c.sweep_at(minutes(14)).await.unwrap();
+    assert_eq!(status(lost.uuid.clone()).await, RequestStatus::Pending, "too young to be lost");
+    c.sweep_at(minutes(16)).await.unwrap();
+    assert_eq!(status(lost.uuid.clone()).await, RequestStatus::Failed);
+    assert_eq!(t.db.results(&lost.uuid).await.unwrap()[0].result, "ERROR");
+    assert_eq!(status(running.uuid.clone()).await, RequestStatus::Running, "a package operation takes time");
+    c.sweep_at(minutes(121)).await.unwrap();
+    assert_eq!(status(running.uuid.clone()).await, RequestStatus::Failed);
+    let why = &t.db.results(&running.uuid).await.unwrap()[0].message;
+    assert!(why.contains("no result from the board"), "{why}");
+    // A late report changes nothing.
+    c.handle(result(&running.uuid), false).await.unwrap();
+    assert_eq!(status(running.uuid.clone()).await, RequestStatus::Failed);
+}

@@ -283,6 +283,17 @@ impl Db {
         rows.iter().map(request_row).collect()
     }
 
+    /// Requests in `status` since before `before` (ms): the last change of their status.
+    pub async fn requests_in_since(&self, status: RequestStatus, before: i64) -> Result<Vec<Request>, Error> {
+        let rows = sqlx::query("SELECT * FROM requests WHERE status = $1 AND updated_at <= $2 ORDER BY updated_at")
+            .bind(status.as_str())
+            .bind(before)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(request_row).collect()
+    }
+
     /// Queued requests whose expiry has passed, now EXPIRED. Returns them.
     pub async fn expire_queued(&self) -> Result<Vec<Request>, Error> {
         let now = now_ms();
