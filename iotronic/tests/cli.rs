@@ -77,6 +77,13 @@ impl User {
     async fn login(&self, url: &str, user: &str, password: &str) {
         self.run_env(&["login", "--url", url, "--user", user], &[("S4T_PASSWORD", password)]).await.ok();
     }
+
+    /// The token `s4t login` stored.
+    fn stored_token(&self) -> String {
+        let stored = std::fs::read_to_string(&self.config).unwrap();
+        let token = stored.lines().find_map(|l| l.strip_prefix("token = "));
+        token.unwrap_or_else(|| panic!("no token stored: {stored}")).trim_matches('"').to_owned()
+    }
 }
 
 struct Cloud {
@@ -255,6 +262,130 @@ async fn login_whoami_admin_commands_and_their_errors() {
     assert!(r.stderr.contains("cannot reach the cloud"), "{r:#?}");
     admin.run(&["logout"]).await.ok();
     admin.run(&["board", "list"]).await.code(3);
+}
+
+/// `s4t logout` revokes the token at the cloud, not only in the file; an unreachable cloud gets
+/// a warning and the token is still forgotten; it fails only when it could do neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_revokes_the_token_at_the_cloud() {
+    let c = cloud().await;
+    let admin = User::new(c.dir.path(), "admin");
+    let other = User::new(c.dir.path(), "other");
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    let token = admin.stored_token();
+    let with_token = [("S4T_URL", c.url.as_str()), ("S4T_TOKEN", token.as_str())];
+    other.run_env(&["project", "list"], &with_token).await.ok();
+
+    let out = admin.run(&["logout", "--json"]).await.ok().json();
+    assert_eq!((&out["revoked"], &out["forgotten"]), (&Value::Bool(true), &Value::Bool(true)), "{out}");
+    let stored = std::fs::read_to_string(&admin.config).unwrap();
+    assert!(!stored.contains("token = ") && stored.contains(&c.url), "token forgotten, URL kept: {stored}");
+    let r = other.run_env(&["project", "list"], &with_token).await.code(3);
+    assert!(r.stderr.contains("unknown or expired"), "the kept token is refused (401): {r:#?}");
+
+    // The cloud cannot be reached: a warning, the token is forgotten here all the same.
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    let token = admin.stored_token();
+    let r = admin.run(&["logout", "--url", "http://127.0.0.1:1"]).await.ok();
+    assert!(r.stderr.contains("warning") && r.stderr.contains("cannot reach the cloud"), "{r:#?}");
+    assert!(!std::fs::read_to_string(&admin.config).unwrap().contains("token = "));
+    let with_token = [("S4T_URL", c.url.as_str()), ("S4T_TOKEN", token.as_str())];
+    other.run_env(&["project", "list"], &with_token).await.ok();
+    // Neither revoked nor forgotten (a token from the environment, no stored one): a failure.
+    let r = other.run_env(&["logout"], &[("S4T_URL", "http://127.0.0.1:1"), ("S4T_TOKEN", &token)]).await.code(10);
+    assert!(r.stderr.contains("cannot reach the cloud"), "{r:#?}");
+    // A token from the environment is revoked; the stored login is left alone.
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    let out = admin.run_env(&["logout", "--json"], &[("S4T_TOKEN", &token)]).await.ok().json();
+    assert_eq!((&out["revoked"], &out["forgotten"]), (&Value::Bool(true), &Value::Bool(false)), "{out}");
+    other.run_env(&["project", "list"], &with_token).await.code(3);
+    admin.run(&["project", "list"]).await.ok();
+}
+
+/// `s4t whoami` reports the identity of the token in use, not the stored login's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_reports_the_identity_of_the_token_in_use() {
+    let c = cloud().await;
+    let admin = User::new(c.dir.path(), "admin");
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    admin.run(&["project", "create", "lab"]).await.ok();
+    admin
+        .run_env(
+            &["user", "create", "bob", "--project", "lab", "--role", "manager"],
+            &[("S4T_NEW_PASSWORD", "bob-password")],
+        )
+        .await
+        .ok();
+    let bob = User::new(c.dir.path(), "bob");
+    bob.login(&c.url, "bob", "bob-password").await;
+
+    let me = admin.run(&["whoami", "--json"]).await.ok().json();
+    assert_eq!(
+        (me["user"].as_str(), me["project"].as_str(), &me["admin"]),
+        (Some("admin"), Some("admin"), &Value::Bool(true)),
+        "{me}"
+    );
+    let bob_token = bob.stored_token();
+    let bobs = [("S4T_TOKEN", bob_token.as_str())];
+    let me = admin.run_env(&["whoami", "--json"], &bobs).await.ok().json();
+    assert_eq!(
+        (me["user"].as_str(), me["project"].as_str(), me["role"].as_str(), me["token_from"].as_str()),
+        (Some("bob"), Some("lab"), Some("manager"), Some("S4T_TOKEN")),
+        "{me}"
+    );
+    assert!(me["expires_at"].as_i64().is_some_and(|t| t > 1_700_000_000), "{me}");
+    let r = admin.run_env(&["whoami"], &bobs).await.ok();
+    let user_row = r.stdout.lines().find(|l| l.starts_with("user ")).unwrap_or_else(|| panic!("{r:#?}"));
+    assert_eq!(user_row.split_whitespace().nth(1), Some("bob"), "{r:#?}");
+    assert_eq!(admin.run_env(&["whoami", "-q"], &bobs).await.ok().stdout, "bob\n");
+}
+
+/// `s4t request list` shows the newest requests first, 50 unless told (`--limit`, `--all`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_list_is_newest_first_and_limited() {
+    let c = cloud().await;
+    let u = User::new(c.dir.path(), "admin");
+    u.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    u.run(&["board", "create", "b1", "--code", "CODE-RQ"]).await.ok();
+    let mut sent = Vec::new();
+    for action in ["DevicePing", "DeviceInfo"] {
+        let q = u.run(&["board", "action", "b1", action, "--queue", "-q"]).await.ok();
+        sent.push(q.stdout.trim().to_owned());
+    }
+    let (older, newer) = (&sent[0], &sent[1]);
+    let r = u.run(&["request", "list"]).await.ok();
+    let rows: Vec<&str> = r.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{r:#?}");
+    assert!(rows[0].starts_with(newer.as_str()) && rows[0].contains("DeviceInfo"), "newest first: {r:#?}");
+    assert!(rows[1].starts_with(older.as_str()), "{r:#?}");
+    let r = u.run(&["request", "list", "--limit", "1", "-q"]).await.ok();
+    assert_eq!(r.stdout, format!("{newer}\n"), "{r:#?}");
+    let r = u.run(&["request", "list", "--board", "b1", "--limit", "1", "--json"]).await.ok().json();
+    assert_eq!(r["requests"].as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(r["requests"][0]["uuid"], newer.as_str(), "{r}");
+    let all = u.run(&["request", "list", "--all", "--json"]).await.ok().json();
+    let ids: Vec<&str> = all["requests"].as_array().unwrap().iter().map(|x| x["uuid"].as_str().unwrap()).collect();
+    assert_eq!(ids, [newer.as_str(), older.as_str()], "{all}");
+    u.run(&["request", "list", "--all", "--limit", "1"]).await.code(2);
+}
+
+/// 429 (here: the login throttle, 5 wrong passwords per user name) is its own exit code, 11,
+/// and the message says how long to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_attempts_exit_11_and_say_how_long_to_wait() {
+    let c = cloud().await;
+    let u = User::new(c.dir.path(), "u");
+    let wrong = [("S4T_PASSWORD", "wrong-password")];
+    for _ in 0..5 {
+        u.run_env(&["login", "--url", &c.url, "--user", "admin"], &wrong).await.code(3);
+    }
+    let r = u.run_env(&["login", "--url", &c.url, "--user", "admin"], &wrong).await.code(11);
+    assert!(r.stderr.contains("too many attempts") && r.stderr.contains(" s, then try again"), "{r:#?}");
+    let r = u.run_env(&["login", "--url", &c.url, "--user", "admin", "--json"], &wrong).await.code(11);
+    let e: Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!((e["error"].as_str(), e["exit_code"].as_u64()), (Some("throttled"), Some(11)), "{e}");
+    let wait = e["retry_after"].as_u64().unwrap_or_else(|| panic!("the cloud's Retry-After: {e}"));
+    assert!(wait > 0 && e["message"].as_str().unwrap().contains(&format!("wait {wait} s")), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

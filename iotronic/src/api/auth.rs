@@ -46,6 +46,10 @@ impl Caller {
     }
 }
 
+/// When the token of a request expires (ms since the epoch), beside its [`Caller`].
+#[derive(Debug, Clone, Copy)]
+pub struct TokenExpiry(pub i64);
+
 /// Resolves `Authorization: Bearer` or `X-Auth-Token` for every non-public path.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if super::is_public(req.method(), req.uri().path()) {
@@ -67,6 +71,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
                 role: info.role,
                 is_admin: info.is_admin,
             });
+            req.extensions_mut().insert(TokenExpiry(info.expires_at));
             next.run(req).await
         }
         Ok(None) => {
@@ -177,6 +182,16 @@ pub async fn create_token(
             Err(e.into())
         }
     }
+}
+
+/// `GET /v1/auth/tokens`: whom the token of this call belongs to (user, project, role, expiry),
+/// as `s4t whoami` shows it. Read-only; it tells the caller nothing its token does not carry.
+pub async fn show_token(
+    Extension(c): Extension<Caller>,
+    Extension(TokenExpiry(expires_at)): Extension<TokenExpiry>,
+) -> Json<Value> {
+    Json(json!({"user": c.user_name, "user_uuid": c.user, "project": c.project_name, "project_uuid": c.project,
+                "role": c.role.as_str(), "admin": c.is_admin, "expires_at": expires_at / 1000}))
 }
 
 /// Audits a login refused before any check, within the sender's `audited_refusals` budget.

@@ -116,6 +116,7 @@ route_table! {
     get "/v1" => v1, "meta", "API v1 document (public)";
     get "/v1/openapi.json" => openapi, "meta", "This OpenAPI document (public)";
     post "/v1/auth/tokens" => auth::create_token, "auth", "Issue a bearer token for a user and project (public)";
+    get "/v1/auth/tokens" => auth::show_token, "auth", "Whom this token belongs to: {user, project, role, admin, expires_at}";
     get "/v1/projects" => auth::list_projects, "auth", "List projects (admin: all; others: their own)";
     post "/v1/projects" => auth::create_project, "auth", "Create a project (admin)";
     get "/v1/users" => auth::list_users, "auth", "List users of the caller's project (admin: all)";

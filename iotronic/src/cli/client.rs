@@ -95,6 +95,7 @@ impl Client {
         }
         let resp = req.send().await.map_err(|e| self.transport_failure(&e))?;
         let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
         let text = resp.text().await.map_err(|e| self.transport_failure(&e))?;
         let body = if text.trim().is_empty() {
             Value::Null
@@ -104,7 +105,7 @@ impl Client {
         if (200..300).contains(&status) {
             Ok(Reply { status, body })
         } else {
-            Err(failure_of(status, &body, self.token.is_some()))
+            Err(failure_of(status, &body, self.token.is_some(), retry_after))
         }
     }
 
@@ -183,8 +184,16 @@ impl Client {
     }
 }
 
-/// Maps an error answer of the API to a failure with a hint.
-pub fn failure_of(status: u16, body: &Value, had_token: bool) -> Failure {
+/// The seconds of a `Retry-After: N` header (the cloud never sends the HTTP-date form).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Maps an error answer of the API (and its `Retry-After`, for 429) to a failure with a hint.
+pub fn failure_of(status: u16, body: &Value, had_token: bool, retry_after: Option<u64>) -> Failure {
+    if status == 429 {
+        return throttled(body, retry_after);
+    }
     let message = match body.get("error_message").and_then(Value::as_str) {
         Some(m) => m.to_owned(),
         None => {
@@ -223,6 +232,23 @@ pub fn failure_of(status: u16, body: &Value, had_token: bool) -> Failure {
     }
 }
 
+/// 429: the cloud refuses this for now (e.g. too many wrong passwords for one user name). Says
+/// how long to wait when the cloud did; trying again sooner is refused the same way.
+fn throttled(body: &Value, retry_after: Option<u64>) -> Failure {
+    let message = match retry_after {
+        Some(s) => format!("too many attempts: the cloud refuses this for now; wait {s} s, then try again"),
+        None => {
+            let why = body.get("error_message").and_then(Value::as_str).unwrap_or("too many attempts");
+            format!("{why}: the cloud refuses this for now; wait a while, then try again")
+        }
+    };
+    let mut f = Failure::new(Kind::Throttled, message).with_hint(
+        "attempts made before then are refused too; for `s4t login`, check the user name and password first",
+    );
+    f.retry_after = retry_after;
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,20 +272,32 @@ mod tests {
 
     #[test]
     fn error_answers_map_to_kinds_and_hints() {
-        let e = failure_of(401, &json!({"error_message": "the token is unknown or expired", "code": 401}), true);
+        let e = failure_of(401, &json!({"error_message": "the token is unknown or expired", "code": 401}), true, None);
         assert_eq!(e.kind, Kind::Auth);
         assert!(e.hint.unwrap().contains("s4t login"));
         let e = failure_of(
             409,
             &json!({"error_message": "leased", "code": 409, "lease": "L", "board": "B", "expires_at": 1_900_000_000_000i64}),
             true,
+            None,
         );
         assert_eq!(e.kind, Kind::Conflict);
         assert!(e.hint.unwrap().contains("2030-03-17"), "expiry shown as a date");
-        assert_eq!(failure_of(503, &json!({"error_message": "x"}), true).kind, Kind::Offline);
-        assert_eq!(failure_of(502, &json!({"error_message": "x"}), true).kind, Kind::Board);
-        let e = failure_of(500, &Value::String("<html>oops</html>".into()), true);
+        assert_eq!(failure_of(503, &json!({"error_message": "x"}), true, None).kind, Kind::Offline);
+        assert_eq!(failure_of(502, &json!({"error_message": "x"}), true, None).kind, Kind::Board);
+        let e = failure_of(500, &Value::String("<html>oops</html>".into()), true, None);
         assert_eq!(e.kind, Kind::Internal);
         assert!(e.message.contains("500") && e.message.contains("oops"), "{}", e.message);
+    }
+
+    #[test]
+    fn too_many_requests_say_how_long_to_wait() {
+        let body = json!({"error_message": "too many attempts: try again in 30 s", "code": 429});
+        let e = failure_of(429, &body, false, Some(30));
+        assert_eq!((e.kind, e.kind.exit_code(), e.retry_after), (Kind::Throttled, 11, Some(30)));
+        assert!(e.message.contains("wait 30 s"), "{}", e.message);
+        assert_eq!(e.to_json()["retry_after"], 30);
+        let e = failure_of(429, &Value::Null, true, None);
+        assert!(e.message.contains("wait a while") && e.to_json().get("retry_after").is_none(), "{}", e.message);
     }
 }

@@ -27,6 +27,8 @@ pub enum Kind {
     Timeout,
     /// The cloud cannot be reached at all.
     Unreachable,
+    /// The cloud refuses for now: too many attempts (429); wait, then try again.
+    Throttled,
 }
 
 impl Kind {
@@ -42,6 +44,7 @@ impl Kind {
             Kind::Board => 8,
             Kind::Timeout => 9,
             Kind::Unreachable => 10,
+            Kind::Throttled => 11,
         }
     }
 
@@ -57,6 +60,7 @@ impl Kind {
             Kind::Board => "board",
             Kind::Timeout => "timeout",
             Kind::Unreachable => "unreachable",
+            Kind::Throttled => "throttled",
         }
     }
 }
@@ -67,11 +71,13 @@ pub struct Failure {
     pub kind: Kind,
     pub message: String,
     pub hint: Option<String>,
+    /// How many seconds the cloud asked to wait (429 `Retry-After`), when it said.
+    pub retry_after: Option<u64>,
 }
 
 impl Failure {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Failure { kind, message: message.into(), hint: None }
+        Failure { kind, message: message.into(), hint: None, retry_after: None }
     }
 
     pub fn usage(message: impl Into<String>) -> Self {
@@ -92,10 +98,15 @@ impl Failure {
             .with_hint("run `s4t login --url http://CLOUD:8812 --user NAME` (or set S4T_URL and S4T_TOKEN)")
     }
 
-    /// The error as `--json` prints it on stderr.
+    /// The error as `--json` prints it on stderr (`retry_after`, in seconds, only when the
+    /// cloud said how long to wait).
     pub fn to_json(&self) -> Value {
-        json!({"error": self.kind.name(), "message": self.message, "hint": self.hint,
-               "exit_code": self.kind.exit_code()})
+        let mut v = json!({"error": self.kind.name(), "message": self.message, "hint": self.hint,
+                           "exit_code": self.kind.exit_code()});
+        if let Some(s) = self.retry_after {
+            v["retry_after"] = json!(s);
+        }
+        v
     }
 }
 

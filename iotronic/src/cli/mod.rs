@@ -64,6 +64,7 @@ macro_rules! exit_codes {
   8  the board answered with an error
   9  timed out (the request may still complete: see `s4t request list`)
  10  cannot reach the cloud (check --url / S4T_URL)
+ 11  the cloud refuses for now: too many attempts (wait the time it says, then try again)
 `s4t ssh` ends with the exit status of ssh (255: ssh's own error)."
     };
 }
@@ -71,8 +72,8 @@ macro_rules! exit_codes {
 macro_rules! exit_codes_short {
     () => {
         "Exit codes: 0 ok, 1 unexpected, 2 bad arguments, 3 not logged in, 4 permission denied,
-5 not found, 6 conflict, 7 board offline, 8 board error, 9 timed out, 10 cloud unreachable
-(`s4t --help` explains them)."
+5 not found, 6 conflict, 7 board offline, 8 board error, 9 timed out, 10 cloud unreachable,
+11 too many attempts (`s4t --help` explains them)."
     };
 }
 
@@ -118,7 +119,7 @@ pub struct Cli {
 pub enum Command {
     /// Log in: store the cloud's URL and a token in ~/.config/s4t/config.toml (mode 0600).
     Login(commands::auth::LoginArgs),
-    /// Forget the stored token.
+    /// Log out: revoke the token at the cloud, then forget the stored one.
     Logout,
     /// Show who the stored (or given) token belongs to.
     Whoami,
@@ -216,7 +217,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     use commands::*;
     match cli.command {
         Command::Login(a) => auth::login(&mut ctx, a).await,
-        Command::Logout => auth::logout(&mut ctx),
+        Command::Logout => auth::logout(&mut ctx).await,
         Command::Whoami => auth::whoami(&ctx).await,
         Command::Board(c) => boards::run(&ctx, c).await,
         Command::Lease(c) => leases::run(&ctx, c).await,

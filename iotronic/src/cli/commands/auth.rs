@@ -81,36 +81,103 @@ fn password(env: &str, prompt: &str) -> Result<String> {
     rpassword::prompt_password(prompt).map_err(|e| Failure::usage(format!("cannot read the password: {e}")))
 }
 
-pub fn logout(ctx: &mut Ctx) -> Result<()> {
-    ctx.config.token = None;
-    ctx.config.expires_at = None;
-    ctx.config.save(&ctx.config_path)?;
-    ctx.out
-        .result(&json!({"logged_out": true}), None, || println!("token forgotten; the URL is kept for the next login"));
+/// What became of a token at the cloud when logging out.
+enum Revocation {
+    /// `DELETE /v1/auth/tokens` revoked it.
+    Revoked,
+    /// The cloud no longer accepted it (expired, or revoked already).
+    Dead,
+    /// The cloud could not be asked (unreachable, no URL, an error).
+    Failed(Failure),
+}
+
+/// `s4t logout`: revokes the token in use at the cloud (`DELETE /v1/auth/tokens`), then forgets
+/// the stored one. A cloud that cannot be reached gets a warning and the token is still
+/// forgotten here; only when neither happened does it fail. With `--token`/`S4T_TOKEN`, that
+/// token is revoked and the stored login is left alone (unless it is the same token).
+pub async fn logout(ctx: &mut Ctx) -> Result<()> {
+    let given = ctx.global.token.clone().map(Token::new);
+    let stored = ctx.config.token.clone();
+    let Some(token) = given.or_else(|| stored.clone()) else {
+        let v = json!({"logged_out": true, "revoked": false, "forgotten": false});
+        ctx.out.result(&v, None, || println!("not logged in: no token to revoke or forget"));
+        return Ok(());
+    };
+    let revocation = match ctx.client() {
+        Err(f) => Revocation::Failed(f),
+        Ok(client) => match client.delete("/v1/auth/tokens").await {
+            Ok(_) => Revocation::Revoked,
+            Err(f) if matches!(f.kind, Kind::Auth | Kind::NotFound) => Revocation::Dead,
+            Err(f) => Revocation::Failed(f),
+        },
+    };
+    let forgotten = if stored.as_ref() == Some(&token) {
+        ctx.config.token = None;
+        ctx.config.expires_at = None;
+        ctx.config.save(&ctx.config_path).map(|()| true)
+    } else {
+        Ok(false)
+    };
+    let revoked = match revocation {
+        Revocation::Failed(f) => match forgotten {
+            Ok(false) => return Err(f),
+            Ok(true) => {
+                eprintln!("s4t: warning: the token was not revoked at the cloud: {f}");
+                false
+            }
+            Err(save) => {
+                eprintln!("s4t: warning: the token was not revoked at the cloud: {f}");
+                return Err(save);
+            }
+        },
+        Revocation::Revoked | Revocation::Dead => true,
+    };
+    let forgotten = forgotten.unwrap_or_else(|save| {
+        eprintln!("s4t: warning: the token is revoked but still stored: {save}");
+        false
+    });
+    let v = json!({"logged_out": true, "revoked": revoked, "forgotten": forgotten});
+    ctx.out.result(&v, None, || match (revoked, forgotten) {
+        (true, true) => println!("logged out: the token is revoked and forgotten; the URL is kept for the next login"),
+        (true, false) => println!("logged out: the token is revoked at the cloud"),
+        _ => println!("token forgotten here, but still valid at the cloud until it expires (see the warning)"),
+    });
     Ok(())
 }
 
+/// `s4t whoami`: the identity of the token in use (`--token`/`S4T_TOKEN`, else the stored
+/// one), as the cloud tells it (`GET /v1/auth/tokens`), not the stored login's.
 pub async fn whoami(ctx: &Ctx) -> Result<()> {
     let client = ctx.client()?;
-    // The token is checked by any authenticated call; the project list shows its project.
+    let me = client.get("/v1/auth/tokens").await?;
     let projects = client.get("/v1/projects").await?;
-    let users = client.get("/v1/users").await.unwrap_or(Value::Null);
-    let user = ctx.config.user.clone();
-    let me = items(&users, "users").iter().find(|u| user.as_deref() == u.get("name").and_then(Value::as_str)).cloned();
-    let project = ctx.config.project.clone();
-    let v = json!({"url": client.base(), "user": user, "project": project, "role": me.as_ref().map(|m| field(m, "role")),
-                   "expires_at": ctx.config.expires_at, "token_from": if ctx.global.token.is_some() { "S4T_TOKEN" } else { "config" },
+    let user = me.get("user").and_then(Value::as_str).map(str::to_owned);
+    let v = json!({"url": client.base(), "user": user, "project": me.get("project"), "role": me.get("role"),
+                   "admin": me.get("admin"), "expires_at": me.get("expires_at"),
+                   "token_from": if ctx.global.token.is_some() { "S4T_TOKEN" } else { "config" },
                    "projects": items(&projects, "projects").iter().map(|p| field(p, "name")).collect::<Vec<_>>()});
     ctx.out.result(&v, user.as_deref(), || {
-        let rows = [
+        let mut rows = vec![
             vec!["url".to_string(), field(&v, "url")],
             vec!["user".into(), field(&v, "user")],
             vec!["project".into(), field(&v, "project")],
             vec!["role".into(), field(&v, "role")],
-            vec!["token valid until".into(), ctx.config.expires_at.map(fmt_time).unwrap_or_default()],
-            vec!["token from".into(), field(&v, "token_from")],
-            vec!["visible projects".into(), field(&v, "projects")],
         ];
+        if v["admin"] == json!(true) {
+            rows.push(vec!["cloud administrator".into(), "yes".into()]);
+        }
+        rows.extend([
+            vec!["token valid until".into(), time_field(&v, "expires_at")],
+            vec![
+                "token from".into(),
+                if ctx.global.token.is_some() {
+                    "--token/S4T_TOKEN".into()
+                } else {
+                    ctx.config_path.display().to_string()
+                },
+            ],
+            vec!["visible projects".into(), field(&v, "projects")],
+        ]);
         ctx.out.table(&["", ""], &rows);
     });
     Ok(())

@@ -11,10 +11,17 @@ use crate::cli::output::{field, kv_rows, time_field};
 
 #[derive(Subcommand, Debug)]
 pub enum RequestCmd {
-    /// List requests (newest first), optionally of one board.
+    /// List requests, newest first, optionally of one board: the newest 50 unless told.
+    #[command(after_help = "Examples:\n  s4t request list --board pi1 --limit 10\n  s4t request list --all --json")]
     List {
         #[arg(long)]
         board: Option<String>,
+        /// At most this many requests (the newest).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+        /// Every request, page after page (instead of --limit).
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
     },
     /// Show a request and its results.
     Show { request: String },
@@ -23,9 +30,19 @@ pub enum RequestCmd {
 pub async fn run(ctx: &Ctx, cmd: RequestCmd) -> Result<()> {
     let client = ctx.client()?;
     match cmd {
-        RequestCmd::List { board } => {
-            let q = board.map(|b| format!("?board={}", seg(&b))).unwrap_or_default();
-            let v = client.get_all(&format!("/v1/requests{q}"), "requests").await?;
+        RequestCmd::List { board, limit, all } => {
+            let mut q = String::from("?sort_dir=desc");
+            if let Some(b) = board {
+                q.push_str(&format!("&board={}", seg(&b)));
+            }
+            let v = if all {
+                client.get_all(&format!("/v1/requests{q}"), "requests").await?
+            } else {
+                client.get(&format!("/v1/requests{q}&limit={limit}")).await?
+            };
+            if v.get("next").is_some_and(|n| !n.is_null()) && !ctx.out.json && !ctx.out.quiet {
+                eprintln!("(the newest {limit}; --limit N or --all for more)");
+            }
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {
