@@ -302,10 +302,8 @@ async fn logout_revokes_the_token_at_the_cloud() {
     admin.run(&["project", "list"]).await.ok();
 }
 
-/// `s4t whoami` reports the identity of the token in use, not the stored login's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn whoami_reports_the_identity_of_the_token_in_use() {
-    let c = cloud().await;
+/// The administrator and bob, a manager of project "lab", both logged in.
+async fn admin_and_bob(c: &Cloud) -> (User, User) {
     let admin = User::new(c.dir.path(), "admin");
     admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
     admin.run(&["project", "create", "lab"]).await.ok();
@@ -318,6 +316,14 @@ async fn whoami_reports_the_identity_of_the_token_in_use() {
         .ok();
     let bob = User::new(c.dir.path(), "bob");
     bob.login(&c.url, "bob", "bob-password").await;
+    (admin, bob)
+}
+
+/// `s4t whoami` reports the identity of the token in use, not the stored login's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_reports_the_identity_of_the_token_in_use() {
+    let c = cloud().await;
+    let (admin, bob) = admin_and_bob(&c).await;
 
     let me = admin.run(&["whoami", "--json"]).await.ok().json();
     assert_eq!(
@@ -391,18 +397,7 @@ async fn too_many_attempts_exit_11_and_say_how_long_to_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_fleets_services_and_vpns_as_two_projects() {
     let c = cloud().await;
-    let admin = User::new(c.dir.path(), "admin");
-    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
-    admin.run(&["project", "create", "lab"]).await.ok();
-    admin
-        .run_env(
-            &["user", "create", "bob", "--project", "lab", "--role", "manager"],
-            &[("S4T_NEW_PASSWORD", "bob-password")],
-        )
-        .await
-        .ok();
-    let bob = User::new(c.dir.path(), "bob");
-    bob.login(&c.url, "bob", "bob-password").await;
+    let (admin, bob) = admin_and_bob(&c).await;
 
     // Bob's board; the administrator books it for project admin.
     let b = bob.run(&["board", "create", "b1", "--code", "CODE-B1", "--json"]).await.ok().json();

@@ -6,21 +6,42 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
-use iotronic::bus::{Bus, ConductorMsg};
+use iotronic::bus::{AgentCall, Bus, ConductorMsg, Delivery};
 use iotronic::conductor::Conductor;
-use iotronic::db::{NewBoard, RequestStatus, now_ms};
+use iotronic::db::{Board, NewBoard, Project, RequestStatus, now_ms};
 use serde_json::json;
 
-#[tokio::test]
-async fn redelivered_execute_hands_a_running_request_over_again_and_nothing_else_twice() {
-    let t = TestDb::sqlite().await;
+/// Project "p" and its board "b" (offline).
+async fn project_and_board(t: &TestDb) -> (Project, Board) {
     let p = t.db.create_project("p").await.unwrap();
     let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
     let b = t.db.insert_board(nb).await.unwrap();
+    (p, b)
+}
+
+/// Board "b" of project "p", online on agent "agent" (session 7), and a conductor.
+struct Online {
+    t: TestDb,
+    p: Project,
+    b: Board,
+    /// What the conductor hands the agent.
+    agent: tokio::sync::mpsc::Receiver<Delivery<AgentCall>>,
+    c: Conductor,
+}
+
+async fn online() -> Online {
+    let t = TestDb::sqlite().await;
+    let (p, b) = project_and_board(&t).await;
     t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
     let bus = Bus::in_process();
-    let mut agent = bus.agent_deliveries("agent").await.unwrap();
-    let c = Conductor::new(t.db.clone(), bus.clone());
+    let agent = bus.agent_deliveries("agent").await.unwrap();
+    let c = Conductor::new(t.db.clone(), bus);
+    Online { t, p, b, agent, c }
+}
+
+#[tokio::test]
+async fn redelivered_execute_hands_a_running_request_over_again_and_nothing_else_twice() {
+    let Online { t, p, b, mut agent, c } = online().await;
 
     let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([{}]), None).await.unwrap();
     let exec = ConductorMsg::Execute { request: r.uuid.clone() };
@@ -54,9 +75,7 @@ async fn redelivered_execute_hands_a_running_request_over_again_and_nothing_else
 #[tokio::test]
 async fn queued_requests_go_out_at_login_and_expired_leases_free_what_they_held() {
     let t = TestDb::sqlite().await;
-    let p = t.db.create_project("p").await.unwrap();
-    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
-    let b = t.db.insert_board(nb).await.unwrap();
+    let (p, b) = project_and_board(&t).await;
     let bus = Bus::in_process();
     let mut agent = bus.agent_deliveries("agent").await.unwrap();
     let c = Conductor::new(t.db.clone(), bus.clone());
@@ -141,9 +160,7 @@ async fn queued_requests_do_not_cross_leases() {
 #[tokio::test]
 async fn a_backlog_larger_than_the_queue_does_not_block_the_start() {
     let t = TestDb::sqlite().await;
-    let p = t.db.create_project("p").await.unwrap();
-    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
-    let b = t.db.insert_board(nb).await.unwrap();
+    let (p, b) = project_and_board(&t).await;
     let n = iotronic::bus::QUEUE_CAPACITY + 8;
     for _ in 0..n {
         t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
@@ -173,14 +190,7 @@ async fn a_backlog_larger_than_the_queue_does_not_block_the_start() {
 /// told once. Before, nothing ever looked at an ended lease again.
 #[tokio::test]
 async fn a_teardown_that_failed_half_way_is_finished_by_the_sweep() {
-    let t = TestDb::sqlite().await;
-    let p = t.db.create_project("p").await.unwrap();
-    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
-    let b = t.db.insert_board(nb).await.unwrap();
-    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
-    let bus = Bus::in_process();
-    let mut agent = bus.agent_deliveries("agent").await.unwrap();
-    let c = Conductor::new(t.db.clone(), bus.clone());
+    let Online { t, p, b, mut agent, c } = online().await;
     let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
     let lease = t.db.create_lease(&p.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() + 60_000).await.unwrap();
     t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), Some(&lease.uuid), &[]).await.unwrap();
@@ -206,14 +216,7 @@ async fn a_teardown_that_failed_half_way_is_finished_by_the_sweep() {
 /// younger ones, and finished ones, are left alone.
 #[tokio::test]
 async fn requests_stuck_pending_or_running_fail_in_the_end() {
-    let t = TestDb::sqlite().await;
-    let p = t.db.create_project("p").await.unwrap();
-    let nb = NewBoard { name: "b".into(), code: "c".into(), project: p.uuid.clone(), ..Default::default() };
-    let b = t.db.insert_board(nb).await.unwrap();
-    t.db.board_online(&b.uuid, "agent", "7", None, &json!({})).await.unwrap();
-    let bus = Bus::in_process();
-    let mut agent = bus.agent_deliveries("agent").await.unwrap();
-    let c = Conductor::new(t.db.clone(), bus.clone());
+    let Online { t, p, b, mut agent, c } = online().await;
     let lost = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
     let running = t.db.create_request(&p.uuid, &b.uuid, "DevicePkgOperation", &json!([]), None).await.unwrap();
     c.handle(ConductorMsg::Execute { request: running.uuid.clone() }, false).await.unwrap();
