@@ -282,12 +282,18 @@ async fn renewed_tokens_are_the_ones_presented_after_a_reconnect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoking_a_listener_closes_it_and_tells_the_board() {
+async fn revoking_a_listener_closes_it_and_its_connections_and_tells_the_board() {
     let srv = start_server().await;
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
     let port = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut open = connect(port).await;
+    assert_eq!(echo_once(&mut open, b"before").await, b"before");
     assert!(srv.handle.close_listener(port));
+    // The connection accepted before ends with it (a lease's end must end its sessions).
+    let mut buf = [0u8; 16];
+    let read = within("connection closed", tokio::io::AsyncReadExt::read(&mut open, &mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let mut st = client.state();
     within("board told", st.wait_for(|s| s.exposures.is_empty() && s.last_refusal.as_deref() == Some("revoked")))
         .await

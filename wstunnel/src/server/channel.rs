@@ -633,6 +633,8 @@ async fn accept_loop<H: ServerHooks>(
     board: String,
 ) {
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    // The streams accepted here that are still open: a revoked listener takes them along.
+    let accepted: Arc<Mutex<std::collections::HashSet<u32>>> = Arc::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = l.accept() => match r {
@@ -656,13 +658,25 @@ async fn accept_loop<H: ServerHooks>(
         if ctx.mux.announce(&s, &open, &tcp).await.is_err() {
             break;
         }
-        tokio::spawn(run_stream(ctx.mux.clone(), s, tcp));
+        accepted.lock().expect("accepted streams").insert(s.id);
+        let (mux, accepted) = (ctx.mux.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let sid = s.id;
+            run_stream(mux, s, tcp).await;
+            accepted.lock().expect("accepted streams").remove(&sid);
+        });
     }
     drop(l);
     ctx.reg.remove_port(port, entry);
     let removed = ctx.listeners.lock().expect("listeners").remove(&id).is_some();
     if removed && !ctx.mux.cancel.is_cancelled() {
-        // Revoked through the handle, not asked by the board: tell it.
+        // Revoked through the handle (a lease ended, a service was deleted), not asked by the
+        // board: its connections end with it (a former tenant's SSH session must not go on
+        // into the next lease), and the board is told.
+        let streams: Vec<u32> = accepted.lock().expect("accepted streams").drain().collect();
+        for sid in streams {
+            ctx.mux.reset(sid, code::REVOKED);
+        }
         let _ = ctx
             .mux
             .out

@@ -343,8 +343,8 @@ impl ServerHandle {
         n
     }
 
-    /// Closes the public listener on `port` (lease ended, service disabled); the board is told.
-    /// Streams already accepted on it stay up. Returns false when nothing listens there.
+    /// Closes the public listener on `port` (lease ended, service disabled) and the
+    /// connections accepted on it; the board is told. Returns false when nothing listens there.
     pub fn close_listener(&self, port: u16) -> bool {
         match self.reg.ports.lock().expect("registry").get(&port) {
             Some(p) => {
