@@ -82,7 +82,7 @@ pub async fn run_worker(
             continue;
         }
         let permit = slots.clone().acquire_owned().await.map_err(|_| Error::Bus("agent stopped".into()))?;
-        let (bus, caller) = (bus.clone(), caller.clone());
+        let (bus, caller, stop) = (bus.clone(), caller.clone(), shutdown.clone());
         let span =
             info_span!("agent_call", request = %d.msg.request, board = %d.msg.board, procedure = %d.msg.procedure);
         tokio::spawn(
@@ -99,13 +99,16 @@ pub async fn run_worker(
                         Err(reason) => ConductorMsg::Failed { request, board, reason },
                     }
                 };
-                match bus.to_conductor(&msg).await {
-                    Ok(()) => {
+                // Reported again after a broker blip: the board did it, and a redelivery of
+                // the call would only say that it may or may not have run.
+                match crate::bus::retry_transient(&stop, || bus.to_conductor(&msg)).await {
+                    Some(Ok(())) => {
                         if let Err(e) = d.ack().await {
                             warn!(cause = %e, "ack failed");
                         }
                     }
-                    Err(e) => warn!(cause = %e, "cannot report a board result; the call stays unacked"),
+                    Some(Err(e)) => warn!(cause = %e, "cannot report a board result; the call stays unacked"),
+                    None => {}
                 }
             }
             .instrument(span),

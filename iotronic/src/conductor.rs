@@ -59,13 +59,18 @@ impl Conductor {
                 d = rx.recv() => {
                     let Some(d) = d else { return Err(Error::Bus("the conductor queue closed".into())) };
                     let span = info_span!("conductor", request = msg_request(&d.msg));
-                    match self.handle(d.msg.clone(), d.redelivered).instrument(span).await {
-                        Ok(()) => d.ack().await?,
-                        // A database hiccup: leave the message unacked (RabbitMQ redelivers it
-                        // to the next conductor); anything else is logged and dropped.
-                        Err(e @ (Error::Db(_) | Error::Amqp { .. })) => warn!(cause = %e, "conductor message not handled; left unacked"),
-                        Err(e) => {
-                            warn!(cause = %e, "conductor message failed");
+                    let handled = crate::bus::retry_transient(&shutdown, || {
+                        self.handle(d.msg.clone(), d.redelivered).instrument(span.clone())
+                    });
+                    match handled.await {
+                        Some(Ok(())) => d.ack().await?,
+                        // Stopping: unacknowledged, RabbitMQ gives it to the next conductor
+                        // (in-process, `recover` at the next start sends PENDING requests).
+                        None => return Ok(()),
+                        // The effect of a message that cannot be handled is not waited for
+                        // for ever: a request left PENDING or RUNNING is failed by the sweep.
+                        Some(Err(e)) => {
+                            warn!(cause = %e, "conductor message failed; dropped");
                             d.ack().await?;
                         }
                     }

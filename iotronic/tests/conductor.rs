@@ -247,3 +247,21 @@ async fn requests_stuck_pending_or_running_fail_in_the_end() {
     c.handle(result(&running.uuid), false).await.unwrap();
     assert_eq!(status(running.uuid.clone()).await, RequestStatus::Failed);
 }
+
+/// In-process, an agent whose queue is full (its calls are waiting to report to this very
+/// conductor) makes a request fail at once as overloaded: waiting for room, the conductor
+/// and the agent could each wait on the other for ever.
+#[tokio::test]
+async fn a_full_agent_queue_fails_the_request_instead_of_blocking_the_conductor() {
+    let Online { t, p, b, agent: _agent, c } = online().await;
+    for _ in 0..iotronic::bus::QUEUE_CAPACITY {
+        let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+        c.handle(ConductorMsg::Execute { request: r.uuid }, false).await.unwrap();
+    }
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    let handled = c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false);
+    tokio::time::timeout(Duration::from_secs(10), handled).await.expect("the conductor blocked").unwrap();
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);
+    let why = &t.db.results(&r.uuid).await.unwrap()[0].message;
+    assert!(why.contains("overloaded"), "{why}");
+}

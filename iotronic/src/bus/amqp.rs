@@ -65,7 +65,12 @@ pub(super) struct AmqpBus {
 
 impl AmqpBus {
     pub(super) async fn connect(url: &AmqpUrl, prefix: &str) -> Result<AmqpBus, Error> {
-        let props = ConnectionProperties::default().enable_auto_recover();
+        // Reconnects for as long as it takes, every 30 s at most: lapin's default of 16 tries
+        // gives up after some 11 minutes of broker outage and leaves every consumer waiting
+        // for a recovery that never comes (the process alive but deaf).
+        let props = ConnectionProperties::default()
+            .configure_backoff(|b| b.with_max_delay(std::time::Duration::from_secs(30)).without_max_times())
+            .enable_auto_recover();
         let conn = Connection::connect(url.expose(), props).await.map_err(amqp_err(format!("connect to {url}")))?;
         let publish = conn.create_channel().await.map_err(amqp_err("open a channel"))?;
         publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp_err("enable publisher confirms"))?;

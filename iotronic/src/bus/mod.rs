@@ -18,10 +18,12 @@ mod amqp;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
 pub use amqp::AmqpUrl;
 
@@ -170,7 +172,14 @@ impl Bus {
             Inner::Local(l) => {
                 let tx = lock(&l.agents).entry(agent.to_owned()).or_insert_with(local_queue).0.clone();
                 let d = Delivery { msg: call.clone(), redelivered: false, acker: Acker::Local };
-                tx.send(d).await.map_err(|_| Error::Bus(format!("agent {agent} has stopped")))
+                // Not waited for: the agent's calls report to the conductor, which may be the
+                // one sending here, so both queues full would wait on each other for ever.
+                tx.try_send(d).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        Error::Bus(format!("agent {agent} is overloaded ({QUEUE_CAPACITY} calls waiting)"))
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Error::Bus(format!("agent {agent} has stopped")),
+                })
             }
             Inner::Amqp(a) => a.publish(&a.agent_queue(agent), call).await,
         }
@@ -213,6 +222,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Failed attempts at handling one message that [`retry_transient`] makes before it gives up.
+pub const RETRIES: u32 = 6;
+
+/// Runs `attempt` again while it fails with a database or broker error (a database restart,
+/// a broker blip), waiting 0.5 s, then twice as long each time ([`RETRIES`] times, some 30 s
+/// in all), or until `shutdown`. Returns the last outcome; `None` on shutdown. Without it, a
+/// message whose handling hit such an error was dropped unacknowledged: lost in-process, and
+/// on RabbitMQ holding one of the consumer's prefetch slots until the process restarted.
+pub async fn retry_transient<F, Fut>(shutdown: &CancellationToken, mut attempt: F) -> Option<Result<(), Error>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    let mut wait = Duration::from_millis(500);
+    for _ in 0..RETRIES {
+        match attempt().await {
+            Err(e @ (Error::Db(_) | Error::Amqp { .. })) => {
+                tracing::warn!(cause = %e, retry_in = ?wait, "transient failure: trying again");
+            }
+            done => return Some(done),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait *= 2;
+    }
+    Some(attempt().await)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +279,40 @@ mod tests {
         assert_eq!(a.recv().await.unwrap().msg, call);
         bus.completed("r1").await.unwrap();
         assert_eq!(done.recv().await.unwrap(), "r1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_then_given_up() {
+        let stop = CancellationToken::new();
+        let mut tries = 0;
+        let r = retry_transient(&stop, || {
+            tries += 1;
+            let fail = tries < 3;
+            async move { if fail { Err(Error::Db(sqlx::Error::PoolTimedOut)) } else { Ok(()) } }
+        })
+        .await;
+        assert!(matches!(r, Some(Ok(()))), "{r:?}");
+        assert_eq!(tries, 3);
+        // A failure that is not transient is not retried; a lasting one is given up.
+        tries = 0;
+        let r = retry_transient(&stop, || {
+            tries += 1;
+            async { Err(Error::Invalid("bad".into())) }
+        })
+        .await;
+        assert!(matches!(r, Some(Err(Error::Invalid(_)))), "{r:?}");
+        assert_eq!(tries, 1);
+        tries = 0;
+        let r = retry_transient(&stop, || {
+            tries += 1;
+            async { Err(Error::Db(sqlx::Error::PoolTimedOut)) }
+        })
+        .await;
+        assert!(matches!(r, Some(Err(Error::Db(_)))), "{r:?}");
+        assert_eq!(tries, RETRIES + 1);
+        stop.cancel();
+        let r = retry_transient(&stop, || async { Err(Error::Db(sqlx::Error::PoolTimedOut)) }).await;
+        assert!(r.is_none(), "{r:?}");
     }
 
     #[test]
