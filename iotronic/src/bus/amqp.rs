@@ -106,6 +106,11 @@ impl AmqpBus {
         format!("{}.completions", self.prefix)
     }
 
+    /// A fresh name for this process's completions queue.
+    fn completions_queue(&self) -> String {
+        format!("{}.completions.{}", self.prefix, uuid::Uuid::new_v4().simple())
+    }
+
     async fn declare(&self, queue: &str) -> Result<(), Error> {
         if self.declared.lock().unwrap_or_else(|e| e.into_inner()).contains(queue) {
             return Ok(());
@@ -202,7 +207,10 @@ impl AmqpBus {
     }
 
     /// This process's subscription to completions: an exclusive, auto-deleted queue bound to
-    /// the fan-out exchange, pumped into a broadcast channel.
+    /// the fan-out exchange, pumped into a broadcast channel. The queue is named here, not by
+    /// the broker: after a reconnect lapin declares it again by name, and the broker refuses a
+    /// name of its own kind (`amq.gen-…`), which left every synchronous REST call waiting out
+    /// its timeout (202) until the process restarted.
     pub(super) async fn completions(&self) -> Result<broadcast::Receiver<String>, Error> {
         let tx = self.completions.get_or_try_init(|| self.subscribe_completions()).await?;
         Ok(tx.subscribe())
@@ -212,7 +220,7 @@ impl AmqpBus {
         let channel = self.conn.create_channel().await.map_err(amqp_err("open a channel"))?;
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = channel
-            .queue_declare("".into(), opts, FieldTable::default())
+            .queue_declare(self.completions_queue().as_str().into(), opts, FieldTable::default())
             .await
             .map_err(amqp_err("declare a reply queue"))?;
         let exchange = self.completions_exchange();
