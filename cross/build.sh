@@ -65,7 +65,7 @@ esac
 need_apt() {
   local missing=() p
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
@@ -101,16 +101,16 @@ if [ -n "$flags" ]; then
 fi
 args=(-p lightning-rod --bin lightning-rod --locked --profile "$profile" "${features[@]}")
 if [ $method = rustup ]; then
-  rustup target list --installed | grep -qx "$target" || rustup target add "$target" >&2
+  rustup target list --installed | grep -x "$target" >/dev/null || rustup target add "$target" >&2
   if [ $build_std = yes ]; then
-    rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
+    rustup component list --installed | grep '^rust-src' >/dev/null || rustup component add rust-src >&2
     cargo build "${args[@]}" --target "$target" "${build_std_args[@]}" >&2
   else
     cargo build "${args[@]}" --target "$target" >&2
   fi
 else
   need_apt python3-venv
-  rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src >&2
+  rustup component list --installed | grep '^rust-src' >/dev/null || rustup component add rust-src >&2
   venv=${S4T_ZIG_VENV:-/var/cache/s4t/zigvenv}
   if [ ! -x "$venv/bin/cargo-zigbuild" ]; then
     log "installing cargo-zigbuild and ziglang into $venv"

@@ -17,6 +17,9 @@
 # and /var/cache/s4t: warm, the stage rebuilds only the workspace crates per target. Timings
 # of each step are printed. Run as root (apt, network namespaces).
 set -euo pipefail
+# Under pipefail a writer killed by SIGPIPE fails the pipeline: `tar -t … | grep -q` failed
+# with 141 when grep matched before tar had listed everything. Filters here read their whole
+# input (`grep … >/dev/null`, not `grep -q`).
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
@@ -45,7 +48,7 @@ TARGETS=(
 tools() {
   local need=() p
   for p in qemu-user-static qemu-system-arm cpio file; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || need+=("$p")
   done
   if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -87,15 +90,15 @@ check_deb() {
   echo "$list" >&2
   [ "$(dpkg-deb -f "$deb" Architecture)" = "$arch" ] || { log "$deb: wrong Architecture"; return 1; }
   for f in ./usr/bin/lightning-rod ./etc/lightning-rod/config.toml ./lib/systemd/system/lightning-rod.service; do
-    awk '{print $6}' <<<"$list" | grep -qx "$f" || { log "$deb lacks $f"; return 1; }
+    awk '{print $6}' <<<"$list" | grep -x "$f" >/dev/null || { log "$deb lacks $f"; return 1; }
   done
-  awk 'NR == 1' <<<"$list" | grep -q '^drwxr-xr-x root/root .* \./$' || { log "$deb: ./ is not 0755 root"; return 1; }
+  awk 'NR == 1' <<<"$list" | grep '^drwxr-xr-x root/root .* \./$' >/dev/null || { log "$deb: ./ is not 0755 root"; return 1; }
   x=$(mktemp -d)
   dpkg-deb --control "$deb" "$x/DEBIAN"
   grep -qx /etc/lightning-rod/config.toml "$x/DEBIAN/conffiles"
   grep -q 'install -d -m 0700 /var/lib/lightning-rod' "$x/DEBIAN/postinst"
   dpkg-deb -x "$deb" "$x/root"
-  file "$x/root/usr/bin/lightning-rod" | grep -q "$machine" || { log "$deb: binary is not $machine"; return 1; }
+  file "$x/root/usr/bin/lightning-rod" | grep "$machine" >/dev/null || { log "$deb: binary is not $machine"; return 1; }
   grep -q '^ExecStart=/usr/bin/lightning-rod run' "$x/root/lib/systemd/system/lightning-rod.service"
   # The glibc symbol versions the binary needs must be covered by the package's Depends.
   local need; need=$(objdump -T "$x/root/usr/bin/lightning-rod" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n1)
@@ -111,12 +114,12 @@ check_ipk() {
   x=$(mktemp -d)
   tar -C "$x" -xzf "$ipk"
   [ "$(cat "$x/debian-binary")" = 2.0 ]
-  tar -tzf "$x/control.tar.gz" | grep -qx './control'
+  tar -tzf "$x/control.tar.gz" | grep -x './control' >/dev/null
   list=$(tar -tzvf "$x/data.tar.gz")
   echo "$list" >&2
-  awk 'NR == 1' <<<"$list" | grep -q '^drwxr-xr-x root/root .* \./$' || { log "$ipk: ./ is not 0755 root"; return 1; }
+  awk 'NR == 1' <<<"$list" | grep '^drwxr-xr-x root/root .* \./$' >/dev/null || { log "$ipk: ./ is not 0755 root"; return 1; }
   tar -C "$x" -xzf "$x/data.tar.gz" ./usr/bin/lightning-rod ./etc/init.d/lightning-rod
-  file "$x/usr/bin/lightning-rod" | grep -q 'MIPS.*statically linked' || { log "$ipk: not a static MIPS binary"; return 1; }
+  file "$x/usr/bin/lightning-rod" | grep 'MIPS.*statically linked' >/dev/null || { log "$ipk: not a static MIPS binary"; return 1; }
   rm -rf "$x"
   log "$ipk ok"
 }
