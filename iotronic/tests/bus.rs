@@ -2,9 +2,12 @@
 //! test can cut: what a process consumes keeps arriving after its connection breaks.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use iotronic::bus::{AmqpUrl, Bus, ConductorMsg};
+use iotronic::agent::{BoardCaller, BoxFuture, run_worker};
+use iotronic::bus::{AgentCall, AmqpUrl, Bus, ConductorMsg};
+use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -68,4 +71,49 @@ async fn subscriptions_come_back_after_the_connection_breaks() {
     let d = tokio::time::timeout(Duration::from_secs(60), work.recv()).await.expect("no conductor message").unwrap();
     assert_eq!(d.msg, ConductorMsg::Execute { request: "r-after".into() });
     d.ack().await.unwrap();
+}
+
+/// Answers `Quick` at once and holds every other call until the test ends.
+struct Hanging(tokio::sync::Notify);
+
+impl BoardCaller for Hanging {
+    fn call<'a>(&'a self, procedure: &'a str, _args: Vec<Value>) -> BoxFuture<'a, Result<Value, iotronic::Error>> {
+        Box::pin(async move {
+            if !procedure.ends_with(".Quick") {
+                self.0.notified().await;
+            }
+            Ok(json!("done"))
+        })
+    }
+}
+
+/// An agent on RabbitMQ takes as many calls as it runs at once: 40 calls to boards that do
+/// not answer do not hold up a call to one that does (the broker handed an agent 32 calls
+/// at a time, acknowledged only when the boards had answered, up to a minute later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_hung_boards_do_not_hold_up_the_others() {
+    let prefix = format!("bus-test-{}", uuid::Uuid::new_v4().simple());
+    let bus = bus(BROKER, &prefix).await;
+    let mut results = bus.conductor_deliveries().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let caller = Arc::new(Hanging(tokio::sync::Notify::new()));
+    let worker = tokio::spawn(run_worker("a1".into(), bus.clone(), caller, stop.clone()));
+    let call = |request: String, procedure: &str| AgentCall {
+        request,
+        board: "b".into(),
+        session: "1".into(),
+        procedure: procedure.into(),
+        args: vec![],
+        omit_req: false,
+    };
+    for i in 0..40 {
+        bus.to_agent("a1", &call(format!("hang-{i}"), "Hang")).await.unwrap();
+    }
+    bus.to_agent("a1", &call("quick".into(), "Quick")).await.unwrap();
+    let d =
+        tokio::time::timeout(Duration::from_secs(20), results.recv()).await.expect("the quick call waited").unwrap();
+    assert!(matches!(&d.msg, ConductorMsg::Result { request, .. } if request == "quick"), "{:?}", d.msg);
+    d.ack().await.unwrap();
+    stop.cancel();
+    worker.await.unwrap().unwrap();
 }

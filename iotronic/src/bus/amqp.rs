@@ -21,8 +21,11 @@ use super::{Acker, COMPLETIONS_CAPACITY, Delivery, QUEUE_CAPACITY};
 use crate::Error;
 use crate::db::redact_url;
 
-/// How many unacknowledged messages a consumer holds at once.
-const PREFETCH: u16 = 32;
+/// How many unacknowledged messages the conductor holds at once (it handles one at a time).
+pub(super) const CONDUCTOR_PREFETCH: u16 = 32;
+/// An agent acknowledges a call when the board has answered (up to a minute): it holds as
+/// many as it runs at once, or 32 calls to hung boards would hold up every board on it.
+pub(super) const AGENT_PREFETCH: u16 = crate::agent::MAX_CALLS_IN_FLIGHT as u16;
 
 /// An AMQP URL whose `Debug` and `Display` hide the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -146,13 +149,14 @@ impl AmqpBus {
     pub(super) async fn consume<T: DeserializeOwned + Send + 'static>(
         &self,
         queue: &str,
+        prefetch: u16,
     ) -> Result<mpsc::Receiver<Delivery<T>>, Error> {
         let channel = self.conn.create_channel().await.map_err(amqp_err("open a channel"))?;
         channel
             .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
             .await
             .map_err(amqp_err(format!("declare queue {queue}")))?;
-        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await.map_err(amqp_err("set prefetch"))?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp_err("set prefetch"))?;
         let tag = format!("{queue}.{}", uuid::Uuid::new_v4().simple());
         let mut consumer = channel
             .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())

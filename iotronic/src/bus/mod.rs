@@ -163,7 +163,7 @@ impl Bus {
                 .1
                 .take()
                 .ok_or_else(|| Error::Bus("the conductor queue already has its consumer".into())),
-            Inner::Amqp(a) => a.consume(&a.conductor_queue()).await,
+            Inner::Amqp(a) => a.consume(&a.conductor_queue(), amqp::CONDUCTOR_PREFETCH).await,
         }
     }
 
@@ -193,7 +193,7 @@ impl Bus {
                 .1
                 .take()
                 .ok_or_else(|| Error::Bus(format!("agent {agent} already has its consumer"))),
-            Inner::Amqp(a) => a.consume(&a.agent_queue(agent)).await,
+            Inner::Amqp(a) => a.consume(&a.agent_queue(agent), amqp::AGENT_PREFETCH).await,
         }
     }
 
