@@ -97,13 +97,18 @@ impl Conductor {
         match msg {
             ConductorMsg::Execute { request } => self.execute(&request, redelivered).await,
             ConductorMsg::Result { request, board, result, message } => {
-                self.record_result(&request, &board, &result, &message).await
+                self.record_result(&request, &board, &result, &message).await?;
+                self.deliver_queued(&board).await
             }
-            ConductorMsg::BoardOnline { board } => self.board_online(&board).await,
-            ConductorMsg::Failed { request, board, reason } => match self.db.request(&request, None).await? {
-                Some(r) if !r.status.is_final() => self.fail(&request, &board, &reason).await,
-                _ => Ok(()),
-            },
+            ConductorMsg::BoardOnline { board } => self.deliver_queued(&board).await,
+            ConductorMsg::Failed { request, board, reason } => {
+                if let Some(r) = self.db.request(&request, None).await?
+                    && !r.status.is_final()
+                {
+                    self.fail(&request, &board, &reason).await?;
+                }
+                self.deliver_queued(&board).await
+            }
         }
     }
 
@@ -246,12 +251,21 @@ impl Conductor {
         Ok(())
     }
 
-    /// A board logged in: its queued requests go out, oldest first.
-    async fn board_online(&self, board: &str) -> Result<(), Error> {
-        for r in self.db.queued_for_board(board).await? {
-            if self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await? {
-                info!(request = %r.uuid, "delivering a queued request");
-                self.execute(&r.uuid, false).await?;
+    /// Sends `board`'s queued requests in the order they were made, one at a time: the oldest
+    /// goes out (at login), and the board's answer to it (or its failure) sends the next, so
+    /// two queued GPIO writes land in the order they were made (sent together, the board ran
+    /// them at once). One that ends at delivery (refused, failed) makes way at once; one
+    /// another conductor took first is left to it, whose end sends the next.
+    async fn deliver_queued(&self, board: &str) -> Result<(), Error> {
+        while let Some(r) = self.db.queued_for_board(board).await?.into_iter().next() {
+            if !self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await? {
+                return Ok(());
+            }
+            info!(request = %r.uuid, "delivering a queued request");
+            self.execute(&r.uuid, false).await?;
+            let now = self.db.request(&r.uuid, None).await?.map(|r| r.status);
+            if !now.is_some_and(|s| s.is_final()) {
+                return Ok(()); // at the board, or queued again (the board left)
             }
         }
         Ok(())

@@ -265,3 +265,32 @@ async fn a_full_agent_queue_fails_the_request_instead_of_blocking_the_conductor(
     let why = &t.db.results(&r.uuid).await.unwrap()[0].message;
     assert!(why.contains("overloaded"), "{why}");
 }
+
+/// Queued requests go out in the order they were made, one at a time: the board's answer to
+/// one sends the next (sent together at login, the board ran them at once, in any order).
+#[tokio::test]
+async fn queued_requests_go_out_one_after_the_other() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let later = Some(now_ms() + 60_000);
+    let mut queued = Vec::new();
+    for value in [1, 0] {
+        let args = json!([{"line": "GPIO17", "value": value}]);
+        let r = t.db.create_request(&p.uuid, &b.uuid, "GpioWrite", &args, later).await.unwrap();
+        c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+        queued.push(r.uuid);
+    }
+    t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    let first = agent.recv().await.unwrap().msg;
+    assert_eq!(first.request, queued[0]);
+    assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
+    let answer = ConductorMsg::Result {
+        request: first.request,
+        board: b.uuid.clone(),
+        result: "SUCCESS".into(),
+        message: json!("ok"),
+    };
+    c.handle(answer, false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
+}
