@@ -13,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::Error;
 use crate::bus::{AgentCall, Bus, ConductorMsg};
-use crate::db::{Db, Lease, Request, RequestStatus};
+use crate::db::{Board, Db, Lease, Request, RequestStatus};
 
 /// How often queued requests and leases are checked for expiry.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
@@ -126,12 +126,18 @@ impl Conductor {
             return Ok(()); // already handled (redelivery)
         }
         let board = self.db.board_by_uuid(&req.destination).await?;
-        let online = board.as_ref().filter(|b| b.status == "online" && b.session.is_some() && b.agent.is_some());
-        let Some(board) = online else {
+        let Some(board) = board.filter(is_online) else {
             if req.expires_at.is_some() && !again {
                 self.db.transition_request(uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await?;
                 info!("board offline: request queued");
-                return self.bus.completed(uuid).await;
+                self.bus.completed(uuid).await?;
+                // The board may have logged in since it was read, its login handled (by
+                // another conductor) before this was queued: then nothing would send it until
+                // the next login. Looked at again once queued, it goes now.
+                if self.db.board_by_uuid(&req.destination).await?.is_some_and(|b| is_online(&b)) {
+                    Box::pin(self.deliver_queued(&req.destination)).await?;
+                }
+                return Ok(());
             }
             return self.fail(uuid, &req.destination, "the board is offline").await;
         };
@@ -345,6 +351,11 @@ impl Conductor {
         let r = self.db.create_request(project, board, action, &args, None).await?;
         self.execute(&r.uuid, false).await
     }
+}
+
+/// Online on an agent, with a session to call.
+fn is_online(b: &Board) -> bool {
+    b.status == "online" && b.session.is_some() && b.agent.is_some()
 }
 
 fn msg_request(m: &ConductorMsg) -> String {

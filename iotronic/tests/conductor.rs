@@ -294,3 +294,23 @@ async fn queued_requests_go_out_one_after_the_other() {
     c.handle(answer, false).await.unwrap();
     assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
 }
+
+/// A board that logs in between the conductor's look at it and the queueing of a request
+/// (its login handled by another conductor, which found nothing queued yet) gets the request
+/// at once, not at its next login. The database plays the other conductor: a trigger puts
+/// the board online as the request becomes QUEUED.
+#[tokio::test]
+async fn a_request_queued_as_its_board_logs_in_goes_out() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER login_meanwhile AFTER UPDATE OF status ON requests \
+                   WHEN NEW.status = 'QUEUED' BEGIN \
+                   UPDATE boards SET status = 'online', agent = 'agent', session_id = '9' \
+                   WHERE uuid = NEW.destination_uuid; END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), Some(now_ms() + 60_000)).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    let call = agent.try_recv().expect("the request waits for the next login").msg;
+    assert_eq!((call.request.as_str(), call.session.as_str()), (r.uuid.as_str(), "9"));
+}
