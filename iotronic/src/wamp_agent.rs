@@ -92,6 +92,36 @@ impl DbAuthenticator {
 /// The throttle key of every enrollment code guess.
 const ENROLL_KEY: &str = "enroll";
 
+/// How long after its enrollment a board may repeat it (its reply was lost) with the code it
+/// used and the secret it proposed.
+pub const ENROLL_REPEAT_WINDOW_MS: i64 = 60 * 60 * 1000;
+/// The shortest secret a board may propose at enrollment (ours sends 43 characters: 32
+/// random bytes, URL-safe base64); a shorter one is ignored and a random one issued.
+pub const MIN_PROPOSED_SECRET: usize = 32;
+
+/// The board whose authenticated enrollment consumed `code` within the repeat window.
+async fn enrolled_with(db: &Db, code: &str) -> Result<Option<crate::db::Board>, Error> {
+    let since = crate::db::now_ms() - ENROLL_REPEAT_WINDOW_MS;
+    db.board_by_enroll_code(&crate::auth::token_hash(code), since).await
+}
+
+/// True when `secret` derives, with the board's stored salt and parameters, the derived key
+/// stored for it (compared in constant time).
+fn secret_matches(board: &crate::db::Board, secret: &str) -> bool {
+    let Some(cred) =
+        decode_credential(board.secret_salt.as_deref().unwrap_or(""), board.secret_key.as_deref().unwrap_or(""))
+    else {
+        return false;
+    };
+    if u64::from(cred.iterations) > s4t_shared::wamp::auth::MAX_ITERATIONS
+        || u64::from(cred.keylen) > s4t_shared::wamp::auth::MAX_KEYLEN
+    {
+        return false;
+    }
+    let derived = s4t_shared::wamp::auth::derive_key(&Secret::new(secret), &cred.salt, cred.iterations, cred.keylen);
+    derived.ct_eq(cred.derived_key.expose())
+}
+
 /// How a derived key is stored: `salt` column = `<salt>$<iterations>$<keylen>`.
 pub fn encode_salt(c: &CraCredential) -> String {
     format!("{}${}${}", c.salt, c.iterations, c.keylen)
@@ -116,7 +146,13 @@ impl Authenticator for DbAuthenticator {
                 }
                 return Ok(None);
             }
-            match self.db.board_by_code(ticket.expose()).await {
+            let found = match self.db.board_by_code(ticket.expose()).await {
+                Ok(None) => enrolled_with(&self.db, ticket.expose()).await,
+                other => other,
+            };
+            // A consumed code is admitted again within the repeat window: `register` answers
+            // only the board that proves the secret it proposed then.
+            match found {
                 Ok(Some(_)) => {
                     self.codes.refund(ENROLL_KEY);
                     Ok(Some(Role::Enrollment))
@@ -410,9 +446,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-/// `stack4things.register(code, session)`: the board's config document (§5.3); for an
-/// authenticated enrollment also a fresh secret (stored as a salted derived key) and the
-/// tunnel URL, and the code is consumed.
+/// `stack4things.register(code, session[, secret])`: the board's config document (§5.3); for
+/// an authenticated enrollment also its secret (the one the board proposed with `secret`, at
+/// least [`MIN_PROPOSED_SECRET`] characters, else a fresh random one; stored as a salted
+/// derived key) and the tunnel URL, and the code is consumed. Within
+/// [`ENROLL_REPEAT_WINDOW_MS`] the board that consumed a code may call again with it and the
+/// secret it proposed (its reply was lost): it gets the same document, nothing changes.
 async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     let Some(code) = text(kwarg(inv, "code")) else {
         return wamp_message("ERROR", json!("register needs the code"));
@@ -420,19 +459,33 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     if c.codes.take(ENROLL_KEY).is_err() {
         return unavailable("too many wrong registration codes", None);
     }
+    let authenticated = inv.caller_authrole() == Some("enrollment");
+    let proposed = kwarg(inv, "secret")
+        .and_then(Value::as_str)
+        .filter(|s| authenticated && s.chars().count() >= MIN_PROPOSED_SECRET)
+        .map(str::to_owned);
+    let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
     let board = match c.db.board_by_code(&code).await {
         Ok(Some(b)) => {
             c.codes.refund(ENROLL_KEY);
             b
         }
         Ok(None) => {
-            let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
+            if let Some(secret) = &proposed {
+                match enrolled_with(&c.db, &code).await {
+                    Ok(Some(b)) if b.config["iotronic"].is_object() && secret_matches(&b, secret) => {
+                        c.codes.refund(ENROLL_KEY);
+                        return repeated_enrollment(c, &b, secret, &source).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return unavailable("registration failed", Some(&e)),
+                }
+            }
             crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", &source)).await;
             return wamp_message("ERROR", json!("unknown, expired or already used registration code"));
         }
         Err(e) => return unavailable("registration failed", Some(&e)),
     };
-    let authenticated = inv.caller_authrole() == Some("enrollment");
     let mut config = json!({"iotronic": {
         "extra": {},
         "board": {
@@ -452,23 +505,48 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     let stored = config.clone();
     let mut secret_row = None;
     if authenticated {
-        let secret = crate::auth::random_secret();
+        let secret = proposed.clone().unwrap_or_else(crate::auth::random_secret);
         let cred = CraCredential::derive(&Secret::new(secret.clone()));
         secret_row = Some((encode_salt(&cred), cred.derived_key.expose().to_owned()));
-        config["iotronic"]["credentials"] = json!({"authid": board.uuid, "secret": secret});
-        if let Some(t) = &c.setup.tunnel_url {
-            config["iotronic"]["tunnel"] = json!({"url": t});
-        }
+        with_credentials(c, &mut config, &board.uuid, &secret);
     }
     let secret_ref = secret_row.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
     if let Err(e) = c.db.enroll_board(&board.uuid, &c.setup.name, &stored, secret_ref, authenticated).await {
         return unavailable("registration failed", Some(&e));
     }
     info!(board = %board.uuid, authenticated, "board enrolled");
-    let source = inv.caller().map(|s| format!("wamp session {s}")).unwrap_or_default();
     let mut entry = crate::audit::system("board.enroll", &board.uuid, &source);
     entry.project_uuid = board.project.clone();
-    entry.detail = if authenticated { "secret issued".into() } else { "legacy (no secret)".into() };
+    entry.detail = match (authenticated, proposed.is_some()) {
+        (false, _) => "legacy (no secret)".into(),
+        (true, false) => "secret issued".into(),
+        (true, true) => "secret proposed by the board".into(),
+    };
+    crate::audit::record(&c.db, entry).await;
+    wamp_message("SUCCESS", config)
+}
+
+/// Adds the credentials and the tunnel URL to a config document for an authenticated board.
+fn with_credentials(c: &Ctx, config: &mut Value, uuid: &str, secret: &str) {
+    config["iotronic"]["credentials"] = json!({"authid": uuid, "secret": secret});
+    if let Some(t) = &c.setup.tunnel_url {
+        config["iotronic"]["tunnel"] = json!({"url": t});
+    }
+}
+
+/// The answer to a repeated enrollment: the document stored the first time with the secret
+/// the board proved; only the audit log changes.
+async fn repeated_enrollment(
+    c: &Ctx,
+    board: &crate::db::Board,
+    secret: &str,
+    source: &str,
+) -> Result<Payload, WampError> {
+    let mut config = board.config.clone();
+    with_credentials(c, &mut config, &board.uuid, secret);
+    info!(board = %board.uuid, "board repeated its enrollment");
+    let mut entry = crate::audit::system("board.enroll.repeated", &board.uuid, source);
+    entry.project_uuid = board.project.clone();
     crate::audit::record(&c.db, entry).await;
     wamp_message("SUCCESS", config)
 }
@@ -719,6 +797,151 @@ mod tests {
         let actions: Vec<String> = db.list_audit(&q).await.unwrap().into_iter().map(|e| e.action).collect();
         assert_eq!(actions.iter().filter(|a| *a == "board.enroll.refused").count(), 1, "the one looked at");
         assert_eq!(actions.iter().filter(|a| *a == "board.enroll.throttled").count(), 10, "{actions:?}");
+    }
+
+    /// Enrolls at `url` with `code` as ticket and calls `stack4things.register` with `code`
+    /// and `secret` (if any): the reply's result and message, or the handshake's refusal.
+    async fn enroll_with(url: &str, code: &str, secret: Option<&str>) -> Result<(String, Value), s4t_wamp::Error> {
+        let auth = s4t_wamp::ClientAuth::Ticket { authid: "enroll".into(), ticket: Secret::new(code) };
+        let session = s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(url, "s4t", auth)).await?;
+        let mut kw = json!({"code": code, "session": session.id()});
+        if let Some(s) = secret {
+            kw["secret"] = json!(s);
+        }
+        let kw: Dict = kw.as_object().unwrap().clone().into_iter().collect();
+        let reply = session.call("stack4things.register", vec![], kw, Duration::from_secs(10)).await?;
+        session.leave().await;
+        let reply: Value = serde_json::from_str(reply.args[0].as_str().unwrap()).unwrap();
+        Ok((reply["result"].as_str().unwrap().to_owned(), reply["message"].clone()))
+    }
+
+    /// A board whose enrollment reply was lost enrolls again with the same code and the secret
+    /// it proposed, within the hour: same identity, same secret, nothing changed. Nobody else
+    /// can: not with another secret, not after rotate-secret or revoke, not after the hour.
+    #[tokio::test]
+    async fn a_board_may_repeat_its_enrollment_with_the_secret_it_proposed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let mut uuids = Vec::new();
+        for (name, code) in [("b1", "CODE-REPEAT-1"), ("b2", "CODE-REPEAT-2"), ("b3", "CODE-REPEAT-3")] {
+            let nb = crate::db::NewBoard {
+                name: name.into(),
+                code: code.into(),
+                project: p.uuid.clone(),
+                location: Some(("38.1".into(), "15.5".into(), "10".into())),
+                ..Default::default()
+            };
+            uuids.push(db.insert_board(nb).await.unwrap().uuid);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let setup = AgentSetup {
+            name: "agent-1".into(),
+            url: url.clone(),
+            tunnel_url: Some("ws://tunnels/".into()),
+            legacy: false,
+        };
+        let shutdown = CancellationToken::new();
+        let _agent =
+            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let secret = crate::auth::random_secret();
+        let refused = json!("unknown, expired or already used registration code");
+
+        // First enrollment: the proposed secret is the board's secret.
+        let (result, first) = enroll_with(&url, "CODE-REPEAT-1", Some(&secret)).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{first}");
+        assert_eq!(first["iotronic"]["credentials"], json!({"authid": uuids[0], "secret": secret}));
+        assert_eq!(first["iotronic"]["tunnel"], json!({"url": "ws://tunnels/"}));
+        let cra = s4t_wamp::ClientAuth::WampCra { authid: uuids[0].clone(), secret: Secret::new(secret.clone()) };
+        let board = s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(&url, "s4t", cra)).await.unwrap();
+        board.leave().await;
+        let before = db.board_by_uuid(&uuids[0]).await.unwrap().unwrap();
+
+        // The reply was lost: the same code and secret get the same document again.
+        let (result, again) = enroll_with(&url, "CODE-REPEAT-1", Some(&secret)).await.unwrap();
+        assert_eq!((result.as_str(), &again), ("SUCCESS", &first));
+        let after = db.board_by_uuid(&uuids[0]).await.unwrap().unwrap();
+        assert_eq!(
+            (&after.secret_salt, &after.secret_key, &after.config, after.updated_at),
+            (&before.secret_salt, &before.secret_key, &before.config, before.updated_at),
+            "a repeated enrollment changes nothing"
+        );
+        let q = crate::db::AuditQuery { action: "board.enroll".into(), limit: 100, ..Default::default() };
+        let actions: Vec<String> = db.list_audit(&q).await.unwrap().into_iter().map(|e| e.action).collect();
+        assert_eq!(actions.iter().filter(|a| *a == "board.enroll.repeated").count(), 1, "{actions:?}");
+
+        // Another secret, a short one, or none: refused.
+        let other = crate::auth::random_secret();
+        for s in [Some(other.as_str()), Some(&secret[..MIN_PROPOSED_SECRET - 1]), None] {
+            let (result, message) = enroll_with(&url, "CODE-REPEAT-1", s).await.unwrap();
+            assert_eq!((result.as_str(), &message), ("ERROR", &refused));
+        }
+
+        // After rotate-secret the old code does not even pass the handshake.
+        assert!(db.rotate_board(&uuids[0], "CODE-ROTATED-1", crate::db::now_ms() + 60_000).await.unwrap());
+        assert!(enroll_with(&url, "CODE-REPEAT-1", Some(&secret)).await.is_err(), "the old code after rotation");
+        let hash = |uuid: String| {
+            let db = db.clone();
+            async move {
+                let row = sqlx::query("SELECT enroll_code_hash FROM boards WHERE uuid = $1")
+                    .bind(uuid)
+                    .fetch_one(db.pool())
+                    .await
+                    .unwrap();
+                crate::db::col::<Option<String>>(&row, "enroll_code_hash").unwrap()
+            }
+        };
+        assert_eq!(hash(uuids[0].clone()).await, None, "rotate-secret forgets the code");
+        // The board enrolls with its new code (and secret); the old code stays refused.
+        let (result, _) = enroll_with(&url, "CODE-ROTATED-1", Some(&other)).await.unwrap();
+        assert_eq!(result, "SUCCESS");
+        assert_eq!(hash(uuids[0].clone()).await, Some(crate::auth::token_hash("CODE-ROTATED-1")));
+        assert!(enroll_with(&url, "CODE-REPEAT-1", Some(&secret)).await.is_err(), "the old code after re-enrollment");
+        // Nor after revoke.
+        let (result, _) = enroll_with(&url, "CODE-REPEAT-2", Some(&secret)).await.unwrap();
+        assert_eq!(result, "SUCCESS");
+        assert!(db.revoke_board(&uuids[1]).await.unwrap());
+        assert_eq!(hash(uuids[1].clone()).await, None, "revoke forgets the code");
+        assert!(enroll_with(&url, "CODE-REPEAT-2", Some(&secret)).await.is_err(), "the code after revoke");
+        // Nor after the hour.
+        let (result, _) = enroll_with(&url, "CODE-REPEAT-3", Some(&secret)).await.unwrap();
+        assert_eq!(result, "SUCCESS");
+        sqlx::query("UPDATE boards SET enrolled_at = enrolled_at - $1 WHERE uuid = $2")
+            .bind(ENROLL_REPEAT_WINDOW_MS)
+            .bind(&uuids[2])
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert!(enroll_with(&url, "CODE-REPEAT-3", Some(&secret)).await.is_err(), "the code after the hour");
+        shutdown.cancel();
+    }
+
+    /// Without a proposed secret (an older lightning-rod), enrollment issues a random one.
+    #[tokio::test]
+    async fn without_a_proposed_secret_a_random_one_is_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let nb = crate::db::NewBoard {
+            name: "b".into(),
+            code: "CODE-RANDOM".into(),
+            project: p.uuid.clone(),
+            location: Some(("38.1".into(), "15.5".into(), "10".into())),
+            ..Default::default()
+        };
+        db.insert_board(nb).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: false };
+        let shutdown = CancellationToken::new();
+        let _agent =
+            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let (result, message) = enroll_with(&url, "CODE-RANDOM", Some("too-short")).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{message}");
+        let issued = message["iotronic"]["credentials"]["secret"].as_str().unwrap();
+        assert!(issued != "too-short" && issued.len() >= MIN_PROPOSED_SECRET, "a random secret");
+        shutdown.cancel();
     }
 
     #[test]

@@ -22,6 +22,11 @@ const TMP_MARKER: &str = ".tmp-";
 pub const IDENTITY_FILE: &str = "identity.json";
 pub const SERVICES_FILE: &str = "services.json";
 pub const VPNS_FILE: &str = "vpns.json";
+/// The secret this board proposes at enrollment until its identity is saved: every retry
+/// sends the same one, so the cloud can answer a repeated enrollment whose reply was lost.
+pub const ENROLL_SECRET_FILE: &str = "enroll-secret.json";
+/// The shortest pending enrollment secret kept (the cloud ignores a shorter proposal).
+pub const MIN_ENROLL_SECRET: usize = 32;
 /// Written and removed at once by [`StateStore::check_writable`].
 const PROBE_FILE: &str = "write-probe";
 
@@ -149,6 +154,35 @@ impl StateStore {
         self.save(IDENTITY_FILE, id)
     }
 
+    /// The pending enrollment secret ([`ENROLL_SECRET_FILE`]): the saved one, else a fresh one
+    /// (32 random bytes, URL-safe base64) saved first like the identity (0600, atomically).
+    /// A file that is unreadable as such (corrupt, too short) is replaced.
+    pub fn pending_enroll_secret(&self) -> Result<Secret> {
+        match self.load::<PendingEnrollment>(ENROLL_SECRET_FILE) {
+            Ok(Some(p)) if p.secret.expose().len() >= MIN_ENROLL_SECRET => return Ok(p.secret),
+            Ok(_) => {}
+            Err(e @ Error::StateCorrupt { .. }) => {
+                tracing::warn!(cause = %e, "the pending enrollment secret is unusable: a new one replaces it");
+            }
+            Err(e) => return Err(e),
+        }
+        use base64::Engine as _;
+        let bytes: [u8; 32] = rand::random();
+        let secret = Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        self.save(ENROLL_SECRET_FILE, &PendingEnrollment { secret: secret.clone() })?;
+        Ok(secret)
+    }
+
+    /// Forgets the pending enrollment secret (the identity holds the board's secret now).
+    pub fn remove_pending_enroll_secret(&self) -> Result<()> {
+        let path = self.path(ENROLL_SECRET_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|source| Error::Write { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Write { path, source }),
+        }
+    }
+
     /// Fails unless a file the size of an identity can be written and put in place here as
     /// the identity will be: checked before enrollment spends its one-time code, so that a
     /// full or read-only disk is an error to retry, not an identity the cloud issued and the
@@ -179,6 +213,13 @@ pub struct Identity {
     pub credentials: Option<Credentials>,
     #[serde(default)]
     pub ca_fingerprint: Option<String>,
+}
+
+/// What [`ENROLL_SECRET_FILE`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingEnrollment {
+    secret: Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

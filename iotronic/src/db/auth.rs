@@ -330,7 +330,8 @@ impl Db {
         let now = now_ms();
         let r = sqlx::query(
             "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), tokens_after = $1, secret_salt = NULL, \
-             secret_key = NULL, code = NULL, code_expires_at = NULL, updated_at = $2 WHERE uuid = $3",
+             secret_key = NULL, code = NULL, code_expires_at = NULL, enroll_code_hash = NULL, updated_at = $2 \
+             WHERE uuid = $3",
         )
         .bind(now)
         .bind(now)
@@ -348,7 +349,8 @@ impl Db {
         let now = now_ms();
         let r = sqlx::query(
             "UPDATE boards SET revoked_at = COALESCE(revoked_at, $1), tokens_after = $1, secret_salt = NULL, \
-             secret_key = NULL, code = $2, code_expires_at = $3, updated_at = $4 WHERE uuid = $5",
+             secret_key = NULL, code = $2, code_expires_at = $3, enroll_code_hash = NULL, updated_at = $4 \
+             WHERE uuid = $5",
         )
         .bind(now)
         .bind(code)

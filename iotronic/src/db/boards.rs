@@ -290,7 +290,9 @@ impl Db {
     }
 
     /// Enrollment: a `registered` board gets its agent, its config and (for authenticated
-    /// enrollment) its derived key; it becomes `offline`. `consume_code` clears the code.
+    /// enrollment) its derived key; it becomes `offline`. `consume_code` clears the code and
+    /// records its SHA-256 and the time (`enroll_code_hash`, `enrolled_at`), with which the
+    /// board may repeat an enrollment whose reply it lost ([`Db::board_by_enroll_code`]).
     pub async fn enroll_board(
         &self,
         uuid: &str,
@@ -300,11 +302,29 @@ impl Db {
         consume_code: bool,
     ) -> Result<(), Error> {
         let (salt, key) = secret.map_or((None, None), |(s, k)| (Some(s.to_owned()), Some(k.to_owned())));
+        // The code consumed, read first; the update records its hash only if it is still the
+        // board's code (a rotation in between leaves no hash of a code that was not used).
+        let code = if consume_code {
+            sqlx::query("SELECT code FROM boards WHERE uuid = $1")
+                .bind(uuid)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(db_err)?
+                .map(|row| col::<Option<String>>(&row, "code"))
+                .transpose()?
+                .flatten()
+        } else {
+            None
+        };
+        let hash = code.as_deref().map(crate::auth::token_hash);
         sqlx::query(
             "UPDATE boards SET status = CASE WHEN status = 'registered' THEN 'offline' ELSE status END, agent = $1, \
              config = $2, secret_salt = COALESCE($3, secret_salt), secret_key = COALESCE($4, secret_key), \
              code = CASE WHEN $5 = 1 THEN NULL ELSE code END, \
-             revoked_at = CASE WHEN $5 = 1 THEN NULL ELSE revoked_at END, updated_at = $6 WHERE uuid = $7",
+             revoked_at = CASE WHEN $5 = 1 THEN NULL ELSE revoked_at END, \
+             enroll_code_hash = CASE WHEN $5 = 1 AND code = $8 THEN $9 ELSE enroll_code_hash END, \
+             enrolled_at = CASE WHEN $5 = 1 AND code = $8 THEN $6 ELSE enrolled_at END, \
+             updated_at = $6 WHERE uuid = $7",
         )
         .bind(agent)
         .bind(config.to_string())
@@ -313,10 +333,28 @@ impl Db {
         .bind(i64::from(consume_code))
         .bind(now_ms())
         .bind(uuid)
+        .bind(code)
+        .bind(hash)
         .execute(self.pool())
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    /// The board whose enrollment consumed the code with SHA-256 `code_hash` (hex) after
+    /// `since` (Unix ms), if it still holds the credential issued then (revoke and
+    /// rotate-secret forget the hash).
+    pub async fn board_by_enroll_code(&self, code_hash: &str, since: i64) -> Result<Option<Board>, Error> {
+        let row = sqlx::query(board_query!(
+            "WHERE enroll_code_hash = $1 AND enrolled_at > $2 AND revoked_at IS NULL \
+             AND secret_salt IS NOT NULL AND secret_key IS NOT NULL ORDER BY enrolled_at DESC LIMIT 1"
+        ))
+        .bind(code_hash)
+        .bind(since)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(board_row).transpose()
     }
 
     /// Login: the board is online on `agent` with WAMP session `session`. A previous session

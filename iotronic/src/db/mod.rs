@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "tunnel tokens after", include_str!("../../migrations/0007_tunnel_tokens_after.sql")),
     (8, "agent stats", include_str!("../../migrations/0008_agent_stats.sql")),
     (9, "request lease", include_str!("../../migrations/0009_request_lease.sql")),
+    (10, "enroll repeat", include_str!("../../migrations/0010_enroll_repeat.sql")),
 ];
 
 /// Which database a [`Db`] talks to.

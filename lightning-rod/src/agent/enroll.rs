@@ -1,6 +1,8 @@
 //! Enrollment (docs/protocols.md, "Enrollment and login"): join as `enrollment` with the
-//! one-time code as ticket, call `stack4things.register(code, session)`, store the identity
-//! the cloud returns.
+//! one-time code as ticket, call `stack4things.register(code, session, secret)`, store the
+//! identity the cloud returns. `secret` is the board's proposal, kept in the state directory
+//! until the identity is saved: a retry after a lost reply sends it again, and the cloud
+//! answers such a repeat (within an hour) with the same identity.
 
 use serde_json::{Map, Value, json};
 
@@ -75,6 +77,8 @@ pub async fn enroll(
     // The cloud uses the code up when it answers: a disk that cannot take the identity must
     // fail here (and be retried), not after.
     store.check_writable()?;
+    // The same proposal on every try until the identity is saved.
+    let proposed = store.pending_enroll_secret()?;
     let options = ConnectOptions {
         url: url.to_owned(),
         realm: config.cloud.realm.clone(),
@@ -82,11 +86,13 @@ pub async fn enroll(
         ca_fingerprint: config.cloud.ca_fingerprint.clone(),
         timeout: std::time::Duration::from_secs(config.timers.connect_timeout_s),
     };
+    let mut anonymous = false;
     let link = match connector.connect(options.clone()).await {
         // An original IoTronic cloud (Crossbar, anonymous only): enroll as the original
         // lightning-rod does; its reply carries no credentials, so the board logs in as legacy.
         Err(Error::AuthMethod(m)) => {
             tracing::info!(cause = %m, "the router does not take tickets; enrolling anonymously (original cloud)");
+            anonymous = true;
             connector.connect(ConnectOptions { auth: Auth::Anonymous, ..options }).await
         }
         other => other,
@@ -98,6 +104,10 @@ pub async fn enroll(
     let mut kwargs = Map::new();
     kwargs.insert("code".into(), json!(code.expose()));
     kwargs.insert("session".into(), json!(link.session_id()));
+    // The original cloud's `register(code, session)` takes no other argument.
+    if !anonymous {
+        kwargs.insert("secret".into(), json!(proposed.expose()));
+    }
     let timeout = std::time::Duration::from_secs(config.timers.call_timeout_s);
     let reply = tokio::time::timeout(timeout, link.call(REGISTER.into(), vec![], kwargs))
         .await
@@ -108,10 +118,18 @@ pub async fn enroll(
         return Err(Error::EnrollmentRefused(message.as_str().map_or_else(|| message.to_string(), str::to_owned)));
     }
     let id = identity_from_config(&message, config.cloud.ca_fingerprint.clone())?;
+    if id.credentials.as_ref().is_some_and(|c| c.secret != proposed) {
+        // A cloud that does not take proposals issued its own: that one counts.
+        tracing::info!(uuid = %id.uuid, "the cloud issued a secret of its own");
+    }
     if let Err(e) = store.save_identity(&id) {
         tracing::error!(uuid = %id.uuid, cause = %e, "enrolled, but the identity could not be saved: \
-            the code is used up; the board needs a new one (s4t board rotate-secret)");
+            retry within an hour (the same code and pending secret enroll again), \
+            else the board needs a new code (s4t board rotate-secret)");
         return Err(e);
+    }
+    if let Err(e) = store.remove_pending_enroll_secret() {
+        tracing::warn!(cause = %e, "cannot remove the pending enrollment secret");
     }
     tracing::info!(uuid = %id.uuid, agent = %id.agent, url = %id.url, authenticated = id.credentials.is_some(), "enrolled");
     Ok(id)

@@ -29,6 +29,11 @@ struct Cloud {
     refuse_login: std::sync::atomic::AtomicBool,
     /// Behave like an original cloud: anonymous only, no credentials in the config.
     original: std::sync::atomic::AtomicBool,
+    /// Behave like our cloud: the board's proposed `secret` becomes its secret.
+    takes_proposals: std::sync::atomic::AtomicBool,
+    /// This many `stack4things.register` calls are lost (the connection drops before the
+    /// reply), after the cloud acted on them.
+    lost_registers: std::sync::atomic::AtomicUsize,
 }
 
 struct FakeLink {
@@ -59,17 +64,33 @@ impl Link for FakeLink {
     }
     fn call(&self, procedure: String, _args: Vec<Value>, kwargs: Map<String, Value>) -> BoxFuture<'_, Result<Value>> {
         Box::pin(async move {
+            let proposed = kwargs.get("secret").and_then(Value::as_str).map(str::to_owned);
             self.cloud.calls.lock().unwrap().push((procedure.clone(), kwargs));
+            if procedure == "stack4things.register"
+                && self
+                    .cloud
+                    .lost_registers
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                self.closed.cancel();
+                return Err(crate::Error::Wamp("the connection dropped".into()));
+            }
             let reply = match procedure.as_str() {
                 "stack4things.register" if self.cloud.original.load(Ordering::SeqCst) => {
                     json!({"result": "SUCCESS", "message": {"iotronic": {
                     "board": {"uuid": "u-1", "name": "pi", "agent": "agent"},
                     "wamp": {"main-agent": {"url": "ws://cloud:8181/", "realm": "s4t"}}}}})
                 }
-                "stack4things.register" => json!({"result": "SUCCESS", "message": {"iotronic": {
+                "stack4things.register" => {
+                    let secret = proposed
+                        .filter(|_| self.cloud.takes_proposals.load(Ordering::SeqCst))
+                        .unwrap_or_else(|| "board-secret".into());
+                    json!({"result": "SUCCESS", "message": {"iotronic": {
                     "board": {"uuid": "u-1", "name": "pi", "agent": "agent"},
                     "wamp": {"main-agent": {"url": "ws://cloud:8181/", "realm": "s4t"}},
-                    "credentials": {"authid": "u-1", "secret": "board-secret"}}}}),
+                    "credentials": {"authid": "u-1", "secret": secret}}}})
+                }
                 "agent.stack4things.connection" if self.cloud.refuse_login.load(Ordering::SeqCst) => {
                     json!({"result": "ERROR", "message": "unknown board"})
                 }
@@ -197,6 +218,64 @@ async fn enrollment_spends_no_code_when_the_identity_cannot_be_saved() {
     let id = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap();
     assert_eq!(store.identity().unwrap(), Some(id));
     assert_eq!(cloud.calls_to("register").len(), 1);
+}
+
+/// The reply to the first `stack4things.register` is lost: the retry proposes the same
+/// secret (kept in the state directory, 0600, meanwhile), which the cloud then returns, and
+/// the pending file is gone once the identity is saved.
+#[tokio::test(start_paused = true)]
+async fn a_lost_enrollment_reply_is_retried_with_the_same_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.takes_proposals.store(true, Ordering::SeqCst);
+    cloud.lost_registers.store(1, Ordering::SeqCst);
+    let pending = dir.path().join(crate::state::ENROLL_SECRET_FILE);
+    let store = StateStore::open(dir.path()).unwrap();
+    let (c, code) = (config(dir.path()), crate::Secret::new("CODE-1"));
+    let err = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap_err();
+    assert!(matches!(err, crate::Error::Wamp(_)) && err.exit_code().is_none(), "a retryable error: {err}");
+    let mode = std::fs::metadata(&pending).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the pending secret is private");
+    assert!(store.identity().unwrap().is_none());
+    // The agent's first-boot loop retries.
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let registers = cloud.calls_to("stack4things.register");
+    assert_eq!(registers.len(), 2);
+    let proposed = registers[0]["secret"].as_str().unwrap().to_owned();
+    assert!(proposed.len() >= crate::state::MIN_ENROLL_SECRET, "{} characters", proposed.len());
+    assert_eq!(registers[1]["secret"], proposed.as_str(), "the retry proposes the same secret");
+    let id = store.identity().unwrap().unwrap();
+    assert_eq!(id.credentials.unwrap().secret.expose(), proposed);
+    let auths = cloud.auths.lock().unwrap().clone();
+    assert!(matches!(&auths[2], Auth::WampCra { secret, .. } if secret.expose() == proposed));
+    assert!(!pending.exists(), "the pending secret is removed once the identity is saved");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A cloud that ignores the proposal issues its own secret: the board keeps that one. An
+/// original cloud (anonymous) is not sent the proposal, which its `register` would refuse.
+#[tokio::test]
+async fn the_secret_the_cloud_returns_counts_and_an_original_cloud_gets_no_proposal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let store = StateStore::open(dir.path()).unwrap();
+    let (c, code) = (config(dir.path()), crate::Secret::new("CODE-1"));
+    let id = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap();
+    assert!(cloud.calls_to("stack4things.register")[0]["secret"].is_string());
+    assert_eq!(id.credentials.unwrap().secret.expose(), "board-secret");
+    assert!(!dir.path().join(crate::state::ENROLL_SECRET_FILE).exists());
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.original.store(true, Ordering::SeqCst);
+    let store = StateStore::open(dir.path()).unwrap();
+    enroll::enroll(&cloud, &c, "ws://cloud:8181/", &code, &store).await.unwrap();
+    let kwargs = &cloud.calls_to("stack4things.register")[0];
+    assert_eq!(kwargs.keys().collect::<Vec<_>>(), ["code", "session"]);
+    assert!(!dir.path().join(crate::state::ENROLL_SECRET_FILE).exists());
 }
 
 #[tokio::test(start_paused = true)]
