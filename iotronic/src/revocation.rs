@@ -3,7 +3,8 @@
 //! deleted (through the database, so it works whichever process took the REST call). A
 //! revoked board cannot come back: its secret is gone and `connection` refuses it.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use s4t_wamp::Router;
 use tokio_util::sync::CancellationToken;
@@ -11,7 +12,7 @@ use tracing::{info, warn};
 use wstunnel::server::ServerHandle;
 
 use crate::audit;
-use crate::db::Db;
+use crate::db::{Cutoff, Db};
 
 /// How often an agent looks for revoked boards among its live connections.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -26,27 +27,74 @@ pub fn spawn_wamp_guard(db: Db, router: Router, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let live: Vec<String> = router.sessions().into_iter().filter_map(|s| s.board).collect();
-            if live.is_empty() {
-                continue;
-            }
-            match db.boards_to_disconnect(&live).await {
-                Ok(gone) => {
-                    for board in gone {
-                        let killed = router.kill_board(&board);
-                        for id in &killed {
-                            if let Err(e) = db.session_left(&id.to_string()).await {
-                                warn!(cause = %e, "cannot record a killed session");
-                            }
-                        }
-                        info!(board = %board, sessions = killed.len(), "revoked board disconnected from WAMP");
-                        audit::record(&db, audit::system("board.disconnect", &board, "wamp")).await;
+            let live: Vec<Connection> = router
+                .sessions()
+                .into_iter()
+                .filter_map(|s| Some(Connection { id: s.id, board: s.board?, since: s.joined }))
+                .collect();
+            for (board, ids) in to_close(&db, &live).await {
+                let killed: Vec<u64> = ids.into_iter().filter(|id| router.kill_session(*id)).collect();
+                for id in &killed {
+                    if let Err(e) = db.session_left(&id.to_string()).await {
+                        warn!(cause = %e, "cannot record a killed session");
                     }
                 }
-                Err(e) => warn!(cause = %e, "revocation sweep failed"),
+                info!(board = %board, sessions = killed.len(), "revoked board disconnected from WAMP");
+                audit::record(&db, audit::system("board.disconnect", &board, "wamp")).await;
             }
         }
     });
+}
+
+/// A live WAMP session or tunnel channel of a board.
+struct Connection {
+    id: u64,
+    board: String,
+    /// When it was admitted as the board's.
+    since: SystemTime,
+}
+
+/// The connections in `live` to close, by board: all those of a board that was revoked or
+/// deleted, and those made before its last revoke or rotate-secret (a board that enrolled
+/// again within a sweep is no longer revoked, but what was admitted with the old credential
+/// must still go).
+async fn to_close(db: &Db, live: &[Connection]) -> Vec<(String, Vec<u64>)> {
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let mut boards: Vec<String> = live.iter().map(|c| c.board.clone()).collect();
+    boards.sort();
+    boards.dedup();
+    let cutoffs = match db.connection_cutoffs(&boards).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(cause = %e, "revocation sweep failed");
+            return Vec::new();
+        }
+    };
+    closing(live, &cutoffs)
+}
+
+fn closing(live: &[Connection], cutoffs: &HashMap<String, Cutoff>) -> Vec<(String, Vec<u64>)> {
+    let mut out: Vec<(String, Vec<u64>)> = Vec::new();
+    for c in live {
+        let goes = match cutoffs.get(&c.board) {
+            None | Some(Cutoff::Revoked) => true,
+            // In the millisecond of the rotation too: no enrollment and login fits in it.
+            Some(Cutoff::Since(after)) => millis(c.since) <= *after,
+        };
+        if goes {
+            match out.iter_mut().find(|(b, _)| *b == c.board) {
+                Some((_, ids)) => ids.push(c.id),
+                None => out.push((c.board.clone(), vec![c.id])),
+            }
+        }
+    }
+    out
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Every how many sweeps the tunnel guard also checks the public listeners.
@@ -71,19 +119,12 @@ pub fn spawn_tunnel_guard(db: Db, handle: ServerHandle, shutdown: CancellationTo
             if sweeps.is_multiple_of(LISTENER_SWEEP_EVERY) {
                 close_stale_listeners(&db, &handle).await;
             }
-            let live = handle.boards();
-            if live.is_empty() {
-                continue;
-            }
-            match db.boards_to_disconnect(&live).await {
-                Ok(gone) => {
-                    for board in gone {
-                        let n = handle.close_board(&board);
-                        info!(board = %board, channels = n, "revoked board disconnected from the tunnel server");
-                        audit::record(&db, audit::system("board.disconnect", &board, "tunnel")).await;
-                    }
-                }
-                Err(e) => warn!(cause = %e, "revocation sweep failed"),
+            let live: Vec<Connection> =
+                handle.board_channels().into_iter().map(|(id, board, since)| Connection { id, board, since }).collect();
+            for (board, ids) in to_close(&db, &live).await {
+                let n = ids.into_iter().filter(|id| handle.close_channel(*id)).count();
+                info!(board = %board, channels = n, "revoked board disconnected from the tunnel server");
+                audit::record(&db, audit::system("board.disconnect", &board, "tunnel")).await;
             }
         }
     });
@@ -106,5 +147,35 @@ async fn close_stale_listeners(db: &Db, handle: &ServerHandle) {
             }
         }
         Err(e) => warn!(cause = %e, "listener sweep failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revoked or deleted board loses every connection; one that was rotated (and may have
+    /// enrolled again since) loses those made before the rotation only.
+    #[test]
+    fn connections_made_before_the_last_rotation_go() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let live = [
+            Connection { id: 1, board: "rotated".into(), since: at(1_000) },
+            Connection { id: 2, board: "rotated".into(), since: at(3_000) },
+            Connection { id: 6, board: "rotated".into(), since: at(2_000) },
+            Connection { id: 3, board: "revoked".into(), since: at(3_000) },
+            Connection { id: 4, board: "deleted".into(), since: at(3_000) },
+            Connection { id: 5, board: "fine".into(), since: at(1_000) },
+        ];
+        let cutoffs = HashMap::from([
+            ("rotated".to_owned(), Cutoff::Since(2_000)),
+            ("revoked".to_owned(), Cutoff::Revoked),
+            ("fine".to_owned(), Cutoff::Since(0)),
+        ]);
+        let closed = closing(&live, &cutoffs);
+        assert_eq!(
+            closed,
+            vec![("rotated".to_owned(), vec![1, 6]), ("revoked".to_owned(), vec![3]), ("deleted".to_owned(), vec![4])]
+        );
     }
 }

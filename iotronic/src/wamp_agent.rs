@@ -815,6 +815,48 @@ mod tests {
         Ok((reply["result"].as_str().unwrap().to_owned(), reply["message"].clone()))
     }
 
+    /// A WAMP-CRA session of board `uuid` with `secret`.
+    async fn cra_login(url: &str, uuid: &str, secret: &str) -> s4t_wamp::Session {
+        let cra = s4t_wamp::ClientAuth::WampCra { authid: uuid.to_owned(), secret: Secret::new(secret) };
+        s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(url, "s4t", cra)).await.unwrap()
+    }
+
+    /// A board rotated and enrolled again within one revocation sweep is no longer revoked
+    /// when the sweep looks: the session admitted with the old secret (perhaps a thief's) is
+    /// closed all the same, and the one admitted with the new secret stays.
+    #[tokio::test]
+    async fn a_session_from_before_a_rotation_is_closed_even_after_a_quick_enrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let nb = crate::db::NewBoard {
+            name: "b".into(),
+            code: "CODE-R".into(),
+            project: p.uuid.clone(),
+            ..Default::default()
+        };
+        let uuid = db.insert_board(nb).await.unwrap().uuid;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: false };
+        let shutdown = CancellationToken::new();
+        let _agent =
+            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let (result, doc) = enroll_with(&url, "CODE-R", None).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{doc}");
+        let old = cra_login(&url, &uuid, doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
+        // Rotated and enrolled again at once, between two sweeps.
+        assert!(db.rotate_board(&uuid, "CODE-R2", crate::db::now_ms() + 60_000).await.unwrap());
+        let (result, doc) = enroll_with(&url, "CODE-R2", None).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{doc}");
+        assert_eq!(db.board_revoked_at(&uuid).await.unwrap(), None, "enrolled again: no longer revoked");
+        let new = cra_login(&url, &uuid, doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
+        tokio::time::timeout(Duration::from_secs(10), old.closed()).await.expect("the old session stayed");
+        // Two more sweeps: the new session is left alone.
+        tokio::time::sleep(crate::revocation::SWEEP_INTERVAL * 2).await;
+        assert!(!new.is_closed(), "the session with the new secret was closed");
+    }
+
     /// A board whose enrollment reply was lost enrolls again with the same code and the secret
     /// it proposed, within the hour: same identity, same secret, nothing changed. Nobody else
     /// can: not with another secret, not after rotate-secret or revoke, not after the hour.

@@ -1,5 +1,7 @@
 //! Projects, users, memberships and bearer tokens.
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 
 use super::{Db, col, db_err, new_uuid, now_ms, unique_or};
@@ -385,22 +387,36 @@ impl Db {
         }
     }
 
-    /// Of `boards` (uuids with a live session or channel), those that must be disconnected:
-    /// revoked, or deleted.
-    pub async fn boards_to_disconnect(&self, boards: &[String]) -> Result<Vec<String>, Error> {
-        let mut out = Vec::new();
+    /// For `boards` (uuids with a live session or channel), which of their connections may
+    /// stay ([`Cutoff`]); a board missing from the answer was deleted (all go).
+    pub async fn connection_cutoffs(&self, boards: &[String]) -> Result<HashMap<String, Cutoff>, Error> {
+        let mut out = HashMap::new();
         for chunk in boards.chunks(200) {
             let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!("SELECT uuid FROM boards WHERE revoked_at IS NULL AND uuid IN ({})", marks.join(", "));
+            let sql = format!("SELECT uuid, revoked_at, tokens_after FROM boards WHERE uuid IN ({})", marks.join(", "));
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for b in chunk {
                 q = q.bind(b);
             }
-            let rows = q.fetch_all(self.pool()).await.map_err(db_err)?;
-            let good: std::collections::HashSet<String> =
-                rows.iter().map(|r| col::<String>(r, "uuid")).collect::<Result<_, _>>()?;
-            out.extend(chunk.iter().filter(|b| !good.contains(*b)).cloned());
+            for r in q.fetch_all(self.pool()).await.map_err(db_err)? {
+                let cutoff = match col::<Option<i64>>(&r, "revoked_at")? {
+                    Some(_) => Cutoff::Revoked,
+                    None => Cutoff::Since(col::<Option<i64>>(&r, "tokens_after")?.unwrap_or(0)),
+                };
+                out.insert(col::<String>(&r, "uuid")?, cutoff);
+            }
         }
         Ok(out)
     }
+}
+
+/// Which connections of a board may stay up ([`Db::connection_cutoffs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutoff {
+    /// Revoked: none.
+    Revoked,
+    /// Those made after this time (ms; the board's last revoke or rotate-secret): one made
+    /// before holds a credential that was withdrawn since, even when the board has enrolled
+    /// again in the meantime.
+    Since(i64),
 }

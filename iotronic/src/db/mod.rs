@@ -27,7 +27,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 pub use audit::{AuditEntry, AuditQuery, NewAudit};
-pub use auth::{BoardCredentials, Membership, Project, Role, TokenInfo, User};
+pub use auth::{BoardCredentials, Cutoff, Membership, Project, Role, TokenInfo, User};
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
 pub use objects::{

@@ -160,6 +160,8 @@ pub struct SessionInfo {
     /// session with [`Router::bind_board`].
     pub board: Option<String>,
     pub transport: TransportInfo,
+    /// When it was admitted (authenticated).
+    pub joined: std::time::SystemTime,
 }
 
 pub(crate) struct Inner {

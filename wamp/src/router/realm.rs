@@ -489,6 +489,7 @@ mod tests {
             authprovider: "s4t".into(),
             board: None,
             transport,
+            joined: std::time::SystemTime::now(),
         };
         let kill = Arc::new(Kill::default());
         let (id, outbox) = realm.join(info, kill.clone(), random_id());

@@ -99,6 +99,7 @@ async fn open(
         authprovider: inner.config.authprovider.clone(),
         board,
         transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some() },
+        joined: std::time::SystemTime::now(),
     };
     Ok(Some((link, info, hs)))
 }
@@ -141,6 +142,7 @@ pub(crate) async fn serve_local(inner: Arc<Inner>, end: LocalLink, trusted: Trus
         authprovider: inner.config.authprovider.clone(),
         board: None,
         transport: TransportInfo { peer: None, serializer: None, tls: false },
+        joined: std::time::SystemTime::now(),
     };
     let span = info_span!("wamp", peer = "local", session = tracing::field::Empty);
     establish(inner, link, info, auth::provisional_id()).instrument(span).await

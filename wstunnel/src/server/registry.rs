@@ -6,7 +6,7 @@ use portable_atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use s4t_shared::tunnel::ws::Opcode;
 use tokio::net::TcpStream;
@@ -35,6 +35,8 @@ pub(crate) struct Registry {
 
 struct ChannelEntry {
     board: Option<String>,
+    /// When its first valid token made it the board's.
+    board_since: Option<SystemTime>,
     life: Arc<ChannelLife>,
     /// The key of its lanes, if it offered lanes.
     lane_key: Option<String>,
@@ -150,7 +152,10 @@ impl Registry {
     pub(crate) fn add_channel(&self, life: Arc<ChannelLife>) -> u64 {
         let id = self.next_channel.fetch_add(1, Ordering::Relaxed);
         Counters::add(&self.counters.channels, 1);
-        self.channels.lock().expect("registry").insert(id, ChannelEntry { board: None, life, lane_key: None });
+        self.channels
+            .lock()
+            .expect("registry")
+            .insert(id, ChannelEntry { board: None, board_since: None, life, lane_key: None });
         id
     }
 
@@ -170,6 +175,7 @@ impl Registry {
     pub(crate) fn set_channel_board(&self, id: u64, board: &str) {
         if let Some(c) = self.channels.lock().expect("registry").get_mut(&id) {
             c.board = Some(board.to_owned());
+            c.board_since.get_or_insert_with(SystemTime::now);
         }
     }
 
@@ -329,6 +335,24 @@ impl ServerHandle {
     /// The address the server accepts channels on.
     pub fn local_addr(&self) -> SocketAddr {
         self.reg.local_addr
+    }
+
+    /// The channels that belong to a board: (channel id, board, since when).
+    pub fn board_channels(&self) -> Vec<(u64, String, SystemTime)> {
+        let ch = self.reg.channels.lock().expect("registry");
+        ch.iter().filter_map(|(id, c)| Some((*id, c.board.clone()?, c.board_since?))).collect()
+    }
+
+    /// Closes channel `id` (its listeners, streams and packet channels go with it). False if
+    /// there is no such channel.
+    pub fn close_channel(&self, id: u64) -> bool {
+        match self.reg.channels.lock().expect("registry").get(&id) {
+            Some(c) => {
+                c.life.cancel.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Closes every channel of `board` (its listeners and streams go with them). Returns how
