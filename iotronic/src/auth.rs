@@ -35,6 +35,23 @@ fn unknown_user_hash() -> &'static str {
     HASH.get_or_init(|| hash_password(&random_secret()).unwrap_or_default())
 }
 
+/// Password checks running at once, cloud-wide: each takes argon2's 19 MiB and a core for a
+/// while, and the per-name and per-address throttles do not bound how many run at once
+/// (distinct names from many addresses: up to the 512 blocking threads, some 10 GiB). The
+/// rest wait their turn.
+static PASSWORD_CHECKS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
+});
+
+/// Runs `f` on the blocking pool once `limit` has a permit for it; `None` if it panicked.
+async fn limited_blocking<T: Send + 'static>(
+    limit: &tokio::sync::Semaphore,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let _permit = limit.acquire().await.ok()?;
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
 }
@@ -83,12 +100,8 @@ pub async fn issue_token_for(
     // An unknown name costs the same argon2 verification as a known one: a quicker 401 would
     // tell which names exist.
     let hash = user.as_ref().map_or_else(|| unknown_user_hash().to_owned(), |u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking({
-        let password = password.to_owned();
-        move || verify_password(&password, &hash)
-    })
-    .await
-    .unwrap_or(false);
+    let password = password.to_owned();
+    let ok = limited_blocking(&PASSWORD_CHECKS, move || verify_password(&password, &hash)).await.unwrap_or(false);
     let Some(user) = user.filter(|_| ok) else { return Err(denied()) };
     let memberships = db.memberships(&user.uuid).await?;
     let chosen = match project {
@@ -261,6 +274,26 @@ mod tests {
 
     /// An unknown name is checked against a real argon2 hash with the parameters of every
     /// password (an unparsable one would be refused at once, telling unknown names apart).
+    /// However many checks are asked for at once, no more than the limit run at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn password_checks_run_a_few_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let limit = tokio::sync::Semaphore::new(3);
+        let (now, most) = (std::sync::Arc::new(AtomicUsize::new(0)), std::sync::Arc::new(AtomicUsize::new(0)));
+        let checks = (0..24).map(|_| {
+            let (now, most) = (now.clone(), most.clone());
+            limited_blocking(&limit, move || {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                now.fetch_sub(1, Ordering::SeqCst);
+            })
+        });
+        assert_eq!(futures_util::future::join_all(checks).await.len(), 24);
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&most), "{most} ran at once");
+    }
+
     #[test]
     fn unknown_names_cost_a_real_verification() {
         let dummy = PasswordHash::new(unknown_user_hash()).expect("a PHC string");
