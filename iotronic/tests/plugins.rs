@@ -532,7 +532,11 @@ async fn plugin_rows_and_injections_on_both_backends() {
         assert!(db.plugin_name_taken(&p.uuid, "blink", "").await.unwrap());
         assert!(!db.plugin_name_taken(&p.uuid, "blink", &mine.uuid).await.unwrap());
         assert_eq!(db.list_plugins(Some(&p.uuid), false).await.unwrap().len(), 1);
-        assert_eq!(db.list_plugins(Some(&p.uuid), true).await.unwrap().len(), 2);
+        let listed = db.list_plugins(Some(&p.uuid), true).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        // Lists leave the code where it is; the plugin itself has it.
+        assert!(listed.iter().all(|p| p.code.is_empty() && p.code_size == 8), "{}", t.name);
+        assert_eq!(found.code, "AGFzbQEAAAA=");
 
         let mut i = Injection {
             board: b.uuid.clone(),

@@ -161,9 +161,14 @@ impl Db {
         Ok(row.is_some())
     }
 
+    /// The plugins of `project` (and the public ones, with `with_public`), without their code
+    /// (`code` is empty): a list of many plugins must not read every one's code (up to
+    /// 512 KiB each) to show none of it.
     pub async fn list_plugins(&self, project: Option<&str>, with_public: bool) -> Result<Vec<Plugin>, Error> {
         let rows = sqlx::query(
-            "SELECT * FROM plugins WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) ORDER BY created_at, uuid",
+            "SELECT uuid, name, owner_uuid, project_uuid, public, '' AS code, callable, parameters, extra, kind, \
+             grants, code_sha256, code_size, created_at, updated_at FROM plugins \
+             WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) ORDER BY created_at, uuid",
         )
         .bind(project.unwrap_or(""))
         .bind(project.unwrap_or(""))
