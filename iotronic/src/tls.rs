@@ -51,8 +51,42 @@ const SERVER_YEARS: i32 = 10;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once on the REST port; more wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 256;
+/// TLS handshakes one source address may have in progress; more are closed at once. One
+/// peer could otherwise hold all of [`MAX_HANDSHAKES`] with idle sockets, renewed every
+/// [`HANDSHAKE_TIMEOUT`], and the REST port accepted nobody else.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Handshaken connections waiting for axum to pick them up.
 const ACCEPTED_QUEUE: usize = 64;
+
+/// Handshakes in progress per source address.
+type PerSource = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One handshake counted against its source until dropped.
+struct SourceSlot(PerSource, std::net::IpAddr);
+
+impl SourceSlot {
+    fn take(counts: &PerSource, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(counts.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// What the three listeners serve, and the pin clients must use.
 #[derive(Clone)]
@@ -320,6 +354,7 @@ async fn accept_loop(
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_source = PerSource::default();
     loop {
         let permit = tokio::select! {
             () = tx.closed() => return,
@@ -338,9 +373,14 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+            debug!(%peer, "too many TLS handshakes from this address: closed");
+            continue; // dropping `tcp` closes it, dropping `permit` frees its slot
+        };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _source = source;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, tcp)).await {
                 Ok(Some(tls)) => {
                     let _ = tx.send((tls, peer)).await;
@@ -423,6 +463,49 @@ mod tests {
             rustls::pki_types::UnixTime::now(),
         )
         .map(drop)
+    }
+
+    /// One address holding idle sockets gets its handshakes capped (the one beyond the cap is
+    /// closed at once); another address is still served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_address_cannot_take_every_handshake_slot() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServeConfig::new(dir.path().join("data"));
+        config.plaintext = false;
+        let tls = set_up(&config).unwrap().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = TlsListener::new(tcp, tls.server).unwrap();
+        let from = |ip: &str| {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            s.connect(addr)
+        };
+        let mut idle = Vec::new();
+        for _ in 0..MAX_HANDSHAKES_PER_SOURCE {
+            idle.push(from("127.0.0.2").await.unwrap());
+        }
+        let mut extra = from("127.0.0.2").await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, extra.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "the connection beyond the cap was held: {read:?}");
+        // Another address completes its handshake and reaches the server.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(config.data_dir.join(CA_CERT)).unwrap()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let dial = connector.connect(name, from("127.0.0.1").await.unwrap());
+        let _tls = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, dial).await.unwrap().unwrap();
+        let (_, peer) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, axum::serve::Listener::accept(&mut listener)).await.unwrap();
+        assert_eq!(peer.ip().to_string(), "127.0.0.1");
+        drop(idle);
     }
 
     #[test]
