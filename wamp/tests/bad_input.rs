@@ -428,3 +428,29 @@ async fn unknown_cra_identities_look_like_known_ones() {
     // The real board still logs in.
     connect(&r.board(Serializer::Json)).await.unwrap();
 }
+
+/// One address with idle sockets holds at most `max_opening_per_source` opening handshakes
+/// (the next is closed at once), so it cannot take every slot: a board from another address
+/// still joins.
+#[tokio::test]
+async fn one_address_cannot_hold_every_opening_handshake() {
+    use tokio::io::AsyncReadExt;
+    let r = TestRouter::start(RouterConfig { max_opening_per_source: 4, ..RouterConfig::default() }, false).await;
+    let addr: std::net::SocketAddr = r.url().trim_start_matches("ws://").trim_end_matches('/').parse().unwrap();
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s.connect(addr)
+    };
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(from("127.0.0.2").await.unwrap());
+    }
+    let mut extra = from("127.0.0.2").await.unwrap();
+    let mut buf = [0u8; 1];
+    // At once, not at the handshake timeout (10 s).
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the fifth was held: {read:?}");
+    connect(&r.board(Serializer::Json)).await.unwrap();
+    drop(idle);
+}

@@ -17,7 +17,8 @@ mod meta;
 mod realm;
 mod session;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use auth::{AuthFuture, Authenticator, StaticAuthenticator};
 
@@ -103,6 +104,10 @@ pub struct RouterConfig {
     pub queue_capacity: usize,
     /// TLS + WebSocket + WAMP opening handshake must finish within this.
     pub handshake_timeout: Duration,
+    /// Connections one source address may have in their opening handshake at once; more are
+    /// closed at once. Without it one peer with idle sockets (renewed every
+    /// `handshake_timeout`) could hold all `max_sessions` slots, and boards could not log in.
+    pub max_opening_per_source: usize,
     /// Writing one message to a peer must finish within this, or the session is closed.
     pub write_timeout: Duration,
     /// WebSocket pings towards idle peers; `None` disables them.
@@ -130,6 +135,7 @@ impl Default for RouterConfig {
             max_sessions: 20_000,
             queue_capacity: 64,
             handshake_timeout: Duration::from_secs(10),
+            max_opening_per_source: 128,
             write_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive::default()),
             agent_invocations: 4096,
@@ -172,6 +178,35 @@ pub(crate) struct Inner {
     connections: Arc<Semaphore>,
     /// [`RouterConfig::decoy_key`], or a random one.
     pub(crate) decoy_key: Secret,
+    /// Connections in their opening handshake, by source address.
+    opening: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A connection in its opening handshake, counted against its source until dropped.
+pub(crate) struct Opening(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, IpAddr);
+
+impl Opening {
+    fn take(inner: &Inner, ip: IpAddr) -> Option<Opening> {
+        let mut m = inner.opening.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= inner.config.max_opening_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(Opening(inner.opening.clone(), ip))
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -190,7 +225,15 @@ impl Router {
             Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
         });
         Router {
-            inner: Arc::new(Inner { config, authenticator, realm, tasks: TaskTracker::new(), connections, decoy_key }),
+            inner: Arc::new(Inner {
+                config,
+                authenticator,
+                realm,
+                tasks: TaskTracker::new(),
+                connections,
+                decoy_key,
+                opening: Arc::default(),
+            }),
         }
     }
 
@@ -222,6 +265,10 @@ impl Router {
                     }
                 },
             };
+            let Some(opening) = Opening::take(&self.inner, peer.ip()) else {
+                debug!(%peer, "connection refused: too many opening handshakes from this address");
+                continue;
+            };
             let Ok(permit) = self.inner.connections.clone().try_acquire_owned() else {
                 warn!(%peer, max = self.inner.config.max_sessions, "connection refused: too many sessions");
                 continue;
@@ -230,7 +277,7 @@ impl Router {
             let acceptor = acceptor.clone();
             let stop = shutdown.clone();
             self.inner.tasks.spawn(async move {
-                session::serve_connection(inner, tcp, peer, acceptor, stop).await;
+                session::serve_connection(inner, tcp, peer, acceptor, stop, opening).await;
                 drop(permit);
             });
         }

@@ -42,6 +42,7 @@ pub(crate) async fn serve_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
+    opening: super::Opening,
 ) {
     let span = info_span!("wamp", %peer, session = tracing::field::Empty);
     async move {
@@ -51,6 +52,7 @@ pub(crate) async fn serve_connection(
             () = stop.cancelled() => return,
             opened = timeout(deadline, open(&inner, tcp, peer, tls.as_ref())) => opened,
         };
+        drop(opening);
         match opened {
             Ok(Ok(Some((link, info, hs)))) => establish(inner, link, info, hs.session()).await,
             Ok(Ok(None)) => {}

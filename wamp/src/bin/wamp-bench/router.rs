@@ -56,7 +56,9 @@ pub async fn run(boards: usize, tls: Option<Arc<rustls::ServerConfig>>) -> Resul
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let router = Router::new(RouterConfig::default(), Arc::new(auth));
+    // The whole simulated fleet logs in from this one address.
+    let config = RouterConfig { max_opening_per_source: usize::MAX, ..RouterConfig::default() };
+    let router = Router::new(config, Arc::new(auth));
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn({
         let shutdown = shutdown.clone();
