@@ -19,6 +19,7 @@ pub mod conductor;
 pub mod config;
 pub mod db;
 mod error;
+pub mod listen;
 pub mod revocation;
 pub mod serve;
 pub mod tls;

@@ -13,6 +13,7 @@ use crate::api::{self, AppState};
 use crate::bus::Bus;
 use crate::conductor::Conductor;
 use crate::db::Db;
+use crate::listen::{MAX_CONNECTIONS_PER_SOURCE, PerSource};
 use crate::tls::{CloudTls, TlsListener};
 use crate::wamp_agent::{AgentSetup, WampAgent};
 use crate::wstun_agent::TunnelMint;
@@ -107,11 +108,13 @@ async fn serve_api(
             if let Some(ready) = ready {
                 let _ = ready.send(listening);
             }
-            axum::serve(rest, app).with_graceful_shutdown(stop).await
+            // `tap_io` only to get axum's `ConnectInfo<SocketAddr>` for a custom listener.
+            let listener = PerSource::new(rest, MAX_CONNECTIONS_PER_SOURCE).tap_io(|_| {});
+            axum::serve(listener, app).with_graceful_shutdown(stop).await
         }
         Some(tls) => {
-            // `tap_io` only to get axum's `ConnectInfo<SocketAddr>` for a custom listener.
-            let listener = TlsListener::new(rest, tls.server).map_err(Error::Serve)?.tap_io(|_| {});
+            let listener = TlsListener::new(rest, tls.server).map_err(Error::Serve)?;
+            let listener = PerSource::new(listener, MAX_CONNECTIONS_PER_SOURCE).tap_io(|_| {});
             if let Some(ready) = ready {
                 let _ = ready.send(listening);
             }

@@ -58,36 +58,6 @@ pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// Handshaken connections waiting for axum to pick them up.
 const ACCEPTED_QUEUE: usize = 64;
 
-/// Handshakes in progress per source address.
-type PerSource = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
-
-/// One handshake counted against its source until dropped.
-struct SourceSlot(PerSource, std::net::IpAddr);
-
-impl SourceSlot {
-    fn take(counts: &PerSource, ip: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= MAX_HANDSHAKES_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(counts.clone(), ip))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// What the three listeners serve, and the pin clients must use.
 #[derive(Clone)]
 pub struct CloudTls {
@@ -354,7 +324,7 @@ async fn accept_loop(
     tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let per_source = PerSource::default();
+    let per_source = crate::listen::SourceSlots::new(MAX_HANDSHAKES_PER_SOURCE);
     loop {
         let permit = tokio::select! {
             () = tx.closed() => return,
@@ -373,7 +343,7 @@ async fn accept_loop(
                 }
             },
         };
-        let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+        let Some(source) = per_source.take(peer.ip()) else {
             debug!(%peer, "too many TLS handshakes from this address: closed");
             continue; // dropping `tcp` closes it, dropping `permit` frees its slot
         };

@@ -894,3 +894,30 @@ async fn an_expose_that_never_ran_frees_its_port() {
         }
     }
 }
+
+/// One address holds at most `MAX_CONNECTIONS_PER_SOURCE` REST connections: the next is
+/// closed at once (the API has no idle timeout of its own, so one peer's idle connections
+/// would pile up to the descriptor limit), and another address is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_rest_connection() {
+    use tokio::io::AsyncReadExt;
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let addr: std::net::SocketAddr = cloud.url.trim_start_matches("http://").parse().unwrap();
+    let from = |ip: &str| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s.connect(addr)
+    };
+    let mut idle = Vec::new();
+    for _ in 0..iotronic::listen::MAX_CONNECTIONS_PER_SOURCE {
+        idle.push(from("127.0.0.2").await.unwrap());
+    }
+    let mut extra = from("127.0.0.2").await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the connection beyond the cap was held: {read:?}");
+    let (s, v) = cloud.req("GET", "/v1", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    drop(idle);
+}
