@@ -743,19 +743,48 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// An agent on a fresh SQLite database holding project "p" and its boards (name, code).
+    struct TestAgent {
+        _dir: tempfile::TempDir,
+        db: Db,
+        /// The boards' uuids, in the order given.
+        boards: Vec<String>,
+        url: String,
+        shutdown: CancellationToken,
+        agent: WampAgent,
+    }
+
+    async fn test_agent(boards: &[(&str, &str)], tunnel_url: Option<&str>, legacy: bool) -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let mut uuids = Vec::new();
+        for (name, code) in boards {
+            let nb = crate::db::NewBoard {
+                name: (*name).into(),
+                code: (*code).into(),
+                project: p.uuid.clone(),
+                location: Some(("38.1".into(), "15.5".into(), "10".into())),
+                ..Default::default()
+            };
+            uuids.push(db.insert_board(nb).await.unwrap().uuid);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let setup =
+            AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: tunnel_url.map(str::to_owned), legacy };
+        let shutdown = CancellationToken::new();
+        let agent =
+            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        TestAgent { _dir: dir, db, boards: uuids, url, shutdown, agent }
+    }
+
     /// A board's `register` or `connection` that the cloud cannot answer now (its database
     /// fails) gets a WAMP error, which both lightning-rods retry; an `ERROR` reply, which they
     /// take as final, is kept for what is final (an unknown board).
     #[tokio::test]
     async fn calls_the_cloud_cannot_answer_now_are_errors_boards_retry() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: true };
-        let shutdown = CancellationToken::new();
-        let agent =
-            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let TestAgent { _dir, db, url, shutdown, agent, .. } = test_agent(&[], None, true).await;
         let board =
             s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous))
                 .await
@@ -826,22 +855,8 @@ mod tests {
     /// closed all the same, and the one admitted with the new secret stays.
     #[tokio::test]
     async fn a_session_from_before_a_rotation_is_closed_even_after_a_quick_enrollment() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
-        let p = db.create_project("p").await.unwrap();
-        let nb = crate::db::NewBoard {
-            name: "b".into(),
-            code: "CODE-R".into(),
-            project: p.uuid.clone(),
-            ..Default::default()
-        };
-        let uuid = db.insert_board(nb).await.unwrap().uuid;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: false };
-        let shutdown = CancellationToken::new();
-        let _agent =
-            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let TestAgent { _dir, db, boards, url, agent: _agent, .. } = test_agent(&[("b", "CODE-R")], None, false).await;
+        let uuid = boards[0].clone();
         let (result, doc) = enroll_with(&url, "CODE-R", None).await.unwrap();
         assert_eq!(result, "SUCCESS", "{doc}");
         let old = cra_login(&url, &uuid, doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
@@ -862,31 +877,9 @@ mod tests {
     /// can: not with another secret, not after rotate-secret or revoke, not after the hour.
     #[tokio::test]
     async fn a_board_may_repeat_its_enrollment_with_the_secret_it_proposed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
-        let p = db.create_project("p").await.unwrap();
-        let mut uuids = Vec::new();
-        for (name, code) in [("b1", "CODE-REPEAT-1"), ("b2", "CODE-REPEAT-2"), ("b3", "CODE-REPEAT-3")] {
-            let nb = crate::db::NewBoard {
-                name: name.into(),
-                code: code.into(),
-                project: p.uuid.clone(),
-                location: Some(("38.1".into(), "15.5".into(), "10".into())),
-                ..Default::default()
-            };
-            uuids.push(db.insert_board(nb).await.unwrap().uuid);
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let setup = AgentSetup {
-            name: "agent-1".into(),
-            url: url.clone(),
-            tunnel_url: Some("ws://tunnels/".into()),
-            legacy: false,
-        };
-        let shutdown = CancellationToken::new();
-        let _agent =
-            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let codes = [("b1", "CODE-REPEAT-1"), ("b2", "CODE-REPEAT-2"), ("b3", "CODE-REPEAT-3")];
+        let TestAgent { _dir, db, boards: uuids, url, shutdown, agent: _agent } =
+            test_agent(&codes, Some("ws://tunnels/"), false).await;
         let secret = crate::auth::random_secret();
         let refused = json!("unknown, expired or already used registration code");
 
@@ -962,23 +955,8 @@ mod tests {
     /// Without a proposed secret (an older lightning-rod), enrollment issues a random one.
     #[tokio::test]
     async fn without_a_proposed_secret_a_random_one_is_issued() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
-        let p = db.create_project("p").await.unwrap();
-        let nb = crate::db::NewBoard {
-            name: "b".into(),
-            code: "CODE-RANDOM".into(),
-            project: p.uuid.clone(),
-            location: Some(("38.1".into(), "15.5".into(), "10".into())),
-            ..Default::default()
-        };
-        db.insert_board(nb).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let setup = AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: None, legacy: false };
-        let shutdown = CancellationToken::new();
-        let _agent =
-            WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
+        let TestAgent { _dir, url, shutdown, agent: _agent, .. } =
+            test_agent(&[("b", "CODE-RANDOM")], None, false).await;
         let (result, message) = enroll_with(&url, "CODE-RANDOM", Some("too-short")).await.unwrap();
         assert_eq!(result, "SUCCESS", "{message}");
         let issued = message["iotronic"]["credentials"]["secret"].as_str().unwrap();
