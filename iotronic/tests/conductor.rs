@@ -166,21 +166,21 @@ async fn a_backlog_larger_than_the_queue_does_not_block_the_start() {
         t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
     }
     let bus = Bus::in_process();
+    // Each request that ends is announced: waited for here, not polled.
+    let mut done = bus.completions().await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
     // The board is offline: each is failed, and then a new one is handled too.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !t.db.requests_in(RequestStatus::Pending).await.unwrap().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "the backlog was not handled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), done.recv()).await.expect("the backlog was not handled").unwrap();
     }
+    assert!(t.db.requests_in(RequestStatus::Pending).await.unwrap().is_empty());
     assert_eq!(t.db.requests_in(RequestStatus::Failed).await.unwrap().len(), n);
     let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
     bus.to_conductor(&ConductorMsg::Execute { request: r.uuid.clone() }).await.unwrap();
-    while t.db.request(&r.uuid, None).await.unwrap().unwrap().status != RequestStatus::Failed {
-        assert!(tokio::time::Instant::now() < deadline, "the conductor does not read its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let next = tokio::time::timeout(Duration::from_secs(60), done.recv()).await;
+    assert_eq!(next.expect("the conductor does not read its queue").unwrap(), r.uuid);
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);
     stop.cancel();
     run.await.unwrap().unwrap();
 }

@@ -21,6 +21,7 @@
 pub mod backoff;
 pub mod gre;
 pub mod ids;
+pub mod limits;
 pub mod plugin;
 pub mod token;
 pub mod tunnel;

@@ -17,11 +17,11 @@ mod meta;
 mod realm;
 mod session;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use s4t_shared::limits::SourceSlots;
 use s4t_shared::wamp::auth::Secret;
 use s4t_shared::wamp::message::uri;
 use s4t_shared::wamp::{Id, Serializer};
@@ -179,34 +179,7 @@ pub(crate) struct Inner {
     /// [`RouterConfig::decoy_key`], or a random one.
     pub(crate) decoy_key: Secret,
     /// Connections in their opening handshake, by source address.
-    opening: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-}
-
-/// A connection in its opening handshake, counted against its source until dropped.
-pub(crate) struct Opening(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, IpAddr);
-
-impl Opening {
-    fn take(inner: &Inner, ip: IpAddr) -> Option<Opening> {
-        let mut m = inner.opening.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
-        if *n >= inner.config.max_opening_per_source {
-            return None;
-        }
-        *n += 1;
-        Some(Opening(inner.opening.clone(), ip))
-    }
-}
-
-impl Drop for Opening {
-    fn drop(&mut self) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
+    opening: Arc<SourceSlots>,
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -220,6 +193,7 @@ impl Router {
         let realm =
             Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity, config.agent_invocations);
         let connections = Arc::new(Semaphore::new(config.max_sessions));
+        let opening = SourceSlots::new(config.max_opening_per_source);
         let decoy_key = config.decoy_key.clone().unwrap_or_else(|| {
             let bytes: [u8; 32] = rand::random();
             Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
@@ -232,7 +206,7 @@ impl Router {
                 tasks: TaskTracker::new(),
                 connections,
                 decoy_key,
-                opening: Arc::default(),
+                opening,
             }),
         }
     }
@@ -265,7 +239,7 @@ impl Router {
                     }
                 },
             };
-            let Some(opening) = Opening::take(&self.inner, peer.ip()) else {
+            let Some(opening) = self.inner.opening.take(peer.ip()) else {
                 debug!(%peer, "connection refused: too many opening handshakes from this address");
                 continue;
             };

@@ -42,7 +42,7 @@ pub(crate) async fn serve_connection(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
-    opening: super::Opening,
+    opening: s4t_shared::limits::SourceSlot,
 ) {
     let span = info_span!("wamp", %peer, session = tracing::field::Empty);
     async move {
