@@ -1,4 +1,4 @@
-//! Per-source-address bounds, shared by the cloud's listeners (REST, WAMP).
+//! Per-source-address bounds, shared by the cloud's listeners (REST, WAMP) and the tunnel server.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -204,6 +204,7 @@ impl Server {
     pub async fn run<H: ServerHooks>(self, hooks: Arc<H>, shutdown: CancellationToken) -> Result<(), Error> {
         let tls = self.cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let slots = Arc::new(Semaphore::new(self.cfg.limits.max_connections));
+        let unproved = s4t_shared::limits::SourceSlots::new(self.cfg.limits.max_unproved_per_source);
         tracing::info!(addr = %self.reg.local_addr, tls = tls.is_some(), legacy = self.cfg.legacy, "tunnel server listening");
         loop {
             let (tcp, peer) = tokio::select! {
@@ -222,7 +223,7 @@ impl Server {
                 tracing::warn!(%peer, "connection limit reached: dropping a connection");
                 continue;
             };
-            let Some(unproved) = self.reg.admit_unproved(peer.ip(), self.cfg.limits.max_unproved_per_source) else {
+            let Some(unproved) = unproved.take(peer.ip()) else {
                 tracing::debug!(%peer, "too many unproved connections from this source: dropping one");
                 continue;
             };

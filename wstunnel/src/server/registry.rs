@@ -24,8 +24,6 @@ pub(crate) struct Registry {
     ports: Mutex<HashMap<u16, PortEntry>>,
     /// Open packet channels by (board, VPN): a board has one per VPN, on one of its channels.
     vpns: Mutex<HashMap<(String, String), VpnEntry>>,
-    /// Connections not yet proved (no valid token, lane key or legacy admission), by source.
-    unproved: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Legacy connections waiting for their data socket: id → (public port, connection).
     pending: Mutex<HashMap<String, (u16, TcpStream)>>,
     max_pending: usize,
@@ -141,7 +139,6 @@ impl Registry {
             lane_doors: Mutex::new(HashMap::new()),
             ports: Mutex::new(HashMap::new()),
             vpns: Mutex::new(HashMap::new()),
-            unproved: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             max_pending,
             next_channel: AtomicU64::new(1),
@@ -260,20 +257,6 @@ impl Registry {
         }
     }
 
-    /// Counts a new connection from `ip` as unproved, unless `ip` has `cap` such connections
-    /// already (`None`): one source cannot hold every connection slot with peers that never
-    /// present a token. The count drops when the guard does: when the connection proves
-    /// itself or ends.
-    pub(crate) fn admit_unproved(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<Unproved> {
-        let mut u = self.unproved.lock().expect("registry");
-        let n = u.entry(ip).or_default();
-        if *n >= cap {
-            return None;
-        }
-        *n += 1;
-        Some(Unproved { reg: self.clone(), ip })
-    }
-
     /// Parks an accepted legacy connection on `port` until its data socket arrives; false
     /// when the server holds `max_pending` such connections, or one port an eighth of them
     /// (a port whose board never answers, or whose users connect faster than it does, must
@@ -303,23 +286,10 @@ impl Registry {
     }
 }
 
-/// A connection counted as unproved for its source ([`Registry::admit_unproved`]) while held.
-pub(crate) struct Unproved {
-    reg: Arc<Registry>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for Unproved {
-    fn drop(&mut self) {
-        let mut u = self.reg.unproved.lock().expect("registry");
-        if let Some(n) = u.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                u.remove(&self.ip);
-            }
-        }
-    }
-}
+/// A connection counted among its source's unproved ones (no valid token, lane key or legacy
+/// admission yet) while held: one source cannot hold every connection slot with peers that
+/// never present a token ([`super::Limits::max_unproved_per_source`]).
+pub(crate) type Unproved = s4t_shared::limits::SourceSlot;
 
 /// Inspects and revokes what a running server holds. Cheap to clone.
 #[derive(Clone)]
