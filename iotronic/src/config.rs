@@ -53,6 +53,8 @@ pub struct ServeConfig {
     pub vpn_ranges: Vec<String>,
     /// Public ports one project may hold (`--ports-per-project`).
     pub ports_per_project: u32,
+    /// How long the REST API waits for a client's request.
+    pub http_timeouts: crate::listen::HttpTimeouts,
 }
 
 /// Public ports one project may hold unless the operator says otherwise: a tenth of the pool.
@@ -86,6 +88,7 @@ impl ServeConfig {
             public_host: None,
             vpn_ranges: DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect(),
             ports_per_project: DEFAULT_PORTS_PER_PROJECT,
+            http_timeouts: crate::listen::HttpTimeouts::default(),
         }
     }
 

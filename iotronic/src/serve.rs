@@ -7,13 +7,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use axum::serve::ListenerExt;
-
 use crate::api::{self, AppState};
 use crate::bus::Bus;
 use crate::conductor::Conductor;
 use crate::db::Db;
-use crate::listen::{MAX_CONNECTIONS_PER_SOURCE, PerSource};
+use crate::listen::{self, MAX_CONNECTIONS_PER_SOURCE, PerSource};
 use crate::tls::{CloudTls, TlsListener};
 use crate::wamp_agent::{AgentSetup, WampAgent};
 use crate::wstun_agent::TunnelMint;
@@ -100,28 +98,26 @@ async fn serve_api(
     state.vpn_ranges = std::sync::Arc::new(config.vpn_ranges.clone());
     state.ports_per_project = config.ports_per_project;
     state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
-    // The peer address feeds the login throttle and the audit log.
-    let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let stop = shutdown.cancelled_owned();
-    let served = match tls {
+    // The peer address (ConnectInfo) feeds the login throttle and the audit log.
+    let app = api::router(state);
+    match tls {
         None => {
             if let Some(ready) = ready {
                 let _ = ready.send(listening);
             }
-            // `tap_io` only to get axum's `ConnectInfo<SocketAddr>` for a custom listener.
-            let listener = PerSource::new(rest, MAX_CONNECTIONS_PER_SOURCE).tap_io(|_| {});
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            let listener = PerSource::new(rest, MAX_CONNECTIONS_PER_SOURCE);
+            listen::serve(listener, app, config.http_timeouts, shutdown).await;
         }
         Some(tls) => {
             let listener = TlsListener::new(rest, tls.server).map_err(Error::Serve)?;
-            let listener = PerSource::new(listener, MAX_CONNECTIONS_PER_SOURCE).tap_io(|_| {});
+            let listener = PerSource::new(listener, MAX_CONNECTIONS_PER_SOURCE);
             if let Some(ready) = ready {
                 let _ = ready.send(listening);
             }
-            axum::serve(listener, app).with_graceful_shutdown(stop).await
+            listen::serve(listener, app, config.http_timeouts, shutdown).await;
         }
-    };
-    served.map_err(Error::Serve)
+    }
+    Ok(())
 }
 
 /// The conductor alone.

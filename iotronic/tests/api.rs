@@ -896,8 +896,8 @@ async fn an_expose_that_never_ran_frees_its_port() {
 }
 
 /// One address holds at most `MAX_CONNECTIONS_PER_SOURCE` REST connections: the next is
-/// closed at once (the API has no idle timeout of its own, so one peer's idle connections
-/// would pile up to the descriptor limit), and another address is still served.
+/// closed at once (one peer could otherwise open connections faster than the header timeout
+/// closes them, up to the descriptor limit), and another address is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_hold_every_rest_connection() {
     use tokio::io::AsyncReadExt;
@@ -920,4 +920,91 @@ async fn one_address_cannot_hold_every_rest_connection() {
     let (s, v) = cloud.req("GET", "/v1", None, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     drop(idle);
+}
+
+/// The REST listener closes connections that do not send a request in time: one that sends
+/// nothing, one that stops half way through its headers, one idle after a response, and one
+/// whose body stops coming (that request fails). A client that sends in time is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_do_not_send_a_request_in_time_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = TestDb::sqlite().await;
+    let timeouts =
+        iotronic::listen::HttpTimeouts { header: Duration::from_millis(500), body: Duration::from_millis(500) };
+    let cloud = start_with(&t, |c| c.http_timeouts = timeouts).await;
+    let addr = cloud.url.trim_start_matches("http://").to_owned();
+    // Sends `sent` and reads until the server closes the connection (or 20 s pass).
+    let exchange = |sent: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(sent.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got)).await;
+            assert!(read.is_ok(), "the connection after {sent:?} was held open");
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    };
+    assert_eq!(exchange("").await, "", "nothing sent");
+    assert_eq!(exchange("GET /v1 HTTP/1.1\r\nHost: x\r\n").await, "", "headers cut short");
+    let answered = exchange("GET /v1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "kept alive, then idle: {answered}");
+    let cut = exchange(
+        "POST /v1/auth/tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user",
+    )
+    .await;
+    assert!(cut.starts_with("HTTP/1.1 4"), "a body that stops coming: {cut}");
+    let (s, v) = cloud.req("GET", "/v1", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// The audit log pages by marker, exactly: entries that share a millisecond are each listed
+/// once, in order; and an action prefix matches case and all on both back-ends (SQLite's LIKE
+/// ignored ASCII case). Through the REST API: `next` links to the page after a full one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_pages_exactly_and_filters_by_exact_prefix() {
+    for t in TestDb::all().await {
+        sqlx::any::install_default_drivers();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+        for i in 0..5 {
+            let action = if i % 2 == 0 { "TUNNEL.open" } else { "tunnel.open" };
+            sqlx::query(
+                "INSERT INTO audit (id, at, user_uuid, user_name, project_uuid, action, target, source, status, \
+                 detail) VALUES ($1, 1000, '', '', 'p', $2, '', '', 200, '')",
+            )
+            .bind(format!("id-{i}"))
+            .bind(action)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        let mut q = iotronic::db::AuditQuery { limit: 2, ..Default::default() };
+        let mut seen = Vec::new();
+        loop {
+            let page = t.db.list_audit(&q).await.unwrap();
+            let Some(last) = page.last() else { break };
+            q.marker = Some(last.id.clone());
+            seen.extend(page.into_iter().map(|e| e.id));
+        }
+        assert_eq!(seen, ["id-4", "id-3", "id-2", "id-1", "id-0"], "{}", t.name);
+        let q = iotronic::db::AuditQuery { action: "tunnel.".into(), limit: 100, ..Default::default() };
+        let ids: Vec<String> = t.db.list_audit(&q).await.unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["id-3", "id-1"], "{}: the prefix is case-sensitive", t.name);
+        let q = iotronic::db::AuditQuery { marker: Some("nope".into()), limit: 10, ..Default::default() };
+        assert!(matches!(t.db.list_audit(&q).await, Err(Error::NotFound(_))), "{}", t.name);
+    }
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    // Each login is audited.
+    let admin = cloud.token("admin", "admin-password").await;
+    for _ in 0..2 {
+        cloud.token("admin", "admin-password").await;
+    }
+    let (s, v) = cloud.req("GET", "/v1/audit?limit=1", Some(&admin), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let next = v["next"].as_str().unwrap_or_else(|| panic!("a full page has next: {v}"));
+    let first = v["audit"][0]["id"].as_str().unwrap().to_owned();
+    assert!(next.contains(&format!("marker={first}")), "{next}");
+    let (_, v) = cloud.req("GET", next, Some(&admin), None).await;
+    assert_ne!(v["audit"][0]["id"].as_str(), Some(first.as_str()), "{v}");
 }

@@ -163,7 +163,9 @@ pub async fn rotate_secret(
 
 /// `GET /v1/audit` (administrators: everything, `?project=` to filter; managers: their
 /// project's entries): newest first, `?limit=` (≤ 1000, default 100), `?since=`/`?before=`
-/// (Unix seconds), `?action=` (a prefix of the action: `tunnel.`, `POST /v1/boards`).
+/// (Unix seconds), `?action=` (a prefix of the action: `tunnel.`, `POST /v1/boards`),
+/// `?marker=` (the id of the last entry of the previous page: the next page, exact even where
+/// many entries share a second); a full page carries `next`, the query of the page after it.
 pub async fn list_audit(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
@@ -191,12 +193,13 @@ pub async fn list_audit(
         since: num("since", 0)?.saturating_mul(1000),
         before: num("before", 0)?.saturating_mul(1000),
         action: q.get("action").cloned().unwrap_or_default(),
+        marker: q.get("marker").cloned(),
         limit: num("limit", 100)?,
     };
-    let entries: Vec<Value> = state
-        .db
-        .list_audit(&query)
-        .await?
+    let found = state.db.list_audit(&query).await?;
+    let page = crate::db::Page { limit: query.limit.clamp(1, 1000), marker: None, key: "at", desc: true };
+    let next = super::paging::next("/v1/audit", &q, &page, found.len(), found.last().map(|e| e.id.as_str()));
+    let entries: Vec<Value> = found
         .into_iter()
         .map(|e| {
             json!({"id": e.id, "at": e.at as f64 / 1000.0, "user": e.user_uuid, "user_name": e.user_name,
@@ -204,5 +207,9 @@ pub async fn list_audit(
                    "status": e.status, "detail": e.detail})
         })
         .collect();
-    Ok(Json(json!({"audit": entries})))
+    let mut body = json!({"audit": entries});
+    if let Some(next) = next {
+        body["next"] = json!(next);
+    }
+    Ok(Json(body))
 }

@@ -49,8 +49,12 @@ pub struct AuditQuery {
     pub since: i64,
     /// Only entries strictly before this time (ms); 0: no bound.
     pub before: i64,
-    /// Only entries whose action starts with this (`tunnel.`, `POST /v1/boards`); "": all.
+    /// Only entries whose action starts with this (`tunnel.`, `POST /v1/boards`), case
+    /// included; "": all.
     pub action: String,
+    /// Only entries listed after the entry with this id (newest first; `None`: from the
+    /// newest): the next page, exact even when many entries share a millisecond.
+    pub marker: Option<String>,
     pub limit: i64,
 }
 
@@ -83,19 +87,6 @@ fn clip(s: &str) -> String {
     s[..end].to_owned()
 }
 
-/// A LIKE pattern matching strings that start with `prefix` (wildcards in it escaped with `!`).
-fn like_prefix(prefix: &str) -> String {
-    let mut p = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '%' | '_' | '!') {
-            p.push('!');
-        }
-        p.push(c);
-    }
-    p.push('%');
-    p
-}
-
 impl Db {
     pub async fn insert_audit(&self, e: &NewAudit) -> Result<(), Error> {
         sqlx::query(
@@ -118,19 +109,43 @@ impl Db {
         Ok(())
     }
 
+    /// Entries matching `q`, newest first (by time, then id). A `marker` that names no entry
+    /// of the log (of `q.project`'s entries, when set) is [`Error::NotFound`].
     pub async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, Error> {
         let project = q.project.clone().unwrap_or_default();
         let before = if q.before > 0 { q.before } else { i64::MAX };
+        // The page starts after (at, id) of the marker; (MAX, "") starts at the newest.
+        let (m_at, m_id) = match &q.marker {
+            None => (i64::MAX, String::new()),
+            Some(id) => {
+                let row = sqlx::query("SELECT at FROM audit WHERE id = $1 AND ($2 = '' OR project_uuid = $3)")
+                    .bind(id)
+                    .bind(&project)
+                    .bind(&project)
+                    .fetch_optional(self.pool())
+                    .await
+                    .map_err(db_err)?
+                    .ok_or_else(|| Error::NotFound(format!("audit entry {id} not found")))?;
+                (col::<i64>(&row, "at")?, id.clone())
+            }
+        };
+        // A prefix compared as text (LIKE ignores ASCII case on SQLite, not on PostgreSQL).
+        let prefix_len = i32::try_from(q.action.chars().count()).unwrap_or(i32::MAX);
         let rows = sqlx::query(
             "SELECT id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail FROM audit \
-             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 AND action LIKE $5 ESCAPE '!' \
-             ORDER BY at DESC, id DESC LIMIT $6",
+             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 \
+             AND ($5 = '' OR substr(action, 1, CAST($6 AS INTEGER)) = $5) \
+             AND (at < $7 OR (at = $7 AND id < $8) OR $8 = '') \
+             ORDER BY at DESC, id DESC LIMIT $9",
         )
         .bind(&project)
         .bind(&project)
         .bind(q.since)
         .bind(before)
-        .bind(like_prefix(&q.action))
+        .bind(&q.action)
+        .bind(prefix_len)
+        .bind(m_at)
+        .bind(&m_id)
         .bind(q.limit.clamp(1, 1000))
         .fetch_all(self.pool())
         .await

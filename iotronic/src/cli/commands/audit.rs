@@ -13,6 +13,7 @@ use crate::cli::output::{field, fmt_time};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  s4t audit --since 1h\n  s4t audit --action tunnel. --limit 20\n  \
+                        s4t audit --limit 100 --after ID_OF_THE_LAST_ENTRY_SHOWN\n  \
                         s4t audit --project alpha --json")]
 pub struct AuditArgs {
     /// Only entries of the last DURATION (90s, 15m, 2h, 7d).
@@ -27,6 +28,9 @@ pub struct AuditArgs {
     /// Only this project's entries (administrators; managers always see their own project).
     #[arg(long)]
     project: Option<String>,
+    /// Only entries older than the entry with this id (the last of a previous page).
+    #[arg(long, value_name = "ID")]
+    after: Option<String>,
     /// At most this many entries (the cloud caps it at 1000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
     limit: u16,
@@ -47,6 +51,9 @@ impl AuditArgs {
         }
         if let Some(p) = &self.project {
             q.push(format!("project={}", seg(p)));
+        }
+        if let Some(m) = &self.after {
+            q.push(format!("marker={}", seg(m)));
         }
         format!("?{}", q.join("&"))
     }
@@ -88,15 +95,19 @@ mod tests {
 
     #[test]
     fn filters_become_the_query() {
-        let a = AuditArgs { since: None, before: None, action: None, project: None, limit: 100 };
+        let a = AuditArgs { since: None, before: None, action: None, project: None, after: None, limit: 100 };
         assert_eq!(a.query(1_000), "?limit=100");
         let a = AuditArgs {
             since: Some(3600),
             before: Some(60),
             action: Some("POST /v1/boards".into()),
             project: Some("alpha".into()),
+            after: Some("e1".into()),
             limit: 5,
         };
-        assert_eq!(a.query(10_000), "?limit=5&since=6400&before=9940&action=POST%20%2Fv1%2Fboards&project=alpha");
+        assert_eq!(
+            a.query(10_000),
+            "?limit=5&since=6400&before=9940&action=POST%20%2Fv1%2Fboards&project=alpha&marker=e1"
+        );
     }
 }
