@@ -207,6 +207,11 @@ impl BoardCaller for WampCaller {
                             "the board does not offer {name}: its lightning-rod registered no such procedure"
                         )));
                     }
+                    Err(s4t_wamp::Error::Wamp(e))
+                        if e.error == s4t_shared::wamp::message::uri::PAYLOAD_SIZE_EXCEEDED =>
+                    {
+                        return Err(Error::Invalid(format!("{name}: the arguments are too large for a board ({e})")));
+                    }
                     Err(e) => return Err(Error::Unavailable(format!("board call {procedure} failed: {e}"))),
                 }
             }

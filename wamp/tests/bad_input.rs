@@ -284,7 +284,9 @@ async fn call_floods_hit_the_in_flight_limit() {
 
 #[tokio::test]
 async fn a_board_that_stops_reading_is_dropped_and_others_continue() {
-    let limits = Limits { stuck_timeout: Duration::from_millis(300), ..Limits::default() };
+    // Calls of 1 MiB, to fill the stuck board's socket and queue quickly.
+    let limits =
+        Limits { stuck_timeout: Duration::from_millis(300), max_invocation_payload: 4 << 20, ..Limits::default() };
     let config = RouterConfig {
         limits,
         queue_capacity: 4,

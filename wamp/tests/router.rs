@@ -242,6 +242,29 @@ async fn handler_errors_reach_the_caller() {
     assert_eq!(missing.wamp_uri(), Some("wamp.error.no_such_procedure"));
 }
 
+/// A call too large for a board (its client closes its session on a message over 1 MiB)
+/// gets `wamp.error.payload_size_exceeded` from the router; the board stays connected and
+/// takes the next call. The agent, in process, has no such limit.
+#[tokio::test]
+async fn a_call_too_large_for_a_board_is_refused_and_the_board_stays() {
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let agent = r.router.local_session("agent").await.unwrap();
+    let board = connect(&r.board(Serializer::Json)).await.unwrap();
+    let p = format!("iotronic.{}.{BOARD}.DeviceEcho", board.id());
+    board.register(&p, |inv| async move { Ok(Payload::args(vec![json!(inv.args.len())])) }).await.unwrap();
+    let big = json!("x".repeat(1 << 20));
+    let e = agent.call(&p, vec![big], Default::default(), T).await.unwrap_err();
+    assert_eq!(e.wamp_uri(), Some("wamp.error.payload_size_exceeded"), "{e}");
+    let ok = agent.call(&p, vec![json!("x".repeat(512 * 1024))], Default::default(), T).await.unwrap();
+    assert_eq!(ok.args, vec![json!(1)]);
+    agent
+        .register("agent.stack4things.big", |inv| async move { Ok(Payload::args(vec![json!(inv.args.len())])) })
+        .await
+        .unwrap();
+    let to_agent = agent.call("agent.stack4things.big", vec![json!("x".repeat(2 << 20))], Default::default(), T).await;
+    assert_eq!(to_agent.unwrap().args, vec![json!(1)], "the in-process agent takes any size");
+}
+
 #[tokio::test]
 async fn killed_sessions_end_and_callers_of_their_procedures_get_errors() {
     let r = TestRouter::start(RouterConfig::default(), false).await;

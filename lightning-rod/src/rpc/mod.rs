@@ -49,10 +49,36 @@ impl Reply {
     pub fn error(req_id: Option<String>, message: impl std::fmt::Display) -> Reply {
         Reply { message: Value::String(message.to_string()), result: Outcome::Error, req_id }
     }
-    /// The wire form: a JSON string (the original cloud does `json.loads` on it).
+    /// The wire form: a JSON string (the original cloud does `json.loads` on it). A reply
+    /// longer than [`MAX_REPLY_LEN`] as it travels becomes an error reply saying so: the
+    /// cloud's router closes a board's session on a message over 1 MiB, which would end every
+    /// other call in flight and make the board reconnect.
     pub fn to_wire(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| r#"{"message":"unserializable","result":"ERROR"}"#.into())
+        let wire =
+            serde_json::to_string(self).unwrap_or_else(|_| r#"{"message":"unserializable","result":"ERROR"}"#.into());
+        let len = escaped_len(&wire);
+        if len <= MAX_REPLY_LEN {
+            return wire;
+        }
+        let why = format!("the reply is {len} bytes, more than the cloud takes ({MAX_REPLY_LEN})");
+        serde_json::to_string(&Reply::error(self.req_id.clone(), why)).unwrap_or_default()
     }
+}
+
+/// Longest reply (or notification) a board sends, counted as it travels: the wire string
+/// escaped inside a WAMP message. The rest of the 1 MiB is room for the message's header.
+pub const MAX_REPLY_LEN: usize = (1 << 20) - 16 * 1024;
+
+/// The length of `s` as a JSON string (quotes, escapes), counted without building it.
+fn escaped_len(s: &str) -> usize {
+    2 + s
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        })
+        .sum::<usize>()
 }
 
 /// The board's procedures. Names are the wire names of S4T-REFERENCE §5.4 and docs/protocols.md.

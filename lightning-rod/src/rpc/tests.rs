@@ -537,3 +537,23 @@ fn method_names_round_trip() {
     }
     assert_eq!(Method::from_name("DeviceUpgradeLR"), None);
 }
+
+/// A reply too long for the cloud's router (which would close the board's session) goes out
+/// as an error reply saying so; one that fits goes out whole. The length counts the escaping
+/// of the wire string inside the WAMP message (a `"` takes two bytes there).
+#[test]
+fn replies_too_long_for_the_router_become_errors() {
+    let quotes = "\"".repeat(MAX_REPLY_LEN / 3);
+    let big = Reply::success(Some("r".into()), &quotes);
+    let wire = big.to_wire();
+    assert!(serde_json::to_string(&big).unwrap().len() < MAX_REPLY_LEN, "short before escaping");
+    let sent: Value = serde_json::from_str(&wire).unwrap();
+    assert_eq!(sent["result"], "ERROR", "{}", &wire[..wire.len().min(200)]);
+    assert!(sent["message"].as_str().unwrap().contains("more than the cloud takes"), "{sent}");
+    assert_eq!(sent["req_id"], "r");
+    let fits = Reply::success(None, "x".repeat(MAX_REPLY_LEN / 2));
+    assert_eq!(fits.to_wire(), serde_json::to_string(&fits).unwrap());
+    for s in ["", "plain", "q\"b\\n\n\r\t\u{8}\u{c}\u{1}\u{1f}é€😀"] {
+        assert_eq!(escaped_len(s), serde_json::to_string(s).unwrap().len(), "{s:?}");
+    }
+}

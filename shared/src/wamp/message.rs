@@ -33,6 +33,26 @@ pub struct Payload {
 }
 
 impl Payload {
+    /// The length of `args` and `kwargs` as JSON, counted without building it: about what
+    /// they take in any serializer's message (MessagePack and CBOR are not longer).
+    pub fn json_len(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut n = Count(0);
+        // Writing JSON values to a counter cannot fail.
+        let _ = serde_json::to_writer(&mut n, &self.args);
+        let _ = serde_json::to_writer(&mut n, &self.kwargs);
+        n.0
+    }
+
     pub fn new(args: Vec<Value>, kwargs: Dict) -> Self {
         Payload { args, kwargs }
     }
@@ -92,6 +112,8 @@ pub mod uri {
     pub const TIMEOUT: &str = "wamp.error.timeout";
     /// The callee cannot take the invocation now (its queue is full or it is busy).
     pub const UNAVAILABLE: &str = "wamp.error.unavailable";
+    /// A payload larger than the peer it is for takes (WAMP advanced profile).
+    pub const PAYLOAD_SIZE_EXCEEDED: &str = "wamp.error.payload_size_exceeded";
     /// A per-session limit (in-flight calls, registrations, subscriptions) was reached.
     pub const LIMIT_EXCEEDED: &str = "s4t.error.limit_exceeded";
     pub const CLOSE_NORMAL: &str = "wamp.close.normal";

@@ -98,6 +98,11 @@ pub(crate) fn call(realm: &Arc<Realm>, st: &mut State, call: Call) {
     if !may_invoke(st, caller, callee) {
         return fail(st, uri::NOT_AUTHORIZED, format!("session {caller} may not call {procedure}"));
     }
+    let to_agent = st.sessions.get(&callee).is_some_and(|m| m.info.role == Role::Agent);
+    if !to_agent && payload.json_len() > st.limits.max_invocation_payload {
+        let why = format!("the arguments of {procedure} exceed {} bytes", st.limits.max_invocation_payload);
+        return fail(st, uri::PAYLOAD_SIZE_EXCEEDED, why);
+    }
     let details = invocation_details(st, caller, callee);
     let Some(invocation) = st.sessions.get_mut(&callee).map(Member::next_invocation) else {
         return fail(st, uri::NO_SUCH_PROCEDURE, format!("the callee of {procedure} left"));

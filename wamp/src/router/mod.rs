@@ -61,6 +61,12 @@ pub struct Limits {
     pub default_call_timeout: Duration,
     /// Upper bound on any call timeout.
     pub max_call_timeout: Duration,
+    /// Largest payload (args and kwargs, as JSON: [`s4t_shared::wamp::message::Payload::json_len`])
+    /// of a call forwarded to a callee that is not an agent; a larger call gets ERROR
+    /// `wamp.error.payload_size_exceeded`. Boards close their session on a message over their
+    /// own limit (1 MiB for ours, as for the router), which would end every other call of
+    /// theirs and make them reconnect: the room left is for the INVOCATION's header.
+    pub max_invocation_payload: usize,
 }
 
 impl Limits {
@@ -82,6 +88,7 @@ impl Default for Limits {
             stuck_timeout: Duration::from_secs(10),
             default_call_timeout: Duration::from_secs(120),
             max_call_timeout: Duration::from_secs(3600),
+            max_invocation_payload: (1 << 20) - 16 * 1024,
         }
     }
 }
