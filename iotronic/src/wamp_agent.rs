@@ -475,20 +475,7 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
             c.codes.refund(ENROLL_KEY);
             b
         }
-        Ok(None) => {
-            if let Some(secret) = &proposed {
-                match enrolled_with(&c.db, &code).await {
-                    Ok(Some(b)) if b.config["iotronic"].is_object() && secret_matches(&b, secret) => {
-                        c.codes.refund(ENROLL_KEY);
-                        return repeated_enrollment(c, &b, secret, &source).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => return unavailable("registration failed", Some(&e)),
-                }
-            }
-            crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", &source)).await;
-            return wamp_message("ERROR", json!("unknown, expired or already used registration code"));
-        }
+        Ok(None) => return not_enrollable(c, &code, proposed.as_deref(), &source, false).await,
         Err(e) => return unavailable("registration failed", Some(&e)),
     };
     let mut config = json!({"iotronic": {
@@ -516,8 +503,12 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         with_credentials(c, &mut config, &board.uuid, &secret);
     }
     let secret_ref = secret_row.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
-    if let Err(e) = c.db.enroll_board(&board.uuid, &c.setup.name, &stored, secret_ref, authenticated).await {
-        return unavailable("registration failed", Some(&e));
+    // Written only if the code is still the board's: a revoke, a rotate-secret or another
+    // enrollment since the lookup makes this one as if the code were used.
+    match c.db.enroll_board(&board.uuid, &code, &c.setup.name, &stored, secret_ref, authenticated).await {
+        Ok(true) => {}
+        Ok(false) => return not_enrollable(c, &code, proposed.as_deref(), &source, true).await,
+        Err(e) => return unavailable("registration failed", Some(&e)),
     }
     info!(board = %board.uuid, authenticated, "board enrolled");
     let mut entry = crate::audit::system("board.enroll", &board.uuid, &source);
@@ -529,6 +520,33 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     };
     crate::audit::record(&c.db, entry).await;
     wamp_message("SUCCESS", config)
+}
+
+/// The answer to a code that enrolls no board (unknown, expired, used, or revoked or rotated
+/// away): the repeat of the enrollment that consumed it, for the board that proves the secret
+/// it proposed then, else a refusal. `refunded`: the attempt was already found right (the code
+/// was the board's when looked up), so a repeat does not refund it twice.
+async fn not_enrollable(
+    c: &Ctx,
+    code: &str,
+    proposed: Option<&str>,
+    source: &str,
+    refunded: bool,
+) -> Result<Payload, WampError> {
+    if let Some(secret) = proposed {
+        match enrolled_with(&c.db, code).await {
+            Ok(Some(b)) if b.config["iotronic"].is_object() && secret_matches(&b, secret) => {
+                if !refunded {
+                    c.codes.refund(ENROLL_KEY);
+                }
+                return repeated_enrollment(c, &b, secret, source).await;
+            }
+            Ok(_) => {}
+            Err(e) => return unavailable("registration failed", Some(&e)),
+        }
+    }
+    crate::audit::record(&c.db, crate::audit::system("board.enroll.refused", "", source)).await;
+    wamp_message("ERROR", json!("unknown, expired or already used registration code"))
 }
 
 /// Adds the credentials and the tunnel URL to a config document for an authenticated board.
@@ -715,7 +733,7 @@ mod tests {
             ..Default::default()
         };
         let b = db.insert_board(board).await.unwrap();
-        db.enroll_board(&b.uuid, "agent-1", &json!({}), None, false).await.unwrap();
+        assert!(db.enroll_board(&b.uuid, "code-b", "agent-1", &json!({}), None, false).await.unwrap());
         assert!(db.board_online(&b.uuid, "agent-1", "4242", None, &json!({})).await.unwrap());
         let router = Router::new(RouterConfig::default(), Arc::new(s4t_wamp::StaticAuthenticator::new()));
         let logins = Logins::default();

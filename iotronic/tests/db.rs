@@ -111,7 +111,8 @@ async fn boards_are_scoped_and_follow_sessions() {
 
         let board = db.board_by_code("code-board-a").await.unwrap().unwrap();
         assert_eq!(board.status, "registered");
-        db.enroll_board(&b, "agent-1", &json!({"iotronic": {}}), Some(("salt", "key")), true).await.unwrap();
+        let doc = json!({"iotronic": {}});
+        assert!(db.enroll_board(&b, "code-board-a", "agent-1", &doc, Some(("salt", "key")), true).await.unwrap());
         let board = db.board_by_uuid(&b).await.unwrap().unwrap();
         assert_eq!((board.status.as_str(), board.code.as_deref()), ("offline", None));
         assert!(db.board_online(&b, "agent-1", "s1", Some("0.5.0"), &json!({"iface": "eth0"})).await.unwrap());
@@ -181,6 +182,103 @@ async fn concurrent_conductors_never_share_a_public_port() {
         ));
         assert!(t.db.delete_exposure(&boards[0], &svc.uuid).await.unwrap());
         assert_eq!(t.db.count_exposures().await.unwrap(), 9);
+    }
+}
+
+/// Concurrent enables of one project (two conductors) never take it past its quota of public
+/// ports: counted and inserted apart, all of them counted below the quota, then all inserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_allocations_never_exceed_the_project_quota() {
+    for t in TestDb::all().await {
+        let (p, first) = project_and_board(&t.db, "quota").await;
+        let second = t.reopen().await;
+        let svc = t.db.create_service("ssh", &p, 22, "TCP", &json!({})).await.unwrap();
+        let mut boards = vec![first];
+        for i in 0..15 {
+            let nb =
+                NewBoard { name: format!("qb{i}"), code: format!("qc{i}"), project: p.clone(), ..Default::default() };
+            boards.push(t.db.insert_board(nb).await.unwrap().uuid);
+        }
+        const QUOTA: i64 = 3;
+        let mut tasks = Vec::new();
+        for (i, b) in boards.iter().enumerate() {
+            let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
+            let (b, s, p) = (b.clone(), svc.uuid.clone(), p.clone());
+            tasks.push(tokio::spawn(async move {
+                let over = |held| Error::Conflict(format!("over quota: {held} held"));
+                db.allocate_exposure_within(&b, &s, (50001, 50100), None, &[], Some((&p, QUOTA)), over).await
+            }));
+        }
+        let mut granted = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(e) => granted.push(e.board),
+                Err(Error::Conflict(m)) => assert_eq!(m, format!("over quota: {QUOTA} held"), "{}", t.name),
+                Err(e) => panic!("{}: {e:?}", t.name),
+            }
+        }
+        assert_eq!(granted.len() as i64, QUOTA, "{}", t.name);
+        assert_eq!(t.db.exposures_held_by(&p).await.unwrap(), QUOTA, "{}", t.name);
+        // A port freed can be taken again, once.
+        assert!(t.db.delete_exposure(&granted[0], &svc.uuid).await.unwrap());
+        let idle: Vec<_> = boards.iter().filter(|b| !granted.contains(b)).collect();
+        let over = |held| Error::Conflict(format!("over quota: {held} held"));
+        let quota = Some((p.as_str(), QUOTA));
+        let db = &t.db;
+        db.allocate_exposure_within(idle[0], &svc.uuid, (50001, 50100), None, &[], quota, over).await.unwrap();
+        let again = db.allocate_exposure_within(idle[1], &svc.uuid, (50001, 50100), None, &[], quota, over).await;
+        assert!(matches!(again, Err(Error::Conflict(_))), "{}", t.name);
+    }
+}
+
+/// Concurrent upserts of one membership, or of one agent (two processes), all succeed: a
+/// delete and an insert raced and the loser failed on the primary key (a 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_upserts_all_succeed() {
+    for t in TestDb::all().await {
+        let p = t.db.create_project("upserts").await.unwrap();
+        let u = t.db.create_user("bob", "hash", false).await.unwrap();
+        let second = t.reopen().await;
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
+            let (user, project) = (u.uuid.clone(), p.uuid.clone());
+            let role = if i % 3 == 0 { Role::Manager } else { Role::User };
+            tasks.push(tokio::spawn(async move {
+                db.set_membership(&user, &project, role).await?;
+                db.upsert_agent("agent-1", "wamp", &format!("wss://cloud/{i}"), i % 2 == 0, true).await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap_or_else(|e| panic!("{}: {e:?}", t.name));
+        }
+        assert_eq!(t.db.memberships(&u.uuid).await.unwrap().len(), 1, "{}", t.name);
+        assert_eq!(t.db.agents("wamp").await.unwrap().len(), 1, "{}", t.name);
+        // The last write wins, whole.
+        t.db.set_membership(&u.uuid, &p.uuid, Role::Admin).await.unwrap();
+        assert_eq!(t.db.memberships(&u.uuid).await.unwrap()[0].1, Role::Admin, "{}", t.name);
+        t.db.upsert_agent("agent-1", "wamp", "wss://cloud/last", false, false).await.unwrap();
+        let a = t.db.agents("wamp").await.unwrap().remove(0);
+        assert_eq!((a.url.as_str(), a.online, a.ragent), ("wss://cloud/last", false, false), "{}", t.name);
+    }
+}
+
+/// Updating a service deleted meanwhile is a 404, not the 409 of a port change refused
+/// while the service is exposed.
+#[tokio::test]
+async fn updating_a_deleted_service_is_not_found() {
+    use iotronic::db::ServiceUpdate;
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t.db, "svc-upd").await;
+        let exposed = t.db.create_service("ssh", &p, 22, "TCP", &json!({})).await.unwrap();
+        t.db.allocate_exposure(&b, &exposed.uuid, (50001, 50010), None, &[]).await.unwrap();
+        let port = |port| ServiceUpdate { port: Some(port), ..Default::default() };
+        assert!(matches!(t.db.update_service(&exposed.uuid, port(2222)).await, Err(Error::Conflict(_))), "{}", t.name);
+        let gone = t.db.create_service("http", &p, 80, "TCP", &json!({})).await.unwrap();
+        t.db.delete_service(&gone.uuid).await.unwrap();
+        assert!(matches!(t.db.update_service(&gone.uuid, port(8080)).await, Err(Error::NotFound(_))), "{}", t.name);
+        let name = ServiceUpdate { name: Some("web".into()), ..Default::default() };
+        assert!(matches!(t.db.update_service(&gone.uuid, name).await, Err(Error::NotFound(_))), "{}", t.name);
     }
 }
 

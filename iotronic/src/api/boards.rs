@@ -613,16 +613,19 @@ pub async fn service_action(
         "ServiceEnable" => {
             let allow = crate::db::parse_allow_list(a.allow.as_deref().unwrap_or_default())?;
             // One tenant may not take the whole public pool (queued enables on offline boards
-            // hold their ports for as long as they wait).
-            let held = state.db.exposures_held_by(&c.project).await?;
-            if !c.is_admin && held >= i64::from(state.ports_per_project) {
-                return Err(Error::Conflict(format!(
+            // hold their ports for as long as they wait). Counted in the allocation's own
+            // transaction: concurrent enables cannot all pass the check and then all insert.
+            let quota = (!c.is_admin).then(|| (c.project.as_str(), i64::from(state.ports_per_project)));
+            let over_quota = |held| {
+                Error::Conflict(format!(
                     "project {} holds {held} public ports, its most (--ports-per-project): disable a service first",
                     c.project_name
                 ))
-                .into());
-            }
-            let e = state.db.allocate_exposure(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow).await?;
+            };
+            let e = state
+                .db
+                .allocate_exposure_within(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow, quota, over_quota)
+                .await?;
             let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             match call_board(&state, &c, &b, "ServiceEnable", args, opts).await {
                 Ok(Outcome::Done(_)) | Ok(Outcome::Accepted(_)) => {

@@ -164,23 +164,20 @@ impl Db {
         col(&row, "n")
     }
 
-    /// Adds (or changes) a user's role in a project.
+    /// Adds (or changes) a user's role in a project, in one statement (a delete and an insert
+    /// raced, and the loser failed on the primary key).
     pub async fn set_membership(&self, user_uuid: &str, project_uuid: &str, role: Role) -> Result<(), Error> {
-        let mut tx = self.pool().begin().await.map_err(db_err)?;
-        sqlx::query("DELETE FROM memberships WHERE user_uuid = $1 AND project_uuid = $2")
-            .bind(user_uuid)
-            .bind(project_uuid)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        sqlx::query("INSERT INTO memberships (user_uuid, project_uuid, role) VALUES ($1, $2, $3)")
-            .bind(user_uuid)
-            .bind(project_uuid)
-            .bind(role.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        sqlx::query(
+            "INSERT INTO memberships (user_uuid, project_uuid, role) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_uuid, project_uuid) DO UPDATE SET role = excluded.role",
+        )
+        .bind(user_uuid)
+        .bind(project_uuid)
+        .bind(role.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
     }
 
     /// The projects a user belongs to, with the role in each (first by name).

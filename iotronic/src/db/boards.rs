@@ -289,56 +289,51 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
-    /// Enrollment: a `registered` board gets its agent, its config and (for authenticated
-    /// enrollment) its derived key; it becomes `offline`. `consume_code` clears the code and
-    /// records its SHA-256 and the time (`enroll_code_hash`, `enrolled_at`), with which the
-    /// board may repeat an enrollment whose reply it lost ([`Db::board_by_enroll_code`]).
+    /// Enrollment with `code`, the registration code the board presented: a `registered`
+    /// board gets its agent, its config and (for authenticated enrollment) its derived key; it
+    /// becomes `offline`. `consume_code` clears the code and records its SHA-256 and the time
+    /// (`enroll_code_hash`, `enrolled_at`), with which the board may repeat an enrollment whose
+    /// reply it lost ([`Db::board_by_enroll_code`]).
+    ///
+    /// One statement, on condition that `code` is still the board's unexpired code: false, and
+    /// nothing written, when it is not (a revoke or rotate-secret since the board was looked
+    /// up by it, or another enrollment that consumed it first). Looked up and written apart,
+    /// a revocation or a rotated code landing in between was undone, and two enrollments with
+    /// one code both got a secret.
     pub async fn enroll_board(
         &self,
         uuid: &str,
+        code: &str,
         agent: &str,
         config: &Value,
         secret: Option<(&str, &str)>,
         consume_code: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let (salt, key) = secret.map_or((None, None), |(s, k)| (Some(s.to_owned()), Some(k.to_owned())));
-        // The code consumed, read first; the update records its hash only if it is still the
-        // board's code (a rotation in between leaves no hash of a code that was not used).
-        let code = if consume_code {
-            sqlx::query("SELECT code FROM boards WHERE uuid = $1")
-                .bind(uuid)
-                .fetch_optional(self.pool())
-                .await
-                .map_err(db_err)?
-                .map(|row| col::<Option<String>>(&row, "code"))
-                .transpose()?
-                .flatten()
-        } else {
-            None
-        };
-        let hash = code.as_deref().map(crate::auth::token_hash);
-        sqlx::query(
+        let now = now_ms();
+        let r = sqlx::query(
             "UPDATE boards SET status = CASE WHEN status = 'registered' THEN 'offline' ELSE status END, agent = $1, \
              config = $2, secret_salt = COALESCE($3, secret_salt), secret_key = COALESCE($4, secret_key), \
              code = CASE WHEN $5 = 1 THEN NULL ELSE code END, \
              revoked_at = CASE WHEN $5 = 1 THEN NULL ELSE revoked_at END, \
-             enroll_code_hash = CASE WHEN $5 = 1 AND code = $8 THEN $9 ELSE enroll_code_hash END, \
-             enrolled_at = CASE WHEN $5 = 1 AND code = $8 THEN $6 ELSE enrolled_at END, \
-             updated_at = $6 WHERE uuid = $7",
+             enroll_code_hash = CASE WHEN $5 = 1 THEN $6 ELSE enroll_code_hash END, \
+             enrolled_at = CASE WHEN $5 = 1 THEN $7 ELSE enrolled_at END, \
+             updated_at = $7 WHERE uuid = $8 AND code = $9 AND COALESCE(code_expires_at, created_at + $10) > $7",
         )
         .bind(agent)
         .bind(config.to_string())
         .bind(salt)
         .bind(key)
         .bind(i64::from(consume_code))
-        .bind(now_ms())
+        .bind(crate::auth::token_hash(code))
+        .bind(now)
         .bind(uuid)
         .bind(code)
-        .bind(hash)
+        .bind(crate::auth::CODE_TTL_MS)
         .execute(self.pool())
         .await
         .map_err(db_err)?;
-        Ok(())
+        Ok(r.rows_affected() > 0)
     }
 
     /// The board whose enrollment consumed the code with SHA-256 `code_hash` (hex) after
@@ -466,24 +461,23 @@ impl Db {
         online: bool,
         ragent: bool,
     ) -> Result<(), Error> {
-        let mut tx = self.pool().begin().await.map_err(db_err)?;
-        sqlx::query("DELETE FROM agents WHERE name = $1 AND kind = $2")
-            .bind(name)
-            .bind(kind)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        sqlx::query("INSERT INTO agents (name, kind, url, online, ragent, last_seen) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(name)
-            .bind(kind)
-            .bind(url)
-            .bind(i64::from(online))
-            .bind(i64::from(ragent))
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        // One statement: a delete and an insert raced (a restart beside a still-running
+        // agent of the same name) and the loser failed on the primary key.
+        sqlx::query(
+            "INSERT INTO agents (name, kind, url, online, ragent, last_seen) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (name, kind) DO UPDATE SET url = excluded.url, online = excluded.online, \
+             ragent = excluded.ragent, last_seen = excluded.last_seen",
+        )
+        .bind(name)
+        .bind(kind)
+        .bind(url)
+        .bind(i64::from(online))
+        .bind(i64::from(ragent))
+        .bind(now_ms())
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(())
     }
 
     /// Stores what agent `name` of `kind` has carried (JSON), stamped now.

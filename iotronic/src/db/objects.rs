@@ -382,6 +382,17 @@ impl Db {
             unique_or(e, || format!("a service named {:?} already exists in this project", name.unwrap_or_default()))
         })?;
         if r.rows_affected() == 0 {
+            // Nothing written: the service is gone (deleted since it was looked up), or the
+            // port may not change.
+            let exists = sqlx::query("SELECT uuid FROM services WHERE uuid = $1")
+                .bind(uuid)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(db_err)?
+                .is_some();
+            if !exists {
+                return Err(Error::NotFound(format!("service {uuid} not found")));
+            }
             return Err(Error::Conflict(format!(
                 "service {uuid} is exposed: its port cannot change until it is disabled on every board"
             )));
@@ -405,14 +416,50 @@ impl Db {
         lease: Option<&str>,
         allow: &[IpNet],
     ) -> Result<Exposure, Error> {
+        let unlimited = |held| Error::Conflict(format!("{held} public ports held"));
+        self.allocate_exposure_within(board, service, range, lease, allow, None, unlimited).await
+    }
+
+    /// [`allocate_exposure`](Self::allocate_exposure) within a quota: with `Some((project,
+    /// max))`, refused with `over_quota(held)` when `project` already holds `max` public ports
+    /// ([`exposures_held_by`](Self::exposures_held_by)). The count and the insert are one
+    /// transaction, and the transactions of one project run one after the other: concurrent
+    /// requests cannot all count below the quota and then all insert.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn allocate_exposure_within(
+        &self,
+        board: &str,
+        service: &str,
+        range: (u16, u16),
+        lease: Option<&str>,
+        allow: &[IpNet],
+        quota: Option<(&str, i64)>,
+        over_quota: impl FnOnce(i64) -> Error,
+    ) -> Result<Exposure, Error> {
         let allow: Vec<String> = allow.iter().map(|n| n.trunc().to_string()).collect();
         let allow_json = serde_json::to_string(&allow).map_err(|e| Error::Invalid(e.to_string()))?;
         for _ in 0..64 {
-            if let Some(e) = self.exposure(board, service).await? {
-                return Err(Error::Conflict(format!("service already exposed on public port {}", e.public_port)));
+            // Dropped without a commit (a refusal, a port taken meanwhile): rolled back.
+            let mut tx = self.exposure_tx(quota.map(|(project, _)| project)).await?;
+            if let Some((project, max)) = quota {
+                let held = exposures_held(&mut tx, project).await?;
+                if held >= max {
+                    return Err(over_quota(held));
+                }
+            }
+            let existing =
+                sqlx::query("SELECT public_port FROM exposed_services WHERE board_uuid = $1 AND service_uuid = $2")
+                    .bind(board)
+                    .bind(service)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            if let Some(row) = existing {
+                let port: i64 = col(&row, "public_port")?;
+                return Err(Error::Conflict(format!("service already exposed on public port {port}")));
             }
             let used: Vec<i64> = sqlx::query("SELECT public_port FROM exposed_services ORDER BY public_port")
-                .fetch_all(self.pool())
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(db_err)?
                 .iter()
@@ -435,10 +482,11 @@ impl Db {
             .bind(lease.map(str::to_owned))
             .bind(now)
             .bind(&allow_json)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await;
             match r {
                 Ok(_) => {
+                    tx.commit().await.map_err(db_err)?;
                     let lease = lease.map(str::to_owned);
                     return Ok(Exposure {
                         board: board.into(),
@@ -454,6 +502,27 @@ impl Db {
             }
         }
         Err(Error::Unavailable("could not allocate a public port after 64 attempts".into()))
+    }
+
+    /// The transaction of an allocation, serialized with the others of `project`. SQLite:
+    /// `BEGIN IMMEDIATE` takes the database's one write lock at once (waiting for the other
+    /// writer), so its reads see what the previous allocation committed (a transaction that
+    /// read first could not write after another's commit). PostgreSQL (READ COMMITTED): the
+    /// project's row, locked until commit (`FOR NO KEY UPDATE` leaves inserts referring to the
+    /// project free); each statement after it sees what the previous holder committed.
+    async fn exposure_tx(&self, project: Option<&str>) -> Result<sqlx::Transaction<'static, sqlx::Any>, Error> {
+        if self.backend() == super::Backend::Sqlite {
+            return self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(db_err);
+        }
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        if let Some(project) = project {
+            sqlx::query("SELECT uuid FROM projects WHERE uuid = $1 FOR NO KEY UPDATE")
+                .bind(project)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(tx)
     }
 
     pub async fn exposure(&self, board: &str, service: &str) -> Result<Option<Exposure>, Error> {
@@ -520,17 +589,8 @@ impl Db {
     /// Public ports `project` holds: exposures on its boards outside leases, and exposures
     /// under its leases (on boards of any project).
     pub async fn exposures_held_by(&self, project: &str) -> Result<i64, Error> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM exposed_services e JOIN boards b ON b.uuid = e.board_uuid \
-             LEFT JOIN leases l ON l.uuid = e.lease_uuid \
-             WHERE (l.uuid IS NOT NULL AND l.project_uuid = $1) OR (l.uuid IS NULL AND b.project_uuid = $2)",
-        )
-        .bind(project)
-        .bind(project)
-        .fetch_one(self.pool())
-        .await
-        .map_err(db_err)?;
-        col(&row, "n")
+        let mut conn = self.pool().acquire().await.map_err(db_err)?;
+        exposures_held(&mut conn, project).await
     }
 
     pub async fn count_exposures(&self) -> Result<i64, Error> {
@@ -803,6 +863,21 @@ async fn check_no_clash(tx: &mut sqlx::Transaction<'_, sqlx::Any>, v: &Vpn) -> R
         }
     }
     Ok(())
+}
+
+/// [`Db::exposures_held_by`] on a connection (or in a transaction).
+async fn exposures_held(conn: &mut sqlx::AnyConnection, project: &str) -> Result<i64, Error> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n FROM exposed_services e JOIN boards b ON b.uuid = e.board_uuid \
+         LEFT JOIN leases l ON l.uuid = e.lease_uuid \
+         WHERE (l.uuid IS NOT NULL AND l.project_uuid = $1) OR (l.uuid IS NULL AND b.project_uuid = $2)",
+    )
+    .bind(project)
+    .bind(project)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    col(&row, "n")
 }
 
 #[cfg(test)]
