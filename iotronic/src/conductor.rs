@@ -5,6 +5,8 @@
 //! Every handler is idempotent: request state moves by compare-and-set in the database, so a
 //! message delivered twice (a conductor killed before its ack) does its work once.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,6 +28,16 @@ pub const PENDING_LIMIT: Duration = Duration::from_secs(15 * 60);
 /// at most 1 h), but it restarted or rebooted meanwhile, or the call was lost. It fails.
 pub const RUNNING_LIMIT: Duration = Duration::from_secs(2 * 3600);
 
+/// How long finished requests (COMPLETED, FAILED, EXPIRED) and their results stay listed
+/// before the sweep deletes them.
+pub const REQUEST_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often the sweep deletes finished requests past [`REQUEST_RETENTION`]: each time at most
+/// [`PURGE_BATCHES`] batches of [`PURGE_BATCH`], so that one sweep stays short however many
+/// have piled up (the rest goes next time).
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+pub const PURGE_BATCH: i64 = 500;
+pub const PURGE_BATCHES: usize = 20;
+
 /// Public ports handed out for exposed services (the original's pool, ends excluded).
 pub const PUBLIC_PORTS: (u16, u16) = (50001, 59999);
 
@@ -33,11 +45,13 @@ pub const PUBLIC_PORTS: (u16, u16) = (50001, 59999);
 pub struct Conductor {
     db: Db,
     bus: Bus,
+    /// When (ms, the sweep's clock) finished requests were last purged.
+    purged_at: Arc<AtomicI64>,
 }
 
 impl Conductor {
     pub fn new(db: Db, bus: Bus) -> Self {
-        Conductor { db, bus }
+        Conductor { db, bus, purged_at: Arc::new(AtomicI64::new(i64::MIN)) }
     }
 
     /// Runs until `shutdown`. With the in-process bus, first recovers what a previous run left
@@ -263,7 +277,7 @@ impl Conductor {
     /// them at once). One that ends at delivery (refused, failed) makes way at once; one
     /// another conductor took first is left to it, whose end sends the next.
     async fn deliver_queued(&self, board: &str) -> Result<(), Error> {
-        while let Some(r) = self.db.queued_for_board(board).await?.into_iter().next() {
+        while let Some(r) = self.db.next_queued_for_board(board).await? {
             if !self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await? {
                 return Ok(());
             }
@@ -278,12 +292,14 @@ impl Conductor {
     }
 
     /// Expires queued requests and leases whose time has come, fails requests stuck PENDING
-    /// or RUNNING, and finishes lease teardowns that failed half way.
+    /// or RUNNING, finishes lease teardowns that failed half way, and deletes finished
+    /// requests older than [`REQUEST_RETENTION`]. Ended leases are kept: they are the
+    /// project's lease history (`GET /v1/leases`, `s4t lease list --all`).
     pub async fn sweep(&self) -> Result<(), Error> {
         self.sweep_at(crate::db::now_ms()).await
     }
 
-    /// [`Conductor::sweep`] as at `now` (ms) for the stuck requests.
+    /// [`Conductor::sweep`] as at `now` (ms) for the stuck and the finished requests.
     pub async fn sweep_at(&self, now: i64) -> Result<(), Error> {
         for r in self.db.expire_queued().await? {
             self.undo_allocation(&r).await?;
@@ -304,6 +320,30 @@ impl Conductor {
         for lease in self.db.ended_leases_with_leftovers().await? {
             info!(lease = %lease.uuid, "finishing the teardown of an ended lease");
             self.teardown_lease(&lease).await?;
+        }
+        self.purge_finished(now).await
+    }
+
+    /// Deletes finished requests older than [`REQUEST_RETENTION`] as at `now`, at most every
+    /// [`PURGE_EVERY`] and at most [`PURGE_BATCHES`] × [`PURGE_BATCH`] at a time.
+    async fn purge_finished(&self, now: i64) -> Result<(), Error> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let last = self.purged_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < ms(PURGE_EVERY) {
+            return Ok(());
+        }
+        self.purged_at.store(now, Ordering::Relaxed);
+        let before = now.saturating_sub(ms(REQUEST_RETENTION));
+        let mut total = 0;
+        for _ in 0..PURGE_BATCHES {
+            let n = self.db.purge_finished_requests(before, PURGE_BATCH).await?;
+            total += n;
+            if n < PURGE_BATCH as u64 {
+                break;
+            }
+        }
+        if total > 0 {
+            info!(requests = total, "finished requests past their retention deleted");
         }
         Ok(())
     }

@@ -1008,3 +1008,32 @@ async fn the_audit_log_pages_exactly_and_filters_by_exact_prefix() {
     let (_, v) = cloud.req("GET", next, Some(&admin), None).await;
     assert_ne!(v["audit"][0]["id"].as_str(), Some(first.as_str()), "{v}");
 }
+
+/// An administrator acting on a name that two projects use gets 409, not whichever project's
+/// object sorts first (a DELETE reached another project's service); the uuid reaches each,
+/// and a project's own members still act by name.
+#[tokio::test]
+async fn an_administrator_cannot_reach_another_projects_object_by_a_shared_name() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (admin, ann, bob) = tenants(&cloud).await;
+    let mut uuids = Vec::new();
+    for tok in [&ann, &bob] {
+        let svc = json!({"name": "web", "port": 80, "protocol": "TCP"});
+        let (s, v) = cloud.req("POST", "/v1/services", Some(tok), Some(svc)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        uuids.push(v["uuid"].as_str().unwrap().to_owned());
+    }
+    let (s, v) = cloud.req("DELETE", "/v1/services/web", Some(&admin), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    for u in &uuids {
+        let (s, v) = cloud.req("GET", &format!("/v1/services/{u}"), Some(&admin), None).await;
+        assert_eq!(s, StatusCode::OK, "both services are still there: {v}");
+    }
+    let (s, v) = cloud.req("DELETE", "/v1/services/web", Some(&bob), None).await;
+    assert!(s.is_success(), "{v}");
+    let (s, v) = cloud.req("GET", &format!("/v1/services/{}", uuids[0]), Some(&ann), None).await;
+    assert_eq!(s, StatusCode::OK, "ann's service is untouched: {v}");
+    let (s, v) = cloud.req("GET", "/v1/services/web", Some(&admin), None).await;
+    assert_eq!((s, v["uuid"].as_str()), (StatusCode::OK, Some(uuids[0].as_str())), "one left: {v}");
+}

@@ -6,9 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
+use iotronic::Error;
 use iotronic::bus::{AgentCall, Bus, ConductorMsg, Delivery};
-use iotronic::conductor::Conductor;
-use iotronic::db::{Board, NewBoard, Project, RequestStatus, now_ms};
+use iotronic::conductor::{Conductor, REQUEST_RETENTION};
+use iotronic::db::{Board, Db, Injection, NewBoard, Plugin, Project, RequestStatus, now_ms};
 use serde_json::json;
 
 /// Project "p" and its board "b" (offline).
@@ -313,4 +314,172 @@ async fn a_request_queued_as_its_board_logs_in_goes_out() {
     c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
     let call = agent.try_recv().expect("the request waits for the next login").msg;
     assert_eq!((call.request.as_str(), call.session.as_str()), (r.uuid.as_str(), "9"));
+}
+
+/// A board offline for long gathers at most `Db::MAX_QUEUED_PER_BOARD` commands waiting for
+/// it (each may hold a plugin's code, 512 KiB): the next is refused with a 409 (Conflict)
+/// until one has gone. Before, there was no cap, and every delivery read all of them.
+/// Commands sent at once, and other boards, are not counted.
+#[tokio::test]
+async fn queued_requests_per_board_are_capped() {
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t).await;
+        let later = Some(now_ms() + 60_000);
+        let mut first = None;
+        for i in 0..Db::MAX_QUEUED_PER_BOARD {
+            let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), later).await.unwrap();
+            // Both a QUEUED one and a PENDING one made to be queued count.
+            if i % 2 == 0 {
+                t.db.transition_request(&r.uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await.unwrap();
+            }
+            first.get_or_insert(r.uuid);
+        }
+        match t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), later).await {
+            Err(Error::Conflict(why)) => assert!(why.contains("waiting for it already"), "{}: {why}", t.name),
+            other => panic!("{}: the cap let one more in: {other:?}", t.name),
+        }
+        // Not queued, or for another board: not counted.
+        t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+        let nb = NewBoard { name: "b2".into(), code: "c2".into(), project: p.uuid.clone(), ..Default::default() };
+        let b2 = t.db.insert_board(nb).await.unwrap();
+        t.db.create_request(&p.uuid, &b2.uuid, "DevicePing", &json!([]), later).await.unwrap();
+        // One gone (expired), one more fits.
+        let gone = first.unwrap();
+        assert!(t.db.transition_request(&gone, &[RequestStatus::Queued], RequestStatus::Expired, None).await.unwrap());
+        t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), later).await.unwrap();
+    }
+}
+
+/// Finished requests (and their results) are deleted by the sweep once older than
+/// `REQUEST_RETENTION`, a bounded batch at a time; younger ones, unfinished ones and one a
+/// pending plugin injection still waits on stay. Before, requests were never deleted.
+#[tokio::test]
+async fn finished_requests_are_purged_after_their_retention() {
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t).await;
+        let c = Conductor::new(t.db.clone(), Bus::in_process());
+        let finish = |to: RequestStatus| {
+            let (db, p, b) = (t.db.clone(), p.uuid.clone(), b.uuid.clone());
+            async move {
+                let r = db.create_request(&p, &b, "DevicePing", &json!([]), None).await.unwrap();
+                assert!(db.transition_request(&r.uuid, &[RequestStatus::Pending], to, None).await.unwrap());
+                db.set_result(&r.uuid, &b, "ERROR", "x").await.unwrap();
+                r.uuid
+            }
+        };
+        let mut done = Vec::new();
+        for to in [RequestStatus::Completed, RequestStatus::Failed, RequestStatus::Expired] {
+            done.push(finish(to).await);
+        }
+        // A queued one that waits longer than the retention.
+        let far = Some(now_ms() + 2 * REQUEST_RETENTION.as_millis() as i64);
+        let queued = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), far).await.unwrap().uuid;
+        t.db.transition_request(&queued, &[RequestStatus::Pending], RequestStatus::Queued, None).await.unwrap();
+        // A PluginInject answered after the API gave up waiting: the injection learns how it
+        // ended from the request when next read.
+        let inject = finish(RequestStatus::Completed).await;
+        let plugin = Plugin {
+            uuid: String::new(),
+            name: "blink".into(),
+            owner: "o".into(),
+            project: p.uuid.clone(),
+            public: false,
+            code: String::new(),
+            callable: true,
+            parameters: json!({}),
+            extra: json!({}),
+            kind: "wasm".into(),
+            grants: json!({}),
+            code_sha256: String::new(),
+            code_size: 0,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let plugin = t.db.create_plugin(&plugin).await.unwrap();
+        let injection = Injection {
+            board: b.uuid.clone(),
+            plugin: plugin.uuid,
+            onboot: false,
+            status: "pending".into(),
+            grants: json!({}),
+            code_sha256: String::new(),
+            request: Some(inject.clone()),
+            created_at: 0,
+            updated_at: 0,
+        };
+        t.db.upsert_injection(&injection).await.unwrap();
+
+        let retention = REQUEST_RETENTION.as_millis() as i64;
+        c.sweep_at(now_ms() + retention - 120_000).await.unwrap();
+        for r in &done {
+            assert!(t.db.request(r, None).await.unwrap().is_some(), "{}: purged before its time", t.name);
+        }
+        // A batch is bounded.
+        assert_eq!(t.db.purge_finished_requests(now_ms() + 1, 1).await.unwrap(), 1, "{}", t.name);
+        // The sweep purges at most once a minute (of its clock): three minutes later.
+        c.sweep_at(now_ms() + retention + 60_000).await.unwrap();
+        for r in &done {
+            assert!(t.db.request(r, None).await.unwrap().is_none(), "{}: kept past its retention", t.name);
+            assert!(t.db.results(r).await.unwrap().is_empty(), "{}: its results stayed", t.name);
+        }
+        assert_eq!(t.db.request(&queued, None).await.unwrap().unwrap().status, RequestStatus::Queued);
+        assert!(t.db.request(&inject, None).await.unwrap().is_some(), "{}: a pending injection's request", t.name);
+    }
+}
+
+/// Tunnel tokens (valid for days) travel in the arguments of ServiceEnable and VpnJoin; once
+/// the request is final (answered, failed or expired) they are gone from the database, and a
+/// request's `Debug` never shows its arguments. Before, they stayed in `requests.args`.
+#[tokio::test]
+async fn a_finished_request_keeps_no_tunnel_token() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let enable = json!([{"uuid": "s1", "name": "ssh", "port": 22, "protocol": "TCP",
+                         "tunnel_url": "ws://cloud", "tunnel_token": "SECRET-ENABLE"}, 50001]);
+    let join = json!([{"vpn": "v1", "address": "10.0.0.2", "tunnel_url": "ws://cloud", "token": "SECRET-JOIN"}]);
+    let stored = |uuid: String| {
+        let db = t.db.clone();
+        async move { db.request(&uuid, None).await.unwrap().unwrap() }
+    };
+
+    // Answered by the board.
+    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &enable, None).await.unwrap();
+    assert!(!format!("{r:?}").contains("SECRET"), "{r:?}");
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    let call = agent.recv().await.unwrap().msg;
+    assert_eq!(call.args[0]["tunnel_token"], "SECRET-ENABLE", "the board gets its token");
+    assert_eq!(stored(r.uuid.clone()).await.args, enable, "kept while running");
+    let answer = ConductorMsg::Result {
+        request: r.uuid.clone(),
+        board: b.uuid.clone(),
+        result: "SUCCESS".into(),
+        message: json!("ok"),
+    };
+    c.handle(answer, false).await.unwrap();
+    let done = stored(r.uuid.clone()).await;
+    assert_eq!(done.status, RequestStatus::Completed);
+    assert_eq!(
+        done.args,
+        json!([{"uuid": "s1", "name": "ssh", "port": 22, "protocol": "TCP",
+                                  "tunnel_url": "ws://cloud"}, 50001])
+    );
+
+    // Failed on its way.
+    let r = t.db.create_request(&p.uuid, &b.uuid, "VpnJoin", &join, None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    agent.recv().await.unwrap();
+    let failed = ConductorMsg::Failed { request: r.uuid.clone(), board: b.uuid.clone(), reason: "gone".into() };
+    c.handle(failed, false).await.unwrap();
+    let done = stored(r.uuid.clone()).await;
+    assert_eq!(done.status, RequestStatus::Failed);
+    assert!(!done.args.to_string().contains("SECRET"), "{}", done.args);
+    assert_eq!(done.args[0]["vpn"], "v1", "the rest stays");
+
+    // Queued for a board that never came back.
+    t.db.session_left("7").await.unwrap();
+    let r = t.db.create_request(&p.uuid, &b.uuid, "VpnJoin", &join, Some(now_ms() - 1)).await.unwrap();
+    t.db.transition_request(&r.uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await.unwrap();
+    c.sweep().await.unwrap();
+    let done = stored(r.uuid.clone()).await;
+    assert_eq!(done.status, RequestStatus::Expired);
+    assert!(!done.args.to_string().contains("SECRET"), "{}", done.args);
 }

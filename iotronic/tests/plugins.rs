@@ -568,3 +568,77 @@ async fn plugin_rows_and_injections_on_both_backends() {
         assert!(db.boards_with_plugin(&mine.uuid).await.unwrap().is_empty(), "{}", t.name);
     }
 }
+
+/// A project holds one plugin of a name: the unique index on `(project_uuid, name)` decides
+/// between concurrent creates and renames (the API's check before the insert could not), and
+/// its violation is a 409 (Conflict). Migration 0011 renames the duplicates a database may
+/// already hold ("<name>-<uuid>", the oldest keeps the name) so that the index can be built:
+/// replayed here on a database with the index removed and duplicates inserted.
+#[tokio::test]
+async fn plugin_names_are_unique_per_project_on_both_backends() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        let p = db.create_project("p").await.unwrap();
+        let other = db.create_project("q").await.unwrap();
+        let new = |name: &str, project: &str| Plugin {
+            uuid: String::new(),
+            name: name.into(),
+            owner: "o".into(),
+            project: project.into(),
+            public: false,
+            code: "AGFzbQEAAAA=".into(),
+            callable: true,
+            parameters: json!({}),
+            extra: json!({}),
+            kind: "wasm".into(),
+            grants: json!({}),
+            code_sha256: "ab".repeat(32),
+            code_size: 8,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let blink = db.create_plugin(&new("blink", &p.uuid)).await.unwrap();
+        let second = db.create_plugin(&new("blink", &p.uuid)).await;
+        assert!(matches!(second, Err(iotronic::Error::Conflict(_))), "{}: {second:?}", t.name);
+        db.create_plugin(&new("blink", &other.uuid)).await.unwrap();
+        let echo = db.create_plugin(&new("echo", &p.uuid)).await.unwrap();
+        let rename = iotronic::db::PluginUpdate { name: Some("blink".into()), ..Default::default() };
+        let renamed = db.update_plugin(&echo.uuid, rename).await;
+        assert!(matches!(renamed, Err(iotronic::Error::Conflict(_))), "{}: {renamed:?}", t.name);
+        assert_eq!(db.plugin(&echo.uuid, None).await.unwrap().unwrap().name, "echo");
+
+        // A database from before 0011 with duplicates (inserted past the API's check).
+        let raw = sqlx::AnyPool::connect(t.url.expose()).await.unwrap();
+        sqlx::query("DROP INDEX plugins_project_name").execute(&raw).await.unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 11").execute(&raw).await.unwrap();
+        let mut dups = Vec::new();
+        for created_at in [2_i64, 1, 1] {
+            let uuid = uuid::Uuid::new_v4().to_string();
+            sqlx::query(
+                "INSERT INTO plugins (uuid, name, owner_uuid, project_uuid, created_at, updated_at) \
+                 VALUES ($1, 'dup', 'o', $2, $3, $3)",
+            )
+            .bind(&uuid)
+            .bind(&p.uuid)
+            .bind(created_at)
+            .execute(&raw)
+            .await
+            .unwrap();
+            dups.push(uuid);
+        }
+        raw.close().await;
+        let db = t.reopen().await;
+        let name = |uuid: String| {
+            let db = db.clone();
+            async move { db.plugin(&uuid, None).await.unwrap().unwrap().name }
+        };
+        // The oldest (created first; the lower uuid between two of the same time) keeps it.
+        let (older, newer) = if dups[1] < dups[2] { (&dups[1], &dups[2]) } else { (&dups[2], &dups[1]) };
+        assert_eq!(name(older.clone()).await, "dup", "{}", t.name);
+        assert_eq!(name(newer.clone()).await, format!("dup-{newer}"), "{}", t.name);
+        assert_eq!(name(dups[0].clone()).await, format!("dup-{}", dups[0]), "{}", t.name);
+        assert_eq!(name(blink.uuid.clone()).await, "blink", "{}", t.name);
+        let again = db.create_plugin(&new("dup", &p.uuid)).await;
+        assert!(matches!(again, Err(iotronic::Error::Conflict(_))), "{}: {again:?}", t.name);
+    }
+}

@@ -52,6 +52,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "agent stats", include_str!("../../migrations/0008_agent_stats.sql")),
     (9, "request lease", include_str!("../../migrations/0009_request_lease.sql")),
     (10, "enroll repeat", include_str!("../../migrations/0010_enroll_repeat.sql")),
+    (11, "bounds", include_str!("../../migrations/0011_bounds.sql")),
 ];
 
 /// Which database a [`Db`] talks to.
@@ -243,7 +244,9 @@ impl Db {
     /// The row `select` (a `SELECT … FROM <table>` with a `uuid`, a `name` and a
     /// `project_uuid`) finds for `ident`, a uuid or a name, within `project` when given. A uuid
     /// match comes before name matches: an object of another project named after a uuid (seen
-    /// by an administrator's unscoped lookup) is never what acting on that uuid reaches.
+    /// by an administrator's unscoped lookup) is never what acting on that uuid reaches. A name
+    /// that several projects use (seen by an unscoped lookup) is [`Error::Conflict`]: acting
+    /// on whichever came first could reach another project's object.
     pub(crate) async fn row_by_ident(
         &self,
         select: &str,
@@ -251,16 +254,23 @@ impl Db {
         project: Option<&str>,
     ) -> Result<Option<sqlx::any::AnyRow>, Error> {
         let sql = format!(
-            "{select} WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 1"
+            "{select} WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4) ORDER BY uuid <> $1, uuid LIMIT 2"
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql))
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(ident)
             .bind(ident)
             .bind(project.unwrap_or(""))
             .bind(project.unwrap_or(""))
-            .fetch_optional(self.pool())
+            .fetch_all(self.pool())
             .await
-            .map_err(db_err)
+            .map_err(db_err)?;
+        if rows.len() == 2 {
+            let uuid = |r: &sqlx::any::AnyRow| col::<String>(r, "uuid");
+            if uuid(&rows[0])? != ident {
+                return Err(Error::Conflict(format!("several projects have an object named {ident}: use its uuid")));
+            }
+        }
+        Ok((!rows.is_empty()).then(|| rows.swap_remove(0)))
     }
 }
 

@@ -3,8 +3,14 @@
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, json_col, new_uuid, now_ms};
+use super::{Db, col, db_err, json_col, new_uuid, now_ms, unique_or};
 use crate::Error;
+
+/// The 409 of a plugin name its project has already (the unique index on `(project_uuid,
+/// name)` decides between concurrent creates and renames).
+fn name_taken(name: &str) -> String {
+    format!("the project has a plugin called {name} already")
+}
 
 /// A plugin: its code and what calling it needs. `code` is what boards receive: base64 of a
 /// WebAssembly module or an executable, or (kind `python`) the pickle-0 text of Python source.
@@ -126,7 +132,7 @@ impl Db {
         .bind(now)
         .execute(self.pool())
         .await
-        .map_err(db_err)?;
+        .map_err(|e| unique_or(e, || name_taken(&p.name)))?;
         Ok(Plugin { uuid, created_at: now, updated_at: now, ..p.clone() })
     }
 
@@ -186,6 +192,7 @@ impl Db {
             Some(c) => (Some(c.kind), Some(c.code), Some(c.sha256), Some(c.size)),
             None => (None, None, None, None),
         };
+        let name = u.name.clone();
         sqlx::query(
             "UPDATE plugins SET name = COALESCE($1, name), public = COALESCE($2, public), code = COALESCE($3, code), \
              callable = COALESCE($4, callable), parameters = COALESCE($5, parameters), extra = COALESCE($6, extra), \
@@ -206,7 +213,7 @@ impl Db {
         .bind(uuid)
         .execute(self.pool())
         .await
-        .map_err(db_err)?;
+        .map_err(|e| unique_or(e, || name_taken(name.as_deref().unwrap_or_default())))?;
         Ok(())
     }
 

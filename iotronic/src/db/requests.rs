@@ -1,5 +1,7 @@
 //! Requests to boards and their results.
 
+use std::fmt;
+
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
@@ -51,7 +53,14 @@ impl RequestStatus {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Keys of request arguments that hold bearer secrets: the tunnel token of a ServiceEnable or
+/// ServiceRestore (`tunnel_token`, valid for days) and of a VpnJoin (`token`). They are
+/// dropped from the stored arguments once the request is final (nothing reads them after).
+pub const SECRET_ARG_KEYS: &[&str] = &["tunnel_token", "token"];
+
+/// `Debug` leaves out `args`: they may hold tunnel tokens (until the request is final) and
+/// a plugin's code (up to 512 KiB).
+#[derive(Clone)]
 pub struct Request {
     pub uuid: String,
     pub project: String,
@@ -77,6 +86,47 @@ pub struct ResultRow {
     pub message: String,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("uuid", &self.uuid)
+            .field("project", &self.project)
+            .field("destination", &self.destination)
+            .field("main_request", &self.main_request)
+            .field("pending_requests", &self.pending_requests)
+            .field("status", &self.status)
+            .field("action", &self.action)
+            .field("agent", &self.agent)
+            .field("expires_at", &self.expires_at)
+            .field("lease", &self.lease)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `args` without the [`SECRET_ARG_KEYS`] of any object in it, if it had any.
+pub fn without_secrets(args: &Value) -> Option<Value> {
+    fn strip(v: &mut Value) -> bool {
+        match v {
+            Value::Object(m) => {
+                let mut changed = false;
+                for k in SECRET_ARG_KEYS {
+                    changed |= m.remove(*k).is_some();
+                }
+                for v in m.values_mut() {
+                    changed |= strip(v);
+                }
+                changed
+            }
+            Value::Array(a) => a.iter_mut().fold(false, |changed, v| strip(v) | changed),
+            _ => false,
+        }
+    }
+    let mut out = args.clone();
+    strip(&mut out).then_some(out)
 }
 
 fn request_row(r: &AnyRow) -> Result<Request, Error> {
@@ -110,6 +160,11 @@ fn result_row(r: &AnyRow) -> Result<ResultRow, Error> {
 }
 
 impl Db {
+    /// The most requests one board may have waiting to be delivered (queued for its login, or
+    /// made to be queued and not yet handed to it): each may hold up to 512 KiB (a plugin's
+    /// code), and a board offline for long must not gather them without end.
+    pub const MAX_QUEUED_PER_BOARD: i64 = 256;
+
     /// Records a new request (PENDING, or QUEUED with an expiry).
     pub async fn create_request(
         &self,
@@ -122,7 +177,10 @@ impl Db {
         self.create_request_under(project, board, action, args, queue_until, None).await
     }
 
-    /// [`Db::create_request`] by a project acting under `lease` on the board.
+    /// [`Db::create_request`] by a project acting under `lease` on the board. A request to be
+    /// queued (`queue_until`) is refused (409) while the board has
+    /// [`Db::MAX_QUEUED_PER_BOARD`] waiting already; the count and the insert are one
+    /// statement (concurrent inserts on PostgreSQL may pass the cap by their number).
     pub async fn create_request_under(
         &self,
         project: &str,
@@ -133,9 +191,11 @@ impl Db {
         lease: Option<&str>,
     ) -> Result<Request, Error> {
         let (uuid, now) = (new_uuid(), now_ms());
-        sqlx::query(
+        let r = sqlx::query(
             "INSERT INTO requests (uuid, project_uuid, destination_uuid, status, type, action, args, expires_at, \
-             created_at, updated_at, lease_uuid) VALUES ($1, $2, $3, 'PENDING', 0, $4, $5, $6, $7, $8, $9)",
+             created_at, updated_at, lease_uuid) SELECT $1, $2, $3, 'PENDING', 0, $4, $5, $6, $7, $8, $9 \
+             WHERE $10 = 0 OR (SELECT COUNT(*) FROM requests WHERE destination_uuid = $11 \
+             AND status IN ('PENDING', 'QUEUED') AND expires_at IS NOT NULL) < $12",
         )
         .bind(&uuid)
         .bind(project)
@@ -146,9 +206,19 @@ impl Db {
         .bind(now)
         .bind(now)
         .bind(lease.map(str::to_owned))
+        .bind(i64::from(queue_until.is_some()))
+        .bind(board)
+        .bind(Self::MAX_QUEUED_PER_BOARD)
         .execute(self.pool())
         .await
         .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::Conflict(format!(
+                "board {board} has {} commands waiting for it already: queue more once it has logged in \
+                 and taken them (or they have expired)",
+                Self::MAX_QUEUED_PER_BOARD
+            )));
+        }
         self.request(&uuid, None).await?.ok_or_else(|| Error::NotFound(format!("request {uuid} vanished")))
     }
 
@@ -188,7 +258,8 @@ impl Db {
     }
 
     /// Compare-and-set of a request's status: moves it to `to` only from one of `from`, so
-    /// two processes handling the same request (a redelivered message) do the work once.
+    /// two processes handling the same request (a redelivered message) do the work once. A
+    /// request made final loses the secrets of its arguments ([`SECRET_ARG_KEYS`]).
     pub async fn transition_request(
         &self,
         uuid: &str,
@@ -196,14 +267,18 @@ impl Db {
         to: RequestStatus,
         agent: Option<&str>,
     ) -> Result<bool, Error> {
+        // Arguments never change after the insert: read before the compare-and-set, written
+        // with it.
+        let scrubbed = if to.is_final() { self.args_without_secrets(uuid).await? } else { None };
         let mut total = 0;
         for f in from {
             let r = sqlx::query(
-                "UPDATE requests SET status = $1, agent = COALESCE($2, agent), updated_at = $3 \
-                 WHERE uuid = $4 AND status = $5",
+                "UPDATE requests SET status = $1, agent = COALESCE($2, agent), args = COALESCE($3, args), \
+                 updated_at = $4 WHERE uuid = $5 AND status = $6",
             )
             .bind(to.as_str())
             .bind(agent.map(str::to_owned))
+            .bind(scrubbed.clone())
             .bind(now_ms())
             .bind(uuid)
             .bind(f.as_str())
@@ -216,6 +291,18 @@ impl Db {
             }
         }
         Ok(total > 0)
+    }
+
+    /// The request's arguments without their secrets, as text, if they hold any. The database
+    /// sends only arguments that may (a key ending in `token`), not every plugin's code.
+    async fn args_without_secrets(&self, uuid: &str) -> Result<Option<String>, Error> {
+        let row = sqlx::query("SELECT args FROM requests WHERE uuid = $1 AND args LIKE '%token\"%'")
+            .bind(uuid)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db_err)?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(without_secrets(&json_col(&row, "args")?).map(|v| v.to_string()))
     }
 
     /// Records a board's result for a request (insert or update).
@@ -259,7 +346,22 @@ impl Db {
         rows.iter().map(result_row).collect()
     }
 
-    /// Requests queued for `board` that have not expired, oldest first.
+    /// The oldest request queued for `board` that has not expired: the next to deliver.
+    pub async fn next_queued_for_board(&self, board: &str) -> Result<Option<Request>, Error> {
+        let row = sqlx::query(
+            "SELECT * FROM requests WHERE destination_uuid = $1 AND status = 'QUEUED' \
+             AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, uuid LIMIT 1",
+        )
+        .bind(board)
+        .bind(now_ms())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
+        row.as_ref().map(request_row).transpose()
+    }
+
+    /// Requests queued for `board` that have not expired, oldest first (at most
+    /// [`Db::MAX_QUEUED_PER_BOARD`] or a few more).
     pub async fn queued_for_board(&self, board: &str) -> Result<Vec<Request>, Error> {
         let rows = sqlx::query(
             "SELECT * FROM requests WHERE destination_uuid = $1 AND status = 'QUEUED' \
@@ -319,6 +421,25 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// Deletes up to `batch` finished requests (COMPLETED, FAILED, EXPIRED) last changed
+    /// before `before` (ms), with their results; returns how many. One a `pending` plugin
+    /// injection still names is kept: the injection learns its outcome from it when next read.
+    pub async fn purge_finished_requests(&self, before: i64, batch: i64) -> Result<u64, Error> {
+        // The same rows both times: final requests do not change, and the order is total.
+        let chosen = "SELECT uuid FROM requests WHERE status IN ('COMPLETED', 'FAILED', 'EXPIRED') \
+                      AND updated_at < $1 AND uuid NOT IN \
+                      (SELECT request_uuid FROM plugin_injections WHERE request_uuid IS NOT NULL) \
+                      ORDER BY updated_at, uuid LIMIT $2";
+        let delete = |from: &str| {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {from} IN ({chosen})"))).bind(before).bind(batch)
+        };
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        delete("results WHERE request_uuid").execute(&mut *tx).await.map_err(db_err)?;
+        let r = delete("requests WHERE uuid").execute(&mut *tx).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(r.rows_affected())
     }
 
     pub async fn count_requests_by_status(&self) -> Result<Vec<(String, i64)>, Error> {
