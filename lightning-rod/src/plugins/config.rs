@@ -46,9 +46,22 @@ pub struct PluginsConfig {
     pub python: bool,
     #[serde(default = "default_plugin_python_bin")]
     pub python_bin: String,
-    /// Unprivileged user process and Python plugins run as when the agent runs as root.
+    /// Unprivileged user process and Python plugins run as: not root, not the agent's user. The
+    /// agent must be able to switch to it (root, or the capabilities of
+    /// systemd/lightning-rod.service); otherwise process and Python plugins are refused. Best a
+    /// user of their own: every process of this user counts against `max_processes`.
     #[serde(default = "default_plugin_run_as")]
     pub run_as: String,
+    /// `RLIMIT_NPROC` of process and Python plugins: processes and threads of `run_as`, counted
+    /// over all its processes (every run of every plugin together, and anything else running
+    /// as that user). A fork bomb stops there; a run that starts while the user is at the
+    /// limit fails.
+    #[serde(default = "default_plugin_max_processes")]
+    pub max_processes: u64,
+    /// `RLIMIT_FSIZE` of process and Python plugins: the largest file one may write (a larger
+    /// write fails and the process gets SIGXFSZ). Core dumps are off (`RLIMIT_CORE` 0).
+    #[serde(default = "default_plugin_max_file_bytes")]
+    pub max_file_bytes: u64,
 }
 
 fn default_plugin_max_running() -> usize {
@@ -78,6 +91,12 @@ fn default_plugin_python_bin() -> String {
 fn default_plugin_run_as() -> String {
     "nobody".into()
 }
+fn default_plugin_max_processes() -> u64 {
+    128
+}
+fn default_plugin_max_file_bytes() -> u64 {
+    16 << 20
+}
 
 impl Default for PluginsConfig {
     fn default() -> Self {
@@ -95,13 +114,16 @@ impl Default for PluginsConfig {
             python: false,
             python_bin: default_plugin_python_bin(),
             run_as: default_plugin_run_as(),
+            max_processes: default_plugin_max_processes(),
+            max_file_bytes: default_plugin_max_file_bytes(),
         }
     }
 }
 
 impl PluginsConfig {
     pub(crate) fn validate(&self) -> Result<()> {
-        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 7] = [
+        // The rlimits fit a 32-bit `rlim_t` (32-bit glibc boards).
+        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 9] = [
             ("plugins.max_running", self.max_running as u64, 1..=256),
             ("plugins.max_code_bytes", self.max_code_bytes as u64, 1024..=64 << 20),
             ("plugins.max_plugins", self.max_plugins as u64, 1..=4096),
@@ -109,6 +131,8 @@ impl PluginsConfig {
             ("plugins.fuel", self.fuel, 1_000..=u64::MAX / 2),
             ("plugins.call_timeout_s", self.call_timeout_s, 1..=3600),
             ("plugins.max_output_bytes", self.max_output_bytes as u64, 64..=16 << 20),
+            ("plugins.max_processes", self.max_processes, 1..=1 << 20),
+            ("plugins.max_file_bytes", self.max_file_bytes, 4096..=1 << 31),
         ];
         for (name, v, range) in ranges {
             if !range.contains(&v) {

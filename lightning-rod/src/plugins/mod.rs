@@ -3,7 +3,8 @@
 //!
 //! Kinds ([`PluginKind`]): `wasm` (the default: a WebAssembly module in the `wasmi` sandbox of
 //! [`wasm`], with host functions limited to the plugin's [`Grants`]), `process` (an executable
-//! run as an unprivileged user, opt-in) and `python` (the original pickled `Worker` class run
+//! run as a separate unprivileged user, opt-in, refused when the agent cannot switch to that
+//! user; see [`process`]) and `python` (the original pickled `Worker` class run
 //! by `python3`, opt-in). Grants come with the injection and must lie within what the board
 //! owner allows in `[plugins]` (`allow_gpio`, `allow_i2c`); an injection asking for more is
 //! refused.
@@ -241,6 +242,7 @@ impl PluginManager {
             }
             _ => {}
         }
+        self.can_run(p.kind)?;
         let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
         p.grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))?;
         let path = self.code_path(&p.uuid)?;
@@ -313,6 +315,15 @@ impl PluginManager {
             _ => {}
         }
         Ok(known)
+    }
+
+    /// Process and Python plugins run only as a separate, unprivileged user the agent can
+    /// switch to ([`process::run_as`]); an error saying why when this board cannot.
+    fn can_run(&self, kind: PluginKind) -> Result<()> {
+        match kind {
+            PluginKind::Wasm => Ok(()),
+            PluginKind::Process | PluginKind::Python => process::run_as(&self.config).map(|_| ()).map_err(plugin_err),
+        }
     }
 
     fn slot(&self) -> Result<OwnedSemaphorePermit> {
@@ -402,6 +413,7 @@ impl PluginManager {
     /// `PluginCall`: one run with the call deadline; returns how it ended.
     pub async fn call(&self, uuid: &str, params: Value) -> Result<End> {
         let e = self.entry(uuid)?;
+        self.can_run(e.kind)?;
         let permit = self.slot()?;
         let limit = Duration::from_secs(self.config.call_timeout_s);
         let deadline = std::time::Instant::now() + limit;
@@ -432,6 +444,7 @@ impl PluginManager {
             return Err(plugin_err("ALREADY STARTED!"));
         }
         let e = self.entry(uuid)?;
+        self.can_run(e.kind)?;
         let params = params.unwrap_or_else(|| e.params.clone());
         let permit = self.slot()?;
         let signal = Arc::new(StopSignal::default());

@@ -38,13 +38,29 @@ fn config() -> PluginsConfig {
 }
 
 fn harness(config: PluginsConfig) -> Harness {
+    harness_until(config, CancellationToken::new())
+}
+
+/// A harness whose manager shuts down when `shutdown` is cancelled.
+fn harness_until(config: PluginsConfig, shutdown: CancellationToken) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     let hal = Hal::sim(32);
     let (tx, telemetry) = mpsc::channel(16);
-    let plugins =
-        Arc::new(PluginManager::new(store.clone(), config, hal.clone(), "b1".into(), tx, CancellationToken::new()));
+    let plugins = Arc::new(PluginManager::new(store.clone(), config, hal.clone(), "b1".into(), tx, shutdown));
     Harness { plugins, hal, telemetry, store, _dir: dir }
+}
+
+/// Whether this test process may run process plugins (as root, it runs them as `nobody`); the
+/// tests of process plugins need it and say they are skipped otherwise.
+fn processes_runnable() -> bool {
+    match process::run_as(&config()) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: this test process cannot run process plugins: {e}");
+            false
+        }
+    }
 }
 
 fn wasm(uuid: &str, wat: &str, grants: Grants) -> NewPlugin {
@@ -285,6 +301,9 @@ fn script(uuid: &str, text: &str) -> NewPlugin {
 
 #[tokio::test]
 async fn process_plugins_get_json_on_stdin_and_answer_on_stdout() {
+    if !processes_runnable() {
+        return;
+    }
     let h = harness(PluginsConfig { call_timeout_s: 1, max_output_bytes: 100, ..config() });
     h.plugins.inject(script("echo", "#!/bin/sh\nread p\necho \"{\\\"got\\\": $p}\"\n"), false).await.unwrap();
     let end = h.plugins.call("echo", json!({"x": 1})).await.unwrap();
@@ -309,6 +328,9 @@ async fn process_plugins_get_json_on_stdin_and_answer_on_stdout() {
 
 #[tokio::test]
 async fn started_process_plugins_stream_lines_and_stop_on_sigterm() {
+    if !processes_runnable() {
+        return;
+    }
     let mut h = harness(config());
     let mut p = script("lines", "#!/bin/sh\nwhile true; do echo '{\"n\":1}'; sleep 0.05; done\n");
     p.callable = false;
@@ -324,6 +346,9 @@ async fn started_process_plugins_stream_lines_and_stop_on_sigterm() {
 /// when the plugin fails.
 #[tokio::test]
 async fn a_started_process_plugin_keeps_only_the_end_of_its_stderr() {
+    if !processes_runnable() {
+        return;
+    }
     let mut h = harness(config());
     let mut p = script(
         "noisy",
@@ -343,6 +368,9 @@ async fn a_started_process_plugin_keeps_only_the_end_of_its_stderr() {
 /// A failed call answers with the end of its stderr, where the error is, however long it is.
 #[tokio::test]
 async fn a_failed_call_answers_with_the_end_of_its_stderr() {
+    if !processes_runnable() {
+        return;
+    }
     let h = harness(PluginsConfig { call_timeout_s: 20, ..config() });
     let text = "#!/bin/sh\nhead -c 67108864 /dev/zero | tr '\\0' x >&2\necho >&2\necho 'the real error' >&2\nexit 1\n";
     h.plugins.inject(script("noisy", text), false).await.unwrap();
@@ -386,6 +414,9 @@ async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
 /// start again at every boot). Each round the plugin ends amid a series of injections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_ending_by_itself_during_injections_loses_no_change() {
+    if !processes_runnable() {
+        return;
+    }
     const ROUNDS: usize = 25;
     const INJECTIONS: usize = 8;
     let mut h = harness(PluginsConfig { max_plugins: 1 + ROUNDS * INJECTIONS, ..config() });
@@ -415,6 +446,9 @@ async fn a_plugin_ending_by_itself_during_injections_loses_no_change() {
 /// stop ends it (its process is gone) and frees its slot for the next run.
 #[tokio::test]
 async fn a_process_plugin_that_never_reads_its_parameters_is_stopped() {
+    if !processes_runnable() {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let h = harness(PluginsConfig { max_running: 1, ..config() });
     // The plugin tells its pid through a FIFO; open to all (run by root, it runs as nobody).
@@ -517,6 +551,9 @@ async fn original_python_plugins_keep_working() {
         eprintln!("skipped: no python3 on this machine");
         return;
     }
+    if !processes_runnable() {
+        return;
+    }
     let h = harness(config());
     h.plugins.inject(python("echo", ORIGINAL_ECHO, true), false).await.unwrap();
     let end = h.plugins.call("echo", json!({"name": "board"})).await.unwrap();
@@ -525,4 +562,245 @@ async fn original_python_plugins_keep_working() {
     h.plugins.start("runner", None).await.unwrap();
     assert_eq!(h.plugins.status("runner").unwrap(), "ALIVE");
     assert!(within("stop", h.plugins.stop("runner")).await.unwrap());
+}
+
+/// A process plugin never runs as root, as the agent's own user, or as a user that does not
+/// exist (it used to fall back to `nobody`): injection says why.
+#[tokio::test]
+async fn process_plugins_never_run_as_root_or_an_unknown_user() {
+    if !processes_runnable() {
+        return;
+    }
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().name;
+    for (run_as, why) in [("root", "root"), (me.as_str(), "root"), ("no-such-user-s4t", "not a user")] {
+        let h = harness(PluginsConfig { run_as: run_as.into(), ..config() });
+        let err = h.plugins.inject(script("who", "#!/bin/sh\nid -u\n"), false).await.unwrap_err().to_string();
+        assert!(err.contains("plugins.run_as") && err.contains(why), "{run_as}: {err}");
+        let mut p = python("py", ORIGINAL_ECHO, true);
+        p.uuid = "py".into();
+        let err = h.plugins.inject(p, false).await.unwrap_err().to_string();
+        assert!(err.contains("plugins.run_as"), "{run_as}: {err}");
+    }
+}
+
+const UNPRIVILEGED: &str = "S4T_TEST_UNPRIVILEGED";
+
+/// An agent that cannot switch to another user (not root, no CAP_SETUID) refuses process and
+/// Python plugins: at injection, and at call and start of one injected earlier (it would run
+/// them as itself, with access to the board's secret). As root, the test runs itself again as
+/// an unprivileged uid.
+#[tokio::test]
+async fn an_agent_that_cannot_switch_users_refuses_process_plugins() {
+    use std::os::unix::process::CommandExt;
+    if nix::unistd::geteuid().is_root() && std::env::var_os(UNPRIVILEGED).is_none() {
+        let run = |exe: &std::path::Path| {
+            std::process::Command::new(exe)
+                .args([
+                    "plugins::tests::an_agent_that_cannot_switch_users_refuses_process_plugins",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env(UNPRIVILEGED, "1")
+                .env("TMPDIR", "/tmp")
+                .uid(65533)
+                .gid(65533)
+                .output()
+        };
+        let exe = std::env::current_exe().unwrap();
+        let copy = tempfile::Builder::new().prefix("s4t-test-").tempdir_in("/tmp").unwrap();
+        let out = match run(&exe) {
+            // A target directory the unprivileged uid cannot reach: a copy of the binary it can.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+                let exe = copy.path().join("tests");
+                std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+                run(&exe)
+            }
+            other => other,
+        }
+        .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "unprivileged run: {text}");
+        return;
+    }
+    assert!(!nix::unistd::geteuid().is_root(), "{UNPRIVILEGED} is set, yet this runs as root");
+    let h = harness(config());
+    let err = h.plugins.inject(script("who", "#!/bin/sh\nid -u\n"), false).await.unwrap_err().to_string();
+    assert!(err.contains("cannot switch") && err.contains("CAP_SETUID"), "{err}");
+    // Injected while the agent could (or by an older agent): still refused.
+    let mut p = script("who", "#!/bin/sh\nid -u\n");
+    p.callable = true;
+    let code = h.store.path(CODE_DIR);
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::write(code.join("who.code"), &p.code).unwrap();
+    let entry = PluginEntry {
+        name: "who".into(),
+        kind: PluginKind::Process,
+        callable: true,
+        onboot: false,
+        grants: Grants::default(),
+        status: "injected".into(),
+        params: Value::Null,
+        injected_at: String::new(),
+        updated_at: String::new(),
+    };
+    h.store.save(PLUGINS_FILE, &Registry::from([("who".to_owned(), entry)])).unwrap();
+    let err = h.plugins.call("who", json!({})).await.unwrap_err().to_string();
+    assert!(err.contains("cannot switch"), "{err}");
+    let err = h.plugins.start("who", None).await.unwrap_err().to_string();
+    assert!(err.contains("cannot switch"), "{err}");
+    assert_eq!(h.plugins.status("who").unwrap(), "DEAD");
+}
+
+/// Whether process `pid` has ended (gone, or a zombie waiting for its parent).
+fn ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) for every process of `pids` to end; kills and returns those still running.
+async fn survivors(pids: &[i32]) -> Vec<i32> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(|&p| ended(p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<i32> = pids.iter().copied().filter(|&p| !ended(p)).collect();
+    for &p in &left {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+    }
+    left
+}
+
+/// Forks off two processes that leave the plugin's process group and session (one with
+/// `setsid`, one double-forked and orphaned at once, its output closed), each printing its pid
+/// as `{"pid": N}` on stdout, then prints its own and sleeps.
+const ESCAPER: &str = r#"#!/bin/sh
+setsid sh -c 'echo "{\"pid\": $$}"; exec sleep 1000' &
+( setsid sh -c 'echo "{\"pid\": $$}"; exec sleep 1000 >/dev/null 2>&1 </dev/null' & )
+echo "{\"pid\": $$}"
+exec sleep 1000
+"#;
+
+/// A started plugin whose processes leave its process group and session: stop and remove
+/// still end every one of them.
+#[tokio::test]
+async fn stop_and_remove_end_processes_that_left_the_plugins_group() {
+    if !processes_runnable() {
+        return;
+    }
+    let mut h = harness(config());
+    for how in ["stop", "remove"] {
+        let mut p = script("escaper", ESCAPER);
+        p.callable = false;
+        h.plugins.inject(p, false).await.unwrap();
+        h.plugins.start("escaper", None).await.unwrap();
+        let mut pids = Vec::new();
+        while pids.len() < 3 {
+            let t = within("the plugin's pids", h.telemetry.recv()).await.unwrap();
+            pids.push(t.data["pid"].as_i64().unwrap_or_else(|| panic!("{}", t.data)) as i32);
+        }
+        assert!(pids.iter().all(|&p| !ended(p)), "{pids:?}");
+        match how {
+            "stop" => assert!(within("stop", h.plugins.stop("escaper")).await.unwrap()),
+            _ => assert!(within("remove", h.plugins.remove("escaper")).await.unwrap()),
+        }
+        assert_eq!(survivors(&pids).await, Vec::<i32>::new(), "{how}: processes of the plugin survived");
+    }
+}
+
+/// A call's plugin ends while a process it started keeps its stdout open: the call answers
+/// when the plugin ends (not at its time limit), and that process is ended too.
+#[tokio::test]
+async fn a_call_ends_with_its_plugin_and_so_do_its_background_processes() {
+    use std::os::unix::fs::PermissionsExt;
+    if !processes_runnable() {
+        return;
+    }
+    let h = harness(PluginsConfig { call_timeout_s: 20, ..config() });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = dir.path().join("bg");
+    let text = format!(
+        "#!/bin/sh\nsh -c 'echo $$ > {f}; exec sleep 1000' &\nuntil [ -s {f} ]; do sleep 0.01; done\necho 42\n",
+        f = file.display()
+    );
+    h.plugins.inject(script("bg", &text), false).await.unwrap();
+    let started = std::time::Instant::now();
+    let end = within("the call", h.plugins.call("bg", json!({}))).await.unwrap();
+    assert_eq!(end, End::Done { status: 0, result: Some(json!(42)) });
+    assert!(started.elapsed() < Duration::from_secs(10), "answered after {:?}", started.elapsed());
+    let pid: i32 = std::fs::read_to_string(&file).unwrap().trim().parse().unwrap();
+    assert_eq!(survivors(&[pid]).await, Vec::<i32>::new(), "the background process survived the call");
+}
+
+/// A call dropped half-way (the agent shuts down) ends the processes of its plugin, also
+/// those outside its process group.
+#[tokio::test]
+async fn a_dropped_call_ends_every_process_of_its_plugin() {
+    use std::os::unix::fs::PermissionsExt;
+    if !processes_runnable() {
+        return;
+    }
+    let shutdown = CancellationToken::new();
+    let h = harness_until(config(), shutdown.clone());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = dir.path().join("pid");
+    let text = format!(
+        "#!/bin/sh\nsetsid sh -c 'echo $$ > {f}.tmp; mv {f}.tmp {f}; exec sleep 1000' &\nexec sleep 1000\n",
+        f = file.display()
+    );
+    h.plugins.inject(script("hang", &text), false).await.unwrap();
+    let plugins = h.plugins.clone();
+    let call = tokio::spawn(async move { plugins.call("hang", json!({})).await });
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !file.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the plugin did not write its pid");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(&file).unwrap().trim().parse().unwrap();
+    shutdown.cancel();
+    assert_eq!(within("the call", call).await.unwrap().unwrap(), End::Stopped);
+    assert_eq!(survivors(&[pid]).await, Vec::<i32>::new(), "a process of the dropped call survived");
+}
+
+/// Process plugins run under the configured limits: processes of their user, file size, no
+/// core dumps.
+#[tokio::test]
+async fn process_plugins_run_under_rlimits() {
+    if !processes_runnable() {
+        return;
+    }
+    let h = harness(PluginsConfig { max_processes: 100, max_file_bytes: 1 << 20, ..config() });
+    h.plugins.inject(script("limits", "#!/bin/sh\ncat /proc/self/limits\n"), false).await.unwrap();
+    let End::Done { status: 0, result: Some(Value::String(limits)) } =
+        h.plugins.call("limits", json!({})).await.unwrap()
+    else {
+        panic!("no limits")
+    };
+    let limit = |name: &str| {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {limits}"));
+        line[name.len()..].split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    };
+    assert_eq!(limit("Max processes"), "100 100");
+    assert_eq!(limit("Max file size"), "1048576 1048576");
+    assert_eq!(limit("Max core file size"), "0 0");
+}
+
+/// The shipped unit keeps the capabilities process plugins need in its bounding set (without
+/// them every process plugin is refused).
+#[test]
+fn the_shipped_unit_lets_the_agent_run_process_plugins() {
+    let unit = include_str!("../../../systemd/lightning-rod.service");
+    let set = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit has a CapabilityBoundingSet");
+    let set: Vec<&str> = set.split_whitespace().collect();
+    for (_, cap) in process::NEEDED_CAPS {
+        assert!(set.contains(&cap), "{cap} is not in the unit's CapabilityBoundingSet {set:?}");
+    }
 }

@@ -129,10 +129,73 @@ fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String
     ok(format!("{what} in {delay} s"))
 }
 
-/// Package names: letters, digits and `.+-_:~@/`, not starting with `-` (never an option).
-fn valid_package(s: &str) -> bool {
-    !s.starts_with('-') && s.chars().all(|c| c.is_ascii_alphanumeric() || ".+-_:~@/".contains(c))
+/// How a package manager reads its package argument, told by its program's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PackageRules {
+    /// apt, apt-get, aptitude: Debian package names and versions.
+    Debian,
+    /// pip (`pip3`, `pip3.11`, `python3 -m pip`): PyPI project names and PEP 440 versions.
+    Python,
+    /// Any other manager: the intersection of the two, roughly.
+    Other,
 }
+
+impl PackageRules {
+    fn of(argv: &[String]) -> PackageRules {
+        let name = |a: &String| Path::new(a).file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let program = argv.first().map(name).unwrap_or_default();
+        if ["apt", "apt-get", "aptitude"].contains(&program.as_str()) {
+            PackageRules::Debian
+        } else if program.starts_with("pip") || argv.windows(2).any(|w| w[0] == "-m" && w[1] == "pip") {
+            PackageRules::Python
+        } else {
+            PackageRules::Other
+        }
+    }
+
+    /// Whether `s` is a package name, and nothing a manager would take for something else: a
+    /// path (`/`, a leading `.`), a URL (`:`, `git+https:`, `@`), an option (a leading `-`),
+    /// a local archive (`x.whl` next to the agent) or apt's `name-` (remove).
+    fn name(self, s: &str) -> bool {
+        let first_alnum = s.starts_with(|c: char| c.is_ascii_alphanumeric());
+        let ok = match self {
+            // Debian policy: lower case, digits, `+-.`, at least 2, starting alphanumeric.
+            PackageRules::Debian => {
+                s.len() >= 2 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+            }
+            // PEP 508 names: letters, digits, `._-`, starting and ending alphanumeric.
+            PackageRules::Python => {
+                s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+                    && !ARCHIVES.iter().any(|a| s.to_ascii_lowercase().ends_with(a))
+            }
+            PackageRules::Other => s.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)),
+        };
+        ok && first_alnum && s.len() <= MAX_PACKAGE && !s.ends_with('-')
+    }
+
+    /// Whether `s` is a version: Debian (`[epoch:]upstream[-revision]`), PEP 440 (`1.2.*`,
+    /// `1!2.0+local`), or for other managers letters, digits and `.+~_-`.
+    fn version(self, s: &str) -> bool {
+        let (body, extra) = match self {
+            PackageRules::Debian => match s.split_once(':') {
+                Some((epoch, rest)) if !epoch.is_empty() && epoch.chars().all(|c| c.is_ascii_digit()) => (rest, ".+~-"),
+                Some(_) => return false,
+                None => (s, ".+~-"),
+            },
+            PackageRules::Python => (s, ".+!*_-"),
+            PackageRules::Other => (s, ".+~_-"),
+        };
+        s.len() <= MAX_PACKAGE
+            && body.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && body.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+    }
+}
+
+/// Longest package name or version accepted.
+const MAX_PACKAGE: usize = 200;
+/// Endings pip takes for a local archive when such a file exists.
+const ARCHIVES: [&str; 10] = [".whl", ".zip", ".tar", ".tgz", ".tbz", ".txz", ".tlz", ".tar.gz", ".tar.bz2", ".tar.xz"];
 
 fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     let p = Params::at(&call.args, 0, "parameters", true)?;
@@ -154,12 +217,14 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     let mut argv = manager.argv.clone();
     argv.push(command.to_owned());
     if let Some(pkg) = p.opt_str("package")? {
-        if !valid_package(pkg) {
-            return Err(bad(format!("parameters.package {pkg:?} is not a package name")));
+        // Names only: never a URL, path or file a manager would install from instead.
+        let rules = PackageRules::of(&manager.argv);
+        if !rules.name(pkg) {
+            return Err(bad(format!("parameters.package {pkg:?} is not a package name for {manager_name}")));
         }
         let arg = match p.opt_str("version")? {
-            Some(v) if valid_package(v) => manager.version_format.replace("{package}", pkg).replace("{version}", v),
-            Some(v) => return Err(bad(format!("parameters.version {v:?} is not a version"))),
+            Some(v) if rules.version(v) => manager.version_format.replace("{package}", pkg).replace("{version}", v),
+            Some(v) => return Err(bad(format!("parameters.version {v:?} is not a version for {manager_name}"))),
             None => pkg.to_owned(),
         };
         argv.push(arg);
@@ -266,7 +331,82 @@ pub(crate) fn iso8601_now() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::writable;
+    use super::{PackageRules, writable};
+
+    /// Package operations take names and versions only: no URL, path, option or local file,
+    /// for each kind of manager (`pip3 install https://…`, `git+https://…`, `x @ https://…`,
+    /// `apt install /tmp/x.deb`, `./x.deb`).
+    #[test]
+    fn package_operations_take_names_never_urls_or_paths() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let apt = PackageRules::of(&argv(&["apt-get", "-y", "-q"]));
+        let pip = PackageRules::of(&argv(&["pip3"]));
+        assert_eq!(apt, PackageRules::Debian);
+        assert_eq!(PackageRules::of(&argv(&["/usr/bin/apt", "-y"])), PackageRules::Debian);
+        assert_eq!(pip, PackageRules::Python);
+        assert_eq!(PackageRules::of(&argv(&["python3", "-m", "pip"])), PackageRules::Python);
+        let other = PackageRules::of(&argv(&["opkg"]));
+        assert_eq!(other, PackageRules::Other);
+        for name in ["nano", "g++", "libstdc++6", "python3.11", "lib32gcc-s1"] {
+            assert!(apt.name(name), "apt refused {name}");
+        }
+        for name in ["requests", "Django", "zope.interface", "typing_extensions", "pyyaml", "a"] {
+            assert!(pip.name(name), "pip refused {name}");
+        }
+        for name in ["busybox", "kmod-usb2", "luci-app_x"] {
+            assert!(other.name(name), "opkg refused {name}");
+        }
+        let hostile = [
+            "https://evil.example/x.whl",
+            "git+https://evil.example/x.git",
+            "x@https://evil.example/x.whl",
+            "x @ https://evil.example/x.whl",
+            "/tmp/x.deb",
+            "./x.deb",
+            "../x",
+            ".",
+            "x/y",
+            "file:x",
+            "x:amd64",
+            "-y",
+            "--index-url=https://evil.example",
+            "x;id",
+            "$(id)",
+            "x y",
+            "x==1.0",
+            "x[extra]",
+            "nano-",
+            "",
+            "é",
+        ];
+        for rules in [apt, pip, other] {
+            for name in hostile {
+                assert!(!rules.name(name), "{rules:?} took {name:?} for a package name");
+            }
+        }
+        for name in ["x.whl", "x.tar.gz", "x.zip", "X.WHL"] {
+            assert!(!pip.name(name), "pip took the local archive {name:?}");
+        }
+        assert!(!apt.name("Nano") && !apt.name("x"), "Debian names are lower case, two characters or more");
+        assert!(!pip.name("x.") && !pip.name("x_"), "PyPI names end alphanumeric");
+        assert!(!other.name(&"x".repeat(201)));
+        for v in ["2.1", "1:2.3-1ubuntu1", "1.0~rc1+dfsg"] {
+            assert!(apt.version(v), "apt refused version {v}");
+        }
+        for v in ["2.1", "1.*", "1!2.0", "1.0+local.7", "2.0rc1", "1.0.post1"] {
+            assert!(pip.version(v), "pip refused version {v}");
+        }
+        for v in ["2.1", "1.0-r3", "1.0~x"] {
+            assert!(other.version(v), "opkg refused version {v}");
+        }
+        for v in ["", "-1", ">=1", "1 @ https://evil.example/x", "https://x", "1/2", "a:1", ":1", "1;id", "1,2", "1@x"]
+        {
+            for rules in [apt, pip, other] {
+                assert!(!rules.version(v), "{rules:?} took {v:?} for a version");
+            }
+        }
+        assert!(!pip.version("1:2") && !other.version("1:2"), "an epoch is Debian's");
+    }
 
     #[test]
     fn writable_dirs_pass_and_missing_ones_are_named() {
