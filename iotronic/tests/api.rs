@@ -1037,3 +1037,57 @@ async fn an_administrator_cannot_reach_another_projects_object_by_a_shared_name(
     let (s, v) = cloud.req("GET", "/v1/services/web", Some(&admin), None).await;
     assert_eq!((s, v["uuid"].as_str()), (StatusCode::OK, Some(uuids[0].as_str())), "one left: {v}");
 }
+
+/// Renaming a board to names other projects use is an oracle for their names (board names are
+/// unique across the cloud): it is throttled like creation. A rename to a name that looks
+/// like a uuid is refused (it would shadow lookups by uuid).
+#[tokio::test]
+async fn probing_for_board_names_by_renaming_is_throttled() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (_, ann, bob) = tenants(&cloud).await;
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&bob), Some(board_body("secret-name"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("mine"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let rename = |to: &str| json!({"name": to});
+    let mut conflicts = 0;
+    let throttled = loop {
+        let (s, v) = cloud.req("PATCH", "/v1/boards/mine", Some(&ann), Some(rename("secret-name"))).await;
+        match s {
+            StatusCode::CONFLICT => conflicts += 1,
+            StatusCode::TOO_MANY_REQUESTS => break v,
+            _ => panic!("{s} {v}"),
+        }
+        assert!(conflicts < 200, "200 probing renames were answered");
+    };
+    assert!(conflicts >= 20, "throttled after {conflicts}: {throttled}");
+    let (s, v) = cloud.req("PATCH", "/v1/boards/mine", Some(&ann), Some(json!({"type": "other"}))).await;
+    assert_eq!(s, StatusCode::OK, "an update without a rename is not throttled: {v}");
+    let (s, v) = cloud.req("PATCH", "/v1/boards/secret-name", Some(&bob), Some(rename("still-bobs"))).await;
+    assert_eq!(s, StatusCode::OK, "another project: {v}");
+    let uuid_like = "0b6b8a5e-3c1d-4e2f-9a7b-1c2d3e4f5a6b";
+    let (s, v) = cloud.req("PATCH", "/v1/boards/still-bobs", Some(&bob), Some(rename(uuid_like))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+/// Actions that run code as root on the board or replace its software need the Manager role,
+/// as plugins do; a project user may still ping it.
+#[tokio::test]
+async fn package_operations_and_upgrades_are_for_managers() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (_, ann, uma) = alpha_with_a_user(&cloud).await;
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("b1"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    for action in ["DevicePkgOperation", "DeviceUpgradeLR", "DeviceMountFs", "DeviceFactoryReset"] {
+        let body = json!({"action": action, "parameters": {}});
+        let (s, v) = cloud.req("POST", "/v1/boards/b1/action", Some(&uma), Some(body.clone())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "user, {action}: {v}");
+        let (s, v) = cloud.req("POST", "/v1/boards/b1/action", Some(&ann), Some(body)).await;
+        assert_ne!(s, StatusCode::FORBIDDEN, "manager, {action}: {v}");
+    }
+    let ping = json!({"action": "DevicePing", "parameters": {}});
+    let (s, v) = cloud.req("POST", "/v1/boards/b1/action", Some(&uma), Some(ping)).await;
+    assert_ne!(s, StatusCode::FORBIDDEN, "user, ping: {v}");
+}

@@ -32,6 +32,11 @@ pub const ACTIONS: &[&str] = &[
     "DeviceFactoryReset",
 ];
 
+/// Actions that change what runs on the board (packages, the agent, its file systems, its
+/// factory state): the Manager role, as for plugins. A package operation runs the package
+/// manager as root on the board.
+const MANAGER_ACTIONS: &[&str] = &["DevicePkgOperation", "DeviceUpgradeLR", "DeviceMountFs", "DeviceFactoryReset"];
+
 /// The fields a list shows unless `/detail` (the original's default subset).
 const LIST_FIELDS: &[&str] = &[
     "name",
@@ -346,6 +351,9 @@ pub async fn update(
     check_lease(&state, &c, &b.uuid).await?;
     if let Some(n) = &p.name {
         check_name(n, "board name")?;
+        if s4t_shared::ids::looks_like_uuid(n) {
+            return Err(Error::Invalid("a board name must not look like a uuid".into()).into());
+        }
     }
     let fleet = match p.fleet {
         Some(Some(f)) => Some(Some(
@@ -363,8 +371,18 @@ pub async fn update(
         Some(l) => location_of(l)?,
         None => None,
     };
+    // Board names are unique across projects: a rename's 409 tells that another project has
+    // the name, so renames are throttled like creations (`board_conflicts`).
+    let renaming = p.name.is_some();
+    if renaming && let Err(retry_after_s) = state.board_conflicts.take(&c.project) {
+        return Err(Error::Throttled { retry_after_s }.into());
+    }
     let u = BoardUpdate { name: p.name, board_type: p.board_type, mobile: p.mobile, fleet, extra: p.extra, location };
-    Ok(Json(board_json(&state.db.update_board(&b.uuid, u).await?)))
+    let updated = state.db.update_board(&b.uuid, u).await;
+    if renaming && !matches!(updated, Err(Error::Conflict(_))) {
+        state.board_conflicts.refund(&c.project);
+    }
+    Ok(Json(board_json_for(&updated?, &c)))
 }
 
 pub async fn destroy(
@@ -398,6 +416,9 @@ pub async fn action(
 ) -> ApiResult<Outcome> {
     if !ACTIONS.contains(&a.action.as_str()) {
         return Err(Error::Invalid(format!("unknown action {:?}; one of: {}", a.action, ACTIONS.join(", "))).into());
+    }
+    if MANAGER_ACTIONS.contains(&a.action.as_str()) {
+        c.require(Role::Manager, &a.action)?;
     }
     let b = visible_board(&state, &c, &ident).await?;
     let opts = CallOpts::from_query(&q)?.with_body_flag(&json!({"queue": a.queue}));
