@@ -82,7 +82,8 @@ pub struct ClientArgs {
     /// The tunnel token (from `wstunnel token` or the cloud).
     #[arg(long, env = "WSTUNNEL_TOKEN", default_value = "")]
     pub token: String,
-    /// Trust only the CA certificates in this PEM file for wss://.
+    /// Trust only the CA certificates in this PEM file for wss:// (default: the system's CA
+    /// bundle, `$SSL_CERT_FILE` or /etc/ssl/certs/ca-certificates.crt and the like).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// Do not verify the server certificate (as wstun does).
@@ -204,7 +205,7 @@ async fn run_client(a: ClientArgs, shutdown: CancellationToken) -> Result<(), Er
         cfg.tls = Some(match (&a.ca_file, a.tls_insecure) {
             (Some(ca), _) => tls::client_config_with_ca(ca)?,
             (None, true) => tls::client_config_insecure()?,
-            (None, false) => return Err(Error::Config("wss:// needs --ca-file or --tls-insecure".into())),
+            (None, false) => tls::client_config_system()?,
         });
     }
     let remotes = a.remote.iter().map(|r| parse_remote(r)).collect::<Result<Vec<_>, _>>()?;

@@ -60,6 +60,29 @@ pub fn client_config_with_ca(ca: &Path) -> Result<Arc<rustls::ClientConfig>, Err
     client_config_with_roots(roots)
 }
 
+/// Where Linux distributions keep the system's CA bundle (Debian/Ubuntu/Alpine/OpenWrt,
+/// Fedora/RHEL, openSUSE, and the OpenSSL default).
+const SYSTEM_CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// A client configuration trusting the system's CA bundle: `$SSL_CERT_FILE`, else the first
+/// of [`SYSTEM_CA_FILES`] that exists.
+pub fn client_config_system() -> Result<Arc<rustls::ClientConfig>, Error> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    let found = from_env.or_else(|| SYSTEM_CA_FILES.iter().map(std::path::PathBuf::from).find(|p| p.is_file()));
+    match found {
+        Some(bundle) => client_config_with_ca(&bundle),
+        None => Err(Error::Tls(format!(
+            "no system CA certificates (SSL_CERT_FILE, {}): give --ca-file",
+            SYSTEM_CA_FILES.join(", ")
+        ))),
+    }
+}
+
 /// A client configuration trusting `roots`.
 pub fn client_config_with_roots(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, Error> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider())

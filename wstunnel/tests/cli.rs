@@ -19,8 +19,13 @@ struct Proc {
 
 impl Proc {
     fn start(program: &Path, args: &[&str]) -> Proc {
+        Proc::start_with(program, args, &[])
+    }
+
+    fn start_with(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Proc {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .stdin(Stdio::null())
@@ -100,6 +105,54 @@ fn token_server_and_client_from_the_command_line() {
     let url = format!("ws://{addr}/");
     let remote = format!("0:{echo}");
     let client = Proc::start(Path::new(BIN), &["client", "--server", &url, "-R", &remote, "--token", &token]);
+    let port: u16 = client.line(&format!("exposed {echo} on port ")).parse().unwrap();
+    echo_through(port);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Over wss:// with neither --ca-file nor --tls-insecure, the client trusts the system's CA
+/// bundle (here `SSL_CERT_FILE`, holding the server's self-signed certificate): the command
+/// line of SYSTEM.md works as written against a server with a certificate the system trusts.
+#[test]
+fn a_wss_client_trusts_the_system_ca_bundle_by_default() {
+    let dir = std::env::temp_dir().join(format!("wstunnel-cli-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key, secret) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("secret"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&secret, "cli-secret\n").unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    let args = ["token", "--secret-file", &path(&secret), "--board", "b1", "--port", "0"];
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (cert_s, key_s, secret_s) = (path(&cert), path(&key), path(&secret));
+    let server = Proc::start(
+        Path::new(BIN),
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-bind",
+            "127.0.0.1",
+            "--secret-file",
+            &secret_s,
+            "--tls-cert",
+            &cert_s,
+            "--tls-key",
+            &key_s,
+        ],
+    );
+    let addr = server.line("listening on ");
+    let echo = echo_server();
+    let url = format!("wss://{addr}/");
+    let remote = format!("0:{echo}");
+    let client = Proc::start_with(
+        Path::new(BIN),
+        &["client", "--server", &url, "-R", &remote, "--token", &token],
+        &[("SSL_CERT_FILE", &cert)],
+    );
     let port: u16 = client.line(&format!("exposed {echo} on port ")).parse().unwrap();
     echo_through(port);
     let _ = std::fs::remove_dir_all(&dir);
