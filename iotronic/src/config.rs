@@ -114,6 +114,13 @@ impl ServeConfig {
             .unwrap_or_else(|| "localhost".into())
     }
 
+    /// Whether boards are told to dial the host they enrolled at: no `--public-host` and every
+    /// address bound. The cloud then has no one address to give (the host name may not resolve
+    /// where the boards are, and a board reached the cloud at the host it dialed).
+    pub fn boards_dial_back(&self) -> bool {
+        self.public_host.is_none() && self.bind.is_unspecified()
+    }
+
     /// `ws` or `wss`: the scheme of the URLs boards are given.
     pub fn ws_scheme(&self) -> &'static str {
         if self.plaintext { "ws" } else { "wss" }

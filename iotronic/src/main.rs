@@ -36,7 +36,8 @@ struct Common {
     /// Tunnel server port (wstun-agent).
     #[arg(long, env = "IOTRONIC_TUNNEL_PORT", default_value_t = iotronic::config::TUNNEL_PORT)]
     tunnel_port: u16,
-    /// Host name boards are told to dial (default: --bind, or this host's name).
+    /// Host name boards are told to dial (default: --bind; with neither, each board is told the
+    /// host it enrolled at).
     #[arg(long, env = "IOTRONIC_PUBLIC_HOST")]
     public_host: Option<String>,
     /// PostgreSQL URL (postgres://…); default: a SQLite file in the data directory.

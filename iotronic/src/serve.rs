@@ -97,7 +97,9 @@ async fn serve_api(
     state.call_timeout = config.call_timeout;
     state.vpn_ranges = std::sync::Arc::new(config.vpn_ranges.clone());
     state.ports_per_project = config.ports_per_project;
-    state.tunnels = Some(TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?);
+    state.tunnels = Some(
+        TunnelMint::load(&db, tunnel_url(config, config.tunnel_port)).await?.dialing_back(config.boards_dial_back()),
+    );
     // The peer address (ConnectInfo) feeds the login throttle and the audit log.
     let app = api::router(state);
     match tls {
@@ -198,12 +200,14 @@ async fn serve_wamp(
         url: url.clone(),
         tunnel_url: Some(tunnel_url(config, config.tunnel_port)),
         legacy: config.legacy_boards,
+        dial_back: config.boards_dial_back(),
     };
     let tls = tls.map(|t| t.server);
     let mut agent = WampAgent::start(db.clone(), bus.clone(), listener, tls, setup, shutdown.clone()).await?;
     // Said once the cloud procedures are registered: a board that enrolls on reading it
     // (scripts, tests) found no `stack4things.register` before.
-    println!("iotronic: WAMP router on {url} (realm s4t, agent {})", config.agent_name);
+    let dial = if config.boards_dial_back() { "; boards dial the host they enroll at" } else { "" };
+    println!("iotronic: WAMP router on {url} (realm s4t, agent {}{dial})", config.agent_name);
     let result = tokio::select! {
         r = crate::agent::run_worker(config.agent_name.clone(), bus, agent.caller(), shutdown) => r,
         reason = agent.failed() => Err(Error::Unavailable(reason)),

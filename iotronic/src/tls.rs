@@ -138,6 +138,13 @@ pub fn server_names(config: &ServeConfig) -> Vec<String> {
         add(config.bind.to_string());
     }
     add(config.public_host());
+    if config.boards_dial_back() {
+        // Boards may dial any address of this host (and are answered with URLs of the one
+        // they dialed): the certificate names them all.
+        for a in local_addresses() {
+            add(a.to_string());
+        }
+    }
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         add(h);
     }
@@ -145,6 +152,43 @@ pub fn server_names(config: &ServeConfig) -> Vec<String> {
         add(n.to_owned());
     }
     names
+}
+
+/// The addresses of this host's interfaces (IPv6 link-local ones left out: they need a zone).
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                        if a.segments()[0] & 0xffc0 != 0xfe80 {
+                            out.push(std::net::IpAddr::V6(a));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The operator's PEM chain (leaf first) and key.

@@ -21,7 +21,7 @@ use crate::Error;
 use crate::agent::{BoardCaller, BoxFuture};
 use crate::bus::{Bus, ConductorMsg};
 use crate::db::Db;
-use crate::wstun_agent::TunnelMint;
+use crate::wstun_agent::{TunnelMint, with_host};
 
 /// Longest a board procedure may run before the agent reports an error.
 pub const BOARD_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -65,6 +65,9 @@ pub struct AgentSetup {
     pub tunnel_url: Option<String>,
     /// Accept anonymous (original lightning-rod) sessions.
     pub legacy: bool,
+    /// An enrolling board is given `url` and `tunnel_url` with the host it dialed (its Host
+    /// header) instead of theirs ([`crate::ServeConfig::boards_dial_back`]).
+    pub dial_back: bool,
 }
 
 /// Board credentials from the database: enrollment tickets are registration codes, boards
@@ -321,7 +324,7 @@ impl WampAgent {
         });
         let logins = Logins::default();
         let mint = match &setup.tunnel_url {
-            Some(url) => Some(TunnelMint::load(&db, url.clone()).await?),
+            Some(url) => Some(TunnelMint::load(&db, url.clone()).await?.dialing_back(setup.dial_back)),
             None => None,
         };
         let ctx = Ctx {
@@ -420,7 +423,11 @@ async fn tunnel_tokens(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
         for m in c.db.vpn_memberships_of_board(&board).await? {
             vpns.push(json!({"vpn": m.vpn, "token": mint.mint(&board, 0, Some(&m.vpn))?}));
         }
-        Ok::<_, Error>(json!({"tunnel_url": mint.url, "services": services, "vpns": vpns}))
+        let url = match c.db.board_by_uuid(&board).await? {
+            Some(b) => mint.url_for(&b),
+            None => mint.url.clone(),
+        };
+        Ok::<_, Error>(json!({"tunnel_url": url, "services": services, "vpns": vpns}))
     };
     match renewed.await {
         Ok(tokens) => {
@@ -478,6 +485,12 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         Ok(None) => return not_enrollable(c, &code, proposed.as_deref(), &source, false).await,
         Err(e) => return unavailable("registration failed", Some(&e)),
     };
+    // The host this board dialed, when boards dial back (the cloud has no one host to give).
+    let dialed = match c.setup.dial_back {
+        true => inv.caller().and_then(|id| c.router.session(id)).and_then(|s| s.transport.host),
+        false => None,
+    };
+    let url = dialed.as_deref().map_or_else(|| c.setup.url.clone(), |h| with_host(&c.setup.url, h));
     let mut config = json!({"iotronic": {
         "extra": {},
         "board": {
@@ -490,8 +503,8 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
                          "updated_at": iso(board.updated_at)},
         },
         "wamp": {
-            "registration-agent": {"url": c.setup.url, "realm": "s4t"},
-            "main-agent": {"url": c.setup.url, "realm": "s4t"},
+            "registration-agent": {"url": url, "realm": "s4t"},
+            "main-agent": {"url": url, "realm": "s4t"},
         },
     }});
     let stored = config.clone();
@@ -500,7 +513,7 @@ async fn register(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         let secret = proposed.clone().unwrap_or_else(crate::auth::random_secret);
         let cred = CraCredential::derive(&Secret::new(secret.clone()));
         secret_row = Some((encode_salt(&cred), cred.derived_key.expose().to_owned()));
-        with_credentials(c, &mut config, &board.uuid, &secret);
+        with_credentials(c, &mut config, &board.uuid, &secret, dialed.as_deref());
     }
     let secret_ref = secret_row.as_ref().map(|(s, k)| (s.as_str(), k.as_str()));
     // Written only if the code is still the board's: a revoke, a rotate-secret or another
@@ -550,9 +563,11 @@ async fn not_enrollable(
 }
 
 /// Adds the credentials and the tunnel URL to a config document for an authenticated board.
-fn with_credentials(c: &Ctx, config: &mut Value, uuid: &str, secret: &str) {
+/// `dialed`: the host the board dialed, for the tunnel URL when boards dial back.
+fn with_credentials(c: &Ctx, config: &mut Value, uuid: &str, secret: &str, dialed: Option<&str>) {
     config["iotronic"]["credentials"] = json!({"authid": uuid, "secret": secret});
     if let Some(t) = &c.setup.tunnel_url {
+        let t = dialed.map_or_else(|| t.clone(), |h| with_host(t, h));
         config["iotronic"]["tunnel"] = json!({"url": t});
     }
 }
@@ -566,7 +581,9 @@ async fn repeated_enrollment(
     source: &str,
 ) -> Result<Payload, WampError> {
     let mut config = board.config.clone();
-    with_credentials(c, &mut config, &board.uuid, secret);
+    // The host of the stored document's URLs: the one the board dialed the first time.
+    let dialed = board.dialed_host().filter(|_| c.setup.dial_back);
+    with_credentials(c, &mut config, &board.uuid, secret, dialed.as_deref());
     info!(board = %board.uuid, "board repeated its enrollment");
     let mut entry = crate::audit::system("board.enroll.repeated", &board.uuid, source);
     entry.project_uuid = board.project.clone();
@@ -756,8 +773,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let setup =
-            AgentSetup { name: "agent-1".into(), url: "ws://127.0.0.1/".into(), tunnel_url: None, legacy: false };
+        let setup = AgentSetup {
+            name: "agent-1".into(),
+            url: "ws://127.0.0.1/".into(),
+            tunnel_url: None,
+            legacy: false,
+            dial_back: false,
+        };
         let shutdown = CancellationToken::new();
         let mut agent = WampAgent::start(db, Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();
         assert!(agent.router.kill_session(agent.session.id()));
@@ -794,8 +816,13 @@ mod tests {
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let setup =
-            AgentSetup { name: "agent-1".into(), url: url.clone(), tunnel_url: tunnel_url.map(str::to_owned), legacy };
+        let setup = AgentSetup {
+            name: "agent-1".into(),
+            url: url.clone(),
+            tunnel_url: tunnel_url.map(str::to_owned),
+            legacy,
+            dial_back: false,
+        };
         let shutdown = CancellationToken::new();
         let agent =
             WampAgent::start(db.clone(), Bus::in_process(), listener, None, setup, shutdown.clone()).await.unwrap();

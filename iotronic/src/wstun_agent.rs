@@ -29,6 +29,9 @@ pub const TOKEN_TTL_S: u64 = 7 * 24 * 3600;
 #[derive(Clone)]
 pub struct TunnelMint {
     pub url: String,
+    /// Boards dial back the host they enrolled at ([`crate::ServeConfig::boards_dial_back`]):
+    /// a board's tunnel URL is `url` with that host ([`TunnelMint::url_for`]).
+    pub dial_back: bool,
     key: TokenKey,
 }
 
@@ -43,7 +46,22 @@ impl TunnelMint {
     pub async fn load(db: &Db, url: String) -> Result<TunnelMint, Error> {
         let secret = db.setting_or_init("tunnel_key", crate::auth::random_secret).await?;
         let key = TokenKey::new(secret.into_bytes()).map_err(|e| Error::Invalid(format!("tunnel key: {e}")))?;
-        Ok(TunnelMint { url, key })
+        Ok(TunnelMint { url, dial_back: false, key })
+    }
+
+    /// [`TunnelMint::load`] for a cloud whose boards dial back the host they enrolled at.
+    pub fn dialing_back(mut self, dial_back: bool) -> TunnelMint {
+        self.dial_back = dial_back;
+        self
+    }
+
+    /// The tunnel server's URL for `board`: with the host it enrolled at when boards dial
+    /// back, else the configured one.
+    pub fn url_for(&self, board: &crate::db::Board) -> String {
+        match board.dialed_host().filter(|_| self.dial_back) {
+            Some(host) => with_host(&self.url, &host),
+            None => self.url.clone(),
+        }
     }
 
     pub fn key(&self) -> TokenKey {
@@ -56,6 +74,20 @@ impl TunnelMint {
         let claims = Claims { board: board.to_owned(), port, vpn: vpn.map(str::to_owned), expiry };
         self.key.mint(&claims).map_err(|e| Error::Invalid(format!("cannot mint a tunnel token: {e}")))
     }
+}
+
+/// `url` (`scheme://host:port/…`) with `host` instead of its host (an IPv6 address is
+/// bracketed); `url` as it is when it has no host part.
+pub fn with_host(url: &str, host: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let port = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, p)| p),
+        None => authority.rfind(':').map_or("", |i| &authority[i..]),
+    };
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+    format!("{scheme}://{host}{port}{tail}")
 }
 
 /// How often a wstun-agent stores its counters for `/metrics` ([`AgentStats`]).
@@ -305,6 +337,15 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_take_the_host_a_board_dialed() {
+        assert_eq!(with_host("wss://cloud:8080/", "10.0.0.1"), "wss://10.0.0.1:8080/");
+        assert_eq!(with_host("ws://cloud:8181/", "2001:db8::1"), "ws://[2001:db8::1]:8181/");
+        assert_eq!(with_host("wss://[::1]:8080/x?y", "[2001:db8::1]"), "wss://[2001:db8::1]:8080/x?y");
+        assert_eq!(with_host("wss://cloud/", "h.example"), "wss://h.example/");
+        assert_eq!(with_host("not a url", "h"), "not a url");
+    }
 
     #[test]
     fn the_public_pool_is_checked_against_the_ephemeral_range() {

@@ -265,6 +265,18 @@ async fn a_call_too_large_for_a_board_is_refused_and_the_board_stays() {
     assert_eq!(to_agent.unwrap().args, vec![json!(1)], "the in-process agent takes any size");
 }
 
+/// The router keeps the host a peer dialed (its Host header): the cloud answers enrolling
+/// boards with URLs of that host when it was told no public host.
+#[tokio::test]
+async fn a_session_knows_the_host_its_peer_dialed() {
+    let r = TestRouter::start(RouterConfig::default(), false).await;
+    let board = connect(&r.board(Serializer::Json)).await.unwrap();
+    let info = r.router.session(board.id()).unwrap();
+    assert_eq!(info.transport.host.as_deref(), Some("127.0.0.1"), "{info:?}");
+    let agent = r.router.local_session("agent").await.unwrap();
+    assert_eq!(r.router.session(agent.id()).unwrap().transport.host, None);
+}
+
 #[tokio::test]
 async fn killed_sessions_end_and_callers_of_their_procedures_get_errors() {
     let r = TestRouter::start(RouterConfig::default(), false).await;

@@ -116,14 +116,7 @@ pub fn runs_original_lr(b: &Board) -> bool {
 /// As the original: the host of the WAMP URL the board was given, where its wstun connects
 /// (port 8080 of that host).
 fn wstun_ip(b: &Board) -> Value {
-    let url = b.config.pointer("/iotronic/wamp/main-agent/url").and_then(Value::as_str).unwrap_or("");
-    let rest = url.split_once("://").map_or("", |(_, r)| r);
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    if host.is_empty() { Value::Null } else { json!(host) }
+    b.dialed_host().map_or(Value::Null, Value::String)
 }
 
 fn subset(v: Value, fields: &[&str]) -> Value {
@@ -567,7 +560,7 @@ fn exposed_dict(state: &AppState, s: &Service, board: &Board, public_port: i64) 
     let mut d = service_dict(s);
     if let Some(t) = state.tunnels.as_ref().filter(|_| !runs_original_lr(board)) {
         let port = u16::try_from(public_port).map_err(|_| Error::Invalid(format!("bad public port {public_port}")))?;
-        d["tunnel_url"] = json!(t.url);
+        d["tunnel_url"] = json!(t.url_for(board));
         d["tunnel_token"] = json!(t.mint(&board.uuid, port, None)?);
     }
     Ok(d)

@@ -133,6 +133,21 @@ fn agent_row(row: &AnyRow) -> Result<Agent, Error> {
     })
 }
 
+impl Board {
+    /// The host of the WAMP URL the board was given at enrollment (the original's `wstun_ip`:
+    /// its wstun connects to port 8080 of that host); IPv6 without brackets.
+    pub fn dialed_host(&self) -> Option<String> {
+        let url = self.config.pointer("/iotronic/wamp/main-agent/url").and_then(Value::as_str)?;
+        let rest = url.split_once("://").map(|(_, r)| r)?;
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        (!host.is_empty()).then(|| host.to_owned())
+    }
+}
+
 impl Db {
     pub async fn insert_board(&self, b: NewBoard) -> Result<Board, Error> {
         let uuid = new_uuid();

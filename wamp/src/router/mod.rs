@@ -158,6 +158,41 @@ pub struct TransportInfo {
     pub peer: Option<SocketAddr>,
     pub serializer: Option<Serializer>,
     pub tls: bool,
+    /// The host the peer dialed (its `Host` header, without the port; a name or an address,
+    /// IPv6 in brackets), when it is a plain host name or address; `None` otherwise and for
+    /// in-process sessions. The cloud answers enrolling boards with URLs of this host when it
+    /// was told no public host.
+    pub host: Option<String>,
+}
+
+/// The host part of a `Host` header value, if it is a DNS name or an IP address (IPv6 in
+/// brackets) of at most 253 characters; anything else is `None`.
+pub fn host_of_header(value: &str) -> Option<String> {
+    let value = value.trim();
+    let host = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (v6, after) = rest.split_once(']')?;
+            if !(after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok())) {
+                return None;
+            }
+            return v6.parse::<std::net::Ipv6Addr>().ok().map(|a| format!("[{a}]"));
+        }
+        None => match value.rsplit_once(':') {
+            Some((h, port)) if port.parse::<u16>().is_ok() => h,
+            Some(_) => return None,
+            None => value,
+        },
+    };
+    let name_like = |h: &str| {
+        h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+    };
+    (!host.is_empty() && host.len() <= 253 && name_like(host)).then(|| host.to_ascii_lowercase())
 }
 
 /// A joined session, as the router reports it.
@@ -322,5 +357,36 @@ impl Router {
 
     pub fn session(&self, id: Id) -> Option<SessionInfo> {
         self.inner.realm.session(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of_header;
+
+    #[test]
+    fn host_headers_give_plain_hosts_only() {
+        let cases = [
+            ("10.0.0.1:8181", Some("10.0.0.1")),
+            ("10.0.0.1", Some("10.0.0.1")),
+            ("Cloud.Example.org:8181", Some("cloud.example.org")),
+            ("[2001:db8::1]:8181", Some("[2001:db8::1]")),
+            ("[2001:DB8::1]", Some("[2001:db8::1]")),
+            ("cloud", Some("cloud")),
+            ("", None),
+            (":8181", None),
+            ("a b:8181", None),
+            ("evil.org/x:1", None),
+            ("host:port", None),
+            ("[::1]x", None),
+            ("[nope]:1", None),
+            ("-bad.org", None),
+            ("a..b", None),
+            ("user@host:1", None),
+        ];
+        for (header, want) in cases {
+            assert_eq!(host_of_header(header).as_deref(), want, "{header:?}");
+        }
+        assert_eq!(host_of_header(&"a".repeat(254)), None);
     }
 }

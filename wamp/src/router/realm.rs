@@ -479,7 +479,7 @@ mod tests {
     }
 
     fn join(realm: &Realm, role: Role) -> (Id, Outbox, Arc<Kill>) {
-        let transport = TransportInfo { peer: None, serializer: None, tls: false };
+        let transport = TransportInfo { peer: None, serializer: None, tls: false, host: None };
         let authid = role.name().to_owned();
         let info = SessionInfo {
             id: 0,

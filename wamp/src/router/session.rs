@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header::SEC_WEBSOCKET_PROTOCOL};
+use tokio_tungstenite::tungstenite::http::header::{HOST, SEC_WEBSOCKET_PROTOCOL};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -78,8 +79,11 @@ async fn open(
         Some(acceptor) => Box::new(Budgeted::new(acceptor.accept(tcp).await?, budget.clone())),
         None => Box::new(Budgeted::new(tcp, budget.clone())),
     };
-    let mut chosen = None;
-    let negotiate = |req: &Request, resp: Response| negotiate(req, resp, &mut chosen);
+    let (mut chosen, mut host) = (None, None);
+    let negotiate = |req: &Request, resp: Response| {
+        host = req.headers().get(HOST).and_then(|v| v.to_str().ok()).and_then(super::host_of_header);
+        negotiate(req, resp, &mut chosen)
+    };
     let ws = tokio_tungstenite::accept_hdr_async_with_config(
         stream,
         negotiate,
@@ -100,7 +104,7 @@ async fn open(
         authmethod: granted.method.name(),
         authprovider: inner.config.authprovider.clone(),
         board,
-        transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some() },
+        transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some(), host },
         joined: std::time::SystemTime::now(),
     };
     Ok(Some((link, info, hs)))
@@ -143,7 +147,7 @@ pub(crate) async fn serve_local(inner: Arc<Inner>, end: LocalLink, trusted: Trus
         authmethod: "trusted",
         authprovider: inner.config.authprovider.clone(),
         board: None,
-        transport: TransportInfo { peer: None, serializer: None, tls: false },
+        transport: TransportInfo { peer: None, serializer: None, tls: false, host: None },
         joined: std::time::SystemTime::now(),
     };
     let span = info_span!("wamp", peer = "local", session = tracing::field::Empty);
