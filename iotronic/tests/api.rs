@@ -333,6 +333,8 @@ async fn leases_conflict_expire_and_tear_down() {
             .req("POST", &format!("/v1/boards/{l1}/action"), Some(&admin), Some(json!({"action": "DevicePing"})))
             .await;
         assert_eq!((s, v["lease"].as_str()), (StatusCode::CONFLICT, Some(lease_id.as_str())), "{v}");
+        // In Unix seconds, as the lease's own expires_at.
+        assert_eq!(v["expires_at"], lease["expires_at"], "{v} {lease}");
         let (s, v) =
             cloud.req("POST", "/v1/leases", Some(&admin), Some(json!({"boards": [l1.clone()], "duration": 60}))).await;
         assert_eq!((s, v["lease"].as_str()), (StatusCode::CONFLICT, Some(lease_id.as_str())), "{v}");

@@ -52,7 +52,8 @@ impl IntoResponse for ApiError {
         if let Error::LeaseConflict { lease, board, expires_at } = &self.0 {
             body["lease"] = json!(lease);
             body["board"] = json!(board);
-            body["expires_at"] = json!(expires_at);
+            // Unix seconds, as every other `expires_at` of the API.
+            body["expires_at"] = json!(expires_at / 1000);
         }
         let mut response = (status, Json(body)).into_response();
         if let Error::Throttled { retry_after_s } = &self.0 {

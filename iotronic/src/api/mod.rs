@@ -280,7 +280,9 @@ pub fn openapi_document() -> Value {
             "schemas": {
                 "Error": {"type": "object", "required": ["error_message", "code"], "properties": {
                     "error_message": {"type": "string"}, "code": {"type": "integer"},
-                    "lease": {"type": "string"}, "request": {"type": "string"}}}
+                    "lease": {"type": "string"}, "board": {"type": "string"},
+                    "expires_at": {"type": "integer", "description": "Unix seconds: when the lease ends"},
+                    "request": {"type": "string"}}}
             }
         },
         "security": [{"bearer": []}, {"token": []}]

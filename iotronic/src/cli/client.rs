@@ -222,7 +222,9 @@ pub fn failure_of(status: u16, body: &Value, had_token: bool, retry_after: Optio
         Kind::Auth => f.with_hint("run `s4t login --url URL --user NAME` first"),
         Kind::Forbidden => f.with_hint("ask a cloud administrator or a manager of your project"),
         Kind::Conflict if body.get("lease").is_some() => {
-            let until = body.get("expires_at").and_then(Value::as_i64).map(|t| fmt_time(t / 1000)).unwrap_or_default();
+            // Unix seconds (clouds before 2026-12 sent milliseconds here).
+            let secs = |t: i64| if t > 100_000_000_000 { t / 1000 } else { t };
+            let until = body.get("expires_at").and_then(Value::as_i64).map(|t| fmt_time(secs(t))).unwrap_or_default();
             f.with_hint(format!("another project has booked it until {until}; pick another board or wait"))
         }
         Kind::Offline => f.with_hint("queue the command with --queue; it runs when the board logs in"),
