@@ -1093,3 +1093,24 @@ async fn package_operations_and_upgrades_are_for_managers() {
     let (s, v) = cloud.req("POST", "/v1/boards/b1/action", Some(&uma), Some(ping)).await;
     assert_ne!(s, StatusCode::FORBIDDEN, "user, ping: {v}");
 }
+
+/// The original v1 API's `/detail` lists (services, fleets, plugins, requests) answer as the
+/// lists do, instead of being taken for an object named "detail" (404).
+#[tokio::test]
+async fn detail_lists_of_the_original_api_answer() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (_, ann, _) = tenants(&cloud).await;
+    let svc = json!({"name": "ssh", "port": 22, "protocol": "TCP"});
+    assert_eq!(cloud.req("POST", "/v1/services", Some(&ann), Some(svc)).await.0, StatusCode::CREATED);
+    assert_eq!(cloud.req("POST", "/v1/fleets", Some(&ann), Some(json!({"name": "f"}))).await.0, StatusCode::CREATED);
+    for (list, key) in
+        [("services", "services"), ("fleets", "fleets"), ("plugins", "plugins"), ("requests", "requests")]
+    {
+        let (s, plain) = cloud.req("GET", &format!("/v1/{list}"), Some(&ann), None).await;
+        assert_eq!(s, StatusCode::OK, "{list}: {plain}");
+        let (s, detail) = cloud.req("GET", &format!("/v1/{list}/detail"), Some(&ann), None).await;
+        assert_eq!(s, StatusCode::OK, "{list}/detail: {detail}");
+        assert_eq!(detail[key], plain[key], "{list}");
+    }
+}

@@ -142,17 +142,20 @@ route_table! {
     post "/v1/boards/{board}/plugins/{plugin}" => plugins::action, "plugins", "PluginCall, PluginStart, PluginStop, PluginStatus or PluginReboot";
     delete "/v1/boards/{board}/plugins/{plugin}" => plugins::remove, "plugins", "Remove a plugin from a board";
     get "/v1/services" => objects::list_services, "services", "List services";
+    get "/v1/services/detail" => objects::list_services, "services", "List services (as the original's /detail: every field)";
     post "/v1/services" => objects::create_service, "services", "Create a service";
     get "/v1/services/{service}" => objects::show_service, "services", "Show a service";
     patch "/v1/services/{service}" => objects::update_service, "services", "Update a service";
     delete "/v1/services/{service}" => objects::delete_service, "services", "Delete a service";
     get "/v1/fleets" => objects::list_fleets, "fleets", "List fleets";
+    get "/v1/fleets/detail" => objects::list_fleets, "fleets", "List fleets (as the original's /detail: every field)";
     post "/v1/fleets" => objects::create_fleet, "fleets", "Create a fleet";
     get "/v1/fleets/{fleet}" => objects::show_fleet, "fleets", "Show a fleet";
     patch "/v1/fleets/{fleet}" => objects::update_fleet, "fleets", "Update a fleet";
     delete "/v1/fleets/{fleet}" => objects::delete_fleet, "fleets", "Delete a fleet";
     get "/v1/fleets/{fleet}/boards" => objects::fleet_boards, "fleets", "Boards in a fleet";
     get "/v1/plugins" => plugins::list, "plugins", "List plugins (?with_public=true)";
+    get "/v1/plugins/detail" => plugins::list, "plugins", "List plugins (as the original's /detail: every field)";
     post "/v1/plugins" => plugins::create, "plugins", "Create a plugin with its code (wasm, process or python)";
     get "/v1/plugins/{plugin}" => plugins::show, "plugins", "Show a plugin with its code";
     patch "/v1/plugins/{plugin}" => plugins::update, "plugins", "Update a plugin (partial object)";
@@ -170,6 +173,7 @@ route_table! {
     post "/v1/vpns/{vpn}/boards" => objects::add_vpn_member, "vpns", "Add a board to a VPN";
     delete "/v1/vpns/{vpn}/boards/{board}" => objects::remove_vpn_member, "vpns", "Remove a board from a VPN";
     get "/v1/requests" => objects::list_requests, "requests", "List requests";
+    get "/v1/requests/detail" => objects::list_requests, "requests", "List requests (as the original's /detail: every field)";
     get "/v1/requests/{request}" => objects::show_request, "requests", "Show a request";
     get "/v1/requests/{request}/results" => objects::request_results, "requests", "Results of a request";
     get "/metrics" => metrics::metrics, "meta", "Prometheus metrics (admin)";
