@@ -263,14 +263,42 @@ fn watch_loop(req: &Request, stop: &AtomicBool, name: &str, chip: &str, events: 
     }
 }
 
+/// Where the kernel lists I2C devices, `<bus>-<address as %04x>` each, with a `driver` link
+/// when a kernel driver has bound it.
+const I2C_SYSFS: &str = "/sys/bus/i2c/devices";
+
 /// `/dev/i2c-N` buses, optionally restricted to the configured numbers.
 pub struct CdevI2c {
     allowed: Vec<u32>,
+    sysfs: PathBuf,
 }
 
 impl CdevI2c {
     pub fn new(allowed: Vec<u32>) -> CdevI2c {
-        CdevI2c { allowed }
+        CdevI2c::with_sysfs(allowed, I2C_SYSFS)
+    }
+
+    /// As [`CdevI2c::new`], with the kernel's device list at `sysfs` (tests).
+    pub fn with_sysfs(allowed: Vec<u32>, sysfs: impl Into<PathBuf>) -> CdevI2c {
+        CdevI2c { allowed, sysfs: sysfs.into() }
+    }
+
+    /// Raw `I2C_RDWR` transfers skip the kernel's "address busy" check (`I2C_SLAVE` makes it):
+    /// refuse a device a kernel driver owns (PMIC, RTC, HAT EEPROM, ...), whose state a write
+    /// behind the driver's back could corrupt.
+    fn check_unowned(&self, bus: u32, address: u16) -> Result<()> {
+        let driver = self.sysfs.join(format!("{bus}-{address:04x}")).join("driver");
+        if std::fs::symlink_metadata(&driver).is_ok() {
+            let name = std::fs::read_link(&driver)
+                .ok()
+                .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "a kernel driver".into());
+            return Err(Error::i2c(
+                format!("i2c-{bus} address {address:#04x}"),
+                format!("the device is in use by the kernel driver {name}"),
+            ));
+        }
+        Ok(())
     }
 
     fn open(&self, bus: u32) -> Result<LinuxI2CBus> {
@@ -310,6 +338,7 @@ impl I2cBus for CdevI2c {
     }
     fn read(&self, bus: u32, address: u16, register: Option<u8>, len: usize) -> Result<Vec<u8>> {
         check_i2c_address(bus, address)?;
+        self.check_unowned(bus, address)?;
         let mut dev = self.open(bus)?;
         let mut buf = vec![0u8; len];
         let reg = register.map(|r| [r]);
@@ -326,6 +355,7 @@ impl I2cBus for CdevI2c {
     }
     fn write(&self, bus: u32, address: u16, register: Option<u8>, data: &[u8]) -> Result<usize> {
         check_i2c_address(bus, address)?;
+        self.check_unowned(bus, address)?;
         let mut dev = self.open(bus)?;
         let mut frame = Vec::with_capacity(data.len() + 1);
         frame.extend(register);
@@ -359,5 +389,25 @@ mod tests {
         assert!(i.read(5, 0x48, Some(0), 2).unwrap_err().to_string().contains("i2c-5"));
         assert!(i.read(6, 0x48, None, 2).unwrap_err().to_string().contains("i2c-6"));
         g.teardown().unwrap();
+    }
+
+    /// A device a kernel driver has bound is refused before the bus is even opened; its
+    /// neighbours and other buses are not.
+    #[test]
+    fn devices_owned_by_a_kernel_driver_are_refused() {
+        let sysfs = tempfile::tempdir().unwrap();
+        let rtc = sysfs.path().join("1-0068");
+        std::fs::create_dir_all(&rtc).unwrap();
+        std::os::unix::fs::symlink("../../../../bus/i2c/drivers/rtc-ds1307", rtc.join("driver")).unwrap();
+        // Listed, no driver bound: free to use.
+        std::fs::create_dir_all(sysfs.path().join("1-0048")).unwrap();
+        let i = CdevI2c::with_sysfs(vec![], sysfs.path());
+        let owned = |e: Error| e.to_string().contains("in use by the kernel driver rtc-ds1307");
+        assert!(owned(i.read(1, 0x68, Some(0), 1).unwrap_err()));
+        assert!(owned(i.write(1, 0x68, Some(0), &[0]).unwrap_err()));
+        // Elsewhere the transfer is attempted (and fails here: this machine has no /dev/i2c-1).
+        assert!(!owned(i.read(1, 0x48, Some(0), 1).unwrap_err()));
+        assert!(!owned(i.write(2, 0x68, None, &[0]).unwrap_err()));
+        assert_eq!(CdevI2c::new(vec![]).sysfs, Path::new("/sys/bus/i2c/devices"));
     }
 }

@@ -22,8 +22,10 @@ pub struct PluginsConfig {
     /// Largest linear memory a WebAssembly plugin may have.
     #[serde(default = "default_plugin_memory_bytes")]
     pub memory_limit_bytes: usize,
-    /// Fuel (about one per WebAssembly instruction) for one call, or between two sleeps of a
-    /// started plugin. A plugin that burns it is stopped and reported.
+    /// Fuel (about one per WebAssembly instruction) a run may hold: a call's budget, and what
+    /// a started plugin may spend without sleeping. Sleeping earns it back in proportion to the
+    /// time slept (all of it per second of sleep), so a run never executes more than `fuel`
+    /// plus `fuel` a second slept. A plugin that burns it is stopped and reported.
     #[serde(default = "default_plugin_fuel")]
     pub fuel: u64,
     /// Wall-clock limit of one `PluginCall`, every kind.
@@ -32,6 +34,15 @@ pub struct PluginsConfig {
     /// Largest result, telemetry message or output line a plugin may produce.
     #[serde(default = "default_plugin_max_output_bytes")]
     pub max_output_bytes: usize,
+    /// Telemetry one run may publish, in bytes of JSON a second on average; more is dropped
+    /// (the plugin's `publish` fails), so plugins cannot crowd the agent's own messages off a
+    /// slow uplink.
+    #[serde(default = "default_plugin_telemetry_bytes_per_s")]
+    pub telemetry_bytes_per_s: u64,
+    /// Telemetry one run may publish at once, in bytes, before `telemetry_bytes_per_s` applies.
+    /// A message larger than this is always dropped.
+    #[serde(default = "default_plugin_telemetry_burst_bytes")]
+    pub telemetry_burst_bytes: u64,
     /// GPIO lines a plugin may be granted (the injection names which it gets).
     #[serde(default)]
     pub allow_gpio: Vec<String>,
@@ -85,6 +96,12 @@ fn default_plugin_call_timeout_s() -> u64 {
 fn default_plugin_max_output_bytes() -> usize {
     64 * 1024
 }
+fn default_plugin_telemetry_bytes_per_s() -> u64 {
+    16 * 1024
+}
+fn default_plugin_telemetry_burst_bytes() -> u64 {
+    64 * 1024
+}
 fn default_plugin_python_bin() -> String {
     "python3".into()
 }
@@ -108,6 +125,8 @@ impl Default for PluginsConfig {
             fuel: default_plugin_fuel(),
             call_timeout_s: default_plugin_call_timeout_s(),
             max_output_bytes: default_plugin_max_output_bytes(),
+            telemetry_bytes_per_s: default_plugin_telemetry_bytes_per_s(),
+            telemetry_burst_bytes: default_plugin_telemetry_burst_bytes(),
             allow_gpio: vec![],
             allow_i2c: vec![],
             process: false,
@@ -123,7 +142,7 @@ impl Default for PluginsConfig {
 impl PluginsConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         // The rlimits fit a 32-bit `rlim_t` (32-bit glibc boards).
-        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 9] = [
+        let ranges: [(&str, u64, std::ops::RangeInclusive<u64>); 11] = [
             ("plugins.max_running", self.max_running as u64, 1..=256),
             ("plugins.max_code_bytes", self.max_code_bytes as u64, 1024..=64 << 20),
             ("plugins.max_plugins", self.max_plugins as u64, 1..=4096),
@@ -131,6 +150,8 @@ impl PluginsConfig {
             ("plugins.fuel", self.fuel, 1_000..=u64::MAX / 2),
             ("plugins.call_timeout_s", self.call_timeout_s, 1..=3600),
             ("plugins.max_output_bytes", self.max_output_bytes as u64, 64..=16 << 20),
+            ("plugins.telemetry_bytes_per_s", self.telemetry_bytes_per_s, 1..=16 << 20),
+            ("plugins.telemetry_burst_bytes", self.telemetry_burst_bytes, 64..=16 << 20),
             ("plugins.max_processes", self.max_processes, 1..=1 << 20),
             ("plugins.max_file_bytes", self.max_file_bytes, 4096..=1 << 31),
         ];

@@ -52,6 +52,8 @@ const CODE_DIR: &str = "plugins";
 const PLUGIN_STACK: usize = 2 << 20;
 /// How long `PluginStop` waits for a run to end before answering.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// Delayed `PluginStop`s waiting at once; more are refused.
+pub const MAX_DELAYED_STOPS: usize = 16;
 
 /// One injected plugin, as `plugins.json` keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +89,8 @@ pub struct NewPlugin {
 
 /// A started plugin: its stop signal and, once it ended, how.
 struct Started {
+    /// Which run this is (numbered from 1 per manager): a delayed stop stops only its own.
+    run: u64,
     signal: Arc<StopSignal>,
     end: Arc<Mutex<Option<End>>>,
     done: watch::Receiver<bool>,
@@ -102,6 +106,12 @@ pub struct PluginManager {
     modules: Mutex<HashMap<String, wasm::Module>>,
     started: Mutex<HashMap<String, Started>>,
     slots: Arc<Semaphore>,
+    /// Numbers the runs of started plugins ([`Started::run`]).
+    runs: portable_atomic::AtomicU64,
+    /// Delayed `PluginStop`s pending ([`MAX_DELAYED_STOPS`]).
+    delayed_stops: Arc<Semaphore>,
+    /// Changes under way in tasks of their own ([`PluginManager::detached`]).
+    in_flight: Arc<watch::Sender<usize>>,
     /// Serializes the procedures that change plugins (inject, remove, start, stop, reboot):
     /// held across a whole change, waits for runs to end included.
     edit: tokio::sync::Mutex<()>,
@@ -170,6 +180,9 @@ impl PluginManager {
             modules: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
             slots,
+            runs: portable_atomic::AtomicU64::new(0),
+            delayed_stops: Arc::new(Semaphore::new(MAX_DELAYED_STOPS)),
+            in_flight: Arc::new(watch::channel(0).0),
             edit: tokio::sync::Mutex::new(()),
             registry_lock: Arc::new(tokio::sync::Mutex::new(())),
             shutdown,
@@ -230,9 +243,37 @@ impl PluginManager {
         Ok(self.store.path(CODE_DIR).join(format!("{uuid}.code")))
     }
 
+    /// Runs a change of plugins (and of their files and cache) in a task of its own, so that a
+    /// caller that gives up (its WAMP session dropped, its future with it) cannot leave it half
+    /// done: the registry, the code file and the compiled module always change together.
+    async fn detached<T: Send + 'static>(
+        &self,
+        change: impl std::future::Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        struct InFlight(Arc<watch::Sender<usize>>);
+        impl Drop for InFlight {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n -= 1);
+            }
+        }
+        self.in_flight.send_modify(|n| *n += 1);
+        let in_flight = InFlight(self.in_flight.clone());
+        let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            change.await
+        });
+        task.await.map_err(|e| plugin_err(format!("the change did not complete: {e}")))?
+    }
+
+    /// Waits until no change runs in a task of its own.
+    pub async fn settled(&self) {
+        let mut rx = self.in_flight.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
     /// Checks what the board allows, compiles WebAssembly, stores the code and the entry.
     /// Returns true when the plugin was already injected (then it is stopped and replaced).
-    pub async fn inject(&self, p: NewPlugin, onboot: bool) -> Result<bool> {
+    pub async fn inject(self: &Arc<Self>, p: NewPlugin, onboot: bool) -> Result<bool> {
         match p.kind {
             PluginKind::Process if !self.config.process => {
                 return Err(plugin_err("process plugins are not enabled on this board (plugins.process)"));
@@ -245,12 +286,25 @@ impl PluginManager {
         self.can_run(p.kind)?;
         let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
         p.grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))?;
-        let path = self.code_path(&p.uuid)?;
+        self.code_path(&p.uuid)?;
         check_name(&p.name).map_err(|e| plugin_err(format!("plugin name {e}")))?;
-        let module = match p.kind {
-            PluginKind::Wasm => Some(self.sandbox.compile(&p.code).map_err(plugin_err)?),
-            _ => None,
+        let (module, p) = match p.kind {
+            // Up to `max_code_bytes` to validate and translate: not on the event loop.
+            PluginKind::Wasm => {
+                let sandbox = self.sandbox.clone();
+                let (m, p) = tokio::task::spawn_blocking(move || (sandbox.compile(&p.code), p))
+                    .await
+                    .map_err(|e| plugin_err(format!("the module was not compiled: {e}")))?;
+                (Some(m.map_err(plugin_err)?), p)
+            }
+            _ => (None, p),
         };
+        let me = self.clone();
+        self.detached(async move { me.inject_now(p, onboot, module).await }).await
+    }
+
+    async fn inject_now(&self, p: NewPlugin, onboot: bool, module: Option<wasm::Module>) -> Result<bool> {
+        let path = self.code_path(&p.uuid)?;
         let _guard = self.edit.lock().await;
         let held = self.registry()?;
         let max = self.config.max_plugins;
@@ -261,12 +315,18 @@ impl PluginManager {
             )));
         }
         self.stop_run(&p.uuid).await;
+        // The old module goes before the code changes: a run compiles whatever code is on disk.
+        lock(&self.modules).remove(&p.uuid);
         let dir = self.store.path(CODE_DIR);
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Write { path: dir.clone(), source })?;
         let code = p.code.clone();
-        tokio::task::spawn_blocking(move || atomic_write(&path, &code, 0o600))
-            .await
-            .map_err(|e| Error::Write { path: dir.clone(), source: std::io::Error::other(e) })??;
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&d).map_err(|source| Error::Write { path: d.clone(), source })?;
+            atomic_write(&path, &code, 0o600)
+        })
+        .await
+        .map_err(|e| Error::Write { path: dir.clone(), source: std::io::Error::other(e) })??;
+        let uuid = p.uuid.clone();
         let updated = self
             .update_registry(|reg| {
                 let now = crate::rpc::device::iso8601_now();
@@ -283,38 +343,40 @@ impl PluginManager {
                     injected_at: now.clone(),
                     updated_at: now,
                 };
-                reg.insert(p.uuid.clone(), entry);
+                reg.insert(p.uuid, entry);
                 (true, updated)
             })
             .await?;
-        let mut modules = lock(&self.modules);
-        match module {
-            Some(m) => modules.insert(p.uuid, m),
-            None => modules.remove(&p.uuid),
-        };
+        if let Some(m) = module {
+            lock(&self.modules).insert(uuid, m);
+        }
         Ok(updated)
     }
 
     /// Stops the plugin if it runs, then forgets it; false when it was not injected.
-    pub async fn remove(&self, uuid: &str) -> Result<bool> {
+    pub async fn remove(self: &Arc<Self>, uuid: &str) -> Result<bool> {
         let path = self.code_path(uuid)?;
-        let _guard = self.edit.lock().await;
-        self.stop_run(uuid).await;
-        lock(&self.started).remove(uuid);
-        lock(&self.modules).remove(uuid);
-        let known = self
-            .update_registry(|reg| {
-                let known = reg.remove(uuid).is_some();
-                (known, known)
-            })
-            .await?;
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed");
+        let (me, uuid) = (self.clone(), uuid.to_owned());
+        self.detached(async move {
+            let _guard = me.edit.lock().await;
+            me.stop_run(&uuid).await;
+            lock(&me.started).remove(&uuid);
+            lock(&me.modules).remove(&uuid);
+            let known = me
+                .update_registry(|reg| {
+                    let known = reg.remove(&uuid).is_some();
+                    (known, known)
+                })
+                .await?;
+            match tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(Err(e)) => tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed"),
+                Err(e) => tracing::warn!(plugin = uuid, cause = %e, "plugin code not removed"),
+                Ok(Ok(())) => {}
             }
-            _ => {}
-        }
-        Ok(known)
+            Ok(known)
+        })
+        .await
     }
 
     /// Process and Python plugins run only as a separate, unprivileged user the agent can
@@ -344,22 +406,33 @@ impl PluginManager {
             hal: self.hal.clone(),
             limits: self.config.clone(),
             telemetry: self.telemetry.clone(),
+            rate: run::TelemetryRate::new(&self.config),
         }
     }
 
-    fn module(&self, uuid: &str) -> Result<wasm::Module> {
+    /// The compiled module of `uuid`, from the cache or (read and compiled on a blocking
+    /// thread) from its code file.
+    async fn module(&self, uuid: &str) -> Result<wasm::Module> {
         if let Some(m) = lock(&self.modules).get(uuid) {
             return Ok(m.clone());
         }
-        let bytes = self.code(uuid)?;
-        let m = self.sandbox.compile(&bytes).map_err(plugin_err)?;
-        lock(&self.modules).insert(uuid.to_owned(), m.clone());
-        Ok(m)
+        let path = self.code_path(uuid)?;
+        let sandbox = self.sandbox.clone();
+        let m = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|source| Error::Read { path, source })?;
+            sandbox.compile(&bytes).map_err(plugin_err)
+        })
+        .await
+        .map_err(|e| plugin_err(format!("the module was not compiled: {e}")))??;
+        // An injection that replaced the module meanwhile wins: its module is the newer one.
+        Ok(lock(&self.modules).entry(uuid.to_owned()).or_insert(m).clone())
     }
 
-    fn code(&self, uuid: &str) -> Result<Vec<u8>> {
+    async fn code(&self, uuid: &str) -> Result<Vec<u8>> {
         let path = self.code_path(uuid)?;
-        std::fs::read(&path).map_err(|source| Error::Read { path, source })
+        tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|source| Error::Read { path, source }))
+            .await
+            .map_err(|e| plugin_err(format!("the plugin code was not read: {e}")))?
     }
 
     /// Runs `job` to its end; `permit` is released when the run really is over (a WebAssembly
@@ -368,7 +441,7 @@ impl PluginManager {
         let job = Arc::new(job);
         match kind {
             PluginKind::Wasm => {
-                let module = match self.module(uuid) {
+                let module = match self.module(uuid).await {
                     Ok(m) => m,
                     Err(e) => return End::Failed(e.to_string()),
                 };
@@ -394,7 +467,7 @@ impl PluginManager {
             }
             PluginKind::Process | PluginKind::Python => {
                 let _permit = permit;
-                let code = match self.code(uuid) {
+                let code = match self.code(uuid).await {
                     Ok(c) => c,
                     Err(e) => return End::Failed(e.to_string()),
                 };
@@ -435,8 +508,12 @@ impl PluginManager {
 
     /// `PluginStart`: runs the plugin on its own until it returns or is stopped.
     pub async fn start(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
-        let _guard = self.edit.lock().await;
-        self.start_locked(uuid, params).await
+        let (me, uuid) = (self.clone(), uuid.to_owned());
+        self.detached(async move {
+            let _guard = me.edit.lock().await;
+            me.start_locked(&uuid, params).await
+        })
+        .await
     }
 
     async fn start_locked(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
@@ -453,7 +530,8 @@ impl PluginManager {
         let (done_tx, done) = watch::channel(false);
         // Saved first: a run recorded as started but never spawned would look ALIVE for good.
         self.set_status(uuid, "operative", Some(&params)).await?;
-        lock(&self.started).insert(uuid.to_owned(), Started { signal, end: end.clone(), done });
+        let run = self.runs.fetch_add(1, portable_atomic::Ordering::Relaxed) + 1;
+        lock(&self.started).insert(uuid.to_owned(), Started { run, signal, end: end.clone(), done });
         let (me, id, kind, name) = (self.clone(), uuid.to_owned(), e.kind, e.name.clone());
         tokio::spawn(async move {
             let result = me.execute(&id, kind, job, permit).await;
@@ -514,20 +592,59 @@ impl PluginManager {
     }
 
     /// `PluginStop`: false when the plugin was not running.
-    pub async fn stop(&self, uuid: &str) -> Result<bool> {
-        let _guard = self.edit.lock().await;
-        self.entry(uuid)?;
-        let was = self.stop_run(uuid).await;
-        self.set_status(uuid, "stopped", None).await?;
-        Ok(was)
+    pub async fn stop(self: &Arc<Self>, uuid: &str) -> Result<bool> {
+        let (me, uuid) = (self.clone(), uuid.to_owned());
+        self.detached(async move {
+            let _guard = me.edit.lock().await;
+            me.entry(&uuid)?;
+            let was = me.stop_run(&uuid).await;
+            me.set_status(&uuid, "stopped", None).await?;
+            Ok(was)
+        })
+        .await
+    }
+
+    /// The run of `uuid` under way now, if any: what a delayed `PluginStop` is meant for.
+    pub fn current_run(&self, uuid: &str) -> Option<u64> {
+        lock(&self.started).get(uuid).filter(|s| !*s.done.borrow()).map(|s| s.run)
+    }
+
+    /// A place for one delayed `PluginStop` (at most [`MAX_DELAYED_STOPS`] wait at once).
+    pub fn delayed_stop_slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.delayed_stops.clone().try_acquire_owned().map_err(|_| {
+            plugin_err(format!("{MAX_DELAYED_STOPS} delayed plugin stops are pending already; stop at once or later"))
+        })
+    }
+
+    /// A delayed `PluginStop`: stops the run `run` ([`PluginManager::current_run`] when it was
+    /// asked; `None`, none ran) and never one started since, which it leaves alone (false).
+    pub async fn stop_run_of(self: &Arc<Self>, uuid: &str, run: Option<u64>) -> Result<bool> {
+        let (me, uuid) = (self.clone(), uuid.to_owned());
+        self.detached(async move {
+            let _guard = me.edit.lock().await;
+            me.entry(&uuid)?;
+            let now = me.current_run(&uuid);
+            if now.is_some() && now != run {
+                tracing::info!(plugin = uuid, "delayed stop not applied: the plugin was started again since");
+                return Ok(false);
+            }
+            let was = me.stop_run(&uuid).await;
+            me.set_status(&uuid, "stopped", None).await?;
+            Ok(was)
+        })
+        .await
     }
 
     /// `PluginReboot`: stop, then start with `params` or the saved ones.
     pub async fn reboot(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
-        let _guard = self.edit.lock().await;
-        self.entry(uuid)?;
-        self.stop_run(uuid).await;
-        self.start_locked(uuid, params).await
+        let (me, uuid) = (self.clone(), uuid.to_owned());
+        self.detached(async move {
+            let _guard = me.edit.lock().await;
+            me.entry(&uuid)?;
+            me.stop_run(&uuid).await;
+            me.start_locked(&uuid, params).await
+        })
+        .await
     }
 
     /// `PluginStatus`: `ALIVE`, or `DEAD` (with the reason when it ended by itself).
@@ -568,11 +685,29 @@ impl PluginManager {
         failed
     }
 
-    /// At exit: stops every run; their saved status stays, so `onboot` ones come back.
+    /// At exit: stops every run, all at once, and waits for them at most [`STOP_WAIT`]
+    /// together (within systemd's stop timeout); their saved status stays, so `onboot` ones
+    /// come back.
     pub async fn close_all(&self) {
-        let uuids: Vec<String> = lock(&self.started).keys().cloned().collect();
-        for uuid in uuids {
-            self.stop_run(&uuid).await;
+        let mut waiting: Vec<(String, watch::Receiver<bool>)> = lock(&self.started)
+            .iter()
+            .filter(|(_, s)| !*s.done.borrow())
+            .map(|(uuid, s)| {
+                s.signal.stop();
+                (uuid.clone(), s.done.clone())
+            })
+            .collect();
+        let all = async {
+            for (_, done) in &mut waiting {
+                let _ = done.wait_for(|d| *d).await;
+            }
+        };
+        if tokio::time::timeout(STOP_WAIT, all).await.is_err() {
+            for (uuid, done) in &waiting {
+                if !*done.borrow() {
+                    tracing::warn!(plugin = uuid, "plugin did not stop within {STOP_WAIT:?}");
+                }
+            }
         }
     }
 }

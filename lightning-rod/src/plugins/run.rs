@@ -2,6 +2,7 @@
 //! ([`StopSignal`]) and how it ended ([`End`]). Runs never execute on the agent's event loop:
 //! WebAssembly runs on a thread of its own, processes are children the runtime only waits on.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,54 @@ pub struct Job {
     pub hal: Hal,
     pub limits: PluginsConfig,
     pub telemetry: mpsc::Sender<Telemetry>,
+    /// The run's share of the uplink: what it publishes beyond it is dropped.
+    pub rate: TelemetryRate,
+}
+
+/// Token bucket on the bytes a run publishes (`plugins.telemetry_bytes_per_s`, burst
+/// `plugins.telemetry_burst_bytes`): telemetry must not queue up ahead of the agent's own
+/// messages (keepalives, replies) on a slow uplink. What exceeds it is dropped and counted;
+/// the first drop and, at the run's end, the count are logged.
+#[derive(Debug)]
+pub struct TelemetryRate {
+    per_s: f64,
+    burst: f64,
+    bucket: Mutex<(f64, Instant)>,
+    dropped: AtomicU32,
+}
+
+impl TelemetryRate {
+    pub fn new(limits: &PluginsConfig) -> TelemetryRate {
+        let burst = limits.telemetry_burst_bytes as f64;
+        TelemetryRate {
+            per_s: limits.telemetry_bytes_per_s as f64,
+            burst,
+            bucket: Mutex::new((burst, Instant::now())),
+            dropped: AtomicU32::new(0),
+        }
+    }
+
+    /// Takes `bytes` from the bucket; false (and counted) when it does not hold them.
+    pub fn take(&self, bytes: usize) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *b;
+        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * self.per_s).min(self.burst);
+        let cost = bytes as f64;
+        if tokens >= cost {
+            *b = (tokens - cost, now);
+            return true;
+        }
+        *b = (tokens, now);
+        drop(b);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Messages dropped so far.
+    pub fn dropped(&self) -> u32 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -115,11 +164,49 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    /// Queues `data` for publication; false when the queue is full (the message is dropped).
+    /// Queues `data` for publication; false when it exceeds the run's rate or the queue is
+    /// full (the message is dropped).
     pub fn publish(&self, data: Value) -> bool {
+        if !self.rate.take(json_len(&data)) {
+            if self.rate.dropped() == 1 {
+                tracing::warn!(
+                    plugin = %self.name,
+                    per_s = self.limits.telemetry_bytes_per_s,
+                    burst = self.limits.telemetry_burst_bytes,
+                    "plugin telemetry over its rate limit (plugins.telemetry_bytes_per_s); dropping the excess"
+                );
+            }
+            return false;
+        }
         let t = Telemetry { plugin: self.uuid.clone(), name: self.name.clone(), data };
         self.telemetry.try_send(t).is_ok()
     }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let dropped = self.rate.dropped();
+        if dropped > 0 {
+            tracing::warn!(plugin = %self.name, dropped, "telemetry messages of this run dropped over its rate limit");
+        }
+    }
+}
+
+/// Size of `v` as JSON, without building the text.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// Output of a plugin as a result: JSON when it parses, text otherwise.

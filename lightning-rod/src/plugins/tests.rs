@@ -167,6 +167,68 @@ async fn runaway_and_trapping_plugins_are_stopped_and_reported() {
     assert!(why.contains("time limit"), "{why}");
 }
 
+/// Loops on `sleep_ms(0)` forever: it sleeps no time at all.
+const YIELDER: &str = r#"(module
+  (import "s4t" "sleep_ms" (func $sleep (param i32)))
+  (memory (export "memory") 1)
+  (func (export "run") (result i32) (loop $l (call $sleep (i32.const 0)) (br $l)) (i32.const 0)))"#;
+
+/// `sleep_ms(0)` earns no fuel: a plugin calling it in a loop burns its budget and is stopped
+/// (instead of spinning a core until its deadline, or for ever once started).
+#[tokio::test]
+async fn sleeping_no_time_earns_no_fuel() {
+    let mut h = harness(config());
+    h.plugins.inject(wasm("yield", YIELDER, Grants::default()), false).await.unwrap();
+    let End::Failed(why) = h.plugins.call("yield", json!({})).await.unwrap() else { panic!("not stopped") };
+    assert!(why.contains("used all its fuel"), "{why}");
+    // Started, it ends by itself the same way.
+    h.plugins.start("yield", None).await.unwrap();
+    let t = within("end event", h.telemetry.recv()).await.unwrap();
+    assert_eq!(t.data["event"], "ended");
+    let status = h.plugins.status("yield").unwrap();
+    assert!(status.contains("used all its fuel"), "{status}");
+}
+
+/// Publishes 100 messages of 1000 bytes of JSON (a string of 998 `a`) at once; returns how
+/// many were taken.
+const FLOODER: &str = r#"(module
+  (import "s4t" "publish" (func $pub (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "run") (result i32) (local $i i32) (local $ok i32)
+    (loop $fill
+      (i32.store8 (local.get $i) (i32.const 97))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $fill (i32.lt_u (local.get $i) (i32.const 998))))
+    (local.set $i (i32.const 0))
+    (loop $flood
+      (if (i32.eqz (call $pub (i32.const 0) (i32.const 998)))
+        (then (local.set $ok (i32.add (local.get $ok) (i32.const 1)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $flood (i32.lt_u (local.get $i) (i32.const 100))))
+    (local.get $ok)))"#;
+
+/// A run publishes at most its burst at once, then its rate: the rest is dropped, and the
+/// plugin told so.
+#[tokio::test]
+async fn telemetry_is_held_to_its_rate() {
+    // 1 byte a second: nothing measurable refills during the run, so exactly the burst passes.
+    let mut h = harness(PluginsConfig { telemetry_bytes_per_s: 1, telemetry_burst_bytes: 4000, ..config() });
+    h.plugins.inject(wasm("flood", FLOODER, Grants::default()), false).await.unwrap();
+    assert_eq!(h.plugins.call("flood", json!({})).await.unwrap(), End::Done { status: 4, result: None });
+    let mut got = 0;
+    while let Ok(t) = h.telemetry.try_recv() {
+        assert_eq!(t.data.as_str().map(str::len), Some(998));
+        got += 1;
+    }
+    assert_eq!(got, 4);
+    // Each run has a bucket of its own.
+    assert_eq!(h.plugins.call("flood", json!({})).await.unwrap(), End::Done { status: 4, result: None });
+    let defaults = PluginsConfig::default();
+    assert_eq!((defaults.telemetry_bytes_per_s, defaults.telemetry_burst_bytes), (16 * 1024, 64 * 1024));
+    let zero = PluginsConfig { telemetry_bytes_per_s: 0, ..PluginsConfig::default() };
+    assert!(zero.validate().unwrap_err().to_string().contains("plugins.telemetry_bytes_per_s"));
+}
+
 /// The agent runs a current-thread runtime: a busy plugin must not hold it.
 #[tokio::test]
 async fn a_busy_plugin_does_not_block_the_event_loop() {
@@ -803,4 +865,122 @@ fn the_shipped_unit_lets_the_agent_run_process_plugins() {
     for (_, cap) in process::NEEDED_CAPS {
         assert!(set.contains(&cap), "{cap} is not in the unit's CapabilityBoundingSet {set:?}");
     }
+}
+
+/// Returns the JSON string `"<version>"`.
+fn versioned(version: &str) -> String {
+    format!(
+        r#"(module
+  (import "s4t" "set_result" (func $res (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\"{version}\"")
+  (func (export "run") (result i32) (drop (call $res (i32.const 0) (i32.const {len}))) (i32.const 0)))"#,
+        len = version.len() + 2
+    )
+}
+
+struct Woken(tokio::sync::Notify);
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// Polls `fut` until it has waited `waits` times for something that then completed, and
+/// drops it there, as a dropped WAMP session drops a procedure's future; true when it
+/// finished first.
+async fn drop_after<F: std::future::Future>(fut: F, waits: usize) -> bool {
+    let woken = Arc::new(Woken(tokio::sync::Notify::new()));
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    for _ in 0..waits {
+        if fut.as_mut().poll(&mut cx).is_ready() {
+            return true;
+        }
+        woken.0.notified().await;
+    }
+    false
+}
+
+/// Waits until nothing is changing plugins any more, in a task or a blocking write.
+async fn settle(h: &Harness) {
+    h.plugins.settled().await;
+    let _edit = h.plugins.edit.lock().await;
+    let _registry = h.plugins.registry_lock.lock().await;
+}
+
+/// A procedure whose caller goes away at any of its waits still leaves the registry, the code
+/// file, the compiled module and the runs in step.
+#[tokio::test]
+async fn procedures_dropped_at_any_wait_leave_plugins_consistent() {
+    let h = harness(config());
+    let version = |v: &str| {
+        let grants = if v == "v2" { gpio17() } else { Grants::default() };
+        NewPlugin { name: v.into(), ..wasm("p", &versioned(v), grants) }
+    };
+    let code_of = |v: &str| wat::parse_str(versioned(v)).unwrap();
+    h.plugins.inject(version("v1"), false).await.unwrap();
+    // Inject: the new code, entry and module, or the old ones, never a mix.
+    for waits in 1.. {
+        let finished = drop_after(h.plugins.inject(version("v2"), false), waits).await;
+        settle(&h).await;
+        let entry = h.plugins.registry().unwrap()["p"].clone();
+        let code = std::fs::read(h.store.path("plugins/p.code")).unwrap();
+        assert!(code == code_of(&entry.name), "the code file is not {} after {waits} waits", entry.name);
+        assert_eq!(entry.grants == gpio17(), entry.name == "v2");
+        let end = h.plugins.call("p", json!({})).await.unwrap();
+        assert_eq!(end, End::Done { status: 0, result: Some(json!(entry.name)) }, "after {waits} waits");
+        if finished {
+            break;
+        }
+        h.plugins.inject(version("v1"), false).await.unwrap();
+    }
+    // Start: saved as operative only with a run.
+    let ticker = || NewPlugin { callable: false, ..wasm("t", TICKER, Grants::default()) };
+    h.plugins.inject(ticker(), false).await.unwrap();
+    for waits in 1.. {
+        let finished = drop_after(h.plugins.start("t", None), waits).await;
+        settle(&h).await;
+        let operative = h.plugins.registry().unwrap()["t"].status == "operative";
+        assert_eq!(operative, h.plugins.current_run("t").is_some(), "after {waits} waits");
+        h.plugins.stop("t").await.unwrap();
+        if finished {
+            break;
+        }
+    }
+    // Remove: the entry, the code file and the module go together.
+    for waits in 1.. {
+        let finished = drop_after(h.plugins.remove("t"), waits).await;
+        settle(&h).await;
+        let known = h.plugins.registry().unwrap().contains_key("t");
+        assert_eq!(known, h.store.path("plugins/t.code").exists(), "after {waits} waits");
+        assert!(known || !lock(&h.plugins.modules).contains_key("t"), "after {waits} waits");
+        if finished {
+            assert!(!known);
+            break;
+        }
+        h.plugins.inject(ticker(), false).await.unwrap();
+    }
+}
+
+/// At exit every run is told to stop at once and all are waited for together, at most
+/// `STOP_WAIT` in all (systemd's stop timeout is 20 s), not `STOP_WAIT` each.
+#[tokio::test(start_paused = true)]
+async fn close_all_stops_every_run_at_once() {
+    let h = harness(config());
+    // Runs that never end: each would cost a whole STOP_WAIT if they were waited for in turn.
+    let mut runs = vec![];
+    for uuid in ["a", "b", "c"] {
+        let (tx, done) = watch::channel(false);
+        let signal = Arc::new(StopSignal::default());
+        let started = Started { run: 0, signal: signal.clone(), end: Arc::default(), done };
+        lock(&h.plugins.started).insert(uuid.into(), started);
+        runs.push((tx, signal));
+    }
+    let t = tokio::time::Instant::now();
+    h.plugins.close_all().await;
+    assert!(runs.iter().all(|(_, s)| s.is_stopped()), "a run was not told to stop");
+    assert_eq!(t.elapsed(), STOP_WAIT);
 }

@@ -8,9 +8,10 @@
 //!
 //! A module exports `memory` and `run: () -> i32` (0 is success) and imports only what the
 //! `s4t` host module offers (see [`ABI`]). Limits per run: linear memory
-//! (`plugins.memory_limit_bytes`), fuel between two sleeps (`plugins.fuel`, refilled by
-//! `sleep_ms`), wall clock for calls (`plugins.call_timeout_s`), output size
-//! (`plugins.max_output_bytes`). Fuel is handed out in slices; between slices the run checks
+//! (`plugins.memory_limit_bytes`), fuel (`plugins.fuel`, earned back by sleeping: all of it
+//! for [`FUEL_REFILL_PERIOD`] of sleep, a share for less, nothing for `sleep_ms(0)`), wall
+//! clock for calls (`plugins.call_timeout_s`), output size (`plugins.max_output_bytes`),
+//! telemetry bytes a second (`plugins.telemetry_bytes_per_s`). Fuel is handed out in slices; between slices the run checks
 //! the stop signal and the deadline, so a busy loop stops within one slice.
 
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use super::run::{End, Job, output_value};
 /// The host functions, for plugin authors (module `s4t`; pointers and lengths are `i32`):
 pub const ABI: &str = "\
 log(level, ptr, len)                    0 error, 1 warn, 2 info, 3 debug
-sleep_ms(ms)                            sleeps; refills fuel; ends the run when it is stopped
+sleep_ms(ms)                            sleeps, earning fuel back for the time slept; ends a stopped run
 now_ms() -> i64                         Unix time in milliseconds
 params_len() -> i32                     size of the JSON parameters
 params_read(ptr, len) -> i32            copies them; returns their full size
@@ -41,7 +42,7 @@ gpio_write(name_ptr, name_len, v) -> i32
 i2c_read(bus, addr, reg, ptr, len) -> i32   reg -1: none; returns bytes read
 i2c_write(bus, addr, reg, ptr, len) -> i32  returns bytes written
 last_error(ptr, len) -> i32             text of the last error; returns its size
-errors: -1 not granted, -2 hardware, -3 bad argument, -4 too large, -5 queue full";
+errors: -1 not granted, -2 hardware, -3 bad argument, -4 too large, -5 queue full or over the rate";
 
 pub const ERR_DENIED: i32 = -1;
 pub const ERR_HARDWARE: i32 = -2;
@@ -51,6 +52,10 @@ pub const ERR_BUSY: i32 = -5;
 
 /// Fuel handed out at a time: the stop signal and deadline are checked between slices.
 const FUEL_SLICE: u64 = 2_000_000;
+/// Sleeping this long earns back all of `plugins.fuel`; shorter sleeps earn their share. A run
+/// thus executes at most `fuel` instructions plus `fuel` per second it slept, however it calls
+/// `sleep_ms` (a loop on `sleep_ms(0)` earns nothing and ends out of fuel).
+pub const FUEL_REFILL_PERIOD: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const MAX_LOG_BYTES: usize = 1024;
 const LOGS_PER_SECOND: u32 = 50;
@@ -67,8 +72,10 @@ struct Host {
     params: Vec<u8>,
     result: Option<Vec<u8>>,
     last_error: String,
-    /// Fuel left before the plugin must sleep (or, for a call, before it is over budget).
-    fuel_left: u64,
+    /// Fuel left, the current slice included: spent by running, earned back by sleeping.
+    budget: u64,
+    /// Fuel handed to the store for the current slice.
+    slice: u64,
     halt: Option<Halt>,
     log_window: (u64, u32),
 }
@@ -140,13 +147,14 @@ impl Sandbox {
             params,
             result: None,
             last_error: String::new(),
-            fuel_left: fuel,
+            budget: fuel,
+            slice: FUEL_SLICE.min(fuel),
             halt: None,
             log_window: (0, 0),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
-        if store.set_fuel(FUEL_SLICE.min(fuel)).is_err() {
+        if store.set_fuel(store.data().slice).is_err() {
             return End::Failed("fuel metering is off".into());
         }
         let instance = match self.linker.instantiate_and_start(&mut store, module) {
@@ -173,7 +181,7 @@ impl Sandbox {
                     if let Some(end) = out_of_slice(store.data_mut()) {
                         return end;
                     }
-                    let next = FUEL_SLICE.min(store.data().fuel_left).max(1);
+                    let next = store.data().slice;
                     if let Err(e) = store.set_fuel(next) {
                         return failure(&mut store, e);
                     }
@@ -192,11 +200,22 @@ fn out_of_slice(host: &mut Host) -> Option<End> {
     if host.job.mode.deadline().is_some_and(|d| Instant::now() >= d) {
         return Some(End::Failed(format!("exceeded its time limit of {} s", host.job.limits.call_timeout_s)));
     }
-    host.fuel_left = host.fuel_left.saturating_sub(FUEL_SLICE);
-    if host.fuel_left == 0 {
-        return Some(End::Failed(format!("used all its fuel ({}) without sleeping", host.job.limits.fuel)));
+    host.budget = host.budget.saturating_sub(host.slice);
+    if host.budget == 0 {
+        return Some(End::Failed(out_of_fuel(host)));
     }
+    host.slice = FUEL_SLICE.min(host.budget);
     None
+}
+
+fn out_of_fuel(host: &Host) -> String {
+    format!("used all its fuel ({}) without sleeping enough", host.job.limits.fuel)
+}
+
+/// Fuel earned by sleeping `slept`: `fuel` per [`FUEL_REFILL_PERIOD`].
+fn fuel_earned(fuel: u64, slept: Duration) -> u64 {
+    let earned = u128::from(fuel) * slept.as_nanos() / FUEL_REFILL_PERIOD.as_nanos();
+    u64::try_from(earned).unwrap_or(u64::MAX)
 }
 
 fn failure(store: &mut Store<Host>, e: WasmError) -> End {
@@ -323,6 +342,9 @@ fn host_sleep(mut c: Caller<'_, Host>, ms: i32) -> Result<(), WasmError> {
         Some(dl) if dl < until => (dl.saturating_duration_since(Instant::now()), true),
         _ => (want, false),
     };
+    // What ran of the current slice is spent; only the time really slept earns fuel back.
+    let used = c.data().slice.saturating_sub(c.get_fuel()?);
+    let start = Instant::now();
     if job.signal.sleep(d) {
         return Err(halt(&mut c, Halt::Stopped));
     }
@@ -330,8 +352,17 @@ fn host_sleep(mut c: Caller<'_, Host>, ms: i32) -> Result<(), WasmError> {
         let why = format!("exceeded its time limit of {} s", job.limits.call_timeout_s);
         return Err(halt(&mut c, Halt::Failed(why)));
     }
-    c.data_mut().fuel_left = job.limits.fuel;
-    c.set_fuel(FUEL_SLICE.min(job.limits.fuel))
+    let slept = start.elapsed().min(d);
+    let fuel = job.limits.fuel;
+    let host = c.data_mut();
+    host.budget = host.budget.saturating_sub(used).saturating_add(fuel_earned(fuel, slept)).min(fuel);
+    if host.budget == 0 {
+        let why = out_of_fuel(host);
+        return Err(halt(&mut c, Halt::Failed(why)));
+    }
+    host.slice = FUEL_SLICE.min(host.budget);
+    let slice = host.slice;
+    c.set_fuel(slice)
 }
 
 fn host_publish(mut c: Caller<'_, Host>, ptr: i32, len: i32) -> i32 {
@@ -343,7 +374,12 @@ fn host_publish(mut c: Caller<'_, Host>, ptr: i32, len: i32) -> i32 {
     if c.data().job.publish(output_value(&bytes)) {
         0
     } else {
-        fail(&mut c, ERR_BUSY, "the telemetry queue is full; message dropped".into())
+        fail(
+            &mut c,
+            ERR_BUSY,
+            "the telemetry queue is full or this run is over its rate (plugins.telemetry_bytes_per_s); message dropped"
+                .into(),
+        )
     }
 }
 
@@ -434,6 +470,14 @@ fn host_i2c_write(mut c: Caller<'_, Host>, bus: i32, addr: i32, reg: i32, ptr: i
 #[cfg(test)]
 mod abi_tests {
     use super::*;
+
+    /// What sleeping earns is in proportion to the time slept: nothing for no time.
+    #[test]
+    fn sleeping_earns_fuel_in_proportion() {
+        assert_eq!(fuel_earned(1_000_000, Duration::ZERO), 0);
+        assert_eq!(fuel_earned(1_000_000, FUEL_REFILL_PERIOD / 4), 250_000);
+        assert_eq!(fuel_earned(u64::MAX / 2, FUEL_REFILL_PERIOD * 4), u64::MAX);
+    }
 
     #[test]
     fn the_abi_text_and_the_shared_list_name_the_same_functions() {

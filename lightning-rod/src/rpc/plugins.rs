@@ -70,7 +70,9 @@ fn call_reply(end: End) -> Reply {
     }
 }
 
-/// `PluginStop(uuid, {delay})`: at once, or RUNNING and `STOPPED` through `notify_result`.
+/// `PluginStop(uuid, {delay})`: at once, or RUNNING and `STOPPED` through `notify_result`
+/// (at most [`crate::plugins::MAX_DELAYED_STOPS`] pending; a delayed stop ends only the run
+/// under way when it was asked, never one started since).
 async fn stop(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     let id = uuid(call)?;
     let p = Params::at(&call.args, 1, "parameters", false)?;
@@ -79,13 +81,20 @@ async fn stop(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
         return stopped(ctx.plugins.stop(&id).await?, &id);
     }
     ctx.plugins.status(&id)?;
+    // Bounded, and meant for the run under way now: one started after this stays.
+    let slot = ctx.plugins.delayed_stop_slot()?;
+    let run = ctx.plugins.current_run(&id);
     let (ctx2, req_id) = (ctx.clone(), call.req_id());
     tokio::spawn(async move {
+        let _slot = slot;
         tokio::select! {
             _ = ctx2.shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
         }
-        let reply = match ctx2.plugins.stop(&id).await {
+        let reply = match ctx2.plugins.stop_run_of(&id, run).await {
+            Ok(false) if ctx2.plugins.current_run(&id).is_some() => {
+                warning(format!("plugin {id} was started again since this stop was asked: left running"))
+            }
             Ok(was) => stopped(was, &id).unwrap_or_else(|e| Reply::error(None, e)),
             Err(e) => Reply::error(None, format!("PluginStop: {e}")),
         };
@@ -212,6 +221,61 @@ mod tests {
         // The manager refuses it too, whoever calls it.
         assert!(ctx.plugins.remove("../x").await.is_err());
         assert!(victim.exists());
+    }
+
+    /// A delayed stop ends the run it was asked for, not one started after it; and only so
+    /// many wait at once.
+    #[tokio::test]
+    async fn a_delayed_stop_ends_only_its_run_and_they_are_bounded() {
+        use super::super::services::{NoTunnels, ServiceManager};
+        use super::super::tests::context as full_context;
+        use crate::plugins::MAX_DELAYED_STOPS;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let services = ServiceManager::new(store.clone(), Box::new(NoTunnels), "ws://127.0.0.1:8080/".into());
+        let vpns = VpnManager::new(store.clone(), Box::new(NoPackets), String::new());
+        let (ctx, (mut notify, _, _)) = full_context(store, Default::default(), services, vpns);
+        let sleeper = r#"(module (import "s4t" "sleep_ms" (func $sleep (param i32)))
+            (memory (export "memory") 1)
+            (func (export "run") (result i32) (loop $l (call $sleep (i32.const 1000)) (br $l)) (i32.const 0)))"#;
+        let code = wat::parse_str(sleeper).unwrap();
+        let plugin = NewPlugin {
+            uuid: "t".into(),
+            name: "t".into(),
+            kind: PluginKind::Wasm,
+            callable: false,
+            grants: Grants::default(),
+            code,
+        };
+        ctx.plugins.inject(plugin, false).await.unwrap();
+        ctx.plugins.start("t", None).await.unwrap();
+        let r = stop_later(&ctx, 1).await;
+        assert_eq!(r.result, Outcome::Running, "{r:?}");
+        // Stopped and started again before the delay is over: the new run is not its run.
+        ctx.plugins.stop("t").await.unwrap();
+        ctx.plugins.start("t", None).await.unwrap();
+        let run = ctx.plugins.current_run("t");
+        let r = tokio::time::timeout(Duration::from_secs(20), notify.recv()).await.unwrap().unwrap();
+        assert_eq!(r.result, Outcome::Warning, "{r:?}");
+        assert!(r.message.as_str().unwrap().contains("started again"), "{r:?}");
+        assert!(run.is_some());
+        assert_eq!(ctx.plugins.current_run("t"), run, "the delayed stop ended a later run");
+        assert_eq!(ctx.plugins.status("t").unwrap(), "ALIVE");
+        // Bounded: one more than the limit is refused.
+        for _ in 0..MAX_DELAYED_STOPS {
+            let r = stop_later(&ctx, 3600).await;
+            assert_eq!(r.result, Outcome::Running, "{r:?}");
+        }
+        let r = stop_later(&ctx, 3600).await;
+        assert_eq!(r.result, Outcome::Error, "{r:?}");
+        assert!(r.message.as_str().unwrap().contains("delayed plugin stops are pending"), "{r:?}");
+        ctx.plugins.close_all().await;
+    }
+
+    /// `PluginStop("t", {"delay": delay})`, with a request dict first as the cloud calls it.
+    async fn stop_later(ctx: &Arc<Context>, delay: u64) -> Reply {
+        let args = vec![json!({"uuid": "r"}), json!("t"), json!({"delay": delay})];
+        super::super::dispatch(ctx, Method::PluginStop, Call::from_positional(args)).await
     }
 
     #[tokio::test]
