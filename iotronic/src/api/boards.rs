@@ -134,7 +134,7 @@ pub async fn visible_board(state: &AppState, c: &Caller, ident: &str) -> Result<
 }
 
 /// Sort keys of the board list (`id`, the original's default, is the creation order).
-const SORT_KEYS: &[(&str, &str)] = &[
+pub(crate) const SORT_KEYS: &[(&str, &str)] = &[
     ("id", "created_at"),
     ("created_at", "created_at"),
     ("updated_at", "updated_at"),

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -13,6 +13,7 @@ use super::auth::check_name;
 use super::boards::{board_json_for, visible_board};
 use super::calls::{CallOpts, call_board, check_lease, message_value, request_json};
 use super::error::{ApiResult, Body};
+use super::paging::{self, list_json, unknown_marker};
 use super::{AppState, Caller};
 use crate::Error;
 use crate::conductor::Conductor;
@@ -32,9 +33,31 @@ async fn visible_service(state: &AppState, c: &Caller, ident: &str) -> Result<Se
     state.db.service(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("service {ident} not found")))
 }
 
-pub async fn list_services(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
-    let s = state.db.list_services(c.scope()).await?;
-    Ok(Json(json!({"services": s.iter().map(service_json).collect::<Vec<_>>()})))
+/// Sort keys of the service list (`id`, the original's default, is the creation order).
+const SERVICE_KEYS: &[(&str, &str)] = &[
+    ("id", "created_at"),
+    ("created_at", "created_at"),
+    ("updated_at", "updated_at"),
+    ("name", "name"),
+    ("uuid", "uuid"),
+    ("port", "port"),
+];
+
+/// One page of the services the caller may see ([`paging`]).
+pub async fn list_services(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+) -> ApiResult<Json<Value>> {
+    let mut page = paging::page(&q, SERVICE_KEYS)?;
+    if let Some(m) = &page.marker {
+        let s = state.db.service(m, c.scope()).await?;
+        page.marker = Some(s.ok_or_else(|| unknown_marker(m, "service"))?.uuid);
+    }
+    let s = state.db.list_services_page(c.scope(), &page).await?;
+    let next = paging::next(uri.path(), &q, &page, s.len(), s.last().map(|x| x.uuid.as_str()));
+    Ok(Json(list_json("services", s.iter().map(service_json).collect(), next)))
 }
 
 #[derive(Deserialize)]
@@ -132,9 +155,30 @@ async fn visible_fleet(state: &AppState, c: &Caller, ident: &str) -> Result<Flee
     state.db.fleet(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("fleet {ident} not found")))
 }
 
-pub async fn list_fleets(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
-    let f = state.db.list_fleets(c.scope()).await?;
-    Ok(Json(json!({"fleets": f.iter().map(fleet_json).collect::<Vec<_>>()})))
+/// Sort keys of the fleet list.
+const FLEET_KEYS: &[(&str, &str)] = &[
+    ("id", "created_at"),
+    ("created_at", "created_at"),
+    ("updated_at", "updated_at"),
+    ("name", "name"),
+    ("uuid", "uuid"),
+];
+
+/// One page of the fleets the caller may see ([`paging`]).
+pub async fn list_fleets(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+) -> ApiResult<Json<Value>> {
+    let mut page = paging::page(&q, FLEET_KEYS)?;
+    if let Some(m) = &page.marker {
+        let f = state.db.fleet(m, c.scope()).await?;
+        page.marker = Some(f.ok_or_else(|| unknown_marker(m, "fleet"))?.uuid);
+    }
+    let f = state.db.list_fleets_page(c.scope(), &page).await?;
+    let next = paging::next(uri.path(), &q, &page, f.len(), f.last().map(|x| x.uuid.as_str()));
+    Ok(Json(list_json("fleets", f.iter().map(fleet_json).collect(), next)))
 }
 
 #[derive(Deserialize)]
@@ -194,14 +238,23 @@ pub async fn delete_fleet(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// One page of a fleet's boards ([`paging`], the board list's sort keys; the marker is any
+/// board the caller may see).
 pub async fn fleet_boards(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let f = visible_fleet(&state, &c, &ident).await?;
-    let boards = state.db.list_boards(c.scope(), None, Some(&f.uuid)).await?;
-    Ok(Json(json!({"boards": boards.iter().map(|b| board_json_for(b, &c)).collect::<Vec<_>>()})))
+    let mut page = paging::page(&q, super::boards::SORT_KEYS)?;
+    if let Some(m) = &page.marker {
+        page.marker = Some(state.db.board(m, c.scope()).await?.ok_or_else(|| unknown_marker(m, "board"))?.uuid);
+    }
+    let boards = state.db.fleet_boards_page(c.scope(), &f.uuid, &page).await?;
+    let path = format!("/v1/fleets/{}/boards", f.uuid);
+    let next = paging::next(&path, &q, &page, boards.len(), boards.last().map(|b| b.uuid.as_str()));
+    Ok(Json(list_json("boards", boards.iter().map(|b| board_json_for(b, &c)).collect(), next)))
 }
 
 fn lease_json(l: &Lease) -> Value {
@@ -240,14 +293,32 @@ fn lease_expiry(b: &LeaseBody) -> Result<i64, Error> {
     Ok(until)
 }
 
+/// Sort keys of the lease list.
+const LEASE_KEYS: &[(&str, &str)] = &[
+    ("id", "created_at"),
+    ("created_at", "created_at"),
+    ("updated_at", "updated_at"),
+    ("expires_at", "expires_at"),
+    ("status", "status"),
+    ("uuid", "uuid"),
+];
+
+/// One page of the leases the caller may see ([`paging`]), `?status=active` for the active ones.
 pub async fn list_leases(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
 ) -> ApiResult<Json<Value>> {
     let active = q.get("status").is_some_and(|s| s == "active");
-    let l = state.db.list_leases(c.scope(), active).await?;
-    Ok(Json(json!({"leases": l.iter().map(lease_json).collect::<Vec<_>>()})))
+    let mut page = paging::page(&q, LEASE_KEYS)?;
+    if let Some(m) = &page.marker {
+        let l = state.db.lease(m, c.scope()).await?;
+        page.marker = Some(l.ok_or_else(|| unknown_marker(m, "lease"))?.uuid);
+    }
+    let l = state.db.list_leases_page(c.scope(), active, &page).await?;
+    let next = paging::next(uri.path(), &q, &page, l.len(), l.last().map(|x| x.uuid.as_str()));
+    Ok(Json(list_json("leases", l.iter().map(lease_json).collect(), next)))
 }
 
 pub async fn create_lease(
@@ -326,9 +397,25 @@ async fn visible_vpn(state: &AppState, c: &Caller, ident: &str) -> Result<Vpn, E
     state.db.vpn(ident, c.scope()).await?.ok_or_else(|| Error::NotFound(format!("VPN {ident} not found")))
 }
 
-pub async fn list_vpns(State(state): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<Value>> {
-    let v = state.db.list_vpns(c.scope()).await?;
-    Ok(Json(json!({"vpns": v.iter().map(vpn_json).collect::<Vec<_>>()})))
+/// Sort keys of the VPN list.
+const VPN_KEYS: &[(&str, &str)] =
+    &[("id", "created_at"), ("created_at", "created_at"), ("name", "name"), ("uuid", "uuid")];
+
+/// One page of the VPNs the caller may see ([`paging`]).
+pub async fn list_vpns(
+    State(state): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+) -> ApiResult<Json<Value>> {
+    let mut page = paging::page(&q, VPN_KEYS)?;
+    if let Some(m) = &page.marker {
+        let v = state.db.vpn(m, c.scope()).await?;
+        page.marker = Some(v.ok_or_else(|| unknown_marker(m, "VPN"))?.uuid);
+    }
+    let v = state.db.list_vpns_page(c.scope(), &page).await?;
+    let next = paging::next(uri.path(), &q, &page, v.len(), v.last().map(|x| x.uuid.as_str()));
+    Ok(Json(list_json("vpns", v.iter().map(vpn_json).collect(), next)))
 }
 
 #[derive(Deserialize)]
@@ -403,14 +490,29 @@ pub async fn delete_vpn(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sort keys of a VPN's members (by address, as before paging).
+const MEMBER_KEYS: &[(&str, &str)] = &[("address", "address"), ("board", "board_uuid"), ("created_at", "created_at")];
+
+/// One page of a VPN's members ([`paging`]); the marker is a member board (uuid or name).
 pub async fn vpn_members(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
     Path(ident): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let v = visible_vpn(&state, &c, &ident).await?;
-    let m = state.db.vpn_members(&v.uuid).await?;
-    Ok(Json(json!({"members": m.iter().map(member_json).collect::<Vec<_>>()})))
+    let mut page = paging::page(&q, MEMBER_KEYS)?;
+    if let Some(m) = &page.marker {
+        let member = match state.db.board(m, c.scope()).await? {
+            Some(b) => state.db.vpn_member(&v.uuid, &b.uuid).await?,
+            None => None,
+        };
+        page.marker = Some(member.ok_or_else(|| unknown_marker(m, "member"))?.board);
+    }
+    let m = state.db.vpn_members_page(&v.uuid, &page).await?;
+    let path = format!("/v1/vpns/{}/boards", v.uuid);
+    let next = paging::next(&path, &q, &page, m.len(), m.last().map(|x| x.board.as_str()));
+    Ok(Json(list_json("members", m.iter().map(member_json).collect(), next)))
 }
 
 #[derive(Deserialize)]
@@ -436,7 +538,7 @@ pub async fn add_vpn_member(
     let mut join = json!({"vpn": v.uuid, "type": v.vpn_type, "address": m.address,
                           "prefix_len": crate::db::parse_cidr(&v.cidr)?.1, "interface": m.interface});
     if let Some(t) = &state.tunnels {
-        join["tunnel_url"] = json!(t.url);
+        join["tunnel_url"] = json!(t.url_for(&board));
         join["token"] = json!(t.mint(&board.uuid, 0, Some(&v.uuid))?);
     }
     if let Err(e) = call_board(&state, &c, &board, "VpnJoin", json!([join]), CallOpts::default()).await {
@@ -475,6 +577,7 @@ pub async fn list_requests(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
 ) -> ApiResult<Json<Value>> {
     let board = match q.get("board") {
         Some(b) => Some(visible_board(&state, &c, b).await?.uuid),
@@ -488,7 +591,7 @@ pub async fn list_requests(
         page.marker = Some(r.ok_or_else(|| Error::Invalid(format!("?marker={m}: no such request")))?.uuid);
     }
     let r = state.db.list_requests_page(c.scope(), board.as_deref(), &page).await?;
-    let next = super::paging::next("/v1/requests", &q, &page, r.len(), r.last().map(|x| x.uuid.as_str()));
+    let next = super::paging::next(uri.path(), &q, &page, r.len(), r.last().map(|x| x.uuid.as_str()));
     let mut out = json!({"requests": r.iter().map(request_json).collect::<Vec<_>>()});
     if let Some(n) = next {
         out["next"] = json!(n);

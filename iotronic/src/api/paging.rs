@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use serde_json::{Value, json};
+
 use crate::Error;
 use crate::db::{MAX_LIMIT, Page};
 
@@ -50,6 +52,21 @@ pub fn next(path: &str, q: &HashMap<String, String>, page: &Page, got: usize, la
     ser.append_pair("limit", &page.limit.to_string());
     ser.append_pair("marker", last?);
     Some(format!("{path}?{}", ser.finish()))
+}
+
+/// The answer to a `marker` that names nothing in the list the caller may see: the same
+/// whether the object does not exist or belongs to another project (as for boards and requests).
+pub fn unknown_marker(marker: &str, what: &str) -> Error {
+    Error::Invalid(format!("?marker={marker}: no such {what} in this list"))
+}
+
+/// `{key: [...]}`, with `"next"` when there is a page after this one.
+pub fn list_json(key: &str, items: Vec<Value>, next: Option<String>) -> Value {
+    let mut out = json!({ key: items });
+    if let Some(n) = next {
+        out["next"] = json!(n);
+    }
+    out
 }
 
 #[cfg(test)]

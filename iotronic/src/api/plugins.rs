@@ -215,10 +215,24 @@ fn check_keys(p: &Plugin, given: &Value) -> Result<(), Error> {
     Ok(())
 }
 
+/// Sort keys of the plugin list.
+const LIST_KEYS: &[(&str, &str)] = &[
+    ("id", "created_at"),
+    ("created_at", "created_at"),
+    ("updated_at", "updated_at"),
+    ("name", "name"),
+    ("uuid", "uuid"),
+    ("kind", "kind"),
+];
+
+/// One page of the caller's plugins ([`super::paging`]); `?with_public=true` adds other
+/// projects' public plugins, `?public=true` lists those and the caller's public ones only,
+/// `?all_plugins=true` (admin) every project's.
 pub async fn list(
     State(state): State<AppState>,
     Extension(c): Extension<Caller>,
     Query(q): Query<HashMap<String, String>>,
+    uri: axum::http::Uri,
 ) -> ApiResult<Json<Value>> {
     let on = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
     let scope = if on("all_plugins") {
@@ -227,9 +241,14 @@ pub async fn list(
     } else {
         Some(c.project.as_str())
     };
-    let p = state.db.list_plugins(scope, on("with_public") || on("public")).await?;
-    let p = p.iter().filter(|p| !on("public") || p.public);
-    Ok(Json(json!({"plugins": p.map(|p| plugin_json(p, false)).collect::<Vec<_>>()})))
+    let mut page = super::paging::page(&q, LIST_KEYS)?;
+    if let Some(m) = &page.marker {
+        let p = state.db.plugin(m, scope).await?;
+        page.marker = Some(p.ok_or_else(|| super::paging::unknown_marker(m, "plugin"))?.uuid);
+    }
+    let p = state.db.list_plugins_page(scope, on("with_public") || on("public"), on("public"), &page).await?;
+    let next = super::paging::next(uri.path(), &q, &page, p.len(), p.last().map(|x| x.uuid.as_str()));
+    Ok(Json(super::paging::list_json("plugins", p.iter().map(|p| plugin_json(p, false)).collect(), next)))
 }
 
 #[derive(Deserialize)]

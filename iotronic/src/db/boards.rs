@@ -246,16 +246,38 @@ impl Db {
         status: Option<&str>,
         page: &Page,
     ) -> Result<Vec<Board>, Error> {
+        self.boards_page(project, status, None, page).await
+    }
+
+    /// One page of the boards of `fleet` (within `project` when given).
+    pub async fn fleet_boards_page(
+        &self,
+        project: Option<&str>,
+        fleet: &str,
+        page: &Page,
+    ) -> Result<Vec<Board>, Error> {
+        self.boards_page(project, None, Some(fleet), page).await
+    }
+
+    async fn boards_page(
+        &self,
+        project: Option<&str>,
+        status: Option<&str>,
+        fleet: Option<&str>,
+        page: &Page,
+    ) -> Result<Vec<Board>, Error> {
         let sql = format!(
-            "{}WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR status = $4){}",
+            "{}WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR status = $4) AND ($5 = '' OR fleet_uuid = $6){}",
             board_query!(""),
-            page.sql("boards", 5)
+            page.sql("boards", 7)
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(project.unwrap_or(""))
             .bind(project.unwrap_or(""))
             .bind(status.unwrap_or(""))
             .bind(status.unwrap_or(""))
+            .bind(fleet.unwrap_or(""))
+            .bind(fleet.unwrap_or(""))
             .bind(page.marker())
             .bind(page.marker())
             .fetch_all(self.pool())

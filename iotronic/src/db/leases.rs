@@ -1,8 +1,10 @@
 //! Leases: exclusive bookings of boards by a project until an expiry.
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, is_unique_violation, new_uuid, now_ms};
+use super::{Db, Page, col, db_err, is_unique_violation, new_uuid, now_ms};
 use crate::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,13 +211,57 @@ impl Db {
         self.leases_of_rows(&rows).await
     }
 
+    /// One page of the leases of `project` (all: `None`), only the active ones if asked, with
+    /// their boards: two queries for the whole page.
+    pub async fn list_leases_page(
+        &self,
+        project: Option<&str>,
+        only_active: bool,
+        page: &Page,
+    ) -> Result<Vec<Lease>, Error> {
+        let sql = format!(
+            "SELECT * FROM leases WHERE ($1 = '' OR project_uuid = $2) AND ($3 = 0 OR status = 'active'){}",
+            page.sql("leases", 4)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .bind(i64::from(only_active))
+            .bind(page.marker())
+            .bind(page.marker())
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        self.leases_of_rows(&rows).await
+    }
+
+    /// The leases of `rows` with their boards, loaded in one query per [`BOARDS_BATCH`] leases
+    /// (not one per lease).
     async fn leases_of_rows(&self, rows: &[AnyRow]) -> Result<Vec<Lease>, Error> {
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let mut l = lease_row(r)?;
-            self.lease_boards(&mut l).await?;
-            out.push(l);
+        let mut out = rows.iter().map(lease_row).collect::<Result<Vec<_>, _>>()?;
+        for chunk in out.chunks_mut(BOARDS_BATCH) {
+            let marks = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT lease_uuid, board_uuid FROM lease_boards WHERE lease_uuid IN ({marks}) \
+                 ORDER BY lease_uuid, board_uuid"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for l in chunk.iter() {
+                q = q.bind(l.uuid.clone());
+            }
+            let found = q.fetch_all(self.pool()).await.map_err(db_err)?;
+            let mut by_lease: HashMap<String, Vec<String>> = HashMap::new();
+            for r in &found {
+                by_lease.entry(col(r, "lease_uuid")?).or_default().push(col(r, "board_uuid")?);
+            }
+            for l in chunk.iter_mut() {
+                l.boards = by_lease.remove(&l.uuid).unwrap_or_default();
+            }
         }
         Ok(out)
     }
 }
+
+/// Leases whose boards one query loads: one page ([`super::MAX_LIMIT`]), well within the bound
+/// parameters both back-ends take (SQLite 32,766, PostgreSQL 65,535).
+const BOARDS_BATCH: usize = 1000;

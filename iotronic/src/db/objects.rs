@@ -6,7 +6,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, is_unique_violation, json_col, new_uuid, now_ms, unique_or};
+use super::{Db, Page, col, db_err, is_unique_violation, json_col, new_uuid, now_ms, unique_or};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -286,6 +286,12 @@ impl Db {
         rows.iter().map(fleet_row).collect()
     }
 
+    /// One page of the fleets of `project` (all: `None`).
+    pub async fn list_fleets_page(&self, project: Option<&str>, page: &Page) -> Result<Vec<Fleet>, Error> {
+        let rows = self.scoped_page("fleets", project, page).await?;
+        rows.iter().map(fleet_row).collect()
+    }
+
     /// Writes the fields given, and only those, in one statement.
     pub async fn update_fleet(
         &self,
@@ -356,6 +362,25 @@ impl Db {
             .await
             .map_err(db_err)?;
         rows.iter().map(service_row).collect()
+    }
+
+    /// One page of the services of `project` (all: `None`).
+    pub async fn list_services_page(&self, project: Option<&str>, page: &Page) -> Result<Vec<Service>, Error> {
+        let rows = self.scoped_page("services", project, page).await?;
+        rows.iter().map(service_row).collect()
+    }
+
+    /// One page of the rows of `table` that `project` owns (all: `None`).
+    async fn scoped_page(&self, table: &str, project: Option<&str>, page: &Page) -> Result<Vec<AnyRow>, Error> {
+        let sql = format!("SELECT * FROM {table} WHERE ($1 = '' OR project_uuid = $2){}", page.sql(table, 3));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .bind(page.marker())
+            .bind(page.marker())
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)
     }
 
     /// Writes the fields given, and only those, in one statement (concurrent PATCHes of
@@ -691,6 +716,12 @@ impl Db {
         rows.iter().map(vpn_row).collect()
     }
 
+    /// One page of the VPNs of `project` (all: `None`).
+    pub async fn list_vpns_page(&self, project: Option<&str>, page: &Page) -> Result<Vec<Vpn>, Error> {
+        let rows = self.scoped_page("vpns", project, page).await?;
+        rows.iter().map(vpn_row).collect()
+    }
+
     /// Gives (or takes back) the cloud host's address on the VPN. Giving it is refused with
     /// 409 when the VPN's range would then clash with another's, as at creation.
     pub async fn set_vpn_cloud_address(&self, uuid: &str, on: bool) -> Result<(), Error> {
@@ -809,6 +840,22 @@ impl Db {
     pub async fn vpn_members(&self, vpn: &str) -> Result<Vec<VpnMember>, Error> {
         let rows = sqlx::query("SELECT * FROM vpn_members WHERE vpn_uuid = $1 ORDER BY address")
             .bind(vpn)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(member_row).collect()
+    }
+
+    /// One page of the members of `vpn`; the marker is a member's board uuid.
+    pub async fn vpn_members_page(&self, vpn: &str, page: &Page) -> Result<Vec<VpnMember>, Error> {
+        let sql = format!(
+            "SELECT * FROM vpn_members WHERE vpn_uuid = $1{}",
+            page.sql_keyed("vpn_members", "board_uuid", "vpn_uuid = $1 AND ", 2)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(vpn)
+            .bind(page.marker())
+            .bind(page.marker())
             .fetch_all(self.pool())
             .await
             .map_err(db_err)?;

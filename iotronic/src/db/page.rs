@@ -1,4 +1,5 @@
-//! Keyset pagination of long lists (boards, requests): at most `limit` rows after the row named
+//! Keyset pagination of long lists (boards, requests, services, fleets, VPNs and their members,
+//! plugins, leases): at most `limit` rows after the row named
 //! by `marker` (the uuid of the previous page's last row), ordered by one whitelisted column and
 //! then by uuid. Stable while rows come and go, and no OFFSET scan however deep the page.
 
@@ -27,11 +28,19 @@ impl Page {
     /// What follows a list's `WHERE` filters: the rows after the marker, ordered, limited. The
     /// marker is bound twice, at `$p` and `$p+1` (the `($p = '' OR …)` idiom of this module).
     pub(crate) fn sql(&self, table: &str, p: usize) -> String {
+        self.sql_keyed(table, "uuid", "", p)
+    }
+
+    /// [`sql`](Self::sql) for rows named by the column `id` rather than `uuid`, unique only
+    /// among the rows that `within` selects (an SQL condition ending in `AND`, on the list's
+    /// own bound parameters, e.g. `"vpn_uuid = $1 AND "` for the members of one VPN, named by
+    /// their board): the marker row is looked up there.
+    pub(crate) fn sql_keyed(&self, table: &str, id: &str, within: &str, p: usize) -> String {
         let (k, limit) = (self.key, self.limit.clamp(1, MAX_LIMIT));
         let (cmp, dir) = if self.desc { ("<", "DESC") } else { (">", "ASC") };
         format!(
-            " AND (${p} = '' OR ({k}, uuid) {cmp} (SELECT {k}, uuid FROM {table} WHERE uuid = ${q})) \
-             ORDER BY {k} {dir}, uuid {dir} LIMIT {limit}",
+            " AND (${p} = '' OR ({k}, {id}) {cmp} (SELECT {k}, {id} FROM {table} WHERE {within}{id} = ${q})) \
+             ORDER BY {k} {dir}, {id} {dir} LIMIT {limit}",
             q = p + 1
         )
     }

@@ -3,7 +3,7 @@
 use serde_json::Value;
 use sqlx::any::AnyRow;
 
-use super::{Db, col, db_err, json_col, new_uuid, now_ms, unique_or};
+use super::{Db, Page, col, db_err, json_col, new_uuid, now_ms, unique_or};
 use crate::Error;
 
 /// The 409 of a plugin name its project has already (the unique index on `(project_uuid,
@@ -182,6 +182,34 @@ impl Db {
         .fetch_all(self.pool())
         .await
         .map_err(db_err)?;
+        rows.iter().map(plugin_row).collect()
+    }
+
+    /// One page of [`list_plugins`](Self::list_plugins); `only_public`: of those, the public
+    /// ones only (filtered here, so that a page is never cut short after the database filled it).
+    pub async fn list_plugins_page(
+        &self,
+        project: Option<&str>,
+        with_public: bool,
+        only_public: bool,
+        page: &Page,
+    ) -> Result<Vec<Plugin>, Error> {
+        let sql = format!(
+            "SELECT uuid, name, owner_uuid, project_uuid, public, '' AS code, callable, parameters, extra, kind, \
+             grants, code_sha256, code_size, created_at, updated_at FROM plugins \
+             WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) AND ($4 = 0 OR public = 1){}",
+            page.sql("plugins", 5)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.unwrap_or(""))
+            .bind(project.unwrap_or(""))
+            .bind(i64::from(with_public))
+            .bind(i64::from(only_public))
+            .bind(page.marker())
+            .bind(page.marker())
+            .fetch_all(self.pool())
+            .await
+            .map_err(db_err)?;
         rows.iter().map(plugin_row).collect()
     }
 

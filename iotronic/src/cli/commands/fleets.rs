@@ -46,7 +46,7 @@ pub async fn run(ctx: &Ctx, cmd: FleetCmd) -> Result<()> {
     let client = ctx.client()?;
     match cmd {
         FleetCmd::List => {
-            let v = client.get("/v1/fleets").await?;
+            let v = client.get_all("/v1/fleets", "fleets").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {

@@ -59,7 +59,7 @@ pub async fn run(ctx: &Ctx, cmd: LeaseCmd) -> Result<()> {
         }
         LeaseCmd::List { all } => {
             let q = if all { "" } else { "?status=active" };
-            let v = client.get(&format!("/v1/leases{q}")).await?;
+            let v = client.get_all(&format!("/v1/leases{q}"), "leases").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {

@@ -213,7 +213,7 @@ pub async fn run(ctx: &Ctx, cmd: PluginCmd) -> Result<()> {
     match cmd {
         PluginCmd::List { public } => {
             let q = if public { "?with_public=true" } else { "" };
-            let v = client.get(&format!("/v1/plugins{q}")).await?;
+            let v = client.get_all(&format!("/v1/plugins{q}"), "plugins").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {

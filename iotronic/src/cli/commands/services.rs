@@ -64,7 +64,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
     let client = ctx.client()?;
     match cmd {
         ServiceCmd::List { board: None } => {
-            let v = client.get("/v1/services").await?;
+            let v = client.get_all("/v1/services", "services").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {
@@ -187,7 +187,7 @@ async fn service_call(
 /// The board's exposures, each with its service's name and board port added.
 pub async fn exposed_on(client: &Client, board: &str) -> Result<Vec<Value>> {
     let ex = client.get(&format!("/v1/boards/{}/services", seg(board))).await?;
-    let services = client.get("/v1/services").await?;
+    let services = client.get_all("/v1/services", "services").await?;
     Ok(items(&ex, "exposed")
         .iter()
         .map(|e| {

@@ -78,7 +78,7 @@ pub async fn run(ctx: &Ctx, cmd: VpnCmd) -> Result<()> {
             });
         }
         VpnCmd::List => {
-            let v = client.get("/v1/vpns").await?;
+            let v = client.get_all("/v1/vpns", "vpns").await?;
             if ctx.out.json {
                 ctx.out.json(&v);
             } else if ctx.out.quiet {
@@ -140,7 +140,7 @@ async fn add_member(ctx: &Ctx, client: &Client, vpn: &str, board: &str, address:
 
 /// The members of a VPN with their board names.
 async fn members_named(client: &Client, vpn: &str) -> Result<Vec<Value>> {
-    let m = client.get(&format!("/v1/vpns/{}/boards", seg(vpn))).await?;
+    let m = client.get_all(&format!("/v1/vpns/{}/boards", seg(vpn)), "members").await?;
     let boards = client.get_all("/v1/boards", "boards").await?;
     Ok(items(&m, "members")
         .iter()
@@ -249,7 +249,7 @@ async fn bridge_steps(
     };
     // 3. Add every board that is not yet a member.
     let vpn_id = field(&vpn, "uuid");
-    let before = client.get(&format!("/v1/vpns/{}/boards", seg(&vpn_id))).await?;
+    let before = client.get_all(&format!("/v1/vpns/{}/boards", seg(&vpn_id)), "members").await?;
     for (b, id) in boards.iter().zip(&uuids) {
         if !items(&before, "members").iter().any(|m| &field(m, "board") == id) {
             add_member(ctx, client, &vpn_id, &field(b, "name"), None).await?;
@@ -262,7 +262,7 @@ async fn bridge_steps(
 
 /// The boards (uuids) that no active lease of the caller's project holds.
 async fn unbooked(ctx: &Ctx, client: &Client, uuids: &[String]) -> Result<Vec<String>> {
-    let leases = client.get("/v1/leases?status=active").await?;
+    let leases = client.get_all("/v1/leases?status=active", "leases").await?;
     let projects = client.get("/v1/projects").await?;
     let projects = items(&projects, "projects");
     let mine = match projects {
