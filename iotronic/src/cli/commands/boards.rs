@@ -158,7 +158,7 @@ pub async fn run(ctx: &Ctx, cmd: BoardCmd) -> Result<()> {
     match cmd {
         BoardCmd::List(a) => {
             let v = match &a.fleet {
-                Some(f) => client.get(&format!("/v1/fleets/{}/boards", seg(f))).await?,
+                Some(f) => client.get_all(&format!("/v1/fleets/{}/boards", seg(f)), "boards").await?,
                 None => {
                     let mut q = Vec::new();
                     if let Some(s) = &a.status {
