@@ -53,8 +53,9 @@ pub struct ServerArgs {
     /// Also serve the wstun 1.0.11 protocol (unauthenticated) for --legacy-ports.
     #[arg(long)]
     pub legacy: bool,
-    /// Ports wstun clients may listen on, as LOW-HIGH.
-    #[arg(long, value_parser = parse_range, default_value = "50000-60000")]
+    /// Ports wstun clients may listen on, as LOW-HIGH (default: the cloud's public ports, as
+    /// the original draws them from 50000-60000: 50001-59999).
+    #[arg(long, value_parser = parse_range, default_value = "50001-59999")]
     pub legacy_ports: RangeInclusive<u16>,
     /// Server-assigned ports (requests for port 0) come from LOW-HIGH; default: the OS picks.
     #[arg(long, value_parser = parse_range)]
