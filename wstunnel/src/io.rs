@@ -91,6 +91,21 @@ pub(crate) struct WsReader {
     /// The last frame was handed out unread: read the next header with a small read, not
     /// into the payload behind it.
     after_large: bool,
+    /// The most one read takes once data flows: a whole message of the largest size the
+    /// decoder accepts, plus its header.
+    big_read: usize,
+    /// `Some` while the peer has not proved itself: the decoder, built with a small limit,
+    /// then refuses larger messages at their header. The flag is set (by whoever checked the
+    /// peer's token or key) once it has.
+    unproved: Option<Arc<AtomicBool>>,
+    /// How the decoder was built (to build it again with the usual limit).
+    role: Role,
+    unmasked: bool,
+}
+
+fn decoder(role: Role, unmasked: bool, max: usize) -> Decoder {
+    let dec = Decoder::new(role, max);
+    if unmasked { dec.accept_unmasked() } else { dec }
 }
 
 /// A data frame for `stream` of which only the first bytes (`head`) were read: its other
@@ -118,10 +133,43 @@ const LARGE_HEAD: usize = 10 + HEADER_LEN;
 impl WsReader {
     /// `unmasked`: (server) the client agreed to send unmasked frames.
     pub(crate) fn new(rd: ChanRead, role: Role, leftover: BytesMut, unmasked: bool) -> WsReader {
-        let dec = Decoder::new(role, MAX_MESSAGE);
-        let dec = if unmasked { dec.accept_unmasked() } else { dec };
         let splice = matches!(rd, ChanRead::Tcp(_)) && splice::enabled();
-        WsReader { rd, buf: leftover, dec, big_reads: false, splice, pipe: None, after_large: false }
+        WsReader {
+            rd,
+            buf: leftover,
+            dec: decoder(role, unmasked, MAX_MESSAGE),
+            big_reads: false,
+            splice,
+            pipe: None,
+            after_large: false,
+            big_read: MAX_MESSAGE + MAX_HEADER,
+            unproved: None,
+            role,
+            unmasked,
+        }
+    }
+
+    /// A reader for a peer that has not proved itself yet: until `proved` is set, a frame or
+    /// message over `max` bytes is refused at its header (before anything is allocated or
+    /// read for it) and reads stay as small; then the usual limits apply, from the next
+    /// message on.
+    pub(crate) fn unproved(mut self, max: usize, proved: Arc<AtomicBool>) -> WsReader {
+        let max = max.min(MAX_MESSAGE);
+        self.dec = decoder(self.role, self.unmasked, max);
+        self.big_read = max + MAX_HEADER;
+        self.unproved = Some(proved);
+        self
+    }
+
+    /// Once the peer has proved itself, and between messages (a fragmented message is
+    /// assembled by the decoder it began in), the usual limits apply.
+    fn lift_if_proved(&mut self) {
+        let proved = self.unproved.as_ref().is_some_and(|p| p.load(Ordering::Acquire));
+        if proved && !self.dec.in_message() {
+            self.dec = decoder(self.role, self.unmasked, MAX_MESSAGE);
+            self.big_read = MAX_MESSAGE + MAX_HEADER;
+            self.unproved = None;
+        }
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between messages.
@@ -141,12 +189,21 @@ impl WsReader {
 
     async fn next_inner(&mut self, large: bool) -> Result<Option<Next>, Error> {
         loop {
-            let need = match self.dec.decode(&mut self.buf)? {
-                Decoded::Message(m) => {
+            if self.unproved.is_some() {
+                self.lift_if_proved();
+            }
+            let need = match self.dec.decode(&mut self.buf) {
+                Ok(Decoded::Message(m)) => {
                     self.after_large = false;
                     return Ok(Some(Next::Message(m)));
                 }
-                Decoded::Need(n) => n,
+                Ok(Decoded::Need(n)) => n,
+                Err(ws::WsError::TooLong { len, max }) if self.unproved.is_some() => {
+                    return Err(Error::Protocol(format!(
+                        "a message of {len} bytes before the connection proved itself (at most {max} until then)"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
             };
             if large && let Some(d) = self.large_data(need) {
                 // The next frame is likely another large one: read its header on its own.
@@ -168,7 +225,7 @@ impl WsReader {
                 }
                 continue;
             }
-            let chunk = if self.big_reads && !self.after_large { MAX_MESSAGE + MAX_HEADER } else { SMALL_READ };
+            let chunk = if self.big_reads && !self.after_large { self.big_read } else { SMALL_READ };
             let missing = need.saturating_sub(self.buf.len());
             self.buf.reserve(chunk.max(missing));
             // Inside a large frame, read exactly to its end: the frame then leaves the buffer
@@ -1125,6 +1182,37 @@ mod tests {
         assert!(all.is_empty(), "bytes after the last frame");
         assert!(got.len() > 8192, "too little went through to have filled the socket");
         assert_eq!(&got[..], &data[..got.len()], "the payload is corrupt");
+    }
+
+    /// Until its peer has proved itself, a reader refuses a message over its small limit at
+    /// the header, without setting room aside for it; once the flag is set, the next message
+    /// may be as large as any.
+    #[tokio::test]
+    async fn an_unproved_reader_refuses_large_messages_at_their_header() {
+        let proved = Arc::new(AtomicBool::new(false));
+        let reader = |rd| {
+            WsReader::new(ChanRead::Boxed(Box::new(rd)), Role::Client, BytesMut::new(), false)
+                .unproved(1024, proved.clone())
+        };
+        let big = ws::encode_frame(Opcode::Binary, &[5u8; 100_000], None);
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let mut r = reader(ours);
+        peer.write_all(&ws::encode_frame(Opcode::Binary, &[1u8; 1000], None)).await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Some(Message::Binary(b)) if b.len() == 1000));
+        // Only the header and a little of the payload: the refusal comes without the rest.
+        peer.write_all(&big[..100]).await.unwrap();
+        let err = r.next().await.unwrap_err().to_string();
+        assert!(err.contains("100000 bytes before the connection proved itself"), "{err}");
+        assert!(r.buf.capacity() < 16 * 1024, "room was set aside: {}", r.buf.capacity());
+
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let mut r = reader(ours);
+        peer.write_all(&ws::encode_frame(Opcode::Binary, b"key", None)).await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Some(Message::Binary(b)) if &b[..] == b"key"));
+        proved.store(true, Ordering::Release);
+        peer.write_all(&big).await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Some(Message::Binary(b)) if b.len() == 100_000));
+        assert!(r.unproved.is_none());
     }
 
     /// Between messages, a reader waiting on a quiet socket holds no buffer.

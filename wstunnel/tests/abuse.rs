@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::SinkExt;
 use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use wstunnel::Error;
 use wstunnel::packet::PacketChannel;
@@ -338,4 +339,142 @@ async fn one_source_holds_only_so_many_unproved_connections() {
     })
     .await;
     assert_echo(port).await;
+}
+
+/// What a full-sized data frame announces: the most the server takes in one message.
+const FULL_FRAME: u64 = 256 * 1024;
+
+/// The header of a masked binary WebSocket frame announcing `len` payload bytes, and a few of
+/// them: what a peer sends to make the server set room aside for a whole large message.
+fn large_frame_start(len: u64) -> Vec<u8> {
+    let mut f = vec![0x82, 0x80 | 127];
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[1, 2, 3, 4]);
+    f.extend_from_slice(&[0x5a; 4096]);
+    f
+}
+
+/// Writes `bytes` on the raw socket under the WebSocket, as they are.
+async fn write_raw(ws: &mut Ws, bytes: &[u8]) {
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_mut() else { panic!("plain TCP") };
+    tcp.write_all(bytes).await.unwrap();
+}
+
+/// The server closes `ws` with a protocol error about a message too large before proof.
+async fn assert_closed_as_too_large(ws: &mut Ws, what: &str) {
+    let (c, reason) = goaway(ws).await;
+    assert_eq!(c, code::PROTOCOL, "{what}: {reason}");
+    assert!(reason.contains("before the connection proved itself"), "{what}: {reason}");
+    assert!(next_frame(ws).await.is_none(), "{what}: the socket closes");
+}
+
+/// Before a connection has proved itself (a channel before its first valid token, a lane
+/// before its key), a frame announcing more than a small limit closes it at its header: the
+/// server neither sets the announced 256 KiB aside nor waits for them (each of these peers
+/// sent 4 KiB, and gets its answer without sending more). Once proved, a channel sends
+/// large messages as before, and a board's tunnels carry bulk data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproved_connections_cannot_send_large_messages() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    // Without the size limit, these peers would be closed only for want of a token: a failure
+    // then takes seconds, not a minute (with it, each is closed within milliseconds).
+    (cfg.limits.handshake_timeout, cfg.limits.token_timeout) = (Duration::from_secs(5), Duration::from_secs(5));
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    const N: usize = 32;
+    let mut peers = Vec::new();
+    for _ in 0..N {
+        let mut ws = hello_channel(&srv).await;
+        write_raw(&mut ws, &large_frame_start(FULL_FRAME)).await;
+        peers.push(ws);
+    }
+    for (i, ws) in peers.iter_mut().enumerate() {
+        assert_closed_as_too_large(ws, &format!("channel {i} after Hello")).await;
+    }
+    wait_until("channels gone", || srv.handle.channel_count() == 0).await;
+    // In place of Hello, and on a lane in place of its key.
+    let mut ws = raw_channel(&srv).await;
+    write_raw(&mut ws, &large_frame_start(FULL_FRAME)).await;
+    assert_closed_as_too_large(&mut ws, "channel before Hello").await;
+    let mut ws = raw_lane(&srv).await;
+    write_raw(&mut ws, &large_frame_start(FULL_FRAME)).await;
+    assert_closed_as_too_large(&mut ws, "lane before its key").await;
+    // A whole message over the limit too: a 60 KiB packet (for no packet channel).
+    let packet = Frame::Packet { channel: 1, payload: vec![7u8; 60 * 1024].into() };
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, packet.clone()).await;
+    assert_closed_as_too_large(&mut ws, "a packet before any token").await;
+
+    // Proved by a valid token, the same packet is taken (and ignored), and the channel goes on.
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::ListenOk { listener: 1, .. })));
+    send(&mut ws, packet).await;
+    send(&mut ws, Frame::Listen { listener: 2, port: 0, token: token("b", 0) }).await;
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::ListenOk { listener: 2, .. })));
+    // A board's channel and lane carry full-sized data frames both ways.
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let port = within("expose", client.expose(token("c", 0), 0, echo.to_string())).await.unwrap().port;
+    echo_checksummed(port, 4 << 20).await;
+    assert_eq!(srv.handle.stats().refusals_total, 1, "the lane's, and nothing of the board's");
+}
+
+/// A raw lane (subprotocol `s4t-tunnel-lane`), nothing sent yet.
+async fn raw_lane(srv: &TestServer) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("s4t-tunnel-lane"));
+    within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+}
+
+/// A wstun socket (`?<query>`, subprotocol `tunnel-protocol`).
+async fn wstun_socket(srv: &TestServer, query: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut req = format!("ws://{}/?{query}", srv.addr).into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("tunnel-protocol"));
+    within("wstun connect", tokio_tungstenite::connect_async(req)).await.unwrap().0
+}
+
+/// The server ends `ws` (a close frame, an error or the end of the stream) without waiting
+/// for more of what it announced.
+async fn assert_ended(ws: &mut Ws, what: &str) {
+    use futures_util::StreamExt;
+    loop {
+        match within(what, ws.next()).await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            Some(Ok(other)) => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
+/// A wstun (legacy) socket is refused a frame over its limit at the header: a control socket
+/// (on which a board sends nothing but pongs) anything over 16 KiB, a data socket anything over
+/// 1 MiB, which tungstenite would otherwise set aside whole up to 16 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_sockets_refuse_large_frames_at_their_header() {
+    use futures_util::StreamExt;
+    // wstun makes its client choose the public port: one that is free now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.legacy = true;
+    // No ping may end the reads below: only the server closing the sockets.
+    cfg.limits.ping_interval = Duration::from_secs(600);
+    let srv = start_server_with(cfg, DefaultHooks { legacy_ports: Some(port..=port) }).await;
+    let mut control = wstun_socket(&srv, &format!("dst=127.0.0.1:{port}")).await;
+    wait_until("listener up", || !srv.handle.listeners().is_empty()).await;
+    // A user connects: the control socket announces it, and the board opens its data socket.
+    let _user = connect(port).await;
+    let id = match within("NC frame", control.next()).await.unwrap().unwrap() {
+        Message::Text(t) => t.as_str().strip_prefix("NC:").expect("NC:<id>").to_owned(),
+        other => panic!("expected NC:<id>, got {other:?}"),
+    };
+    let mut data = wstun_socket(&srv, &format!("id={id}")).await;
+    write_raw(&mut data, &large_frame_start(2 << 20)).await;
+    assert_ended(&mut data, "data socket after a 2 MiB header").await;
+    write_raw(&mut control, &large_frame_start(64 * 1024)).await;
+    assert_ended(&mut control, "control socket after a 64 KiB header").await;
+    wait_until("listener closed", || srv.handle.listeners().is_empty()).await;
 }

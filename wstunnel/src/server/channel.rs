@@ -34,9 +34,9 @@ struct Ctx<H> {
     /// The board this channel belongs to, fixed by the first valid token.
     board: Mutex<Option<String>>,
     /// A request presented a token that passed every check (or whose age the cloud could not
-    /// check for now): the channel is a board's, and [`super::Limits::token_timeout`] no
-    /// longer applies.
-    proved: AtomicBool,
+    /// check for now): the channel is a board's, and neither [`super::Limits::token_timeout`]
+    /// nor [`super::Limits::max_unproved_message`] applies any longer (the reader sees it).
+    proved: Arc<AtomicBool>,
     /// This channel's count among its source's unproved connections, dropped when it proves.
     unproved: Mutex<Option<Unproved>>,
     /// Requests refused for their token while the channel had not proved itself.
@@ -132,10 +132,13 @@ pub(crate) async fn serve<H: ServerHooks>(
 ) {
     let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
-    let mut reader = WsReader::new(rd, Role::Server, leftover, unmasked);
+    let proved = Arc::new(AtomicBool::new(false));
+    let mut reader =
+        WsReader::new(rd, Role::Server, leftover, unmasked).unproved(cfg.limits.max_unproved_message, proved.clone());
     if let Err(e) = hello(&cfg, &mut reader, &out).await {
         tracing::warn!(%peer, cause = %e, "channel handshake failed");
-        finish(&out, &mut writer, code::VERSION, &e.to_string()).await;
+        let code = if matches!(e, Error::Version(_)) { code::VERSION } else { code::PROTOCOL };
+        finish(&out, &mut writer, code, &e.to_string()).await;
         return;
     }
     let cancel = shutdown.child_token();
@@ -152,7 +155,7 @@ pub(crate) async fn serve<H: ServerHooks>(
         chan_id,
         life,
         board: Mutex::new(None),
-        proved: AtomicBool::new(false),
+        proved,
         unproved: Mutex::new(unproved),
         bad_tokens: AtomicUsize::new(0),
         refusal_log: Mutex::default(),

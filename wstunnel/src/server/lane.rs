@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 use s4t_shared::tunnel::frame::{Frame, code};
@@ -28,7 +29,9 @@ pub(crate) async fn serve(
 ) {
     let (out, w) = io::outbound_on(wr, false, sock);
     let mut writer = tokio::spawn(io::write_loop(w));
-    let mut reader = WsReader::new(rd, Role::Server, leftover, true);
+    let proved = Arc::new(AtomicBool::new(false));
+    let mut reader =
+        WsReader::new(rd, Role::Server, leftover, true).unproved(cfg.limits.max_unproved_message, proved.clone());
     let (mux, lane) = match join(&cfg, &reg, &mut reader, &out).await {
         Ok(joined) => joined,
         Err((code, reason)) => {
@@ -39,6 +42,7 @@ pub(crate) async fn serve(
         }
     };
     drop(unproved);
+    proved.store(true, Ordering::Release);
     tracing::debug!(%peer, "lane joined");
     Counters::add(&reg.counters.lanes_joined, 1);
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));

@@ -48,9 +48,23 @@ pub(crate) async fn admit<H: ServerHooks>(
     }
 }
 
-fn ws_config() -> WebSocketConfig {
+/// The largest message (and frame) a data socket takes: wstun sends what one read of its TCP
+/// socket brought (64 KiB at most).
+const DATA_MAX: usize = 1 << 20;
+/// The largest message (and frame) a control socket takes: the board sends nothing on it but
+/// pongs and its close.
+const CONTROL_MAX: usize = 16 * 1024;
+
+/// tungstenite refuses a frame over `max_frame_size` at its header, but allocates the whole
+/// length a header announces below it (16 MiB by default) before `max_message_size` is
+/// checked: both are `max`.
+fn ws_config(max: usize) -> WebSocketConfig {
     // Small buffers: one of these exists per tunneled connection.
-    WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0).max_message_size(Some(1 << 20))
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 /// Serves a control socket for `port` (its `listener` already bound), accounted to `board`,
@@ -64,7 +78,8 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     hooks: Arc<H>,
     shutdown: CancellationToken,
 ) {
-    let mut ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
+    let mut ws =
+        WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config(CONTROL_MAX))).await;
     let cancel = shutdown.child_token();
     let Some(entry) = reg.add_port(port, &board, true, 0, cancel.clone()) else {
         let _ = ws.close(None).await;
@@ -143,7 +158,7 @@ pub(crate) async fn data<S: Transport>(
     counters: &Counters,
     shutdown: CancellationToken,
 ) {
-    let ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config())).await;
+    let ws = WebSocketStream::from_partially_read(s, leftover.to_vec(), Role::Server, Some(ws_config(DATA_MAX))).await;
     Counters::add(&counters.streams_opened, 1);
     tokio::select! {
         r = pipe(ws, tcp, Some(counters)) => if let Err(e) = r { tracing::debug!(cause = %e, "legacy data socket ended") },

@@ -104,6 +104,12 @@ pub struct Limits {
     /// upgrade): beyond, new ones from it are dropped at accept. Boards behind one NAT share
     /// it only for the moment between connecting and their first `Listen`.
     pub max_unproved_per_source: usize,
+    /// The largest WebSocket message (and frame) a connection may send before it has proved
+    /// itself: a larger one closes it at its header, before the server allocates or reads
+    /// anything for it (else every unproved connection could make the server hold a full
+    /// message, 256 KiB). What a board sends before then is small: `Hello`, `Listen`
+    /// and `PacketOpen` (a token and a VPN name of at most 1 KiB each), `Lane`, pings.
+    pub max_unproved_message: usize,
     /// How long an accepted legacy connection waits for the board's `?id=` data socket.
     pub legacy_pending_timeout: Duration,
     /// Accepted legacy connections waiting for their data socket, server-wide.
@@ -133,6 +139,8 @@ impl Default for Limits {
             token_timeout: Duration::from_secs(10),
             liveness_probe: Duration::from_secs(5),
             max_unproved_per_source: 128,
+            // The largest of those messages is a `PacketOpen` of 2,057 bytes.
+            max_unproved_message: 16 * 1024,
             legacy_pending_timeout: Duration::from_secs(10),
             legacy_max_pending: 1024,
         }
