@@ -5,15 +5,20 @@ use std::io::IsTerminal;
 use tokio_util::sync::CancellationToken;
 
 /// tracing to stderr (journald reads it), filtered by `RUST_LOG` (default `info`), with colours
-/// only on a terminal.
+/// only on a terminal. `RUST_LOG` takes `LEVEL` and `target=LEVEL` directives, comma-separated
+/// (tracing-subscriber's `Targets`: the directives of `EnvFilter` without span and field
+/// filters, which need its regex engine, 130 KB of a board's binary); one it cannot parse
+/// leaves the default.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let _ = tracing_subscriber::registry().with(fmt).with(filter).try_init();
 }
 
 /// Raises the soft limit on open descriptors to the hard limit, as the Go and Java runtimes

@@ -258,6 +258,8 @@ impl PluginManager {
         }
         self.in_flight.send_modify(|n| *n += 1);
         let in_flight = InFlight(self.in_flight.clone());
+        // Boxed: one spawned task type per result type, not one per procedure (code size).
+        let change: std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>> = Box::pin(change);
         let task = tokio::spawn(async move {
             let _in_flight = in_flight;
             change.await

@@ -257,6 +257,8 @@ pub async fn dispatch(ctx: &Arc<Context>, method: Method, call: Call) -> Reply {
             format!("{}: the first argument must be the request dict {{\"uuid\", ...}}", method.name()),
         );
     }
+    // Each module's future boxed: its state machine is not inlined into this one (which every
+    // procedure's handler polls), keeping the board binary within its size budget.
     let result = match method {
         Method::DevicePing
         | Method::DeviceEcho
@@ -264,7 +266,7 @@ pub async fn dispatch(ctx: &Arc<Context>, method: Method, call: Call) -> Reply {
         | Method::DeviceNetConfig
         | Method::DeviceReboot
         | Method::DeviceRestartLR
-        | Method::DevicePkgOperation => device::call(ctx, method, &call).await,
+        | Method::DevicePkgOperation => Box::pin(device::call(ctx, method, &call)).await,
         Method::GpioList
         | Method::GpioRead
         | Method::GpioWrite
@@ -272,18 +274,18 @@ pub async fn dispatch(ctx: &Arc<Context>, method: Method, call: Call) -> Reply {
         | Method::GpioWatch
         | Method::I2cList
         | Method::I2cRead
-        | Method::I2cWrite => hw::call(ctx, method, &call).await,
+        | Method::I2cWrite => Box::pin(hw::call(ctx, method, &call)).await,
         Method::ServiceEnable | Method::ServiceDisable | Method::ServiceRestore | Method::ServicesStatus => {
-            services::call(ctx, method, &call).await
+            Box::pin(services::call(ctx, method, &call)).await
         }
-        Method::VpnJoin | Method::VpnLeave => vpn::call(ctx, method, &call).await,
+        Method::VpnJoin | Method::VpnLeave => Box::pin(vpn::call(ctx, method, &call)).await,
         Method::PluginInject
         | Method::PluginStart
         | Method::PluginStop
         | Method::PluginCall
         | Method::PluginStatus
         | Method::PluginReboot
-        | Method::PluginRemove => plugins::call(ctx, method, &call).await,
+        | Method::PluginRemove => Box::pin(plugins::call(ctx, method, &call)).await,
     };
     match result {
         Ok(reply) => Reply { req_id, ..reply },
