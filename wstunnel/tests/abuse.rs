@@ -274,7 +274,8 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     assert!(matches!(err, Error::Refused { code: code::UNAVAILABLE, .. }), "{err:?}");
     // The board reconnects and asks for its port and its VPN again while the database is down.
     assert_eq!(srv.handle.close_board("b"), 1);
-    wait_until("asked again while down", || srv.handle.stats().refusals_total == 4).await;
+    // Two refusals before, one each for the port and the VPN after (more if the board retries).
+    wait_until("asked again while down", || srv.handle.stats().refusals_total >= 4).await;
     down.store(false, Ordering::SeqCst);
     wait_until("listener back", || srv.handle.listeners().iter().any(|l| l.port == kept.port)).await;
     let s = client.state().borrow().clone();
