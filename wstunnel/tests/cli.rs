@@ -1,6 +1,8 @@
 //! The real binary: `wstunnel token|server|client`, and the same binary called as `wstun` with
 //! the command lines the original Python lightning-rod uses.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -167,7 +169,8 @@ fn called_as_wstun_it_serves_and_speaks_the_wstun_command_line() {
     std::os::unix::fs::symlink(BIN, &wstun).unwrap();
     let server = Proc::start(&wstun, &["-r", "-s", "0"]);
     let addr = server.line("wstun-compatible server listening on ");
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // wstun clients name their public port.
+    let port = common::free_fixed_port();
     let echo = echo_server();
     let spec = format!("-r{port}:{echo}");
     let url = format!("ws://{addr}");

@@ -18,7 +18,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<T
 
 /// The wstun protocol forces the client to choose the public port: find one that is free now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    common::free_fixed_port()
 }
 
 async fn legacy_server(port: u16, enabled: bool) -> TestServer {

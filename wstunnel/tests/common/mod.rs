@@ -239,3 +239,24 @@ pub async fn next_frame(ws: &mut Ws) -> Option<s4t_shared::tunnel::frame::Frame>
         }
     }
 }
+
+/// A port free now for a test that must name its public port (the wstun protocol makes the
+/// client choose): below the kernel's ephemeral range, so that the port-0 binds of the tests
+/// running beside it (which take ports from that range) cannot take it before it is used.
+pub fn free_fixed_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (first, span) = (10_000u16, low.saturating_sub(10_000).max(1));
+    // Spread the tests of different processes over the range.
+    let seed =
+        std::process::id() as u64 ^ SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    for i in 0..u64::from(span) {
+        let port = first + ((seed + i * 7919) % u64::from(span)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
