@@ -106,17 +106,7 @@ async fn start_with(t: &TestDb, configure: impl FnOnce(&mut ServeConfig)) -> Clo
 
 impl Cloud {
     async fn req(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        common::rest::call(&self.http, &self.url, method, path, token, body).await
     }
 
     async fn token(&self, user: &str, password: &str) -> String {

@@ -53,14 +53,7 @@ async fn start(t: &TestDb) -> Cloud {
 
 impl Cloud {
     async fn req(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        common::rest::call(&self.http, &self.url, method, path, Some(token), body).await
     }
 
     async fn create(&self, path: &str, token: &str, body: Value) -> Value {

@@ -167,7 +167,7 @@ impl Job {
     /// Queues `data` for publication; false when it exceeds the run's rate or the queue is
     /// full (the message is dropped).
     pub fn publish(&self, data: Value) -> bool {
-        if !self.rate.take(json_len(&data)) {
+        if !self.rate.take(s4t_shared::wamp::message::json_len(&data)) {
             if self.rate.dropped() == 1 {
                 tracing::warn!(
                     plugin = %self.name,
@@ -190,23 +190,6 @@ impl Drop for Job {
             tracing::warn!(plugin = %self.name, dropped, "telemetry messages of this run dropped over its rate limit");
         }
     }
-}
-
-/// Size of `v` as JSON, without building the text.
-fn json_len(v: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Count(0);
-    let _ = serde_json::to_writer(&mut c, v);
-    c.0
 }
 
 /// Output of a plugin as a result: JSON when it parses, text otherwise.

@@ -56,7 +56,7 @@ impl Reply {
     pub fn to_wire(&self) -> String {
         let wire =
             serde_json::to_string(self).unwrap_or_else(|_| r#"{"message":"unserializable","result":"ERROR"}"#.into());
-        let len = escaped_len(&wire);
+        let len = s4t_shared::wamp::message::json_len(wire.as_str());
         if len <= MAX_REPLY_LEN {
             return wire;
         }
@@ -68,18 +68,6 @@ impl Reply {
 /// Longest reply (or notification) a board sends, counted as it travels: the wire string
 /// escaped inside a WAMP message. The rest of the 1 MiB is room for the message's header.
 pub const MAX_REPLY_LEN: usize = (1 << 20) - 16 * 1024;
-
-/// The length of `s` as a JSON string (quotes, escapes), counted without building it.
-fn escaped_len(s: &str) -> usize {
-    2 + s
-        .chars()
-        .map(|c| match c {
-            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
-            c if u32::from(c) < 0x20 => 6,
-            c => c.len_utf8(),
-        })
-        .sum::<usize>()
-}
 
 /// The board's procedures. Names are the wire names of S4T-REFERENCE §5.4 and docs/protocols.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -554,6 +554,6 @@ fn replies_too_long_for_the_router_become_errors() {
     let fits = Reply::success(None, "x".repeat(MAX_REPLY_LEN / 2));
     assert_eq!(fits.to_wire(), serde_json::to_string(&fits).unwrap());
     for s in ["", "plain", "q\"b\\n\n\r\t\u{8}\u{c}\u{1}\u{1f}é€😀"] {
-        assert_eq!(escaped_len(s), serde_json::to_string(s).unwrap().len(), "{s:?}");
+        assert_eq!(s4t_shared::wamp::message::json_len(s), serde_json::to_string(s).unwrap().len(), "{s:?}");
     }
 }

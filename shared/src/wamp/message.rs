@@ -32,25 +32,31 @@ pub struct Payload {
     pub kwargs: Dict,
 }
 
-impl Payload {
-    /// The length of `args` and `kwargs` as JSON, counted without building it: about what
-    /// they take in any serializer's message (MessagePack and CBOR are not longer).
-    pub fn json_len(&self) -> usize {
-        struct Count(usize);
-        impl std::io::Write for Count {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0 += b.len();
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
+/// The length of `v` as JSON text, counted without building it (a `str` counts with its
+/// quotes and escapes, as it travels inside a message).
+pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
         }
-        let mut n = Count(0);
-        // Writing JSON values to a counter cannot fail.
-        let _ = serde_json::to_writer(&mut n, &self.args);
-        let _ = serde_json::to_writer(&mut n, &self.kwargs);
-        n.0
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Writing to a counter fails only where serializing fails (a map with non-string keys),
+    // which JSON values and strings never do.
+    let _ = serde_json::to_writer(&mut n, v);
+    n.0
+}
+
+impl Payload {
+    /// The length of `args` and `kwargs` as JSON ([`json_len`]): about what they take in any
+    /// serializer's message (MessagePack and CBOR are not longer).
+    pub fn json_len(&self) -> usize {
+        json_len(&self.args) + json_len(&self.kwargs)
     }
 
     pub fn new(args: Vec<Value>, kwargs: Dict) -> Self {
