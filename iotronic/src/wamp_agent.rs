@@ -905,11 +905,15 @@ mod tests {
     /// closed all the same, and the one admitted with the new secret stays.
     #[tokio::test]
     async fn a_session_from_before_a_rotation_is_closed_even_after_a_quick_enrollment() {
-        let TestAgent { _dir, db, boards, url, agent: _agent, .. } = test_agent(&[("b", "CODE-R")], None, false).await;
+        let TestAgent { _dir, db, boards, url, agent: _agent, .. } =
+            test_agent(&[("b", "CODE-R"), ("canary", "CODE-C")], None, false).await;
         let uuid = boards[0].clone();
         let (result, doc) = enroll_with(&url, "CODE-R", None).await.unwrap();
         assert_eq!(result, "SUCCESS", "{doc}");
         let old = cra_login(&url, &uuid, doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
+        // Another board's session, revoked later to see a sweep pass.
+        let (_, doc) = enroll_with(&url, "CODE-C", None).await.unwrap();
+        let canary = cra_login(&url, &boards[1], doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
         // Rotated and enrolled again at once, between two sweeps.
         assert!(db.rotate_board(&uuid, "CODE-R2", crate::db::now_ms() + 60_000).await.unwrap());
         let (result, doc) = enroll_with(&url, "CODE-R2", None).await.unwrap();
@@ -917,8 +921,10 @@ mod tests {
         assert_eq!(db.board_revoked_at(&uuid).await.unwrap(), None, "enrolled again: no longer revoked");
         let new = cra_login(&url, &uuid, doc["iotronic"]["credentials"]["secret"].as_str().unwrap()).await;
         tokio::time::timeout(Duration::from_secs(10), old.closed()).await.expect("the old session stayed");
-        // Two more sweeps: the new session is left alone.
-        tokio::time::sleep(crate::revocation::SWEEP_INTERVAL * 2).await;
+        // A sweep that began after the new login (it closes the canary, revoked only now)
+        // leaves the new session alone.
+        assert!(db.revoke_board(&boards[1]).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(10), canary.closed()).await.expect("no sweep closed the canary");
         assert!(!new.is_closed(), "the session with the new secret was closed");
     }
 
