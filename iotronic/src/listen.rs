@@ -1,5 +1,6 @@
 //! The cloud's REST listener: its HTTP/1 accept loop ([`serve`]) with time limits on reading
-//! a request (headers, idle keep-alive, body), and per-source-address bounds on TLS
+//! a request (headers, idle keep-alive, body) and on a client that stops reading its
+//! response, and per-source-address bounds on TLS
 //! handshakes in progress ([`crate::tls`]) and open connections ([`PerSource`]), so one peer
 //! can neither take every slot or descriptor nor hold connections without sending.
 
@@ -109,11 +110,15 @@ pub struct HttpTimeouts {
     /// For a request's body, from its headers; the request then fails (400) and the
     /// connection is closed.
     pub body: Duration,
+    /// For the client to take response bytes: a write that has waited this long for room
+    /// fails and the connection is closed (a client that stops reading would otherwise hold
+    /// its connection and response for ever).
+    pub write: Duration,
 }
 
 impl Default for HttpTimeouts {
     fn default() -> Self {
-        HttpTimeouts { header: Duration::from_secs(30), body: Duration::from_secs(60) }
+        HttpTimeouts { header: Duration::from_secs(30), body: Duration::from_secs(60), write: Duration::from_secs(60) }
     }
 }
 
@@ -140,6 +145,7 @@ where
             let body = Deadline { body, at: Instant::now() + timeouts.body, sleep: None };
             app.clone().oneshot(Request::from_parts(parts, body))
         });
+        let io = WriteDeadline { io, limit: timeouts.write, sleep: None, armed: false };
         let conn = graceful.watch(http.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -149,6 +155,77 @@ where
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A connection whose write fails once it has waited [`HttpTimeouts::write`] for room; any
+/// progress starts the wait again. hyper has no write timer.
+struct WriteDeadline<Io> {
+    io: Io,
+    limit: Duration,
+    /// Made at the first wait, reset at each.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The current wait is timed (`sleep` is set for it).
+    armed: bool,
+}
+
+impl<Io> WriteDeadline<Io> {
+    /// Passes on a write's result; a pending one fails once the client has taken nothing for
+    /// `limit`.
+    fn timed<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.armed = false;
+            return r;
+        }
+        let at = Instant::now() + self.limit;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if !self.armed {
+            sleep.as_mut().reset(at);
+            self.armed = true;
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no response bytes in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for WriteDeadline<Io> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<Io> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.timed(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.timed(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.timed(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.timed(cx, r)
+    }
 }
 
 /// A request body that fails once its time is up ([`HttpTimeouts::body`]).

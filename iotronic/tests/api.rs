@@ -921,8 +921,11 @@ async fn one_address_cannot_hold_every_rest_connection() {
 async fn connections_that_do_not_send_a_request_in_time_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = TestDb::sqlite().await;
-    let timeouts =
-        iotronic::listen::HttpTimeouts { header: Duration::from_millis(500), body: Duration::from_millis(500) };
+    let timeouts = iotronic::listen::HttpTimeouts {
+        header: Duration::from_millis(500),
+        body: Duration::from_millis(500),
+        ..Default::default()
+    };
     let cloud = start_with(&t, |c| c.http_timeouts = timeouts).await;
     let addr = cloud.url.trim_start_matches("http://").to_owned();
     // Sends `sent` and reads until the server closes the connection (or 20 s pass).
@@ -946,6 +949,42 @@ async fn connections_that_do_not_send_a_request_in_time_are_closed() {
     )
     .await;
     assert!(cut.starts_with("HTTP/1.1 4"), "a body that stops coming: {cut}");
+    let (s, v) = cloud.req("GET", "/v1", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// A client that sends requests but stops reading the responses has its connection closed
+/// once a response write has waited for room for the write timeout: its pipelined requests
+/// (never read) end in a reset instead of waiting for ever. Others are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed() {
+    let t = TestDb::sqlite().await;
+    let timeouts = iotronic::listen::HttpTimeouts { write: Duration::from_millis(500), ..Default::default() };
+    let cloud = start_with(&t, |c| c.http_timeouts = timeouts).await;
+    let addr: std::net::SocketAddr = cloud.url.trim_start_matches("http://").parse().unwrap();
+    // A blocking client with a small receive buffer writes pipelined requests until a write
+    // fails; it reads nothing, so the server's responses fill both sockets' buffers.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let s = sock.connect(addr).await.unwrap().into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    let writer = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = s;
+        let batch = "GET /v1 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(256);
+        let mut sent = 0usize;
+        loop {
+            match s.write_all(batch.as_bytes()) {
+                Ok(()) => sent += batch.len(),
+                Err(e) => return (sent, e),
+            }
+        }
+    });
+    let (sent, e) = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the connection of a client that reads nothing was held open")
+        .unwrap();
+    assert!(sent > 0, "nothing was sent before the connection ended: {e}");
     let (s, v) = cloud.req("GET", "/v1", None, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
