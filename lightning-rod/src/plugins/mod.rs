@@ -71,6 +71,28 @@ pub struct PluginEntry {
     pub params: Value,
     pub injected_at: String,
     pub updated_at: String,
+    /// SHA-256 (hex) of the code saved with this entry. A run whose code file does not match
+    /// is refused: the code is written before the entry, and a full disk or a power cut
+    /// between the two would otherwise run new code with the old entry's grants. Absent in
+    /// entries saved by agents before it (not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sha256: Option<String>,
+}
+
+/// The [`PluginEntry::code_sha256`] of `code`.
+fn code_digest(code: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(code).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `code` if it is the code `expect`ed (no digest: any), else an error saying so.
+fn checked(code: Vec<u8>, expect: Option<&str>) -> Result<Vec<u8>> {
+    match expect {
+        Some(d) if code_digest(&code) != d => Err(plugin_err(
+            "the plugin's code file does not match its entry (an injection did not complete): inject it again",
+        )),
+        _ => Ok(code),
+    }
 }
 
 pub type Registry = BTreeMap<String, PluginEntry>;
@@ -103,7 +125,8 @@ pub struct PluginManager {
     board: String,
     telemetry: mpsc::Sender<Telemetry>,
     sandbox: Arc<wasm::Sandbox>,
-    modules: Mutex<HashMap<String, wasm::Module>>,
+    /// Compiled modules by uuid, with the digest of the code each was compiled from.
+    modules: Mutex<HashMap<String, (String, wasm::Module)>>,
     started: Mutex<HashMap<String, Started>>,
     slots: Arc<Semaphore>,
     /// Numbers the runs of started plugins ([`Started::run`]).
@@ -322,12 +345,14 @@ impl PluginManager {
         let dir = self.store.path(CODE_DIR);
         let code = p.code.clone();
         let d = dir.clone();
-        tokio::task::spawn_blocking(move || {
+        let digest = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&d).map_err(|source| Error::Write { path: d.clone(), source })?;
-            atomic_write(&path, &code, 0o600)
+            atomic_write(&path, &code, 0o600)?;
+            Ok::<_, Error>(code_digest(&code))
         })
         .await
         .map_err(|e| Error::Write { path: dir.clone(), source: std::io::Error::other(e) })??;
+        let saved = digest.clone();
         let uuid = p.uuid.clone();
         let updated = self
             .update_registry(|reg| {
@@ -344,13 +369,14 @@ impl PluginManager {
                     params: previous.map(|e| e.params).unwrap_or(Value::Null),
                     injected_at: now.clone(),
                     updated_at: now,
+                    code_sha256: Some(saved),
                 };
                 reg.insert(p.uuid, entry);
                 (true, updated)
             })
             .await?;
         if let Some(m) = module {
-            lock(&self.modules).insert(uuid, m);
+            lock(&self.modules).insert(uuid, (digest, m));
         }
         Ok(updated)
     }
@@ -412,38 +438,55 @@ impl PluginManager {
         }
     }
 
-    /// The compiled module of `uuid`, from the cache or (read and compiled on a blocking
-    /// thread) from its code file.
-    async fn module(&self, uuid: &str) -> Result<wasm::Module> {
-        if let Some(m) = lock(&self.modules).get(uuid) {
+    /// The compiled module of `uuid` whose code is the `expect`ed one, from the cache or
+    /// (read and compiled on a blocking thread) from its code file.
+    async fn module(&self, uuid: &str, expect: Option<&str>) -> Result<wasm::Module> {
+        if let Some((d, m)) = lock(&self.modules).get(uuid)
+            && expect.is_none_or(|e| e == d)
+        {
             return Ok(m.clone());
         }
         let path = self.code_path(uuid)?;
         let sandbox = self.sandbox.clone();
-        let m = tokio::task::spawn_blocking(move || {
+        let expect = expect.map(str::to_owned);
+        let (d, m) = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&path).map_err(|source| Error::Read { path, source })?;
-            sandbox.compile(&bytes).map_err(plugin_err)
+            let bytes = checked(bytes, expect.as_deref())?;
+            Ok::<_, Error>((code_digest(&bytes), sandbox.compile(&bytes).map_err(plugin_err)?))
         })
         .await
         .map_err(|e| plugin_err(format!("the module was not compiled: {e}")))??;
         // An injection that replaced the module meanwhile wins: its module is the newer one.
-        Ok(lock(&self.modules).entry(uuid.to_owned()).or_insert(m).clone())
+        lock(&self.modules).entry(uuid.to_owned()).or_insert((d, m.clone()));
+        Ok(m)
     }
 
-    async fn code(&self, uuid: &str) -> Result<Vec<u8>> {
+    async fn code(&self, uuid: &str, expect: Option<&str>) -> Result<Vec<u8>> {
         let path = self.code_path(uuid)?;
-        tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|source| Error::Read { path, source }))
-            .await
-            .map_err(|e| plugin_err(format!("the plugin code was not read: {e}")))?
+        let expect = expect.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            let code = std::fs::read(&path).map_err(|source| Error::Read { path, source })?;
+            checked(code, expect.as_deref())
+        })
+        .await
+        .map_err(|e| plugin_err(format!("the plugin code was not read: {e}")))?
     }
 
     /// Runs `job` to its end; `permit` is released when the run really is over (a WebAssembly
     /// thread keeps it until it returns).
-    async fn execute(&self, uuid: &str, kind: PluginKind, job: run::Job, permit: OwnedSemaphorePermit) -> End {
+    /// `expect`: the entry's [`PluginEntry::code_sha256`].
+    async fn execute(
+        &self,
+        uuid: &str,
+        kind: PluginKind,
+        expect: Option<&str>,
+        job: run::Job,
+        permit: OwnedSemaphorePermit,
+    ) -> End {
         let job = Arc::new(job);
         match kind {
             PluginKind::Wasm => {
-                let module = match self.module(uuid).await {
+                let module = match self.module(uuid, expect).await {
                     Ok(m) => m,
                     Err(e) => return End::Failed(e.to_string()),
                 };
@@ -469,7 +512,7 @@ impl PluginManager {
             }
             PluginKind::Process | PluginKind::Python => {
                 let _permit = permit;
-                let code = match self.code(uuid).await {
+                let code = match self.code(uuid, expect).await {
                     Ok(c) => c,
                     Err(e) => return End::Failed(e.to_string()),
                 };
@@ -494,7 +537,7 @@ impl PluginManager {
         let deadline = std::time::Instant::now() + limit;
         let signal = Arc::new(StopSignal::default());
         let job = self.job(uuid, &e, params, Mode::Call { deadline }, signal.clone());
-        let run = self.execute(uuid, e.kind, job, permit);
+        let run = self.execute(uuid, e.kind, e.code_sha256.as_deref(), job, permit);
         // The run enforces the deadline itself; this is the backstop for a stuck host call.
         tokio::select! {
             _ = self.shutdown.cancelled() => {
@@ -534,9 +577,10 @@ impl PluginManager {
         self.set_status(uuid, "operative", Some(&params)).await?;
         let run = self.runs.fetch_add(1, portable_atomic::Ordering::Relaxed) + 1;
         lock(&self.started).insert(uuid.to_owned(), Started { run, signal, end: end.clone(), done });
-        let (me, id, kind, name) = (self.clone(), uuid.to_owned(), e.kind, e.name.clone());
+        let (me, id, kind, name, digest) =
+            (self.clone(), uuid.to_owned(), e.kind, e.name.clone(), e.code_sha256.clone());
         tokio::spawn(async move {
-            let result = me.execute(&id, kind, job, permit).await;
+            let result = me.execute(&id, kind, digest.as_deref(), job, permit).await;
             let event = me.ended(&id, &name, &result).await;
             *lock(&end) = Some(result);
             let _ = done_tx.send(true);

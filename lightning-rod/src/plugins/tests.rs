@@ -471,6 +471,32 @@ async fn a_start_that_cannot_be_saved_leaves_the_plugin_startable() {
     assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
 }
 
+/// An injection whose entry cannot be saved (full disk) after its code was written leaves
+/// neither code running with the other's grants: the old entry granted GPIO17 to harmless
+/// code, the new code drives GPIO17 and was injected without the grant; calls are refused
+/// until an injection completes, and the line is never touched.
+#[tokio::test]
+async fn code_whose_entry_was_not_saved_does_not_run_with_the_old_grants() {
+    let h = harness(config());
+    h.plugins.inject(wasm("p", ECHO, gpio17()), false).await.unwrap();
+    let obstacles = crate::state::next_tmp_paths(&h.store.path(PLUGINS_FILE), 256);
+    for obstacle in &obstacles {
+        std::fs::create_dir(obstacle).unwrap();
+    }
+    let err = h.plugins.inject(wasm("p", SET_GPIO17, Grants::default()), false).await.unwrap_err().to_string();
+    assert!(err.contains(PLUGINS_FILE), "{err}");
+    for obstacle in &obstacles {
+        std::fs::remove_dir(obstacle).unwrap();
+    }
+    assert_eq!(h.plugins.registry().unwrap()["p"].grants, gpio17(), "the old entry stays");
+    let end = h.plugins.call("p", json!({})).await.unwrap();
+    assert!(matches!(&end, End::Failed(e) if e.contains("does not match its entry")), "{end:?}");
+    assert_eq!(h.hal.gpio.read("GPIO17").unwrap(), 0, "the new code ran with the old grant");
+    h.plugins.inject(wasm("p", SET_GPIO17, Grants::default()), false).await.unwrap();
+    let end = h.plugins.call("p", json!({})).await.unwrap();
+    assert_eq!(end, End::Done { status: 1, result: Some(json!("GPIO line GPIO17 is not granted to this plugin")) });
+}
+
 /// A started plugin that ends by itself saves its status while injections save theirs: no
 /// change is lost (neither an injected plugin, nor the end: a plugin left `operative` would
 /// start again at every boot). Each round the plugin ends amid a series of injections.
@@ -706,6 +732,7 @@ async fn an_agent_that_cannot_switch_users_refuses_process_plugins() {
         params: Value::Null,
         injected_at: String::new(),
         updated_at: String::new(),
+        code_sha256: None,
     };
     h.store.save(PLUGINS_FILE, &Registry::from([("who".to_owned(), entry)])).unwrap();
     let err = h.plugins.call("who", json!({})).await.unwrap_err().to_string();
