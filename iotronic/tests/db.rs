@@ -5,7 +5,7 @@ mod common;
 
 use common::TestDb;
 use iotronic::Error;
-use iotronic::db::{Db, NewBoard, Page, RequestStatus, Role, now_ms};
+use iotronic::db::{Db, NewBoard, Page, PortQuota, RequestStatus, Role, now_ms};
 use serde_json::json;
 
 async fn project_and_board(db: &Db, name: &str) -> (String, String) {
@@ -205,8 +205,9 @@ async fn concurrent_allocations_never_exceed_the_project_quota() {
             let db = if i % 2 == 0 { t.db.clone() } else { second.clone() };
             let (b, s, p) = (b.clone(), svc.uuid.clone(), p.clone());
             tasks.push(tokio::spawn(async move {
-                let over = |held| Error::Conflict(format!("over quota: {held} held"));
-                db.allocate_exposure_within(&b, &s, (50001, 50100), None, &[], Some((&p, QUOTA)), over).await
+                let refusal = |held| Error::Conflict(format!("over quota: {held} held"));
+                let quota = PortQuota { project: &p, max: QUOTA, refusal: &refusal };
+                db.allocate_exposure_within(&b, &s, (50001, 50100), None, &[], Some(quota)).await
             }));
         }
         let mut granted = Vec::new();
@@ -222,11 +223,11 @@ async fn concurrent_allocations_never_exceed_the_project_quota() {
         // A port freed can be taken again, once.
         assert!(t.db.delete_exposure(&granted[0], &svc.uuid).await.unwrap());
         let idle: Vec<_> = boards.iter().filter(|b| !granted.contains(b)).collect();
-        let over = |held| Error::Conflict(format!("over quota: {held} held"));
-        let quota = Some((p.as_str(), QUOTA));
+        let refusal = |held| Error::Conflict(format!("over quota: {held} held"));
+        let quota = || Some(PortQuota { project: &p, max: QUOTA, refusal: &refusal });
         let db = &t.db;
-        db.allocate_exposure_within(idle[0], &svc.uuid, (50001, 50100), None, &[], quota, over).await.unwrap();
-        let again = db.allocate_exposure_within(idle[1], &svc.uuid, (50001, 50100), None, &[], quota, over).await;
+        db.allocate_exposure_within(idle[0], &svc.uuid, (50001, 50100), None, &[], quota()).await.unwrap();
+        let again = db.allocate_exposure_within(idle[1], &svc.uuid, (50001, 50100), None, &[], quota()).await;
         assert!(matches!(again, Err(Error::Conflict(_))), "{}", t.name);
     }
 }

@@ -629,16 +629,20 @@ pub async fn service_action(
             // One tenant may not take the whole public pool (queued enables on offline boards
             // hold their ports for as long as they wait). Counted in the allocation's own
             // transaction: concurrent enables cannot all pass the check and then all insert.
-            let quota = (!c.is_admin).then(|| (c.project.as_str(), i64::from(state.ports_per_project)));
-            let over_quota = |held| {
+            let refusal = |held| {
                 Error::Conflict(format!(
                     "project {} holds {held} public ports, its most (--ports-per-project): disable a service first",
                     c.project_name
                 ))
             };
+            let quota = (!c.is_admin).then(|| crate::db::PortQuota {
+                project: &c.project,
+                max: i64::from(state.ports_per_project),
+                refusal: &refusal,
+            });
             let e = state
                 .db
-                .allocate_exposure_within(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow, quota, over_quota)
+                .allocate_exposure_within(&b.uuid, &s.uuid, PUBLIC_PORTS, lease.as_deref(), &allow, quota)
                 .await?;
             let args = json!([exposed_dict(&state, &s, &b, e.public_port)?, e.public_port]);
             match call_board(&state, &c, &b, "ServiceEnable", args, opts).await {

@@ -31,7 +31,7 @@ pub use auth::{BoardCredentials, Cutoff, Membership, Project, Role, TokenInfo, U
 pub use boards::{Agent, Board, BoardUpdate, NewBoard};
 pub use leases::Lease;
 pub use objects::{
-    Exposure, Fleet, MAX_ALLOW, Service, ServiceUpdate, Vpn, VpnMember, admits, cidr_within_any, cloud_host,
+    Exposure, Fleet, MAX_ALLOW, PortQuota, Service, ServiceUpdate, Vpn, VpnMember, admits, cidr_within_any, cloud_host,
     parse_allow_list, parse_cidr,
 };
 pub use page::{MAX_LIMIT, Page};

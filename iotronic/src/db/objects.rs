@@ -41,6 +41,14 @@ pub struct ServiceUpdate {
     pub extra: Option<Value>,
 }
 
+/// A project's public-port quota for [`Db::allocate_exposure_within`].
+pub struct PortQuota<'a> {
+    pub project: &'a str,
+    pub max: i64,
+    /// The error for a request over the quota, given how many ports the project holds.
+    pub refusal: &'a (dyn Fn(i64) -> Error + Sync),
+}
+
 /// A service exposed on a public port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exposure {
@@ -441,16 +449,14 @@ impl Db {
         lease: Option<&str>,
         allow: &[IpNet],
     ) -> Result<Exposure, Error> {
-        let unlimited = |held| Error::Conflict(format!("{held} public ports held"));
-        self.allocate_exposure_within(board, service, range, lease, allow, None, unlimited).await
+        self.allocate_exposure_within(board, service, range, lease, allow, None).await
     }
 
-    /// [`allocate_exposure`](Self::allocate_exposure) within a quota: with `Some((project,
-    /// max))`, refused with `over_quota(held)` when `project` already holds `max` public ports
+    /// [`allocate_exposure`](Self::allocate_exposure) within a [`PortQuota`]: refused with
+    /// its `refusal` when its project already holds `max` public ports
     /// ([`exposures_held_by`](Self::exposures_held_by)). The count and the insert are one
     /// transaction, and the transactions of one project run one after the other: concurrent
     /// requests cannot all count below the quota and then all insert.
-    #[allow(clippy::too_many_arguments)]
     pub async fn allocate_exposure_within(
         &self,
         board: &str,
@@ -458,18 +464,17 @@ impl Db {
         range: (u16, u16),
         lease: Option<&str>,
         allow: &[IpNet],
-        quota: Option<(&str, i64)>,
-        over_quota: impl FnOnce(i64) -> Error,
+        quota: Option<PortQuota<'_>>,
     ) -> Result<Exposure, Error> {
         let allow: Vec<String> = allow.iter().map(|n| n.trunc().to_string()).collect();
         let allow_json = serde_json::to_string(&allow).map_err(|e| Error::Invalid(e.to_string()))?;
         for _ in 0..64 {
             // Dropped without a commit (a refusal, a port taken meanwhile): rolled back.
-            let mut tx = self.exposure_tx(quota.map(|(project, _)| project)).await?;
-            if let Some((project, max)) = quota {
-                let held = exposures_held(&mut tx, project).await?;
-                if held >= max {
-                    return Err(over_quota(held));
+            let mut tx = self.exposure_tx(quota.as_ref().map(|q| q.project)).await?;
+            if let Some(q) = &quota {
+                let held = exposures_held(&mut tx, q.project).await?;
+                if held >= q.max {
+                    return Err((q.refusal)(held));
                 }
             }
             let existing =
