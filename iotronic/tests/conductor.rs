@@ -427,6 +427,35 @@ async fn finished_requests_are_purged_after_their_retention() {
     }
 }
 
+/// A finished PluginInject keeps its code's length, not its code (up to 512 KiB, kept in the
+/// plugin itself): finished requests stay for 30 days, and injections repeated by a tenant
+/// would fill the database. While it runs the board gets the code; other requests' args stay.
+#[tokio::test]
+async fn a_finished_injection_keeps_no_plugin_code() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let code = "x".repeat(100_000);
+    let inject = json!([{"uuid": "p1", "name": "big", "code": code, "callable": true, "kind": "wasm",
+                         "grants": {}, "parameters": {}}, false]);
+    let r = t.db.create_request(&p.uuid, &b.uuid, "PluginInject", &inject, None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    let call = agent.recv().await.unwrap().msg;
+    assert_eq!(call.args[0]["code"], code.as_str(), "the board gets the code");
+    let answer = ConductorMsg::Result {
+        request: r.uuid.clone(),
+        board: b.uuid.clone(),
+        result: "SUCCESS".into(),
+        message: json!("ok"),
+    };
+    c.handle(answer, false).await.unwrap();
+    let done = t.db.request(&r.uuid, None).await.unwrap().unwrap();
+    assert_eq!(done.status, RequestStatus::Completed);
+    assert_eq!(
+        done.args,
+        json!([{"uuid": "p1", "name": "big", "code_len": 100_000, "callable": true, "kind": "wasm",
+                "grants": {}, "parameters": {}}, false])
+    );
+}
+
 /// Tunnel tokens (valid for days) travel in the arguments of ServiceEnable and VpnJoin; once
 /// the request is final (answered, failed or expired) they are gone from the database, and a
 /// request's `Debug` never shows its arguments. Before, they stayed in `requests.args`.

@@ -107,8 +107,12 @@ impl fmt::Debug for Request {
     }
 }
 
-/// `args` without the [`SECRET_ARG_KEYS`] of any object in it, if it had any.
-pub fn without_secrets(args: &Value) -> Option<Value> {
+/// What a final request of `action` keeps of its `args`, if that differs from them: no
+/// [`SECRET_ARG_KEYS`] in any object, and a PluginInject's code (up to 512 KiB, kept in the
+/// plugin itself) replaced by its length, `code_len`: finished requests stay for
+/// [`REQUEST_RETENTION`](crate::conductor::REQUEST_RETENTION), and repeated injections would
+/// otherwise fill the database.
+pub fn final_args(action: &str, args: &Value) -> Option<Value> {
     fn strip(v: &mut Value) -> bool {
         match v {
             Value::Object(m) => {
@@ -126,7 +130,16 @@ pub fn without_secrets(args: &Value) -> Option<Value> {
         }
     }
     let mut out = args.clone();
-    strip(&mut out).then_some(out)
+    let mut changed = strip(&mut out);
+    if action == "PluginInject"
+        && let Some(plugin) = out.get_mut(0).and_then(Value::as_object_mut)
+        && let Some(code) = plugin.remove("code")
+    {
+        let len = code.as_str().map_or(0, str::len);
+        plugin.insert("code_len".into(), len.into());
+        changed = true;
+    }
+    changed.then_some(out)
 }
 
 fn request_row(r: &AnyRow) -> Result<Request, Error> {
@@ -269,7 +282,7 @@ impl Db {
     ) -> Result<bool, Error> {
         // Arguments never change after the insert: read before the compare-and-set, written
         // with it.
-        let scrubbed = if to.is_final() { self.args_without_secrets(uuid).await? } else { None };
+        let scrubbed = if to.is_final() { self.final_args(uuid).await? } else { None };
         let mut total = 0;
         for f in from {
             let r = sqlx::query(
@@ -293,16 +306,20 @@ impl Db {
         Ok(total > 0)
     }
 
-    /// The request's arguments without their secrets, as text, if they hold any. The database
-    /// sends only arguments that may (a key ending in `token`), not every plugin's code.
-    async fn args_without_secrets(&self, uuid: &str) -> Result<Option<String>, Error> {
-        let row = sqlx::query("SELECT args FROM requests WHERE uuid = $1 AND args LIKE '%token\"%'")
-            .bind(uuid)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(db_err)?;
+    /// What the request keeps of its arguments once final ([`final_args`]), as text, if that
+    /// differs. The database sends only arguments that may change (a key ending in `token`, or
+    /// an injection), not every request's.
+    async fn final_args(&self, uuid: &str) -> Result<Option<String>, Error> {
+        let row = sqlx::query(
+            "SELECT action, args FROM requests WHERE uuid = $1 AND (args LIKE '%token\"%' OR action = 'PluginInject')",
+        )
+        .bind(uuid)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_err)?;
         let Some(row) = row else { return Ok(None) };
-        Ok(without_secrets(&json_col(&row, "args")?).map(|v| v.to_string()))
+        let action: String = col(&row, "action")?;
+        Ok(final_args(&action, &json_col(&row, "args")?).map(|v| v.to_string()))
     }
 
     /// Records a board's result for a request (insert or update).
