@@ -277,6 +277,9 @@ struct Ctx {
     codes: Arc<crate::auth::Throttle>,
     /// Mints the tokens `tunnel_tokens` renews (none without a tunnel server).
     mint: Option<TunnelMint>,
+    /// Procedure calls running ([`register_procedures`]); beyond its permits a call is
+    /// answered [`UNAVAILABLE`].
+    running: Arc<tokio::sync::Semaphore>,
 }
 
 impl WampAgent {
@@ -295,6 +298,7 @@ impl WampAgent {
         // Decoy WAMP-CRA salts stay the same across restarts, as real boards' do.
         let decoy = db.setting_or_init("cra_decoy_key", crate::auth::random_secret).await?;
         let config = RouterConfig { decoy_key: Some(Secret::new(decoy)), ..RouterConfig::default() };
+        let handlers = config.agent_invocations;
         let router = Router::new(config, auth);
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let stop = shutdown.clone();
@@ -335,6 +339,7 @@ impl WampAgent {
             logins: logins.clone(),
             codes,
             mint,
+            running: Arc::new(tokio::sync::Semaphore::new(handlers)),
         };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
@@ -366,14 +371,27 @@ fn wamp_err(e: s4t_wamp::Error) -> Error {
 }
 
 async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> {
-    /// Registers `uri` to run `handler(&ctx, &invocation)`.
+    /// Registers `uri` to run `handler(&ctx, &invocation)` to its end in a task of its own.
+    /// The caller can give up on a call at any moment (CANCEL, a `timeout` option, leaving),
+    /// and the router then interrupts it, which drops the handler's future where it waits: a
+    /// board enrolled without its audit entry, say. Interrupted calls no longer count against
+    /// the router's limit on the agent's invocations, so the running ones have their own.
     macro_rules! procedure {
         ($uri:expr, $handler:ident) => {{
             let c = ctx.clone();
             session
                 .register(&$uri, move |inv| {
                     let c = c.clone();
-                    async move { $handler(&c, &inv).await }
+                    async move {
+                        let Ok(permit) = c.running.clone().try_acquire_owned() else {
+                            return unavailable("the cloud is busy", None);
+                        };
+                        let run = tokio::spawn(async move {
+                            let _permit = permit;
+                            $handler(&c, &inv).await
+                        });
+                        run.await.unwrap_or_else(|e| Err(WampError::new(UNAVAILABLE, format!("the call failed: {e}"))))
+                    }
                 })
                 .await
                 .map_err(wamp_err)?;
@@ -898,6 +916,44 @@ mod tests {
     async fn cra_login(url: &str, uuid: &str, secret: &str) -> s4t_wamp::Session {
         let cra = s4t_wamp::ClientAuth::WampCra { authid: uuid.to_owned(), secret: Secret::new(secret) };
         s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(url, "s4t", cra)).await.unwrap()
+    }
+
+    /// A call the caller gives up on still runs to its end: an enrollment whose caller timed
+    /// out while the database was busy enrolls the board and audits it once the database is
+    /// free. (The router interrupts an abandoned call; the handler's future was dropped where
+    /// it waited, so the board could end up enrolled without its audit entry.)
+    #[tokio::test]
+    async fn an_abandoned_call_runs_to_its_end() {
+        let TestAgent { _dir, db, boards, url, shutdown, .. } = test_agent(&[("b", "CODE-A")], None, false).await;
+        // Another connection takes SQLite's write lock: the enrollment's write waits for it.
+        sqlx::any::install_default_drivers();
+        let db_url = crate::db::DatabaseUrl::sqlite_in(_dir.path());
+        let mut lock = <sqlx::AnyConnection as sqlx::Connection>::connect(db_url.expose()).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
+        let auth = s4t_wamp::ClientAuth::Ticket { authid: "enroll".into(), ticket: Secret::new("CODE-A") };
+        let session = s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(&url, "s4t", auth)).await.unwrap();
+        let kw: Dict = json!({"code": "CODE-A", "session": session.id(), "secret": "s".repeat(43)})
+            .as_object()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .collect();
+        let gave_up = session.call("stack4things.register", vec![], kw, Duration::from_millis(300)).await;
+        assert!(gave_up.is_err(), "the call was answered while the database was locked: {gave_up:?}");
+        session.leave().await;
+        sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+        let q = crate::db::AuditQuery { action: "board.enroll".into(), limit: 10, ..Default::default() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let enrolled = db.board_by_uuid(&boards[0]).await.unwrap().unwrap().secret_salt.is_some();
+            let audited = db.list_audit(&q).await.unwrap().iter().any(|e| e.action == "board.enroll");
+            if enrolled && audited {
+                break;
+            }
+            assert!(Instant::now() < deadline, "enrolled {enrolled}, audited {audited}: the call was cut short");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
     }
 
     /// A board rotated and enrolled again within one revocation sweep is no longer revoked
