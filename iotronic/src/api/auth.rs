@@ -122,7 +122,7 @@ pub async fn create_token(
     if ttl_ms <= 0 {
         return Err(Error::Invalid("ttl must be a positive number of seconds".into()).into());
     }
-    let peer = connect.map(|c| c.0.0.ip().to_string()).unwrap_or_default();
+    let peer = connect.as_ref().map(|c| c.0.0.ip().to_string()).unwrap_or_default();
     if b.username.len() > MAX_NAME_BYTES || b.password.len() > crate::auth::MAX_PASSWORD_BYTES {
         let entry = crate::db::NewAudit {
             user_name: b.username.chars().take(MAX_NAME_BYTES).collect(),
@@ -140,7 +140,8 @@ pub async fn create_token(
         ))
         .into());
     }
-    let (user_key, peer_key) = (format!("user:{}", b.username), format!("peer:{peer}"));
+    let source = connect.as_ref().map(|c| s4t_shared::limits::source_of(c.0.0.ip()).to_string()).unwrap_or_default();
+    let (user_key, peer_key) = (format!("user:{}", b.username), format!("peer:{source}"));
     let throttle = &state.login_throttle;
     // Each attempt is taken before the password is checked (concurrent guesses stay within the
     // budget) and given back when it succeeds.
@@ -196,7 +197,9 @@ pub async fn show_token(
 
 /// Audits a login refused before any check, within the sender's `audited_refusals` budget.
 async fn record_refusal(state: &AppState, entry: crate::db::NewAudit) {
-    if state.login_throttle.audited_refusals.take(&format!("peer:{}", entry.source)).is_ok() {
+    let source =
+        entry.source.parse().map_or_else(|_| entry.source.clone(), |ip| s4t_shared::limits::source_of(ip).to_string());
+    if state.login_throttle.audited_refusals.take(&format!("peer:{source}")).is_ok() {
         crate::audit::record(&state.db, entry).await;
     }
 }
