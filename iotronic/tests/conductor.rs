@@ -10,7 +10,7 @@ use iotronic::Error;
 use iotronic::bus::{AgentCall, Bus, ConductorMsg, Delivery};
 use iotronic::conductor::{Conductor, REQUEST_RETENTION};
 use iotronic::db::{Board, Db, Injection, NewBoard, Plugin, Project, RequestStatus, now_ms};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Project "p" and its board "b" (offline).
 async fn project_and_board(t: &TestDb) -> (Project, Board) {
@@ -28,6 +28,11 @@ struct Online {
     /// What the conductor hands the agent.
     agent: tokio::sync::mpsc::Receiver<Delivery<AgentCall>>,
     c: Conductor,
+}
+
+/// A board's answer to `request`.
+fn answer(request: &str, board: &str, result: &str, message: Value) -> ConductorMsg {
+    ConductorMsg::Result { request: request.into(), board: board.into(), result: result.into(), message }
 }
 
 async fn online() -> Online {
@@ -57,12 +62,7 @@ async fn redelivered_execute_hands_a_running_request_over_again_and_nothing_else
     c.handle(exec.clone(), true).await.unwrap();
     assert_eq!(agent.recv().await.unwrap().msg.request, r.uuid);
 
-    let result = ConductorMsg::Result {
-        request: r.uuid.clone(),
-        board: b.uuid.clone(),
-        result: "SUCCESS".into(),
-        message: json!("pong"),
-    };
+    let result = answer(&r.uuid, &b.uuid, "SUCCESS", json!("pong"));
     c.handle(result.clone(), false).await.unwrap();
     c.handle(result, true).await.unwrap();
     let failed = ConductorMsg::Failed { request: r.uuid.clone(), board: b.uuid.clone(), reason: "late".into() };
@@ -222,12 +222,7 @@ async fn requests_stuck_pending_or_running_fail_in_the_end() {
     let running = t.db.create_request(&p.uuid, &b.uuid, "DevicePkgOperation", &json!([]), None).await.unwrap();
     c.handle(ConductorMsg::Execute { request: running.uuid.clone() }, false).await.unwrap();
     agent.recv().await.unwrap();
-    let result = |r: &str| ConductorMsg::Result {
-        request: r.into(),
-        board: b.uuid.clone(),
-        result: "RUNNING".into(),
-        message: json!("RUNNING"),
-    };
+    let result = |r: &str| answer(r, &b.uuid, "RUNNING", json!("RUNNING"));
     c.handle(result(&running.uuid), false).await.unwrap();
     let status = |uuid: String| {
         let db = t.db.clone();
@@ -286,13 +281,7 @@ async fn queued_requests_go_out_one_after_the_other() {
     let first = agent.recv().await.unwrap().msg;
     assert_eq!(first.request, queued[0]);
     assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
-    let answer = ConductorMsg::Result {
-        request: first.request,
-        board: b.uuid.clone(),
-        result: "SUCCESS".into(),
-        message: json!("ok"),
-    };
-    c.handle(answer, false).await.unwrap();
+    c.handle(answer(&first.request, &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
 }
 
@@ -440,13 +429,7 @@ async fn a_finished_injection_keeps_no_plugin_code() {
     c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
     let call = agent.recv().await.unwrap().msg;
     assert_eq!(call.args[0]["code"], code.as_str(), "the board gets the code");
-    let answer = ConductorMsg::Result {
-        request: r.uuid.clone(),
-        board: b.uuid.clone(),
-        result: "SUCCESS".into(),
-        message: json!("ok"),
-    };
-    c.handle(answer, false).await.unwrap();
+    c.handle(answer(&r.uuid, &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     let done = t.db.request(&r.uuid, None).await.unwrap().unwrap();
     assert_eq!(done.status, RequestStatus::Completed);
     assert_eq!(
@@ -477,13 +460,7 @@ async fn a_finished_request_keeps_no_tunnel_token() {
     let call = agent.recv().await.unwrap().msg;
     assert_eq!(call.args[0]["tunnel_token"], "SECRET-ENABLE", "the board gets its token");
     assert_eq!(stored(r.uuid.clone()).await.args, enable, "kept while running");
-    let answer = ConductorMsg::Result {
-        request: r.uuid.clone(),
-        board: b.uuid.clone(),
-        result: "SUCCESS".into(),
-        message: json!("ok"),
-    };
-    c.handle(answer, false).await.unwrap();
+    c.handle(answer(&r.uuid, &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     let done = stored(r.uuid.clone()).await;
     assert_eq!(done.status, RequestStatus::Completed);
     assert_eq!(
