@@ -433,7 +433,8 @@ async fn the_agent_is_not_held_to_the_board_in_flight_limit() {
 #[tokio::test]
 async fn a_fleet_logging_in_at_once_is_served_not_refused() {
     const BOARDS: usize = 100;
-    let r = TestRouter::start(RouterConfig::default(), false).await;
+    // The fleet shares one board's credentials here.
+    let r = TestRouter::start(RouterConfig { max_sessions_per_board: BOARDS, ..RouterConfig::default() }, false).await;
     let agent = r.router.local_session("agent").await.unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(BOARDS);
@@ -517,4 +518,62 @@ async fn boards_cannot_register_procedures_named_like_the_agents() {
         let e = b.call(&p, vec![], Default::default(), T).await.unwrap_err();
         assert_ne!(e.wamp_uri(), None, "{p}: {e}");
     }
+}
+
+/// One board's credentials cannot take every session slot (nor multiply its share of the
+/// agent's handler slots): beyond its cap its oldest session goes, so a board that reconnects
+/// is not locked out by its own half-dead sessions. Other boards and agents are not affected.
+#[tokio::test]
+async fn a_board_over_its_session_cap_loses_its_oldest_session() {
+    let r = TestRouter::start(RouterConfig { max_sessions_per_board: 2, ..RouterConfig::default() }, false).await;
+    let agents = [
+        connect(&r.config(agent_auth())).await.unwrap(),
+        connect(&r.config(agent_auth())).await.unwrap(),
+        connect(&r.config(agent_auth())).await.unwrap(),
+    ];
+    let first = connect(&r.board(Serializer::Json)).await.unwrap();
+    let second = connect(&r.board(Serializer::Json)).await.unwrap();
+    let third = connect(&r.board(Serializer::Json)).await.unwrap();
+    let reason = within("the oldest session closes", first.closed()).await;
+    assert_eq!(reason, CloseReason::Goodbye("s4t.close.replaced".into()));
+    let board_sessions = || {
+        let mut ids: Vec<u64> = r.router.sessions().iter().filter(|s| s.authid == BOARD).map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let mut open = vec![second.id(), third.id()];
+    open.sort_unstable();
+    wait_until("the oldest session left", || board_sessions() == open).await;
+    for board in [&second, &third] {
+        let p = format!("iotronic.{}.{BOARD}.DevicePing", board.id());
+        board.register(&p, |_| async { Ok(Payload::default()) }).await.unwrap();
+        assert!(!board.is_closed());
+    }
+    let other = connect(&r.config(other_board_auth())).await.unwrap();
+    assert!(r.router.session(other.id()).is_some());
+    // Agents are not capped: the first of three still works.
+    let count = agents[0].call("wamp.session.count", vec![], Default::default(), T).await.unwrap();
+    assert_eq!(count.args, vec![json!(6)], "three agents, two sessions of one board, one of another");
+}
+
+/// Anonymous (legacy) sessions are capped per source address: beyond the cap they are refused
+/// with a clear reason, while boards that authenticate still connect from that address.
+#[tokio::test]
+async fn anonymous_sessions_beyond_the_cap_per_address_are_refused() {
+    let r = TestRouter::start(RouterConfig { max_anonymous_per_source: 2, ..RouterConfig::default() }, true).await;
+    let anonymous = r.config(s4t_wamp::ClientAuth::Anonymous);
+    let legacy = [connect(&anonymous).await.unwrap(), connect(&anonymous).await.unwrap()];
+    match connect(&anonymous).await.unwrap_err() {
+        Error::Handshake(s4t_shared::wamp::session::HandshakeError::Aborted { reason, message }) => {
+            assert_eq!(reason, "s4t.error.limit_exceeded");
+            assert!(message.as_deref().is_some_and(|m| m.contains("anonymous")), "{message:?}");
+        }
+        other => panic!("expected an ABORT, got {other:?}"),
+    }
+    let board = connect(&r.board(Serializer::Json)).await.unwrap();
+    assert_eq!(board.authrole(), "board");
+    for s in &legacy {
+        assert!(r.router.session(s.id()).is_some());
+    }
+    assert_eq!(r.router.sessions().len(), 3);
 }

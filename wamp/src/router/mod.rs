@@ -106,6 +106,19 @@ pub struct RouterConfig {
     pub max_message_size: usize,
     /// Concurrent connections accepted; more are closed at once.
     pub max_sessions: usize,
+    /// Established sessions one board (one authid with the `board` role) may have at once
+    /// (default 4; at least 1). A new session beyond it closes the board's oldest
+    /// (GOODBYE `s4t.close.replaced`) instead of being refused: a board that reconnects after
+    /// a network change must not be locked out by its own half-dead sessions until pings
+    /// notice them. Without it one board's credentials could take every `max_sessions` slot,
+    /// and each of its sessions may hold `limits.max_in_flight_calls` of the agent's handler
+    /// slots. `agent` sessions are not counted.
+    pub max_sessions_per_board: usize,
+    /// Established anonymous (`legacy`) sessions one source address may have at once
+    /// (default 128); more are refused with ABORT `s4t.error.limit_exceeded`, which our
+    /// lightning-rod retries. Without it one peer could take every `max_sessions` slot when
+    /// anonymous boards are allowed; 128 leaves room for legacy boards behind one NAT address.
+    pub max_anonymous_per_source: usize,
     /// Unsolicited messages (INVOCATION, EVENT) queued towards one session before it counts as
     /// not keeping up; room for answers to its own requests is reserved on top.
     pub queue_capacity: usize,
@@ -140,6 +153,8 @@ impl Default for RouterConfig {
             limits: Limits::default(),
             max_message_size: 1 << 20,
             max_sessions: 20_000,
+            max_sessions_per_board: 4,
+            max_anonymous_per_source: 128,
             queue_capacity: 64,
             handshake_timeout: Duration::from_secs(10),
             max_opening_per_source: 128,
@@ -222,6 +237,9 @@ pub(crate) struct Inner {
     pub(crate) decoy_key: Secret,
     /// Connections in their opening handshake, by source address.
     opening: Arc<SourceSlots>,
+    /// Established anonymous sessions, by source address
+    /// ([`RouterConfig::max_anonymous_per_source`]).
+    pub(crate) anonymous: Arc<SourceSlots>,
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -232,10 +250,16 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: RouterConfig, authenticator: Arc<dyn Authenticator>) -> Router {
-        let realm =
-            Realm::new(config.realm.clone(), config.limits.clone(), config.queue_capacity, config.agent_invocations);
+        let realm = Realm::new(
+            config.realm.clone(),
+            config.limits.clone(),
+            config.queue_capacity,
+            config.agent_invocations,
+            config.max_sessions_per_board,
+        );
         let connections = Arc::new(Semaphore::new(config.max_sessions));
         let opening = SourceSlots::new(config.max_opening_per_source);
+        let anonymous = SourceSlots::new(config.max_anonymous_per_source);
         let decoy_key = config.decoy_key.clone().unwrap_or_else(|| {
             let bytes: [u8; 32] = rand::random();
             Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
@@ -249,6 +273,7 @@ impl Router {
                 connections,
                 decoy_key,
                 opening,
+                anonymous,
             }),
         }
     }

@@ -6,7 +6,7 @@
 //! session can never block the realm or another session. What happens when a queue is full
 //! is decided here (see [`State::deliver`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -18,10 +18,14 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Limits, SessionInfo};
 use crate::policy::{Action, Role, Subject, authorize};
+
+/// GOODBYE reason of a board's session closed because the board opened more than
+/// `RouterConfig::max_sessions_per_board` (its oldest one goes).
+pub(crate) const CLOSE_REPLACED: &str = "s4t.close.replaced";
 
 /// How the router ends a session it closes itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,27 +55,59 @@ impl Kill {
     }
 }
 
+/// Which part of a session's outbound queue a message counts against (see [`State::queue_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Answers to the session's own requests: never counted, their room is what is left.
+    Answer,
+    /// INVOCATION, EVENT, INTERRUPT.
+    Unsolicited,
+    /// Meta events to agents.
+    Meta,
+}
+
 /// A message in a session's outbound queue.
 pub(crate) struct Queued {
     msg: Arc<Message>,
-    /// Counted against the queue's unsolicited part (INVOCATION, EVENT, INTERRUPT), as
-    /// opposed to answers to the session's own requests and meta events to agents.
-    unsolicited: bool,
+    part: Part,
+}
+
+/// Messages of each counted part in a session's queue (or being taken out of it by the session
+/// task), shared by the realm and the session task.
+#[derive(Debug, Default)]
+struct Counts {
+    unsolicited: AtomicUsize,
+    meta: AtomicUsize,
+}
+
+impl Counts {
+    fn of(&self, part: Part) -> Option<&AtomicUsize> {
+        match part {
+            Part::Answer => None,
+            Part::Unsolicited => Some(&self.unsolicited),
+            Part::Meta => Some(&self.meta),
+        }
+    }
+
+    /// Counts a message of `part` taken out of the queue.
+    fn taken(&self, part: Part) {
+        if let Some(n) = self.of(part) {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The session task's end of its outbound queue.
 pub(crate) struct Outbox {
     rx: mpsc::Receiver<Queued>,
-    unsolicited: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
 }
 
 impl Outbox {
     /// The next message for the peer; `None` once the realm dropped the session. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Option<Arc<Message>> {
         let queued = self.rx.recv().await?;
-        if queued.unsolicited {
-            self.unsolicited.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.counts.taken(queued.part);
         Some(queued.msg)
     }
 }
@@ -80,11 +116,13 @@ impl Outbox {
 pub(crate) struct Member {
     pub(crate) info: SessionInfo,
     tx: mpsc::Sender<Queued>,
-    /// Unsolicited messages in the queue (or being taken out of it by the session task).
-    unsolicited: Arc<AtomicUsize>,
+    /// Unsolicited messages and meta events in the queue.
+    counts: Arc<Counts>,
     kill: Arc<Kill>,
     /// Since when the unsolicited part of the outbound queue has been full, if it is.
     stuck_since: Option<Instant>,
+    /// Meta events dropped since the meta part of an agent's queue was last found with room.
+    meta_dropped: u64,
     /// Calls this session made that have not completed.
     pub(crate) in_flight: usize,
     pub(crate) registrations: Vec<Id>,
@@ -116,6 +154,27 @@ impl Member {
             true
         } else {
             false
+        }
+    }
+
+    /// Queues `msg`, counted against `part` of the queue (the caller checked it has room).
+    fn send_counted(&self, msg: Arc<Message>, part: Part) -> Delivery {
+        let count = self.counts.of(part);
+        // Counted before it is sent, so that the session task never takes it out first.
+        if let Some(n) = count {
+            n.fetch_add(1, Ordering::AcqRel);
+        }
+        match self.tx.try_send(Queued { msg, part }) {
+            Ok(()) => Delivery::Sent,
+            Err(e) => {
+                if let Some(n) = count {
+                    n.fetch_sub(1, Ordering::AcqRel);
+                }
+                match e {
+                    TrySendError::Full(_) => Delivery::Full,
+                    TrySendError::Closed(_) => Delivery::Gone,
+                }
+            }
         }
     }
 
@@ -165,6 +224,10 @@ pub(crate) struct State {
     pub(crate) invocations: HashMap<(Id, Id), Pending>,
     /// (caller, CALL request id) → (callee, INVOCATION request id).
     pub(crate) calls: HashMap<(Id, Id), (Id, Id)>,
+    /// Board uuid → its `board` sessions not closed by the realm, oldest first.
+    boards: HashMap<String, VecDeque<Id>>,
+    /// `RouterConfig::max_sessions_per_board`.
+    max_sessions_per_board: usize,
     next_router_id: Id,
     pub(crate) limits: Limits,
     /// Unsolicited messages a session's queue may hold (`RouterConfig::queue_capacity`).
@@ -188,12 +251,20 @@ impl State {
         if role == Role::Agent { self.queue_capacity.max(self.agent_queue_capacity) } else { self.queue_capacity }
     }
 
+    /// Meta events the queue of a session with `role` may hold apart from its unsolicited
+    /// part: for agents as many as unsolicited messages (a mass disconnect sends the agent one
+    /// `on_leave` per board, as many as a fleet logging in sends it calls), for others none
+    /// (they get meta events as ordinary events). A bound, not an allocation: the queue's
+    /// memory is taken only as messages wait in it.
+    pub(crate) fn meta_capacity(&self, role: Role) -> usize {
+        if role == Role::Agent { self.unsolicited_capacity(role) } else { 0 }
+    }
+
     /// The size of the outbound queue of a session with `role`: its unsolicited capacity, room
     /// reserved for answers to its own requests (its in-flight call limit of results and one
-    /// more reply) and, for agents, `queue_capacity` more for meta events.
+    /// more reply) and, for agents, [`State::meta_capacity`] more for meta events.
     pub(crate) fn queue_size(&self, role: Role) -> usize {
-        let meta = if role == Role::Agent { self.queue_capacity } else { 0 };
-        self.unsolicited_capacity(role) + self.limits.in_flight_for(role) + 1 + meta
+        self.unsolicited_capacity(role) + self.limits.in_flight_for(role) + 1 + self.meta_capacity(role)
     }
 
     /// Queues an unsolicited message (INVOCATION, EVENT, INTERRUPT) for session `to`.
@@ -218,21 +289,15 @@ impl State {
         if member.tx.is_closed() {
             return Delivery::Gone;
         }
-        if member.unsolicited.load(Ordering::Acquire) < capacity {
-            // Counted before it is sent, so that the session task never takes it out first.
-            member.unsolicited.fetch_add(1, Ordering::AcqRel);
-            match member.tx.try_send(Queued { msg: msg.clone(), unsolicited: true }) {
-                Ok(()) => {
+        if member.counts.unsolicited.load(Ordering::Acquire) < capacity {
+            match member.send_counted(msg.clone(), Part::Unsolicited) {
+                Delivery::Sent => {
                     // The unsolicited part had room: whatever overflow came before is over.
                     member.stuck_since = None;
                     return Delivery::Sent;
                 }
-                Err(e) => {
-                    member.unsolicited.fetch_sub(1, Ordering::AcqRel);
-                    if matches!(e, TrySendError::Closed(_)) {
-                        return Delivery::Gone;
-                    }
-                }
+                Delivery::Gone => return Delivery::Gone,
+                Delivery::Full => {}
             }
         }
         let now = Instant::now();
@@ -252,24 +317,46 @@ impl State {
 
     /// Queues a router meta event (`wamp.session.on_join`, `on_leave`) for session `to`. The
     /// cloud learns promptly that a board went offline from these, so agents get them beyond
-    /// the unsolicited part: they take any room left in the queue. When there is none (a
-    /// mass disconnect: thousands of boards leave within a moment) the event is dropped, not
-    /// the agent's session closed, which would stop the cloud; the wamp-agent finds boards
-    /// whose session ended unnoticed by itself (`iotronic`'s `RECONCILE_SESSIONS_EVERY`,
-    /// 30 s). Other sessions get them as ordinary events.
+    /// the unsolicited part, in room of their own ([`State::meta_capacity`]), counted like
+    /// the unsolicited part: were they to take whatever room is left, a burst of them would
+    /// take the room reserved for the agent's replies, and the next reply would close the
+    /// agent's session (see [`State::reply`]), which stops the cloud. When their room is full
+    /// (a mass disconnect: thousands of boards leave within a moment) the event is dropped
+    /// and counted; the wamp-agent finds boards whose session ended unnoticed by itself
+    /// (`iotronic`'s `RECONCILE_SESSIONS_EVERY`, 30 s). Other sessions get them as ordinary
+    /// events.
     pub(crate) fn deliver_meta(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
+        let capacity = self.meta_capacity(Role::Agent);
         let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
         if member.info.role != Role::Agent {
             return self.deliver_arc(to, msg);
         }
-        match member.tx.try_send(Queued { msg, unsolicited: false }) {
-            Ok(()) => Delivery::Sent,
-            Err(TrySendError::Full(q)) => {
-                debug!(session = to, message = q.msg.name(), "agent queue full: meta event dropped");
-                Delivery::Full
+        let name = msg.name();
+        let delivery = if member.counts.meta.load(Ordering::Acquire) < capacity {
+            member.send_counted(msg, Part::Meta)
+        } else {
+            Delivery::Full
+        };
+        match delivery {
+            Delivery::Sent if member.meta_dropped > 0 => {
+                warn!(
+                    session = to,
+                    dropped = member.meta_dropped,
+                    "agent queue has room again: meta events were dropped"
+                );
+                member.meta_dropped = 0;
             }
-            Err(TrySendError::Closed(_)) => Delivery::Gone,
+            Delivery::Full => {
+                if member.meta_dropped == 0 {
+                    warn!(session = to, message = name, "agent queue full: dropping meta events until it drains");
+                } else {
+                    debug!(session = to, message = name, "agent queue full: meta event dropped");
+                }
+                member.meta_dropped += 1;
+            }
+            Delivery::Sent | Delivery::Gone => {}
         }
+        delivery
     }
 
     /// Answers session `to` about its own request (REGISTERED, RESULT, ERROR...). Room for
@@ -282,7 +369,7 @@ impl State {
     /// Queues `msg` outside the unsolicited part; a full queue closes the session.
     fn push_answer(&mut self, to: Id, msg: Arc<Message>) -> Delivery {
         let Some(member) = self.sessions.get_mut(&to) else { return Delivery::Gone };
-        match member.tx.try_send(Queued { msg, unsolicited: false }) {
+        match member.tx.try_send(Queued { msg, part: Part::Answer }) {
             Ok(()) => Delivery::Sent,
             Err(TrySendError::Full(q)) => {
                 warn!(session = to, message = q.msg.name(), "no room even for replies: closing the session");
@@ -290,6 +377,35 @@ impl State {
                 Delivery::Full
             }
             Err(TrySendError::Closed(_)) => Delivery::Gone,
+        }
+    }
+
+    /// Counts session `id` of board `board` (just joined), closing the board's oldest sessions
+    /// so that it has at most `max_sessions_per_board` (see there why the oldest go).
+    /// Sessions closed by other means (revoked, overloaded) are leaving already and do not
+    /// count. Keeps a few ids per board, so a join costs no walk over every session.
+    fn admit_board(&mut self, board: &str, id: Id) {
+        let max = self.max_sessions_per_board.max(1);
+        let sessions = &self.sessions;
+        let open = self.boards.entry(board.to_owned()).or_default();
+        open.retain(|s| sessions.get(s).is_some_and(|m| !m.kill.token.is_cancelled()));
+        while open.len() >= max {
+            let Some(oldest) = open.pop_front() else { break };
+            if let Some(m) = sessions.get(&oldest) {
+                info!(board, session = oldest, max, "closing the board's oldest session: too many open");
+                m.kill.fire(Farewell::Goodbye(CLOSE_REPLACED));
+            }
+        }
+        open.push_back(id);
+    }
+
+    /// Forgets session `id` of board `board` (it left).
+    fn board_gone(&mut self, board: &str, id: Id) {
+        if let Some(open) = self.boards.get_mut(board) {
+            open.retain(|s| *s != id);
+            if open.is_empty() {
+                self.boards.remove(board);
+            }
         }
     }
 
@@ -316,8 +432,21 @@ pub(crate) struct Realm {
 }
 
 impl Realm {
-    pub(crate) fn new(name: String, limits: Limits, queue_capacity: usize, agent_queue_capacity: usize) -> Arc<Realm> {
-        let state = State { limits, queue_capacity, agent_queue_capacity, realm: name.clone(), ..State::default() };
+    pub(crate) fn new(
+        name: String,
+        limits: Limits,
+        queue_capacity: usize,
+        agent_queue_capacity: usize,
+        max_sessions_per_board: usize,
+    ) -> Arc<Realm> {
+        let state = State {
+            limits,
+            queue_capacity,
+            agent_queue_capacity,
+            max_sessions_per_board,
+            realm: name.clone(),
+            ..State::default()
+        };
         Arc::new(Realm { state: Mutex::new(state), name })
     }
 
@@ -328,11 +457,12 @@ impl Realm {
     }
 
     /// Adds a session under a fresh random id (`reserved` if it is free); returns the id and
-    /// the session's end of its outbound queue.
+    /// the session's end of its outbound queue. A board's session beyond
+    /// `max_sessions_per_board` closes the board's oldest ([`State::admit_board`]).
     pub(crate) fn join(&self, mut info: SessionInfo, kill: Arc<Kill>, reserved: Id) -> (Id, Outbox) {
         let mut st = self.lock();
         let (tx, rx) = mpsc::channel(st.queue_size(info.role));
-        let unsolicited = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(Counts::default());
         let mut id = reserved;
         while !valid_id(id) || st.sessions.contains_key(&id) {
             id = random_id();
@@ -340,15 +470,19 @@ impl Realm {
         info.id = id;
         debug!(session = id, authid = %info.authid, role = info.role.name(), "session joined");
         let details = super::meta::session_details(&info, &self.name);
+        if let (Role::Board, Some(board)) = (info.role, info.board.as_deref()) {
+            st.admit_board(board, id);
+        }
         let burst = f64::from(st.limits.publish_burst);
         st.sessions.insert(
             id,
             Member {
                 info,
                 tx,
-                unsolicited: unsolicited.clone(),
+                counts: counts.clone(),
                 kill,
                 stuck_since: None,
+                meta_dropped: 0,
                 in_flight: 0,
                 registrations: Vec::new(),
                 subscriptions: Vec::new(),
@@ -358,7 +492,7 @@ impl Realm {
             },
         );
         super::broker::publish_meta(&mut st, super::meta::ON_JOIN, vec![details.into()]);
-        (id, Outbox { rx, unsolicited })
+        (id, Outbox { rx, counts })
     }
 
     /// Removes a session and everything it owned; pending calls on both sides fail cleanly.
@@ -366,6 +500,9 @@ impl Realm {
         let mut st = self.lock();
         let Some(member) = st.sessions.remove(&id) else { return };
         debug!(session = id, "session left");
+        if let (Role::Board, Some(board)) = (member.info.role, member.info.board.as_deref()) {
+            st.board_gone(board, id);
+        }
         super::dealer::session_gone(&mut st, id, &member);
         super::broker::session_gone(&mut st, id, &member);
         super::broker::publish_meta(&mut st, super::meta::ON_LEAVE, vec![id.into()]);
@@ -475,7 +612,7 @@ mod tests {
 
     fn realm(queue_capacity: usize) -> Arc<Realm> {
         let limits = Limits { max_in_flight_calls: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
-        Realm::new("s4t".into(), limits, queue_capacity, 0)
+        Realm::new("s4t".into(), limits, queue_capacity, 0, usize::MAX)
     }
 
     fn join(realm: &Realm, role: Role) -> (Id, Outbox, Arc<Kill>) {
@@ -508,9 +645,7 @@ mod tests {
     fn drain(outbox: &mut Outbox) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
         while let Ok(q) = outbox.rx.try_recv() {
-            if q.unsolicited {
-                outbox.unsolicited.fetch_sub(1, Ordering::AcqRel);
-            }
+            outbox.counts.taken(q.part);
             out.push(q.msg);
         }
         out
@@ -596,7 +731,7 @@ mod tests {
     async fn a_mass_disconnect_does_not_close_the_agents_session() {
         // An agent queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for meta events.
         let limits = Limits { max_in_flight_calls_agent: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
-        let realm = Realm::new("s4t".into(), limits, 2, 0);
+        let realm = Realm::new("s4t".into(), limits, 2, 0, usize::MAX);
         let (agent, mut outbox, kill) = join(&realm, Role::Agent);
         {
             let mut st = realm.lock();
@@ -618,6 +753,41 @@ mod tests {
                 .iter()
                 .any(|m| matches!(&**m, Message::Event { payload, .. } if payload.args == [json!(b)]))
         );
+    }
+
+    /// Meta events count against their own share of an agent's queue: a mass disconnect the
+    /// agent has not read yet leaves the room reserved for its replies free, so a reply then
+    /// is queued, and the agent's session (the cloud's view of every board) is not closed.
+    #[tokio::test(start_paused = true)]
+    async fn meta_events_do_not_take_the_room_of_the_agents_replies() {
+        // An agent queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for meta events.
+        let limits = Limits { max_in_flight_calls_agent: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
+        let realm = Realm::new("s4t".into(), limits, 2, 0, usize::MAX);
+        let (agent, mut outbox, kill) = join(&realm, Role::Agent);
+        {
+            let mut st = realm.lock();
+            let topic = crate::router::meta::ON_LEAVE.to_owned();
+            super::super::broker::subscribe(&mut st, agent, 1, &Dict::new(), topic);
+        }
+        let boards: Vec<Id> = (0..500).map(|_| join(&realm, Role::Board).0).collect();
+        for b in boards {
+            realm.leave(b);
+        }
+        // Not drained: the agent has read nothing since it subscribed. Its calls' results
+        // still find their room.
+        for request in 7..=10 {
+            realm.reply(agent, result(request));
+        }
+        assert!(!kill.token.is_cancelled(), "a reply closed the agent: meta events took its room");
+        let queued = drain(&mut outbox);
+        for request in 7..=10 {
+            assert!(
+                queued.iter().any(|m| matches!(&**m, Message::Result { request: r, .. } if *r == request)),
+                "result {request} is not queued: {queued:?}"
+            );
+        }
+        let left = queued.iter().filter(|m| matches!(&***m, Message::Event { .. })).count();
+        assert_eq!(left, 2, "meta events beyond their share are dropped");
     }
 
     #[tokio::test]

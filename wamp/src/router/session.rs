@@ -55,7 +55,10 @@ pub(crate) async fn serve_connection(
         };
         drop(opening);
         match opened {
-            Ok(Ok(Some((link, info, hs)))) => establish(inner, link, info, hs.session()).await,
+            // An anonymous session's slot is held until it ends.
+            Ok(Ok(Some(Opened { link, info, hs, anonymous: _slot }))) => {
+                establish(inner, link, info, hs.session()).await
+            }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => debug!(cause = %e, "connection failed before the session opened"),
             Err(_) => info!(?deadline, "opening handshake timed out"),
@@ -63,6 +66,16 @@ pub(crate) async fn serve_connection(
     }
     .instrument(span)
     .await
+}
+
+/// A connection whose opening handshake succeeded, up to (not including) WELCOME.
+struct Opened {
+    link: Link,
+    info: SessionInfo,
+    hs: RouterHandshake,
+    /// An anonymous session's slot among its source address's
+    /// ([`super::RouterConfig::max_anonymous_per_source`]).
+    anonymous: Option<s4t_shared::limits::SourceSlot>,
 }
 
 /// TLS, WebSocket and WAMP handshakes. `Ok(None)`: refused (the ABORT was sent).
@@ -73,7 +86,7 @@ async fn open(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<&tokio_rustls::TlsAcceptor>,
-) -> Result<Option<(Link, SessionInfo, RouterHandshake)>, Error> {
+) -> Result<Option<Opened>, Error> {
     let budget = ReadBudget::new(HANDSHAKE_READ_LIMIT);
     let stream: BoxStream = match tls {
         Some(acceptor) => Box::new(Budgeted::new(acceptor.accept(tcp).await?, budget.clone())),
@@ -95,6 +108,18 @@ async fn open(
     let mut link = Link::Ws(Box::new(ws));
     let mut hs = RouterHandshake::new(auth::provisional_id());
     let Some(granted) = auth::open(inner, &mut link, &mut hs).await else { return Ok(None) };
+    // Anonymous sessions are counted per source address: anyone may open them.
+    let mut anonymous = None;
+    if granted.role == Role::Legacy {
+        let Some(slot) = inner.anonymous.take(peer.ip()) else {
+            let max = inner.config.max_anonymous_per_source;
+            info!(reason = uri::LIMIT_EXCEEDED, max, "session refused: too many anonymous sessions from this address");
+            let why = format!("too many anonymous sessions from this address (at most {max})");
+            let _ = link.send(Message::abort(uri::LIMIT_EXCEEDED, why).into()).await;
+            return Ok(None);
+        };
+        anonymous = Some(slot);
+    }
     budget.lift();
     let board = (granted.role == Role::Board).then(|| granted.authid.clone());
     let info = SessionInfo {
@@ -107,7 +132,7 @@ async fn open(
         transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some(), host },
         joined: std::time::SystemTime::now(),
     };
-    Ok(Some((link, info, hs)))
+    Ok(Some(Opened { link, info, hs, anonymous }))
 }
 
 /// Picks the first WAMP subprotocol the client offers that we speak; refuses other paths.
