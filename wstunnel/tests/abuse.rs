@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -478,4 +478,156 @@ async fn legacy_sockets_refuse_large_frames_at_their_header() {
     write_raw(&mut control, &large_frame_start(64 * 1024)).await;
     assert_ended(&mut control, "control socket after a 64 KiB header").await;
     wait_until("listener closed", || srv.handle.listeners().is_empty()).await;
+}
+
+/// Hooks whose `authorize_listener` answers (yes) only as the test lets it, one request per
+/// permit added to `gate`; they count the requests that reached it and the listeners opened.
+#[derive(Clone)]
+struct HeldListeners {
+    gate: Arc<tokio::sync::Semaphore>,
+    entered: Arc<AtomicUsize>,
+    opened: Arc<AtomicUsize>,
+}
+
+impl Default for HeldListeners {
+    fn default() -> Self {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        HeldListeners { gate, entered: Arc::default(), opened: Arc::default() }
+    }
+}
+
+impl ServerHooks for HeldListeners {
+    async fn authorize_listener(&self, _board: &str, _port: u16) -> Result<(), Refusal> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        self.gate.acquire().await.unwrap().forget();
+        Ok(())
+    }
+
+    fn listener_opened(&self, _board: &str, _port: u16, _legacy: bool) {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Returns once the server has read everything sent on `ws` so far: its reader answers a
+/// ping after the frames before it.
+async fn read_so_far(ws: &mut Ws) {
+    use futures_util::StreamExt;
+    ws.send(Message::Ping(bytes::Bytes::from_static(b"so far"))).await.unwrap();
+    loop {
+        match within("pong", ws.next()).await {
+            Some(Ok(Message::Pong(p))) if &p[..] == b"so far" => return,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected Pong, got {other:?}"),
+        }
+    }
+}
+
+/// A `Listen` the board withdraws (`Unlisten`) while the server is still processing it (here
+/// while the hooks decide) binds nothing: it is answered with code `NORMAL`, which the board
+/// ignores, and no port is left bound until the channel dies. The id can be used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_withdrawn_while_in_flight_binds_nothing() {
+    let hooks = HeldListeners::default();
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks.clone()).await;
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    wait_until("with the hooks", || hooks.entered.load(Ordering::SeqCst) == 1).await;
+    send(&mut ws, Frame::Unlisten { listener: 1 }).await;
+    read_so_far(&mut ws).await;
+    hooks.gate.add_permits(1);
+    match next_frame(&mut ws).await {
+        Some(Frame::ListenErr { listener: 1, code: c, reason }) => assert_eq!(c, code::NORMAL, "{reason}"),
+        other => panic!("expected the withdrawn Listen's answer, got {other:?}"),
+    }
+    assert_eq!(srv.handle.listeners(), vec![]);
+    assert_eq!(hooks.opened.load(Ordering::SeqCst), 0, "a port was bound");
+    assert_eq!(srv.handle.stats().refusals_total, 0, "a withdrawal is no refusal");
+
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    hooks.gate.add_permits(1);
+    let port = match next_frame(&mut ws).await {
+        Some(Frame::ListenOk { listener: 1, port }) => port,
+        other => panic!("expected ListenOk, got {other:?}"),
+    };
+    assert_eq!(srv.handle.listeners(), vec![ListenerInfo { board: "b".into(), port, legacy: false }]);
+}
+
+/// `Listen`, `Unlisten`, `Listen` with one id, the first still in flight: one listener results,
+/// the one the channel holds under that id (an orphan would stay bound until the channel dies,
+/// outside the channel's listener limit). A `Listen` for an id still in flight is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_id_withdrawn_and_asked_for_again_holds_one_listener() {
+    let hooks = HeldListeners::default();
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks.clone()).await;
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    wait_until("with the hooks", || hooks.entered.load(Ordering::SeqCst) == 1).await;
+    send(&mut ws, Frame::Unlisten { listener: 1 }).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    wait_until("both with the hooks", || hooks.entered.load(Ordering::SeqCst) == 2).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
+    match next_frame(&mut ws).await {
+        Some(Frame::ListenErr { listener: 1, code: c, reason }) => {
+            assert_eq!(c, code::PROTOCOL);
+            assert!(reason.contains("already in use"), "{reason}");
+        }
+        other => panic!("expected the third Listen refused, got {other:?}"),
+    }
+    hooks.gate.add_permits(2);
+    let (mut withdrawn, mut ports) = (0, Vec::new());
+    for _ in 0..2 {
+        match next_frame(&mut ws).await {
+            Some(Frame::ListenErr { listener: 1, code: code::NORMAL, .. }) => withdrawn += 1,
+            Some(Frame::ListenOk { listener: 1, port }) => ports.push(port),
+            other => panic!("expected ListenOk or the withdrawn Listen's answer, got {other:?}"),
+        }
+    }
+    assert_eq!((withdrawn, ports.len()), (1, 1), "{ports:?}");
+    assert_eq!(srv.handle.listeners(), vec![ListenerInfo { board: "b".into(), port: ports[0], legacy: false }]);
+    assert_eq!(hooks.opened.load(Ordering::SeqCst), 1);
+    // Withdrawn, it goes.
+    send(&mut ws, Frame::Unlisten { listener: 1 }).await;
+    wait_until("closed", || srv.handle.listeners().is_empty()).await;
+}
+
+/// Refuses the tokens of board `old` (as the cloud refuses tokens minted before a
+/// rotate-secret), accepts the others.
+struct RefusesOld;
+
+impl ServerHooks for RefusesOld {
+    async fn token_accepted(&self, board: &str, _expiry: u64) -> Result<(), Refusal> {
+        if board == "old" { Err(Refusal::Denied("token too old".into())) } else { Ok(()) }
+    }
+}
+
+/// A genuinely signed token the cloud no longer honours makes the channel no board's: it is
+/// not listed as the board's (nor revoked with it), and a valid token of another board is
+/// taken. One channel still serves one board.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_cloud_refuses_does_not_make_the_channel_its_boards() {
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), RefusesOld).await;
+    let mut ws = hello_channel(&srv).await;
+    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("old", 0) }).await;
+    match next_frame(&mut ws).await {
+        Some(Frame::ListenErr { listener: 1, code: c, reason }) => {
+            assert_eq!(c, code::UNAUTHORIZED);
+            assert_eq!(reason, "token too old");
+        }
+        other => panic!("expected ListenErr, got {other:?}"),
+    }
+    assert_eq!(srv.handle.boards(), Vec::<String>::new());
+    assert_eq!(srv.handle.board_channels(), vec![]);
+    assert_eq!(srv.handle.close_board("old"), 0);
+
+    send(&mut ws, Frame::Listen { listener: 2, port: 0, token: token("b", 0) }).await;
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::ListenOk { listener: 2, .. })));
+    assert_eq!(srv.handle.boards(), vec!["b".to_owned()]);
+    send(&mut ws, Frame::Listen { listener: 3, port: 0, token: token("c", 0) }).await;
+    match next_frame(&mut ws).await {
+        Some(Frame::ListenErr { listener: 3, code: c, reason }) => {
+            assert_eq!(c, code::UNAUTHORIZED);
+            assert!(reason.contains("belongs to b"), "{reason}");
+        }
+        other => panic!("expected ListenErr, got {other:?}"),
+    }
 }

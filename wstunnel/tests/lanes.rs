@@ -371,26 +371,33 @@ async fn lanes_without_a_valid_key_are_refused() {
     assert_eq!((st.lanes_open, st.refusals_total), (0, 2), "{st:?}");
 }
 
+/// A raw channel asking for `lanes` lanes in its upgrade, that has said Hello and got its
+/// Welcome.
+async fn raw_channel_with_lanes(srv: &TestServer, lanes: &'static str) -> Ws {
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
+    req.headers_mut().insert("S4T-Tunnel-Lanes", HeaderValue::from_static(lanes));
+    let mut chan = within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0;
+    let hello = Frame::Hello { version: s4t_shared::tunnel::frame::PROTOCOL_VERSION, agent: "raw".into() };
+    chan.send(Message::binary(hello.encode())).await.unwrap();
+    assert!(matches!(next_frame(&mut chan).await, Some(Frame::Welcome { .. })));
+    chan
+}
+
 /// A channel is offered at most the server's lane limit, and a lane beyond it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_gets_at_most_the_servers_lane_limit() {
     let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
     cfg.limits.max_lanes_per_channel = 2;
     let srv = start_server_with(cfg, DefaultHooks::default()).await;
-    let mut req = srv.url().into_client_request().unwrap();
-    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(wstunnel::SUBPROTOCOL));
-    req.headers_mut().insert("S4T-Tunnel-Lanes", HeaderValue::from_static("9"));
-    let mut chan = within("raw connect", tokio_tungstenite::connect_async(req)).await.unwrap().0;
-    let hello = Frame::Hello { version: s4t_shared::tunnel::frame::PROTOCOL_VERSION, agent: "raw".into() };
-    chan.send(Message::binary(hello.encode())).await.unwrap();
-    let mut frames = Vec::new();
-    while frames.len() < 2 {
-        if let Some(Ok(Message::Binary(b))) = within("frame", chan.next()).await {
-            frames.push(Frame::decode(&b).unwrap());
-        }
-    }
-    assert!(matches!(frames[0], Frame::Welcome { .. }), "{frames:?}");
-    let Frame::Lanes { count: 2, key } = frames[1].clone() else { panic!("expected two lanes offered: {frames:?}") };
+    let mut chan = raw_channel_with_lanes(&srv, "9").await;
+    // Offered with the first valid token, before its answer.
+    let listen = Frame::Listen { listener: 1, port: 0, token: token("b", 0) };
+    chan.send(Message::binary(listen.encode())).await.unwrap();
+    let frames = [next_frame(&mut chan).await, next_frame(&mut chan).await];
+    let [Some(Frame::Lanes { count: 2, key }), Some(Frame::ListenOk { listener: 1, .. })] = frames.clone() else {
+        panic!("expected two lanes offered, then the listener: {frames:?}")
+    };
     let mut lanes = Vec::new();
     for _ in 0..2 {
         let mut ws = raw_lane(&srv).await;
@@ -404,4 +411,40 @@ async fn a_channel_gets_at_most_the_servers_lane_limit() {
     assert_eq!(c, code::LIMIT, "{reason}");
     drop(chan);
     wait_lanes(&srv, 0).await;
+}
+
+/// A channel is offered its lanes only once it has presented a valid token: a joined lane
+/// counts as proved (it escapes the per-source cap on unproved connections and the size limit
+/// on their messages), so an anonymous channel must not get a key to join them with. A
+/// refused token proves nothing; the first valid one brings the offer, and its lanes join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_are_offered_only_once_the_channel_proves_itself() {
+    let srv = start_server().await;
+    let mut chan = raw_channel_with_lanes(&srv, "4").await;
+    // The next frame is the refusal: no `Lanes` came before it.
+    let listen = Frame::Listen { listener: 1, port: 0, token: "guess".into() };
+    chan.send(Message::binary(listen.encode())).await.unwrap();
+    match next_frame(&mut chan).await {
+        Some(Frame::ListenErr { listener: 1, code: c, .. }) => assert_eq!(c, code::UNAUTHORIZED),
+        other => panic!("expected ListenErr and no lanes, got {other:?}"),
+    }
+    let mut guessed = raw_lane(&srv).await;
+    guessed.send(Message::binary(Frame::Lane { key: "AAAAAAAAAAAAAAAAAAAAAA".into() }.encode())).await.unwrap();
+    assert_eq!(goaway(&mut guessed).await.0, code::UNAUTHORIZED);
+
+    let listen = Frame::Listen { listener: 2, port: 0, token: token("b", 0) };
+    chan.send(Message::binary(listen.encode())).await.unwrap();
+    let frames = [next_frame(&mut chan).await, next_frame(&mut chan).await];
+    let [Some(Frame::Lanes { count: 4, key }), Some(Frame::ListenOk { listener: 2, .. })] = frames.clone() else {
+        panic!("expected four lanes offered, then the listener: {frames:?}")
+    };
+    // A second valid token offers nothing more.
+    let listen = Frame::Listen { listener: 3, port: 0, token: token("b", 0) };
+    chan.send(Message::binary(listen.encode())).await.unwrap();
+    assert!(matches!(next_frame(&mut chan).await, Some(Frame::ListenOk { listener: 3, .. })));
+    let mut lane = raw_lane(&srv).await;
+    lane.send(Message::binary(Frame::Lane { key }.encode())).await.unwrap();
+    wait_lanes(&srv, 1).await;
+    let st = srv.handle.stats();
+    assert_eq!(st.refusals_total, 2, "the guessed token and the guessed key: {st:?}");
 }

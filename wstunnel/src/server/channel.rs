@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,18 +31,28 @@ struct Ctx<H> {
     mux: Arc<Mux>,
     chan_id: u64,
     life: Arc<ChannelLife>,
-    /// The board this channel belongs to, fixed by the first valid token.
+    /// Lanes the board asked for in its upgrade, within the server's limit. They are offered
+    /// (`Lanes`) only once the channel has proved itself: a lane joins with the channel's key
+    /// and is then counted as proved, so an anonymous channel must not hand keys out.
+    lanes: u16,
+    /// The board this channel belongs to, fixed by the first token that passed every check
+    /// (the hooks' [`ServerHooks::token_accepted`] included).
     board: Mutex<Option<String>>,
     /// A request presented a token that passed every check (or whose age the cloud could not
     /// check for now): the channel is a board's, and neither [`super::Limits::token_timeout`]
     /// nor [`super::Limits::max_unproved_message`] applies any longer (the reader sees it).
     proved: Arc<AtomicBool>,
     /// This channel's count among its source's unproved connections, dropped when it proves.
+    /// Its lock is held while the channel proves itself (see [`prove`]).
     unproved: Mutex<Option<Unproved>>,
     /// Requests refused for their token while the channel had not proved itself.
     bad_tokens: AtomicUsize,
     refusal_log: Mutex<RefusalLog>,
+    /// Listeners by id, from their `Listen` on: a request still being processed holds its id
+    /// (and counts against [`super::Limits::max_listeners_per_channel`]).
     listeners: Mutex<HashMap<u32, Listener>>,
+    /// Numbers the `Listen` requests, for [`Listener::ticket`].
+    next_ticket: AtomicU64,
     packets: Mutex<HashMap<u32, PacketEnd>>,
     /// Listen/PacketOpen requests being processed (token check, hooks, bind).
     in_flight: AtomicUsize,
@@ -112,8 +122,21 @@ impl PacketEnd {
 }
 
 struct Listener {
+    /// Its public port; 0 while its request is being processed.
     port: u16,
+    /// Its entry in the registry; 0 while its request is being processed.
     entry: u64,
+    /// The request that asked for it: tells it from a later request that reused its id after
+    /// an `Unlisten`.
+    ticket: u64,
+    /// Cancelled when it is withdrawn (`Unlisten`), revoked or its channel dies; a request
+    /// still being processed then binds nothing.
+    cancel: CancellationToken,
+}
+
+/// A `Listen` request's hold on its listener id, from the frame until its answer.
+struct Slot {
+    ticket: u64,
     cancel: CancellationToken,
 }
 
@@ -154,21 +177,17 @@ pub(crate) async fn serve<H: ServerHooks>(
         mux,
         chan_id,
         life,
+        lanes: lanes.min(u16::try_from(cfg.limits.max_lanes_per_channel).unwrap_or(u16::MAX)),
         board: Mutex::new(None),
         proved,
         unproved: Mutex::new(unproved),
         bad_tokens: AtomicUsize::new(0),
         refusal_log: Mutex::default(),
         listeners: Mutex::new(HashMap::new()),
+        next_ticket: AtomicU64::new(1),
         packets: Mutex::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
     });
-    let lanes = lanes.min(u16::try_from(cfg.limits.max_lanes_per_channel).unwrap_or(u16::MAX));
-    if lanes > 0 {
-        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
-        ctx.reg.open_lane_door(chan_id, &key, Arc::downgrade(&ctx.mux));
-        let _ = out.try_ctrl(&Frame::Lanes { count: lanes, key });
-    }
     tracing::debug!(%peer, lanes, "channel open");
     let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
     let res = tokio::select! {
@@ -267,17 +286,31 @@ fn on_frame<H: ServerHooks>(ctx: &Arc<Ctx<H>>, f: Frame) -> Result<(), Error> {
                 ctx.mux.out.try_ctrl(&Frame::ListenErr { listener, code: code::LIMIT, reason })?;
                 return Ok(());
             }
+            // The id is held from here, before any await: an `Unlisten` that follows finds it
+            // whatever the request is waiting for, and a second `Listen` with it is refused.
+            let slot = match reserve_listener(ctx, listener) {
+                Ok(slot) => slot,
+                Err((code, reason)) => {
+                    ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    log_listen_refusal(ctx, port, code, &reason);
+                    ctx.mux.out.try_ctrl(&Frame::ListenErr { listener, code, reason })?;
+                    return Ok(());
+                }
+            };
             let ctx = ctx.clone();
             tokio::spawn(
                 async move {
                     let _done = InFlight(&ctx.in_flight);
-                    listen(ctx.clone(), listener, port, token).await
+                    listen(ctx.clone(), listener, port, token, slot).await
                 }
                 .in_current_span(),
             );
         }
         Frame::Unlisten { listener } => {
-            if let Some(l) = ctx.listeners.lock().expect("listeners").remove(&listener) {
+            // Cancelled under the lock: a request still being processed sees its slot gone
+            // and cancelled at once, and binds nothing (or drops what it bound).
+            let mut l = ctx.listeners.lock().expect("listeners");
+            if let Some(l) = l.remove(&listener) {
                 l.cancel.cancel();
             }
         }
@@ -346,25 +379,61 @@ async fn check_token<H: ServerHooks>(
     if let Some(expiry) = expiry {
         match ctx.hooks.token_accepted(&board, expiry).await {
             Ok(()) => {}
+            // Before the board is fixed: a token the cloud no longer honours (minted before a
+            // rotate-secret) makes the channel no board's, nor keeps another token out.
             Err(Refusal::Denied(r)) => return Err((code::UNAUTHORIZED, r)),
             Err(Refusal::Unavailable(r)) => {
                 // The token is genuine (our key signed it), only its age cannot be checked now:
                 // the channel is a board's, which asks again later; closing it at the token
                 // timeout would make every board reconnect while the cloud is unwell.
+                fix_board(ctx, &board)?;
                 prove(ctx);
                 return Err((code::UNAVAILABLE, r));
             }
         }
     }
+    fix_board(ctx, &board)?;
     prove(ctx);
     Ok(board)
 }
 
-/// The channel has presented a genuine token: the token deadline no longer applies, and it no
-/// longer counts among its source's unproved connections.
+/// Makes the channel `board`'s, unless it is another board's already (one channel serves one
+/// board). Checked again here, after the hooks: two requests may have passed
+/// [`check_claims`] with tokens of two boards before either was accepted.
+fn fix_board<H>(ctx: &Ctx<H>, board: &str) -> Result<(), (u16, String)> {
+    let mut b = ctx.board.lock().expect("board");
+    match b.as_deref() {
+        Some(existing) if existing != board => Err(another_board(board, existing)),
+        Some(_) => Ok(()),
+        None => {
+            *b = Some(board.to_owned());
+            ctx.reg.set_channel_board(ctx.chan_id, board);
+            Ok(())
+        }
+    }
+}
+
+fn another_board(board: &str, existing: &str) -> (u16, String) {
+    (code::UNAUTHORIZED, format!("token is for board {board}, this channel belongs to {existing}"))
+}
+
+/// The channel has presented a genuine token: the token deadline no longer applies, it no
+/// longer counts among its source's unproved connections, and it is offered the lanes its
+/// board asked for. The first time only; under the `unproved` lock, so that a request proving
+/// it at the same time answers only after `Lanes` is queued: the board has its lanes' key
+/// before any `ListenOk` or `PacketOk`, and its first stream can go on a lane.
 fn prove<H>(ctx: &Ctx<H>) {
+    let mut unproved = ctx.unproved.lock().expect("unproved");
+    if ctx.proved.load(Ordering::Acquire) {
+        return;
+    }
+    if ctx.lanes > 0 {
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+        ctx.reg.open_lane_door(ctx.chan_id, &key, Arc::downgrade(&ctx.mux));
+        let _ = ctx.mux.out.try_ctrl(&Frame::Lanes { count: ctx.lanes, key });
+    }
     ctx.proved.store(true, Ordering::Release);
-    drop(ctx.unproved.lock().expect("unproved").take());
+    drop(unproved.take());
 }
 
 /// Counts a refused request; `Some(n)` if it is to be logged, `n` refusals before it not.
@@ -416,27 +485,34 @@ fn check_claims<H>(
             (c.board, Some(c.expiry))
         }
     };
-    let mut b = ctx.board.lock().expect("board");
-    match b.as_deref() {
-        Some(existing) if existing != board => {
-            Err((code::UNAUTHORIZED, format!("token is for board {board}, this channel belongs to {existing}")))
-        }
-        Some(_) => Ok((board, expiry)),
-        None => {
-            *b = Some(board.clone());
-            ctx.reg.set_channel_board(ctx.chan_id, &board);
-            Ok((board, expiry))
-        }
+    // The board is fixed only once the hooks accept the token ([`fix_board`]).
+    match ctx.board.lock().expect("board").as_deref() {
+        Some(existing) if existing != board => Err(another_board(&board, existing)),
+        _ => Ok((board, expiry)),
     }
 }
 
-async fn listen<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, port: u16, token: String) {
-    let reply = match open_listener(&ctx, id, port, &token).await {
+/// Answers a `Listen` whose id `slot` holds: every request gets one answer. One withdrawn
+/// before it completed binds nothing and is answered `ListenErr` with code `NORMAL`, which
+/// the board ignores (it no longer holds the id).
+async fn listen<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, port: u16, token: String, slot: Slot) {
+    let res = async {
+        let board = check_token(&ctx, &token, port, None).await?;
+        bind_listener(&ctx, id, port, &board, &slot).await
+    }
+    .await;
+    let reply = match res {
         Ok(bound) => Frame::ListenOk { listener: id, port: bound },
         Err((code, reason)) => {
-            if let Some(unlogged) = note_refusal(&ctx, code) {
-                let board = ctx.board.lock().expect("board").clone();
-                tracing::warn!(board, port, code, %reason, unlogged, "listener refused");
+            // Frees the id, unless an `Unlisten` or the channel's end did already (and a later
+            // request may hold it now).
+            let mut l = ctx.listeners.lock().expect("listeners");
+            if l.get(&id).is_some_and(|l| l.ticket == slot.ticket) {
+                l.remove(&id);
+            }
+            drop(l);
+            if code != code::NORMAL {
+                log_listen_refusal(&ctx, port, code, &reason);
             }
             Frame::ListenErr { listener: id, code, reason }
         }
@@ -445,29 +521,38 @@ async fn listen<H: ServerHooks>(ctx: Arc<Ctx<H>>, id: u32, port: u16, token: Str
     close_if_guessing(&ctx);
 }
 
-async fn open_listener<H: ServerHooks>(
-    ctx: &Arc<Ctx<H>>,
-    id: u32,
-    port: u16,
-    token: &str,
-) -> Result<u16, (u16, String)> {
-    let board = check_token(ctx, token, port, None).await?;
-    {
-        // Check and reserve the slot in one step, so concurrent requests cannot overshoot.
-        let mut l = ctx.listeners.lock().expect("listeners");
-        if l.contains_key(&id) {
-            return Err((code::PROTOCOL, format!("listener id {id} already in use")));
-        }
-        if l.len() >= ctx.cfg.limits.max_listeners_per_channel {
-            return Err((code::LIMIT, "too many listeners on this channel".into()));
-        }
-        l.insert(id, Listener { port: 0, entry: 0, cancel: CancellationToken::new() });
+/// Holds listener id `id` for a new `Listen`; checked and held in one step, so concurrent
+/// requests cannot overshoot the limit nor share an id.
+fn reserve_listener<H>(ctx: &Ctx<H>, id: u32) -> Result<Slot, (u16, String)> {
+    let mut l = ctx.listeners.lock().expect("listeners");
+    if l.contains_key(&id) {
+        return Err((code::PROTOCOL, format!("listener id {id} already in use")));
     }
-    let res = bind_listener(ctx, id, port, &board).await;
-    if res.is_err() {
-        ctx.listeners.lock().expect("listeners").remove(&id);
+    if l.len() >= ctx.cfg.limits.max_listeners_per_channel {
+        return Err((code::LIMIT, "too many listeners on this channel".into()));
     }
-    res
+    let slot = Slot { ticket: ctx.next_ticket.fetch_add(1, Ordering::Relaxed), cancel: ctx.mux.cancel.child_token() };
+    l.insert(id, Listener { port: 0, entry: 0, ticket: slot.ticket, cancel: slot.cancel.clone() });
+    Ok(slot)
+}
+
+/// Counts a refused `Listen`, and logs it unless the channel's refusals are being logged too
+/// often.
+fn log_listen_refusal<H>(ctx: &Ctx<H>, port: u16, code: u16, reason: &str) {
+    if let Some(unlogged) = note_refusal(ctx, code) {
+        let board = ctx.board.lock().expect("board").clone();
+        tracing::warn!(board, port, code, %reason, unlogged, "listener refused");
+    }
+}
+
+/// Why a listener request whose slot was cancelled stops: its channel is closing, or the board
+/// withdrew it (code `NORMAL`: not a refusal).
+fn abandoned<H>(ctx: &Ctx<H>) -> (u16, String) {
+    if ctx.mux.cancel.is_cancelled() {
+        (code::SHUTDOWN, "the channel is closing".into())
+    } else {
+        (code::NORMAL, "withdrawn by the board".into())
+    }
 }
 
 /// The code a hook's refusal of a listener or packet channel is sent to the board with.
@@ -483,26 +568,43 @@ async fn bind_listener<H: ServerHooks>(
     id: u32,
     port: u16,
     board: &str,
+    slot: &Slot,
 ) -> Result<u16, (u16, String)> {
     let board = board.to_owned();
+    // A request withdrawn, or whose channel died, while its token was checked or the hooks
+    // were deciding binds nothing (nor takes a port over).
+    if slot.cancel.is_cancelled() {
+        return Err(abandoned(ctx));
+    }
     ctx.hooks.authorize_listener(&board, port).await.map_err(refusal_code)?;
-    // A channel that died while the hooks were deciding binds nothing (nor takes a port over).
-    if ctx.mux.cancel.is_cancelled() {
-        return Err((code::SHUTDOWN, "the channel is closing".into()));
+    if slot.cancel.is_cancelled() {
+        return Err(abandoned(ctx));
     }
     let listener = match bind_public(&ctx.cfg, port).await {
         Err((code::IN_USE, reason)) if port != 0 => {
-            take_over(ctx, port, &board).await?;
+            take_over(ctx, port, &board, &slot.cancel).await?;
             bind_retry(&ctx.cfg, port).await.map_err(|_| (code::IN_USE, reason))?
         }
         other => other?,
     };
     let bound = listener.local_addr().map(|a| a.port()).map_err(|e| (code::OTHER, e.to_string()))?;
-    let cancel = ctx.mux.cancel.child_token();
+    let cancel = slot.cancel.clone();
     let Some(entry) = ctx.reg.add_port(bound, &board, false, ctx.chan_id, cancel.clone()) else {
         return Err((code::IN_USE, format!("port {bound} is already in use")));
     };
-    ctx.listeners.lock().expect("listeners").insert(id, Listener { port: bound, entry, cancel: cancel.clone() });
+    {
+        // Withdrawn or torn down while it bound: its slot is gone (perhaps another request's
+        // now), and dropping `listener` frees the port.
+        let mut l = ctx.listeners.lock().expect("listeners");
+        match l.get_mut(&id) {
+            Some(l) if l.ticket == slot.ticket => (l.port, l.entry) = (bound, entry),
+            _ => {
+                drop(l);
+                ctx.reg.remove_port(bound, entry);
+                return Err(abandoned(ctx));
+            }
+        }
+    }
     ctx.hooks.listener_opened(&board, bound, false);
     let c2 = ctx.clone();
     tokio::spawn(
@@ -518,8 +620,9 @@ async fn bind_listener<H: ServerHooks>(
 /// its ports are free to take (it is told with a `GoAway`, and our client reconnects and keeps
 /// its exposures). A live channel keeps its port whoever asks (a leaked token must not take it
 /// from the board), and a newer one too (an old channel's late request must not take it back).
-/// `Ok`: the port is closing, try to bind it again.
-async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str) -> Result<(), (u16, String)> {
+/// `Ok`: the port is closing, try to bind it again. `cancel`: the request's slot (a request
+/// withdrawn meanwhile closes nothing).
+async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str, cancel: &CancellationToken) -> Result<(), (u16, String)> {
     let busy = || (code::IN_USE, format!("port {port} is held by another live listener"));
     let old = match ctx.reg.holder(port, board, ctx.chan_id) {
         Holder::Gone => return Ok(()),
@@ -530,8 +633,8 @@ async fn take_over<H>(ctx: &Ctx<H>, port: u16, board: &str) -> Result<(), (u16, 
     if old.answers(probe).await {
         return Err(busy());
     }
-    if ctx.mux.cancel.is_cancelled() {
-        return Err((code::SHUTDOWN, "the channel is closing".into()));
+    if cancel.is_cancelled() {
+        return Err(abandoned(ctx));
     }
     tracing::info!(board, port, "an older channel of the board did not answer: closing it to take its port over");
     let reason =
@@ -671,7 +774,11 @@ async fn accept_loop<H: ServerHooks>(
     }
     drop(l);
     ctx.reg.remove_port(port, entry);
-    let removed = ctx.listeners.lock().expect("listeners").remove(&id).is_some();
+    // Only if it is still this listener's: after an `Unlisten` the id may be a later request's.
+    let removed = {
+        let mut l = ctx.listeners.lock().expect("listeners");
+        l.get(&id).is_some_and(|l| l.entry == entry) && l.remove(&id).is_some()
+    };
     if removed && !ctx.mux.cancel.is_cancelled() {
         // Revoked through the handle (a lease ended, a service was deleted), not asked by the
         // board: its connections end with it (a former tenant's SSH session must not go on
