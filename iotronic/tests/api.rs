@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 struct FakeBoards {
     gpio: Mutex<HashMap<String, u64>>,
     i2c: Mutex<Vec<u64>>,
+    /// Boards (uuids) that answer `VpnLeave` with an error.
+    refuse_leave: Mutex<Vec<String>>,
 }
 
 fn reply(result: &str, message: Value) -> Value {
@@ -35,6 +37,10 @@ impl BoardCaller for FakeBoards {
     fn call<'a>(&'a self, procedure: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Value, Error>> {
         Box::pin(async move {
             let name = procedure.rsplit('.').next().unwrap_or_default();
+            let refuses = self.refuse_leave.lock().unwrap().iter().any(|b| procedure.contains(b.as_str()));
+            if name == "VpnLeave" && refuses {
+                return Ok(reply("ERROR", json!("cannot save vpns.json")));
+            }
             assert!(args[0]["uuid"].is_string(), "the first argument is the request dict");
             let a = args.get(1).cloned().unwrap_or(Value::Null);
             Ok(match name {
@@ -71,6 +77,7 @@ struct Cloud {
     bus: Bus,
     http: reqwest::Client,
     stop: CancellationToken,
+    boards: Arc<FakeBoards>,
 }
 
 impl Drop for Cloud {
@@ -96,12 +103,13 @@ async fn start_with(t: &TestDb, configure: impl FnOnce(&mut ServeConfig)) -> Clo
     configure(&mut config);
     iotronic::auth::bootstrap_admin(&t.db, Some("admin-password")).await.unwrap();
     tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
-    tokio::spawn(run_worker("agent".into(), bus.clone(), Arc::new(FakeBoards::default()), stop.clone()));
+    let boards = Arc::new(FakeBoards::default());
+    tokio::spawn(run_worker("agent".into(), bus.clone(), boards.clone(), stop.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (db, b, s) = (t.db.clone(), bus.clone(), stop.clone());
     tokio::spawn(async move { run_api(&config, db, b, s, Some(tx)).await });
     let addr = rx.await.unwrap().rest;
-    Cloud { url: format!("http://{addr}"), db: t.db.clone(), bus, http: reqwest::Client::new(), stop }
+    Cloud { url: format!("http://{addr}"), db: t.db.clone(), bus, http: reqwest::Client::new(), stop, boards }
 }
 
 impl Cloud {
@@ -851,6 +859,29 @@ async fn a_vpn_is_deleted_even_when_a_member_cannot_be_told() {
         let (s, _) = cloud.req("GET", "/v1/vpns/lab", Some(&ann), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{who}: the VPN is gone");
     }
+}
+
+/// A member removed from a VPN is removed whatever the board answers: the row goes first (it
+/// is what the data plane and the token renewal go by). A board answering `VpnLeave` with an
+/// error (hostile, or unable to save its state) used to stay in the VPN (502, row kept).
+#[tokio::test]
+async fn a_board_cannot_refuse_to_leave_a_vpn() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (_, ann, _) = tenants(&cloud).await;
+    let (_, b) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("m1"))).await;
+    let m1 = b["uuid"].as_str().unwrap().to_owned();
+    cloud.login(&m1, "4002").await;
+    let body = json!({"name": "lab", "type": "l2", "cidr": "10.22.0.0/24"});
+    let (s, v) = cloud.req("POST", "/v1/vpns", Some(&ann), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let vpn = v["uuid"].as_str().unwrap().to_owned();
+    let (s, v) = cloud.req("POST", "/v1/vpns/lab/boards", Some(&ann), Some(json!({"board": "m1"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    cloud.boards.refuse_leave.lock().unwrap().push(m1.clone());
+    let (s, v) = cloud.req("DELETE", "/v1/vpns/lab/boards/m1", Some(&ann), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert!(t.db.vpn_member(&vpn, &m1).await.unwrap().is_none(), "the board stayed a member");
 }
 
 /// A ServiceEnable queued for an offline board holds its port only while it may still run:

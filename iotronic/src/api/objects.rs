@@ -568,8 +568,13 @@ pub async fn remove_vpn_member(
     if state.db.vpn_member(&v.uuid, &board.uuid).await?.is_none() {
         return Err(Error::NotFound(format!("board {} is not in VPN {}", board.name, v.name)).into());
     }
-    leave(&state, &c, &board, &v).await?;
+    // The row goes first, whatever the board says (as in `delete_vpn`): it is what the data
+    // plane and the token renewal go by, and a board answering `VpnLeave` with an error (a
+    // hostile one, or one that cannot save its state) kept itself in the VPN.
     state.db.remove_vpn_member(&v.uuid, &board.uuid).await?;
+    if let Err(e) = leave(&state, &c, &board, &v).await {
+        tracing::warn!(vpn = %v.uuid, board = %board.uuid, cause = %e, "a board removed from a VPN was not told");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
