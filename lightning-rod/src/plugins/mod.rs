@@ -299,18 +299,7 @@ impl PluginManager {
     /// Checks what the board allows, compiles WebAssembly, stores the code and the entry.
     /// Returns true when the plugin was already injected (then it is stopped and replaced).
     pub async fn inject(self: &Arc<Self>, p: NewPlugin, onboot: bool) -> Result<bool> {
-        match p.kind {
-            PluginKind::Process if !self.config.process => {
-                return Err(plugin_err("process plugins are not enabled on this board (plugins.process)"));
-            }
-            PluginKind::Python if !self.config.python => {
-                return Err(plugin_err("legacy Python plugins are not enabled on this board (plugins.python)"));
-            }
-            _ => {}
-        }
-        self.can_run(p.kind)?;
-        let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
-        p.grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))?;
+        self.allowed(p.kind, &p.grants)?;
         self.code_path(&p.uuid)?;
         check_name(&p.name).map_err(|e| plugin_err(format!("plugin name {e}")))?;
         let (module, p) = match p.kind {
@@ -407,13 +396,26 @@ impl PluginManager {
         .await
     }
 
+    /// Whether this board lets a plugin of `kind` with `grants` be injected or run, as its
+    /// owner configures it now: checked at every run too, so that narrowing `[plugins]` (a
+    /// line taken out of `allow_gpio`, `process = false`) binds the plugins injected before.
     /// Process and Python plugins run only as a separate, unprivileged user the agent can
-    /// switch to ([`process::run_as`]); an error saying why when this board cannot.
-    fn can_run(&self, kind: PluginKind) -> Result<()> {
+    /// switch to ([`process::run_as`]).
+    fn allowed(&self, kind: PluginKind, grants: &Grants) -> Result<()> {
         match kind {
-            PluginKind::Wasm => Ok(()),
-            PluginKind::Process | PluginKind::Python => process::run_as(&self.config).map(|_| ()).map_err(plugin_err),
+            PluginKind::Process if !self.config.process => {
+                return Err(plugin_err("process plugins are not enabled on this board (plugins.process)"));
+            }
+            PluginKind::Python if !self.config.python => {
+                return Err(plugin_err("legacy Python plugins are not enabled on this board (plugins.python)"));
+            }
+            PluginKind::Wasm => {}
+            PluginKind::Process | PluginKind::Python => {
+                process::run_as(&self.config).map_err(plugin_err)?;
+            }
         }
+        let cap = Grants { gpio: self.config.allow_gpio.clone(), i2c: self.config.allow_i2c.clone() };
+        grants.within(&cap).map_err(|what| plugin_err(format!("{what} is not allowed to plugins on this board")))
     }
 
     fn slot(&self) -> Result<OwnedSemaphorePermit> {
@@ -531,7 +533,7 @@ impl PluginManager {
     /// `PluginCall`: one run with the call deadline; returns how it ended.
     pub async fn call(&self, uuid: &str, params: Value) -> Result<End> {
         let e = self.entry(uuid)?;
-        self.can_run(e.kind)?;
+        self.allowed(e.kind, &e.grants)?;
         let permit = self.slot()?;
         let limit = Duration::from_secs(self.config.call_timeout_s);
         let deadline = std::time::Instant::now() + limit;
@@ -566,7 +568,7 @@ impl PluginManager {
             return Err(plugin_err("ALREADY STARTED!"));
         }
         let e = self.entry(uuid)?;
-        self.can_run(e.kind)?;
+        self.allowed(e.kind, &e.grants)?;
         let params = params.unwrap_or_else(|| e.params.clone());
         let permit = self.slot()?;
         let signal = Arc::new(StopSignal::default());

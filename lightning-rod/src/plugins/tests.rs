@@ -497,6 +497,34 @@ async fn code_whose_entry_was_not_saved_does_not_run_with_the_old_grants() {
     assert_eq!(end, End::Done { status: 1, result: Some(json!("GPIO line GPIO17 is not granted to this plugin")) });
 }
 
+/// The board owner's `[plugins]` bind the plugins injected before they changed: a line taken
+/// out of `allow_gpio` is no longer driven by a plugin granted it, and process plugins no
+/// longer run once `process` is off, at a call or a start (also the one at boot). They were
+/// checked at injection only.
+#[tokio::test]
+async fn narrowed_plugin_rules_bind_plugins_injected_before() {
+    let h = harness(config());
+    h.plugins.inject(wasm("g", SET_GPIO17, gpio17()), true).await.unwrap();
+    let script_ok = processes_runnable();
+    if script_ok {
+        h.plugins.inject(script("sh", "#!/bin/sh\necho '{}'\n"), false).await.unwrap();
+    }
+    // The agent restarts with narrower rules, over the same state.
+    let narrow = PluginsConfig { allow_gpio: vec![], process: false, ..config() };
+    let (tx, _telemetry) = mpsc::channel(16);
+    let again =
+        Arc::new(PluginManager::new(h.store.clone(), narrow, h.hal.clone(), "b1".into(), tx, CancellationToken::new()));
+    let err = again.call("g", json!({})).await.unwrap_err().to_string();
+    assert!(err.contains("GPIO17") && err.contains("not allowed"), "{err}");
+    let err = again.start("g", None).await.unwrap_err().to_string();
+    assert!(err.contains("GPIO17"), "{err}");
+    assert_eq!(h.hal.gpio.read("GPIO17").unwrap(), 0, "the line was driven");
+    if script_ok {
+        let err = again.call("sh", json!({})).await.unwrap_err().to_string();
+        assert!(err.contains("plugins.process"), "{err}");
+    }
+}
+
 /// A started plugin that ends by itself saves its status while injections save theirs: no
 /// change is lost (neither an injected plugin, nor the end: a plugin left `operative` would
 /// start again at every boot). Each round the plugin ends amid a series of injections.
