@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, clients: Clients) 
         plugins: plugins.clone(),
         shutdown: shutdown.child_token(),
         package_operation: Arc::default(),
+        power: Default::default(),
     });
     let mut queues = Queues { notify: nrx, gpio: grx, lifecycle: lrx, telemetry: trx, pending: None };
     spawn_onboot(&plugins, &ctx.shutdown);

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
 
 use super::args::{Params, bad};
 use super::{Call, Context, Lifecycle, Method, Outcome, Reply, message, ok};
@@ -104,14 +105,35 @@ pub fn connectivity() -> Value {
     json!({})
 }
 
-/// Reboot or restart after `max(delay, min_delay_s)` seconds.
+/// Reboot or restart after `max(delay, min_delay_s)` seconds. At most one waits: a new one
+/// replaces it (each used to wait on its own, up to a day, beyond the lease of the user who
+/// asked), and `{"cancel": true}` calls it off.
 fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String>) -> Result<Reply> {
     let p = Params::at(&call.args, 0, "parameters", false)?;
+    let cancel = match p.get("cancel") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(bad(format!("parameters.cancel must be true or false, not {}", super::args::kind(other))));
+        }
+    };
     let delay = p.opt_int("delay", 0..=MAX_DELAY_S)?.unwrap_or(0).max(ctx.device.min_delay_s);
+    let mut pending = ctx.power.lock().expect("power");
+    let replaced = pending.take().inspect(CancellationToken::cancel).is_some();
+    if cancel {
+        return ok(if replaced {
+            "the pending reboot or restart is called off"
+        } else {
+            "no reboot or restart is pending"
+        });
+    }
+    let token = ctx.shutdown.child_token();
+    *pending = Some(token.clone());
+    drop(pending);
     let ctx2 = ctx.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = ctx2.shutdown.cancelled() => return,
+            _ = token.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
         }
         if argv.is_empty() {
@@ -126,7 +148,8 @@ fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String
             Err(e) => tracing::error!(command = ?argv, cause = %e, "{what} command could not start"),
         }
     });
-    ok(format!("{what} in {delay} s"))
+    let note = if replaced { " (the one pending is called off)" } else { "" };
+    ok(format!("{what} in {delay} s{note}"))
 }
 
 /// How a package manager reads its package argument, told by its program's name.

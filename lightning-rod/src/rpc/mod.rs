@@ -205,6 +205,9 @@ pub struct Context {
     /// Held by the running package operation: one at a time (package managers take their own
     /// locks and fail, or worse, when run side by side; each may run for 30 minutes).
     pub package_operation: Arc<tokio::sync::Mutex<()>>,
+    /// The reboot or restart waiting for its delay, if any (cancelled to call it off): at most
+    /// one waits, a new one replaces it.
+    pub power: std::sync::Mutex<Option<CancellationToken>>,
 }
 
 impl std::fmt::Debug for Context {

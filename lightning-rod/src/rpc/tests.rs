@@ -140,6 +140,7 @@ pub(super) fn context(
         plugins: Arc::new(plugins),
         shutdown: CancellationToken::new(),
         package_operation: Arc::default(),
+        power: Default::default(),
     });
     (ctx, (notify, events, lifecycle))
 }
@@ -213,6 +214,27 @@ async fn reboot_runs_the_configured_command_and_restart_asks_the_main_loop() {
     ok_msg(&h, "DeviceRestartLR", vec![json!({})]).await;
     let got = tokio::time::timeout(Duration::from_secs(10), h.lifecycle.recv()).await.unwrap();
     assert_eq!(got, Some(Lifecycle::Restart));
+}
+
+/// At most one reboot or restart waits for its delay: a new one replaces it, and
+/// `{"cancel": true}` calls it off. Each used to wait on its own, up to a day (beyond the
+/// lease of the user who asked), and none could be called off.
+#[tokio::test(start_paused = true)]
+async fn one_delayed_restart_waits_and_it_can_be_called_off() {
+    let mut h = harness();
+    assert_eq!(ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 100})]).await, "restart in 100 s");
+    let msg = ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 200})]).await;
+    assert_eq!(msg, "restart in 200 s (the one pending is called off)");
+    let got = tokio::time::timeout(Duration::from_secs(300), h.lifecycle.recv()).await.unwrap();
+    assert_eq!(got, Some(Lifecycle::Restart));
+    let again = tokio::time::timeout(Duration::from_secs(3600), h.lifecycle.recv()).await;
+    assert!(again.is_err(), "the replaced restart ran too: {again:?}");
+    ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 100})]).await;
+    let msg = ok_msg(&h, "DeviceReboot", vec![json!({"cancel": true})]).await;
+    assert_eq!(msg, "the pending reboot or restart is called off");
+    let none = tokio::time::timeout(Duration::from_secs(3600), h.lifecycle.recv()).await;
+    assert!(none.is_err(), "a called-off restart ran: {none:?}");
+    assert_eq!(ok_msg(&h, "DeviceReboot", vec![json!({"cancel": true})]).await, "no reboot or restart is pending");
 }
 
 #[tokio::test]
@@ -438,6 +460,7 @@ async fn bad_arguments_give_error_replies() {
         ("DeviceReboot", p(json!({"delay": "soon"}))),
         ("DeviceReboot", p(json!([1]))),
         ("DeviceRestartLR", p(json!({"delay": 1e9}))),
+        ("DeviceRestartLR", p(json!({"cancel": "yes"}))),
         ("DevicePkgOperation", vec![]),
         ("DevicePkgOperation", p(json!({"manager": "sh", "command": "install", "package": "x"}))),
         ("DevicePkgOperation", p(json!({"manager": "echo", "command": "purge", "package": "x"}))),
