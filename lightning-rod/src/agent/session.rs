@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{FusedFuture, FutureExt};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
@@ -179,6 +180,11 @@ pub async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renew_tick = tokio::time::interval_at(tokio::time::Instant::now() + RENEW_TOKENS_EVERY, RENEW_TOKENS_EVERY);
     renew_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The daily renewal runs beside the loop, not in it: it waits for the services' and VPNs'
+    // locks, which a restore or a `VpnJoin` opening a tunnel may hold for long, and the
+    // session must answer alives and forward results meanwhile.
+    let renewal = futures_util::future::Fuse::terminated();
+    tokio::pin!(renewal);
     let topic = format!("board.{}.gpio", id.uuid);
     let telemetry_topic = format!("board.{}.telemetry", id.uuid);
     loop {
@@ -191,7 +197,10 @@ pub async fn serve(
                     return SessionEnd::Lost(e);
                 }
             }
-            _ = renew_tick.tick() => renew_tunnel_tokens(link, id, t, ctx).await,
+            _ = renew_tick.tick(), if renewal.is_terminated() => {
+                renewal.set(renew_tunnel_tokens(link, id, t, ctx).fuse());
+            }
+            () = &mut renewal => {}
             Some(n) = q.notify.recv() => {
                 if let Err(e) = notify(link, id, t, &n).await {
                     q.pending = Some(n);

@@ -336,6 +336,37 @@ impl crate::rpc::services::TunnelOpener for Unanswered {
     }
 }
 
+/// The daily token renewal runs beside the session: while a restore holds the services
+/// (their tunnel server never answers), the renewal waits for them and the board still
+/// answers. It used to wait inside the session's loop: no alive, result or event for as long.
+#[tokio::test(start_paused = true)]
+async fn the_daily_token_renewal_does_not_hold_up_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    let svc = crate::state::ExposedService {
+        name: "ssh".into(),
+        local_port: 22,
+        public_port: 50022,
+        tunnel_url: None,
+        token: None,
+    };
+    let saved: crate::state::Services = [("s-1".to_owned(), svc)].into_iter().collect();
+    store.save(crate::state::SERVICES_FILE, &saved).unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let shutdown = CancellationToken::new();
+    let clients = Clients { tunnels: Box::new(Unanswered), ..clients(&cloud) };
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients));
+    wait_for("wamp_alive", || !cloud.calls_to(".stack4things.wamp_alive").is_empty()).await;
+    let renewals = cloud.calls_to(".stack4things.tunnel_tokens").len();
+    // Virtual time: the day passes at once.
+    tokio::time::sleep(super::session::RENEW_TOKENS_EVERY).await;
+    wait_for("the daily renewal", || cloud.calls_to(".stack4things.tunnel_tokens").len() > renewals).await;
+    let alives = cloud.calls_to(".stack4things.wamp_alive").len();
+    wait_for("wamp_alive while the renewal waits", || cloud.calls_to(".stack4things.wamp_alive").len() > alives).await;
+    shutdown.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Exit::Shutdown);
+}
+
 /// A restore that waits on the tunnel server does not hold up the session: the board logs in
 /// and answers (liveness, calls) while its saved services wait for their tunnels.
 #[tokio::test(start_paused = true)]
