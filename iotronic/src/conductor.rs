@@ -41,6 +41,9 @@ pub const PURGE_BATCHES: usize = 20;
 /// Public ports handed out for exposed services (the original's pool, ends excluded).
 pub const PUBLIC_PORTS: (u16, u16) = (50001, 59999);
 
+/// The results a board may give a request (the `results` table's CHECK).
+pub const BOARD_RESULTS: &[&str] = &["RUNNING", "SUCCESS", "ERROR", "WARNING"];
+
 #[derive(Clone, Debug)]
 pub struct Conductor {
     db: Db,
@@ -73,9 +76,7 @@ impl Conductor {
                 d = rx.recv() => {
                     let Some(d) = d else { return Err(Error::Bus("the conductor queue closed".into())) };
                     let span = info_span!("conductor", request = msg_request(&d.msg));
-                    let handled = crate::bus::retry_transient(&shutdown, || {
-                        self.handle(d.msg.clone(), d.redelivered).instrument(span.clone())
-                    });
+                    let handled = self.handle_retrying(&d.msg, d.redelivered, &shutdown).instrument(span);
                     match handled.await {
                         Some(Ok(())) => d.ack().await?,
                         // Stopping: unacknowledged, RabbitMQ gives it to the next conductor
@@ -124,6 +125,25 @@ impl Conductor {
                 self.deliver_queued(&board).await
             }
         }
+    }
+
+    /// Handles `msg` as [`Conductor::handle`] does, again while it fails with a transient error
+    /// ([`crate::bus::retry_transient`]); an attempt after a failed one counts as a redelivery
+    /// (an `Execute` that failed after marking its request RUNNING hands it to the agent then,
+    /// which drops a request id it has already taken). `None` on shutdown.
+    pub async fn handle_retrying(
+        &self,
+        msg: &ConductorMsg,
+        redelivered: bool,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), Error>> {
+        let mut failed_before = false;
+        crate::bus::retry_transient(shutdown, || {
+            let again = redelivered || failed_before;
+            failed_before = true;
+            self.handle(msg.clone(), again)
+        })
+        .await
     }
 
     /// Sends a PENDING request to its board's agent (or queues or fails it). `redelivered`:
@@ -193,6 +213,14 @@ impl Conductor {
     }
 
     async fn record_result(&self, request: &str, board: &str, result: &str, message: &Value) -> Result<(), Error> {
+        // Refused, not retried: the database's CHECK would refuse it as an error taken for a
+        // passing one, and the message was tried again for half a minute, every conductor
+        // waiting meanwhile (a board's `notify_result` carried any string).
+        if !BOARD_RESULTS.contains(&result) {
+            return Err(Error::Invalid(format!(
+                "request {request}: a board result is one of {BOARD_RESULTS:?}, not {result:?}"
+            )));
+        }
         let text = match message {
             Value::String(s) => s.clone(),
             other => other.to_string(),

@@ -691,6 +691,10 @@ async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
     else {
         return wamp_message("ERROR", json!("wampmessage needs req_id and result"));
     };
+    if !crate::conductor::BOARD_RESULTS.contains(&result) {
+        let why = format!("result is one of {:?}, not {result:?}", crate::conductor::BOARD_RESULTS);
+        return wamp_message("ERROR", json!(why));
+    }
     match c.db.request(req, None).await {
         Ok(Some(r)) if r.destination == board => {}
         Ok(_) => return wamp_message("ERROR", json!(format!("no request {req} for board {board}"))),

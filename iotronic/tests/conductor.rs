@@ -285,6 +285,42 @@ async fn queued_requests_go_out_one_after_the_other() {
     assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
 }
 
+/// A board result outside RUNNING/SUCCESS/ERROR/WARNING is refused as invalid, not taken
+/// for a database failure: the database's CHECK refused it, the error counted as transient,
+/// and the message was tried again for half a minute while every other conductor message
+/// waited. The request keeps waiting for a real answer.
+#[tokio::test]
+async fn an_unknown_board_result_is_refused_not_retried() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    agent.recv().await.unwrap();
+    let bogus = c.handle(answer(&r.uuid, &b.uuid, "BOGUS", json!("x")), false).await;
+    assert!(matches!(bogus, Err(Error::Invalid(_))), "{bogus:?}");
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Running);
+    c.handle(answer(&r.uuid, &b.uuid, "SUCCESS", json!("pong")), false).await.unwrap();
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Completed);
+}
+
+/// An `Execute` that fails after marking its request RUNNING (the database refused the next
+/// write) is tried again as a redelivery: the call reaches the agent. Tried again as a new
+/// message, it found the request RUNNING, took it for handled, and the call never went out
+/// (the request sat RUNNING for 2 h).
+#[tokio::test]
+async fn an_execute_retried_after_a_failure_still_reaches_the_agent() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER running_fails BEFORE INSERT ON results WHEN NEW.result = 'RUNNING' \
+                   BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handled = c.handle_retrying(&ConductorMsg::Execute { request: r.uuid.clone() }, false, &stop).await;
+    assert!(matches!(handled, Some(Ok(()))), "{handled:?}");
+    let call = agent.try_recv().expect("the call did not reach the agent");
+    assert_eq!(call.msg.request, r.uuid);
+}
+
 /// A board that logs in between the conductor's look at it and the queueing of a request
 /// (its login handled by another conductor, which found nothing queued yet) gets the request
 /// at once, not at its next login. The database plays the other conductor: a trigger puts
