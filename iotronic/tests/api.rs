@@ -78,6 +78,9 @@ struct Cloud {
     http: reqwest::Client,
     stop: CancellationToken,
     boards: Arc<FakeBoards>,
+    /// Stops the conductor alone; `conductor` is its task.
+    conductor_stop: CancellationToken,
+    conductor: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
 impl Drop for Cloud {
@@ -102,14 +105,16 @@ async fn start_with(t: &TestDb, configure: impl FnOnce(&mut ServeConfig)) -> Clo
     config.call_timeout = Duration::from_secs(10);
     configure(&mut config);
     iotronic::auth::bootstrap_admin(&t.db, Some("admin-password")).await.unwrap();
-    tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(stop.clone()));
+    let conductor_stop = stop.child_token();
+    let conductor = tokio::spawn(Conductor::new(t.db.clone(), bus.clone()).run(conductor_stop.clone()));
     let boards = Arc::new(FakeBoards::default());
     tokio::spawn(run_worker("agent".into(), bus.clone(), boards.clone(), stop.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (db, b, s) = (t.db.clone(), bus.clone(), stop.clone());
     tokio::spawn(async move { run_api(&config, db, b, s, Some(tx)).await });
     let addr = rx.await.unwrap().rest;
-    Cloud { url: format!("http://{addr}"), db: t.db.clone(), bus, http: reqwest::Client::new(), stop, boards }
+    let http = reqwest::Client::new();
+    Cloud { url: format!("http://{addr}"), db: t.db.clone(), bus, http, stop, boards, conductor_stop, conductor }
 }
 
 impl Cloud {
@@ -859,6 +864,27 @@ async fn a_vpn_is_deleted_even_when_a_member_cannot_be_told() {
         let (s, _) = cloud.req("GET", "/v1/vpns/lab", Some(&ann), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{who}: the VPN is gone");
     }
+}
+
+/// A call the conductor cannot be told about (its bus is gone) is answered 503, try again,
+/// and its request is failed at once: it was a 500 "internal error" and a request left
+/// PENDING for the sweep's 15 minutes.
+#[tokio::test]
+async fn a_call_the_conductor_cannot_take_is_a_503() {
+    let t = TestDb::sqlite().await;
+    let mut cloud = start(&t).await;
+    let (_, ann, _) = tenants(&cloud).await;
+    let (_, b) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("c1"))).await;
+    cloud.login(b["uuid"].as_str().unwrap(), "4003").await;
+    cloud.conductor_stop.cancel();
+    (&mut cloud.conductor).await.unwrap().unwrap();
+    let (s, v) = cloud.req("POST", "/v1/boards/c1/action", Some(&ann), Some(json!({"action": "DevicePing"}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["error_message"].as_str().unwrap().contains("message bus"), "{v}");
+    let (_, list) = cloud.req("GET", "/v1/requests", Some(&ann), None).await;
+    let statuses: Vec<&str> =
+        list["requests"].as_array().unwrap().iter().filter_map(|r| r["status"].as_str()).collect();
+    assert_eq!(statuses, ["FAILED"], "{list}");
 }
 
 /// A member removed from a VPN is removed whatever the board answers: the row goes first (it

@@ -129,7 +129,16 @@ pub async fn call_board(
     let mut completions = state.bus.completions().await?;
     let req =
         state.db.create_request_under(&board.project, &board.uuid, action, &args, expires, lease.as_deref()).await?;
-    state.bus.to_conductor(&ConductorMsg::Execute { request: req.uuid.clone() }).await?;
+    if let Err(e) = state.bus.to_conductor(&ConductorMsg::Execute { request: req.uuid.clone() }).await {
+        // Nothing will run it: failed now, not left PENDING for the sweep, and the caller
+        // told to try again (503) rather than "internal error".
+        tracing::warn!(request = %req.uuid, cause = %e, "the conductor cannot be reached");
+        let from = [RequestStatus::Pending];
+        if state.db.transition_request(&req.uuid, &from, RequestStatus::Failed, None).await? {
+            state.db.set_result(&req.uuid, &board.uuid, "ERROR", "the cloud's message bus is unreachable").await?;
+        }
+        return Err(Error::Unavailable("the cloud's message bus is unreachable: try again later".into()));
+    }
     state.metrics.count_call(action);
     if opts.asynchronous {
         return Ok(Outcome::Accepted(Box::new(req)));
