@@ -336,11 +336,10 @@ impl crate::rpc::services::TunnelOpener for Unanswered {
     }
 }
 
-/// The daily token renewal runs beside the session: while a restore holds the services
-/// (their tunnel server never answers), the renewal waits for them and the board still
-/// answers. It used to wait inside the session's loop: no alive, result or event for as long.
-#[tokio::test(start_paused = true)]
-async fn the_daily_token_renewal_does_not_hold_up_the_session() {
+/// An agent started with one saved service whose tunnel server never answers: its restore
+/// waits for ever, holding the services.
+fn start_with_a_restore_that_waits()
+-> (tempfile::TempDir, Arc<Cloud>, CancellationToken, tokio::task::JoinHandle<Result<Exit>>) {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     let svc = crate::state::ExposedService {
@@ -356,6 +355,15 @@ async fn the_daily_token_renewal_does_not_hold_up_the_session() {
     let shutdown = CancellationToken::new();
     let clients = Clients { tunnels: Box::new(Unanswered), ..clients(&cloud) };
     let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients));
+    (dir, cloud, shutdown, task)
+}
+
+/// The daily token renewal runs beside the session: while a restore holds the services
+/// (their tunnel server never answers), the renewal waits for them and the board still
+/// answers. It used to wait inside the session's loop: no alive, result or event for as long.
+#[tokio::test(start_paused = true)]
+async fn the_daily_token_renewal_does_not_hold_up_the_session() {
+    let (_dir, cloud, shutdown, task) = start_with_a_restore_that_waits();
     wait_for("wamp_alive", || !cloud.calls_to(".stack4things.wamp_alive").is_empty()).await;
     let renewals = cloud.calls_to(".stack4things.tunnel_tokens").len();
     // Virtual time: the day passes at once.
@@ -371,21 +379,7 @@ async fn the_daily_token_renewal_does_not_hold_up_the_session() {
 /// and answers (liveness, calls) while its saved services wait for their tunnels.
 #[tokio::test(start_paused = true)]
 async fn a_restore_waiting_for_tunnels_does_not_hold_up_the_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = StateStore::open(dir.path()).unwrap();
-    let svc = crate::state::ExposedService {
-        name: "ssh".into(),
-        local_port: 22,
-        public_port: 50022,
-        tunnel_url: None,
-        token: None,
-    };
-    let saved: crate::state::Services = [("s-1".to_owned(), svc)].into_iter().collect();
-    store.save(crate::state::SERVICES_FILE, &saved).unwrap();
-    let cloud = Arc::new(Cloud::default());
-    let shutdown = CancellationToken::new();
-    let clients = Clients { tunnels: Box::new(Unanswered), ..clients(&cloud) };
-    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients));
+    let (_dir, cloud, shutdown, task) = start_with_a_restore_that_waits();
     wait_for("wamp_alive", || !cloud.calls_to(".stack4things.wamp_alive").is_empty()).await;
     // A reconnect asks for another restore while the first still waits: the session again.
     cloud.drop_session();

@@ -725,14 +725,12 @@ mod tests {
         assert!(matches!(&*queued[0], Message::Subscribed { request: 1, .. }), "{queued:?}");
     }
 
-    /// A mass disconnect overflows even an agent's room for meta events: the events beyond
-    /// are dropped, and the agent (the cloud's view of every board) stays connected.
-    #[tokio::test(start_paused = true)]
-    async fn a_mass_disconnect_does_not_close_the_agents_session() {
-        // An agent queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for meta events.
+    /// A realm whose agent (queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for
+    /// meta events) watches `on_leave` while 500 boards leave, none of it read yet.
+    fn mass_disconnect_under_an_agent() -> (Arc<Realm>, Id, Outbox, Arc<Kill>) {
         let limits = Limits { max_in_flight_calls_agent: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
         let realm = Realm::new("s4t".into(), limits, 2, 0, usize::MAX);
-        let (agent, mut outbox, kill) = join(&realm, Role::Agent);
+        let (agent, outbox, kill) = join(&realm, Role::Agent);
         {
             let mut st = realm.lock();
             let topic = crate::router::meta::ON_LEAVE.to_owned();
@@ -742,6 +740,14 @@ mod tests {
         for b in boards {
             realm.leave(b);
         }
+        (realm, agent, outbox, kill)
+    }
+
+    /// A mass disconnect overflows even an agent's room for meta events: the events beyond
+    /// are dropped, and the agent (the cloud's view of every board) stays connected.
+    #[tokio::test(start_paused = true)]
+    async fn a_mass_disconnect_does_not_close_the_agents_session() {
+        let (realm, _, mut outbox, kill) = mass_disconnect_under_an_agent();
         assert!(!kill.token.is_cancelled(), "the agent was closed");
         let left = drain(&mut outbox).iter().filter(|m| matches!(&***m, Message::Event { .. })).count();
         assert!(left > 0 && left < 500, "{left} on_leave events queued");
@@ -760,19 +766,7 @@ mod tests {
     /// is queued, and the agent's session (the cloud's view of every board) is not closed.
     #[tokio::test(start_paused = true)]
     async fn meta_events_do_not_take_the_room_of_the_agents_replies() {
-        // An agent queue of 9: 2 unsolicited, 4 in-flight results + 1 reply, 2 for meta events.
-        let limits = Limits { max_in_flight_calls_agent: 4, stuck_timeout: TIMEOUT, ..Limits::default() };
-        let realm = Realm::new("s4t".into(), limits, 2, 0, usize::MAX);
-        let (agent, mut outbox, kill) = join(&realm, Role::Agent);
-        {
-            let mut st = realm.lock();
-            let topic = crate::router::meta::ON_LEAVE.to_owned();
-            super::super::broker::subscribe(&mut st, agent, 1, &Dict::new(), topic);
-        }
-        let boards: Vec<Id> = (0..500).map(|_| join(&realm, Role::Board).0).collect();
-        for b in boards {
-            realm.leave(b);
-        }
+        let (realm, agent, mut outbox, kill) = mass_disconnect_under_an_agent();
         // Not drained: the agent has read nothing since it subscribed. Its calls' results
         // still find their room.
         for request in 7..=10 {
