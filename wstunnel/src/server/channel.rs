@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,7 +52,7 @@ struct Ctx<H> {
     /// (and counts against [`super::Limits::max_listeners_per_channel`]).
     listeners: Mutex<HashMap<u32, Listener>>,
     /// Numbers the `Listen` requests, for [`Listener::ticket`].
-    next_ticket: AtomicU64,
+    next_ticket: portable_atomic::AtomicU64,
     packets: Mutex<HashMap<u32, PacketEnd>>,
     /// Listen/PacketOpen requests being processed (token check, hooks, bind).
     in_flight: AtomicUsize,
@@ -184,7 +184,7 @@ pub(crate) async fn serve<H: ServerHooks>(
         bad_tokens: AtomicUsize::new(0),
         refusal_log: Mutex::default(),
         listeners: Mutex::new(HashMap::new()),
-        next_ticket: AtomicU64::new(1),
+        next_ticket: portable_atomic::AtomicU64::new(1),
         packets: Mutex::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
     });
