@@ -306,7 +306,12 @@ impl Conductor {
     /// another conductor took first is left to it, whose end sends the next.
     async fn deliver_queued(&self, board: &str) -> Result<(), Error> {
         while let Some(r) = self.db.next_queued_for_board(board).await? {
-            if !self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await? {
+            // A PENDING one is handed over as it is (`execute`'s compare-and-set makes a
+            // second hand-over nothing): a delivery cut by an error left it stranded, and
+            // the younger ones went first.
+            if r.status == RequestStatus::Queued
+                && !self.db.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Pending, None).await?
+            {
                 return Ok(());
             }
             info!(request = %r.uuid, "delivering a queued request");

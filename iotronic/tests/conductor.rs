@@ -285,6 +285,37 @@ async fn queued_requests_go_out_one_after_the_other() {
     assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
 }
 
+/// A queued request whose delivery was cut after it left the queue (the database refused to
+/// mark it RUNNING) goes out first at the next delivery, still in order: the next delivery
+/// took the next QUEUED one, and the first waited PENDING until the sweep failed it.
+#[tokio::test]
+async fn a_queued_request_whose_delivery_was_cut_goes_out_first() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let later = Some(now_ms() + 60_000);
+    let mut queued = Vec::new();
+    for value in [1, 0] {
+        let args = json!([{"line": "GPIO17", "value": value}]);
+        let r = t.db.create_request(&p.uuid, &b.uuid, "GpioWrite", &args, later).await.unwrap();
+        c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+        queued.push(r.uuid);
+    }
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = format!(
+        "CREATE TRIGGER cut BEFORE UPDATE OF status ON requests WHEN NEW.status = 'RUNNING' \
+         AND NEW.uuid = '{}' BEGIN SELECT RAISE(ABORT, 'injected'); END",
+        queued[0]
+    );
+    sqlx::query(sqlx::AssertSqlSafe(trigger)).execute(&mut conn).await.unwrap();
+    t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
+    let cut = c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await;
+    assert!(cut.is_err(), "the delivery was not cut: {cut:?}");
+    sqlx::query("DROP TRIGGER cut").execute(&mut conn).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, queued[0], "the first went out first");
+    assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
+}
+
 /// A board result outside RUNNING/SUCCESS/ERROR/WARNING is refused as invalid, not taken
 /// for a database failure: the database's CHECK refused it, the error counted as transient,
 /// and the message was tried again for half a minute while every other conductor message

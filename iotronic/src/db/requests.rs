@@ -363,10 +363,14 @@ impl Db {
         rows.iter().map(result_row).collect()
     }
 
-    /// The oldest request queued for `board` that has not expired: the next to deliver.
+    /// The oldest request queued for `board` that has not expired: the next to deliver. A
+    /// PENDING one that may be queued (it has an expiry) counts: taken from the queue, it was
+    /// not handed to the board yet (a delivery cut by an error), or its own `Execute` is on
+    /// its way; either way it goes before the younger ones.
     pub async fn next_queued_for_board(&self, board: &str) -> Result<Option<Request>, Error> {
         let row = sqlx::query(
-            "SELECT * FROM requests WHERE destination_uuid = $1 AND status = 'QUEUED' \
+            "SELECT * FROM requests WHERE destination_uuid = $1 \
+             AND (status = 'QUEUED' OR (status = 'PENDING' AND expires_at IS NOT NULL)) \
              AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, uuid LIMIT 1",
         )
         .bind(board)
