@@ -117,10 +117,10 @@ impl Conductor {
             }
             ConductorMsg::BoardOnline { board } => self.deliver_queued(&board).await,
             ConductorMsg::Failed { request, board, reason } => {
-                if let Some(r) = self.db.request(&request, None).await?
-                    && !r.status.is_final()
-                {
-                    self.fail(&request, &board, &reason).await?;
+                match self.db.request(&request, None).await? {
+                    Some(r) if r.status.is_final() => self.after_final(&r).await?,
+                    Some(_) => self.fail(&request, &board, &reason).await?,
+                    None => {}
                 }
                 self.deliver_queued(&board).await
             }
@@ -227,7 +227,7 @@ impl Conductor {
         };
         let Some(req) = self.db.request(request, None).await? else { return Ok(()) };
         if req.status.is_final() {
-            return Ok(());
+            return self.after_final(&req).await;
         }
         self.db.set_result(request, board, result, &text).await?;
         if result != "RUNNING" {
@@ -266,6 +266,24 @@ impl Conductor {
             }
         }
         self.bus.completed(request).await
+    }
+
+    /// Done again for a message about a request that is final already (a retry after a
+    /// transient error, a redelivery): the steps after its final compare-and-set may not have
+    /// run, and nothing else would run them (the sweep looks at PENDING and RUNNING ones). A
+    /// request that failed, or completed with an ERROR, gives back its allocation (as
+    /// [`Conductor::undo_allocation`] checks, only if it is still that request's), and its
+    /// completion is published again (waiters read the request from the database).
+    async fn after_final(&self, req: &Request) -> Result<(), Error> {
+        let failed = match req.status {
+            RequestStatus::Failed | RequestStatus::Expired => true,
+            RequestStatus::Completed => self.db.results(&req.uuid).await?.iter().any(|r| r.result == "ERROR"),
+            _ => false,
+        };
+        if failed {
+            self.undo_allocation(req).await?;
+        }
+        self.bus.completed(&req.uuid).await
     }
 
     /// A ServiceEnable or VpnJoin that did not happen (the board answered ERROR, or the

@@ -316,6 +316,30 @@ async fn a_queued_request_whose_delivery_was_cut_goes_out_first() {
     assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
 }
 
+/// A ServiceEnable the board refused gives its port back even when that step failed the
+/// first time (the request was COMPLETED already): the message tried again finds the request
+/// final and undoes the allocation then. It returned at "already final", and the port stayed
+/// allocated (and counted in the project's quota) for good.
+#[tokio::test]
+async fn a_refused_enable_frees_its_port_even_if_the_first_try_failed_half_way() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+    let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
+    let args = json!([{"uuid": svc.uuid, "name": "ssh", "port": 22, "protocol": "TCP"}, e.public_port]);
+    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
+    agent.recv().await.unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER keep BEFORE DELETE ON exposed_services BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let refused = answer(&r.uuid, &b.uuid, "ERROR", json!("no such port"));
+    assert!(c.handle(refused.clone(), false).await.is_err(), "the undo did not fail");
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Completed);
+    sqlx::query("DROP TRIGGER keep").execute(&mut conn).await.unwrap();
+    c.handle(refused, false).await.unwrap();
+    assert!(t.db.exposure(&b.uuid, &svc.uuid).await.unwrap().is_none(), "the port stayed allocated");
+}
+
 /// A board result outside RUNNING/SUCCESS/ERROR/WARNING is refused as invalid, not taken
 /// for a database failure: the database's CHECK refused it, the error counted as transient,
 /// and the message was tried again for half a minute while every other conductor message
