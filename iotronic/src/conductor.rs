@@ -221,24 +221,21 @@ impl Conductor {
                 "request {request}: a board result is one of {BOARD_RESULTS:?}, not {result:?}"
             )));
         }
-        let text = match message {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
         let Some(req) = self.db.request(request, None).await? else { return Ok(()) };
         if req.status.is_final() {
             return self.after_final(&req).await;
         }
+        let text = match message {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
         self.db.set_result(request, board, result, &text).await?;
         if result != "RUNNING" {
             // As the original: the request is COMPLETED; its result says SUCCESS or ERROR.
             let from = [RequestStatus::Running, RequestStatus::Pending];
             self.db.transition_request(request, &from, RequestStatus::Completed, None).await?;
-            if result == "ERROR" {
-                self.undo_allocation(&req).await?;
-            }
         }
-        self.bus.completed(request).await
+        self.finish(&req, result == "ERROR").await
     }
 
     /// Why `req` may not reach its board now, if a lease stands in between: the board is
@@ -280,6 +277,12 @@ impl Conductor {
             RequestStatus::Completed => self.db.results(&req.uuid).await?.iter().any(|r| r.result == "ERROR"),
             _ => false,
         };
+        self.finish(req, failed).await
+    }
+
+    /// What follows a board's result: a `failed` request gives its allocation back, and its
+    /// completion (or progress) is published.
+    async fn finish(&self, req: &Request, failed: bool) -> Result<(), Error> {
         if failed {
             self.undo_allocation(req).await?;
         }

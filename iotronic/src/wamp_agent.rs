@@ -928,10 +928,10 @@ mod tests {
     /// it waited, so the board could end up enrolled without its audit entry.)
     #[tokio::test]
     async fn an_abandoned_call_runs_to_its_end() {
-        let TestAgent { _dir, db, boards, url, shutdown, .. } = test_agent(&[("b", "CODE-A")], None, false).await;
+        let TestAgent { _dir: dir, db, boards, url, shutdown, .. } = test_agent(&[("b", "CODE-A")], None, false).await;
         // Another connection takes SQLite's write lock: the enrollment's write waits for it.
         sqlx::any::install_default_drivers();
-        let db_url = crate::db::DatabaseUrl::sqlite_in(_dir.path());
+        let db_url = crate::db::DatabaseUrl::sqlite_in(dir.path());
         let mut lock = <sqlx::AnyConnection as sqlx::Connection>::connect(db_url.expose()).await.unwrap();
         sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
         let auth = s4t_wamp::ClientAuth::Ticket { authid: "enroll".into(), ticket: Secret::new("CODE-A") };

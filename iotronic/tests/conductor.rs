@@ -262,11 +262,8 @@ async fn a_full_agent_queue_fails_the_request_instead_of_blocking_the_conductor(
     assert!(why.contains("overloaded"), "{why}");
 }
 
-/// Queued requests go out in the order they were made, one at a time: the board's answer to
-/// one sends the next (sent together at login, the board ran them at once, in any order).
-#[tokio::test]
-async fn queued_requests_go_out_one_after_the_other() {
-    let Online { t, p, b, mut agent, c } = online().await;
+/// Takes the board offline and queues two GPIO writes for it (1, then 0): their uuids.
+async fn queue_two_gpio_writes(t: &TestDb, p: &Project, b: &Board, c: &Conductor) -> Vec<String> {
     t.db.session_left("7").await.unwrap();
     let later = Some(now_ms() + 60_000);
     let mut queued = Vec::new();
@@ -276,6 +273,15 @@ async fn queued_requests_go_out_one_after_the_other() {
         c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
         queued.push(r.uuid);
     }
+    queued
+}
+
+/// Queued requests go out in the order they were made, one at a time: the board's answer to
+/// one sends the next (sent together at login, the board ran them at once, in any order).
+#[tokio::test]
+async fn queued_requests_go_out_one_after_the_other() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let queued = queue_two_gpio_writes(&t, &p, &b, &c).await;
     t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
     c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
     let first = agent.recv().await.unwrap().msg;
@@ -291,15 +297,7 @@ async fn queued_requests_go_out_one_after_the_other() {
 #[tokio::test]
 async fn a_queued_request_whose_delivery_was_cut_goes_out_first() {
     let Online { t, p, b, mut agent, c } = online().await;
-    t.db.session_left("7").await.unwrap();
-    let later = Some(now_ms() + 60_000);
-    let mut queued = Vec::new();
-    for value in [1, 0] {
-        let args = json!([{"line": "GPIO17", "value": value}]);
-        let r = t.db.create_request(&p.uuid, &b.uuid, "GpioWrite", &args, later).await.unwrap();
-        c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
-        queued.push(r.uuid);
-    }
+    let queued = queue_two_gpio_writes(&t, &p, &b, &c).await;
     let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
     let trigger = format!(
         "CREATE TRIGGER cut BEFORE UPDATE OF status ON requests WHEN NEW.status = 'RUNNING' \

@@ -156,14 +156,7 @@ struct Api {
 
 impl Api {
     async fn req(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut r = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        common::rest::call(&self.http, &self.url, method, path, Some(&self.token), body).await
     }
 
     /// `method path` must answer `want`; returns the body.

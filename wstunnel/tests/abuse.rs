@@ -522,17 +522,24 @@ async fn read_so_far(ws: &mut Ws) {
     }
 }
 
-/// A `Listen` the board withdraws (`Unlisten`) while the server is still processing it (here
-/// while the hooks decide) binds nothing: it is answered with code `NORMAL`, which the board
-/// ignores, and no port is left bound until the channel dies. The id can be used again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listen_withdrawn_while_in_flight_binds_nothing() {
+/// A channel that asked for listener 1 and withdrew it (`Unlisten` sent) while the server's
+/// hooks still hold the request.
+async fn listen_then_withdraw() -> (HeldListeners, TestServer, Ws) {
     let hooks = HeldListeners::default();
     let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks.clone()).await;
     let mut ws = hello_channel(&srv).await;
     send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
     wait_until("with the hooks", || hooks.entered.load(Ordering::SeqCst) == 1).await;
     send(&mut ws, Frame::Unlisten { listener: 1 }).await;
+    (hooks, srv, ws)
+}
+
+/// A `Listen` the board withdraws (`Unlisten`) while the server is still processing it (here
+/// while the hooks decide) binds nothing: it is answered with code `NORMAL`, which the board
+/// ignores, and no port is left bound until the channel dies. The id can be used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_withdrawn_while_in_flight_binds_nothing() {
+    let (hooks, srv, mut ws) = listen_then_withdraw().await;
     read_so_far(&mut ws).await;
     hooks.gate.add_permits(1);
     match next_frame(&mut ws).await {
@@ -557,12 +564,7 @@ async fn a_listen_withdrawn_while_in_flight_binds_nothing() {
 /// outside the channel's listener limit). A `Listen` for an id still in flight is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listen_id_withdrawn_and_asked_for_again_holds_one_listener() {
-    let hooks = HeldListeners::default();
-    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks.clone()).await;
-    let mut ws = hello_channel(&srv).await;
-    send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
-    wait_until("with the hooks", || hooks.entered.load(Ordering::SeqCst) == 1).await;
-    send(&mut ws, Frame::Unlisten { listener: 1 }).await;
+    let (hooks, srv, mut ws) = listen_then_withdraw().await;
     send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;
     wait_until("both with the hooks", || hooks.entered.load(Ordering::SeqCst) == 2).await;
     send(&mut ws, Frame::Listen { listener: 1, port: 0, token: token("b", 0) }).await;

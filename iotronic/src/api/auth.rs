@@ -123,6 +123,8 @@ pub async fn create_token(
         return Err(Error::Invalid("ttl must be a positive number of seconds".into()).into());
     }
     let peer = connect.as_ref().map(|c| c.0.0.ip().to_string()).unwrap_or_default();
+    // What the per-peer budgets count by (an IPv6 peer's /64).
+    let source = connect.as_ref().map(|c| s4t_shared::limits::source_of(c.0.0.ip()).to_string()).unwrap_or_default();
     if b.username.len() > MAX_NAME_BYTES || b.password.len() > crate::auth::MAX_PASSWORD_BYTES {
         let entry = crate::db::NewAudit {
             user_name: b.username.chars().take(MAX_NAME_BYTES).collect(),
@@ -133,14 +135,13 @@ pub async fn create_token(
             detail: "user name or password too long".into(),
             ..Default::default()
         };
-        record_refusal(&state, entry).await;
+        record_refusal(&state, &source, entry).await;
         return Err(Error::Invalid(format!(
             "a user name has at most {MAX_NAME_BYTES} bytes and a password at most {} bytes",
             crate::auth::MAX_PASSWORD_BYTES
         ))
         .into());
     }
-    let source = connect.as_ref().map(|c| s4t_shared::limits::source_of(c.0.0.ip()).to_string()).unwrap_or_default();
     let (user_key, peer_key) = (format!("user:{}", b.username), format!("peer:{source}"));
     let throttle = &state.login_throttle;
     // Each attempt is taken before the password is checked (concurrent guesses stay within the
@@ -158,7 +159,7 @@ pub async fn create_token(
     };
     if let Err(retry_after_s) = waited {
         entry.status = 429;
-        record_refusal(&state, entry).await;
+        record_refusal(&state, &source, entry).await;
         return Err(Error::Throttled { retry_after_s }.into());
     }
     match issue_token_for(&state.db, &b.username, &b.password, b.project.as_deref(), ttl_ms).await {
@@ -195,10 +196,9 @@ pub async fn show_token(
                 "role": c.role.as_str(), "admin": c.is_admin, "expires_at": expires_at / 1000}))
 }
 
-/// Audits a login refused before any check, within the sender's `audited_refusals` budget.
-async fn record_refusal(state: &AppState, entry: crate::db::NewAudit) {
-    let source =
-        entry.source.parse().map_or_else(|_| entry.source.clone(), |ip| s4t_shared::limits::source_of(ip).to_string());
+/// Audits a login refused before any check, within the `audited_refusals` budget of the
+/// sender's `source`.
+async fn record_refusal(state: &AppState, source: &str, entry: crate::db::NewAudit) {
     if state.login_throttle.audited_refusals.take(&format!("peer:{source}")).is_ok() {
         crate::audit::record(&state.db, entry).await;
     }

@@ -82,7 +82,7 @@ pub struct PluginEntry {
 /// The [`PluginEntry::code_sha256`] of `code`.
 fn code_digest(code: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(code).iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", sha2::Sha256::digest(code))
 }
 
 /// `code` if it is the code `expect`ed (no digest: any), else an error saying so.
