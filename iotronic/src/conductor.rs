@@ -155,6 +155,10 @@ impl Conductor {
             warn!("execute: unknown request");
             return Ok(());
         };
+        if req.status.is_final() {
+            // Handled; maybe cut after its final state (a retry): what follows it, again.
+            return self.after_final(&req).await;
+        }
         let again = redelivered && req.status == RequestStatus::Running;
         if req.status != RequestStatus::Pending && !again {
             return Ok(()); // already handled (redelivery)
@@ -253,16 +257,17 @@ impl Conductor {
         })
     }
 
-    /// Fails a request that is not final yet (one that completed meanwhile keeps its result).
+    /// Fails a request that is not final yet (one that completed meanwhile keeps its result),
+    /// then does what follows a final state whoever made it final: a retry after a transient
+    /// error past the compare-and-set gives the allocation back then (it returned at the
+    /// compare-and-set, done, and a refused enable kept its port for good).
     async fn fail(&self, request: &str, board: &str, why: &str) -> Result<(), Error> {
         let from = [RequestStatus::Pending, RequestStatus::Running, RequestStatus::Queued];
-        if self.db.transition_request(request, &from, RequestStatus::Failed, None).await? {
-            self.db.set_result(request, board, "ERROR", why).await?;
-            if let Some(req) = self.db.request(request, None).await? {
-                self.undo_allocation(&req).await?;
-            }
+        self.db.end_request(request, &from, RequestStatus::Failed, (board, "ERROR", why)).await?;
+        match self.db.request(request, None).await? {
+            Some(req) => self.after_final(&req).await,
+            None => self.bus.completed(request).await,
         }
-        self.bus.completed(request).await
     }
 
     /// Done again for a message about a request that is final already (a retry after a

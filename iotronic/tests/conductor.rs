@@ -338,6 +338,54 @@ async fn a_refused_enable_frees_its_port_even_if_the_first_try_failed_half_way()
     assert!(t.db.exposure(&b.uuid, &svc.uuid).await.unwrap().is_none(), "the port stayed allocated");
 }
 
+/// A ServiceEnable failed by the cloud (its board went offline) gives its port back even when
+/// that step failed the first time: the `Execute` tried again finds the request FAILED and
+/// undoes the allocation then. It took the request for handled, and the port stayed
+/// allocated (and counted in the project's quota) for good.
+#[tokio::test]
+async fn an_enable_failed_by_the_cloud_frees_its_port_even_if_the_first_try_failed_half_way() {
+    let Online { t, p, b, agent: _agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+    let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
+    let args = json!([{"uuid": svc.uuid, "name": "ssh", "port": 22, "protocol": "TCP"}, e.public_port]);
+    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, None).await.unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER keep BEFORE DELETE ON exposed_services BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let exec = ConductorMsg::Execute { request: r.uuid.clone() };
+    assert!(c.handle(exec.clone(), false).await.is_err(), "the undo did not fail");
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);
+    sqlx::query("DROP TRIGGER keep").execute(&mut conn).await.unwrap();
+    c.handle(exec, true).await.unwrap();
+    assert!(t.db.exposure(&b.uuid, &svc.uuid).await.unwrap().is_none(), "the port stayed allocated");
+}
+
+/// A request the cloud fails is never left FAILED without the result saying why: the two
+/// writes are one transaction, so when the second fails the first is undone and the retry
+/// does both. The retry found the request FAILED already and wrote nothing, and the caller
+/// read a failed request with no reason (or the board's RUNNING).
+#[tokio::test]
+async fn a_request_failed_by_the_cloud_always_keeps_its_reason() {
+    let Online { t, p, b, agent: _agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER no_reason BEFORE INSERT ON results WHEN NEW.result = 'ERROR' \
+                   BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let exec = ConductorMsg::Execute { request: r.uuid.clone() };
+    assert!(c.handle(exec.clone(), false).await.is_err(), "the result's write did not fail");
+    sqlx::query("DROP TRIGGER no_reason").execute(&mut conn).await.unwrap();
+    c.handle(exec, true).await.unwrap();
+    assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);
+    let results = t.db.results(&r.uuid).await.unwrap();
+    assert!(
+        results.iter().any(|x| x.result == "ERROR" && x.message.contains("offline")),
+        "no reason kept: {results:?}"
+    );
+}
+
 /// A board result outside RUNNING/SUCCESS/ERROR/WARNING is refused as invalid, not taken
 /// for a database failure: the database's CHECK refused it, the error counted as transient,
 /// and the message was tried again for half a minute while every other conductor message

@@ -133,10 +133,8 @@ pub async fn call_board(
         // Nothing will run it: failed now, not left PENDING for the sweep, and the caller
         // told to try again (503) rather than "internal error".
         tracing::warn!(request = %req.uuid, cause = %e, "the conductor cannot be reached");
-        let from = [RequestStatus::Pending];
-        if state.db.transition_request(&req.uuid, &from, RequestStatus::Failed, None).await? {
-            state.db.set_result(&req.uuid, &board.uuid, "ERROR", "the cloud's message bus is unreachable").await?;
-        }
+        let result = (board.uuid.as_str(), "ERROR", "the cloud's message bus is unreachable");
+        state.db.end_request(&req.uuid, &[RequestStatus::Pending], RequestStatus::Failed, result).await?;
         return Err(Error::Unavailable("the cloud's message bus is unreachable: try again later".into()));
     }
     state.metrics.count_call(action);

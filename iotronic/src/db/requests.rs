@@ -3,6 +3,7 @@
 use std::fmt;
 
 use serde_json::Value;
+use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
 use super::{Db, Page, col, db_err, json_col, new_uuid, now_ms};
@@ -246,7 +247,9 @@ impl Db {
         row.as_ref().map(request_row).transpose()
     }
 
-    /// One page of the requests of `project` (all: `None`), to `board` if given.
+    /// One page of the requests of `project` (all: `None`), to `board` if given, without
+    /// their arguments (`args` is null): a list never shows them, and up to a thousand of
+    /// them read and parsed for each page made lists cost far more than they show.
     pub async fn list_requests_page(
         &self,
         project: Option<&str>,
@@ -254,7 +257,9 @@ impl Db {
         page: &Page,
     ) -> Result<Vec<Request>, Error> {
         let sql = format!(
-            "SELECT * FROM requests WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR destination_uuid = $4){}",
+            "SELECT uuid, project_uuid, destination_uuid, main_request_uuid, pending_requests, status, action, \
+             'null' AS args, agent, expires_at, lease_uuid, created_at, updated_at \
+             FROM requests WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR destination_uuid = $4){}",
             page.sql("requests", 5)
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -280,30 +285,30 @@ impl Db {
         to: RequestStatus,
         agent: Option<&str>,
     ) -> Result<bool, Error> {
-        // Arguments never change after the insert: read before the compare-and-set, written
-        // with it.
         let scrubbed = if to.is_final() { self.final_args(uuid).await? } else { None };
-        let mut total = 0;
-        for f in from {
-            let r = sqlx::query(
-                "UPDATE requests SET status = $1, agent = COALESCE($2, agent), args = COALESCE($3, args), \
-                 updated_at = $4 WHERE uuid = $5 AND status = $6",
-            )
-            .bind(to.as_str())
-            .bind(agent.map(str::to_owned))
-            .bind(scrubbed.clone())
-            .bind(now_ms())
-            .bind(uuid)
-            .bind(f.as_str())
-            .execute(self.pool())
-            .await
-            .map_err(db_err)?;
-            total += r.rows_affected();
-            if total > 0 {
-                break;
-            }
+        let mut conn = self.pool().acquire().await.map_err(db_err)?;
+        set_status(&mut conn, uuid, from, to, agent, scrubbed).await
+    }
+
+    /// [`Db::transition_request`] to a final `to` and, in the same transaction, `board`'s
+    /// result set to `result` and `message`: a request failed or expired by the cloud never
+    /// stays without the result that says why (a write failing between the two left it so,
+    /// and the compare-and-set, done, kept every retry from writing it).
+    pub async fn end_request(
+        &self,
+        uuid: &str,
+        from: &[RequestStatus],
+        to: RequestStatus,
+        (board, result, message): (&str, &str, &str),
+    ) -> Result<bool, Error> {
+        let scrubbed = if to.is_final() { self.final_args(uuid).await? } else { None };
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        if !set_status(&mut tx, uuid, from, to, None, scrubbed).await? {
+            return Ok(false); // rolled back: nothing was written
         }
-        Ok(total > 0)
+        upsert_result(&mut tx, uuid, board, result, message).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
     }
 
     /// What the request keeps of its arguments once final ([`final_args`]), as text, if that
@@ -324,34 +329,8 @@ impl Db {
 
     /// Records a board's result for a request (insert or update).
     pub async fn set_result(&self, request: &str, board: &str, result: &str, message: &str) -> Result<(), Error> {
-        let now = now_ms();
-        let r = sqlx::query(
-            "UPDATE results SET result = $1, message = $2, updated_at = $3 WHERE request_uuid = $4 AND board_uuid = $5",
-        )
-        .bind(result)
-        .bind(message)
-        .bind(now)
-        .bind(request)
-        .bind(board)
-        .execute(self.pool())
-        .await
-        .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            sqlx::query(
-                "INSERT INTO results (request_uuid, board_uuid, result, message, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(request)
-            .bind(board)
-            .bind(result)
-            .bind(message)
-            .bind(now)
-            .bind(now)
-            .execute(self.pool())
-            .await
-            .map_err(db_err)?;
-        }
-        Ok(())
+        let mut conn = self.pool().acquire().await.map_err(db_err)?;
+        upsert_result(&mut conn, request, board, result, message).await
     }
 
     pub async fn results(&self, request: &str) -> Result<Vec<ResultRow>, Error> {
@@ -430,14 +409,9 @@ impl Db {
         let mut out = Vec::new();
         for r in rows.iter().map(request_row) {
             let r = r?;
-            if self.transition_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Expired, None).await? {
-                self.set_result(
-                    &r.uuid,
-                    &r.destination,
-                    "ERROR",
-                    "the board did not log in before the command expired",
-                )
-                .await?;
+            let why = "the board did not log in before the command expired";
+            let result = (r.destination.as_str(), "ERROR", why);
+            if self.end_request(&r.uuid, &[RequestStatus::Queued], RequestStatus::Expired, result).await? {
                 out.push(r);
             }
         }
@@ -470,4 +444,73 @@ impl Db {
             .map_err(db_err)?;
         rows.iter().map(|r| Ok((col(r, "status")?, col(r, "n")?))).collect()
     }
+}
+
+/// The compare-and-set of [`Db::transition_request`] on `conn`. Arguments never change after
+/// the insert: `scrubbed` (what a final request keeps of them) is read before, written with it.
+async fn set_status(
+    conn: &mut AnyConnection,
+    uuid: &str,
+    from: &[RequestStatus],
+    to: RequestStatus,
+    agent: Option<&str>,
+    scrubbed: Option<String>,
+) -> Result<bool, Error> {
+    for f in from {
+        let r = sqlx::query(
+            "UPDATE requests SET status = $1, agent = COALESCE($2, agent), args = COALESCE($3, args), \
+             updated_at = $4 WHERE uuid = $5 AND status = $6",
+        )
+        .bind(to.as_str())
+        .bind(agent.map(str::to_owned))
+        .bind(scrubbed.clone())
+        .bind(now_ms())
+        .bind(uuid)
+        .bind(f.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        if r.rows_affected() > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// [`Db::set_result`] on `conn`.
+async fn upsert_result(
+    conn: &mut AnyConnection,
+    request: &str,
+    board: &str,
+    result: &str,
+    message: &str,
+) -> Result<(), Error> {
+    let now = now_ms();
+    let r = sqlx::query(
+        "UPDATE results SET result = $1, message = $2, updated_at = $3 WHERE request_uuid = $4 AND board_uuid = $5",
+    )
+    .bind(result)
+    .bind(message)
+    .bind(now)
+    .bind(request)
+    .bind(board)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if r.rows_affected() == 0 {
+        sqlx::query(
+            "INSERT INTO results (request_uuid, board_uuid, result, message, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(request)
+        .bind(board)
+        .bind(result)
+        .bind(message)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
 }
