@@ -1124,6 +1124,117 @@ async fn an_administrator_cannot_reach_another_projects_object_by_a_shared_name(
     assert_eq!(s, StatusCode::OK, "ann's service is untouched: {v}");
     let (s, v) = cloud.req("GET", "/v1/services/web", Some(&admin), None).await;
     assert_eq!((s, v["uuid"].as_str()), (StatusCode::OK, Some(uuids[0].as_str())), "one left: {v}");
+
+    // Plugins too (they had a lookup of their own, which took the oldest): both projects
+    // have a private "blink"; each project's own comes first for its members.
+    let mut plugins = Vec::new();
+    for tok in [&ann, &bob] {
+        let plugin = json!({"name": "blink", "kind": "python", "code": "def main(): pass"});
+        let (s, v) = cloud.req("POST", "/v1/plugins", Some(tok), Some(plugin)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        plugins.push(v["uuid"].as_str().unwrap().to_owned());
+    }
+    for method in ["GET", "DELETE"] {
+        let (s, v) = cloud.req(method, "/v1/plugins/blink", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{method}: {v}");
+    }
+    for (tok, own) in [(&ann, &plugins[0]), (&bob, &plugins[1])] {
+        let (s, v) = cloud.req("GET", "/v1/plugins/blink", Some(tok), None).await;
+        assert_eq!((s, v["uuid"].as_str()), (StatusCode::OK, Some(own.as_str())), "{v}");
+    }
+    let (s, v) = cloud.req("GET", &format!("/v1/plugins/{}", plugins[1]), Some(&admin), None).await;
+    assert_eq!((s, v["name"].as_str()), (StatusCode::OK, Some("blink")), "by uuid: {v}");
+}
+
+/// Free-form JSON (`extra`, `parameters`, `grants`) and free text (a board's type, a
+/// location, a fleet's description) are bounded where they are written, with a 400 naming
+/// the field: they were stored whatever their size (2 MB each, axum's body limit), kept with
+/// their object or request, and parsed again for every row of every list.
+#[tokio::test]
+async fn free_form_fields_are_bounded_where_they_are_written() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (_, ann, _) = tenants(&cloud).await;
+    let refused = |s: StatusCode, v: &Value, words: &[&str]| {
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let text = v["error_message"].as_str().unwrap_or_default();
+        assert!(words.iter().all(|w| text.contains(w)), "{words:?} not in {v}");
+    };
+    let mut body = board_body("big");
+    body["extra"] = json!(vec![0; 300]);
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(body.clone())).await;
+    refused(s, &v, &["extra", "more than 256 values"]);
+    body["extra"] = json!({"note": "x".repeat(17_000)});
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(body.clone())).await;
+    refused(s, &v, &["extra", "bytes"]);
+    body["extra"] = json!({"note": "fits"});
+    body["type"] = json!("t".repeat(2_000));
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(body.clone())).await;
+    refused(s, &v, &["type"]);
+    body["type"] = json!("generic");
+    body["location"][0]["latitude"] = json!("9".repeat(2_000));
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(body.clone())).await;
+    refused(s, &v, &["location"]);
+    body["location"][0]["latitude"] = json!("38.2");
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let board = v["uuid"].as_str().unwrap().to_owned();
+    let (s, v) = cloud.req("PATCH", "/v1/boards/big", Some(&ann), Some(json!({"extra": vec![0; 300]}))).await;
+    refused(s, &v, &["extra"]);
+
+    cloud.login(&board, "3001").await;
+    let call = json!({"action": "DevicePing", "parameters": vec![0; 5_000]});
+    let (s, v) = cloud.req("POST", "/v1/boards/big/action", Some(&ann), Some(call)).await;
+    refused(s, &v, &["parameters", "more than 4096 values"]);
+    let call = json!({"action": "DevicePing", "parameters": {"n": 1}});
+    let (s, v) = cloud.req("POST", "/v1/boards/big/action", Some(&ann), Some(call)).await;
+    assert_eq!((s, v), (StatusCode::OK, json!("pong")));
+
+    let svc = json!({"name": "web", "port": 80, "extra": vec![0; 300]});
+    let (s, v) = cloud.req("POST", "/v1/services", Some(&ann), Some(svc)).await;
+    refused(s, &v, &["extra"]);
+    let fleet = json!({"name": "f", "description": "d".repeat(2_000)});
+    let (s, v) = cloud.req("POST", "/v1/fleets", Some(&ann), Some(fleet)).await;
+    refused(s, &v, &["description"]);
+    let plugin = json!({"name": "p", "kind": "python", "code": "def main(): pass", "parameters": vec![0; 300]});
+    let (s, v) = cloud.req("POST", "/v1/plugins", Some(&ann), Some(plugin)).await;
+    refused(s, &v, &["parameters"]);
+}
+
+/// `GET /v1/boards/{b}/services/restore` (the original API's) changes state, minting tunnel
+/// tokens and sending every exposure again: it is audited like any state-changing call (it
+/// was skipped as a GET). An expired lease the sweep has not ended yet cannot be extended
+/// back to life (it would skip its teardown).
+#[tokio::test]
+async fn the_acting_get_is_audited_and_an_expired_lease_stays_ended() {
+    let t = TestDb::sqlite().await;
+    let cloud = start(&t).await;
+    let (admin, ann, _) = tenants(&cloud).await;
+    let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("r1"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let board = v["uuid"].as_str().unwrap().to_owned();
+    cloud.login(&board, "3002").await;
+    let (s, v) = cloud.req("GET", "/v1/boards/r1/services/restore", Some(&ann), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, audit) = cloud.req("GET", "/v1/audit?limit=1000", Some(&admin), None).await;
+    let restores: Vec<_> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"].as_str().is_some_and(|a| a.starts_with("GET ") && a.ends_with("/services/restore")))
+        .collect();
+    assert_eq!(restores.len(), 1, "{audit}");
+
+    // The conductor is stopped so that nothing ends the lease meanwhile.
+    cloud.conductor_stop.cancel();
+    let (s, lease) = cloud.req("POST", "/v1/leases", Some(&ann), Some(json!({"boards": ["r1"], "duration": 60}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{lease}");
+    let id = lease["uuid"].as_str().unwrap();
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    sqlx::query("UPDATE leases SET expires_at = 1 WHERE uuid = $1").bind(id).execute(&mut conn).await.unwrap();
+    let (s, v) = cloud.req("PATCH", &format!("/v1/leases/{id}"), Some(&ann), Some(json!({"duration": 60}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "an expired lease was extended: {v}");
 }
 
 /// Renaming a board to names other projects use is an oracle for their names (board names are

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::check_name;
+use super::bounds;
 use super::calls::{CallOpts, Outcome, call_board, check_lease};
 use super::error::{ApiResult, Body};
 use super::paging;
@@ -217,9 +218,9 @@ pub struct Location {
 
 fn location_of(l: &[Location]) -> Result<Option<(String, String, String)>, Error> {
     let text = |v: &Value| match v {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => bounds::check_text(s, "a location value").map(|()| s.clone()),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(Error::Invalid(format!("location values must be numbers or strings, not {other}"))),
+        _ => Err(Error::Invalid("location values must be numbers or strings".into())),
     };
     match l.first() {
         Some(l) => Ok(Some((text(&l.latitude)?, text(&l.longitude)?, text(&l.altitude)?))),
@@ -239,7 +240,7 @@ pub struct CreateBoard {
     mobile: bool,
     #[serde(default)]
     fleet: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
 }
 
@@ -260,6 +261,7 @@ pub async fn create(
     if b.code.is_empty() || b.code.len() > 255 {
         return Err(Error::Invalid("the registration code must have 1 to 255 characters".into()).into());
     }
+    bounds::check_text(&b.board_type, "the board's type")?;
     let location = location_of(&b.location)?;
     if location.is_none() {
         return Err(Error::Invalid("location needs one {latitude, longitude, altitude}".into()).into());
@@ -324,6 +326,7 @@ pub struct PatchBoard {
     /// Absent: unchanged; `null`: out of its fleet (serde alone reads both as `None`).
     #[serde(default, deserialize_with = "present")]
     fleet: Option<Option<String>>,
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
     location: Option<Vec<Location>>,
 }
@@ -360,6 +363,9 @@ pub async fn update(
         Some(None) => Some(None),
         None => None,
     };
+    if let Some(t) = &p.board_type {
+        bounds::check_text(t, "the board's type")?;
+    }
     let location = match &p.location {
         Some(l) => location_of(l)?,
         None => None,
@@ -394,7 +400,7 @@ pub async fn destroy(
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
     action: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::call")]
     parameters: Option<Value>,
     #[serde(default)]
     queue: Option<bool>,

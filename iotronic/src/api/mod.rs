@@ -19,6 +19,7 @@
 
 mod auth;
 mod boards;
+mod bounds;
 mod calls;
 pub mod error;
 mod metrics;

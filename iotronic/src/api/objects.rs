@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::auth::check_name;
 use super::boards::{board_json_for, visible_board};
+use super::bounds;
 use super::calls::{CallOpts, call_board, check_lease, message_value, request_json};
 use super::error::{ApiResult, Body};
 use super::paging::{self, list_json, unknown_marker};
@@ -67,7 +68,7 @@ pub struct ServiceBody {
     port: u16,
     #[serde(default = "tcp")]
     protocol: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
 }
 
@@ -109,6 +110,7 @@ pub struct ServicePatch {
     name: Option<String>,
     port: Option<u16>,
     protocol: Option<String>,
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
 }
 
@@ -187,7 +189,7 @@ pub struct FleetBody {
     name: Option<String>,
     #[serde(default)]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
 }
 
@@ -199,6 +201,7 @@ pub async fn create_fleet(
     c.require(Role::Manager, "creating fleets")?;
     let name = b.name.ok_or_else(|| Error::Invalid("a fleet needs a name".into()))?;
     check_name(&name, "fleet name")?;
+    bounds::check_text(b.description.as_deref().unwrap_or(""), "a fleet's description")?;
     let extra = b.extra.unwrap_or_else(|| json!({}));
     let f = state.db.create_fleet(&name, &c.project, b.description.as_deref().unwrap_or(""), &extra).await?;
     Ok(created(fleet_json(&f)))
@@ -223,6 +226,7 @@ pub async fn update_fleet(
     if let Some(n) = &b.name {
         check_name(n, "fleet name")?;
     }
+    bounds::check_text(b.description.as_deref().unwrap_or(""), "a fleet's description")?;
     state.db.update_fleet(&f.uuid, b.name.as_deref(), b.description.as_deref(), b.extra.as_ref()).await?;
     Ok(Json(fleet_json(&visible_fleet(&state, &c, &f.uuid).await?)))
 }
@@ -365,7 +369,7 @@ pub async fn extend_lease(
     let l = visible_lease(&state, &c, &ident).await?;
     let until = lease_expiry(&b)?;
     if !state.db.extend_lease(&l.uuid, until).await? {
-        return Err(Error::Conflict(format!("lease {} is {}, not active", l.uuid, l.status)).into());
+        return Err(Error::Conflict(format!("lease {} has ended ({})", l.uuid, l.status)).into());
     }
     Ok(Json(lease_json(&visible_lease(&state, &c, &l.uuid).await?)))
 }

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::check_name;
 use super::boards::visible_board;
+use super::bounds;
 use super::calls::{CallOpts, Outcome, call_board, request_json};
 use super::error::{ApiResult, Body};
 use super::{AppState, Caller};
@@ -262,11 +263,11 @@ pub struct CreateBody {
     public: bool,
     #[serde(default)]
     callable: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     parameters: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     grants: Option<Value>,
 }
 
@@ -348,8 +349,11 @@ pub struct PatchBody {
     kind: Option<String>,
     public: Option<bool>,
     callable: Option<bool>,
+    #[serde(default, deserialize_with = "bounds::small")]
     parameters: Option<Value>,
+    #[serde(default, deserialize_with = "bounds::small")]
     extra: Option<Value>,
+    #[serde(default, deserialize_with = "bounds::small")]
     grants: Option<Value>,
 }
 
@@ -500,7 +504,7 @@ pub struct InjectBody {
     #[serde(default)]
     onboot: Value,
     /// The hardware this board gives the plugin (default: what the plugin asks for).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::small")]
     grants: Option<Value>,
 }
 
@@ -569,7 +573,7 @@ pub async fn inject(
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
     action: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounds::call")]
     parameters: Option<Value>,
     #[serde(default)]
     queue: Option<bool>,

@@ -25,12 +25,13 @@ pub fn peer(req_ext: &axum::http::Extensions) -> String {
     req_ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default()
 }
 
-/// Records every state-changing call (anything but GET/HEAD/OPTIONS) once it has an answer:
-/// who (the token's user and project), what (method and path), when, from where, outcome.
-/// Runs inside authentication, so a call refused with 401 is not recorded here (failed
-/// logins are, by the token handler).
+/// Records every state-changing call (anything but GET/HEAD/OPTIONS, and the one GET that
+/// acts, [`acting_get`]) once it has an answer: who (the token's user and project), what
+/// (method and path), when, from where, outcome. Runs inside authentication, so a call
+/// refused with 401 is not recorded here (failed logins are, by the token handler).
 pub async fn record_calls(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if reads && !(*req.method() == Method::GET && acting_get(req.uri().path())) {
         return next.run(req).await;
     }
     let caller = req.extensions().get::<Caller>().cloned();
@@ -54,6 +55,12 @@ pub async fn record_calls(State(state): State<AppState>, req: Request, next: Nex
         audit::record(&state.db, entry).await;
     }
     response
+}
+
+/// `GET /v1/boards/{board}/services/restore`, the original API's, mints tunnel tokens and
+/// sends every exposure to the board again: a GET that changes state, audited like a POST.
+fn acting_get(path: &str) -> bool {
+    path.trim_end_matches('/').strip_prefix("/v1/boards/").is_some_and(|rest| rest.ends_with("/services/restore"))
 }
 
 fn anonymous() -> Caller {

@@ -156,10 +156,16 @@ impl Db {
 
     /// Moves an active lease's expiry. Returns false when the lease is no longer active.
     pub async fn extend_lease(&self, uuid: &str, expires_at: i64) -> Result<bool, Error> {
-        let r = sqlx::query("UPDATE leases SET expires_at = $1, updated_at = $2 WHERE uuid = $3 AND status = 'active'")
-            .bind(expires_at)
-            .bind(now_ms())
-            .bind(uuid)
+        // Not one past its end that the sweep has not ended yet: extended, it came back to
+        // life without its teardown (exposures and memberships made under it kept).
+        let now = now_ms();
+        let r = sqlx::query(
+            "UPDATE leases SET expires_at = $1, updated_at = $2 WHERE uuid = $3 AND status = 'active' AND expires_at > $4",
+        )
+        .bind(expires_at)
+        .bind(now)
+        .bind(uuid)
+        .bind(now)
             .execute(self.pool())
             .await
             .map_err(db_err)?;

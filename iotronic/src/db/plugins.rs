@@ -136,12 +136,16 @@ impl Db {
         Ok(Plugin { uuid, created_at: now, updated_at: now, ..p.clone() })
     }
 
-    /// A plugin by uuid or name, visible to `project` (its own or public) when given. A name
-    /// matches the caller's own plugin before a public one of another project.
+    /// A plugin by uuid or name, visible to `project` (its own or public) when given. A uuid
+    /// match comes first, then the caller's own plugin of that name (names are unique per
+    /// project); a name that several other projects' plugins visible to the caller have
+    /// (public ones, or any for an administrator's unscoped lookup) is [`Error::Conflict`],
+    /// as for every other object ([`Db::row_by_ident`]): the oldest of them was taken, so a
+    /// project could rename its plugin to reach an administrator's injection by name.
     pub async fn plugin(&self, ident: &str, project: Option<&str>) -> Result<Option<Plugin>, Error> {
-        let row = sqlx::query(
+        let rows = sqlx::query(
             "SELECT * FROM plugins WHERE (uuid = $1 OR name = $2) AND ($3 = '' OR project_uuid = $4 OR public = 1) \
-             ORDER BY CASE WHEN uuid = $5 THEN 0 WHEN project_uuid = $6 THEN 1 ELSE 2 END, created_at, uuid LIMIT 1",
+             ORDER BY CASE WHEN uuid = $5 THEN 0 WHEN project_uuid = $6 THEN 1 ELSE 2 END, uuid LIMIT 2",
         )
         .bind(ident)
         .bind(ident)
@@ -149,10 +153,17 @@ impl Db {
         .bind(project.unwrap_or(""))
         .bind(ident)
         .bind(project.unwrap_or(""))
-        .fetch_optional(self.pool())
+        .fetch_all(self.pool())
         .await
         .map_err(db_err)?;
-        row.as_ref().map(plugin_row).transpose()
+        let mut found = rows.iter().map(plugin_row).collect::<Result<Vec<_>, _>>()?;
+        if let [first, _] = found.as_slice()
+            && first.uuid != ident
+            && project.is_none_or(|p| first.project != p)
+        {
+            return Err(Error::Conflict(format!("several projects have a plugin named {ident}: use its uuid")));
+        }
+        Ok((!found.is_empty()).then(|| found.swap_remove(0)))
     }
 
     /// Whether `project` already has a plugin called `name` (other than `except`).
