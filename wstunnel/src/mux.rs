@@ -120,7 +120,7 @@ pub(crate) struct Stream {
     /// Credit arrived.
     writable: Notify,
     /// Cancelled on reset (either side) and when its lane or the channel dies.
-    dead: CancellationToken,
+    pub(crate) dead: CancellationToken,
 }
 
 struct StreamState {
@@ -421,7 +421,11 @@ impl Mux {
                 s.lane.bulk.fetch_sub(1, Ordering::Relaxed);
             }
             Counters::add(&self.counters.streams_closed, 1);
+            // What it queued goes now (its pipes closed and uncounted), not when the last
+            // holder of the stream lets go: a stream whose local connect is still running
+            // would hold it, uncounted, until the connect ended.
             let mut st = s.state.lock().expect("stream state");
+            st.inbox.clear();
             self.buffered.fetch_sub(std::mem::take(&mut st.held), Ordering::Relaxed);
         }
         removed
@@ -987,6 +991,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), delivering).await.expect("the frame was not taken").unwrap();
         assert_eq!(mux.buffered.load(Ordering::Relaxed), 0, "bytes counted for a stream that is gone");
         assert_eq!(mux.pipes.load(Ordering::Relaxed), 0, "a pipe queued for a stream that is gone");
+    }
+
+    /// A stream removed (reset by either side) lets go of what it had queued at once, pipes
+    /// included: whoever still holds the stream (its local connect, still running) would
+    /// otherwise keep it alive, no longer counted against the channel's budget.
+    #[tokio::test]
+    async fn a_reset_stream_holds_nothing() {
+        let Rig { mut peer, mut reader, mux, s, local: _, dst: _, _keep } = rig(4 << 20).await;
+        // No socket yet (its connect is running): a small frame queues in memory, a large one
+        // in a pipe.
+        mux.on_frame(Frame::Data { stream: 5, payload: Bytes::from_static(b"small") }).unwrap();
+        let wire = data_frame(5, &[4u8; 200_000]);
+        let (next, ()) = tokio::join!(reader.next_data(), async { peer.write_all(&wire).await.unwrap() });
+        let Some(Next::Data(d)) = next.unwrap() else { panic!("expected a large data frame") };
+        mux.on_large_data(&mut reader, d).await.unwrap();
+        assert!(s.state.lock().unwrap().inbox.len() >= 2, "both frames queued");
+        assert!(mux.pipes.load(Ordering::Relaxed) > 0, "the large frame waits in a pipe");
+        mux.on_frame(Frame::Reset { stream: 5, code: code::NORMAL }).unwrap();
+        let st = s.state.lock().unwrap();
+        assert_eq!(st.inbox.len(), 0, "chunks kept by a stream that is gone");
+        assert_eq!((st.held, mux.buffered.load(Ordering::Relaxed)), (0, 0));
+        assert_eq!(mux.pipes.load(Ordering::Relaxed), 0, "a pipe kept by a stream that is gone");
     }
 
     /// New streams go on the lane with the fewest bulk streams and packet channels, then the

@@ -7,10 +7,10 @@
 //!   is on, for public ports `1024-65535`; our own protocol on the same port refuses every
 //!   tunnel (no secret), as `wstunnel server` without `--secret-file` does.
 //! - `wstun -r<public>:<host>:<port> ws[s]://server:port [-u <board>]`: reverse client. The
-//!   process exits when its control socket closes (the lightning-rod respawns it); opening it,
-//!   the client retries for [`CONTROL_RETRY_FOR`] while the server is unreachable or the port
-//!   is busy (a restarted tunnel racing the old one's teardown). Like wstun, `wss://` does not
-//!   verify the server certificate.
+//!   process exits when its control socket closes or falls silent ([`CONTROL_IDLE_TIMEOUT`];
+//!   the lightning-rod respawns it); opening it, the client retries for [`CONTROL_RETRY_FOR`]
+//!   while the server is unreachable or the port is busy (a restarted tunnel racing the old
+//!   one's teardown). Like wstun, `wss://` does not verify the server certificate.
 //!
 //! Forward mode (`-t`, `-s` without `-r`) is not supported.
 
@@ -22,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -125,14 +126,37 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub const CONTROL_RETRY_FOR: Duration = Duration::from_secs(20);
 const CONTROL_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
 
-async fn dial_raw(url: &str, query: &str) -> Result<Result<Ws, WsError>, Error> {
+/// How long an open control socket may bring nothing (no announcement, no ping, no pong)
+/// before the client takes it for dead (a NAT dropped it without a word) and ends, so that the
+/// lightning-rod starts a new one. Our server pings every 20 s; the client pings every third
+/// of this as well, which any server answers (one that never pings too).
+pub const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(65);
+/// How long a dial (TCP, TLS and the upgrade) or a data socket's connect to its target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message (and frame) taken on a data socket: wstun peers send what one read
+/// of a TCP socket brought (64 KiB at most), and tungstenite's defaults (64 MiB messages,
+/// 16 MiB frames) would let a server make the board set aside that much per socket.
+const DATA_MAX: usize = 1 << 20;
+/// The largest message (and frame) taken on a control socket, which brings only `NC:<id>`
+/// announcements and pings.
+const CONTROL_MAX: usize = 16 * 1024;
+
+async fn dial_raw(url: &str, query: &str, max: usize) -> Result<Result<Ws, WsError>, Error> {
     let req = request(url, query)?;
     let connector = if url.starts_with("wss://") {
         Some(Connector::Rustls(crate::tls::client_config_insecure()?))
     } else {
         Some(Connector::Plain)
     };
-    Ok(tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await.map(|(ws, _)| ws))
+    // tungstenite allocates what a frame header announces below `max_frame_size` before it
+    // checks `max_message_size`: both are `max`.
+    let cfg = WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
+    let dial = tokio_tungstenite::connect_async_tls_with_config(req, Some(cfg), true, connector);
+    Ok(match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
+        Ok(res) => res.map(|(ws, _)| ws),
+        // An I/O error: worth another try, as an unreachable server is.
+        Err(_) => Err(WsError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))),
+    })
 }
 
 /// The error of a failed dial, with the server's reason for an HTTP refusal.
@@ -156,7 +180,7 @@ fn retryable(e: &WsError) -> bool {
 }
 
 async fn dial(url: &str, query: &str) -> Result<Ws, Error> {
-    dial_raw(url, query).await?.map_err(|e| dial_error(url, &e))
+    dial_raw(url, query, DATA_MAX).await?.map_err(|e| dial_error(url, &e))
 }
 
 /// Opens the control socket, retrying as [`CONTROL_RETRY_FOR`] says; `None` on `shutdown`.
@@ -164,7 +188,7 @@ async fn dial_control(url: &str, query: &str, shutdown: &CancellationToken) -> R
     let deadline = tokio::time::Instant::now() + CONTROL_RETRY_FOR;
     let mut pause = Duration::from_millis(100);
     loop {
-        match dial_raw(url, query).await? {
+        match dial_raw(url, query, CONTROL_MAX).await? {
             Ok(ws) => return Ok(Some(ws)),
             Err(e) if retryable(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tracing::info!(cause = %dial_error(url, &e), "wstun control socket not open yet; trying again");
@@ -180,9 +204,15 @@ async fn dial_control(url: &str, query: &str, shutdown: &CancellationToken) -> R
 }
 
 impl LegacyClient {
-    /// Runs until the control socket closes (an error: the caller exits non-zero, and the
-    /// lightning-rod respawns the tunnel) or `shutdown`.
+    /// Runs until the control socket closes or brings nothing for [`CONTROL_IDLE_TIMEOUT`]
+    /// (an error: the caller exits non-zero, and the lightning-rod respawns the tunnel) or
+    /// `shutdown`.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.run_with_idle_timeout(shutdown, CONTROL_IDLE_TIMEOUT).await
+    }
+
+    /// [`run`](Self::run), taking the control socket for dead after `idle` without a message.
+    pub async fn run_with_idle_timeout(&self, shutdown: CancellationToken, idle: Duration) -> Result<(), Error> {
         let host = tokio_tungstenite::tungstenite::http::Uri::try_from(self.url.as_str())
             .ok()
             .and_then(|u| u.host().map(str::to_owned))
@@ -194,14 +224,31 @@ impl LegacyClient {
         let Some(mut control) = dial_control(&self.url, &query, &shutdown).await? else { return Ok(()) };
         tracing::info!(url = self.url, port = self.public_port, target = self.target, "wstun control socket open");
         let conns = Arc::new(tokio::sync::Semaphore::new(4096));
+        // Without a word from the server for `idle` (its pings, or its pongs to ours, which a
+        // server that does not ping answers too) the connection is gone: a NAT dropped it
+        // silently, and no close will ever come.
+        let mut ping = tokio::time::interval((idle / 3).max(Duration::from_millis(1)));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut heard = tokio::time::Instant::now();
         loop {
             let msg = tokio::select! {
                 m = control.next() => m,
+                _ = tokio::time::sleep_until(heard + idle) => {
+                    return Err(Error::Legacy(format!("control socket silent for {idle:?}: presumed dead")));
+                }
+                _ = ping.tick() => {
+                    if !matches!(tokio::time::timeout(idle, control.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) {
+                        return Err(Error::Legacy("control socket: cannot send a ping".into()));
+                    }
+                    continue;
+                }
                 _ = shutdown.cancelled() => {
                     let _ = control.close(None).await;
                     return Ok(());
                 }
             };
+            heard = tokio::time::Instant::now();
             match msg {
                 Some(Ok(Message::Text(t))) => match nc_id(t.as_str()) {
                     Some(id) => self.spawn_data(id.to_owned(), conns.clone()),
@@ -228,8 +275,9 @@ impl LegacyClient {
         tokio::spawn(async move {
             let _permit = permit;
             let res = async {
-                let tcp = TcpStream::connect(target.as_str())
+                let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.as_str()))
                     .await
+                    .map_err(|_| Error::Legacy(format!("connect to {target}: timed out")))?
                     .map_err(|e| Error::Legacy(format!("connect to {target}: {e}")))?;
                 let ws = dial(&url, &format!("id={id}")).await?;
                 crate::server::pipe_legacy(ws, tcp, None).await.map_err(Error::Legacy)

@@ -295,6 +295,55 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     .await;
 }
 
+/// A request refused with `UNAVAILABLE` is asked for again on the connection that refused it
+/// only: once the board has reconnected (and asked for everything on the new connection), the
+/// retry would be a second request for an id the server holds there, refused for good, and
+/// the board would drop an exposure and a VPN that the server keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_armed_before_a_reconnect_does_not_drop_what_the_reconnect_restored() {
+    let down = Arc::new(AtomicBool::new(false));
+    let hooks = Flaky { down: down.clone() };
+    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let kept = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap();
+    let vpn = within("packets", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    // The board reconnects while the cloud cannot decide: both are refused, and each refusal
+    // arms a retry on that connection.
+    down.store(true, Ordering::SeqCst);
+    assert_eq!(srv.handle.close_board("b"), 1);
+    wait_until("both refused", || srv.handle.stats().refusals_total >= 2).await;
+    // The cloud is back and the board reconnects again: both are re-established at once.
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(srv.handle.close_board("b"), 1);
+    wait_until("listener back", || srv.handle.listeners().iter().any(|l| l.port == kept.port)).await;
+    let PacketChannel { sender, mut receiver } = vpn;
+    within("packets back", async {
+        loop {
+            let _ = sender.send(b"ping").await; // fails while the channel is down
+            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await {
+                assert_eq!(p, b"ping"[..]);
+                return;
+            }
+        }
+    })
+    .await;
+    // The retries come due 5 to 10 s after the refusals (the client's jittered
+    // `UNAVAILABLE_RETRY`): neither is sent, the connection that refused them is gone.
+    let refusals = srv.handle.stats().refusals_total;
+    wait_until("both retries due", || client.retries().0 + client.retries().1 >= 2).await;
+    assert_eq!(client.retries(), (0, 2), "a retry went to the new connection");
+    assert_eq!(srv.handle.stats().refusals_total, refusals);
+    let s = client.state().borrow().clone();
+    assert_eq!(s.exposures.iter().map(|e| (e.id, e.port)).collect::<Vec<_>>(), vec![(kept.id, Some(kept.port))]);
+    assert_eq!(s.last_refusal, None);
+    assert_eq!(srv.handle.listeners(), vec![ListenerInfo { board: "b".into(), port: kept.port, legacy: false }]);
+    assert_echo(kept.port).await;
+    assert_eq!(client.packet_channels(), 1);
+    sender.send(b"still").await.unwrap();
+    assert_eq!(within("echo", receiver.recv()).await.unwrap(), b"still"[..]);
+}
+
 /// A token for a server-assigned port (port 0) may ask again for a port the server assigns
 /// (a reconnect keeps its port: tunnel.rs, `the_client_reconnects_after_the_server_restarts…`),
 /// but not for a port of its choosing elsewhere on the host.

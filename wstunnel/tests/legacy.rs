@@ -224,6 +224,40 @@ async fn a_silent_wstun_control_socket_frees_its_port() {
     .await;
 }
 
+/// Our wstun client takes a control socket that brings nothing (no ping, no pong to its own
+/// pings: a NAT dropped the connection without a word) for dead after its idle timeout, and
+/// ends with an error (the lightning-rod starts a new one) instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The handshake callback signature (and its large error type) is tungstenite's.
+#[allow(clippy::result_large_err)]
+async fn our_wstun_client_ends_when_its_control_socket_falls_silent() {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    // A server that completes the upgrade, then neither reads nor writes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let subprotocol = |_: &Request, mut resp: Response| {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("tunnel-protocol"));
+            Ok(resp)
+        };
+        let ws = tokio_tungstenite::accept_hdr_async(tcp, subprotocol).await.unwrap();
+        std::future::pending::<()>().await;
+        drop(ws);
+    });
+    let client = LegacyClient {
+        public_port: 50_022, // the silent server binds nothing
+        target: "127.0.0.1:9".into(),
+        url: format!("ws://{addr}"),
+        board: None,
+    };
+    let idle = std::time::Duration::from_millis(300);
+    let res = tokio::time::timeout(idle * 10, client.run_with_idle_timeout(CancellationToken::new(), idle)).await;
+    let err = res.expect("the client still waits on a silent control socket").unwrap_err();
+    assert!(err.to_string().contains("silent"), "{err}");
+    server.abort();
+}
+
 /// Connections waiting for their data socket are capped per port as well as in all: users
 /// piling up on one board's port (whose board never opens data sockets) leave room for the
 /// other legacy boards' connections.

@@ -342,6 +342,49 @@ async fn a_failed_local_connect_resets_only_that_stream() {
     assert_eq!(echo_once(&mut s, b"ok").await, b"ok");
 }
 
+/// Sockets of this process's network namespace still connecting (SYN_SENT) to 127.0.0.1:`port`.
+fn connecting_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).filter(|l| l.split_whitespace().skip(2).take(2).eq([remote.as_str(), "02"])).count()
+}
+
+/// A stream the server resets while the board is still connecting to its target (one that
+/// does not answer) gives up that connect at once: a server repeating Open and Reset would
+/// otherwise pile connects (and the data sent with each Open) up on the board until each
+/// timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_while_its_target_does_not_answer_gives_up_the_connect() {
+    use socket2::{Domain, SockRef, Socket, Type};
+    let srv = start_server().await;
+    // A target whose accept queue is full: the kernel drops the SYNs of further connects,
+    // which wait (SYN_SENT) for as long as their caller lets them.
+    let target = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    target.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    target.listen(0).unwrap();
+    let addr = target.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(addr)).await {
+        queued.push(s);
+        assert!(queued.len() < 16, "the accept queue does not fill");
+    }
+    wait_until("the probe's connect gone", || connecting_to(addr.port()) == 0).await;
+
+    let mut cfg = client_config(&srv.url());
+    cfg.target_connect_timeout = Duration::from_secs(600);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = wstunnel::client::start(cfg, stop.clone()).unwrap();
+    let port = within("expose", client.expose(token("b", 0), 0, addr.to_string())).await.unwrap().port;
+    let mut user = connect(port).await;
+    user.write_all(b"hello?").await.unwrap();
+    wait_until("the board connects to the target", || connecting_to(addr.port()) == 1).await;
+    // The user leaves with a TCP reset: the server resets the stream.
+    SockRef::from(&user).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(user);
+    wait_until("the board gave up its connect", || connecting_to(addr.port()) == 0).await;
+    stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_reads_does_not_make_anyone_buffer_without_bound() {
     let srv = start_server().await;

@@ -2,7 +2,7 @@
 //! packet channel, then dispatch frames until the channel dies.
 
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use s4t_shared::backoff::Backoff;
@@ -193,9 +193,9 @@ fn on_frame(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, f: Frame) ->
                 lanes.ensure(inner, mux);
             }
         }
-        Frame::ListenOk { listener, port } => listen_result(inner, listener, Ok(port)),
-        Frame::ListenErr { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
-        Frame::ListenerClosed { listener, code, reason } => listen_result(inner, listener, Err((code, reason))),
+        Frame::ListenOk { listener, port } => listen_result(inner, mux, listener, Ok(port)),
+        Frame::ListenErr { listener, code, reason } => listen_result(inner, mux, listener, Err((code, reason))),
+        Frame::ListenerClosed { listener, code, reason } => listen_result(inner, mux, listener, Err((code, reason))),
         Frame::PacketOk { channel } => packet_result(inner, mux, lanes, channel, Ok(())),
         Frame::PacketErr { channel, code, reason } => packet_result(inner, mux, lanes, channel, Err((code, reason))),
         Frame::PacketClose { channel, code, reason } => packet_result(inner, mux, lanes, channel, Err((code, reason))),
@@ -234,8 +234,17 @@ fn open(
     lanes.ensure(inner, mux);
     let (mux, timeout) = (mux.clone(), inner.cfg.target_connect_timeout);
     tokio::spawn(async move {
-        match tokio::time::timeout(timeout, TcpStream::connect(target.as_str())).await {
+        // A stream reset meanwhile (or whose lane or channel died: its `dead` is their child)
+        // gives up its connect at once: a server repeating Open and Reset against a slow
+        // target would otherwise pile up connects, and the data they hold, until each timed out.
+        let res = tokio::select! {
+            res = tokio::time::timeout(timeout, TcpStream::connect(target.as_str())) => res,
+            _ = s.dead.cancelled() => return,
+        };
+        match res {
             Ok(Ok(tcp)) => run_stream(mux, s, tcp).await,
+            // Reset by now: the id may be another stream's already.
+            _ if s.dead.is_cancelled() => {}
             res => {
                 let cause = match res {
                     Ok(Err(e)) => e.to_string(),
@@ -343,24 +352,55 @@ const IN_USE_RETRY: Duration = Duration::from_secs(2);
 /// a recovering cloud is not asked by every board at once.
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(5);
 
-/// Sends `frame` again after `delay` if `still_wanted` then, on whatever connection is live.
-fn ask_again(inner: &Arc<Inner>, delay: Duration, frame: Frame, still_wanted: fn(&Inner, u32) -> bool, id: u32) {
-    let inner = inner.clone();
+/// Asks again for `id` after `delay` (`again` builds the request from what the board holds
+/// then, with the token it last renewed), but only on `refused_on`, the connection that
+/// refused it: after a reconnect, `restore` has asked for it on the new connection already,
+/// and a second request for an id the server holds there would be refused for good
+/// (`PROTOCOL`), dropping the exposure or packet channel on the board while the server kept it.
+fn ask_again(inner: &Arc<Inner>, refused_on: &Arc<Mux>, delay: Duration, id: u32, again: fn(&Inner, &Weak<Mux>, u32)) {
+    let (inner, refused_on) = (inner.clone(), Arc::downgrade(refused_on));
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        if still_wanted(&inner, id) {
-            inner.send_if_connected(&frame);
-        }
+        again(&inner, &refused_on, id);
     });
+}
+
+/// [`ask_again`] for exposure `id`, if the board still holds it.
+fn listen_again(inner: &Inner, refused_on: &Weak<Mux>, id: u32) {
+    // Under the exposure lock, which `restore` holds while it makes a new connection the live
+    // one: either this sees the new connection (and sends nothing) or `restore` comes after.
+    let ex = inner.exposures.lock().expect("exposures");
+    let frame = ex.get(&id).map(|e| Frame::Listen {
+        listener: id,
+        port: e.assigned.unwrap_or(e.requested),
+        token: e.token.clone(),
+    });
+    inner.send_if_live(refused_on, frame.as_ref());
+}
+
+/// [`ask_again`] for packet channel `id`, if the board still holds it.
+fn packets_again(inner: &Inner, refused_on: &Weak<Mux>, id: u32) {
+    // Under the packets lock, for the same reason as `listen_again`.
+    let pk = inner.packets.lock().expect("packets");
+    let frame = pk.get(&id).map(|p| Frame::PacketOpen { channel: id, vpn: p.vpn.clone(), token: p.token.clone() });
+    inner.send_if_live(refused_on, frame.as_ref());
 }
 
 fn jittered(d: Duration) -> Duration {
     d + d.mul_f64(rand::random::<f64>())
 }
 
-fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
+/// The server's answer to a `Listen`, or its closing of a listener. A `ListenOk` for an
+/// exposure the board no longer holds (removed while the server was opening it) is answered
+/// with `Unlisten`, so the server closes what it just opened.
+fn listen_result(inner: &Arc<Inner>, mux: &Arc<Mux>, id: u32, res: Result<u16, (u16, String)>) {
     let mut ex = inner.exposures.lock().expect("exposures");
-    let Some(e) = ex.get_mut(&id) else { return };
+    let Some(e) = ex.get_mut(&id) else {
+        if res.is_ok() {
+            let _ = mux.out.try_ctrl(&Frame::Unlisten { listener: id });
+        }
+        return;
+    };
     match res {
         Ok(port) => {
             e.assigned = Some(port);
@@ -376,8 +416,7 @@ fn listen_result(inner: &Arc<Inner>, id: u32, res: Result<u16, (u16, String)>) {
             // decides.
             let delay = if c == code::IN_USE { IN_USE_RETRY } else { jittered(UNAVAILABLE_RETRY) };
             tracing::warn!(code = c, %reason, target = e.target, "exposure not re-established yet: retrying");
-            let frame = Frame::Listen { listener: id, port: e.assigned.unwrap_or(e.requested), token: e.token.clone() };
-            ask_again(inner, delay, frame, |i, id| i.exposures.lock().expect("exposures").contains_key(&id), id);
+            ask_again(inner, mux, delay, id, listen_again);
         }
         Err((code, reason)) => {
             tracing::warn!(code, %reason, target = e.target, "exposure refused or closed by the server");
@@ -423,14 +462,7 @@ fn packet_result(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, id: u32
             // A packet channel that was open before (its opener has its answer) and the cloud
             // cannot decide now: keep it and ask again.
             tracing::warn!(%reason, vpn = p.vpn, "packet channel not re-established yet: retrying");
-            let frame = Frame::PacketOpen { channel: id, vpn: p.vpn.clone(), token: p.token.clone() };
-            ask_again(
-                inner,
-                jittered(UNAVAILABLE_RETRY),
-                frame,
-                |i, id| i.packets.lock().expect("packets").contains_key(&id),
-                id,
-            );
+            ask_again(inner, mux, jittered(UNAVAILABLE_RETRY), id, packets_again);
         }
         Err((code, reason)) => {
             tracing::warn!(code, %reason, vpn = p.vpn, "packet channel refused or closed by the server");

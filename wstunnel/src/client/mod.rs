@@ -152,6 +152,9 @@ pub(crate) struct Inner {
     /// An exposure or packet channel was asked for: a client that had nothing to dial for
     /// dials now.
     wanted: Notify,
+    /// Delayed requests (after `IN_USE`/`UNAVAILABLE`) that came due: sent, and not sent
+    /// (withdrawn meanwhile, or the connection that refused them is gone).
+    retries: [AtomicU32; 2],
 }
 
 /// Controls a running client. Cheap to clone.
@@ -176,6 +179,7 @@ pub fn start(cfg: ClientConfig, shutdown: CancellationToken) -> Result<ClientHan
         state: watch::Sender::new(ClientState::default()),
         next_id: AtomicU32::new(1),
         wanted: Notify::new(),
+        retries: Default::default(),
     });
     tokio::spawn(run(inner.clone(), shutdown));
     Ok(ClientHandle { inner })
@@ -265,6 +269,13 @@ impl ClientHandle {
         self.inner.packets.lock().expect("packets").len()
     }
 
+    /// Delayed requests that came due: (sent again, not sent: withdrawn meanwhile, or asked
+    /// for on a new connection already).
+    pub fn retries(&self) -> (u32, u32) {
+        let [sent, not] = &self.inner.retries;
+        (sent.load(Ordering::Relaxed), not.load(Ordering::Relaxed))
+    }
+
     /// Watches the connection state.
     pub fn state(&self) -> watch::Receiver<ClientState> {
         self.inner.state.subscribe()
@@ -289,6 +300,21 @@ impl Inner {
             // is sent again on the next connection.
             let _ = mux.out.try_ctrl(f);
         }
+    }
+
+    /// Sends a delayed request `f` (`None`: withdrawn meanwhile) on `mux` if it is still the
+    /// live connection (not after a reconnect), and counts it in [`ClientHandle::retries`].
+    fn send_if_live(&self, mux: &Weak<Mux>, f: Option<&s4t_shared::tunnel::Frame>) {
+        let conn = self.conn.lock().expect("conn");
+        let sent = match (f, conn.as_ref(), mux.upgrade()) {
+            (Some(f), Some(live), Some(mux)) if Arc::ptr_eq(live, &mux) => {
+                // A full control queue: as in `send_if_connected`.
+                let _ = mux.out.try_ctrl(f);
+                true
+            }
+            _ => false,
+        };
+        self.retries[usize::from(!sent)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The last handle of packet channel `id` was dropped (or its opener gave up): forget it
