@@ -698,12 +698,15 @@ async fn notify_result(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
     match c.db.request(req, None).await {
         Ok(Some(r)) if r.destination == board => {}
         Ok(_) => return wamp_message("ERROR", json!(format!("no request {req} for board {board}"))),
-        Err(e) => return wamp_message("ERROR", json!(format!("cannot record the result: {e}"))),
+        // An error the board retries (it keeps the result and sends it again); an ERROR
+        // answer is final for it, and the result was lost until the sweep failed the
+        // request two hours later.
+        Err(e) => return unavailable("cannot record the result", Some(&e)),
     }
     let message = msg.get("message").cloned().unwrap_or(Value::Null);
     let m = ConductorMsg::Result { request: req.to_owned(), board, result: result.to_owned(), message };
     if let Err(e) = c.bus.to_conductor(&m).await {
-        return wamp_message("ERROR", json!(format!("cannot record the result: {e}")));
+        return unavailable("cannot record the result", Some(&e));
     }
     wamp_message("SUCCESS", json!("notification_received"))
 }
@@ -880,6 +883,34 @@ mod tests {
                 Err(s4t_wamp::Error::Wamp(e)) => assert_eq!(e.error, UNAVAILABLE, "{procedure}"),
                 other => panic!("{procedure}: {other:?}"),
             }
+        }
+        shutdown.cancel();
+    }
+
+    /// A board's result that the cloud cannot record now (its database or bus fails) gets a
+    /// WAMP error, which the board retries; an `ERROR` reply, final for it, lost the result
+    /// until the sweep failed the request two hours later.
+    #[tokio::test]
+    async fn a_result_the_cloud_cannot_record_now_is_an_error_the_board_retries() {
+        let TestAgent { _dir, db, boards, url, shutdown, .. } = test_agent(&[("b1", "c1")], None, true).await;
+        let board =
+            s4t_wamp::client::connect(&s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous))
+                .await
+                .unwrap();
+        let call = |procedure: &'static str, kw: Value| {
+            let kw: Dict = kw.as_object().unwrap().clone().into_iter().collect();
+            board.call(procedure, vec![], kw, Duration::from_secs(10))
+        };
+        let login = json!({"uuid": boards[0], "session": board.id(), "info": {}});
+        let reply = call("agent-1.stack4things.connection", login).await.unwrap();
+        let reply: Value = serde_json::from_str(reply.args[0].as_str().unwrap()).unwrap();
+        assert_eq!(reply["result"], "SUCCESS", "{reply}");
+        db.close().await;
+        let result = json!({"req_id": "r1", "result": "SUCCESS", "message": "done"}).to_string();
+        match call("agent-1.stack4things.notify_result", json!({"board_uuid": boards[0], "wampmessage": result})).await
+        {
+            Err(s4t_wamp::Error::Wamp(e)) => assert_eq!(e.error, UNAVAILABLE),
+            other => panic!("{other:?}"),
         }
         shutdown.cancel();
     }

@@ -112,17 +112,18 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// `scheme://user:pass@host/…` → `scheme://user:***@host/…`.
+/// `scheme://user:pass@host/…` → `scheme://user:***@host/…`. The password runs from the
+/// first `:` after the user to the last `@`: a password not percent-encoded may hold `/` or
+/// `@` (one from `openssl rand -base64` often does), and cutting the authority at the first
+/// `/` printed it whole. A URL with an `@` further on (in its query) loses its host too:
+/// hiding too much beats printing a password.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
-            format!("{scheme}://{masked}@{host}{path}")
-        }
-        None => url.to_owned(),
+    let Some((user, _)) = rest.split_once(':') else { return url.to_owned() };
+    match rest.rfind('@') {
+        // `user` holding `/` or `@`: that `:` is a port's or the path's, there is no password.
+        Some(at) if !user.contains(['/', '@']) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        _ => url.to_owned(),
     }
 }
 
@@ -317,6 +318,11 @@ mod tests {
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite:///tmp/x.sqlite?mode=rwc"), "sqlite:///tmp/x.sqlite?mode=rwc");
+        assert_eq!(redact_url("postgres://h:5432/db"), "postgres://h:5432/db");
+        assert_eq!(redact_url("postgres://u@h:5432/db?a=b:c"), "postgres://u@h:5432/db?a=b:c");
+        // A password that is not percent-encoded may hold `/` and `@`.
+        assert_eq!(redact_url("postgres://u:ab/c@d@db:5432/x"), "postgres://u:***@db:5432/x");
+        assert_eq!(redact_url("amqp://guest:a/b@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         let url = DatabaseUrl::new("amqp://guest:hunter2@127.0.0.1:5672/%2f");
         assert!(!format!("{url:?} {url}").contains("hunter2"));
     }
