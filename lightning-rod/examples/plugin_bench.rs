@@ -74,7 +74,14 @@ async fn main() -> Result<()> {
     let started: usize = args.get(1).map_or(Ok(32), |s| s.parse())?;
     let dir = tempfile::tempdir()?;
     let store = StateStore::open(dir.path())?;
-    let config = PluginsConfig { max_running: started + 4, fuel: 1 << 40, call_timeout_s: 3, ..Default::default() };
+    // A whole core: the interpreter's speed is measured, not the CPU share plugins get.
+    let config = PluginsConfig {
+        max_running: started + 4,
+        fuel: 1 << 40,
+        cpu_share: 1.0,
+        call_timeout_s: 3,
+        ..Default::default()
+    };
     let (tx, _telemetry) = mpsc::channel(64);
     let plugins =
         Arc::new(PluginManager::new(store, config, Hal::sim(32), "bench".into(), tx, CancellationToken::new()));

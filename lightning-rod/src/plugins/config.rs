@@ -25,22 +25,31 @@ pub struct PluginsConfig {
     /// Fuel (about one per WebAssembly instruction) a run may hold: a call's budget, and what
     /// a started plugin may spend without sleeping. Sleeping earns it back in proportion to the
     /// time slept (all of it per second of sleep), so a run never executes more than `fuel`
-    /// plus `fuel` a second slept. A plugin that burns it is stopped and reported.
+    /// plus `fuel` a second slept. A plugin that burns it is stopped and reported. Fuel
+    /// catches a plugin that never sleeps; what it costs in CPU depends on the board's speed,
+    /// so the CPU a plugin may use is bounded by `cpu_share`.
     #[serde(default = "default_plugin_fuel")]
     pub fuel: u64,
+    /// Share of one core a WebAssembly run may use on average, measured in the CPU time of its
+    /// thread (0.01 to 1): after a burst of one second of CPU, a run that uses more is made to
+    /// wait (not stopped) until its average is back within the share. Together, plugins use at
+    /// most `max_running` times this.
+    #[serde(default = "default_plugin_cpu_share")]
+    pub cpu_share: f64,
     /// Wall-clock limit of one `PluginCall`, every kind.
     #[serde(default = "default_plugin_call_timeout_s")]
     pub call_timeout_s: u64,
     /// Largest result, telemetry message or output line a plugin may produce.
     #[serde(default = "default_plugin_max_output_bytes")]
     pub max_output_bytes: usize,
-    /// Telemetry one run may publish, in bytes of JSON a second on average; more is dropped
-    /// (the plugin's `publish` fails), so plugins cannot crowd the agent's own messages off a
-    /// slow uplink.
+    /// Telemetry one run may publish, in bytes on the wire a second on average (each message
+    /// costs its data, the plugin's uuid and name and about 100 bytes of framing); more is
+    /// dropped (the plugin's `publish` fails), so plugins cannot crowd the agent's own
+    /// messages off a slow uplink.
     #[serde(default = "default_plugin_telemetry_bytes_per_s")]
     pub telemetry_bytes_per_s: u64,
     /// Telemetry one run may publish at once, in bytes, before `telemetry_bytes_per_s` applies.
-    /// A message larger than this is always dropped.
+    /// A message costing more than this is always dropped.
     #[serde(default = "default_plugin_telemetry_burst_bytes")]
     pub telemetry_burst_bytes: u64,
     /// GPIO lines a plugin may be granted (the injection names which it gets).
@@ -90,6 +99,9 @@ fn default_plugin_memory_bytes() -> usize {
 fn default_plugin_fuel() -> u64 {
     500_000_000
 }
+fn default_plugin_cpu_share() -> f64 {
+    0.25
+}
 fn default_plugin_call_timeout_s() -> u64 {
     30
 }
@@ -123,6 +135,7 @@ impl Default for PluginsConfig {
             max_plugins: default_plugin_max_plugins(),
             memory_limit_bytes: default_plugin_memory_bytes(),
             fuel: default_plugin_fuel(),
+            cpu_share: default_plugin_cpu_share(),
             call_timeout_s: default_plugin_call_timeout_s(),
             max_output_bytes: default_plugin_max_output_bytes(),
             telemetry_bytes_per_s: default_plugin_telemetry_bytes_per_s(),
@@ -159,6 +172,10 @@ impl PluginsConfig {
             if !range.contains(&v) {
                 return Err(Error::invalid(format!("{name} = {v}: not in {}..={}", range.start(), range.end())));
             }
+        }
+        // Written this way round, NaN is refused too.
+        if !(0.01..=1.0).contains(&self.cpu_share) {
+            return Err(Error::invalid(format!("plugins.cpu_share = {}: not in 0.01..=1", self.cpu_share)));
         }
         if let Some(a) = self.allow_i2c.iter().find(|g| !(0x03..=0x77).contains(&g.address)) {
             return Err(Error::invalid(format!("plugins.allow_i2c: address {:#04x} is not 0x03..=0x77", a.address)));

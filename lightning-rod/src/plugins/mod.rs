@@ -54,6 +54,11 @@ const PLUGIN_STACK: usize = 2 << 20;
 const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Delayed `PluginStop`s waiting at once; more are refused.
 pub const MAX_DELAYED_STOPS: usize = 16;
+/// Largest parameters (as JSON) of a `PluginStart` or `PluginReboot`: they are saved in the
+/// plugin's entry, and plugins.json is read at every procedure and rewritten at every change
+/// of status, so `max_plugins` entries of a whole WAMP message each would cost every one of
+/// them tens of megabytes.
+pub const MAX_START_PARAMS: usize = 64 * 1024;
 
 /// One injected plugin, as `plugins.json` keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,11 +179,29 @@ pub fn check_uuid(uuid: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A plugin name goes into logs and a process plugin's environment: no control characters
-/// (a NUL cannot be in an environment variable or a thread name).
+/// Longest plugin name, in bytes.
+pub const MAX_NAME: usize = 255;
+
+/// A plugin name goes into logs, a process plugin's environment and every telemetry message:
+/// at most [`MAX_NAME`] bytes, no control characters (a NUL cannot be in an environment
+/// variable or a thread name).
 pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.len() > MAX_NAME {
+        return Err(format!("must be at most {MAX_NAME} bytes, got {}", name.len()));
+    }
     if name.chars().any(char::is_control) {
         return Err(format!("must not contain control characters, got {name:?}"));
+    }
+    Ok(())
+}
+
+/// Refuses start parameters larger than [`MAX_START_PARAMS`], before anything is saved.
+fn check_start_params(params: Option<&Value>) -> Result<()> {
+    let len = params.map_or(0, s4t_shared::wamp::message::json_len);
+    if len > MAX_START_PARAMS {
+        return Err(plugin_err(format!(
+            "the parameters are {len} bytes of JSON, more than the {MAX_START_PARAMS} bytes a started plugin may be given"
+        )));
     }
     Ok(())
 }
@@ -233,7 +256,10 @@ impl PluginManager {
         if save {
             let path = self.store.path(PLUGINS_FILE);
             let werr = |e: String| Error::Write { path: path.clone(), source: std::io::Error::other(e) };
-            let bytes = serde_json::to_vec_pretty(&reg).map_err(|e| werr(e.to_string()))?;
+            // Compact, unlike other state files: indented, a plugin's saved parameters (up to
+            // [`MAX_START_PARAMS`] of compact JSON) could take a hundred times that, nested
+            // deep with many short values.
+            let bytes = serde_json::to_vec(&reg).map_err(|e| werr(e.to_string()))?;
             let p = path.clone();
             // The lock goes with the write: a caller that gives up waiting (its future dropped)
             // does not let the next change save before this write is done.
@@ -555,6 +581,7 @@ impl PluginManager {
 
     /// `PluginStart`: runs the plugin on its own until it returns or is stopped.
     pub async fn start(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+        check_start_params(params.as_ref())?;
         let (me, uuid) = (self.clone(), uuid.to_owned());
         self.detached(async move {
             let _guard = me.edit.lock().await;
@@ -685,6 +712,8 @@ impl PluginManager {
 
     /// `PluginReboot`: stop, then start with `params` or the saved ones.
     pub async fn reboot(self: &Arc<Self>, uuid: &str, params: Option<Value>) -> Result<()> {
+        // Before the stop: refused parameters leave the run alone.
+        check_start_params(params.as_ref())?;
         let (me, uuid) = (self.clone(), uuid.to_owned());
         self.detached(async move {
             let _guard = me.edit.lock().await;

@@ -95,6 +95,14 @@ pub struct Telemetry {
 /// Bounded queue of telemetry between plugins and the WAMP session; full means dropped.
 pub const TELEMETRY_CAPACITY: usize = 64;
 
+/// What a telemetry message takes on the wire besides the JSON of its data, of the plugin's
+/// uuid and name and the board's uuid: the WAMP PUBLISH around it
+/// (`[16,<id>,{},"board.<uuid>.telemetry",[{"plugin":…,"name":…,"data":…}]]` is 73 bytes
+/// more with a 16-digit request id) and a WebSocket frame header (at most 14), rounded up.
+/// Charged with every message: charging the data alone let a plugin publishing `1` send a
+/// hundred times its rate.
+pub const TELEMETRY_MESSAGE_OVERHEAD: usize = 96;
+
 /// Everything a run may use besides its code.
 pub struct Job {
     pub uuid: String,
@@ -111,7 +119,8 @@ pub struct Job {
     pub rate: TelemetryRate,
 }
 
-/// Token bucket on the bytes a run publishes (`plugins.telemetry_bytes_per_s`, burst
+/// Token bucket on the bytes a run's telemetry puts on the wire ([`Job::wire_len`];
+/// `plugins.telemetry_bytes_per_s`, burst
 /// `plugins.telemetry_burst_bytes`): telemetry must not queue up ahead of the agent's own
 /// messages (keepalives, replies) on a slow uplink. What exceeds it is dropped and counted;
 /// the first drop and, at the run's end, the count are logged.
@@ -164,10 +173,17 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
+    /// What publishing `data` puts on the wire: the session sends
+    /// `{"plugin":uuid,"name":name,"data":data}` on `board.<board>.telemetry`.
+    pub fn wire_len(&self, data: &Value) -> usize {
+        use s4t_shared::wamp::message::json_len;
+        json_len(data) + json_len(&self.uuid) + json_len(&self.name) + self.board.len() + TELEMETRY_MESSAGE_OVERHEAD
+    }
+
     /// Queues `data` for publication; false when it exceeds the run's rate or the queue is
     /// full (the message is dropped).
     pub fn publish(&self, data: Value) -> bool {
-        if !self.rate.take(s4t_shared::wamp::message::json_len(&data)) {
+        if !self.rate.take(self.wire_len(&data)) {
             if self.rate.dropped() == 1 {
                 tracing::warn!(
                     plugin = %self.name,

@@ -177,7 +177,9 @@ const YIELDER: &str = r#"(module
 /// (instead of spinning a core until its deadline, or for ever once started).
 #[tokio::test]
 async fn sleeping_no_time_earns_no_fuel() {
-    let mut h = harness(config());
+    // This loop spends its CPU in host calls, little of it in fuel: held to a share of a core,
+    // a debug build would reach the call's time limit first. A whole core is no limit.
+    let mut h = harness(PluginsConfig { cpu_share: 1.0, ..config() });
     h.plugins.inject(wasm("yield", YIELDER, Grants::default()), false).await.unwrap();
     let End::Failed(why) = h.plugins.call("yield", json!({})).await.unwrap() else { panic!("not stopped") };
     assert!(why.contains("used all its fuel"), "{why}");
@@ -211,8 +213,9 @@ const FLOODER: &str = r#"(module
 /// plugin told so.
 #[tokio::test]
 async fn telemetry_is_held_to_its_rate() {
-    // 1 byte a second: nothing measurable refills during the run, so exactly the burst passes.
-    let mut h = harness(PluginsConfig { telemetry_bytes_per_s: 1, telemetry_burst_bytes: 4000, ..config() });
+    // 1 byte a second: nothing measurable refills during the run, so exactly the burst passes:
+    // 4 messages of 1000 bytes of data, each with its uuid, name, board and framing (1112).
+    let mut h = harness(PluginsConfig { telemetry_bytes_per_s: 1, telemetry_burst_bytes: 4500, ..config() });
     h.plugins.inject(wasm("flood", FLOODER, Grants::default()), false).await.unwrap();
     assert_eq!(h.plugins.call("flood", json!({})).await.unwrap(), End::Done { status: 4, result: None });
     let mut got = 0;
@@ -227,6 +230,154 @@ async fn telemetry_is_held_to_its_rate() {
     assert_eq!((defaults.telemetry_bytes_per_s, defaults.telemetry_burst_bytes), (16 * 1024, 64 * 1024));
     let zero = PluginsConfig { telemetry_bytes_per_s: 0, ..PluginsConfig::default() };
     assert!(zero.validate().unwrap_err().to_string().contains("plugins.telemetry_bytes_per_s"));
+}
+
+/// Telemetry is charged what it puts on the wire, not its data alone: a plugin publishing
+/// `1` over and over gets no more onto the wire than its burst (and one message).
+#[test]
+fn telemetry_is_charged_what_it_puts_on_the_wire() {
+    let burst = 4096;
+    let limits = PluginsConfig { telemetry_bytes_per_s: 1, telemetry_burst_bytes: burst, ..config() };
+    let (tx, mut rx) = mpsc::channel(100_000);
+    let job = run::Job {
+        uuid: "u1".into(),
+        name: "a-name".into(),
+        board: "b1".into(),
+        params: json!({}),
+        grants: Grants::default(),
+        mode: Mode::Start,
+        signal: Arc::new(StopSignal::default()),
+        hal: Hal::sim(32),
+        limits: limits.clone(),
+        telemetry: tx,
+        rate: run::TelemetryRate::new(&limits),
+    };
+    let accepted = (0..10_000).filter(|_| job.publish(json!(1))).count() as u64;
+    // What the session sends for one: its payload on the board's telemetry topic, in a
+    // PUBLISH (a WebSocket frame header comes on top).
+    let t = rx.try_recv().unwrap();
+    let payload = json!({"plugin": t.plugin, "name": t.name, "data": t.data});
+    let publish = json!([16, 1u64 << 52, {}, "board.b1.telemetry", [payload]]);
+    let wire = serde_json::to_vec(&publish).unwrap().len() as u64;
+    assert!(accepted > 0);
+    assert!(
+        accepted * wire <= burst + wire,
+        "{accepted} messages of {wire} bytes on the wire passed a burst of {burst} bytes"
+    );
+}
+
+/// A name goes with every telemetry message: at most 255 bytes.
+#[tokio::test]
+async fn a_plugin_name_is_at_most_255_bytes() {
+    let h = harness(config());
+    let mut p = wasm("echo", ECHO, Grants::default());
+    p.name = "n".repeat(MAX_NAME + 1);
+    let err = h.plugins.inject(p.clone(), false).await.unwrap_err().to_string();
+    assert!(err.contains("at most 255 bytes"), "{err}");
+    assert!(h.plugins.registry().unwrap().is_empty());
+    p.name = "é".repeat(MAX_NAME / 2);
+    h.plugins.inject(p, false).await.unwrap();
+}
+
+/// Start parameters are saved in the plugin's entry: larger than 64 KiB they are refused,
+/// by a start or a reboot, naming the limit, and nothing changes (a reboot does not stop the
+/// run either).
+#[tokio::test]
+async fn start_parameters_over_the_limit_are_refused_and_not_saved() {
+    let h = harness(config());
+    let mut p = wasm("ticker", TICKER, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    let big = json!({"data": "x".repeat(100 * 1024)});
+    let before = h.plugins.registry().unwrap()["ticker"].clone();
+    let err = h.plugins.start("ticker", Some(big.clone())).await.unwrap_err().to_string();
+    assert!(err.contains("65536"), "{err}");
+    assert_eq!(h.plugins.registry().unwrap()["ticker"], before);
+    assert_eq!(h.plugins.status("ticker").unwrap(), "DEAD");
+    let fits = json!({"data": "x".repeat(MAX_START_PARAMS - 20)});
+    h.plugins.start("ticker", Some(fits.clone())).await.unwrap();
+    let before = h.plugins.registry().unwrap()["ticker"].clone();
+    assert_eq!(before.params, fits);
+    let err = h.plugins.reboot("ticker", Some(big)).await.unwrap_err().to_string();
+    assert!(err.contains("65536"), "{err}");
+    assert_eq!(h.plugins.registry().unwrap()["ticker"], before);
+    assert_eq!(h.plugins.status("ticker").unwrap(), "ALIVE");
+    assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
+    // Nested deep with many short values, they take about their size in plugins.json too
+    // (indented, they would take megabytes).
+    let mut deep = Value::Array(vec![json!(0); 25_000]);
+    for _ in 0..100 {
+        deep = Value::Array(vec![deep]);
+    }
+    h.plugins.start("ticker", Some(deep.clone())).await.unwrap();
+    assert_eq!(h.plugins.registry().unwrap()["ticker"].params, deep);
+    let saved = std::fs::metadata(h.store.path(PLUGINS_FILE)).unwrap().len();
+    assert!(saved < MAX_START_PARAMS as u64 + 1024, "plugins.json is {saved} bytes");
+    assert!(within("stop", h.plugins.stop("ticker")).await.unwrap());
+}
+
+/// Sleeps 1 ms, then works (counts down from 1,000,000), for ever: every sleep earns back the
+/// fuel of the work after it.
+const SLEEP_AND_SPIN: &str = r#"(module
+  (import "s4t" "sleep_ms" (func $sleep (param i32)))
+  (memory (export "memory") 1)
+  (func (export "run") (result i32) (local $i i32)
+    (loop $l
+      (call $sleep (i32.const 1))
+      (local.set $i (i32.const 1000000))
+      (loop $spin
+        (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+        (br_if $spin (local.get $i)))
+      (br $l))
+    (i32.const 0)))"#;
+
+/// CPU time of this process's thread named `name` (`/proc/self/task/*/comm`), if it runs.
+fn thread_cpu(name: &str) -> Option<Duration> {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&t| t > 0)?;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // After the name: state is the first field, utime and stime the 12th and 13th.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            return Some(Duration::from_millis(ticks * 1000 / hz));
+        }
+    }
+    None
+}
+
+/// A plugin that sleeps a little between bursts of work earns all its fuel back, so fuel does
+/// not bound its CPU; its CPU share does. It keeps running (made to wait, not stopped), and
+/// its thread uses at most its share of the time since it started, plus the burst (1 s of
+/// CPU, `wasm::CPU_BURST`) and a margin. Without the share it uses most of a core.
+#[tokio::test]
+async fn a_plugin_that_sleeps_between_work_is_held_to_its_cpu_share() {
+    let share = 0.05;
+    let h = harness(PluginsConfig { fuel: u64::MAX / 4, cpu_share: share, ..config() });
+    let mut p = wasm("cpu", SLEEP_AND_SPIN, Grants::default());
+    p.callable = false;
+    h.plugins.inject(p, false).await.unwrap();
+    let started = std::time::Instant::now();
+    h.plugins.start("cpu", None).await.unwrap();
+    // Long enough that the burst does not hide the rest: unbounded, it uses a core (half of
+    // one on a loaded machine), 2.5 s or more; bounded, 1.25 s.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let used = thread_cpu("plugin-cpu").expect("the plugin's thread");
+    let elapsed = started.elapsed();
+    assert_eq!(h.plugins.status("cpu").unwrap(), "ALIVE");
+    // The margin: the slice or the work run past the last reading of the clock (about 0.1 s
+    // of CPU in a debug build), and clock ticks.
+    let bound = elapsed.mul_f64(share) + Duration::from_secs(1) + Duration::from_millis(400);
+    eprintln!("the plugin used {used:?} of CPU in {elapsed:?} (bound {bound:?})");
+    assert!(used <= bound, "the plugin used {used:?} of CPU in {elapsed:?}, more than {bound:?}");
+    assert!(within("stop", h.plugins.stop("cpu")).await.unwrap());
+    assert_eq!(PluginsConfig::default().cpu_share, 0.25);
+    for bad in [0.0, 1.5, f64::NAN] {
+        let e = PluginsConfig { cpu_share: bad, ..PluginsConfig::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("plugins.cpu_share"), "{e}");
+    }
 }
 
 /// The agent runs a current-thread runtime: a busy plugin must not hold it.
@@ -576,7 +727,12 @@ async fn a_process_plugin_that_never_reads_its_parameters_is_stopped() {
     let mut p = script("deaf", &format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", pid_pipe.display()));
     p.callable = false;
     h.plugins.inject(p, false).await.unwrap();
-    h.plugins.start("deaf", Some(json!({"data": "x".repeat(100_000)}))).await.unwrap();
+    // A start takes at most 64 KiB of parameters, about what a pipe holds; saved by an older
+    // agent, they can be larger.
+    let mut reg = h.plugins.registry().unwrap();
+    reg.get_mut("deaf").unwrap().params = json!({"data": "x".repeat(100_000)});
+    h.store.save(PLUGINS_FILE, &reg).unwrap();
+    h.plugins.start("deaf", None).await.unwrap();
     // Read on a thread of its own: a plugin that never writes leaves no blocked runtime thread.
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || tx.send(std::fs::read_to_string(&pid_pipe).unwrap()));

@@ -13,6 +13,14 @@
 //! clock for calls (`plugins.call_timeout_s`), output size (`plugins.max_output_bytes`),
 //! telemetry bytes a second (`plugins.telemetry_bytes_per_s`). Fuel is handed out in slices; between slices the run checks
 //! the stop signal and the deadline, so a busy loop stops within one slice.
+//!
+//! Fuel and CPU bound different things. Fuel counts instructions: a run that never sleeps
+//! runs out and is stopped, but one that sleeps a little between bursts of work earns its fuel
+//! back, and what `fuel` instructions cost in CPU depends on the board (the interpreter runs
+//! several times slower on a small ARM board than on a PC). So the CPU time of the run's
+//! thread is metered too, at every slice and every `sleep_ms`: it may use `plugins.cpu_share`
+//! of a core on average, after a burst of [`CPU_BURST`]; beyond that the run is made to wait
+//! (as in a sleep: a stop ends the wait, and a call's deadline still applies), not stopped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -54,9 +62,16 @@ pub const ERR_BUSY: i32 = -5;
 const FUEL_SLICE: u64 = 2_000_000;
 /// Sleeping this long earns back all of `plugins.fuel`; shorter sleeps earn their share. A run
 /// thus executes at most `fuel` instructions plus `fuel` per second it slept, however it calls
-/// `sleep_ms` (a loop on `sleep_ms(0)` earns nothing and ends out of fuel).
+/// `sleep_ms` (a loop on `sleep_ms(0)` earns nothing and ends out of fuel). What that costs in
+/// CPU is bounded apart, by [`CpuBudget`].
 pub const FUEL_REFILL_PERIOD: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// CPU time a run may use at once (its start, a burst of work) before `plugins.cpu_share`
+/// holds it back.
+pub const CPU_BURST: Duration = Duration::from_secs(1);
+/// The CPU clock is read at most this often: reading it is a system call, and a plugin may
+/// call `sleep_ms(0)` in a loop. What runs in between is charged at the next reading.
+const CPU_CHECK_EVERY: Duration = Duration::from_millis(10);
 const MAX_LOG_BYTES: usize = 1024;
 const LOGS_PER_SECOND: u32 = 50;
 
@@ -78,6 +93,67 @@ struct Host {
     slice: u64,
     halt: Option<Halt>,
     log_window: (u64, u32),
+    cpu: CpuBudget,
+}
+
+/// Token bucket on the CPU time of the run's thread: filled at `plugins.cpu_share` of the
+/// wall time that passes, up to [`CPU_BURST`], emptied by the CPU time the thread uses. Read
+/// at slice boundaries and in `sleep_ms` (at most every [`CPU_CHECK_EVERY`]), so a run
+/// overdraws it by about one slice or [`CPU_CHECK_EVERY`] at most before it waits.
+struct CpuBudget {
+    share: f64,
+    /// CPU seconds the run may still use; below zero, what it owes.
+    tokens: f64,
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl CpuBudget {
+    /// Starts full; to be made on the run's own thread, whose CPU time it meters.
+    fn new(share: f64) -> CpuBudget {
+        let wall = Instant::now();
+        CpuBudget { share, tokens: CPU_BURST.as_secs_f64(), wall, cpu: thread_cpu_time().unwrap_or_default() }
+    }
+
+    /// Charges the CPU time used since the last check, credits the share of the wall time
+    /// that passed, and returns how long the run must wait to be back within its share.
+    fn check(&mut self) -> Duration {
+        let wall = Instant::now();
+        let elapsed = wall.saturating_duration_since(self.wall);
+        if elapsed < CPU_CHECK_EVERY {
+            return Duration::ZERO;
+        }
+        // Without a CPU clock (never on Linux), the thread is taken to have run all along.
+        let cpu = thread_cpu_time().unwrap_or(self.cpu + elapsed);
+        let used = cpu.saturating_sub(self.cpu).as_secs_f64();
+        let credit = elapsed.as_secs_f64() * self.share;
+        self.tokens = (self.tokens + credit).min(CPU_BURST.as_secs_f64()) - used;
+        (self.wall, self.cpu) = (wall, cpu);
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        // A share of 0 (refused by the configuration's check) waits the longest, not a panic.
+        Duration::try_from_secs_f64(-self.tokens / self.share).unwrap_or(MAX_SLEEP).min(MAX_SLEEP)
+    }
+}
+
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`, also on musl).
+fn thread_cpu_time() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok().map(Duration::from)
+}
+
+/// Makes a run over its CPU share wait until it is back within it, as a sleep does: a stop
+/// ends the wait (true), and it never lasts past a call's deadline. The wait earns no fuel,
+/// or a runaway loop would never run out.
+fn throttle(host: &mut Host) -> bool {
+    let mut wait = host.cpu.check();
+    if wait.is_zero() {
+        return false;
+    }
+    if let Some(d) = host.job.mode.deadline() {
+        wait = wait.min(d.saturating_duration_since(Instant::now()));
+    }
+    host.job.signal.sleep(wait)
 }
 
 /// The engine and the host functions, shared by every run.
@@ -141,6 +217,7 @@ impl Sandbox {
             .build();
         let params = serde_json::to_vec(&job.params).unwrap_or_else(|_| b"{}".to_vec());
         let fuel = job.limits.fuel;
+        let cpu = CpuBudget::new(job.limits.cpu_share);
         let host = Host {
             job,
             limits,
@@ -151,6 +228,7 @@ impl Sandbox {
             slice: FUEL_SLICE.min(fuel),
             halt: None,
             log_window: (0, 0),
+            cpu,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -192,8 +270,11 @@ impl Sandbox {
     }
 }
 
-/// Between two fuel slices: stopped, past the deadline, or out of fuel ends the run.
+/// Between two fuel slices: waits while over the CPU share; stopped, past the deadline, or
+/// out of fuel ends the run.
 fn out_of_slice(host: &mut Host) -> Option<End> {
+    // A stop or the deadline reached during the wait is seen just below.
+    throttle(host);
     if host.job.signal.is_stopped() {
         return Some(End::Stopped);
     }
@@ -361,7 +442,16 @@ fn host_sleep(mut c: Caller<'_, Host>, ms: i32) -> Result<(), WasmError> {
         return Err(halt(&mut c, Halt::Failed(why)));
     }
     host.slice = FUEL_SLICE.min(host.budget);
-    let slice = host.slice;
+    // Sleeping credits the CPU budget; a plugin that still works more than its share between
+    // sleeps (`loop { sleep_ms(1); work }` earns fuel for all that work) waits here.
+    if throttle(host) {
+        return Err(halt(&mut c, Halt::Stopped));
+    }
+    if deadline.is_some_and(|dl| Instant::now() >= dl) {
+        let why = format!("exceeded its time limit of {} s", job.limits.call_timeout_s);
+        return Err(halt(&mut c, Halt::Failed(why)));
+    }
+    let slice = c.data().slice;
     c.set_fuel(slice)
 }
 

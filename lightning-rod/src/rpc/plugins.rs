@@ -278,6 +278,34 @@ mod tests {
         super::super::dispatch(ctx, Method::PluginStop, Call::from_positional(args)).await
     }
 
+    /// `PluginStart` with 100 KiB of parameters is refused, naming the limit, and the plugin's
+    /// entry stays as it was.
+    #[tokio::test]
+    async fn a_start_with_oversized_parameters_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let ctx = context(store.clone(), VpnManager::new(store, Box::new(NoPackets), String::new()));
+        let code =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#)
+                .unwrap();
+        let plugin = NewPlugin {
+            uuid: "t".into(),
+            name: "t".into(),
+            kind: PluginKind::Wasm,
+            callable: false,
+            grants: Grants::default(),
+            code,
+        };
+        ctx.plugins.inject(plugin, false).await.unwrap();
+        let before = ctx.plugins.registry().unwrap();
+        let args = vec![json!({"uuid": "r"}), json!("t"), json!({"data": "x".repeat(100 * 1024)})];
+        let r = super::super::dispatch(&ctx, Method::PluginStart, Call::from_positional(args)).await;
+        assert_eq!(r.result, Outcome::Error, "{r:?}");
+        let text = r.message.as_str().unwrap();
+        assert!(text.contains("65536"), "{text}");
+        assert_eq!(ctx.plugins.registry().unwrap(), before);
+    }
+
     #[tokio::test]
     async fn a_plugin_name_with_control_characters_is_refused_at_injection() {
         let dir = tempfile::tempdir().unwrap();
