@@ -111,6 +111,27 @@ pub fn system_default_gateways() -> Vec<(String, Ipv4Addr)> {
         .unwrap_or_default()
 }
 
+/// The IPv4 name servers `resolv.conf` text lists.
+pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse().ok())
+        .collect()
+}
+
+/// The name servers the board resolves the cloud's names with: those of `/etc/resolv.conf`,
+/// or, where that lists only a local stub (systemd-resolved's 127.0.0.53), the stub's own
+/// upstream ones (none when unreadable).
+pub fn system_nameservers() -> Vec<Ipv4Addr> {
+    let read = |p: &str| std::fs::read_to_string(p).map(|t| nameservers(&t)).unwrap_or_default();
+    let listed = read("/etc/resolv.conf");
+    if listed.iter().all(Ipv4Addr::is_loopback) {
+        return read("/run/systemd/resolve/resolv.conf").into_iter().filter(|ip| !ip.is_loopback()).collect();
+    }
+    listed
+}
+
 fn net_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Net { what: what.to_owned(), reason: e.to_string() }
 }

@@ -63,6 +63,8 @@ pub struct VpnManager {
     default_url: String,
     live: Mutex<HashMap<String, Overlay>>,
     edit: tokio::sync::Mutex<()>,
+    /// The board's name servers ([`crate::overlay::system_nameservers`]; tests give theirs).
+    resolvers: fn() -> Vec<Ipv4Addr>,
 }
 
 impl std::fmt::Debug for VpnManager {
@@ -73,7 +75,14 @@ impl std::fmt::Debug for VpnManager {
 
 impl VpnManager {
     pub fn new(store: StateStore, opener: Box<dyn PacketOpener>, default_url: String) -> VpnManager {
-        VpnManager { store, opener, default_url, live: Mutex::new(HashMap::new()), edit: tokio::sync::Mutex::new(()) }
+        VpnManager {
+            store,
+            opener,
+            default_url,
+            live: Mutex::new(HashMap::new()),
+            edit: tokio::sync::Mutex::new(()),
+            resolvers: crate::overlay::system_nameservers,
+        }
     }
 
     fn saved(&self) -> Result<BTreeMap<String, Membership>> {
@@ -90,9 +99,10 @@ impl VpnManager {
     }
 
     /// Refuses a membership whose subnet would capture the board's way to the cloud: the
-    /// addresses of the WAMP server and of every tunnel server the board uses, and the default
-    /// gateway. The overlay's connected route would send that traffic into the VPN, which
-    /// itself rides on that traffic: the board would be cut off, at every boot too.
+    /// addresses of the WAMP server and of every tunnel server the board uses, the default
+    /// gateway and the name servers (which resolve the cloud's names at the next reconnect).
+    /// The overlay's connected route would send that traffic into the VPN, which itself rides
+    /// on that traffic: the board would be cut off, at every boot too.
     async fn spares_the_cloud(&self, vpn: &str, m: &Membership) -> Result<()> {
         let subnet = format!("{}/{}", m.address, m.prefix_len);
         let refuse = |what: String| {
@@ -105,6 +115,9 @@ impl VpnManager {
             if iface != m.interface && subnet_contains(m.address, m.prefix_len, gw) {
                 return Err(refuse(format!("{gw}, the board's default gateway (on {iface})")));
             }
+        }
+        if let Some(ns) = (self.resolvers)().into_iter().find(|ns| subnet_contains(m.address, m.prefix_len, *ns)) {
+            return Err(refuse(format!("{ns}, the board's name server")));
         }
         // The board's default tunnel server stays protected when this VPN uses another.
         let mut urls = vec![("tunnel server", self.tunnel_url(m)), ("tunnel server", self.default_url.clone())];
@@ -424,6 +437,29 @@ mod tests {
         let r = procedure(&ctx, Method::VpnJoin, join("203.0.113.1", 28, None)).await;
         assert!(text(&r).contains("test: no packet channel"), "{r:?}");
         assert_eq!(opened.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// A VPN holding one of the board's name servers is refused: its route would send the
+    /// board's DNS queries into the VPN, and the next reconnect could not resolve the cloud.
+    #[tokio::test]
+    async fn a_vpn_holding_a_name_server_is_refused() {
+        let (_dir, _store, opened, mut vpns) = manager();
+        vpns.resolvers = || vec![Ipv4Addr::new(10, 88, 0, 53)];
+        let m = |prefix_len| Membership {
+            layer: Layer::L3,
+            address: Ipv4Addr::new(10, 88, 0, 9),
+            prefix_len,
+            interface: "s4tguard0".into(),
+            tunnel_url: None,
+            token: None,
+        };
+        let refused = vpns.join("v", m(24)).await.unwrap_err().to_string();
+        assert!(refused.contains("10.88.0.53, the board's name server") && refused.contains("cut off"), "{refused}");
+        assert_eq!(opened.0.load(Ordering::SeqCst), 0, "a packet channel was opened");
+        let passed = vpns.join("v", m(29)).await.unwrap_err().to_string();
+        assert!(passed.contains("test: no packet channel"), "{passed}");
+        let text = "# comment\nnameserver 10.88.0.53\nnameserver ::1\n  nameserver 192.0.2.1 \nsearch lan\n";
+        assert_eq!(crate::overlay::nameservers(text), [Ipv4Addr::new(10, 88, 0, 53), Ipv4Addr::new(192, 0, 2, 1)]);
     }
 
     #[tokio::test]
