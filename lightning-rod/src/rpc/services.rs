@@ -265,18 +265,30 @@ fn parse_service(call: &Call, with_port: bool) -> Result<(String, ExposedService
     Ok((uuid, ExposedService { name, local_port, public_port, tunnel_url, token }))
 }
 
+/// Runs a change of exposures or VPN memberships in a task of its own (its error, if the task
+/// fails, made by `error`): a call dropped half way (its WAMP session lost, or the router's
+/// interrupt after the cloud's timeout) would otherwise leave it so, an old tunnel closed and
+/// the new one opened but neither recorded nor held, its port refused to every later enable.
+pub(super) async fn detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T>> + Send + 'static,
+    error: fn(String) -> Error,
+) -> Result<T> {
+    tokio::spawn(change).await.map_err(|e| error(format!("the change did not complete: {e}")))?
+}
+
 pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
-    let services = &ctx.services;
+    let services = ctx.services.clone();
     match method {
         Method::ServiceEnable | Method::ServiceRestore => {
             let (uuid, svc) = parse_service(call, true)?;
             let name = svc.name.clone();
-            let public_port = services.enable(&uuid, svc).await?;
+            let public_port = detached(async move { services.enable(&uuid, svc).await }, Error::Tunnel).await?;
             message(json!(format!("service {name} exposed on public port {public_port}")))
         }
         Method::ServiceDisable => {
             let (uuid, _) = parse_service(call, false)?;
-            if services.disable(&uuid).await? {
+            let id = uuid.clone();
+            if detached(async move { services.disable(&id).await }, Error::Tunnel).await? {
                 message(json!(format!("service {uuid} disabled")))
             } else {
                 Ok(Reply {
@@ -288,5 +300,82 @@ pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Res
         }
         Method::ServicesStatus => message(services.status()?),
         _ => Err(bad(format!("{} is not a service procedure", method.name()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::sync::Notify;
+
+    use super::super::tests::context;
+    use super::super::vpn::{NoPackets, VpnManager};
+    use super::super::{Call, dispatch};
+    use super::*;
+    use crate::config::DeviceConfig;
+
+    /// Opens a tunnel once released, telling when an open has begun.
+    #[derive(Clone, Default)]
+    struct HeldOpener {
+        entered: Arc<Notify>,
+        release: Arc<Notify>,
+    }
+
+    struct Open(u16);
+
+    impl Tunnel for Open {
+        fn is_alive(&self) -> bool {
+            true
+        }
+        fn public_port(&self) -> u16 {
+            self.0
+        }
+    }
+
+    impl TunnelOpener for HeldOpener {
+        fn open(&self, spec: TunnelSpec) -> BoxFuture<'_, Result<Box<dyn Tunnel>>> {
+            Box::pin(async move {
+                self.entered.notify_one();
+                self.release.notified().await;
+                Ok(Box::new(Open(spec.public_port)) as Box<dyn Tunnel>)
+            })
+        }
+    }
+
+    /// A `ServiceEnable` whose call is dropped while its tunnel opens (the session lost, or
+    /// the cloud's timeout) still completes: the exposure is recorded and held. Cut there, the
+    /// board had closed the old tunnel and recorded nothing, and the client kept asking the
+    /// server for a port nothing held.
+    #[tokio::test]
+    async fn a_service_enable_whose_call_is_dropped_still_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let opener = HeldOpener::default();
+        let services = ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into());
+        let vpns = VpnManager::new(store.clone(), Box::new(NoPackets), String::new());
+        let (ctx, _queues) = context(store, DeviceConfig::default(), services, vpns);
+        let svc = json!({"uuid": "s1", "name": "ssh", "port": 22, "tunnel_token": "t"});
+        let args = vec![json!({"uuid": "r"}), svc, json!(50022)];
+        let enable = dispatch(&ctx, Method::ServiceEnable, Call::from_positional(args));
+        let returned = AtomicBool::new(false);
+        tokio::select! {
+            _ = enable => returned.store(true, Ordering::SeqCst),
+            () = opener.entered.notified() => {} // the call is dropped here, mid-open
+        }
+        assert!(!returned.load(Ordering::SeqCst), "the enable returned before its tunnel opened");
+        opener.release.notify_one();
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let status = ctx.services.status().unwrap();
+                if status["services"][0]["active"] == json!(true) {
+                    return status;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the dropped enable never completed");
+        assert_eq!(status["services"][0]["public_port"], json!(50022), "{status}");
     }
 }

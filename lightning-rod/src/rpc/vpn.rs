@@ -340,13 +340,15 @@ pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Res
         Method::VpnJoin => {
             let (vpn, m) = parse_join(call)?;
             let (interface, address) = (m.interface.clone(), format!("{}/{}", m.address, m.prefix_len));
-            ctx.vpns.join(&vpn, m).await?;
+            let vpns = ctx.vpns.clone();
+            super::services::detached(async move { vpns.join(&vpn, m).await }, Error::Tunnel).await?;
             message(json!({"interface": interface, "address": address}))
         }
         Method::VpnLeave => {
             let p = Params::at(&call.args, 0, "parameters", true)?;
-            let vpn = p.str("vpn")?;
-            if ctx.vpns.leave(vpn).await? {
+            let vpn = p.str("vpn")?.to_owned();
+            let (vpns, name) = (ctx.vpns.clone(), vpn.clone());
+            if super::services::detached(async move { vpns.leave(&name).await }, Error::Tunnel).await? {
                 message(json!({ "vpn": vpn }))
             } else {
                 Ok(Reply {
