@@ -131,6 +131,13 @@ fn config(c: Common) -> ServeConfig {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Everything the cloud creates (the data directory, the database and its -wal and -shm
+    // files, keys, temporary files) is its own: the systemd units say UMask=0077, and a cloud
+    // started by hand under the usual 022 would otherwise leave the tunnel key, the boards'
+    // derived keys and the password hashes readable by every user of the host. Files meant
+    // to be read (certificates, the CA fingerprint) set their mode explicitly.
+    // SAFETY: umask only sets the process's file-creation mask; no threads exist yet.
+    unsafe { libc::umask(0o077) };
     wstunnel::process::init_tracing();
     wstunnel::process::raise_fd_limit();
     let cli = Cli::parse();

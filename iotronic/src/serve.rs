@@ -2,6 +2,9 @@
 //! embedded default). Same code each way; the database and the bus differ. Every listener
 //! speaks TLS with the set-up of [`crate::tls`] unless the configuration says `plaintext`.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,14 +30,50 @@ pub struct Listening {
     pub tunnel: Option<std::net::SocketAddr>,
 }
 
+/// Creates the data directory (and missing parents) readable by its owner alone: it holds the
+/// CA's key and, in the SQLite database, the tunnel HMAC key, the boards' derived keys and
+/// the password hashes. An existing directory keeps its mode ([`open_database`] warns).
+pub fn create_data_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::DataDir { path: dir.to_owned(), source })
+}
+
+/// Warns when `path` exists and other users may read it (or enter it, for a directory).
+fn warn_if_readable(path: &Path, chmod: &str) {
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        warn!(path = %path.display(), "holds secrets and is open to other users: chmod {chmod} it");
+    }
+}
+
 /// Opens the database (creating the data directory and applying migrations) and creates the
 /// bootstrap admin on first start. A generated admin password is printed once, on stdout.
 pub async fn open_database(config: &ServeConfig) -> Result<Db, Error> {
     if config.database_url.is_none() {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+        create_data_dir(&config.data_dir)?;
+        // Created here, owner-only, rather than by SQLite (0644 less the umask): SQLite gives
+        // the -wal and -shm files the database file's mode, so all three stay private
+        // whatever the umask of whoever started the cloud.
+        let file = config.data_dir.join(crate::db::SQLITE_FILE);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|source| Error::DataDir { path: file, source })?;
     }
+    warn_if_readable(&config.data_dir, "700");
     let db = Db::open(&config.database_url()).await?;
+    if config.database_url.is_none() {
+        for suffix in ["", "-wal", "-shm"] {
+            warn_if_readable(&config.data_dir.join(format!("{}{suffix}", crate::db::SQLITE_FILE)), "600");
+        }
+    }
     if let Some(generated) = crate::auth::bootstrap_admin(&db, config.admin_password.as_deref()).await? {
         // Deliberately not through tracing: logs are kept, this must be seen once and noted.
         println!("iotronic: created user admin in project admin with password {generated}");

@@ -6,12 +6,14 @@
 //! that CA, named by the SHA-256 fingerprint of its DER certificate (`sha256:HEX`), which
 //! `iotronic serve` prints and writes to `DATA_DIR/ca.fingerprint`. Later starts reuse both;
 //! the server certificate is re-issued by the same CA when the names it must carry change
-//! (another `--bind` or `--public-host`), so the pin never changes. With `--tls-cert` and
+//! (another `--bind` or `--public-host`), or when it is not its key's or does not chain to the
+//! CA, so the pin never changes. Processes sharing the data directory (a split cloud) make and
+//! read these files under a lock, so they all serve the one CA. With `--tls-cert` and
 //! `--tls-key` the operator's chain is served instead, and the pin is the last certificate of
 //! that chain (its CA, or the certificate itself when it is alone).
 //!
 //! Files (keys 0600, written atomically): `ca.crt`, `ca.key`, `server.crt`, `server.key`,
-//! `server.names` (the names in `server.crt`), `ca.fingerprint`.
+//! `server.names` (the names in `server.crt`), `ca.fingerprint`, and the lock `.tls.lock`.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -100,8 +102,7 @@ pub fn set_up(config: &ServeConfig) -> Result<Option<CloudTls>, Error> {
         chain.last().ok_or_else(|| msg("operator certificate", "the certificate file holds no certificate"))?;
     let fingerprint = fingerprint_of(pinned);
     let server = server_config(chain, key)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+    crate::serve::create_data_dir(&config.data_dir)?;
     write_atomic(&config.data_dir.join(FINGERPRINT), format!("{fingerprint}\n").as_bytes(), 0o644)?;
     Ok(Some(CloudTls { server, fingerprint }))
 }
@@ -249,16 +250,39 @@ fn rcgen_err(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
 }
 
 /// The cloud's own CA in `dir` (created when absent) and a server certificate for `names`
-/// (re-issued when the stored one carries other names).
+/// (re-issued when the stored one carries other names, is not the stored key's, or does not
+/// chain to the CA).
+///
+/// The processes of a split cloud (`iotronic@api`, `@wamp-agent`, `@wstun-agent`) share the
+/// data directory and start together, so all of this runs under an exclusive lock on
+/// `DATA_DIR/.tls.lock`: one of them makes the CA (or a new server certificate), the others
+/// wait and then read what it wrote. Unlocked, each made a CA of its own, the processes served
+/// different pins, and the files left behind could pair one process's key with another's
+/// certificate, which rustls then refused at every start.
 fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::DataDir { path: dir.to_owned(), source })?;
+    crate::serve::create_data_dir(dir)?;
+    let _lock = lock(dir)?;
     let (ca_crt, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    // Checked under the lock: a process that waited sees the CA the first one made.
     let (ca_der, ca_keypair) = if ca_crt.exists() || ca_key.exists() {
         warn_if_open(&ca_key);
         let der =
             CertificateDer::from_pem_file(&ca_crt).map_err(|e| msg(format!("cannot read {}", ca_crt.display()), e))?;
         let pem = read(&ca_key)?;
         let key = rcgen::KeyPair::from_pem(&pem).map_err(rcgen_err("the CA key"))?;
+        // A server certificate signed with another key would not verify under the pin the
+        // boards hold: say so instead of serving it.
+        key_matches(&der, PrivateKeyDer::Pkcs8(key.serialize_der().into())).map_err(|e| {
+            msg(
+                format!(
+                    "{} does not match {}: restore the pair from a backup, or remove both to make a new CA \
+                     (every board and s4t must then pin its new fingerprint)",
+                    ca_key.display(),
+                    ca_crt.display()
+                ),
+                e,
+            )
+        })?;
         (der, key)
     } else {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err("CA key"))?;
@@ -275,26 +299,90 @@ fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>,
     let (crt, key, names_file) = (dir.join(SERVER_CERT), dir.join(SERVER_KEY), dir.join(SERVER_NAMES));
     let wanted = names.join("\n") + "\n";
     let current = std::fs::read_to_string(&names_file).ok();
-    if current.as_deref() != Some(wanted.as_str()) || !crt.exists() || !key.exists() {
-        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err("server key"))?;
-        let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = names.iter().filter_map(|n| san(n)).collect();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, names.first().map_or("iotronic", String::as_str));
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params, SERVER_YEARS);
-        random_serial(&mut params);
-        let issuer = rcgen::Issuer::new(ca_params(), ca_keypair);
-        let cert = params.signed_by(&leaf_key, &issuer).map_err(rcgen_err("server certificate"))?;
-        write_atomic(&key, leaf_key.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
-        write_atomic(&names_file, wanted.as_bytes(), 0o644)?;
-    }
+    let stored =
+        if current.as_deref() == Some(wanted.as_str()) { stored_leaf(&crt, &key, &ca_der, names) } else { None };
+    let (leaf, leaf_key) = match stored {
+        Some(pair) => pair,
+        None => {
+            let leaf_key =
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rcgen_err("server key"))?;
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = names.iter().filter_map(|n| san(n)).collect();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(rcgen::DnType::CommonName, names.first().map_or("iotronic", String::as_str));
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            params.use_authority_key_identifier_extension = true;
+            validity(&mut params, SERVER_YEARS);
+            random_serial(&mut params);
+            let issuer = rcgen::Issuer::new(ca_params(), ca_keypair);
+            let cert = params.signed_by(&leaf_key, &issuer).map_err(rcgen_err("server certificate"))?;
+            write_atomic(&key, leaf_key.serialize_pem().as_bytes(), 0o600)?;
+            write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
+            write_atomic(&names_file, wanted.as_bytes(), 0o644)?;
+            (cert.der().clone(), PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+        }
+    };
     warn_if_open(&key);
-    let leaf = CertificateDer::from_pem_file(&crt).map_err(|e| msg(format!("cannot read {}", crt.display()), e))?;
-    let leaf_key = PrivateKeyDer::from_pem_file(&key).map_err(|e| msg(format!("cannot read {}", key.display()), e))?;
     Ok((vec![leaf, ca_der], leaf_key))
+}
+
+/// The lock file of [`own_ca`], in the data directory.
+const TLS_LOCK: &str = ".tls.lock";
+
+/// An exclusive `flock` on `dir/.tls.lock`, held until the returned file is dropped (or the
+/// process dies). The file stays: removing it would let the next two processes lock two
+/// different files.
+fn lock(dir: &Path) -> Result<std::fs::File, Error> {
+    let path = dir.join(TLS_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| msg(format!("cannot open {}", path.display()), e))?;
+    file.lock().map_err(|e| msg(format!("cannot lock {}", path.display()), e))?;
+    Ok(file)
+}
+
+/// Whether `key` is the private key of `cert` (the check rustls makes when it loads a pair).
+fn key_matches(cert: &CertificateDer<'static>, key: PrivateKeyDer<'static>) -> Result<(), rustls::Error> {
+    rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key, &wstunnel::tls::provider()).map(drop)
+}
+
+/// The stored server certificate and key, when both load, belong together and the
+/// certificate verifies under `ca` for the first of `names` a client could dial (an expired
+/// one does not). Anything else is re-issued: a pair left mismatched by a crash between its
+/// two writes, or by an older cloud that wrote it unlocked, would otherwise be refused by
+/// rustls at every start.
+fn stored_leaf(
+    crt: &Path,
+    key: &Path,
+    ca: &CertificateDer<'static>,
+    names: &[String],
+) -> Option<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    let leaf = CertificateDer::from_pem_file(crt).ok()?;
+    let leaf_key = PrivateKeyDer::from_pem_file(key).ok()?;
+    if let Err(e) = key_matches(&leaf, leaf_key.clone_key()) {
+        warn!(cause = %e, path = %key.display(), "the server key is not the server certificate's: issuing a new pair");
+        return None;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).ok()?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), wstunnel::tls::provider())
+            .build()
+            .ok()?;
+    let name = names.iter().find_map(|n| rustls::pki_types::ServerName::try_from(n.as_str()).ok())?;
+    let now = rustls::pki_types::UnixTime::now();
+    if let Err(e) =
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(&*verifier, &leaf, &[], &name, &[], now)
+    {
+        warn!(cause = %e, path = %crt.display(), "the server certificate does not verify under the CA: issuing a new one");
+        return None;
+    }
+    Some((leaf, leaf_key))
 }
 
 fn san(name: &str) -> Option<rcgen::SanType> {
@@ -324,9 +412,13 @@ fn warn_if_open(path: &Path) {
 
 /// Writes a file atomically with `mode` (temporary file, fsync, rename).
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    // The temporary file is this call's own (process id and a counter): two writers of one
+    // file, threads or processes, never write into or rename away each other's.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}.{n}",
         path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         std::process::id()
     ));
@@ -544,6 +636,88 @@ mod tests {
         assert_eq!(other[1], ca, "the CA (and so the pin) never changes");
         assert_ne!(other[0], chain[0]);
         verify(&other, &ca, "cloud.example").unwrap();
+    }
+
+    /// The chain and key on disk, as a restarted process would serve them.
+    fn stored(dir: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let leaf = CertificateDer::from_pem_file(dir.join(SERVER_CERT)).unwrap();
+        let ca = CertificateDer::from_pem_file(dir.join(CA_CERT)).unwrap();
+        (vec![leaf, ca], PrivateKeyDer::from_pem_file(dir.join(SERVER_KEY)).unwrap())
+    }
+
+    /// The processes of a split cloud (`iotronic@api`, `@wamp-agent`, `@wstun-agent`) start
+    /// together on one data directory: they all serve one CA, and the files left on disk are
+    /// one CA's pair and one server certificate with its own key.
+    #[test]
+    fn processes_starting_together_make_one_ca() {
+        const THREADS: usize = 6;
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = std::sync::Barrier::new(THREADS);
+            let chains: Vec<_> = std::thread::scope(|s| {
+                let spawned: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            own_ca(dir.path(), &names)
+                        })
+                    })
+                    .collect();
+                spawned.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let (chain, key) = stored(dir.path());
+            let (ca, leaf) = (fingerprint_of(&chain[1]), fingerprint_of(&chain[0]));
+            for (i, c) in chains.into_iter().enumerate() {
+                let (c, _) = c.unwrap_or_else(|e| panic!("round {round}, thread {i}: {e:?}"));
+                assert_eq!(fingerprint_of(&c[1]), ca, "round {round}, thread {i} serves another CA than ca.crt");
+                assert_eq!(fingerprint_of(&c[0]), leaf, "round {round}, thread {i}: another server certificate");
+            }
+            verify(&chain, &chain[1], "localhost").unwrap();
+            server_config(chain, key).unwrap_or_else(|e| panic!("round {round}: the files on disk: {e}"));
+            let pem = std::fs::read_to_string(dir.path().join(CA_KEY)).unwrap();
+            key_matches(&stored(dir.path()).0[1], PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap())
+                .unwrap_or_else(|e| panic!("round {round}: ca.key is not ca.crt's: {e}"));
+        }
+    }
+
+    /// A server key and certificate that do not belong together (a crash between their two
+    /// writes, or two processes each writing one) are replaced, not refused at every start.
+    #[test]
+    fn a_mismatched_server_pair_is_reissued() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned()];
+        let (first, _) = own_ca(dir.path(), &names).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.path().join(SERVER_KEY), other.serialize_pem()).unwrap();
+        let (chain, key) = own_ca(dir.path(), &names).unwrap();
+        assert_eq!(chain[1], first[1], "same CA");
+        verify(&chain, &chain[1], "localhost").unwrap();
+        server_config(chain, key).expect("a fresh pair");
+        let (chain, key) = stored(dir.path());
+        server_config(chain, key).expect("the fresh pair is on disk");
+
+        // A matching pair that another CA issued (same names): re-issued by ours.
+        let stray = rcgen::generate_simple_self_signed(names.clone()).unwrap();
+        std::fs::write(dir.path().join(SERVER_CERT), stray.cert.pem()).unwrap();
+        std::fs::write(dir.path().join(SERVER_KEY), stray.signing_key.serialize_pem()).unwrap();
+        let (chain, _) = own_ca(dir.path(), &names).unwrap();
+        assert_ne!(&chain[0], stray.cert.der());
+        verify(&chain, &first[1], "localhost").expect("a certificate of our CA");
+    }
+
+    /// A CA key that is not the CA certificate's is a clear refusal: a server certificate it
+    /// signed would not verify under the pin boards hold.
+    #[test]
+    fn a_ca_key_of_another_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned()];
+        own_ca(dir.path(), &names).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(dir.path().join(CA_KEY), other.serialize_pem()).unwrap();
+        let Err(e) = own_ca(dir.path(), &names) else { panic!("a CA key that does not match ca.crt was taken") };
+        let text = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+        assert!(text.contains("ca.key") && text.contains("does not match"), "{text}");
     }
 
     #[test]

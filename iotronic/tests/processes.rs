@@ -1,7 +1,8 @@
 //! The cloud as separate processes (`iotronic api`, `conductor`, `wamp-agent`) over the real
 //! RabbitMQ and PostgreSQL, with a real lightning-rod (sim HAL) as the board. The conductor
 //! and then the agent are killed (SIGKILL) while requests stream through them: after their
-//! restart every accepted request has completed or is marked failed; none is lost.
+//! restart every accepted request has completed or is marked failed; none is lost. Also: a
+//! cloud started by hand (SQLite, under umask 022) keeps its files to itself.
 
 mod common;
 
@@ -269,6 +270,86 @@ async fn serve_exits_when_one_of_its_parts_stops() {
     assert!(out.contains("the conductor stopped while the cloud was running"), "{out}");
     assert!(out.contains("the conductor queue closed"), "the cause is shown:\n{out}");
     delete_queues(&cloud.prefix).await;
+}
+
+/// `iotronic` as started by hand, outside the systemd units (UMask=0077), on SQLite and the
+/// in-process bus, with the usual umask 022 inherited from the shell.
+fn by_hand(args: &[&str], data: &Path) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_iotronic"));
+    c.args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("IOTRONIC_DATABASE_URL")
+        .env_remove("IOTRONIC_AMQP_URL")
+        .env("IOTRONIC_ADMIN_PASSWORD", "admin-password")
+        .env("RUST_LOG", "info");
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    c
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+/// A cloud started by hand under umask 022 keeps its data directory, its SQLite database
+/// (with the -wal and -shm files) and every other file it makes but the public certificates
+/// to its own user: they hold the CA's key, the tunnel HMAC key, the boards' derived keys and
+/// the password hashes.
+#[tokio::test]
+async fn serve_keeps_its_data_private_under_umask_022() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let args = ["serve", "--bind", "127.0.0.1", "--rest-port", "0", "--wamp-port", "0", "--tunnel-port", "0"];
+    let mut serve = Proc::spawn(by_hand(&args, &data), tmp.path().join("serve.log"));
+    serve.wait_line("wamp-agent ready").await;
+    assert_eq!(mode(&data) & 0o077, 0, "data directory mode {:o}", mode(&data));
+    for file in ["iotronic.sqlite", "iotronic.sqlite-wal", "iotronic.sqlite-shm"] {
+        let m = mode(&data.join(file));
+        assert_eq!(m & 0o077, 0, "{file} mode {m:o}");
+    }
+    let public = ["ca.crt", "server.crt", "server.names", "ca.fingerprint"];
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !public.contains(&name.as_str()) {
+            let m = mode(&entry.path());
+            assert_eq!(m & 0o077, 0, "{name} mode {m:o}");
+        }
+    }
+}
+
+/// A data directory or database that is already open to other users (made by an older cloud,
+/// or by hand) is kept as it is, with a warning that says how to close it.
+#[test]
+fn an_open_data_directory_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let migrate = || {
+        let out = by_hand(&["db", "migrate"], &data).stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let quiet = migrate();
+    assert!(!quiet.contains("open to other users"), "a fresh data directory is private:\n{quiet}");
+    let db = data.join("iotronic.sqlite");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = migrate();
+    let warned = |path: &Path, chmod: &str| {
+        out.lines()
+            .any(|l| l.contains("open to other users") && l.contains(chmod) && l.contains(&*path.to_string_lossy()))
+    };
+    assert!(warned(&data, "chmod 700"), "no warning for the data directory:\n{out}");
+    assert!(warned(&db, "chmod 600"), "no warning for the database:\n{out}");
 }
 
 /// The test's durable queues and exchange would outlive it on the shared broker.

@@ -55,6 +55,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "bounds", include_str!("../../migrations/0011_bounds.sql")),
 ];
 
+/// The SQLite database's file name in the data directory (the default back-end).
+pub const SQLITE_FILE: &str = "iotronic.sqlite";
+
 /// Which database a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -85,9 +88,10 @@ impl DatabaseUrl {
         DatabaseUrl(url.into())
     }
 
-    /// The SQLite file `dir/iotronic.sqlite`, created on first use.
+    /// The SQLite file `dir/iotronic.sqlite`, created on first use (`serve::open_database`
+    /// creates it first, owner-only).
     pub fn sqlite_in(dir: &Path) -> Self {
-        DatabaseUrl(format!("sqlite://{}?mode=rwc", dir.join("iotronic.sqlite").display()))
+        DatabaseUrl(format!("sqlite://{}?mode=rwc", dir.join(SQLITE_FILE).display()))
     }
 
     pub fn expose(&self) -> &str {
