@@ -257,8 +257,8 @@ async fn login_whoami_admin_commands_and_their_errors() {
     assert!(r.stdout.lines().any(|l| l == "lab"), "{r:#?}");
     nobody.run_env(&["project", "list"], &[("S4T_URL", &c.url), ("S4T_TOKEN", "forged")]).await.code(3);
 
-    // Unreachable cloud, logout.
-    let r = admin.run(&["board", "list", "--url", "http://127.0.0.1:1"]).await.code(10);
+    // Unreachable cloud (with a token for it: the stored one is not sent there), logout.
+    let r = admin.run(&["board", "list", "--url", "http://127.0.0.1:1", "--token", &token]).await.code(10);
     assert!(r.stderr.contains("cannot reach the cloud"), "{r:#?}");
     admin.run(&["logout"]).await.ok();
     admin.run(&["board", "list"]).await.code(3);
@@ -283,10 +283,13 @@ async fn logout_revokes_the_token_at_the_cloud() {
     let r = other.run_env(&["project", "list"], &with_token).await.code(3);
     assert!(r.stderr.contains("unknown or expired"), "the kept token is refused (401): {r:#?}");
 
-    // The cloud cannot be reached: a warning, the token is forgotten here all the same.
+    // The cloud cannot be reached (it moved away from the stored URL): a warning, the token is
+    // forgotten here all the same.
     admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
     let token = admin.stored_token();
-    let r = admin.run(&["logout", "--url", "http://127.0.0.1:1"]).await.ok();
+    let stored = std::fs::read_to_string(&admin.config).unwrap();
+    std::fs::write(&admin.config, stored.replace(&c.url, "http://127.0.0.1:1")).unwrap();
+    let r = admin.run(&["logout"]).await.ok();
     assert!(r.stderr.contains("warning") && r.stderr.contains("cannot reach the cloud"), "{r:#?}");
     assert!(!std::fs::read_to_string(&admin.config).unwrap().contains("token = "));
     let with_token = [("S4T_URL", c.url.as_str()), ("S4T_TOKEN", token.as_str())];
@@ -300,6 +303,73 @@ async fn logout_revokes_the_token_at_the_cloud() {
     assert_eq!((&out["revoked"], &out["forgotten"]), (&Value::Bool(true), &Value::Bool(false)), "{out}");
     other.run_env(&["project", "list"], &with_token).await.code(3);
     admin.run(&["project", "list"]).await.ok();
+}
+
+/// The stored token goes only to the cloud that issued it: `--url`/`S4T_URL` naming another
+/// host is refused before any connection (exit 3, like any login problem), not handed the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stored_token_goes_only_to_the_cloud_that_issued_it() {
+    let c = cloud().await;
+    let admin = User::new(c.dir.path(), "admin");
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+    // Another host: it records every connection and what came on it, then hangs up.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_url = format!("http://{}", other.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = other.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            record.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+        }
+    });
+
+    let r = admin.run(&["--url", &other_url, "board", "list"]).await.code(3);
+    assert!(r.stderr.contains("stored login is for") && r.stderr.contains("--token"), "{r:#?}");
+    admin.run_env(&["board", "list", "--json"], &[("S4T_URL", &other_url)]).await.code(3);
+    admin.run(&["whoami", "--url", &other_url]).await.code(3);
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.iter().any(|h| h.to_ascii_lowercase().contains("authorization")),
+        "the token went elsewhere: {seen:?}"
+    );
+    assert!(seen.is_empty(), "no connection to another host at all: {seen:?}");
+    // The same cloud, written another way, still gets it.
+    admin.run(&["board", "list", "--url", &format!("{}/v1/", c.url)]).await.ok();
+}
+
+/// Text from the cloud reaches the terminal without control characters: a user name that
+/// anyone can try at the login (here with ESC and CSI, U+009B, sequences) is listed by
+/// `s4t audit` escaped, in tables and in `--json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_text_cannot_drive_the_terminal() {
+    let c = cloud().await;
+    let evil = "eve\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31mX\u{85}";
+    let stranger = User::new(c.dir.path(), "stranger");
+    stranger.run_env(&["login", "--url", &c.url, "--user", evil], &[("S4T_PASSWORD", "guess")]).await.code(3);
+    let admin = User::new(c.dir.path(), "admin");
+    admin.login(&c.url, "admin", ADMIN_PASSWORD).await;
+
+    let clean = |r: &Run| {
+        let bytes = r.stdout.as_bytes();
+        assert!(!bytes.contains(&0x1b) && !bytes.windows(2).any(|w| w == [0xc2, 0x9b]), "raw controls: {r:#?}");
+        assert!(!r.stdout.contains(|ch: char| ch.is_control() && ch != '\n'), "{r:#?}");
+    };
+    let r = admin.run(&["audit", "--action", "auth.login"]).await.ok();
+    clean(&r);
+    assert!(r.stdout.contains("eve\\u{1b}]0;pwned"), "the attempt is listed, escaped: {r:#?}");
+    let r = admin.run(&["audit", "--action", "auth.login", "--json"]).await.ok();
+    clean(&r);
+    let listed = r.json();
+    let names: Vec<&str> = listed["audit"].as_array().unwrap().iter().filter_map(|e| e["user_name"].as_str()).collect();
+    assert!(names.contains(&evil), "JSON still carries the name exactly: {listed}");
 }
 
 /// The administrator and bob, a manager of project "lab", both logged in.

@@ -47,6 +47,13 @@ pub fn normalize_url(url: &str) -> Result<String> {
     Ok(u.to_owned())
 }
 
+/// Whether two URLs name the same cloud once normalised (a trailing `/` or `/v1`, the case of
+/// the host, a default port written out do not make another cloud).
+pub fn same_cloud(a: &str, b: &str) -> bool {
+    let parse = |u: &str| normalize_url(u).ok().and_then(|u| reqwest::Url::parse(&u).ok());
+    matches!((parse(a), parse(b)), (Some(a), Some(b)) if a == b)
+}
+
 /// Percent-encodes one path segment (board names may contain spaces).
 pub fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -267,6 +274,15 @@ mod tests {
     }
 
     #[test]
+    fn same_cloud_compares_normalised_urls() {
+        assert!(same_cloud("http://cloud:8812", "http://Cloud:8812/v1/"));
+        assert!(same_cloud("https://cloud:443/", "https://cloud"));
+        for other in ["http://cloud:8813", "https://cloud:8812", "http://cloud.evil:8812", "http://", "cloud:8812"] {
+            assert!(!same_cloud("http://cloud:8812", other), "{other}");
+        }
+    }
+
+    #[test]
     fn segments_are_percent_encoded() {
         assert_eq!(seg("pi 1/a?b"), "pi%201%2Fa%3Fb");
         assert_eq!(seg("GPIO17"), "GPIO17");
@@ -290,6 +306,16 @@ mod tests {
         let e = failure_of(500, &Value::String("<html>oops</html>".into()), true, None);
         assert_eq!(e.kind, Kind::Internal);
         assert!(e.message.contains("500") && e.message.contains("oops"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_cloud_error_cannot_drive_the_terminal() {
+        let e =
+            failure_of(502, &json!({"error_message": "no line GPIO\u{1b}]0;x\u{7}\u{9b}2J", "code": 502}), true, None);
+        let shown = e.to_string();
+        assert!(!shown.contains(['\u{1b}', '\u{7}', '\u{9b}']) && shown.contains("GPIO\\u{1b}]0;x"), "{shown:?}");
+        let json = e.to_json().to_string();
+        assert!(!json.contains(['\u{1b}', '\u{9b}']), "{json:?}");
     }
 
     #[test]

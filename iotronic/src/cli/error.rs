@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde_json::{Value, json};
 
+use super::output::safe_text;
+
 /// The kind of a failure; each has its own exit code (listed by `s4t --help`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -99,10 +101,12 @@ impl Failure {
     }
 
     /// The error as `--json` prints it on stderr (`retry_after`, in seconds, only when the
-    /// cloud said how long to wait).
+    /// cloud said how long to wait). Message and hint are text for people, often the cloud's or
+    /// a board's, so their control characters are escaped as on a terminal ([`safe_text`]):
+    /// serde_json would leave C1 (U+0080–U+009F) raw.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({"error": self.kind.name(), "message": self.message, "hint": self.hint,
-                           "exit_code": self.kind.exit_code()});
+        let mut v = json!({"error": self.kind.name(), "message": safe_text(&self.message),
+                           "hint": self.hint.as_deref().map(safe_text), "exit_code": self.kind.exit_code()});
         if let Some(s) = self.retry_after {
             v["retry_after"] = json!(s);
         }
@@ -110,11 +114,13 @@ impl Failure {
     }
 }
 
+/// What stderr shows; the message often carries the cloud's or a board's text, so its control
+/// characters are escaped ([`safe_text`]).
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
+        f.write_str(&safe_text(&self.message))?;
         if let Some(h) = &self.hint {
-            write!(f, "\n  hint: {h}")?;
+            write!(f, "\n  hint: {}", safe_text(h))?;
         }
         Ok(())
     }

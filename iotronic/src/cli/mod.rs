@@ -30,7 +30,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub use commands::completions::print_completions;
 use config::{Config, Token};
-use error::{Failure, Result};
+use error::{Failure, Kind, Result};
 pub use iotronic::api::BOARD_ACTIONS;
 use output::Out;
 
@@ -192,8 +192,21 @@ impl Ctx {
         self.global.url.clone().or_else(|| self.config.url.clone()).ok_or_else(Failure::not_logged_in)
     }
 
+    /// The CA pin: `--ca-fingerprint`, else the stored one if the stored login is for this URL.
     fn ca_fingerprint(&self) -> Option<&str> {
-        self.global.ca_fingerprint.as_deref().or(self.config.ca_fingerprint.as_deref())
+        let stored = self.stored_login_applies().then_some(self.config.ca_fingerprint.as_deref()).flatten();
+        self.global.ca_fingerprint.as_deref().or(stored)
+    }
+
+    /// Whether the stored login was made at the cloud this run talks to. Its token and CA pin
+    /// belong to that cloud only: with `--url`/`S4T_URL` naming another one, the token would
+    /// hand that host the user's session (over plain http, maybe) and the pin would be wrong.
+    fn stored_login_applies(&self) -> bool {
+        match (&self.global.url, &self.config.url) {
+            (None, _) => true,
+            (Some(given), Some(stored)) => client::same_cloud(given, stored),
+            (Some(_), None) => false,
+        }
     }
 
     /// A client without a token (login).
@@ -201,13 +214,26 @@ impl Ctx {
         client::Client::new(&self.url()?, None, self.ca_fingerprint())
     }
 
-    /// A client with the token: `--token`/`S4T_TOKEN`, else the stored one.
+    /// A client with the token: `--token`/`S4T_TOKEN`, else the stored one, which goes only to
+    /// the cloud that issued it.
     pub fn client(&self) -> Result<client::Client> {
+        let url = self.url()?;
         let token = match &self.global.token {
             Some(t) => Token::new(t.clone()),
-            None => self.config.token.clone().ok_or_else(Failure::not_logged_in)?,
+            None => {
+                let stored = self.config.token.clone().ok_or_else(Failure::not_logged_in)?;
+                if !self.stored_login_applies() {
+                    let there = self.config.url.as_deref().unwrap_or("no URL");
+                    return Err(Failure::new(Kind::Auth, format!("the stored login is for {there}, not {url}"))
+                        .with_hint(format!(
+                            "give a token for {url} with --token (or S4T_TOKEN), or log in there: \
+                             s4t login --url {url} --user NAME"
+                        )));
+                }
+                stored
+            }
         };
-        client::Client::new(&self.url()?, Some(token), self.ca_fingerprint())
+        client::Client::new(&url, Some(token), self.ca_fingerprint())
     }
 }
 

@@ -1,5 +1,9 @@
 //! How results are printed: aligned tables for people, `--json` for scripts, `--quiet` for
 //! identifiers only; progress (on stderr, only on a terminal) while waiting on boards.
+//!
+//! Text from the cloud and from boards (names, versions, messages, the audit log's user names,
+//! which anyone who tries to log in chooses) reaches the user's terminal only through
+//! [`safe_line`]/[`safe_text`] or [`json_text`], so it cannot carry escape sequences to it.
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -22,13 +26,13 @@ impl Out {
 
     /// Prints `v` as pretty JSON.
     pub fn json(&self, v: &Value) {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+        println!("{}", json_text(v, true));
     }
 
     /// A line for people (not in `--json` or `--quiet` mode).
     pub fn say(&self, text: impl AsRef<str>) {
         if !self.json && !self.quiet {
-            println!("{}", text.as_ref());
+            println!("{}", safe_text(text.as_ref()));
         }
     }
 
@@ -38,7 +42,7 @@ impl Out {
             self.json(v);
         } else if self.quiet {
             if let Some(id) = id {
-                println!("{id}");
+                println!("{}", safe_line(id));
             }
         } else {
             human();
@@ -86,9 +90,11 @@ impl Drop for Progress {
 }
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
+/// Cells are made [`safe_line`]s here, whatever built them.
 pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| safe_line(c)).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -97,7 +103,7 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header).chain(rows) {
+    for row in std::iter::once(&header).chain(&rows) {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate().take(widths.len()) {
             if i + 1 == widths.len() {
@@ -118,16 +124,61 @@ pub fn kv_rows(v: &Value, fields: &[&str]) -> Vec<Vec<String>> {
     fields.iter().filter_map(|f| v.get(*f).filter(|x| !x.is_null()).map(|x| vec![f.to_string(), cell(x)])).collect()
 }
 
-/// A JSON value as a table cell: strings bare, null empty, the rest as compact JSON.
+/// A JSON value as a table cell: strings bare, null empty, the rest as compact JSON; a
+/// [`safe_line`] either way.
 pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => String::new(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => safe_line(s),
         Value::Array(a) if a.iter().all(|x| x.is_string() || x.is_number()) => {
             a.iter().map(cell).collect::<Vec<_>>().join(",")
         }
-        other => other.to_string(),
+        other => safe_line(&other.to_string()),
     }
+}
+
+/// `s` for one line of a terminal: every control character (C0 including newline and tab, DEL,
+/// C1) written as a visible `\u{1b}`. A terminal obeys ESC and CSI (U+009B) sequences in what
+/// it prints, and the text comes from the cloud, boards, or whoever typed a user name at the
+/// login: unescaped, it could rewrite what the user sees, retitle the window or worse.
+pub fn safe_line(s: &str) -> String {
+    escape_controls(s, false)
+}
+
+/// [`safe_line`] for text meant to span lines (a board's message, an error): keeps `\n` and
+/// `\t`, escapes the other controls (`\r` too, which would let a line overwrite itself).
+pub fn safe_text(s: &str) -> String {
+    escape_controls(s, true)
+}
+
+fn escape_controls(s: &str, keep_lines: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && !(keep_lines && matches!(c, '\n' | '\t')) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `v` as JSON text (`pretty` or one line) with DEL and the C1 controls escaped too: serde_json
+/// escapes only C0, and `--json` output is read on terminals as well as by programs. Outside its
+/// strings JSON text is ASCII, so every such character is in a string, where `\u00XX` means the
+/// same character: the document is unchanged for a parser.
+pub fn json_text(v: &Value, pretty: bool) -> String {
+    let text = if pretty { serde_json::to_string_pretty(v) } else { serde_json::to_string(v) };
+    let text = text.unwrap_or_else(|_| v.to_string());
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The cell of `v[key]`.
@@ -185,5 +236,37 @@ mod tests {
         assert_eq!(cell(&json!([1, 2])), "1,2");
         assert_eq!(cell(&json!({"a": 1})), "{\"a\":1}");
         assert_eq!(kv_rows(&json!({"a": 1, "b": null}), &["a", "b", "c"]), vec![vec!["a".to_string(), "1".into()]]);
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        let evil = "a\u{1b}]0;pwned\u{7}b\u{9b}2Jc\u{7f}\r\n\td\u{85}é";
+        assert_eq!(safe_line(evil), "a\\u{1b}]0;pwned\\u{7}b\\u{9b}2Jc\\u{7f}\\u{d}\\u{a}\\u{9}d\\u{85}é");
+        assert_eq!(safe_text(evil), "a\\u{1b}]0;pwned\\u{7}b\\u{9b}2Jc\\u{7f}\\u{d}\n\td\\u{85}é");
+        assert_eq!(safe_line("plain text, ünïcode"), "plain text, ünïcode");
+        assert_eq!(safe_line(&safe_line(evil)), safe_line(evil), "escaping twice changes nothing");
+    }
+
+    #[test]
+    fn table_cells_carry_no_control_characters() {
+        let board =
+            json!({"name": "pi\u{1b}[2J", "lr_version": "1.0\u{9b}31m", "tags": ["x\u{1b}"], "o": {"k": "\u{9b}"}});
+        assert_eq!(field(&board, "name"), "pi\\u{1b}[2J");
+        assert_eq!(field(&board, "tags"), "x\\u{1b}");
+        assert_eq!(field(&board, "o"), "{\"k\":\"\\u{9b}\"}");
+        let t = render_table(&["NAME", "VERSION"], &[vec!["pi\u{1b}[2J".into(), field(&board, "lr_version")]]);
+        assert!(!t.contains(['\u{1b}', '\u{9b}']), "{t:?}");
+        assert_eq!(t, "NAME         VERSION\npi\\u{1b}[2J  1.0\\u{9b}31m\n");
+    }
+
+    #[test]
+    fn json_output_escapes_c1_and_del_too() {
+        let v = json!({"user_name": "a\u{1b}b\u{9b}c\u{7f}d\u{85}", "n": 1});
+        for pretty in [false, true] {
+            let text = json_text(&v, pretty);
+            assert!(!text.contains(|c: char| c.is_control() && c != '\n'), "{text:?}");
+            assert!(text.contains("a\\u001bb\\u009bc\\u007fd\\u0085"), "{text}");
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v, "the same document for a parser");
+        }
     }
 }

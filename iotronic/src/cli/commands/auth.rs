@@ -31,6 +31,9 @@ pub async fn login(ctx: &mut Ctx, a: LoginArgs) -> Result<()> {
             .map_err(|_| Failure::usage("give the cloud's URL: s4t login --url http://CLOUD:8812 --user NAME"))?,
     )?;
     let password = password("S4T_PASSWORD", &format!("password for {} at {url}: ", a.user))?;
+    // The pin this login trusts, and so the one stored with it: an old pin stays only for the
+    // cloud it was given for.
+    let pin = ctx.ca_fingerprint().map(str::to_owned);
     let client = ctx.anonymous_client()?;
     let mut body = json!({"username": a.user, "password": password});
     if let Some(p) = &a.project {
@@ -53,9 +56,7 @@ pub async fn login(ctx: &mut Ctx, a: LoginArgs) -> Result<()> {
     c.project = v.get("project").and_then(Value::as_str).map(str::to_owned).or(a.project);
     c.token = Some(Token::new(token));
     c.expires_at = v.get("expires_at").and_then(Value::as_i64);
-    if let Some(fp) = &ctx.global.ca_fingerprint {
-        c.ca_fingerprint = Some(fp.clone());
-    }
+    c.ca_fingerprint = pin;
     c.save(&ctx.config_path)?;
     let summary = json!({"url": url, "user": a.user, "project": c.project, "expires_at": c.expires_at,
                          "config": ctx.config_path.display().to_string()});

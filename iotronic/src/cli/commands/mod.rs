@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use super::Ctx;
 use super::client::{Client, seg};
 use super::error::{Failure, Kind, Result};
-use super::output::{field, time_field};
+use super::output::{cell, field, safe_line, safe_text, time_field};
 
 /// `90`, `90s`, `15m`, `2h`, `7d` → seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<u64, String> {
@@ -166,18 +166,20 @@ pub fn report(ctx: &Ctx, board: &str, called: Called, flags: &CallFlags) -> Resu
     }
 }
 
-/// A board's message for people: strings as they are, objects as `key: value` lines.
+/// A board's message for people: strings as they are (lines and all, other control characters
+/// escaped: a board's text must not drive the terminal), objects as `key: value` lines.
 pub fn print_message(v: &Value) {
     match v {
-        Value::String(s) => println!("{s}"),
+        Value::String(s) => println!("{}", safe_text(s)),
         Value::Object(m) => {
-            let width = m.keys().map(|k| k.chars().count()).max().unwrap_or(0);
+            let m: Vec<(String, String)> = m.iter().map(|(k, x)| (safe_line(k), cell(x))).collect();
+            let width = m.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
             for (k, x) in m {
-                println!("{k:<width$}  {}", super::output::cell(x));
+                println!("{k:<width$}  {x}");
             }
         }
         Value::Null => {}
-        other => println!("{other}"),
+        other => println!("{}", cell(other)),
     }
 }
 

@@ -10,7 +10,7 @@ use super::{CallFlags, Called, board_call, items, parse_duration, print_message,
 use crate::cli::Ctx;
 use crate::cli::client::seg;
 use crate::cli::error::{Failure, Kind, Result};
-use crate::cli::output::{field, fmt_time};
+use crate::cli::output::{field, fmt_time, json_text};
 
 #[derive(Args, Debug)]
 #[command(
@@ -152,7 +152,7 @@ pub async fn gpio(ctx: &Ctx, a: GpioArgs) -> Result<()> {
                             .unwrap_or(0);
                         let ev = json!({"line": line, "value": v.get("value"), "time": now});
                         if ctx.out.json {
-                            println!("{ev}");
+                            println!("{}", json_text(&ev, false));
                         } else {
                             println!("{}  {line} = {value}", fmt_time(now));
                         }

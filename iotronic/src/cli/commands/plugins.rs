@@ -14,7 +14,7 @@ use super::{CallFlags, Called, board_call, items, params_object, report};
 use crate::cli::Ctx;
 use crate::cli::client::{Client, seg};
 use crate::cli::error::{Failure, Kind, Result};
-use crate::cli::output::{field, kv_rows, time_field};
+use crate::cli::output::{field, kv_rows, safe_text, time_field};
 
 #[derive(Subcommand, Debug)]
 pub enum PluginCmd {
@@ -244,7 +244,7 @@ pub async fn run(ctx: &Ctx, cmd: PluginCmd) -> Result<()> {
                 rows.push(vec!["created_at".into(), time_field(&v, "created_at")]);
                 ctx.out.table(&["FIELD", "VALUE"], &rows);
                 if code {
-                    println!("{}", field(&v, "code"));
+                    println!("{}", v.get("code").and_then(Value::as_str).map(safe_text).unwrap_or_default());
                 }
             });
         }

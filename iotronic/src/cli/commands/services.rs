@@ -9,7 +9,7 @@ use super::{CallFlags, Called, board_call, items};
 use crate::cli::Ctx;
 use crate::cli::client::{Client, seg};
 use crate::cli::error::{Failure, Kind, Result};
-use crate::cli::output::{field, time_field};
+use crate::cli::output::{field, safe_line, time_field};
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
@@ -125,7 +125,7 @@ pub async fn run(ctx: &Ctx, cmd: ServiceCmd) -> Result<()> {
             let v = service_call(ctx, &client, &a.board, &a.service, &body, &a.call).await?;
             let public = format!(
                 "{}:{}",
-                v.get("host").and_then(Value::as_str).unwrap_or(&client.host()),
+                safe_line(v.get("host").and_then(Value::as_str).unwrap_or(&client.host())),
                 field(&v, "public_port")
             );
             ctx.out.result(&v, Some(&field(&v, "public_port")), || {

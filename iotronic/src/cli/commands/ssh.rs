@@ -19,7 +19,7 @@ use super::{CallFlags, items, offline_failure, parse_duration};
 use crate::cli::Ctx;
 use crate::cli::client::{Client, seg};
 use crate::cli::error::{Failure, Kind, Result};
-use crate::cli::output::field;
+use crate::cli::output::{field, safe_line};
 
 /// How long one probe of the public port may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,7 +119,8 @@ pub async fn ssh(ctx: &Ctx, a: SshArgs) -> Result<()> {
         let v = json!({"board": ep.board_name, "board_uuid": ep.board_uuid, "host": ep.host, "port": ep.port,
                        "argv": std::iter::once(program.clone()).chain(argv.iter().cloned()).collect::<Vec<_>>()});
         ctx.out.result(&v, Some(&format!("{}:{}", ep.host, ep.port)), || {
-            println!("{program} {}", argv.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" "));
+            let line = format!("{program} {}", argv.iter().map(|s| shell_quote(s)).collect::<Vec<_>>().join(" "));
+            println!("{}", safe_line(&line));
         });
         return Ok(());
     }
