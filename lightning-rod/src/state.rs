@@ -156,9 +156,16 @@ impl StateStore {
 
     /// The pending enrollment secret ([`ENROLL_SECRET_FILE`]): the saved one, else a fresh one
     /// (32 random bytes, URL-safe base64) saved first like the identity (0600, atomically).
-    /// A file that is unreadable as such (corrupt, too short) is replaced.
+    /// A file that is unreadable as such (corrupt, too short) is replaced, and so is one
+    /// holding the secret of the saved identity: left over when power failed between saving
+    /// the identity and removing this file, it would make a later re-enrollment (after a
+    /// `rotate-secret`, the old secret maybe leaked) propose the same secret again.
     pub fn pending_enroll_secret(&self) -> Result<Secret> {
+        let current = || self.identity().ok().flatten().and_then(|id| id.credentials).map(|c| c.secret);
         match self.load::<PendingEnrollment>(ENROLL_SECRET_FILE) {
+            Ok(Some(p)) if current().as_ref() == Some(&p.secret) => {
+                tracing::info!("the pending enrollment secret is the board's current one: a new one replaces it");
+            }
             Ok(Some(p)) if p.secret.expose().len() >= MIN_ENROLL_SECRET => return Ok(p.secret),
             Ok(_) => {}
             Err(e @ Error::StateCorrupt { .. }) => {

@@ -193,7 +193,10 @@ async fn sessions(
                     notify_ready("online");
                     ready = true;
                 }
-                delays.reset();
+                // The backoff starts over only once the session has proved healthy (lived an
+                // alive interval): one the cloud ends right after login must not be retried
+                // at the initial delay, each round a TLS and WAMP login, forever.
+                let logged_in = tokio::time::Instant::now();
                 // Fresh tokens first, so what the restore re-opens presents them; beside the
                 // session, not before it: the renewal waits for any restore still opening
                 // tunnels (up to 20 s each when the tunnel server is unreachable), and the
@@ -208,6 +211,9 @@ async fn sessions(
                     never = renew_then_restore => match never {},
                 };
                 link.close().await;
+                if logged_in.elapsed() >= timers.alive {
+                    delays.reset();
+                }
                 end
             }
             Ok((link, Err(e))) => {
@@ -253,31 +259,59 @@ fn spawn_onboot(plugins: &Arc<PluginManager>, shutdown: &CancellationToken) {
 
 /// Restores services and VPNs on a task of its own, one restore at a time: a request while
 /// one runs makes it go round once more when done (however many came meanwhile), so a board
-/// that reconnects often does not pile up restores that each wait for the one before.
+/// that reconnects often does not pile up restores that each wait for the one before. A round
+/// that leaves some not restored (the tunnel server unreachable) is followed by another after
+/// a capped backoff, until none fails: a session lasts weeks, and waiting for the next login
+/// left exposures and VPNs down as long.
 #[derive(Default)]
 struct Restorer {
     running: std::sync::atomic::AtomicBool,
     again: std::sync::atomic::AtomicBool,
+    /// Wakes a task waiting to retry when a request comes (a login), to go round at once.
+    wake: tokio::sync::Notify,
 }
+
+/// The first and the longest wait before a restore that left some failed goes round again.
+const RESTORE_RETRY_FIRST: Duration = Duration::from_secs(5);
+const RESTORE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Restorer {
     fn request(self: &Arc<Self>, ctx: &Arc<Context>) {
         use std::sync::atomic::Ordering::SeqCst;
         self.again.store(true, SeqCst);
+        self.wake.notify_waiters();
         if self.running.swap(true, SeqCst) {
             return;
         }
         let (me, ctx) = (self.clone(), ctx.clone());
         tokio::spawn(async move {
+            let mut delays = Backoff::new(RESTORE_RETRY_FIRST, RESTORE_RETRY_MAX);
             loop {
+                let mut failed = 0;
                 while me.again.swap(false, SeqCst) {
                     tokio::select! {
                         _ = ctx.shutdown.cancelled() => return,
-                        failed = async { ctx.services.restore_all().await + ctx.vpns.restore_all().await } => if failed > 0 {
-                            tracing::warn!(failed, "some services or VPNs are not restored yet; next attempt after the next login");
-                        }
+                        f = async { ctx.services.restore_all().await + ctx.vpns.restore_all().await } => failed = f,
                     }
                 }
+                if failed > 0 {
+                    let delay = delays.next_delay();
+                    tracing::warn!(failed, retry_in = ?delay, "some services or VPNs are not restored yet");
+                    // Registered before `again` is read: a request after that wakes it.
+                    let woken = me.wake.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    if !me.again.load(SeqCst) {
+                        tokio::select! {
+                            _ = ctx.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = woken => {}
+                        }
+                    }
+                    me.again.store(true, SeqCst);
+                    continue;
+                }
+                delays.reset();
                 me.running.store(false, SeqCst);
                 // A request between the last round and the line above found us running and
                 // left it to us: take it, unless its own task already did.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::{FusedFuture, FutureExt};
+use s4t_shared::backoff::Backoff;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
@@ -32,7 +33,8 @@ pub struct Queues {
     pub lifecycle: mpsc::Receiver<Lifecycle>,
     /// Plugin telemetry, published on `board.<uuid>.telemetry`.
     pub telemetry: mpsc::Receiver<crate::plugins::Telemetry>,
-    /// A notification whose delivery failed; sent first by the next session.
+    /// A notification not delivered yet; sent before any other, again after a backoff while
+    /// the cloud does not take it, or by the next session.
     pub pending: Option<Notification>,
 }
 
@@ -99,6 +101,10 @@ async fn alive(link: &dyn Link, id: &Identity, t: &Timers) -> Result<()> {
     kw.insert("board_name".into(), json!(id.name));
     call_timed(link, t.call, format!("{}.stack4things.wamp_alive", id.agent), kw).await.map(drop)
 }
+
+/// The first and the longest wait before a result the cloud did not take is sent again.
+const NOTIFY_RETRY_FIRST: Duration = Duration::from_secs(1);
+const NOTIFY_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How often a logged-in board asks for fresh tunnel tokens (the cloud's last a week).
 pub const RENEW_TOKENS_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -168,12 +174,13 @@ pub async fn serve(
     ctx: &Context,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> SessionEnd {
-    if let Some(n) = q.pending.take()
-        && let Err(e) = notify(link, id, t, &n).await
-    {
-        q.pending = Some(n);
-        return SessionEnd::Lost(e);
-    }
+    // A notification the cloud did not take (it answers `iotronic.error.unavailable` while its
+    // bus or database is down) stays pending and is retried here, with a backoff of its own,
+    // before any other: ending the session instead made a board with a pending result log in
+    // again and again. A transport that closed ends the session through `closed` below.
+    let mut notify_delays = Backoff::new(NOTIFY_RETRY_FIRST, NOTIFY_RETRY_MAX);
+    let retry = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(retry);
     let closed = link.closed();
     tokio::pin!(closed);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + t.alive, t.alive);
@@ -201,11 +208,21 @@ pub async fn serve(
                 renewal.set(renew_tunnel_tokens(link, id, t, ctx).fuse());
             }
             () = &mut renewal => {}
-            Some(n) = q.notify.recv() => {
+            () = &mut retry, if q.pending.is_some() => {
+                let Some(n) = q.pending.take() else { continue };
                 if let Err(e) = notify(link, id, t, &n).await {
+                    let delay = notify_delays.next_delay();
+                    tracing::warn!(cause = %e, retry_in = ?delay, "result not delivered; trying again");
+                    retry.as_mut().reset(tokio::time::Instant::now() + delay);
                     q.pending = Some(n);
-                    return SessionEnd::Lost(e);
+                } else {
+                    notify_delays.reset();
                 }
+            }
+            // One at a time and in order: the next waits in the queue while one is pending.
+            Some(n) = q.notify.recv(), if q.pending.is_none() => {
+                q.pending = Some(n);
+                retry.as_mut().reset(tokio::time::Instant::now());
             }
             Some(ev) = q.gpio.recv() => {
                 let payload = serde_json::to_value(&ev).unwrap_or(Value::Null);

@@ -34,6 +34,10 @@ struct Cloud {
     /// This many `stack4things.register` calls are lost (the connection drops before the
     /// reply), after the cloud acted on them.
     lost_registers: std::sync::atomic::AtomicUsize,
+    /// `notify_result` answers the error the cloud sends while its bus or database is down.
+    notify_unavailable: std::sync::atomic::AtomicBool,
+    /// The session ends right after `connection` (login) answers.
+    drop_after_login: std::sync::atomic::AtomicBool,
 }
 
 struct FakeLink {
@@ -75,6 +79,15 @@ impl Link for FakeLink {
             {
                 self.closed.cancel();
                 return Err(crate::Error::Wamp("the connection dropped".into()));
+            }
+            if procedure.ends_with(".stack4things.notify_result")
+                && self.cloud.notify_unavailable.load(Ordering::SeqCst)
+            {
+                let e = format!("{procedure}: the peer answered with an error: iotronic.error.unavailable");
+                return Err(crate::Error::Wamp(e));
+            }
+            if procedure.ends_with(".stack4things.connection") && self.cloud.drop_after_login.load(Ordering::SeqCst) {
+                self.closed.cancel();
             }
             let reply = match procedure.as_str() {
                 "stack4things.register" if self.cloud.original.load(Ordering::SeqCst) => {
@@ -256,6 +269,26 @@ async fn a_lost_enrollment_reply_is_retried_with_the_same_secret() {
     task.await.unwrap().unwrap();
 }
 
+/// Power failed between saving the identity and removing the pending secret: a later
+/// re-enrollment (`enroll --force --code NEW` after `s4t board rotate-secret`) proposes a new
+/// secret, not the board's current (maybe leaked) one left in the pending file.
+#[tokio::test]
+async fn re_enrollment_never_proposes_the_current_secret_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.takes_proposals.store(true, Ordering::SeqCst);
+    let store = StateStore::open(dir.path()).unwrap();
+    let c = config(dir.path());
+    let id = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &crate::Secret::new("CODE-1"), &store).await.unwrap();
+    let current = id.credentials.unwrap().secret;
+    let pending = dir.path().join(crate::state::ENROLL_SECRET_FILE);
+    std::fs::write(&pending, json!({"secret": current.expose()}).to_string()).unwrap();
+    let id = enroll::enroll(&cloud, &c, "ws://cloud:8181/", &crate::Secret::new("CODE-2"), &store).await.unwrap();
+    let proposed = cloud.calls_to("stack4things.register")[1]["secret"].as_str().unwrap().to_owned();
+    assert_ne!(proposed, current.expose(), "the current secret was proposed again");
+    assert_eq!(id.credentials.unwrap().secret.expose(), proposed);
+}
+
 /// A cloud that ignores the proposal issues its own secret: the board keeps that one. An
 /// original cloud (anonymous) is not sent the proposal, which its `register` would refuse.
 #[tokio::test]
@@ -307,6 +340,65 @@ async fn running_results_reach_notify_result() {
     task.await.unwrap().unwrap();
 }
 
+/// A result the cloud does not take (`iotronic.error.unavailable` while its bus or database
+/// is down) is retried within the session and delivered once the cloud takes it. The session
+/// used to end at every failed delivery, and the board logged in again every 250-500 ms.
+#[tokio::test(start_paused = true)]
+async fn a_result_the_cloud_does_not_take_is_retried_without_reconnecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.notify_unavailable.store(true, Ordering::SeqCst);
+    let shutdown = CancellationToken::new();
+    let mut c = config(dir.path());
+    c.device.package_managers.insert(
+        "echo".into(),
+        crate::config::PackageManager {
+            argv: vec!["echo".into()],
+            commands: vec!["install".into()],
+            version_format: "{package}={version}".into(),
+            writes: vec![],
+        },
+    );
+    let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let args = vec![json!({"uuid": "r-9"}), json!({"manager": "echo", "command": "install", "package": "vim"})];
+    assert_eq!(cloud.invoke("iotronic.1001.u-1.DevicePkgOperation", args).await["result"], "RUNNING");
+    wait_for("retried notify_result", || cloud.calls_to(".stack4things.notify_result").len() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let logins = cloud.calls_to(".stack4things.connection").len();
+    assert_eq!(logins, 1, "the board logged in again {} times", logins - 1);
+    let tries = cloud.calls_to(".stack4things.notify_result").len();
+    assert!(tries < 20, "{tries} deliveries in two minutes: no backoff");
+    cloud.notify_unavailable.store(false, Ordering::SeqCst);
+    wait_for("delivery", || cloud.calls_to(".stack4things.notify_result").len() > tries).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let calls = cloud.calls_to(".stack4things.notify_result");
+    assert_eq!(calls.len(), tries + 1, "delivered once, then no more tries");
+    let msg: Value = serde_json::from_str(calls[tries]["wampmessage"].as_str().unwrap()).unwrap();
+    assert_eq!((msg["result"].as_str(), msg["req_id"].as_str()), (Some("SUCCESS"), Some("r-9")));
+    assert_eq!(cloud.calls_to(".stack4things.connection").len(), 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A session the cloud ends right after login does not count as healthy: the reconnect
+/// backoff grows instead of starting over at every login (a login every 250-500 ms).
+#[tokio::test(start_paused = true)]
+async fn sessions_that_end_at_once_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.drop_after_login.store(true, Ordering::SeqCst);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients(&cloud)));
+    wait_for("first login", || !cloud.calls_to(".stack4things.connection").is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    // 0.5, 1, 2 ... 60 s (halved at worst by the jitter): about a dozen in two minutes.
+    let logins = cloud.calls_to(".stack4things.connection").len();
+    assert!(logins <= 15, "{logins} logins in two minutes");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_original_cloud_gets_an_anonymous_enrollment_and_login() {
     let dir = tempfile::tempdir().unwrap();
@@ -336,10 +428,80 @@ impl crate::rpc::services::TunnelOpener for Unanswered {
     }
 }
 
+/// Fails its first `fails` opens (a tunnel server that is unreachable for a while), then
+/// opens tunnels that stay up.
+struct Flaky {
+    fails: std::sync::atomic::AtomicUsize,
+    opens: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct Up;
+
+impl crate::rpc::services::Tunnel for Up {
+    fn is_alive(&self) -> bool {
+        true
+    }
+    fn public_port(&self) -> u16 {
+        50022
+    }
+}
+
+impl crate::rpc::services::TunnelOpener for Flaky {
+    fn open(
+        &self,
+        _spec: crate::rpc::services::TunnelSpec,
+    ) -> BoxFuture<'_, crate::Result<Box<dyn crate::rpc::services::Tunnel>>> {
+        Box::pin(async move {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            if self.fails.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(crate::Error::Tunnel("the tunnel server is unreachable".into()));
+            }
+            Ok(Box::new(Up) as Box<dyn crate::rpc::services::Tunnel>)
+        })
+    }
+}
+
+/// A restore that fails (the tunnel server unreachable at boot and at login) is tried again
+/// while the session lasts, with a backoff, until the service is up. It used to wait for the
+/// next login, which may be weeks away.
+#[tokio::test(start_paused = true)]
+async fn a_failed_restore_is_retried_while_the_session_lasts() {
+    let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let opener = Flaky { fails: 3.into(), opens: opens.clone() };
+    let (_dir, cloud, shutdown, task) = start_with_one_service(Box::new(opener));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let status = || async {
+        let r = cloud.invoke("iotronic.1001.u-1.ServicesStatus", vec![json!({"uuid": "r"})]).await;
+        r["message"]["services"][0]["active"].as_bool()
+    };
+    // Rounds at boot and at login, then after at most 5, 10, 20 s.
+    for _ in 0..120 {
+        if status().await == Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(status().await, Some(true), "not restored after {} opens", opens.load(Ordering::SeqCst));
+    assert_eq!(cloud.calls_to(".stack4things.connection").len(), 1, "restored by a new login");
+    // Once up, no more rounds.
+    let opened = opens.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(opens.load(Ordering::SeqCst), opened);
+    shutdown.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Exit::Shutdown);
+}
+
 /// An agent started with one saved service whose tunnel server never answers: its restore
 /// waits for ever, holding the services.
 fn start_with_a_restore_that_waits()
 -> (tempfile::TempDir, Arc<Cloud>, CancellationToken, tokio::task::JoinHandle<Result<Exit>>) {
+    start_with_one_service(Box::new(Unanswered))
+}
+
+/// An agent started with one saved service, its tunnels opened by `opener`.
+fn start_with_one_service(
+    opener: Box<dyn crate::rpc::services::TunnelOpener>,
+) -> (tempfile::TempDir, Arc<Cloud>, CancellationToken, tokio::task::JoinHandle<Result<Exit>>) {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path()).unwrap();
     let svc = crate::state::ExposedService {
@@ -353,7 +515,7 @@ fn start_with_a_restore_that_waits()
     store.save(crate::state::SERVICES_FILE, &saved).unwrap();
     let cloud = Arc::new(Cloud::default());
     let shutdown = CancellationToken::new();
-    let clients = Clients { tunnels: Box::new(Unanswered), ..clients(&cloud) };
+    let clients = Clients { tunnels: opener, ..clients(&cloud) };
     let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients));
     (dir, cloud, shutdown, task)
 }

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 const PKG_OUTPUT_LIMIT: u64 = 16 * 1024;
 const PKG_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const MAX_DELAY_S: u64 = 24 * 3600;
+/// How much longer than [`PKG_TIMEOUT`] a reboot or restart waits for a package operation.
+const POWER_WAIT_MARGIN: Duration = Duration::from_secs(60);
 
 pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
     match method {
@@ -105,9 +107,10 @@ pub fn connectivity() -> Value {
     json!({})
 }
 
-/// Reboot or restart after `max(delay, min_delay_s)` seconds. At most one waits: a new one
-/// replaces it (each used to wait on its own, up to a day, beyond the lease of the user who
-/// asked), and `{"cancel": true}` calls it off.
+/// Reboot or restart after `max(delay, min_delay_s)` seconds, and after any package
+/// operation running then. At most one waits: a new one replaces it (each used to wait on its
+/// own, up to a day, beyond the lease of the user who asked), and `{"cancel": true}` calls it
+/// off.
 fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String>) -> Result<Reply> {
     let p = Params::at(&call.args, 0, "parameters", false)?;
     let cancel = match p.get("cancel") {
@@ -136,6 +139,23 @@ fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
         }
+        // A reboot or restart in the middle of a package operation would kill dpkg (the
+        // agent's child) and could leave the package database broken: wait for it to end,
+        // and hold the lock so none starts meanwhile. A package operation ends within
+        // PKG_TIMEOUT; past that bound (plus a margin) the reboot goes ahead regardless.
+        let _no_package_operation = match ctx2.package_operation.clone().try_lock_owned() {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                tracing::info!("{what} waits for the running package operation to end");
+                let ended = ctx2.package_operation.clone().lock_owned();
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = tokio::time::timeout(PKG_TIMEOUT + POWER_WAIT_MARGIN, ended) => {
+                        r.inspect_err(|_| tracing::warn!("the package operation is still running: {what} anyway")).ok()
+                    }
+                }
+            }
+        };
         if argv.is_empty() {
             tracing::info!("restart requested by the cloud");
             let _ = ctx2.lifecycle.send(Lifecycle::Restart).await;

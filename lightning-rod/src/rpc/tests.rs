@@ -279,6 +279,49 @@ async fn package_operations_run_one_at_a_time() {
     assert_eq!(n.result, Outcome::Success);
 }
 
+/// A reboot or restart waits for a running package operation (killing dpkg midway can leave
+/// the package database broken), then goes ahead; one called off while it waits never runs.
+#[tokio::test]
+async fn reboot_and_restart_wait_for_a_running_package_operation() {
+    let mut h = harness();
+    let fifo = h.dir.path().join("release");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let slow = vec![json!({"manager": "slow", "command": "install", "package": "x"})];
+    assert_eq!(call(&h, "DevicePkgOperation", slow.clone()).await.result, Outcome::Running);
+    assert_eq!(ok_msg(&h, "DeviceReboot", vec![json!({"delay": 0})]).await, "reboot in 0 s");
+    let marker = h.dir.path().join("rebooted");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!marker.exists(), "the reboot ran during the package operation");
+    tokio::fs::write(&fifo, b"done").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!(n.result, Outcome::Success, "the package operation was interrupted: {:?}", n.message);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "the reboot did not run after the package operation");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A restart waiting for a package operation can still be called off.
+    let mut running = call(&h, "DevicePkgOperation", slow.clone()).await;
+    for _ in 0..500 {
+        if running.result == Outcome::Running {
+            break;
+        }
+        // The reboot task may still hold the lock for a moment after its command ran.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        running = call(&h, "DevicePkgOperation", slow.clone()).await;
+    }
+    assert_eq!(running.result, Outcome::Running, "{:?}", running.message);
+    ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 0})]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let msg = ok_msg(&h, "DeviceRestartLR", vec![json!({"cancel": true})]).await;
+    assert_eq!(msg, "the pending reboot or restart is called off");
+    tokio::fs::write(&fifo, b"done").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+    assert_eq!(n.result, Outcome::Success, "{:?}", n.message);
+    let restart = tokio::time::timeout(Duration::from_millis(500), h.lifecycle.recv()).await;
+    assert!(restart.is_err(), "a called-off restart ran: {restart:?}");
+}
+
 #[tokio::test]
 async fn gpio_procedures_on_the_sim() {
     let mut h = harness();
