@@ -14,7 +14,7 @@ use s4t_shared::tunnel::frame::{Frame, PROTOCOL_VERSION, code};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use wstunnel::Error;
-use wstunnel::packet::PacketChannel;
+use wstunnel::packet::{PacketChannel, PacketReceiver, PacketSender};
 use wstunnel::server::{DefaultHooks, ListenOn, ListenerInfo, Refusal, ServerHooks};
 
 /// A raw peer that has said Hello and got its Welcome.
@@ -256,10 +256,19 @@ impl ServerHooks for Flaky {
     }
 }
 
-/// While the cloud cannot decide, a new exposure is refused with `UNAVAILABLE`, and an
-/// established one is kept and asked for again until the cloud answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
+/// A board behind a cloud whose hooks can be made to answer `UNAVAILABLE` (`down`), holding
+/// an exposure of an echo service and a packet channel.
+struct FlakyBoard {
+    down: Arc<AtomicBool>,
+    srv: TestServer,
+    echo: std::net::SocketAddr,
+    client: wstunnel::client::ClientHandle,
+    _stop: tokio_util::sync::CancellationToken,
+    kept: wstunnel::client::Exposed,
+    vpn: PacketChannel,
+}
+
+async fn flaky_board() -> FlakyBoard {
     let down = Arc::new(AtomicBool::new(false));
     let hooks = Flaky { down: down.clone() };
     let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks).await;
@@ -267,6 +276,28 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     let (client, _stop) = start_client(&srv.url());
     let kept = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap();
     let vpn = within("packets", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    FlakyBoard { down, srv, echo, client, _stop, kept, vpn }
+}
+
+/// Waits until a ping sent on the packet channel comes back (it is re-established).
+async fn packets_flow_again(sender: &PacketSender, receiver: &mut PacketReceiver) {
+    within("packets back", async {
+        loop {
+            let _ = sender.send(b"ping").await; // fails while the channel is down
+            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await {
+                assert_eq!(p, b"ping"[..]);
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// While the cloud cannot decide, a new exposure is refused with `UNAVAILABLE`, and an
+/// established one is kept and asked for again until the cloud answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
+    let FlakyBoard { down, srv, echo, client, _stop, kept, vpn } = flaky_board().await;
     down.store(true, Ordering::SeqCst);
     let err = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap_err();
     assert!(matches!(err, Error::Refused { code: code::UNAVAILABLE, .. }), "{err:?}");
@@ -283,16 +314,7 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
     assert_echo(kept.port).await;
     // The packet channel the board had is the one carrying packets again.
     let PacketChannel { sender, mut receiver } = vpn;
-    within("packets back", async {
-        loop {
-            let _ = sender.send(b"ping").await; // fails while the channel is down
-            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await {
-                assert_eq!(p, b"ping"[..]);
-                return;
-            }
-        }
-    })
-    .await;
+    packets_flow_again(&sender, &mut receiver).await;
 }
 
 /// A request refused with `UNAVAILABLE` is asked for again on the connection that refused it
@@ -301,13 +323,7 @@ async fn a_cloud_that_cannot_decide_for_a_while_does_not_take_tunnels_down() {
 /// the board would drop an exposure and a VPN that the server keeps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_armed_before_a_reconnect_does_not_drop_what_the_reconnect_restored() {
-    let down = Arc::new(AtomicBool::new(false));
-    let hooks = Flaky { down: down.clone() };
-    let srv = start_server_with(config(ListenOn::Addr("127.0.0.1:0".parse().unwrap())), hooks).await;
-    let echo = echo_server().await;
-    let (client, _stop) = start_client(&srv.url());
-    let kept = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap();
-    let vpn = within("packets", client.open_packet_channel(vpn_token("b", "vpn-1"), "vpn-1".into())).await.unwrap();
+    let FlakyBoard { down, srv, client, _stop, kept, vpn, .. } = flaky_board().await;
     // The board reconnects while the cloud cannot decide: both are refused, and each refusal
     // arms a retry on that connection.
     down.store(true, Ordering::SeqCst);
@@ -318,16 +334,7 @@ async fn a_retry_armed_before_a_reconnect_does_not_drop_what_the_reconnect_resto
     assert_eq!(srv.handle.close_board("b"), 1);
     wait_until("listener back", || srv.handle.listeners().iter().any(|l| l.port == kept.port)).await;
     let PacketChannel { sender, mut receiver } = vpn;
-    within("packets back", async {
-        loop {
-            let _ = sender.send(b"ping").await; // fails while the channel is down
-            if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), receiver.recv()).await {
-                assert_eq!(p, b"ping"[..]);
-                return;
-            }
-        }
-    })
-    .await;
+    packets_flow_again(&sender, &mut receiver).await;
     // The retries come due 5 to 10 s after the refusals (the client's jittered
     // `UNAVAILABLE_RETRY`): neither is sent, the connection that refused them is gone.
     let refusals = srv.handle.stats().refusals_total;

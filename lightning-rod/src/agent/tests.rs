@@ -311,12 +311,15 @@ async fn the_secret_the_cloud_returns_counts_and_an_original_cloud_gets_no_propo
     assert!(!dir.path().join(crate::state::ENROLL_SECRET_FILE).exists());
 }
 
-#[tokio::test(start_paused = true)]
-async fn running_results_reach_notify_result() {
-    let dir = tempfile::tempdir().unwrap();
-    let cloud = Arc::new(Cloud::default());
+/// Starts the agent (an `echo` package manager configured) and, once it has registered,
+/// runs a `DevicePkgOperation` (request `r-9`), which answers RUNNING and reports its result
+/// through `notify_result`.
+async fn start_with_a_package_operation(
+    cloud: &Arc<Cloud>,
+    dir: &std::path::Path,
+) -> (CancellationToken, tokio::task::JoinHandle<crate::Result<Exit>>) {
     let shutdown = CancellationToken::new();
-    let mut c = config(dir.path());
+    let mut c = config(dir);
     c.device.package_managers.insert(
         "echo".into(),
         crate::config::PackageManager {
@@ -326,11 +329,18 @@ async fn running_results_reach_notify_result() {
             writes: vec![],
         },
     );
-    let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));
+    let task = tokio::spawn(run(c, shutdown.clone(), clients(cloud)));
     wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
     let args = vec![json!({"uuid": "r-9"}), json!({"manager": "echo", "command": "install", "package": "vim"})];
-    let r = cloud.invoke("iotronic.1001.u-1.DevicePkgOperation", args).await;
-    assert_eq!(r["result"], "RUNNING");
+    assert_eq!(cloud.invoke("iotronic.1001.u-1.DevicePkgOperation", args).await["result"], "RUNNING");
+    (shutdown, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn running_results_reach_notify_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let (shutdown, task) = start_with_a_package_operation(&cloud, dir.path()).await;
     wait_for("notify_result", || !cloud.calls_to(".stack4things.notify_result").is_empty()).await;
     let n = &cloud.calls_to(".stack4things.notify_result")[0];
     assert_eq!(n["board_uuid"], "u-1");
@@ -348,21 +358,7 @@ async fn a_result_the_cloud_does_not_take_is_retried_without_reconnecting() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Arc::new(Cloud::default());
     cloud.notify_unavailable.store(true, Ordering::SeqCst);
-    let shutdown = CancellationToken::new();
-    let mut c = config(dir.path());
-    c.device.package_managers.insert(
-        "echo".into(),
-        crate::config::PackageManager {
-            argv: vec!["echo".into()],
-            commands: vec!["install".into()],
-            version_format: "{package}={version}".into(),
-            writes: vec![],
-        },
-    );
-    let task = tokio::spawn(run(c, shutdown.clone(), clients(&cloud)));
-    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
-    let args = vec![json!({"uuid": "r-9"}), json!({"manager": "echo", "command": "install", "package": "vim"})];
-    assert_eq!(cloud.invoke("iotronic.1001.u-1.DevicePkgOperation", args).await["result"], "RUNNING");
+    let (shutdown, task) = start_with_a_package_operation(&cloud, dir.path()).await;
     wait_for("retried notify_result", || cloud.calls_to(".stack4things.notify_result").len() >= 3).await;
     tokio::time::sleep(Duration::from_secs(120)).await;
     let logins = cloud.calls_to(".stack4things.connection").len();

@@ -238,16 +238,7 @@ mod tests {
         let sleeper = r#"(module (import "s4t" "sleep_ms" (func $sleep (param i32)))
             (memory (export "memory") 1)
             (func (export "run") (result i32) (loop $l (call $sleep (i32.const 1000)) (br $l)) (i32.const 0)))"#;
-        let code = wat::parse_str(sleeper).unwrap();
-        let plugin = NewPlugin {
-            uuid: "t".into(),
-            name: "t".into(),
-            kind: PluginKind::Wasm,
-            callable: false,
-            grants: Grants::default(),
-            code,
-        };
-        ctx.plugins.inject(plugin, false).await.unwrap();
+        inject_wasm(&ctx, sleeper).await;
         ctx.plugins.start("t", None).await.unwrap();
         let r = stop_later(&ctx, 1).await;
         assert_eq!(r.result, Outcome::Running, "{r:?}");
@@ -272,6 +263,19 @@ mod tests {
         ctx.plugins.close_all().await;
     }
 
+    /// Injects plugin `t`, the WebAssembly module `wat`, started by procedures only.
+    async fn inject_wasm(ctx: &Arc<Context>, wat: &str) {
+        let plugin = NewPlugin {
+            uuid: "t".into(),
+            name: "t".into(),
+            kind: PluginKind::Wasm,
+            callable: false,
+            grants: Grants::default(),
+            code: wat::parse_str(wat).unwrap(),
+        };
+        ctx.plugins.inject(plugin, false).await.unwrap();
+    }
+
     /// `PluginStop("t", {"delay": delay})`, with a request dict first as the cloud calls it.
     async fn stop_later(ctx: &Arc<Context>, delay: u64) -> Reply {
         let args = vec![json!({"uuid": "r"}), json!("t"), json!({"delay": delay})];
@@ -285,18 +289,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         let ctx = context(store.clone(), VpnManager::new(store, Box::new(NoPackets), String::new()));
-        let code =
-            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#)
-                .unwrap();
-        let plugin = NewPlugin {
-            uuid: "t".into(),
-            name: "t".into(),
-            kind: PluginKind::Wasm,
-            callable: false,
-            grants: Grants::default(),
-            code,
-        };
-        ctx.plugins.inject(plugin, false).await.unwrap();
+        inject_wasm(&ctx, r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#)
+            .await;
         let before = ctx.plugins.registry().unwrap();
         let args = vec![json!({"uuid": "r"}), json!("t"), json!({"data": "x".repeat(100 * 1024)})];
         let r = super::super::dispatch(&ctx, Method::PluginStart, Call::from_positional(args)).await;
