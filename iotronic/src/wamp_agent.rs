@@ -116,7 +116,8 @@ fn secret_matches(board: &crate::db::Board, secret: &str) -> bool {
     else {
         return false;
     };
-    if u64::from(cred.iterations) > s4t_shared::wamp::auth::MAX_ITERATIONS
+    let blocks = u64::from(cred.keylen).div_ceil(32);
+    if u64::from(cred.iterations).saturating_mul(blocks) > s4t_shared::wamp::auth::MAX_DERIVATION_WORK
         || u64::from(cred.keylen) > s4t_shared::wamp::auth::MAX_KEYLEN
     {
         return false;

@@ -64,6 +64,8 @@ pub enum TokenError {
     NameTooLong,
     #[error("the secret is empty")]
     EmptyKey,
+    #[error("a VPN token names no VPN")]
+    EmptyVpn,
 }
 
 impl TokenKey {
@@ -86,6 +88,11 @@ impl TokenKey {
         let vpn = claims.vpn.as_deref().unwrap_or("");
         if claims.board.len() > MAX_NAME || vpn.len() > MAX_NAME {
             return Err(TokenError::NameTooLong);
+        }
+        // An empty name is how a listener token says "no VPN": minted, a VPN token for ""
+        // would verify as a listener token for port `claims.port`.
+        if claims.vpn.as_deref() == Some("") {
+            return Err(TokenError::EmptyVpn);
         }
         let mut body = Vec::with_capacity(16 + claims.board.len() + vpn.len() + TAG_LEN);
         body.push(VERSION);
@@ -154,6 +161,13 @@ fn parse_body(body: &[u8]) -> Result<Claims, TokenError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_vpn_token_must_name_a_vpn() {
+        let k = super::TokenKey::new(b"k".to_vec()).unwrap();
+        let claims = super::Claims { board: "b".into(), port: 0, vpn: Some(String::new()), expiry: 9 };
+        assert!(matches!(k.mint(&claims), Err(super::TokenError::EmptyVpn)));
+    }
+
     use super::*;
 
     fn claims() -> Claims {

@@ -23,11 +23,18 @@ use super::message::{Dict, Id};
 pub const DEFAULT_ITERATIONS: u32 = 1000;
 /// Derived key length in bytes (autobahn's default).
 pub const DEFAULT_KEYLEN: u32 = 32;
-/// The most PBKDF2 iterations a client accepts from a challenge: a hostile router must not be
-/// able to make a board spin.
-pub const MAX_ITERATIONS: u64 = 1_000_000;
+/// The most PBKDF2 work a client accepts from a challenge, in iterations times 32-byte blocks
+/// of key: a hostile router must not be able to make a board spin (PBKDF2 runs every
+/// iteration once per block; a million iterations of a 256-byte key took eight times a
+/// million, a minute on a small board, on the agent's one thread). Autobahn's and our default
+/// is 1,000 iterations of one block.
+pub const MAX_DERIVATION_WORK: u64 = 100_000;
 /// The largest derived key a client accepts to compute.
 pub const MAX_KEYLEN: u64 = 256;
+/// The shortest derived key a client accepts: the signature of a challenge is keyed by it, so
+/// a router that asks for a key of 1 byte, then 2, ... learns the board's derived key (which
+/// logs in as the board) one byte at a time, 256 guesses each.
+pub const MIN_KEYLEN: u64 = 16;
 
 /// A secret (ticket, board secret, derived key). Its `Debug` never shows the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -187,7 +194,8 @@ pub fn read_cra_challenge(extra: &Dict) -> Result<(&str, Option<Salting>), Chall
     let salt = salt.as_str().ok_or_else(|| ChallengeError::BadDerivation("salt is not a string".into()))?;
     let iterations = extra.get("iterations").and_then(Value::as_u64).unwrap_or(1000);
     let keylen = extra.get("keylen").and_then(Value::as_u64).unwrap_or(32);
-    if iterations == 0 || iterations > MAX_ITERATIONS || keylen == 0 || keylen > MAX_KEYLEN {
+    let work = iterations.saturating_mul(keylen.div_ceil(32));
+    if iterations == 0 || work > MAX_DERIVATION_WORK || !(MIN_KEYLEN..=MAX_KEYLEN).contains(&keylen) {
         return Err(ChallengeError::BadDerivation(format!("iterations {iterations}, keylen {keylen}")));
     }
     Ok((challenge, Some(Salting { salt: salt.to_owned(), iterations: iterations as u32, keylen: keylen as u32 })))
@@ -262,11 +270,40 @@ mod tests {
         let mut extra = Dict::new();
         extra.insert("challenge".into(), "c".into());
         extra.insert("salt".into(), "s".into());
-        extra.insert("iterations".into(), (MAX_ITERATIONS + 1).into());
-        assert!(matches!(read_cra_challenge(&extra), Err(ChallengeError::BadDerivation(_))));
+        let refused = |extra: &Dict| matches!(read_cra_challenge(extra), Err(ChallengeError::BadDerivation(_)));
+        extra.insert("iterations".into(), (MAX_DERIVATION_WORK + 1).into());
+        assert!(refused(&extra));
+        // The work is iterations times 32-byte blocks: a long key counts each block.
+        extra.insert("iterations".into(), (MAX_DERIVATION_WORK / 8 + 1).into());
+        extra.insert("keylen".into(), MAX_KEYLEN.into());
+        assert!(refused(&extra), "the key's blocks are not counted");
         extra.insert("iterations".into(), 10.into());
-        extra.insert("keylen".into(), 0.into());
-        assert!(matches!(read_cra_challenge(&extra), Err(ChallengeError::BadDerivation(_))));
+        // A short key lets a router learn the derived key byte by byte (below).
+        for keylen in [0, 1, 2, MIN_KEYLEN - 1] {
+            extra.insert("keylen".into(), keylen.into());
+            assert!(refused(&extra), "keylen {keylen}");
+        }
+        extra.insert("keylen".into(), 32.into());
+        extra.insert("iterations".into(), 1000.into());
+        assert!(read_cra_challenge(&extra).is_ok(), "autobahn's defaults");
+    }
+
+    /// Why short keys are refused: a router that knows the first k-1 bytes of the derived key
+    /// finds byte k among 256 guesses from the board's signature for a key of k bytes.
+    #[test]
+    fn a_short_key_gives_the_derived_key_away_bytewise() {
+        let secret = Secret::new("s3cret");
+        let real = B64.decode(derive_key(&secret, "salt", 10, 32).expose()).unwrap();
+        let mut known: Vec<u8> = Vec::new();
+        for k in 1..=4u32 {
+            let answer = sign(&derive_key(&secret, "salt", 10, k), "ch");
+            let byte = (0..=255u8).find(|b| {
+                let guess = [known.as_slice(), &[*b]].concat();
+                sign(&Secret::new(B64.encode(&guess)), "ch") == answer
+            });
+            known.push(byte.unwrap());
+        }
+        assert_eq!(known, real[..4]);
     }
 
     #[test]
