@@ -418,3 +418,144 @@ async fn a_uuid_finds_its_object_before_ones_named_like_it() {
         assert_eq!(db.project(&victim_p).await.unwrap().unwrap().uuid, victim_p, "{who}");
     }
 }
+
+/// Processes starting together on PostgreSQL all install the audit log's trigger without
+/// error (its check-then-create raced: duplicate_function or duplicate_object failed
+/// `Db::open`). Replayed many times on one database, the trigger dropped before each round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_starts_all_protect_the_audit_log_on_postgres() {
+    let t = TestDb::postgres().await;
+    let mut dbs = Vec::new();
+    for _ in 0..8 {
+        dbs.push(Db::connect(&t.url).await.unwrap());
+    }
+    // A row for the trigger to refuse to change.
+    dbs[0].insert_audit(&iotronic::db::NewAudit { action: "x".into(), ..Default::default() }).await.unwrap();
+    let raw = sqlx::AnyPool::connect(t.url.expose()).await.unwrap();
+    for round in 0..100 {
+        sqlx::raw_sql("DROP TRIGGER audit_no_change ON audit; DROP FUNCTION audit_append_only()")
+            .execute(&raw)
+            .await
+            .unwrap();
+        let results = futures_util::future::join_all(dbs.iter().map(|db| db.protect_audit())).await;
+        for r in results {
+            assert!(r.is_ok(), "round {round}: {r:?}");
+        }
+        let r = sqlx::query("UPDATE audit SET action = 'nothing'").execute(&raw).await;
+        assert!(r.is_err(), "round {round}: the audit log is not protected");
+    }
+    raw.close().await;
+    for db in dbs {
+        db.close().await;
+    }
+}
+
+/// Requests and audit entries page exactly once and in order, scoped to a project, a board or
+/// both, in both directions, when many share a millisecond: each filter and the page start are
+/// in the query only when given (a range of an index, no longer `($1 = '' OR …)`).
+#[tokio::test]
+async fn requests_and_audit_entries_page_exactly_by_whatever_scope() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        sqlx::any::install_default_drivers();
+        let mut raw = <sqlx::AnyConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+        let (p, b) = project_and_board(db, "req-a").await;
+        let (q, c) = project_and_board(db, "req-b").await;
+        let b2 = db
+            .insert_board(NewBoard {
+                name: "req-a2".into(),
+                code: "code-a2".into(),
+                project: p.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .uuid;
+        let mut made = Vec::new();
+        for i in 0..14i64 {
+            let (project, board) = [(&p, &b), (&p, &b2), (&q, &c)][(i % 3) as usize];
+            let r = db.create_request(project, board, "DevicePing", &json!([]), None).await.unwrap();
+            let at = 1000 + (i % 4) * 1000; // four milliseconds, shared
+            sqlx::query("UPDATE requests SET created_at = $1 WHERE uuid = $2")
+                .bind(at)
+                .bind(&r.uuid)
+                .execute(&mut raw)
+                .await
+                .unwrap();
+            made.push((at, r.uuid, project.clone(), board.clone()));
+        }
+        for (project, board) in [(Some(&p), None), (Some(&p), Some(&b)), (None, Some(&b2)), (None, None)] {
+            for desc in [false, true] {
+                let mut want: Vec<_> = made
+                    .iter()
+                    .filter(|m| project.is_none_or(|p| *p == m.2) && board.is_none_or(|b| *b == m.3))
+                    .map(|m| (m.0, m.1.clone()))
+                    .collect();
+                want.sort();
+                if desc {
+                    want.reverse();
+                }
+                let want: Vec<_> = want.into_iter().map(|w| w.1).collect();
+                let (project, board) = (project.map(String::as_str), board.map(String::as_str));
+                let first = Page { desc, ..Page::first("created_at") };
+                let whole = db.list_requests_page(project, board, &first).await.unwrap();
+                let whole: Vec<_> = whole.into_iter().map(|r| r.uuid).collect();
+                assert_eq!(whole, want, "{}: {project:?} {board:?} desc={desc}", t.name);
+                let (mut page, mut paged) = (Page { limit: 2, ..first }, Vec::new());
+                loop {
+                    let got = db.list_requests_page(project, board, &page).await.unwrap();
+                    paged.extend(got.iter().map(|r| r.uuid.clone()));
+                    match got.last() {
+                        Some(last) if got.len() == 2 => page.marker = Some(last.uuid.clone()),
+                        _ => break,
+                    }
+                }
+                assert_eq!(paged, want, "{}: paged, {project:?} {board:?} desc={desc}", t.name);
+            }
+        }
+        // Audit entries of two projects, three to a millisecond.
+        for i in 0..12 {
+            sqlx::query(
+                "INSERT INTO audit (id, at, user_uuid, user_name, project_uuid, action, target, source, status, \
+                 detail) VALUES ($1, $2, '', '', $3, $4, '', '', 200, '')",
+            )
+            .bind(format!("id-{i:02}"))
+            .bind(5000 + (i / 3) * 10)
+            .bind(if i % 2 == 0 { "pa" } else { "pb" })
+            .bind(if i % 4 < 2 { "tunnel.open" } else { "auth.login" })
+            .execute(&mut raw)
+            .await
+            .unwrap();
+        }
+        for (project, action, before, want) in [
+            (Some("pa"), "", 0, vec![10, 8, 6, 4, 2, 0]),
+            (Some("pb"), "tunnel.", 0, vec![9, 5, 1]),
+            (None, "", 5030, vec![8, 7, 6, 5, 4, 3, 2, 1, 0]),
+            (Some("pa"), "auth.", 5020, vec![2]),
+        ] {
+            let want: Vec<_> = want.into_iter().map(|i| format!("id-{i:02}")).collect();
+            let mut a = iotronic::db::AuditQuery {
+                project: project.map(str::to_owned),
+                action: action.into(),
+                before,
+                limit: 2,
+                ..Default::default()
+            };
+            let mut seen = Vec::new();
+            loop {
+                let page = db.list_audit(&a).await.unwrap();
+                let Some(last) = page.last() else { break };
+                a.marker = Some(last.id.clone());
+                seen.extend(page.into_iter().map(|e| e.id));
+            }
+            assert_eq!(seen, want, "{}: {project:?} {action:?} before {before}", t.name);
+        }
+        let a = iotronic::db::AuditQuery {
+            project: Some("pb".into()),
+            marker: Some("id-00".into()),
+            limit: 2,
+            ..Default::default()
+        };
+        assert!(matches!(db.list_audit(&a).await, Err(Error::NotFound(_))), "{}: another project's marker", t.name);
+    }
+}

@@ -635,3 +635,126 @@ async fn plugin_names_are_unique_per_project_on_both_backends() {
         assert!(matches!(again, Err(iotronic::Error::Conflict(_))), "{}: {again:?}", t.name);
     }
 }
+
+/// A board and a plugin of its project (uuid of the board).
+async fn board_and_plugin(db: &iotronic::db::Db) -> (String, Plugin) {
+    let p = db.create_project("p").await.unwrap();
+    let b = db
+        .insert_board(NewBoard {
+            name: "b1".into(),
+            code: "c1".into(),
+            board_type: "generic".into(),
+            owner: "o".into(),
+            project: p.uuid.clone(),
+            extra: json!({}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let plugin = db
+        .create_plugin(&Plugin {
+            uuid: String::new(),
+            name: "blink".into(),
+            owner: "o".into(),
+            project: p.uuid.clone(),
+            public: false,
+            code: "AGFzbQEAAAA=".into(),
+            callable: true,
+            parameters: json!({}),
+            extra: json!({}),
+            kind: "wasm".into(),
+            grants: json!({}),
+            code_sha256: "ab".repeat(32),
+            code_size: 8,
+            created_at: 0,
+            updated_at: 0,
+        })
+        .await
+        .unwrap();
+    (b.uuid, plugin)
+}
+
+/// A pending injection is settled from its own request only: a reader that settles it from
+/// R1's outcome after a re-injection made it pending on R2 leaves it (pending, R2), so R2's
+/// outcome is still recorded and actions still get the "still being injected" 409; a status
+/// written by an action does not overwrite a pending injection either. A plugin is deleted
+/// only while no board holds it (one statement: an injection landing in between is never
+/// cascaded away).
+#[tokio::test]
+async fn injection_status_is_written_by_compare_and_set_on_both_backends() {
+    for t in TestDb::all().await {
+        let db = &t.db;
+        let (b, plugin) = board_and_plugin(db).await;
+        let pending = |req: &str| Injection {
+            board: b.clone(),
+            plugin: plugin.uuid.clone(),
+            onboot: false,
+            status: "pending".into(),
+            grants: json!({}),
+            code_sha256: plugin.code_sha256.clone(),
+            request: Some(req.into()),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let state = || async {
+            let i = db.injection(&b, &plugin.uuid).await.unwrap().unwrap();
+            (i.status, i.request)
+        };
+        let r2_pending = ("pending".to_owned(), Some("r2".to_owned()));
+        db.upsert_injection(&pending("r1")).await.unwrap();
+        db.upsert_injection(&pending("r2")).await.unwrap();
+        // R1's settle, read before the re-injection, lands after it.
+        assert!(!db.settle_injection(&b, &plugin.uuid, "r1", "injected").await.unwrap(), "{}", t.name);
+        assert_eq!(state().await, r2_pending, "{}", t.name);
+        // An action's status does not overwrite a pending injection either.
+        assert!(!db.set_injection_status(&b, &plugin.uuid, "operative").await.unwrap(), "{}", t.name);
+        assert_eq!(state().await, r2_pending, "{}", t.name);
+        // R2's own outcome is recorded; then an action's status is.
+        assert!(db.settle_injection(&b, &plugin.uuid, "r2", "failed").await.unwrap(), "{}", t.name);
+        assert_eq!(state().await, ("failed".to_owned(), None), "{}", t.name);
+        assert!(!db.settle_injection(&b, &plugin.uuid, "r2", "injected").await.unwrap(), "{}", t.name);
+        assert!(db.set_injection_status(&b, &plugin.uuid, "operative").await.unwrap(), "{}", t.name);
+        assert_eq!(state().await, ("operative".to_owned(), None), "{}", t.name);
+
+        // Held by a board: not deleted, and the injection stays.
+        assert!(!db.delete_plugin(&plugin.uuid).await.unwrap(), "{}", t.name);
+        assert!(db.plugin(&plugin.uuid, None).await.unwrap().is_some(), "{}", t.name);
+        assert_eq!(state().await, ("operative".to_owned(), None), "{}", t.name);
+        assert!(db.delete_injection(&b, &plugin.uuid).await.unwrap());
+        assert!(db.delete_plugin(&plugin.uuid).await.unwrap(), "{}", t.name);
+        assert!(db.plugin(&plugin.uuid, None).await.unwrap().is_none(), "{}", t.name);
+        assert!(!db.delete_plugin(&plugin.uuid).await.unwrap(), "{}", t.name);
+    }
+}
+
+/// An injection recorded while its plugin is being deleted (its transaction still open when
+/// the delete starts) stops the delete: the plugin and the injection both stay. PostgreSQL
+/// needed the plugin's row locked first: the delete's check did not see the uncommitted
+/// injection, waited on the row, then deleted the plugin and cascaded the injection away.
+#[tokio::test]
+async fn a_plugin_injected_while_it_is_deleted_stays_on_both_backends() {
+    for t in TestDb::all().await {
+        let (b, plugin) = board_and_plugin(&t.db).await;
+        let raw = sqlx::AnyPool::connect(t.url.expose()).await.unwrap();
+        let mut tx = raw.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO plugin_injections (board_uuid, plugin_uuid, status, created_at, updated_at) \
+             VALUES ($1, $2, 'injected', 1, 1)",
+        )
+        .bind(&b)
+        .bind(&plugin.uuid)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let delete = tokio::spawn({
+            let (db, uuid) = (t.db.clone(), plugin.uuid.clone());
+            async move { db.delete_plugin(&uuid).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.commit().await.unwrap();
+        assert!(!delete.await.unwrap().unwrap(), "{}: deleted", t.name);
+        assert!(t.db.plugin(&plugin.uuid, None).await.unwrap().is_some(), "{}", t.name);
+        assert!(t.db.injection(&b, &plugin.uuid).await.unwrap().is_some(), "{}: cascaded away", t.name);
+        raw.close().await;
+    }
+}

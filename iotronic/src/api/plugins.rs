@@ -423,38 +423,67 @@ pub async fn delete(
     c.require(Role::Manager, "deleting plugins")?;
     let p = visible_plugin(&state, &c, &ident).await?;
     check_owner(&c, &p, "deleted")?;
-    let (own, others) = injected_on(&state, &p).await?;
-    if !own.is_empty() || others > 0 {
-        let mut on = own.join(", ");
-        if others > 0 {
-            on = format!("{on}{}{others} board(s) of other projects", if own.is_empty() { "" } else { " and " });
+    still_injected(&state, &p).await?;
+    // The check above names the boards; the delete checks again in the same statement, so a
+    // plugin injected meanwhile is not deleted (nor its new injection with it).
+    if !state.db.delete_plugin(&p.uuid).await? {
+        if state.db.plugin(&p.uuid, None).await?.is_none() {
+            return Err(Error::NotFound(format!("plugin {ident} not found")).into());
         }
-        return Err(Error::Conflict(format!("plugin {} is injected on {on}: it must be removed first", p.name)).into());
+        still_injected(&state, &p).await?;
+        return Err(
+            Error::Conflict(format!("plugin {} is injected on a board: it must be removed first", p.name)).into()
+        );
     }
-    state.db.delete_plugin(&p.uuid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A `pending` injection learns how its PluginInject request ended.
-async fn settle(state: &AppState, mut i: Injection) -> Result<Injection, Error> {
-    let Some(req) = i.request.clone().filter(|_| i.status == "pending") else { return Ok(i) };
-    let Some(r) = state.db.request(&req, None).await? else { return Ok(i) };
-    if !r.status.is_final() {
-        return Ok(i);
+/// 409 naming the boards that hold `p`, if any do.
+async fn still_injected(state: &AppState, p: &Plugin) -> Result<(), Error> {
+    let (own, others) = injected_on(state, p).await?;
+    if own.is_empty() && others == 0 {
+        return Ok(());
     }
-    let results = state.db.results(&req).await?;
-    let res = results.iter().find(|x| x.board == i.board);
-    let ok = r.status == RequestStatus::Completed && res.is_some_and(|x| x.result == "SUCCESS");
-    i.status = if !ok {
-        "failed".into()
-    } else if res.is_some_and(|x| x.message.contains("UPDATED")) {
-        "updated".into()
-    } else {
-        "injected".into()
-    };
-    state.db.set_injection_status(&i.board, &i.plugin, &i.status).await?;
-    i.request = None;
-    Ok(i)
+    let mut on = own.join(", ");
+    if others > 0 {
+        on = format!("{on}{}{others} board(s) of other projects", if own.is_empty() { "" } else { " and " });
+    }
+    Err(Error::Conflict(format!("plugin {} is injected on {on}: it must be removed first", p.name)))
+}
+
+/// A `pending` injection learns how its PluginInject request ended. The write is a
+/// compare-and-set on that request ([`Db::settle_injection`](crate::db::Db::settle_injection)):
+/// when the injection moved on meanwhile (injected again on another request, settled by
+/// another reader) it is read again and settled as it is now; `None`: it was removed.
+async fn settle(state: &AppState, mut i: Injection) -> Result<Option<Injection>, Error> {
+    // Each round follows a write that happened since the previous one: a few are plenty.
+    for _ in 0..3 {
+        let Some(req) = i.request.clone().filter(|_| i.status == "pending") else { return Ok(Some(i)) };
+        let Some(r) = state.db.request(&req, None).await? else { return Ok(Some(i)) };
+        if !r.status.is_final() {
+            return Ok(Some(i));
+        }
+        let results = state.db.results(&req).await?;
+        let res = results.iter().find(|x| x.board == i.board);
+        let ok = r.status == RequestStatus::Completed && res.is_some_and(|x| x.result == "SUCCESS");
+        let status = if !ok {
+            "failed"
+        } else if res.is_some_and(|x| x.message.contains("UPDATED")) {
+            "updated"
+        } else {
+            "injected"
+        };
+        if state.db.settle_injection(&i.board, &i.plugin, &req, status).await? {
+            i.status = status.into();
+            i.request = None;
+            return Ok(Some(i));
+        }
+        match state.db.injection(&i.board, &i.plugin).await? {
+            Some(now) => i = now,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(i))
 }
 
 pub async fn injections(
@@ -465,7 +494,7 @@ pub async fn injections(
     let b = visible_board(&state, &c, &ident).await?;
     let mut out = Vec::new();
     for i in state.db.injections_of_board(&b.uuid).await? {
-        let i = settle(&state, i).await?;
+        let Some(i) = settle(&state, i).await? else { continue };
         let p = state.db.plugin(&i.plugin, None).await?;
         out.push(injection_json(&i, p.as_ref()));
     }
@@ -480,12 +509,10 @@ async fn board_and_plugin(
 ) -> Result<(Board, Plugin, Injection), Error> {
     let b = visible_board(state, c, board).await?;
     let p = visible_plugin(state, c, plugin).await?;
-    let i = state
-        .db
-        .injection(&b.uuid, &p.uuid)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("plugin {} is not injected on board {}", p.name, b.name)))?;
-    Ok((b, p, settle(state, i).await?))
+    let absent = || Error::NotFound(format!("plugin {} is not injected on board {}", p.name, b.name));
+    let i = state.db.injection(&b.uuid, &p.uuid).await?.ok_or_else(absent)?;
+    let i = settle(state, i).await?.ok_or_else(absent)?;
+    Ok((b, p, i))
 }
 
 pub async fn injection(
@@ -661,6 +688,9 @@ pub async fn action(
             _ => None,
         };
         if let Some(s) = status {
+            // Not over a pending injection: a re-injection that began since the check above
+            // decides the status (its request's outcome, which the 409 above waits for); the
+            // board did carry out this action, so its answer stands all the same.
             state.db.set_injection_status(&b.uuid, &p.uuid, s).await?;
         }
     }

@@ -112,12 +112,11 @@ impl Db {
     /// Entries matching `q`, newest first (by time, then id). A `marker` that names no entry
     /// of the log (of `q.project`'s entries, when set) is [`Error::NotFound`].
     pub async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, Error> {
-        let project = q.project.clone().unwrap_or_default();
-        let before = if q.before > 0 { q.before } else { i64::MAX };
-        // The page starts after (at, id) of the marker; (MAX, "") starts at the newest.
-        let (m_at, m_id) = match &q.marker {
-            None => (i64::MAX, String::new()),
+        // The page starts after (at, id) of the marker; without one, at the newest.
+        let marker = match &q.marker {
+            None => None,
             Some(id) => {
+                let project = q.project.clone().unwrap_or_default();
                 let row = sqlx::query("SELECT at FROM audit WHERE id = $1 AND ($2 = '' OR project_uuid = $3)")
                     .bind(id)
                     .bind(&project)
@@ -126,31 +125,45 @@ impl Db {
                     .await
                     .map_err(db_err)?
                     .ok_or_else(|| Error::NotFound(format!("audit entry {id} not found")))?;
-                (col::<i64>(&row, "at")?, id.clone())
+                Some((col::<i64>(&row, "at")?, id.as_str()))
             }
         };
-        // A prefix compared as text (LIKE ignores ASCII case on SQLite, not on PostgreSQL).
-        let prefix_len = i32::try_from(q.action.chars().count()).unwrap_or(i32::MAX);
-        let rows = sqlx::query(
-            "SELECT id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail FROM audit \
-             WHERE ($1 = '' OR project_uuid = $2) AND at >= $3 AND at < $4 \
-             AND ($5 = '' OR substr(action, 1, CAST($6 AS INTEGER)) = $5) \
-             AND (at < $7 OR (at = $7 AND id < $8) OR $8 = '') \
-             ORDER BY at DESC, id DESC LIMIT $9",
-        )
-        .bind(&project)
-        .bind(&project)
-        .bind(q.since)
-        .bind(before)
-        .bind(&q.action)
-        .bind(prefix_len)
-        .bind(m_at)
-        .bind(&m_id)
-        .bind(q.limit.clamp(1, 1000))
-        .fetch_all(self.pool())
-        .await
-        .map_err(db_err)?;
+        let (sql, f) = Self::audit_sql(q, marker);
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
         rows.iter().map(entry_row).collect()
+    }
+
+    /// The query of [`Db::list_audit`] and its values, given the marker's `(at, id)`: a range
+    /// of `audit_project_at` for a project, of `audit_at` for the whole log, that ends at the
+    /// marker (every bound on `at` folded into one, which the index range uses).
+    pub(crate) fn audit_sql(q: &AuditQuery, marker: Option<(i64, &str)>) -> (String, super::page::Filters) {
+        let mut f = super::page::Filters::default();
+        f.eq("project_uuid", q.project.as_deref());
+        // at < before, and at <= the marker's at (at < at + 1; every at is <= i64::MAX).
+        let mut end = if q.before > 0 { q.before } else { i64::MAX };
+        if let Some(after) = marker.and_then(|(at, _)| at.checked_add(1)) {
+            end = end.min(after);
+        }
+        let (since, end) = (f.arg(q.since), f.arg(end));
+        f.and(format!("at >= {since} AND at < {end}"));
+        if !q.action.is_empty() {
+            // A prefix compared as text (LIKE ignores ASCII case on SQLite, not on PostgreSQL).
+            let len = f.arg(i64::try_from(q.action.chars().count()).unwrap_or(i64::MAX).min(i64::from(i32::MAX)));
+            let action = f.arg(q.action.as_str());
+            f.and(format!("substr(action, 1, CAST({len} AS INTEGER)) = {action}"));
+        }
+        if let Some((at, id)) = marker {
+            // Within the marker's millisecond, the entries listed after it.
+            let (at, id) = (f.arg(at), f.arg(id));
+            f.and(format!("(at < {at} OR id < {id})"));
+        }
+        let sql = format!(
+            "SELECT id, at, user_uuid, user_name, project_uuid, action, target, source, status, detail FROM audit{} \
+             ORDER BY at DESC, id DESC LIMIT {}",
+            f.sql(),
+            q.limit.clamp(1, 1000)
+        );
+        (sql, f)
     }
 
     /// Makes the database refuse UPDATE and DELETE on `audit` (idempotent; every process
@@ -163,7 +176,12 @@ impl Db {
                 "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit \
                  BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
             ],
+            // The block holds a transaction-level advisory lock (its key: "S4TAudit" as a
+            // big-endian i64), so that processes starting together install it one after the
+            // other: each check then sees what the one before installed (the check and the
+            // CREATE were a race that could end in duplicate_function or duplicate_object).
             Backend::Postgres => &["DO $$ BEGIN \
+                 PERFORM pg_advisory_xact_lock(5995509644056095092); \
                  IF NOT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'audit_append_only') THEN \
                  CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS \
                  'BEGIN RAISE EXCEPTION ''the audit log is append-only''; END'; END IF; \
@@ -173,9 +191,12 @@ impl Db {
         };
         for sql in statements {
             if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(*sql)).execute(self.pool()).await {
-                // Several processes starting at once may race on PostgreSQL's catalog: the
-                // winner installed it; anything else is a real failure.
-                if !super::is_unique_violation(&e) {
+                // Belt and braces (a process of a version without the lock may be starting
+                // too): a racing winner installed it (unique violation in the catalog,
+                // duplicate_function, duplicate_object); anything else is a real failure.
+                let installed =
+                    matches!(&e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c == "42723" || c == "42710"));
+                if !installed && !super::is_unique_violation(&e) {
                     return Err(db_err(e));
                 }
             }

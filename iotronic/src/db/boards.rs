@@ -266,24 +266,24 @@ impl Db {
         fleet: Option<&str>,
         page: &Page,
     ) -> Result<Vec<Board>, Error> {
-        let sql = format!(
-            "{}WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR status = $4) AND ($5 = '' OR fleet_uuid = $6){}",
-            board_query!(""),
-            page.sql("boards", 7)
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project.unwrap_or(""))
-            .bind(project.unwrap_or(""))
-            .bind(status.unwrap_or(""))
-            .bind(status.unwrap_or(""))
-            .bind(fleet.unwrap_or(""))
-            .bind(fleet.unwrap_or(""))
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)?;
+        let (sql, f) = Self::boards_page_sql(project, status, fleet, page);
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
         rows.iter().map(board_row).collect()
+    }
+
+    /// The query of `boards_page` and its values.
+    pub(crate) fn boards_page_sql(
+        project: Option<&str>,
+        status: Option<&str>,
+        fleet: Option<&str>,
+        page: &Page,
+    ) -> (String, super::page::Filters) {
+        let mut f = super::page::Filters::default();
+        f.eq("project_uuid", project);
+        f.eq("status", status);
+        f.eq("fleet_uuid", fleet);
+        let sql = format!("{}{}", board_query!(""), page.clause(&mut f, "boards", "uuid", ""));
+        (sql, f)
     }
 
     /// Writes the fields `u` gives, and only those, in one statement: concurrent updates of

@@ -380,15 +380,10 @@ impl Db {
 
     /// One page of the rows of `table` that `project` owns (all: `None`).
     async fn scoped_page(&self, table: &str, project: Option<&str>, page: &Page) -> Result<Vec<AnyRow>, Error> {
-        let sql = format!("SELECT * FROM {table} WHERE ($1 = '' OR project_uuid = $2){}", page.sql(table, 3));
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project.unwrap_or(""))
-            .bind(project.unwrap_or(""))
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)
+        let mut f = super::page::Filters::default();
+        f.eq("project_uuid", project);
+        let sql = format!("SELECT * FROM {table}{}", page.clause(&mut f, table, "uuid", ""));
+        f.query(sql).fetch_all(self.pool()).await.map_err(db_err)
     }
 
     /// Writes the fields given, and only those, in one statement (concurrent PATCHes of
@@ -853,17 +848,12 @@ impl Db {
 
     /// One page of the members of `vpn`; the marker is a member's board uuid.
     pub async fn vpn_members_page(&self, vpn: &str, page: &Page) -> Result<Vec<VpnMember>, Error> {
-        let sql = format!(
-            "SELECT * FROM vpn_members WHERE vpn_uuid = $1{}",
-            page.sql_keyed("vpn_members", "board_uuid", "vpn_uuid = $1 AND ", 2)
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(vpn)
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)?;
+        let mut f = super::page::Filters::default();
+        let v = f.arg(vpn);
+        f.and(format!("vpn_uuid = {v}"));
+        let within = format!("vpn_uuid = {v} AND ");
+        let sql = format!("SELECT * FROM vpn_members{}", page.clause(&mut f, "vpn_members", "board_uuid", &within));
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
         rows.iter().map(member_row).collect()
     }
 

@@ -256,9 +256,32 @@ impl Db {
         Ok(())
     }
 
-    pub async fn delete_plugin(&self, uuid: &str) -> Result<(), Error> {
-        sqlx::query("DELETE FROM plugins WHERE uuid = $1").bind(uuid).execute(self.pool()).await.map_err(db_err)?;
-        Ok(())
+    /// Deletes a plugin that no board holds; false if it was not deleted (absent, or injected:
+    /// [`Db::plugin`] tells which). The check and the delete are one statement, so an injection
+    /// recorded meanwhile is never cascaded away with the plugin. PostgreSQL: the plugin's row
+    /// is locked first, which waits for an injection being inserted (its foreign-key check
+    /// holds a share lock on that row) so that the statement then sees it; an injection
+    /// inserted after waits for the delete and fails on its foreign key.
+    pub async fn delete_plugin(&self, uuid: &str) -> Result<bool, Error> {
+        let mut tx = self.pool().begin().await.map_err(db_err)?;
+        if self.backend() == super::Backend::Postgres {
+            sqlx::query("SELECT uuid FROM plugins WHERE uuid = $1 FOR UPDATE")
+                .bind(uuid)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        let r = sqlx::query(
+            "DELETE FROM plugins WHERE uuid = $1 \
+             AND NOT EXISTS (SELECT 1 FROM plugin_injections WHERE plugin_uuid = $2)",
+        )
+        .bind(uuid)
+        .bind(uuid)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// Records that `i.board` holds `i.plugin` (inserted, or replaced on re-injection).
@@ -316,16 +339,43 @@ impl Db {
         rows.iter().map(|r| col(r, "board_uuid")).collect()
     }
 
-    /// Sets the status of an injection (and clears its pending request); false if absent.
+    /// Sets the status an action on the board found (`operative`, `stopped`) unless the
+    /// injection is `pending`: a re-injection under way decides its status (its request's
+    /// outcome, [`Db::settle_injection`]). False if absent or pending.
     pub async fn set_injection_status(&self, board: &str, plugin: &str, status: &str) -> Result<bool, Error> {
         let r = sqlx::query(
             "UPDATE plugin_injections SET status = $1, request_uuid = NULL, updated_at = $2 \
-             WHERE board_uuid = $3 AND plugin_uuid = $4",
+             WHERE board_uuid = $3 AND plugin_uuid = $4 AND status <> 'pending'",
         )
         .bind(status)
         .bind(now_ms())
         .bind(board)
         .bind(plugin)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Records how the PluginInject request `request` ended (`status`), and clears it, if the
+    /// injection is still pending on that request: false if it is not (settled already, removed,
+    /// or injected again meanwhile, whose own request decides).
+    pub async fn settle_injection(
+        &self,
+        board: &str,
+        plugin: &str,
+        request: &str,
+        status: &str,
+    ) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "UPDATE plugin_injections SET status = $1, request_uuid = NULL, updated_at = $2 \
+             WHERE board_uuid = $3 AND plugin_uuid = $4 AND status = 'pending' AND request_uuid = $5",
+        )
+        .bind(status)
+        .bind(now_ms())
+        .bind(board)
+        .bind(plugin)
+        .bind(request)
         .execute(self.pool())
         .await
         .map_err(db_err)?;

@@ -256,23 +256,27 @@ impl Db {
         board: Option<&str>,
         page: &Page,
     ) -> Result<Vec<Request>, Error> {
+        let (sql, f) = Self::requests_page_sql(project, board, page);
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
+        rows.iter().map(request_row).collect()
+    }
+
+    /// The query of [`Db::list_requests_page`] and its values: a project's page is a range of
+    /// the `(project_uuid, created_at)` index.
+    pub(crate) fn requests_page_sql(
+        project: Option<&str>,
+        board: Option<&str>,
+        page: &Page,
+    ) -> (String, super::page::Filters) {
+        let mut f = super::page::Filters::default();
+        f.eq("project_uuid", project);
+        f.eq("destination_uuid", board);
         let sql = format!(
             "SELECT uuid, project_uuid, destination_uuid, main_request_uuid, pending_requests, status, action, \
-             'null' AS args, agent, expires_at, lease_uuid, created_at, updated_at \
-             FROM requests WHERE ($1 = '' OR project_uuid = $2) AND ($3 = '' OR destination_uuid = $4){}",
-            page.sql("requests", 5)
+             'null' AS args, agent, expires_at, lease_uuid, created_at, updated_at FROM requests{}",
+            page.clause(&mut f, "requests", "uuid", "")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project.unwrap_or(""))
-            .bind(project.unwrap_or(""))
-            .bind(board.unwrap_or(""))
-            .bind(board.unwrap_or(""))
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)?;
-        rows.iter().map(request_row).collect()
+        (sql, f)
     }
 
     /// Compare-and-set of a request's status: moves it to `to` only from one of `from`, so
