@@ -225,19 +225,14 @@ impl Db {
         only_active: bool,
         page: &Page,
     ) -> Result<Vec<Lease>, Error> {
-        let sql = format!(
-            "SELECT * FROM leases WHERE ($1 = '' OR project_uuid = $2) AND ($3 = 0 OR status = 'active'){}",
-            page.sql("leases", 4)
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project.unwrap_or(""))
-            .bind(project.unwrap_or(""))
-            .bind(i64::from(only_active))
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)?;
+        // Only the filters given (`super::page::Filters`: an index can serve them).
+        let mut f = super::page::Filters::default();
+        f.eq("project_uuid", project);
+        if only_active {
+            f.and("status = 'active'".into());
+        }
+        let sql = format!("SELECT * FROM leases{}", page.clause(&mut f, "leases", "uuid", ""));
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
         self.leases_of_rows(&rows).await
     }
 

@@ -46,30 +46,6 @@ impl Page {
         }
         format!("{} ORDER BY {k} {dir}, {id} {dir} LIMIT {limit}", f.sql())
     }
-
-    /// What follows a list's `WHERE` filters: the rows after the marker, ordered, limited. The
-    /// marker is bound twice, at `$p` and `$p+1` (the `($p = '' OR …)` idiom of this module).
-    pub(crate) fn sql(&self, table: &str, p: usize) -> String {
-        self.sql_keyed(table, "uuid", "", p)
-    }
-
-    /// [`sql`](Self::sql) for rows named by the column `id` rather than `uuid`, unique only
-    /// among the rows that `within` selects (an SQL condition ending in `AND`, on the list's
-    /// own bound parameters, e.g. `"vpn_uuid = $1 AND "` for the members of one VPN, named by
-    /// their board): the marker row is looked up there.
-    pub(crate) fn sql_keyed(&self, table: &str, id: &str, within: &str, p: usize) -> String {
-        let (k, limit) = (self.key, self.limit.clamp(1, MAX_LIMIT));
-        let (cmp, dir) = if self.desc { ("<", "DESC") } else { (">", "ASC") };
-        format!(
-            " AND (${p} = '' OR ({k}, {id}) {cmp} (SELECT {k}, {id} FROM {table} WHERE {within}{id} = ${q})) \
-             ORDER BY {k} {dir}, {id} {dir} LIMIT {limit}",
-            q = p + 1
-        )
-    }
-
-    pub(crate) fn marker(&self) -> &str {
-        self.marker.as_deref().unwrap_or("")
-    }
 }
 
 /// A value bound to a list's query.

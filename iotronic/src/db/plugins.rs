@@ -205,22 +205,25 @@ impl Db {
         only_public: bool,
         page: &Page,
     ) -> Result<Vec<Plugin>, Error> {
+        // Only the filters given (`super::page::Filters`: an index can serve them).
+        let mut f = super::page::Filters::default();
+        if let Some(p) = project.filter(|p| !p.is_empty()) {
+            let p = f.arg(p);
+            f.and(if with_public {
+                format!("(project_uuid = {p} OR public = 1)")
+            } else {
+                format!("project_uuid = {p}")
+            });
+        }
+        if only_public {
+            f.and("public = 1".into());
+        }
         let sql = format!(
             "SELECT uuid, name, owner_uuid, project_uuid, public, '' AS code, callable, parameters, extra, kind, \
-             grants, code_sha256, code_size, created_at, updated_at FROM plugins \
-             WHERE ($1 = '' OR project_uuid = $2 OR ($3 = 1 AND public = 1)) AND ($4 = 0 OR public = 1){}",
-            page.sql("plugins", 5)
+             grants, code_sha256, code_size, created_at, updated_at FROM plugins{}",
+            page.clause(&mut f, "plugins", "uuid", "")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(project.unwrap_or(""))
-            .bind(project.unwrap_or(""))
-            .bind(i64::from(with_public))
-            .bind(i64::from(only_public))
-            .bind(page.marker())
-            .bind(page.marker())
-            .fetch_all(self.pool())
-            .await
-            .map_err(db_err)?;
+        let rows = f.query(sql).fetch_all(self.pool()).await.map_err(db_err)?;
         rows.iter().map(plugin_row).collect()
     }
 
