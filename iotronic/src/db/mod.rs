@@ -53,6 +53,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "request lease", include_str!("../../migrations/0009_request_lease.sql")),
     (10, "enroll repeat", include_str!("../../migrations/0010_enroll_repeat.sql")),
     (11, "bounds", include_str!("../../migrations/0011_bounds.sql")),
+    (12, "list indexes", include_str!("../../migrations/0012_list_indexes.sql")),
 ];
 
 /// The SQLite database's file name in the data directory (the default back-end).

@@ -143,10 +143,13 @@ mod tests {
             let p = plan(&db, Db::requests_page_sql(Some("p"), None, &Page { marker: None, ..page.clone() })).await;
             assert!(p.contains("USING INDEX requests_project_created (project_uuid=?)"), "{p}");
             assert!(!p.contains("TEMP B-TREE FOR ORDER BY"), "{p}");
-            // Boards have only (project_uuid): a project's boards are found, then sorted.
+            // An administrator's page of every request, and a project's boards (0012).
+            let p = plan(&db, Db::requests_page_sql(None, None, &page)).await;
+            assert!(p.contains("USING INDEX requests_created"), "{p}");
+            assert!(!p.contains("SCAN requests") && !p.contains("TEMP B-TREE FOR ORDER BY"), "{p}");
             let p = plan(&db, Db::boards_page_sql(Some("p"), Some("online"), None, &page)).await;
-            assert!(p.contains("USING INDEX boards_project (project_uuid=?)"), "{p}");
-            assert!(!p.contains("SCAN boards"), "{p}");
+            assert!(p.contains("USING INDEX boards_project_created (project_uuid=?"), "{p}");
+            assert!(!p.contains("SCAN boards") && !p.contains("TEMP B-TREE FOR ORDER BY"), "{p}");
         }
         for marker in [None, Some((1000, "m"))] {
             let q = AuditQuery { project: Some("p".into()), action: "tunnel.".into(), limit: 10, ..Default::default() };
