@@ -308,15 +308,18 @@ impl Conductor {
                 let (Some(service), Some(port)) = (text(first, "uuid"), req.args.get(1).and_then(Value::as_i64)) else {
                     return Ok(());
                 };
-                if self.db.exposure(board, &service).await?.is_some_and(|e| e.public_port == port) {
-                    self.db.delete_exposure(board, &service).await?;
+                // The one read, on the request's port, is deleted, not whatever holds the key then.
+                if let Some(e) = self.db.exposure(board, &service).await?.filter(|e| e.public_port == port)
+                    && self.db.delete_exposure_as_read(&e).await?
+                {
                     info!(request = %req.uuid, port, "ServiceEnable did not happen: exposure freed");
                 }
             }
             "VpnJoin" => {
                 let (Some(vpn), Some(address)) = (text(first, "vpn"), text(first, "address")) else { return Ok(()) };
-                if self.db.vpn_member(&vpn, board).await?.is_some_and(|m| m.address == address) {
-                    self.db.remove_vpn_member(&vpn, board).await?;
+                if let Some(m) = self.db.vpn_member(&vpn, board).await?.filter(|m| m.address == address)
+                    && self.db.remove_vpn_member_as_read(&m).await?
+                {
                     info!(request = %req.uuid, vpn = %vpn, "VpnJoin did not happen: membership removed");
                 }
             }
@@ -426,7 +429,8 @@ impl Conductor {
     /// sweep finishing one that failed half way): a board is told what this run removed.
     pub async fn teardown_lease(&self, lease: &Lease) -> Result<(), Error> {
         for e in self.db.exposures_of_lease(&lease.uuid).await? {
-            if !self.db.delete_exposure(&e.board, &e.service).await? {
+            // As read: one made since by the board's next lease stays.
+            if !self.db.delete_exposure_as_read(&e).await? {
                 continue;
             }
             if let Some(s) = self.db.service(&e.service, None).await? {
@@ -435,7 +439,7 @@ impl Conductor {
             }
         }
         for m in self.db.vpn_members_of_lease(&lease.uuid).await? {
-            if self.db.remove_vpn_member(&m.vpn, &m.board).await? {
+            if self.db.remove_vpn_member_as_read(&m).await? {
                 self.notify_board(&lease.project, &m.board, "VpnLeave", json!([{"vpn": m.vpn}])).await?;
             }
         }

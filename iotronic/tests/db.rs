@@ -312,6 +312,33 @@ async fn concurrent_leases_on_one_board_have_one_winner() {
     }
 }
 
+/// An exposure or membership is deleted as it was read (its port or address, its lease): one
+/// made since under the board's next lease stays. A lease torn down twice at once (release and
+/// sweep) deleted by the key alone and could take the next lease's exposure with it.
+#[tokio::test]
+async fn deletes_take_only_what_was_read() {
+    for t in TestDb::all().await {
+        let (p, b) = project_and_board(&t.db, "as-read").await;
+        let svc = t.db.create_service("ssh", &p, 22, "TCP", &json!({})).await.unwrap();
+        let l1 = t.db.create_lease(&p, "u", std::slice::from_ref(&b), now_ms() + 60_000).await.unwrap();
+        let read = t.db.allocate_exposure(&b, &svc.uuid, (50001, 50010), Some(&l1.uuid), &[]).await.unwrap();
+        let vpn = t.db.create_vpn("net", &p, "l2", "10.9.1.0/24").await.unwrap();
+        let member = t.db.add_vpn_member(&vpn, &b, None, Some(&l1.uuid)).await.unwrap();
+        // The first teardown deletes them; the board's next lease makes them again.
+        assert!(t.db.delete_exposure_as_read(&read).await.unwrap());
+        assert!(t.db.remove_vpn_member_as_read(&member).await.unwrap());
+        assert!(t.db.end_lease(&l1.uuid, "released").await.unwrap());
+        let l2 = t.db.create_lease(&p, "u", std::slice::from_ref(&b), now_ms() + 60_000).await.unwrap();
+        t.db.allocate_exposure(&b, &svc.uuid, (50001, 50010), Some(&l2.uuid), &[]).await.unwrap();
+        t.db.add_vpn_member(&vpn, &b, None, Some(&l2.uuid)).await.unwrap();
+        // The second teardown of the first lease, with what it read then, takes nothing.
+        assert!(!t.db.delete_exposure_as_read(&read).await.unwrap(), "{}", t.name);
+        assert!(!t.db.remove_vpn_member_as_read(&member).await.unwrap(), "{}", t.name);
+        assert_eq!(t.db.exposure(&b, &svc.uuid).await.unwrap().unwrap().lease.as_deref(), Some(l2.uuid.as_str()));
+        assert_eq!(t.db.vpn_member(&vpn.uuid, &b).await.unwrap().unwrap().lease.as_deref(), Some(l2.uuid.as_str()));
+    }
+}
+
 #[tokio::test]
 async fn vpn_addresses_are_unique_under_concurrency() {
     for t in TestDb::all().await {

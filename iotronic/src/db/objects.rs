@@ -634,6 +634,25 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Deletes exposure `e` if it is still there as it was read (its port, its lease): a later
+    /// exposure of that service on that board, made since, is kept. Deleting by the key alone,
+    /// a lease torn down twice at once (the release and the sweep) could remove the exposure
+    /// the board's next lease made meanwhile, and tell the board to close it.
+    pub async fn delete_exposure_as_read(&self, e: &Exposure) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "DELETE FROM exposed_services WHERE board_uuid = $1 AND service_uuid = $2 AND public_port = $3 \
+             AND COALESCE(lease_uuid, '') = $4",
+        )
+        .bind(&e.board)
+        .bind(&e.service)
+        .bind(e.public_port)
+        .bind(e.lease.as_deref().unwrap_or(""))
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// A VPN without the cloud's address ([`Db::create_vpn_with`]).
     pub async fn create_vpn(&self, name: &str, project: &str, vpn_type: &str, cidr: &str) -> Result<Vpn, Error> {
         self.create_vpn_with(name, project, vpn_type, cidr, false).await
@@ -882,6 +901,23 @@ impl Db {
             .execute(self.pool())
             .await
             .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Removes membership `m` if it is still there as it was read (its address, its lease), as
+    /// [`Db::delete_exposure_as_read`] does for exposures.
+    pub async fn remove_vpn_member_as_read(&self, m: &VpnMember) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "DELETE FROM vpn_members WHERE vpn_uuid = $1 AND board_uuid = $2 AND address = $3 \
+             AND COALESCE(lease_uuid, '') = $4",
+        )
+        .bind(&m.vpn)
+        .bind(&m.board)
+        .bind(&m.address)
+        .bind(m.lease.as_deref().unwrap_or(""))
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
         Ok(r.rows_affected() > 0)
     }
 }
