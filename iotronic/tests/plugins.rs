@@ -573,23 +573,7 @@ async fn plugin_names_are_unique_per_project_on_both_backends() {
         let db = &t.db;
         let p = db.create_project("p").await.unwrap();
         let other = db.create_project("q").await.unwrap();
-        let new = |name: &str, project: &str| Plugin {
-            uuid: String::new(),
-            name: name.into(),
-            owner: "o".into(),
-            project: project.into(),
-            public: false,
-            code: "AGFzbQEAAAA=".into(),
-            callable: true,
-            parameters: json!({}),
-            extra: json!({}),
-            kind: "wasm".into(),
-            grants: json!({}),
-            code_sha256: "ab".repeat(32),
-            code_size: 8,
-            created_at: 0,
-            updated_at: 0,
-        };
+        let new = wasm_plugin;
         let blink = db.create_plugin(&new("blink", &p.uuid)).await.unwrap();
         let second = db.create_plugin(&new("blink", &p.uuid)).await;
         assert!(matches!(second, Err(iotronic::Error::Conflict(_))), "{}: {second:?}", t.name);
@@ -636,6 +620,27 @@ async fn plugin_names_are_unique_per_project_on_both_backends() {
     }
 }
 
+/// A private, callable WebAssembly plugin `name` of `project` (an empty module) to create.
+fn wasm_plugin(name: &str, project: &str) -> Plugin {
+    Plugin {
+        uuid: String::new(),
+        name: name.into(),
+        owner: "o".into(),
+        project: project.into(),
+        public: false,
+        code: "AGFzbQEAAAA=".into(),
+        callable: true,
+        parameters: json!({}),
+        extra: json!({}),
+        kind: "wasm".into(),
+        grants: json!({}),
+        code_sha256: "ab".repeat(32),
+        code_size: 8,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
 /// A board and a plugin of its project (uuid of the board).
 async fn board_and_plugin(db: &iotronic::db::Db) -> (String, Plugin) {
     let p = db.create_project("p").await.unwrap();
@@ -651,26 +656,7 @@ async fn board_and_plugin(db: &iotronic::db::Db) -> (String, Plugin) {
         })
         .await
         .unwrap();
-    let plugin = db
-        .create_plugin(&Plugin {
-            uuid: String::new(),
-            name: "blink".into(),
-            owner: "o".into(),
-            project: p.uuid.clone(),
-            public: false,
-            code: "AGFzbQEAAAA=".into(),
-            callable: true,
-            parameters: json!({}),
-            extra: json!({}),
-            kind: "wasm".into(),
-            grants: json!({}),
-            code_sha256: "ab".repeat(32),
-            code_size: 8,
-            created_at: 0,
-            updated_at: 0,
-        })
-        .await
-        .unwrap();
+    let plugin = db.create_plugin(&wasm_plugin("blink", &p.uuid)).await.unwrap();
     (b.uuid, plugin)
 }
 
