@@ -26,6 +26,26 @@ async fn project_and_board(db: &Db, name: &str) -> (String, String) {
     (p.uuid, b.uuid)
 }
 
+/// Processes starting together on a fresh SQLite database all open it: the migrations run
+/// under a lock of their own (sqlx's does nothing on SQLite, and the loser of the race failed
+/// with "table already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_starts_on_a_fresh_sqlite_database_all_succeed() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = iotronic::db::DatabaseUrl::sqlite_in(dir.path());
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Db::open(&url).await })
+            })
+            .collect();
+        for (i, open) in opens.into_iter().enumerate() {
+            open.await.unwrap().unwrap_or_else(|e| panic!("round {round}, start {i}: {e}"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn migrations_are_idempotent_and_auth_rows_round_trip() {
     for t in TestDb::all().await {

@@ -3,7 +3,8 @@
 //! One code path for both back-ends through sqlx's `Any` driver: SQLite (a file in the data
 //! directory, the embedded default) and PostgreSQL (`--database-url postgres://…`). The schema
 //! (`migrations/*.sql`) is portable SQL and embedded in the binary; [`Db::migrate`] applies it
-//! under sqlx's migration lock, so several processes may start at once.
+//! under a lock (sqlx's advisory lock on PostgreSQL, a lock file beside the SQLite database,
+//! for which sqlx's does nothing), so several processes may start at once.
 //!
 //! Records are plain structs mapped from rows by hand; REST DTOs live in `api`, bus messages in
 //! `bus`, and conversions between them are written out.
@@ -174,6 +175,7 @@ impl Db {
 
     /// Applies every embedded migration not applied yet.
     pub async fn migrate(&self) -> Result<(), Error> {
+        let _lock = self.sqlite_migration_lock().await?;
         let migrations = MIGRATIONS
             .iter()
             .map(|(version, name, sql)| {
@@ -182,6 +184,37 @@ impl Db {
             .collect();
         let migrator = Migrator::with_migrations(migrations);
         migrator.run(&self.pool).await.map_err(Error::Migrate)
+    }
+
+    /// On SQLite, an exclusive lock on `<database file>-migrate.lock`, held while the returned
+    /// file lives: sqlx's migration lock does nothing there, so two processes starting on a
+    /// fresh database both applied the first migration and one failed ("table already
+    /// exists"). A file of its own, not the database's: SQLite's POSIX locks are dropped when
+    /// the process closes any descriptor of the database file. `None` for PostgreSQL (sqlx
+    /// locks) and an in-memory database.
+    async fn sqlite_migration_lock(&self) -> Result<Option<std::fs::File>, Error> {
+        if self.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        let row = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let file: String = col(&row, "file")?;
+        if file.is_empty() {
+            return Ok(None);
+        }
+        let path = format!("{file}-migrate.lock");
+        let at = path.clone();
+        let locked = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).mode(0o600).open(&at)?;
+            f.lock()?;
+            Ok::<_, std::io::Error>(f)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot lock {path}: {e}")))?;
+        locked.map(Some).map_err(|e| Error::Invalid(format!("cannot lock {path}: {e}")))
     }
 
     /// PostgreSQL administration for throw-away databases (tests, `db` tooling). The name
