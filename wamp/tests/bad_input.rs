@@ -359,6 +359,79 @@ async fn the_client_notices_a_router_that_went_silent() {
     }
 }
 
+/// A "router" that welcomes the client, then reads (answering pings) and answers nothing:
+/// its URL, and what it receives.
+#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
+async fn router_that_never_answers() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (seen, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let choose = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                      mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", "wamp.2.json".parse().unwrap());
+            Ok(resp)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, choose).await.unwrap();
+        let _hello = ws.next().await;
+        ws.send(Ws::Text(json!([2, 42, {"authrole": "board"}]).to_string().into())).await.unwrap();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Ws::Text(t) = m {
+                let _ = seen.send(serde_json::from_str::<Value>(t.as_str()).unwrap());
+            }
+        }
+    });
+    (url, received)
+}
+
+/// A REGISTER (or SUBSCRIBE, UNREGISTER, acknowledged PUBLISH) the router never answers fails
+/// after `request_timeout`: it waited for ever, and a board's login with it (the router kept
+/// answering pings, so the keepalive saw nothing wrong).
+#[tokio::test]
+async fn a_request_the_router_never_answers_times_out() {
+    let (url, _received) = router_that_never_answers().await;
+    let mut config = s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous);
+    config.request_timeout = Duration::from_millis(300);
+    let session = connect(&config).await.unwrap();
+    let handler = |_| async { Ok(Payload::default()) };
+    let registered = within("register gives up", session.register("com.example.p", handler)).await;
+    assert!(matches!(registered, Err(s4t_wamp::Error::Timeout("register"))), "{registered:?}");
+    let subscribed = within("subscribe gives up", session.subscribe("com.example.t", 8)).await;
+    assert!(matches!(subscribed, Err(s4t_wamp::Error::Timeout("subscribe"))), "{subscribed:?}");
+}
+
+/// A call its caller gives up on (its future dropped before the call's own timeout, as the
+/// board's agent does with a shorter timeout of its own) is cancelled at the router: its
+/// entry stayed, and the router's work on it went on, until the router answered.
+#[tokio::test]
+async fn a_call_dropped_by_its_caller_is_cancelled() {
+    let (url, mut received) = router_that_never_answers().await;
+    let config = s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous);
+    let session = connect(&config).await.unwrap();
+    let call = session.call("com.example.slow", vec![], Default::default(), Duration::from_secs(30));
+    assert!(tokio::time::timeout(Duration::from_millis(100), call).await.is_err(), "answered");
+    let request = within("the CALL", async {
+        loop {
+            let m = received.recv().await.unwrap();
+            if m[0] == 48 {
+                return m[1].clone();
+            }
+        }
+    })
+    .await;
+    let cancel = within("the CANCEL", async {
+        loop {
+            let m = received.recv().await.unwrap();
+            if m[0] == 49 {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert_eq!(cancel[1], request, "{cancel}");
+}
+
 #[tokio::test]
 async fn publication_floods_are_rate_limited() {
     let limits = Limits { publish_rate: 50, publish_burst: 20, ..Limits::default() };

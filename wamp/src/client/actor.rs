@@ -146,6 +146,11 @@ impl Actor {
                 options.insert("mode".into(), Value::String("killnowait".into()));
                 self.send(Message::Cancel { request, options }).await
             }
+            Command::Forget(request) => {
+                // An answer that still comes is one for an unknown request: ignored.
+                self.pending.remove(&request);
+                Ok(())
+            }
             Command::Leave => {
                 self.leaving = true;
                 self.send(Message::goodbye(uri::CLOSE_NORMAL)).await

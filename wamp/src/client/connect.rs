@@ -123,7 +123,7 @@ async fn join(mut link: Link, config: &ClientConfig) -> Result<Session, Error> {
     }
     let (commands, command_rx) = mpsc::channel(64);
     let (closed_tx, closed_rx) = watch::channel(None);
-    let session = Session::new(welcome, commands, closed_rx);
+    let session = Session::new(welcome, commands, closed_rx, config.request_timeout);
     let task = actor::Actor::new(link, command_rx, closed_tx, config, session.shared());
     tokio::spawn(task.run());
     Ok(session)

@@ -54,6 +54,10 @@ pub struct ClientConfig {
     /// TCP + TLS + WebSocket + WAMP handshakes must complete within this.
     pub connect_timeout: Duration,
     pub write_timeout: Duration,
+    /// How long a REGISTER, UNREGISTER, SUBSCRIBE or acknowledged PUBLISH waits for the
+    /// router's answer (a call has its own timeout): a router that never answers one must not
+    /// hold the caller (a board's login) for ever.
+    pub request_timeout: Duration,
     pub keepalive: Option<Keepalive>,
     key_cache: Arc<Mutex<Option<(Salting, Secret)>>>,
 }
@@ -71,6 +75,7 @@ impl ClientConfig {
             event_queue: 64,
             connect_timeout: Duration::from_secs(15),
             write_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             keepalive: Some(Keepalive::default()),
             key_cache: Arc::default(),
         }
@@ -171,8 +176,10 @@ pub(crate) enum Command {
     Request { request: Id, msg: Message, install: Install, reply: oneshot::Sender<Result<Message, Error>> },
     /// Send without waiting for an answer (unacknowledged PUBLISH).
     Send(Message),
-    /// Give up on a call (its timeout expired): CANCEL it.
+    /// Give up on a call (its timeout expired, or its caller left): CANCEL it.
     Cancel(Id),
+    /// Give up on another request (its timeout expired, or its caller left): forget it.
+    Forget(Id),
     /// Say GOODBYE.
     Leave,
 }
@@ -188,6 +195,7 @@ pub(crate) struct Shared {
 pub struct Session {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for Session {
@@ -201,9 +209,10 @@ impl Session {
         welcome: Welcome,
         commands: mpsc::Sender<Command>,
         closed: watch::Receiver<Option<CloseReason>>,
+        request_timeout: Duration,
     ) -> Self {
         let shared = Arc::new(Shared { welcome, next_request: AtomicU64::new(1), closed });
-        Session { shared, commands }
+        Session { shared, commands, request_timeout }
     }
 
     /// The session id the router assigned.
@@ -227,10 +236,38 @@ impl Session {
         self.shared.clone()
     }
 
-    async fn request(&self, request: Id, msg: Message, install: Install) -> Result<Message, Error> {
+    /// Sends request `msg` and waits for the router's answer, at most `within` (then
+    /// [`Error::Timeout`] with `what`). A request given up (that timeout, or the caller
+    /// dropping this future, as the board's agent does with its own shorter timeouts) is given
+    /// up in the actor too: a call is cancelled at the router, any other forgotten. Its entry
+    /// stayed until the router answered: for ever, one a call, with a router that never does.
+    async fn request(
+        &self,
+        request: Id,
+        msg: Message,
+        install: Install,
+        within: Duration,
+        what: &'static str,
+    ) -> Result<Message, Error> {
+        struct GiveUp<'a> {
+            commands: &'a mpsc::Sender<Command>,
+            give_up: Option<Command>,
+        }
+        impl Drop for GiveUp<'_> {
+            fn drop(&mut self) {
+                if let Some(c) = self.give_up.take() {
+                    let _ = self.commands.try_send(c);
+                }
+            }
+        }
+        let give_up =
+            if matches!(msg, Message::Call { .. }) { Command::Cancel(request) } else { Command::Forget(request) };
         let (reply, answer) = oneshot::channel();
         self.commands.send(Command::Request { request, msg, install, reply }).await.map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
+        let mut guard = GiveUp { commands: &self.commands, give_up: Some(give_up) };
+        let answer = tokio::time::timeout(within, answer).await.map_err(|_| Error::Timeout(what))?;
+        guard.give_up = None; // answered, or the session is gone
+        answer.map_err(|_| Error::Closed)?
     }
 
     /// Calls `procedure`; the call is cancelled (and fails with [`Error::Timeout`]) if no
@@ -247,15 +284,10 @@ impl Session {
         options.insert("timeout".into(), (timeout.as_millis().min(u128::from(u32::MAX)) as u64).into());
         let msg =
             Message::Call { request, options, procedure: procedure.to_owned(), payload: Payload::new(args, kwargs) };
-        match tokio::time::timeout(timeout, self.request(request, msg, Install::Nothing)).await {
-            Ok(Ok(Message::Result { payload, .. })) => Ok(payload),
-            Ok(Ok(Message::Error { error, .. })) if error == uri::TIMEOUT => Err(Error::Timeout("call")),
-            Ok(Ok(other)) => Err(error_from(other)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                let _ = self.commands.try_send(Command::Cancel(request));
-                Err(Error::Timeout("call"))
-            }
+        match self.request(request, msg, Install::Nothing, timeout, "call").await? {
+            Message::Result { payload, .. } => Ok(payload),
+            Message::Error { error, .. } if error == uri::TIMEOUT => Err(Error::Timeout("call")),
+            other => Err(error_from(other)),
         }
     }
 
@@ -269,7 +301,7 @@ impl Session {
         let handler: Handler = Arc::new(move |inv| Box::pin(handler(inv)));
         let request = self.next_request();
         let msg = Message::Register { request, options: Dict::new(), procedure: procedure.to_owned() };
-        match self.request(request, msg, Install::Handler(handler)).await? {
+        match self.request(request, msg, Install::Handler(handler), self.request_timeout, "register").await? {
             Message::Registered { registration, .. } => {
                 Ok(Registration { id: registration, procedure: procedure.to_owned() })
             }
@@ -280,7 +312,13 @@ impl Session {
     pub async fn unregister(&self, registration: &Registration) -> Result<(), Error> {
         let request = self.next_request();
         match self
-            .request(request, Message::Unregister { request, registration: registration.id }, Install::Nothing)
+            .request(
+                request,
+                Message::Unregister { request, registration: registration.id },
+                Install::Nothing,
+                self.request_timeout,
+                "unregister",
+            )
             .await?
         {
             Message::Unregistered { .. } => Ok(()),
@@ -306,7 +344,7 @@ impl Session {
         let mut options = Dict::new();
         options.insert("acknowledge".into(), true.into());
         let msg = Message::Publish { request, options, topic: topic.to_owned(), payload: Payload::new(args, kwargs) };
-        match self.request(request, msg, Install::Nothing).await? {
+        match self.request(request, msg, Install::Nothing, self.request_timeout, "publish").await? {
             Message::Published { publication, .. } => Ok(publication),
             other => Err(error_from(other)),
         }
@@ -317,7 +355,7 @@ impl Session {
         let (tx, events) = mpsc::channel(queue.max(1));
         let request = self.next_request();
         let msg = Message::Subscribe { request, options: Dict::new(), topic: topic.to_owned() };
-        match self.request(request, msg, Install::Events(tx)).await? {
+        match self.request(request, msg, Install::Events(tx), self.request_timeout, "subscribe").await? {
             Message::Subscribed { subscription, .. } => {
                 Ok(Subscription { id: subscription, topic: topic.to_owned(), events })
             }
