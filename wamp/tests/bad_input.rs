@@ -432,6 +432,26 @@ async fn a_call_dropped_by_its_caller_is_cancelled() {
     assert_eq!(cancel[1], request, "{cancel}");
 }
 
+/// A session that leaves a router that never answers its GOODBYE (but answers pings) still
+/// ends, and its connection closes: the session's task, its connection and its handlers
+/// stayed for ever, one more at each of a board's reconnects.
+#[tokio::test(start_paused = true)]
+async fn leaving_a_router_that_never_says_goodbye_closes_the_connection() {
+    let (url, mut received) = router_that_never_answers().await;
+    let config = s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous);
+    let session = connect(&config).await.unwrap();
+    session.leave().await;
+    drop(session);
+    // The router's reader ends (its sender dropped) once the client closes the connection.
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = received.recv().await {
+            assert_eq!(m[0], 6, "only GOODBYE: {m}");
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
+}
+
 #[tokio::test]
 async fn publication_floods_are_rate_limited() {
     let limits = Limits { publish_rate: 50, publish_burst: 20, ..Limits::default() };

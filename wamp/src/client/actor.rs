@@ -41,8 +41,14 @@ pub(crate) struct Actor {
     done_rx: mpsc::Receiver<Done>,
     /// Shared with the handles: the request id counter.
     shared: Arc<Shared>,
-    leaving: bool,
+    /// When our GOODBYE went out: the router has [`LEAVE_WAIT`] to answer it.
+    leaving: Option<tokio::time::Instant>,
 }
+
+/// How long a router may take to answer our GOODBYE before the link is closed anyway: one
+/// that never does (but answers pings) kept the session's task, its connection and its
+/// handlers alive for ever, one more at every reconnect.
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Actor {
     pub(crate) fn new(
@@ -69,7 +75,7 @@ impl Actor {
             done_tx,
             done_rx,
             shared,
-            leaving: false,
+            leaving: None,
         }
     }
 
@@ -89,8 +95,12 @@ impl Actor {
 
     async fn serve(&mut self) -> CloseReason {
         loop {
+            let left = self.leaving;
             let step = tokio::select! {
                 biased;
+                () = async { tokio::time::sleep_until(left.unwrap_or_else(tokio::time::Instant::now)).await }, if left.is_some() => {
+                    Err(CloseReason::Goodbye(format!("no answer to our GOODBYE within {LEAVE_WAIT:?}")))
+                }
                 Some((request, result)) = self.done_rx.recv() => self.finished(request, result).await,
                 cmd = self.commands.recv(), if self.commands_open => match cmd {
                     Some(cmd) => self.command(cmd).await,
@@ -152,7 +162,10 @@ impl Actor {
                 Ok(())
             }
             Command::Leave => {
-                self.leaving = true;
+                if self.leaving.is_some() {
+                    return Ok(()); // said already (the handle's leave, then its drop)
+                }
+                self.leaving = Some(tokio::time::Instant::now() + LEAVE_WAIT);
                 self.send(Message::goodbye(uri::CLOSE_NORMAL)).await
             }
         }
@@ -164,7 +177,7 @@ impl Actor {
         }
         match msg {
             Message::Goodbye { reason, .. } => {
-                if !self.leaving {
+                if self.leaving.is_none() {
                     let _ = self.send(Message::goodbye(uri::GOODBYE_AND_OUT)).await;
                 }
                 Err(CloseReason::Goodbye(reason))
