@@ -259,7 +259,22 @@ impl Default for DeviceConfig {
 impl Config {
     /// Parses TOML text; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config> {
-        toml::from_str(text).map_err(|e| Error::ConfigSyntax { path: origin.to_owned(), source: Box::new(e) })
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let at = e.span().map(|s| {
+                let before = text.get(..s.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            // serde's "invalid type: integer `1234`, expected a string" quotes the value too.
+            let message = match e.message().split_once(": ").zip(e.message().split_once(", expected ")) {
+                Some(((kind @ ("invalid type" | "invalid value" | "invalid length"), _), (_, expected))) => {
+                    format!("{kind}, expected {expected}")
+                }
+                _ => e.message().to_owned(),
+            };
+            Error::ConfigSyntax { path: origin.to_owned(), message: format!("{}{message}", at.unwrap_or_default()) }
+        })
     }
 
     /// Reads `path`. A missing file at the default path is not an error (an unconfigured board
@@ -489,6 +504,17 @@ mod tests {
         let err = Config::from_toml("[cloud]\nrelam = \"s4t\"\n", Path::new("/etc/x.toml")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("/etc/x.toml") && msg.contains("relam"), "{msg}");
+    }
+
+    /// A syntax or type error says where, never the line itself: it may hold the registration
+    /// code, and the message goes to the log (toml's own quoted the line).
+    #[test]
+    fn syntax_errors_do_not_quote_the_code() {
+        for text in ["[cloud]\ncode = SECRET-123\n", "[cloud]\ncode = 123456789\n", "[cloud]\ncod = \"SECRET-123\"\n"] {
+            let msg = Config::from_toml(text, Path::new("/etc/x.toml")).unwrap_err().to_string();
+            assert!(!msg.contains("SECRET-123") && !msg.contains("123456789"), "{msg}");
+            assert!(msg.contains("/etc/x.toml") && msg.contains("line 2"), "{msg}");
+        }
     }
 
     #[test]

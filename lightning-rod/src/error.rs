@@ -18,12 +18,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{}: {source}", path.display())]
-    ConfigSyntax {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// Where and what, never the offending text: toml's own message quotes the line, which
+    /// may hold the registration code (`code = ABCD-1234` unquoted), and it went to the log.
+    #[error("{}: {message}", path.display())]
+    ConfigSyntax { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
     ConfigInvalid(String),
     #[error("{}: {reason}", path.display())]
