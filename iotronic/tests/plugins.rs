@@ -485,19 +485,7 @@ async fn plugin_rows_and_injections_on_both_backends() {
         let db = &t.db;
         let p = db.create_project("p").await.unwrap();
         let other = db.create_project("q").await.unwrap();
-        let b = db
-            .insert_board(NewBoard {
-                name: "b1".into(),
-                code: "c1".into(),
-                board_type: "generic".into(),
-                owner: "o".into(),
-                project: p.uuid.clone(),
-                extra: json!({}),
-                location: Some(("1".into(), "2".into(), "3".into())),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let b = board_b1(db, &p.uuid).await;
         let new = |name: &str, project: &str, public: bool| Plugin {
             uuid: String::new(),
             name: name.into(),
@@ -641,21 +629,26 @@ fn wasm_plugin(name: &str, project: &str) -> Plugin {
     }
 }
 
+/// Board "b1" of `project`.
+async fn board_b1(db: &iotronic::db::Db, project: &str) -> iotronic::db::Board {
+    db.insert_board(NewBoard {
+        name: "b1".into(),
+        code: "c1".into(),
+        board_type: "generic".into(),
+        owner: "o".into(),
+        project: project.into(),
+        extra: json!({}),
+        location: Some(("1".into(), "2".into(), "3".into())),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// A board and a plugin of its project (uuid of the board).
 async fn board_and_plugin(db: &iotronic::db::Db) -> (String, Plugin) {
     let p = db.create_project("p").await.unwrap();
-    let b = db
-        .insert_board(NewBoard {
-            name: "b1".into(),
-            code: "c1".into(),
-            board_type: "generic".into(),
-            owner: "o".into(),
-            project: p.uuid.clone(),
-            extra: json!({}),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let b = board_b1(db, &p.uuid).await;
     let plugin = db.create_plugin(&wasm_plugin("blink", &p.uuid)).await.unwrap();
     (b.uuid, plugin)
 }

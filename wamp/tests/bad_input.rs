@@ -327,11 +327,10 @@ async fn the_router_drops_a_peer_that_stops_answering_pings() {
     drop(ws);
 }
 
-#[tokio::test]
-// The handshake callback signature (and its large error type) is tungstenite's.
-#[allow(clippy::result_large_err)]
-async fn the_client_notices_a_router_that_went_silent() {
-    // A "router" that welcomes the client and then never reads its socket again.
+/// A "router" that welcomes the client (session 42): its URL, and the WebSocket once the
+/// session is open, for the test to hold, read or drop.
+#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
+async fn fake_router() -> (String, tokio::sync::oneshot::Receiver<WebSocketStream<TcpStream>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let (held_tx, held_rx) = tokio::sync::oneshot::channel();
@@ -347,6 +346,13 @@ async fn the_client_notices_a_router_that_went_silent() {
         ws.send(Ws::Text(json!([2, 42, {"authrole": "board"}]).to_string().into())).await.unwrap();
         let _ = held_tx.send(ws);
     });
+    (url, held_rx)
+}
+
+#[tokio::test]
+async fn the_client_notices_a_router_that_went_silent() {
+    // A "router" that welcomes the client and then never reads its socket again.
+    let (url, held_rx) = fake_router().await;
     let mut config = s4t_wamp::ClientConfig::new(&url, "s4t", s4t_wamp::ClientAuth::Anonymous);
     config.keepalive =
         Some(s4t_wamp::Keepalive { interval: Duration::from_millis(100), timeout: Duration::from_millis(100) });
@@ -360,22 +366,12 @@ async fn the_client_notices_a_router_that_went_silent() {
 }
 
 /// A "router" that welcomes the client, then reads (answering pings) and answers nothing:
-/// its URL, and what it receives.
-#[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
+/// its URL, and what it receives (closed when the client closes the connection).
 async fn router_that_never_answers() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (url, held) = fake_router().await;
     let (seen, received) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let choose = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                      mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-            resp.headers_mut().insert("Sec-WebSocket-Protocol", "wamp.2.json".parse().unwrap());
-            Ok(resp)
-        };
-        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, choose).await.unwrap();
-        let _hello = ws.next().await;
-        ws.send(Ws::Text(json!([2, 42, {"authrole": "board"}]).to_string().into())).await.unwrap();
+        let Ok(mut ws) = held.await else { return };
         while let Some(Ok(m)) = ws.next().await {
             if let Ws::Text(t) = m {
                 let _ = seen.send(serde_json::from_str::<Value>(t.as_str()).unwrap());
