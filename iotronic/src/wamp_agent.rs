@@ -116,10 +116,7 @@ fn secret_matches(board: &crate::db::Board, secret: &str) -> bool {
     else {
         return false;
     };
-    let blocks = u64::from(cred.keylen).div_ceil(32);
-    if u64::from(cred.iterations).saturating_mul(blocks) > s4t_shared::wamp::auth::MAX_DERIVATION_WORK
-        || u64::from(cred.keylen) > s4t_shared::wamp::auth::MAX_KEYLEN
-    {
+    if !s4t_shared::wamp::auth::derivation_bounded(cred.iterations.into(), cred.keylen.into()) {
         return false;
     }
     let derived = s4t_shared::wamp::auth::derive_key(&Secret::new(secret), &cred.salt, cred.iterations, cred.keylen);

@@ -314,6 +314,25 @@ async fn a_queued_request_whose_delivery_was_cut_goes_out_first() {
     assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
 }
 
+/// A ServiceEnable request for a new "ssh" service on the port allocated for it: (the
+/// service, the request).
+async fn enable_request(t: &TestDb, p: &Project, b: &Board) -> (iotronic::db::Service, iotronic::db::Request) {
+    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+    let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
+    let args = json!([{"uuid": svc.uuid, "name": "ssh", "port": 22, "protocol": "TCP"}, e.public_port]);
+    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, None).await.unwrap();
+    (svc, r)
+}
+
+/// A connection of the test's own, after it made the database refuse to delete exposures
+/// (until `DROP TRIGGER keep` on it): the undo of an allocation fails half way.
+async fn keep_exposures(t: &TestDb) -> sqlx::SqliteConnection {
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
+    let trigger = "CREATE TRIGGER keep BEFORE DELETE ON exposed_services BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    conn
+}
+
 /// A ServiceEnable the board refused gives its port back even when that step failed the
 /// first time (the request was COMPLETED already): the message tried again finds the request
 /// final and undoes the allocation then. It returned at "already final", and the port stayed
@@ -321,15 +340,10 @@ async fn a_queued_request_whose_delivery_was_cut_goes_out_first() {
 #[tokio::test]
 async fn a_refused_enable_frees_its_port_even_if_the_first_try_failed_half_way() {
     let Online { t, p, b, mut agent, c } = online().await;
-    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
-    let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
-    let args = json!([{"uuid": svc.uuid, "name": "ssh", "port": 22, "protocol": "TCP"}, e.public_port]);
-    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, None).await.unwrap();
+    let (svc, r) = enable_request(&t, &p, &b).await;
     c.handle(ConductorMsg::Execute { request: r.uuid.clone() }, false).await.unwrap();
     agent.recv().await.unwrap();
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
-    let trigger = "CREATE TRIGGER keep BEFORE DELETE ON exposed_services BEGIN SELECT RAISE(ABORT, 'injected'); END";
-    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let mut conn = keep_exposures(&t).await;
     let refused = answer(&r.uuid, &b.uuid, "ERROR", json!("no such port"));
     assert!(c.handle(refused.clone(), false).await.is_err(), "the undo did not fail");
     assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Completed);
@@ -346,13 +360,8 @@ async fn a_refused_enable_frees_its_port_even_if_the_first_try_failed_half_way()
 async fn an_enable_failed_by_the_cloud_frees_its_port_even_if_the_first_try_failed_half_way() {
     let Online { t, p, b, agent: _agent, c } = online().await;
     t.db.session_left("7").await.unwrap();
-    let svc = t.db.create_service("ssh", &p.uuid, 22, "TCP", &json!({})).await.unwrap();
-    let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
-    let args = json!([{"uuid": svc.uuid, "name": "ssh", "port": 22, "protocol": "TCP"}, e.public_port]);
-    let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, None).await.unwrap();
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(t.url.expose()).await.unwrap();
-    let trigger = "CREATE TRIGGER keep BEFORE DELETE ON exposed_services BEGIN SELECT RAISE(ABORT, 'injected'); END";
-    sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    let (svc, r) = enable_request(&t, &p, &b).await;
+    let mut conn = keep_exposures(&t).await;
     let exec = ConductorMsg::Execute { request: r.uuid.clone() };
     assert!(c.handle(exec.clone(), false).await.is_err(), "the undo did not fail");
     assert_eq!(t.db.request(&r.uuid, None).await.unwrap().unwrap().status, RequestStatus::Failed);

@@ -346,18 +346,7 @@ impl Db {
     /// injection is `pending`: a re-injection under way decides its status (its request's
     /// outcome, [`Db::settle_injection`]). False if absent or pending.
     pub async fn set_injection_status(&self, board: &str, plugin: &str, status: &str) -> Result<bool, Error> {
-        let r = sqlx::query(
-            "UPDATE plugin_injections SET status = $1, request_uuid = NULL, updated_at = $2 \
-             WHERE board_uuid = $3 AND plugin_uuid = $4 AND status <> 'pending'",
-        )
-        .bind(status)
-        .bind(now_ms())
-        .bind(board)
-        .bind(plugin)
-        .execute(self.pool())
-        .await
-        .map_err(db_err)?;
-        Ok(r.rows_affected() > 0)
+        self.write_injection_status(board, plugin, status, None).await
     }
 
     /// Records how the PluginInject request `request` ended (`status`), and clears it, if the
@@ -370,18 +359,28 @@ impl Db {
         request: &str,
         status: &str,
     ) -> Result<bool, Error> {
-        let r = sqlx::query(
+        self.write_injection_status(board, plugin, status, Some(request)).await
+    }
+
+    /// The compare-and-set of both: the row pending on `pending_on`, or (`None`) not pending.
+    async fn write_injection_status(
+        &self,
+        board: &str,
+        plugin: &str,
+        status: &str,
+        pending_on: Option<&str>,
+    ) -> Result<bool, Error> {
+        let only =
+            if pending_on.is_some() { "status = 'pending' AND request_uuid = $5" } else { "status <> 'pending'" };
+        let sql = format!(
             "UPDATE plugin_injections SET status = $1, request_uuid = NULL, updated_at = $2 \
-             WHERE board_uuid = $3 AND plugin_uuid = $4 AND status = 'pending' AND request_uuid = $5",
-        )
-        .bind(status)
-        .bind(now_ms())
-        .bind(board)
-        .bind(plugin)
-        .bind(request)
-        .execute(self.pool())
-        .await
-        .map_err(db_err)?;
+             WHERE board_uuid = $3 AND plugin_uuid = $4 AND {only}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(status).bind(now_ms()).bind(board).bind(plugin);
+        if let Some(request) = pending_on {
+            q = q.bind(request);
+        }
+        let r = q.execute(self.pool()).await.map_err(db_err)?;
         Ok(r.rows_affected() > 0)
     }
 

@@ -187,6 +187,12 @@ pub struct Salting {
     pub keylen: u32,
 }
 
+/// Whether deriving a key of `keylen` bytes with `iterations` stays within [`MAX_KEYLEN`] and
+/// [`MAX_DERIVATION_WORK`] (PBKDF2 runs every iteration once per 32-byte block of key).
+pub fn derivation_bounded(iterations: u64, keylen: u64) -> bool {
+    keylen <= MAX_KEYLEN && iterations.saturating_mul(keylen.div_ceil(32)) <= MAX_DERIVATION_WORK
+}
+
 /// Reads the challenge string and the optional salting parameters from a CHALLENGE extra.
 pub fn read_cra_challenge(extra: &Dict) -> Result<(&str, Option<Salting>), ChallengeError> {
     let challenge = extra.get("challenge").and_then(Value::as_str).ok_or(ChallengeError::MissingChallenge)?;
@@ -194,8 +200,7 @@ pub fn read_cra_challenge(extra: &Dict) -> Result<(&str, Option<Salting>), Chall
     let salt = salt.as_str().ok_or_else(|| ChallengeError::BadDerivation("salt is not a string".into()))?;
     let iterations = extra.get("iterations").and_then(Value::as_u64).unwrap_or(1000);
     let keylen = extra.get("keylen").and_then(Value::as_u64).unwrap_or(32);
-    let work = iterations.saturating_mul(keylen.div_ceil(32));
-    if iterations == 0 || work > MAX_DERIVATION_WORK || !(MIN_KEYLEN..=MAX_KEYLEN).contains(&keylen) {
+    if iterations == 0 || keylen < MIN_KEYLEN || !derivation_bounded(iterations, keylen) {
         return Err(ChallengeError::BadDerivation(format!("iterations {iterations}, keylen {keylen}")));
     }
     Ok((challenge, Some(Salting { salt: salt.to_owned(), iterations: iterations as u32, keylen: keylen as u32 })))
