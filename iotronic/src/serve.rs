@@ -41,8 +41,9 @@ pub fn create_data_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|source| Error::DataDir { path: dir.to_owned(), source })
 }
 
-/// Warns when `path` exists and other users may read it (or enter it, for a directory).
-fn warn_if_readable(path: &Path, chmod: &str) {
+/// Warns when `path` exists and other users may read it (or enter it, for a directory): a
+/// key, the data directory, the database.
+pub(crate) fn warn_if_readable(path: &Path, chmod: &str) {
     if let Ok(m) = std::fs::metadata(path)
         && m.permissions().mode() & 0o077 != 0
     {

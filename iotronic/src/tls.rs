@@ -265,7 +265,7 @@ fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>,
     let (ca_crt, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
     // Checked under the lock: a process that waited sees the CA the first one made.
     let (ca_der, ca_keypair) = if ca_crt.exists() || ca_key.exists() {
-        warn_if_open(&ca_key);
+        crate::serve::warn_if_readable(&ca_key, "600");
         let der =
             CertificateDer::from_pem_file(&ca_crt).map_err(|e| msg(format!("cannot read {}", ca_crt.display()), e))?;
         let pem = read(&ca_key)?;
@@ -322,7 +322,7 @@ fn own_ca(dir: &Path, names: &[String]) -> Result<(Vec<CertificateDer<'static>>,
             (cert.der().clone(), PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
         }
     };
-    warn_if_open(&key);
+    crate::serve::warn_if_readable(&key, "600");
     Ok((vec![leaf, ca_der], leaf_key))
 }
 
@@ -400,14 +400,6 @@ fn san(name: &str) -> Option<rcgen::SanType> {
 
 fn read(path: &Path) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| msg(format!("cannot read {}", path.display()), e))
-}
-
-fn warn_if_open(path: &Path) {
-    if let Ok(m) = std::fs::metadata(path)
-        && m.permissions().mode() & 0o077 != 0
-    {
-        warn!(path = %path.display(), "private key readable by others: chmod 600 it");
-    }
 }
 
 /// Writes a file atomically with `mode` (temporary file, fsync, rename).
