@@ -49,11 +49,15 @@ impl LegacySettings {
         let uuid = s(board.and_then(|b| b.get("uuid")));
         let identity = match (uuid, s(main.and_then(|m| m.get("url")))) {
             (Some(uuid), Some(url)) => Some(Identity {
+                // Saved as the board's identity at its first start: checked like one the
+                // cloud returns at enrollment.
+                url: crate::config::validate_ws_url(&url, "iotronic.wamp.main-agent.url")
+                    .map(|()| url)
+                    .map_err(|e| bad(e.to_string()))?,
                 name: s(board.and_then(|b| b.get("name"))).unwrap_or_else(|| uuid.clone()),
                 agent: s(board.and_then(|b| b.get("agent")))
                     .ok_or_else(|| bad("iotronic.board.agent is missing".into()))?,
                 uuid,
-                url,
                 realm: realm.clone().unwrap_or_else(|| "s4t".into()),
                 tunnel_url: None,
                 credentials: None,
@@ -151,8 +155,12 @@ mod tests {
 
     #[test]
     fn malformed_settings_name_the_file() {
-        for bad in ["not json", "{}", r#"{"iotronic":{"board":{"uuid":"u"},"wamp":{"main-agent":{"url":"ws://a/"}}}}"#]
-        {
+        for bad in [
+            "not json",
+            "{}",
+            r#"{"iotronic":{"board":{"uuid":"u"},"wamp":{"main-agent":{"url":"ws://a/"}}}}"#,
+            r#"{"iotronic":{"board":{"uuid":"u","agent":"a"},"wamp":{"main-agent":{"url":"http://a/"}}}}"#,
+        ] {
             let err = LegacySettings::parse(bad, Path::new("/etc/iotronic/settings.json")).unwrap_err();
             assert!(err.to_string().contains("/etc/iotronic/settings.json"), "{err}");
         }

@@ -30,6 +30,25 @@ pub const MIN_ENROLL_SECRET: usize = 32;
 /// Written and removed at once by [`StateStore::check_writable`].
 const PROBE_FILE: &str = "write-probe";
 
+/// What the agent keeps in its state directory (besides temporary files of these).
+const OWN_ENTRIES: &[&str] = &[
+    IDENTITY_FILE,
+    SERVICES_FILE,
+    VPNS_FILE,
+    ENROLL_SECRET_FILE,
+    PROBE_FILE,
+    crate::plugins::PLUGINS_FILE,
+    crate::plugins::CODE_DIR,
+];
+
+/// Whether `name` is a temporary file [`atomic_write`] makes for one of [`OWN_ENTRIES`]
+/// (`.<name>.tmp-<pid>-<seq>`).
+fn is_own_tmp(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|rest| rest.split_once(TMP_MARKER))
+        .is_some_and(|(file, _)| OWN_ENTRIES.contains(&file))
+}
+
 /// Numbers the temporary files of this process: two writes of one file at once (on two
 /// blocking threads) each have their own, never one that the other truncates or renames away.
 static TMP_SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -81,12 +100,29 @@ impl StateStore {
     /// Creates the directory (mode 0700) if needed and removes temporary files a crash left.
     /// On a read-only file system (ext4 remounts itself so after errors) it opens anyway, with
     /// a warning: the identity can still be read, and every write fails naming its file.
+    ///
+    /// The directory must be the agent's own: one that is not private yet and holds anything
+    /// but the agent's files (an operator's `state_dir = "/var/lib"`) is refused, not made
+    /// 0700 under the other daemons that use it; and only the agent's own temporary files
+    /// (`.<state file>.tmp-…`) are ever removed.
     pub fn open(dir: &Path) -> Result<StateStore> {
         let werr = |source| Error::Write { path: dir.to_owned(), source };
+        let rerr = |source| Error::Read { path: dir.to_owned(), source };
         fs::create_dir_all(dir).map_err(werr)?;
-        let mode =
-            fs::metadata(dir).map_err(|source| Error::Read { path: dir.to_owned(), source })?.permissions().mode();
+        let mode = fs::metadata(dir).map_err(rerr)?.permissions().mode();
         if mode & 0o7777 != 0o700 {
+            let foreign = fs::read_dir(dir).map_err(rerr)?.flatten().map(|e| e.file_name()).find(|name| {
+                let name = name.to_string_lossy();
+                !OWN_ENTRIES.contains(&name.as_ref()) && !is_own_tmp(&name)
+            });
+            if let Some(name) = foreign {
+                return Err(Error::invalid(format!(
+                    "board.state_dir {} is not the agent's own directory (it holds {:?}, which is not the agent's): \
+                     give the agent a directory of its own, which it keeps private (0700)",
+                    dir.display(),
+                    name
+                )));
+            }
             match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
@@ -96,9 +132,8 @@ impl StateStore {
                 Err(e) => return Err(werr(e)),
             }
         }
-        let entries = fs::read_dir(dir).map_err(|source| Error::Read { path: dir.to_owned(), source })?;
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().contains(TMP_MARKER) {
+        for entry in fs::read_dir(dir).map_err(rerr)?.flatten() {
+            if is_own_tmp(&entry.file_name().to_string_lossy()) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -376,6 +411,41 @@ mod tests {
             assert_eq!(uuid.as_deref(), Some("b"));
             assert!(write.contains(SERVICES_FILE) && write.contains("Read-only"), "{write}");
         }
+    }
+
+    /// A directory shared with others (an operator's `state_dir = "/var/lib"`) is refused and
+    /// left as it was: neither made private nor cleaned of files that merely look temporary.
+    /// A private directory opens whatever else it holds, and loses only the agent's own
+    /// temporary files.
+    #[test]
+    fn a_shared_directory_is_refused_untouched_and_only_own_temps_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("lib");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["dpkg", ".dpkg.tmp-1", ".services.json.tmp-1-2"] {
+            fs::write(shared.join(name), b"x").unwrap();
+        }
+        let err = StateStore::open(&shared).unwrap_err().to_string();
+        assert!(err.contains("not the agent's own directory") && err.contains("dpkg"), "{err}");
+        assert_eq!(fs::metadata(&shared).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert_eq!(fs::read_dir(&shared).unwrap().count(), 3, "a file of a shared directory was removed");
+
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o700)).unwrap();
+        StateStore::open(&shared).unwrap();
+        let mut left: Vec<_> = fs::read_dir(&shared).unwrap().flatten().map(|e| e.file_name()).collect();
+        left.sort();
+        assert_eq!(left, [".dpkg.tmp-1", "dpkg"]);
+
+        // A directory holding only the agent's files (an older install, a package's empty one)
+        // is made private.
+        let own = dir.path().join("own");
+        fs::create_dir(&own).unwrap();
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::create_dir(own.join("plugins")).unwrap();
+        fs::write(own.join(IDENTITY_FILE), b"{}").unwrap();
+        StateStore::open(&own).unwrap();
+        assert_eq!(fs::metadata(&own).unwrap().permissions().mode() & 0o7777, 0o700);
     }
 
     #[test]

@@ -52,11 +52,15 @@ pub fn identity_from_config(doc: &Value, ca_fingerprint: Option<String>) -> Resu
     };
     let url = need(&["iotronic", "wamp", "main-agent", "url"])?;
     crate::config::validate_ws_url(&url, "main-agent url")?;
+    let tunnel_url = s(&["iotronic", "tunnel", "url"]);
+    if let Some(t) = &tunnel_url {
+        crate::config::validate_ws_url(t, "tunnel url")?;
+    }
     Ok(Identity {
         name: s(&["iotronic", "board", "name"]).unwrap_or_else(|| uuid.clone()),
         agent: need(&["iotronic", "board", "agent"])?,
         realm: s(&["iotronic", "wamp", "main-agent", "realm"]).unwrap_or_else(|| "s4t".into()),
-        tunnel_url: s(&["iotronic", "tunnel", "url"]),
+        tunnel_url,
         uuid,
         url,
         credentials,
@@ -133,4 +137,30 @@ pub async fn enroll(
     }
     tracing::info!(uuid = %id.uuid, agent = %id.agent, url = %id.url, authenticated = id.credentials.is_some(), "enrolled");
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The identity saved from a registration reply: both URLs in it must be WebSocket URLs
+    /// with a host (the board dials them at every start), else the enrollment fails naming
+    /// the field, and nothing is saved.
+    #[test]
+    fn a_reply_with_a_bad_url_is_refused() {
+        let reply = |main: &str, tunnel: &str| {
+            serde_json::json!({"iotronic": {
+                "board": {"uuid": "b", "agent": "a"},
+                "wamp": {"main-agent": {"url": main, "realm": "s4t"}},
+                "tunnel": {"url": tunnel},
+            }})
+        };
+        let id = identity_from_config(&reply("wss://c:8181/", "wss://c:8080/"), None).unwrap();
+        assert_eq!((id.url.as_str(), id.tunnel_url.as_deref()), ("wss://c:8181/", Some("wss://c:8080/")));
+        for (main, tunnel, named) in [("http://c/", "wss://c:8080/", "main-agent"), ("wss://c/", "file:///x", "tunnel")]
+        {
+            let err = identity_from_config(&reply(main, tunnel), None).unwrap_err().to_string();
+            assert!(err.contains(named) && err.contains("ws://"), "{err}");
+        }
+    }
 }

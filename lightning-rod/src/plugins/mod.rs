@@ -45,7 +45,7 @@ use crate::hal::Hal;
 use crate::state::{StateStore, atomic_write};
 
 pub const PLUGINS_FILE: &str = "plugins.json";
-const CODE_DIR: &str = "plugins";
+pub(crate) const CODE_DIR: &str = "plugins";
 /// Stack of a WebAssembly plugin's thread (address space; only touched pages cost memory). The
 /// interpreter keeps the plugin's own stack on the heap; this is for the interpreter itself,
 /// and the host functions it calls.
