@@ -310,7 +310,7 @@ impl Config {
             return Err(Error::invalid(format!("hal.max_transfer {} not in 1..=4096", self.hal.max_transfer)));
         }
         for chip in &self.hal.gpio_chips {
-            if chip.is_empty() || chip.contains('/') {
+            if !crate::hal::is_chip_name(chip) {
                 return Err(Error::invalid(format!("hal.gpio_chips: {chip:?} is not a chip name like gpiochip0")));
             }
         }

@@ -156,6 +156,7 @@ impl Overlay {
             .build_async()
             .map_err(|e| net_err(&format!("creating {name}"), e))?;
         let index = device.if_index().map_err(|e| net_err(&name, e))?;
+        harden(&name)?;
         let mac = (spec.layer == Layer::L2).then(|| stable_mac(&name, spec.address));
         configure(index, &name, spec.address, spec.prefix_len, spec.mtu, mac).await?;
         let stats = Arc::new(Stats::default());
@@ -185,7 +186,28 @@ impl Drop for Overlay {
     }
 }
 
-/// Address, MTU and link up, over rtnetlink.
+/// Makes the board refuse what another member of the VPN could send it through interface
+/// `name`, before the link is up: no IPv6 on it (a member's router advertisement would give
+/// every other member an address and a default route through that member, ahead of its own
+/// LAN's), no forwarding of what comes in on it (on a board with `ip_forward` on, a gateway or
+/// one running containers, a member could route packets through it into its LAN or another
+/// VPN it belongs to), and strict reverse-path filtering (a packet whose source the board
+/// would not route back through the VPN is dropped, so no member makes it answer elsewhere).
+fn harden(name: &str) -> Result<()> {
+    let v4 = |setting: &str| format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
+    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    // A kernel without IPv6 has nothing to disable (`true`: the file may be missing).
+    for (path, value, optional) in [(v4("rp_filter"), "1", false), (v4("forwarding"), "0", false), (v6, "1", true)] {
+        match std::fs::write(&path, value) {
+            Err(e) if !(optional && e.kind() == std::io::ErrorKind::NotFound) => {
+                return Err(net_err(&format!("writing {path}"), e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A TAP's MAC address, derived from its name and address: locally administered, unicast,
 /// and the same after every restart of the agent, so the VPN's peers keep a valid ARP entry
 /// for this board (a random MAC per start would blackhole it until their entries expire).
@@ -195,6 +217,7 @@ pub fn stable_mac(interface: &str, address: Ipv4Addr) -> [u8; 6] {
     [(d[0] & 0xfe) | 0x02, d[1], d[2], d[3], d[4], d[5]]
 }
 
+/// Address, MTU and link up, over rtnetlink.
 async fn configure(
     index: u32,
     name: &str,

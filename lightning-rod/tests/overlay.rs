@@ -215,6 +215,37 @@ fn bad_specs_and_malformed_packets_are_errors_not_crashes() {
     t.join().unwrap();
 }
 
+/// An overlay takes nothing from the VPN it should not: no IPv6 (a member's router
+/// advertisement would give the board an address and a default route through that member),
+/// no forwarding even on a board that forwards (a member would route through it into its LAN
+/// or another VPN), strict reverse-path filtering.
+#[test]
+fn an_overlay_takes_no_ipv6_and_forwards_nothing() {
+    require_root!();
+    let t = in_netns(|rt| {
+        // A board that routes (a gateway, a container host): new interfaces forward by default.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let read = |path: String| std::fs::read_to_string(&path).map(|v| v.trim().to_owned()).unwrap_or(path);
+        for (name, layer) in [("s4th2", Layer::L2), ("s4th3", Layer::L3)] {
+            let (pipe, _out, _input) = pipes();
+            let spec = OverlaySpec {
+                interface: name.into(),
+                layer,
+                address: Ipv4Addr::new(192, 0, 2, 1),
+                prefix_len: 24,
+                mtu: 1400,
+            };
+            let o = rt.block_on(Overlay::create(&spec, pipe)).unwrap();
+            let v4 = |setting: &str| read(format!("/proc/sys/net/ipv4/conf/{name}/{setting}"));
+            assert_eq!(v4("forwarding"), "0", "{name} forwards");
+            assert_eq!(v4("rp_filter"), "1", "{name}: reverse-path filtering");
+            assert_eq!(read(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6")), "1", "{name} has IPv6");
+            rt.block_on(o.remove());
+        }
+    });
+    t.join().unwrap();
+}
+
 /// Hands out pipes and keeps the tunnel ends, so the test can close a channel (a lost tunnel).
 type TunnelEnd = (mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>);
 

@@ -59,6 +59,11 @@ impl CdevGpio {
         if let Some((chip, off)) = line.split_once(':')
             && let Ok(off) = off.parse::<u32>()
         {
+            // Opened as /dev/<chip>: a path ("/etc/shadow", "../proc/…") would probe the
+            // board's files (the error says whether one exists and where a link points).
+            if !super::is_chip_name(chip) {
+                return Err(Error::gpio(format!("line {line:?}"), "not a chip name like gpiochip0"));
+            }
             if !self.allowed.is_empty() && !self.allowed.iter().any(|c| c == chip) {
                 return Err(Error::gpio(format!("{chip} line {off}"), "chip not in hal.gpio_chips"));
             }
@@ -192,23 +197,31 @@ impl GpioBackend for CdevGpio {
             Bias::PullDown => gl::Bias::PullDown,
             Bias::Disabled => gl::Bias::Disabled,
         });
-        let apply = move |c: &mut ReqConfig| {
+        let apply = move |c: &mut ReqConfig, level: Value| {
             match direction {
                 Direction::In => c.as_input(),
-                Direction::Out => c.with_direction(gl::Direction::Output),
+                Direction::Out => c.as_output(level),
             };
             if bias.is_some() {
                 c.with_bias(bias);
             }
         };
-        self.with_held(line, apply, |h, off| reconfigure(&h.request, off, apply))
+        // Requested as it is, then set: a line made an output keeps the level it has (an
+        // output driven high stays high, where the kernel's default would drive it low).
+        let as_is = |c: &mut ReqConfig| {
+            c.as_is();
+        };
+        self.with_held(line, as_is, |h, off| {
+            let level = h.request.value(off)?;
+            reconfigure(&h.request, off, |c| apply(c, level))
+        })
     }
     fn watch(&self, line: &str, edge: Edge, events: mpsc::Sender<GpioEvent>) -> Result<()> {
         let detection = match edge {
             Edge::Rising => Some(EdgeDetection::RisingEdge),
             Edge::Falling => Some(EdgeDetection::FallingEdge),
             Edge::Both => Some(EdgeDetection::BothEdges),
-            Edge::None => None,
+            Edge::None => return self.unwatch(line),
         };
         let set = move |c: &mut ReqConfig| {
             c.as_input().with_edge_detection(detection);
@@ -218,14 +231,31 @@ impl GpioBackend for CdevGpio {
         let mut held = self.lock();
         let Some(h) = held.get_mut(&(chip.clone(), off)) else { return Ok(()) };
         stop_watch(h).map_err(|e| Error::gpio(line, e))?;
-        if detection.is_some() {
-            let stop = Arc::new(AtomicBool::new(false));
-            let (req, flag, name) = (h.request.clone(), stop.clone(), line.to_owned());
-            let thread = std::thread::Builder::new()
-                .name(format!("gpio-watch-{off}"))
-                .spawn(move || watch_loop(&req, &flag, &name, &chip, events))
-                .map_err(|e| Error::gpio(line, e))?;
-            h.watch = Some((stop, thread));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (req, flag, name) = (h.request.clone(), stop.clone(), line.to_owned());
+        let thread = std::thread::Builder::new()
+            .name(format!("gpio-watch-{off}"))
+            .spawn(move || watch_loop(&req, &flag, &name, &chip, events))
+            .map_err(|e| Error::gpio(line, e))?;
+        h.watch = Some((stop, thread));
+        Ok(())
+    }
+}
+
+impl CdevGpio {
+    /// Stops watching `line` and its edge detection, and changes nothing else: an output the
+    /// user drives stays driven (turning it into an input would let a relay or a lock fall).
+    /// A line not held has no watch.
+    fn unwatch(&self, line: &str) -> Result<()> {
+        let (chip, off) = self.locate(line)?;
+        let mut held = self.lock();
+        let Some(h) = held.get_mut(&(chip, off)) else { return Ok(()) };
+        stop_watch(h).map_err(|e| Error::gpio(line, e))?;
+        if h.request.config().line_config(off).is_some_and(|c| c.edge_detection.is_some()) {
+            reconfigure(&h.request, off, |c| {
+                c.with_edge_detection(None);
+            })
+            .map_err(|e| Error::gpio(line, e))?;
         }
         Ok(())
     }
@@ -389,6 +419,18 @@ mod tests {
         assert!(i.read(5, 0x48, Some(0), 2).unwrap_err().to_string().contains("i2c-5"));
         assert!(i.read(6, 0x48, None, 2).unwrap_err().to_string().contains("i2c-6"));
         g.teardown().unwrap();
+    }
+
+    /// A chip is a name under /dev, never a path: a caller cannot make the board open, or say
+    /// anything about, a file elsewhere (gpiocdev's error told whether it existed and where a
+    /// link pointed).
+    #[test]
+    fn a_chip_named_by_a_path_is_refused_before_anything_is_opened() {
+        let g = CdevGpio::new(vec![]);
+        for line in ["/etc/passwd:0", "../proc/self/cwd:0", "..:1", ".:1", ":1"] {
+            let e = g.read(line).unwrap_err().to_string();
+            assert!(e.contains("not a chip name") && !e.contains("character device"), "{line}: {e}");
+        }
     }
 
     /// A device a kernel driver has bound is refused before the bus is even opened; its

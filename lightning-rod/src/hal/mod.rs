@@ -160,3 +160,9 @@ pub fn check_i2c_address(bus: u32, address: u16) -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether `chip` names a GPIO chip device (`gpiochip0`): a plain name under `/dev`, never a
+/// path.
+pub fn is_chip_name(chip: &str) -> bool {
+    !chip.is_empty() && chip != "." && chip != ".." && !chip.contains(['/', '\0'])
+}
