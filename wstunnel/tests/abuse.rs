@@ -689,3 +689,70 @@ async fn a_token_the_cloud_refuses_does_not_make_the_channel_its_boards() {
         other => panic!("expected ListenErr, got {other:?}"),
     }
 }
+
+/// A stand-in for the tunnel server, for what a real one rarely says: accepts the board's next
+/// connection on `listener` (choosing `s4t-tunnel`, as an older server does) and answers its
+/// `Hello`.
+async fn accept_board(listener: &tokio::net::TcpListener) -> Ws {
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    #[allow(clippy::result_large_err, reason = "the signature tungstenite's callback has")]
+    fn choose(_: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+        response.headers_mut().insert("Sec-WebSocket-Protocol", "s4t-tunnel".parse().unwrap());
+        Ok(response)
+    }
+    let (tcp, _) = within("the board connects", listener.accept()).await.unwrap();
+    let plain = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    let mut ws = within("upgrade", tokio_tungstenite::accept_hdr_async(plain, choose)).await.unwrap();
+    assert!(matches!(next_frame(&mut ws).await, Some(Frame::Hello { .. })));
+    let welcome = Frame::Welcome { version: PROTOCOL_VERSION, initial_window: 256 * 1024 };
+    ws.send(Message::binary(welcome.encode())).await.unwrap();
+    ws
+}
+
+/// The next `Listen` the board sends: its listener id and port.
+async fn next_listen(ws: &mut Ws) -> (u32, u16) {
+    loop {
+        match next_frame(ws).await {
+            Some(Frame::Listen { listener, port, .. }) => return (listener, port),
+            Some(_) => continue,
+            None => panic!("closed before a Listen"),
+        }
+    }
+}
+
+/// An exposure that worked before is kept when the server refuses it again for a passing
+/// reason: `SHUTDOWN` (that channel was closing; the reconnect asks again) or `OTHER` (its
+/// port could not be bound now, say the server was out of descriptors; asked again after a
+/// delay on that connection). The board dropped it for good, and with it its service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposure_refused_again_for_a_passing_reason_is_kept() {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (client, _stop) = start_client(&format!("ws://{}/", fake.local_addr().unwrap()));
+    let expose = tokio::spawn({
+        let client = client.clone();
+        async move { client.expose(token("b", 0), 0, "127.0.0.1:9".into()).await }
+    });
+    let mut ws = accept_board(&fake).await;
+    let (id, asked) = next_listen(&mut ws).await;
+    assert_eq!(asked, 0);
+    ws.send(Message::binary(Frame::ListenOk { listener: id, port: 40_000 }.encode())).await.unwrap();
+    assert_eq!(within("exposed", expose).await.unwrap().unwrap().port, 40_000);
+    let refuse =
+        |code, reason: &str| Message::binary(Frame::ListenErr { listener: id, code, reason: reason.into() }.encode());
+
+    // The server goes away; at the reconnect, that channel is closing as it answers.
+    drop(ws);
+    let mut ws = accept_board(&fake).await;
+    assert_eq!(next_listen(&mut ws).await, (id, 40_000));
+    ws.send(refuse(code::SHUTDOWN, "the channel is closing")).await.unwrap();
+    drop(ws);
+    let mut ws = accept_board(&fake).await;
+    assert_eq!(next_listen(&mut ws).await, (id, 40_000), "dropped after SHUTDOWN");
+    // The port cannot be bound now: asked again on the same connection.
+    ws.send(refuse(code::OTHER, "cannot listen on port 40000: Too many open files")).await.unwrap();
+    assert_eq!(next_listen(&mut ws).await, (id, 40_000), "dropped after OTHER");
+    ws.send(Message::binary(Frame::ListenOk { listener: id, port: 40_000 }.encode())).await.unwrap();
+    let held = || client.state().borrow().exposures.iter().map(|e| (e.id, e.port)).collect::<Vec<_>>();
+    wait_until("re-established", || held() == vec![(id, Some(40_000))]).await;
+    assert_eq!(client.state().borrow().last_refusal, None);
+}

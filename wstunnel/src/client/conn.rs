@@ -409,11 +409,14 @@ fn listen_result(inner: &Arc<Inner>, mux: &Arc<Mux>, id: u32, res: Result<u16, (
             }
             tracing::info!(port, target = e.target, "exposed");
         }
-        Err((c @ (code::IN_USE | code::UNAVAILABLE), reason)) if e.assigned.is_some() => {
+        Err((c @ (code::IN_USE | code::UNAVAILABLE | code::SHUTDOWN | code::OTHER), reason))
+            if e.assigned.is_some() =>
+        {
             // An exposure that worked before and now finds its port busy (the server has not
-            // yet found our previous channel dead) or the cloud unable to decide (its database
-            // is down): keep it and ask again. A new one is refused below, and its caller
-            // decides.
+            // yet found our previous channel dead), the cloud unable to decide (its database
+            // is down), the channel closing (the reconnect asks again) or the port not bound
+            // for another reason (the server out of descriptors): keep it and ask again. A new
+            // one is refused below, and its caller decides.
             let delay = if c == code::IN_USE { IN_USE_RETRY } else { jittered(UNAVAILABLE_RETRY) };
             tracing::warn!(code = c, %reason, target = e.target, "exposure not re-established yet: retrying");
             ask_again(inner, mux, delay, id, listen_again);
@@ -458,9 +461,10 @@ fn packet_result(inner: &Arc<Inner>, mux: &Arc<Mux>, lanes: &Arc<Lanes>, id: u32
             drop(pk);
             lanes.ensure(inner, mux);
         }
-        Err((code::UNAVAILABLE, reason)) if p.waiters.is_empty() => {
-            // A packet channel that was open before (its opener has its answer) and the cloud
-            // cannot decide now: keep it and ask again.
+        Err((code::UNAVAILABLE | code::SHUTDOWN, reason)) if p.waiters.is_empty() => {
+            // A packet channel that was open before (its opener has its answer), and the cloud
+            // cannot decide now or the channel is closing (the reconnect asks again): keep it
+            // and ask again.
             tracing::warn!(%reason, vpn = p.vpn, "packet channel not re-established yet: retrying");
             ask_again(inner, mux, jittered(UNAVAILABLE_RETRY), id, packets_again);
         }
