@@ -27,6 +27,10 @@ struct FakeBoards {
     i2c: Mutex<Vec<u64>>,
     /// Boards (uuids) that answer `VpnLeave` with an error.
     refuse_leave: Mutex<Vec<String>>,
+    /// While set, `PluginInject` says it arrived (`inject_arrived`) and waits for a permit of
+    /// it. A plugin named "refused" is refused.
+    inject_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    inject_arrived: tokio::sync::Notify,
 }
 
 fn reply(result: &str, message: Value) -> Value {
@@ -43,6 +47,17 @@ impl BoardCaller for FakeBoards {
             }
             assert!(args[0]["uuid"].is_string(), "the first argument is the request dict");
             let a = args.get(1).cloned().unwrap_or(Value::Null);
+            if name == "PluginInject" {
+                let gate = self.inject_gate.lock().unwrap().clone();
+                if let Some(gate) = gate {
+                    self.inject_arrived.notify_one();
+                    let _ = gate.acquire().await;
+                }
+                return Ok(match a["name"].as_str() {
+                    Some("refused") => reply("ERROR", json!("no room for it")),
+                    _ => reply("SUCCESS", json!("INJECTED")),
+                });
+            }
             Ok(match name {
                 "DevicePing" => reply("SUCCESS", json!("pong")),
                 "GpioWrite" => {
@@ -1309,5 +1324,50 @@ async fn detail_lists_of_the_original_api_answer() {
         let (s, detail) = cloud.req("GET", &format!("/v1/{list}/detail"), Some(&ann), None).await;
         assert_eq!(s, StatusCode::OK, "{list}/detail: {detail}");
         assert_eq!(detail[key], plain[key], "{list}");
+    }
+}
+
+/// A plugin a board is taking for the first time cannot be deleted meanwhile (the board would
+/// keep code the cloud no longer knows, and the cloud failed to record the answer on its
+/// foreign key); a board that does not take it leaves no trace, and the plugin can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_be_deleted_while_a_board_takes_it() {
+    for t in TestDb::all().await {
+        let cloud = start(&t).await;
+        let (_, ann, _) = tenants(&cloud).await;
+        for name in ["p1", "refused"] {
+            let plugin = json!({"name": name, "kind": "python", "code": "def main(): pass"});
+            let (s, v) = cloud.req("POST", "/v1/plugins", Some(&ann), Some(plugin)).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+        }
+        let (s, v) = cloud.req("POST", "/v1/boards", Some(&ann), Some(board_body("b1"))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let b1 = v["uuid"].as_str().unwrap().to_owned();
+        cloud.login(&b1, "5001").await;
+
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *cloud.boards.inject_gate.lock().unwrap() = Some(gate.clone());
+        let inject = tokio::spawn({
+            let (http, url, ann) = (cloud.http.clone(), cloud.url.clone(), ann.clone());
+            let body = json!({"plugin": "p1"});
+            async move { common::rest::call(&http, &url, "PUT", "/v1/boards/b1/plugins", Some(&ann), Some(body)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), cloud.boards.inject_arrived.notified()).await.unwrap();
+        let (s, v) = cloud.req("DELETE", "/v1/plugins/p1", Some(&ann), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{}: deleted while the board takes it: {v}", t.name);
+        gate.add_permits(1);
+        let (s, v) = inject.await.unwrap();
+        assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("injected")), "{}: {v}", t.name);
+        let (s, v) = cloud.req("DELETE", "/v1/plugins/p1", Some(&ann), None).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{v}");
+
+        // Refused by the board: no injection recorded, and the plugin may go.
+        *cloud.boards.inject_gate.lock().unwrap() = None;
+        let (s, v) = cloud.req("PUT", "/v1/boards/b1/plugins", Some(&ann), Some(json!({"plugin": "refused"}))).await;
+        assert!(!s.is_success(), "{}: {s} {v}", t.name);
+        let refused = v_str(&cloud, &ann, "/v1/plugins/refused", "uuid").await;
+        assert!(cloud.db.injection(&b1, &refused).await.unwrap().is_none(), "{}: a refused injection stays", t.name);
+        let (s, v) = cloud.req("DELETE", "/v1/plugins/refused", Some(&ann), None).await;
+        assert!(s.is_success(), "{}: {s} {v}", t.name);
     }
 }

@@ -579,7 +579,17 @@ pub async fn inject(
         created_at: 0,
         updated_at: 0,
     };
-    match call_board(&state, &c, &b, "PluginInject", json!([plugin_dict(&p, &grants), onboot]), opts).await? {
+    // The board's place is held before it is asked (a first injection's plugin cannot be
+    // deleted while the board takes it), and given up if it does not take the plugin.
+    let reserved = state.db.reserve_injection(&i).await?;
+    let outcome = call_board(&state, &c, &b, "PluginInject", json!([plugin_dict(&p, &grants), onboot]), opts).await;
+    if outcome.is_err()
+        && reserved
+        && let Err(e) = state.db.release_injection(&b.uuid, &p.uuid).await
+    {
+        tracing::warn!(board = %b.uuid, plugin = %p.uuid, cause = %e, "cannot drop a refused injection's reservation");
+    }
+    match outcome? {
         Outcome::Done(message) => {
             let updated = message.as_str().is_some_and(|m| m.contains("UPDATED"));
             i.status = if updated { "updated" } else { "injected" }.into();

@@ -332,6 +332,16 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     }
 }
 
+/// A foreign key naming a row that is gone (PostgreSQL 23503, SQLite 787).
+pub(crate) fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_foreign_key_violation() || d.code().is_some_and(|c| c == "23503" || c == "787")
+        }
+        _ => false,
+    }
+}
+
 /// Reads a column, naming it in the error.
 pub(crate) fn col<'r, T>(row: &'r sqlx::any::AnyRow, name: &str) -> Result<T, Error>
 where

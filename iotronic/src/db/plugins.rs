@@ -287,6 +287,53 @@ impl Db {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Holds `i.board`'s place for `i.plugin` while the board is asked to take it, unless it
+    /// has one (status `pending`, no request): a plugin a board is taking for the first time
+    /// is not deleted meanwhile ([`Db::delete_plugin`] finds the row), so the board never
+    /// keeps code the cloud no longer knows. True if this call made the reservation (its
+    /// caller then records the answer, or [`Db::release_injection`] drops it); a plugin
+    /// deleted since it was read is `NotFound`.
+    pub async fn reserve_injection(&self, i: &Injection) -> Result<bool, Error> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "INSERT INTO plugin_injections (board_uuid, plugin_uuid, onboot, status, grants, code_sha256, \
+             request_uuid, created_at, updated_at) VALUES ($1, $2, $3, 'pending', $4, $5, NULL, $6, $7) \
+             ON CONFLICT (board_uuid, plugin_uuid) DO NOTHING",
+        )
+        .bind(&i.board)
+        .bind(&i.plugin)
+        .bind(i64::from(i.onboot))
+        .bind(i.grants.to_string())
+        .bind(&i.code_sha256)
+        .bind(now)
+        .bind(now)
+        .execute(self.pool())
+        .await
+        .map_err(|e| {
+            if super::is_foreign_key_violation(&e) {
+                Error::NotFound(format!("plugin {} (deleted meanwhile)", i.plugin))
+            } else {
+                db_err(e)
+            }
+        })?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Drops a reservation of [`Db::reserve_injection`] that no answer replaced (the board
+    /// did not take the plugin): only the reservation, never a row an answer wrote.
+    pub async fn release_injection(&self, board: &str, plugin: &str) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "DELETE FROM plugin_injections WHERE board_uuid = $1 AND plugin_uuid = $2 \
+             AND status = 'pending' AND request_uuid IS NULL",
+        )
+        .bind(board)
+        .bind(plugin)
+        .execute(self.pool())
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Records that `i.board` holds `i.plugin` (inserted, or replaced on re-injection).
     pub async fn upsert_injection(&self, i: &Injection) -> Result<(), Error> {
         let now = now_ms();
