@@ -577,3 +577,42 @@ async fn anonymous_sessions_beyond_the_cap_per_address_are_refused() {
     }
     assert_eq!(r.router.sessions().len(), 3);
 }
+
+/// Enrollment sessions are capped per source address: whoever holds a registration code
+/// cannot take every session slot. Beyond the cap they are refused with a clear reason, while
+/// boards still connect from that address.
+#[tokio::test]
+async fn enrollment_sessions_beyond_the_cap_per_address_are_refused() {
+    let r = TestRouter::start(RouterConfig { max_enrollment_per_source: 2, ..RouterConfig::default() }, false).await;
+    let enroll = r.config(enroll_auth());
+    let enrolling = [connect(&enroll).await.unwrap(), connect(&enroll).await.unwrap()];
+    match connect(&enroll).await.unwrap_err() {
+        Error::Handshake(s4t_shared::wamp::session::HandshakeError::Aborted { reason, message }) => {
+            assert_eq!(reason, "s4t.error.limit_exceeded");
+            assert!(message.as_deref().is_some_and(|m| m.contains("enrollment")), "{message:?}");
+        }
+        other => panic!("expected an ABORT, got {other:?}"),
+    }
+    let board = connect(&r.board(Serializer::Json)).await.unwrap();
+    assert_eq!(board.authrole(), "board");
+    for s in &enrolling {
+        assert!(r.router.session(s.id()).is_some());
+    }
+    assert_eq!(r.router.sessions().len(), 3);
+}
+
+/// An idle enrollment session (the ticket is checked only at the handshake) is closed when
+/// its lifetime is over; a board's session is not.
+#[tokio::test]
+async fn an_idle_enrollment_session_is_closed_after_its_lifetime() {
+    let config = RouterConfig { enrollment_lifetime: Duration::from_millis(200), ..RouterConfig::default() };
+    let r = TestRouter::start(config, false).await;
+    let board = connect(&r.board(Serializer::Json)).await.unwrap();
+    let enrolling = connect(&r.config(enroll_auth())).await.unwrap();
+    assert_eq!(enrolling.authrole(), "enrollment");
+    let reason = within("the enrollment session is closed", enrolling.closed()).await;
+    assert_eq!(reason, CloseReason::Goodbye("s4t.close.expired".into()));
+    wait_until("the enrollment session left", || r.router.session(enrolling.id()).is_none()).await;
+    assert!(!board.is_closed());
+    assert!(r.router.session(board.id()).is_some());
+}

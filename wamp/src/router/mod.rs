@@ -119,6 +119,15 @@ pub struct RouterConfig {
     /// lightning-rod retries. Without it one peer could take every `max_sessions` slot when
     /// anonymous boards are allowed; 128 leaves room for legacy boards behind one NAT address.
     pub max_anonymous_per_source: usize,
+    /// Established enrollment sessions (ticket with a registration code, role `enrollment`)
+    /// one source address may have at once (default 16); more are refused with ABORT
+    /// `s4t.error.limit_exceeded`. Without it whoever holds one valid code could take every
+    /// `max_sessions` slot; a board needs one enrollment session, briefly.
+    pub max_enrollment_per_source: usize,
+    /// How long an enrollment session may stay after WELCOME (default 120 s); then the router
+    /// closes it (GOODBYE `s4t.close.expired`). The ticket is checked only at the handshake and
+    /// an enrollment needs one call, so nothing else would end an idle one.
+    pub enrollment_lifetime: Duration,
     /// Unsolicited messages (INVOCATION, EVENT) queued towards one session before it counts as
     /// not keeping up; room for answers to its own requests is reserved on top.
     pub queue_capacity: usize,
@@ -155,6 +164,8 @@ impl Default for RouterConfig {
             max_sessions: 20_000,
             max_sessions_per_board: 4,
             max_anonymous_per_source: 128,
+            max_enrollment_per_source: 16,
+            enrollment_lifetime: Duration::from_secs(120),
             queue_capacity: 64,
             handshake_timeout: Duration::from_secs(10),
             max_opening_per_source: 128,
@@ -240,6 +251,9 @@ pub(crate) struct Inner {
     /// Established anonymous sessions, by source address
     /// ([`RouterConfig::max_anonymous_per_source`]).
     pub(crate) anonymous: Arc<SourceSlots>,
+    /// Established enrollment sessions, by source address
+    /// ([`RouterConfig::max_enrollment_per_source`]).
+    pub(crate) enrollment: Arc<SourceSlots>,
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -260,6 +274,7 @@ impl Router {
         let connections = Arc::new(Semaphore::new(config.max_sessions));
         let opening = SourceSlots::new(config.max_opening_per_source);
         let anonymous = SourceSlots::new(config.max_anonymous_per_source);
+        let enrollment = SourceSlots::new(config.max_enrollment_per_source);
         let decoy_key = config.decoy_key.clone().unwrap_or_else(|| {
             let bytes: [u8; 32] = rand::random();
             Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
@@ -274,6 +289,7 @@ impl Router {
                 decoy_key,
                 opening,
                 anonymous,
+                enrollment,
             }),
         }
     }

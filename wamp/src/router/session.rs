@@ -1,6 +1,7 @@
 //! One session's task: accept (TLS, WebSocket with subprotocol negotiation, WAMP opening
 //! handshake, all under one deadline), join the realm, then loop: say the farewell when
-//! killed, drain the outbound queue, read and route the next message. In-process sessions
+//! killed or (enrollment sessions) when the session's lifetime is over, drain the outbound
+//! queue, read and route the next message. In-process sessions
 //! have a loop of their own that never waits on a send (see [`run_local`]).
 
 use std::net::SocketAddr;
@@ -31,6 +32,10 @@ use crate::{Error, Role};
 /// peer must not make the router buffer or decode that.
 pub(crate) const HANDSHAKE_READ_LIMIT: usize = 64 * 1024;
 
+/// GOODBYE reason of an enrollment session closed at the end of its lifetime
+/// (`RouterConfig::enrollment_lifetime`).
+pub(crate) const CLOSE_EXPIRED: &str = "s4t.close.expired";
+
 /// Identity of an in-process session.
 pub(crate) struct Trusted {
     pub(crate) authid: String,
@@ -55,10 +60,8 @@ pub(crate) async fn serve_connection(
         };
         drop(opening);
         match opened {
-            // An anonymous session's slot is held until it ends.
-            Ok(Ok(Some(Opened { link, info, hs, anonymous: _slot }))) => {
-                establish(inner, link, info, hs.session()).await
-            }
+            // An anonymous or enrollment session's slot is held until it ends.
+            Ok(Ok(Some(Opened { link, info, hs, slot: _slot }))) => establish(inner, link, info, hs.session()).await,
             Ok(Ok(None)) => {}
             Ok(Err(e)) => debug!(cause = %e, "connection failed before the session opened"),
             Err(_) => info!(?deadline, "opening handshake timed out"),
@@ -73,9 +76,10 @@ struct Opened {
     link: Link,
     info: SessionInfo,
     hs: RouterHandshake,
-    /// An anonymous session's slot among its source address's
-    /// ([`super::RouterConfig::max_anonymous_per_source`]).
-    anonymous: Option<s4t_shared::limits::SourceSlot>,
+    /// An anonymous or enrollment session's slot among its source address's
+    /// ([`super::RouterConfig::max_anonymous_per_source`],
+    /// [`super::RouterConfig::max_enrollment_per_source`]).
+    slot: Option<s4t_shared::limits::SourceSlot>,
 }
 
 /// TLS, WebSocket and WAMP handshakes. `Ok(None)`: refused (the ABORT was sent).
@@ -108,17 +112,23 @@ async fn open(
     let mut link = Link::Ws(Box::new(ws));
     let mut hs = RouterHandshake::new(auth::provisional_id());
     let Some(granted) = auth::open(inner, &mut link, &mut hs).await else { return Ok(None) };
-    // Anonymous sessions are counted per source address: anyone may open them.
-    let mut anonymous = None;
-    if granted.role == Role::Legacy {
-        let Some(slot) = inner.anonymous.take(peer.ip()) else {
-            let max = inner.config.max_anonymous_per_source;
-            info!(reason = uri::LIMIT_EXCEEDED, max, "session refused: too many anonymous sessions from this address");
-            let why = format!("too many anonymous sessions from this address (at most {max})");
+    // Anonymous sessions (anyone may open them) and enrollment sessions (anyone with a code,
+    // and a code serves again for an hour) are counted per source address; boards are
+    // counted per identity by the realm.
+    let per_source = match granted.role {
+        Role::Legacy => Some((&inner.anonymous, inner.config.max_anonymous_per_source, "anonymous")),
+        Role::Enrollment => Some((&inner.enrollment, inner.config.max_enrollment_per_source, "enrollment")),
+        _ => None,
+    };
+    let mut slot = None;
+    if let Some((slots, max, kind)) = per_source {
+        let Some(taken) = slots.take(peer.ip()) else {
+            info!(reason = uri::LIMIT_EXCEEDED, max, kind, "session refused: too many such sessions from this address");
+            let why = format!("too many {kind} sessions from this address (at most {max})");
             let _ = link.send(Message::abort(uri::LIMIT_EXCEEDED, why).into()).await;
             return Ok(None);
         };
-        anonymous = Some(slot);
+        slot = Some(taken);
     }
     budget.lift();
     let board = (granted.role == Role::Board).then(|| granted.authid.clone());
@@ -132,7 +142,7 @@ async fn open(
         transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some(), host },
         joined: std::time::SystemTime::now(),
     };
-    Ok(Some(Opened { link, info, hs, anonymous }))
+    Ok(Some(Opened { link, info, hs, slot }))
 }
 
 /// Picks the first WAMP subprotocol the client offers that we speak; refuses other paths.
@@ -194,13 +204,15 @@ async fn establish(inner: Arc<Inner>, mut link: Link, info: SessionInfo, reserve
     let kill = Arc::new(Kill::default());
     let (authid, role) = (info.authid.clone(), info.role);
     let welcome_info = info.clone();
+    // An enrollment needs one call: its session does not stay.
+    let lifetime = (role == Role::Enrollment).then_some(inner.config.enrollment_lifetime);
     let (id, mut outbox) = inner.realm.join(info, kill.clone(), reserved);
     tracing::Span::current().record("session", id);
     info!(%authid, role = role.name(), "session opened");
     if link.send(welcome(id, &welcome_info).into()).await.is_ok() {
         match &mut link {
             Link::Local(local) => run_local(&inner, local, id, &mut outbox, &kill).await,
-            ws => run(&inner, ws, id, &mut outbox, &kill).await,
+            ws => run(&inner, ws, id, &mut outbox, &kill, lifetime).await,
         }
     }
     inner.realm.leave(id);
@@ -208,13 +220,32 @@ async fn establish(inner: Arc<Inner>, mut link: Link, info: SessionInfo, reserve
     info!("session closed");
 }
 
-/// The loop of a WebSocket session.
-async fn run(inner: &Arc<Inner>, link: &mut Link, id: Id, outbox: &mut Outbox, kill: &Kill) {
+/// The loop of a WebSocket session; one with a `lifetime` is closed when it is over.
+async fn run(
+    inner: &Arc<Inner>,
+    link: &mut Link,
+    id: Id,
+    outbox: &mut Outbox,
+    kill: &Kill,
+    lifetime: Option<Duration>,
+) {
+    let expired = async {
+        match lifetime {
+            Some(lifetime) => tokio::time::sleep(lifetime).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     loop {
         tokio::select! {
             biased;
             () = kill.token.cancelled() => {
                 let _ = link.send(farewell(kill).into()).await;
+                return;
+            }
+            () = &mut expired => {
+                info!(?lifetime, reason = CLOSE_EXPIRED, "closing the session: its lifetime is over");
+                let _ = link.send(Message::goodbye(CLOSE_EXPIRED).into()).await;
                 return;
             }
             out = outbox.recv() => {
