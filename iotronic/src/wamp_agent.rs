@@ -34,14 +34,20 @@ pub const REGISTRATION_GRACE: Duration = Duration::from_secs(5);
 /// The pause between two tries of a call that found no procedure during the grace.
 const REGISTRATION_POLL: Duration = Duration::from_millis(100);
 
-/// When each live board session logged in (`connection` answered SUCCESS), by session id.
-/// Entries go when the session leaves.
+/// Which board each live board session logged in as (`connection` answered SUCCESS), and
+/// when, by session id. Entries go when the session leaves.
 #[derive(Clone, Default)]
-struct Logins(Arc<Mutex<HashMap<String, Instant>>>);
+struct Logins(Arc<Mutex<HashMap<String, (String, Instant)>>>);
 
 impl Logins {
-    fn insert(&self, session: &str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), Instant::now());
+    fn insert(&self, session: &str, board: &str) {
+        let login = (board.to_owned(), Instant::now());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(session.to_owned(), login);
+    }
+
+    /// Has `session` logged in as `board`?
+    fn logged_in_as(&self, session: &str, board: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(session).is_some_and(|(b, _)| b == board)
     }
 
     fn remove(&self, session: &str) {
@@ -50,7 +56,11 @@ impl Logins {
 
     /// Is `session` within [`REGISTRATION_GRACE`] of its login?
     fn registering(&self, session: &str) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(session).is_some_and(|t| t.elapsed() < REGISTRATION_GRACE)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .is_some_and(|(_, t)| t.elapsed() < REGISTRATION_GRACE)
     }
 }
 
@@ -275,9 +285,61 @@ struct Ctx {
     codes: Arc<crate::auth::Throttle>,
     /// Mints the tokens `tunnel_tokens` renews (none without a tunnel server).
     mint: Option<TunnelMint>,
-    /// Procedure calls running ([`register_procedures`]); beyond its permits a call is
-    /// answered [`UNAVAILABLE`].
-    running: Arc<tokio::sync::Semaphore>,
+    /// Procedure calls running ([`register_procedures`]).
+    running: Running,
+}
+
+/// The procedure calls running, in all and per calling session; beyond either bound a call
+/// is answered [`UNAVAILABLE`]. A call counts until its handler ends, whether its caller
+/// waits for it or not: the router forgets a cancelled or timed-out call at once (it no
+/// longer counts against the caller's in-flight limit), so a session cancelling its calls in
+/// a loop while their handlers waited on the database took every slot, and every other
+/// board was refused.
+#[derive(Clone)]
+struct Running {
+    all: Arc<tokio::sync::Semaphore>,
+    /// Calls running per caller session id; an entry goes with the session's last call.
+    by_caller: Arc<Mutex<HashMap<s4t_wamp::Id, usize>>>,
+    /// The most one session may have running: the router's in-flight limit for a board.
+    per_caller: usize,
+}
+
+/// One running call's share of [`Running`], given back when dropped (with its handler).
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    by_caller: Arc<Mutex<HashMap<s4t_wamp::Id, usize>>>,
+    caller: s4t_wamp::Id,
+}
+
+impl Running {
+    fn new(all: usize, per_caller: usize) -> Self {
+        Running { all: Arc::new(tokio::sync::Semaphore::new(all)), by_caller: Arc::default(), per_caller }
+    }
+
+    /// A slot for a call of session `caller` (0: undisclosed), or why there is none.
+    fn take(&self, caller: Option<s4t_wamp::Id>) -> Result<Slot, &'static str> {
+        let caller = caller.unwrap_or(0);
+        let mut counts = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.get(&caller).copied().unwrap_or(0);
+        if n >= self.per_caller {
+            return Err("too many calls of this session at once");
+        }
+        let permit = self.all.clone().try_acquire_owned().map_err(|_| "the cloud is busy")?;
+        counts.insert(caller, n + 1);
+        Ok(Slot { _permit: permit, by_caller: self.by_caller.clone(), caller })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl WampAgent {
@@ -296,7 +358,7 @@ impl WampAgent {
         // Decoy WAMP-CRA salts stay the same across restarts, as real boards' do.
         let decoy = db.setting_or_init("cra_decoy_key", crate::auth::random_secret).await?;
         let config = RouterConfig { decoy_key: Some(Secret::new(decoy)), ..RouterConfig::default() };
-        let handlers = config.agent_invocations;
+        let running = Running::new(config.agent_invocations, config.limits.max_in_flight_calls);
         let router = Router::new(config, auth);
         crate::revocation::spawn_wamp_guard(db.clone(), router.clone(), shutdown.clone());
         let stop = shutdown.clone();
@@ -337,7 +399,7 @@ impl WampAgent {
             logins: logins.clone(),
             codes,
             mint,
-            running: Arc::new(tokio::sync::Semaphore::new(handlers)),
+            running,
         };
         register_procedures(&session, &ctx).await?;
         track_sessions(&session, &ctx).await?;
@@ -373,7 +435,8 @@ async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> 
     /// The caller can give up on a call at any moment (CANCEL, a `timeout` option, leaving),
     /// and the router then interrupts it, which drops the handler's future where it waits: a
     /// board enrolled without its audit entry, say. Interrupted calls no longer count against
-    /// the router's limit on the agent's invocations, so the running ones have their own.
+    /// the router's limits (the agent's invocations, the caller's calls in flight), so the
+    /// running ones have their own ([`Running`]), held by the task until the handler ends.
     macro_rules! procedure {
         ($uri:expr, $handler:ident) => {{
             let c = ctx.clone();
@@ -381,11 +444,12 @@ async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> 
                 .register(&$uri, move |inv| {
                     let c = c.clone();
                     async move {
-                        let Ok(permit) = c.running.clone().try_acquire_owned() else {
-                            return unavailable("the cloud is busy", None);
+                        let slot = match c.running.take(inv.caller()) {
+                            Ok(slot) => slot,
+                            Err(why) => return unavailable(why, None),
                         };
                         let run = tokio::spawn(async move {
-                            let _permit = permit;
+                            let _slot = slot;
                             $handler(&c, &inv).await
                         });
                         run.await.unwrap_or_else(|e| Err(WampError::new(UNAVAILABLE, format!("the call failed: {e}"))))
@@ -616,6 +680,12 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     if caller.as_deref().is_some_and(|s| s != session) {
         return wamp_message("ERROR", json!("session does not match the calling session"));
     }
+    // Logged in already (its answer was lost, or the caller repeats it): nothing to write or
+    // tell the conductor again. A session is only recorded as the board it proved (`board`)
+    // or was bound to (`legacy`).
+    if caller.is_some() && c.logins.logged_in_as(&session, &uuid) {
+        return wamp_message("SUCCESS", json!(""));
+    }
     match inv.caller_authrole() {
         Some("board") if inv.caller_authid() != Some(uuid.as_str()) => {
             return wamp_message("ERROR", json!("a board may only log in as itself"));
@@ -635,8 +705,7 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
         _ => {}
     }
     let info = kwarg(inv, "info").cloned().unwrap_or(Value::Null);
-    let lr_version = info.get("lr_version").and_then(Value::as_str);
-    let connectivity = info.get("connectivity").cloned().unwrap_or_else(|| json!({}));
+    let (lr_version, connectivity) = login_info(&uuid, &info);
     match c.db.board_online(&uuid, &c.setup.name, &session, lr_version, &connectivity).await {
         Ok(true) => {}
         Ok(false) => return wamp_message("ERROR", json!(format!("unknown board {uuid}"))),
@@ -650,12 +719,42 @@ async fn connection(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> {
     {
         return wamp_message("ERROR", json!(format!("cannot bind the session: {e}")));
     }
-    c.logins.insert(&session);
+    c.logins.insert(&session, &uuid);
     info!(board = %uuid, session = %session, "board online");
     if let Err(e) = c.bus.to_conductor(&ConductorMsg::BoardOnline { board: uuid.clone() }).await {
         warn!(cause = %e, "cannot tell the conductor a board is online");
     }
     wamp_message("SUCCESS", json!(""))
+}
+
+/// The longest `info.lr_version` a login stores (ours sends about 20 bytes).
+pub const MAX_LR_VERSION_BYTES: usize = 64;
+
+/// The `lr_version` and `connectivity` of a login's `info`, as stored with the board and parsed
+/// at every read of it (lists, handshakes). One beyond its bound (`lr_version`
+/// [`MAX_LR_VERSION_BYTES`], `connectivity` [`crate::api::bounds::SMALL`] as other free-form
+/// JSON) is dropped with a warning rather than refused: both lightning-rods take an `ERROR`
+/// answer as final, and what they send is a few short fields.
+fn login_info<'a>(uuid: &str, info: &'a Value) -> (Option<&'a str>, Value) {
+    let lr_version = info.get("lr_version").and_then(Value::as_str).filter(|v| {
+        let fits = v.len() <= MAX_LR_VERSION_BYTES;
+        if !fits {
+            let max = MAX_LR_VERSION_BYTES;
+            warn!(board = %uuid, bytes = v.len(), "login info.lr_version dropped: more than {max} bytes");
+        }
+        fits
+    });
+    let connectivity = match info.get("connectivity") {
+        Some(v) => match crate::api::bounds::check(v, crate::api::bounds::SMALL) {
+            Ok(()) => v.clone(),
+            Err(why) => {
+                warn!(board = %uuid, "login info.connectivity dropped: it {why}");
+                json!({})
+            }
+        },
+        None => json!({}),
+    };
+    (lr_version, connectivity)
 }
 
 /// May the caller of `inv` speak for `board`? A board session (its authid) and a legacy session
@@ -777,7 +876,7 @@ mod tests {
         assert!(db.board_online(&b.uuid, "agent-1", "4242", None, &json!({})).await.unwrap());
         let router = Router::new(RouterConfig::default(), Arc::new(s4t_wamp::StaticAuthenticator::new()));
         let logins = Logins::default();
-        logins.insert("4242");
+        logins.insert("4242", &b.uuid);
         let stop = CancellationToken::new();
         spawn_reconciler(db.clone(), "agent-1".into(), router, logins.clone(), Duration::from_millis(20), stop.clone());
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -964,6 +1063,123 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "enrolled {enrolled}, audited {audited}: the call was cut short");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+    }
+
+    /// `session` calls `connection` as board `uuid` with `info`, giving up after `timeout`:
+    /// the reply's message and result.
+    async fn log_in(
+        session: &s4t_wamp::Session,
+        uuid: &str,
+        info: Value,
+        timeout: Duration,
+    ) -> Result<Value, s4t_wamp::Error> {
+        let kw = json!({"uuid": uuid, "session": session.id(), "info": info});
+        let kw: Dict = kw.as_object().unwrap().clone().into_iter().collect();
+        let reply = session.call("agent-1.stack4things.connection", vec![], kw, timeout).await?;
+        Ok(serde_json::from_str(reply.args[0].as_str().unwrap()).unwrap())
+    }
+
+    async fn anonymous(url: &str) -> s4t_wamp::Session {
+        let config = s4t_wamp::ClientConfig::new(url, "s4t", s4t_wamp::ClientAuth::Anonymous);
+        s4t_wamp::client::connect(&config).await.unwrap()
+    }
+
+    /// A session that gives up on its calls (the router then forgets them, while their
+    /// handlers run to their end) has no more handlers running than its in-flight limit: one
+    /// more is refused, so a session cancelling in a loop cannot take the agent's 4,096
+    /// handler slots, and another session is served.
+    #[tokio::test]
+    async fn a_session_giving_up_on_its_calls_holds_at_most_its_share_of_the_handlers() {
+        let TestAgent { _dir: dir, boards, url, shutdown, agent: _agent, .. } =
+            test_agent(&[("b1", "c1"), ("b2", "c2")], None, true).await;
+        // Another connection takes SQLite's write lock: every login's write waits for it.
+        sqlx::any::install_default_drivers();
+        let db_url = crate::db::DatabaseUrl::sqlite_in(dir.path());
+        let mut lock = <sqlx::AnyConnection as sqlx::Connection>::connect(db_url.expose()).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await.unwrap();
+        let (greedy, other) = (anonymous(&url).await, anonymous(&url).await);
+        let share = RouterConfig::default().limits.max_in_flight_calls;
+        let given_up = (0..share).map(|_| log_in(&greedy, &boards[0], json!({}), Duration::from_millis(300)));
+        for r in futures_util::future::join_all(given_up).await {
+            assert!(r.is_err(), "a login was answered while the database was locked: {r:?}");
+        }
+        // The router no longer counts them; the agent still runs them.
+        match log_in(&greedy, &boards[0], json!({}), Duration::from_secs(10)).await {
+            Err(s4t_wamp::Error::Wamp(e)) => {
+                assert_eq!(e.error, UNAVAILABLE);
+                assert!(format!("{:?}", e.args).contains("too many calls of this session"), "{e:?}");
+            }
+            other => panic!("a handler beyond the session's share was run: {other:?}"),
+        }
+        let served = tokio::spawn({
+            let (other, board) = (other.clone(), boards[1].clone());
+            async move { log_in(&other, &board, json!({}), Duration::from_secs(30)).await }
+        });
+        sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+        let reply = served.await.unwrap().expect("another session's login was refused");
+        assert_eq!(reply["result"], "SUCCESS", "{reply}");
+        // The greedy session's handlers ended: its share is free again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match log_in(&greedy, &boards[0], json!({}), Duration::from_secs(10)).await {
+                Ok(reply) => {
+                    assert_eq!(reply["result"], "SUCCESS", "{reply}");
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "the session's share stayed taken: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+    }
+
+    /// A session that logs in again as the board it is logged in as is answered at once:
+    /// nothing is written again (nor told to the conductor).
+    #[tokio::test]
+    async fn a_repeated_login_writes_nothing() {
+        let TestAgent { _dir, db, boards, url, shutdown, agent: _agent } =
+            test_agent(&[("b1", "c1")], None, true).await;
+        let board = anonymous(&url).await;
+        let reply = log_in(&board, &boards[0], json!({"connectivity": {"iface": "eth0"}}), Duration::from_secs(10));
+        assert_eq!(reply.await.unwrap()["result"], "SUCCESS");
+        sqlx::query("UPDATE boards SET connectivity = '{\"marker\": 1}' WHERE uuid = $1")
+            .bind(&boards[0])
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let reply = log_in(&board, &boards[0], json!({"connectivity": {"iface": "eth1"}}), Duration::from_secs(10));
+        assert_eq!(reply.await.unwrap()["result"], "SUCCESS");
+        let stored = db.board_by_uuid(&boards[0]).await.unwrap().unwrap().connectivity;
+        assert_eq!(stored, json!({"marker": 1}), "the repeated login was written");
+        shutdown.cancel();
+    }
+
+    /// A login's `info.lr_version` and `info.connectivity` beyond their bounds are not stored
+    /// (every read of the board parses them); the login succeeds, small ones are stored.
+    #[tokio::test]
+    async fn oversized_login_info_is_not_stored() {
+        let TestAgent { _dir, db, boards, url, shutdown, agent: _agent } =
+            test_agent(&[("b1", "c1")], None, true).await;
+        let small = json!({"lr_version": "0.4.17", "connectivity": {"iface": "eth0", "local_ip": "10.0.0.2"}});
+        let board = anonymous(&url).await;
+        assert_eq!(
+            log_in(&board, &boards[0], small.clone(), Duration::from_secs(10)).await.unwrap()["result"],
+            "SUCCESS"
+        );
+        let stored = db.board_by_uuid(&boards[0]).await.unwrap().unwrap();
+        assert_eq!((stored.lr_version.as_deref(), &stored.connectivity), (Some("0.4.17"), &small["connectivity"]));
+        board.leave().await;
+        for connectivity in [json!({"x": "y".repeat(20_000)}), json!(vec![0; 1000])] {
+            let big = json!({"lr_version": "9".repeat(MAX_LR_VERSION_BYTES + 1), "connectivity": connectivity});
+            let board = anonymous(&url).await;
+            let reply = log_in(&board, &boards[0], big, Duration::from_secs(10)).await.unwrap();
+            assert_eq!(reply["result"], "SUCCESS", "{reply}");
+            let stored = db.board_by_uuid(&boards[0]).await.unwrap().unwrap();
+            assert_eq!(stored.lr_version.as_deref(), Some("0.4.17"), "an oversized lr_version was stored");
+            assert_eq!(stored.connectivity, json!({}), "an oversized connectivity was stored");
+            board.leave().await;
         }
         shutdown.cancel();
     }

@@ -19,7 +19,7 @@
 
 mod auth;
 mod boards;
-mod bounds;
+pub(crate) mod bounds;
 mod calls;
 pub mod error;
 mod metrics;
