@@ -368,6 +368,9 @@ pub(crate) struct Outbound {
 
 struct Shared {
     ctrl: mpsc::Sender<Bytes>,
+    /// `Reset` frames the control queue had no room for ([`Outbound::reset`]): written right
+    /// after what it holds.
+    owed: std::sync::Mutex<Vec<Bytes>>,
     sink: tokio::sync::Mutex<Sink>,
     /// Something was queued on `ctrl`, or the channel is closing: the writer task looks.
     wake: Notify,
@@ -548,6 +551,7 @@ pub(crate) fn outbound_on(wr: ChanWrite, mask: bool, sock: Option<socket2::Socke
     };
     let sh = Arc::new(Shared {
         ctrl,
+        owed: std::sync::Mutex::default(),
         sink: tokio::sync::Mutex::new(sink),
         wake: Notify::new(),
         closing: AtomicBool::new(false),
@@ -588,6 +592,41 @@ impl Outbound {
         })?;
         self.sh.wake.notify_one();
         Ok(())
+    }
+
+    /// Queues a stream's `Reset` without waiting, like [`try_ctrl`](Self::try_ctrl), but
+    /// never drops it for a full queue: the peer would keep the stream (its task, its socket)
+    /// until the channel died. It is owed instead, and written right after what the queue
+    /// holds. Each owed reset follows the removal of a stream, so a live peer is owed few; one
+    /// owed `max_owed` already does not read, and the channel is killed
+    /// ([`kill`](Self::kill)) with an error.
+    pub(crate) fn reset(&self, stream: u32, code: u16, max_owed: usize) -> Result<(), Error> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        match self.sh.ctrl.try_send(self.frame(&Frame::Reset { stream, code })) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::Closed),
+            Err(mpsc::error::TrySendError::Full(f)) => {
+                let mut owed = self.sh.owed.lock().expect("owed resets");
+                if owed.len() >= max_owed {
+                    drop(owed);
+                    self.kill();
+                    return Err(Error::Protocol(format!("the peer does not read: {max_owed} stream resets owed")));
+                }
+                owed.push(f);
+            }
+        }
+        self.sh.wake.notify_one();
+        Ok(())
+    }
+
+    /// Nothing more goes out on this channel: every send fails from now on, and the socket
+    /// closes as soon as a holder stuck writing to it lets go (it gives up at once).
+    pub(crate) fn kill(&self) {
+        self.sh.dead.store(true, Ordering::Release);
+        self.sh.kill.cancel();
+        self.sh.wake.notify_one();
     }
 
     /// Writes a control frame, waiting for the socket (only from tasks other than the reader).
@@ -701,6 +740,7 @@ impl SinkGuard<'_> {
     }
 
     async fn flush_inner(&mut self) -> std::io::Result<()> {
+        let sh = self.sh;
         let s = &mut *self.sink;
         let Some(wr) = s.wr.as_mut() else { return Err(std::io::ErrorKind::BrokenPipe.into()) };
         let mut wrote = false;
@@ -708,7 +748,11 @@ impl SinkGuard<'_> {
             while s.pending.len() < MAX_BATCH {
                 match s.ctrl.try_recv() {
                     Ok(b) => s.pending.push_back(b),
-                    Err(_) => break,
+                    Err(_) => {
+                        // Resets owed for want of room follow what the queue held then.
+                        s.pending.extend(sh.owed.lock().expect("owed resets").drain(..));
+                        break;
+                    }
                 }
             }
             if s.pending.is_empty() {
@@ -958,14 +1002,33 @@ async fn write_batch(wr: &mut ChanWrite, batch: &mut VecDeque<Bytes>) -> std::io
     Ok(())
 }
 
-/// Sends a WebSocket ping every `interval` while the channel lives.
+/// Sends a WebSocket ping every `interval` while the channel lives; a peer that takes
+/// nothing for three intervals is dead ([`keep_alive`]).
 pub(crate) async fn ping_loop(out: Outbound, interval: Duration) {
+    let _ = keep_alive(out, interval, 3 * interval).await;
+}
+
+/// Sends a WebSocket ping every `interval` until the channel closes (`Err(Closed)`) or its
+/// peer is found dead: its control queue was full at every ping for longer than `stalled`
+/// (the peer takes nothing we send; it may still send now and then, which keeps its reader
+/// from timing out). A dead peer's channel is killed ([`Outbound::kill`]), and the error
+/// says why.
+pub(crate) async fn keep_alive(out: Outbound, interval: Duration, stalled: Duration) -> Result<(), Error> {
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
+    let mut full_since = None;
     loop {
         tick.tick().await;
-        if out.try_ctrl_raw(out.ws_control(Opcode::Ping, b"ka")).is_err() {
-            return;
+        match out.try_ctrl_raw(out.ws_control(Opcode::Ping, b"ka")) {
+            Ok(()) => full_since = None,
+            Err(Error::Closed) => return Err(Error::Closed),
+            Err(_) => {
+                let since = *full_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stalled {
+                    out.kill();
+                    return Err(Error::Timeout(format!("the peer has taken nothing we sent for {stalled:?}")));
+                }
+            }
         }
     }
 }
@@ -1010,6 +1073,20 @@ mod tests {
     use super::*;
     use s4t_shared::tunnel::frame::T_PACKET;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that takes nothing we send (the control queue stays full at every ping) is
+    /// found dead and its channel killed, even though it may still send now and then.
+    #[tokio::test]
+    async fn a_peer_that_takes_nothing_is_found_dead() {
+        let (sink_end, _peer) = tcp_pair().await;
+        // No writer task: nothing drains the queue.
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
+        while out.try_ctrl(&Frame::Fin { stream: 1 }).is_ok() {}
+        tokio::time::timeout(Duration::from_secs(20), ping_loop(out.clone(), Duration::from_millis(5)))
+            .await
+            .expect("the pings went on");
+        assert!(out.is_closed(), "the pings stopped, and the channel was left open");
+    }
 
     /// A channel's socket starts bounded, is unbounded once its frames drain fast, and bounded
     /// to about [`UNSENT_TIME`] of the link once they wait on a slow link; a few samples of the

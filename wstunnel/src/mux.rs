@@ -432,10 +432,14 @@ impl Mux {
     }
 
     /// Resets a stream from this side: tells the peer (on the stream's lane, or on the channel
-    /// for a stream never entered) and drops it.
+    /// for a stream never entered) and drops it. Never waits, and the peer is always told
+    /// ([`Outbound::reset`]), unless it reads nothing: the channel is then closed.
     pub(crate) fn reset(&self, id: u32, code: u16) {
         let out = self.remove(id).map(|s| s.lane.out.clone()).unwrap_or_else(|| self.out.clone());
-        let _ = out.try_ctrl(&Frame::Reset { stream: id, code });
+        if let Err(e @ Error::Protocol(_)) = out.reset(id, code, self.max_streams) {
+            tracing::warn!(cause = %e, "channel closed");
+            self.cancel.cancel();
+        }
     }
 
     /// Counts `n` payload bytes moved by `s`; the first time it reaches [`BULK`], it counts in
@@ -913,6 +917,57 @@ mod tests {
         assert!(matches!(next().await, Frame::Open { stream, .. } if stream == s2.id));
         assert!(matches!(next().await, Frame::Fin { stream: 99 }), "no data frame for a quiet user");
         assert_eq!(s2.state.lock().unwrap().send.credit(), u64::from(window));
+    }
+
+    /// A reset is never lost for a full control queue: it follows what the queue holds (the
+    /// peer would otherwise keep the stream, its task and its socket until the channel died).
+    /// A channel that owes more resets than it may have streams (its peer reads nothing) is
+    /// closed.
+    #[tokio::test]
+    async fn a_reset_is_sent_even_when_the_control_queue_is_full() {
+        let (sink_end, peer) = tcp_pair().await;
+        // The writer task is not running: nothing drains the queue.
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
+        let mux = Mux::new(out, 1 << 20, 8, CancellationToken::new(), Arc::default(), usize::MAX);
+        let mut queued = 0;
+        while mux.out.try_ctrl(&Frame::Fin { stream: 99 }).is_ok() {
+            queued += 1;
+        }
+        let s = mux.open_stream().unwrap();
+        mux.reset(s.id, code::IO);
+        assert!(mux.get(s.id).is_none() && !mux.cancel.is_cancelled());
+        mux.out.lock().await.unwrap().flush().await.unwrap();
+        // A marker after everything that was queued or owed.
+        mux.out.try_ctrl(&Frame::Fin { stream: 7 }).unwrap();
+        mux.out.lock().await.unwrap().flush().await.unwrap();
+        let mut reader = WsReader::new(ChanRead::Tcp(peer.into_split().0), Role::Client, BytesMut::new(), false);
+        let mut next = async || match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+            Ok(m) => match m.unwrap() {
+                Some(Message::Binary(b)) => Frame::decode(&b).unwrap(),
+                other => panic!("expected a frame, got {other:?}"),
+            },
+            Err(_) => panic!("no frame came"),
+        };
+        for _ in 0..queued {
+            assert!(matches!(next().await, Frame::Fin { stream: 99 }));
+        }
+        match next().await {
+            Frame::Reset { stream, code: code::IO } if stream == s.id => {}
+            f => panic!("expected the Reset of stream {} after the queued frames, got {f:?}", s.id),
+        }
+        assert!(matches!(next().await, Frame::Fin { stream: 7 }));
+
+        // A peer that reads nothing is owed at most as many resets as the channel may have
+        // streams.
+        for _ in 0..queued {
+            mux.out.try_ctrl(&Frame::Fin { stream: 99 }).unwrap();
+        }
+        for id in 0..8 {
+            mux.reset(1000 + id, code::IO);
+        }
+        assert!(!mux.cancel.is_cancelled() && !mux.out.is_closed(), "closed within the limit");
+        mux.reset(2000, code::IO);
+        assert!(mux.cancel.is_cancelled() && mux.out.is_closed(), "a channel owing too many resets stays open");
     }
 
     /// A channel whose streams' sockets stop taking data holds at most its budget: the

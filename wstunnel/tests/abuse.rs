@@ -756,3 +756,48 @@ async fn an_exposure_refused_again_for_a_passing_reason_is_kept() {
     wait_until("re-established", || held() == vec![(id, Some(40_000))]).await;
     assert_eq!(client.state().borrow().last_refusal, None);
 }
+
+/// Whether a new connection from `source` to public `port` is served (echoed), or closed.
+async fn served_from(source: &str, port: u16) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncReadExt;
+    let mut s = connect_from(source, port).await;
+    s.write_all(b"ping").await.ok()?;
+    let mut back = [0u8; 4];
+    within("echo", s.read_exact(&mut back)).await.ok()?;
+    assert_eq!(&back, b"ping");
+    Some(s)
+}
+
+/// Public ports take only so many connections from one source, all ports together, and so
+/// many in all: beyond, a new one is closed at once (its board never hears of it), while
+/// another source is still served; a closed connection gives its place back. Without these
+/// an anonymous peer could hold a descriptor per connection until the process had none left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ports_hold_only_so_many_connections_per_source_and_in_all() {
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_public_per_source = 4;
+    cfg.limits.max_public_streams = 6;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
+    let echo = echo_server().await;
+    let (client, _stop) = start_client(&srv.url());
+    let a = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let b = within("expose", client.expose(token("b", 0), 0, echo.to_string())).await.unwrap().port;
+    let mut held = Vec::new();
+    for port in [a, a, b, b] {
+        held.push(served_from("127.0.0.1", port).await.expect("a connection within the source's limit"));
+    }
+    for port in [a, b] {
+        assert_closed_at_once(&mut connect(port).await, "a fifth connection from 127.0.0.1").await;
+    }
+    held.push(served_from("127.0.0.2", a).await.expect("another source is served"));
+    held.push(served_from("127.0.0.3", b).await.expect("the sixth connection of the server"));
+    assert_closed_at_once(&mut connect_from("127.0.0.4", a).await, "a seventh connection of the server").await;
+    // A closed connection gives its place back (once its stream has ended).
+    drop(held.remove(0));
+    within("a place again", async {
+        while served_from("127.0.0.4", a).await.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

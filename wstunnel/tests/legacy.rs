@@ -292,3 +292,39 @@ async fn one_ports_waiting_connections_leave_room_for_the_others() {
         other => panic!("expected NC:<id>, got {other:?}"),
     }
 }
+
+/// One legacy port holds only so many connections, waiting or piped: beyond, a new one is
+/// closed at once. And a data socket, once attached, holds none of the server's connection
+/// slots: else one legacy port's users could take every board's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_legacy_port_holds_only_so_many_connections_and_no_connection_slots() {
+    let port = free_port();
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.legacy = true;
+    cfg.limits.max_connections = 3;
+    cfg.limits.legacy_max_per_port = 2;
+    // A connection parked for good would outlive the test's deadline.
+    cfg.limits.legacy_pending_timeout = std::time::Duration::from_secs(300);
+    let srv = start_server_with(cfg, DefaultHooks { legacy_ports: Some(port..=port) }).await;
+    let echo = echo_server().await;
+    let mut control = within("control", wstun_socket(&srv, &format!("dst=127.0.0.1:{port}"))).await.unwrap();
+    wait_until("listener up", || !srv.handle.listeners().is_empty()).await;
+    let mut users = Vec::new();
+    for round in 0..2 {
+        let mut user = connect(port).await;
+        let id = match within("NC frame", control.next()).await.unwrap().unwrap() {
+            Message::Text(t) => t.as_str().strip_prefix("NC:").expect("NC:<id>").to_owned(),
+            other => panic!("expected NC:<id>, got {other:?}"),
+        };
+        let data = within("data socket", wstun_socket(&srv, &format!("id={id}"))).await.unwrap();
+        tokio::spawn(pipe(data, TcpStream::connect(echo).await.unwrap()));
+        let msg = format!("user {round}");
+        assert_eq!(echo_once(&mut user, msg.as_bytes()).await, msg.as_bytes());
+        users.push(user);
+    }
+    // The control socket and two data sockets are open: the server's three slots, were the
+    // data sockets counted.
+    let channel = within("a board channel", try_raw_channel(&srv)).await;
+    assert!(channel.is_ok(), "the legacy data sockets hold the server's connection slots");
+    assert_closed_at_once(&mut connect(port).await, "a third connection on the port").await;
+}

@@ -68,9 +68,9 @@ const MAX_BAD_TOKENS: usize = 8;
 const REFUSAL_LOG_BURST: u32 = 8;
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Which of a channel's refusals are logged.
+/// Which of a channel's refusals (or another source of repeated warnings) are logged.
 #[derive(Default)]
-struct RefusalLog {
+pub(super) struct RefusalLog {
     since: Option<Instant>,
     logged: u32,
     unlogged: u64,
@@ -78,7 +78,7 @@ struct RefusalLog {
 
 impl RefusalLog {
     /// `Some(n)`: log this refusal, saying that `n` before it were not.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
+    pub(super) fn admit(&mut self, now: Instant) -> Option<u64> {
         if self.since.is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY) {
             self.since = Some(now);
             self.logged = 0;
@@ -189,11 +189,15 @@ pub(crate) async fn serve<H: ServerHooks>(
         in_flight: AtomicUsize::new(0),
     });
     tracing::debug!(%peer, lanes, "channel open");
-    let pinger = tokio::spawn(io::ping_loop(out.clone(), cfg.limits.ping_interval));
+    // A board that takes nothing we send for the idle timeout is dead even if it sends a
+    // frame now and then (which keeps the reader from timing out).
+    let (interval, idle) = (cfg.limits.ping_interval, cfg.limits.idle_timeout);
+    let mut pinger = tokio::spawn(io::keep_alive(out.clone(), interval, idle));
     let res = tokio::select! {
         r = read_loop(&ctx, &mut reader) => r,
         _ = cancel.cancelled() => Err(Error::Closed),
         () = close_unless_proved(&ctx) => Err(Error::Closed),
+        Ok(Err(e @ Error::Timeout(_))) = &mut pinger => Err(e),
     };
     pinger.abort();
     let (code, reason) = match (&res, ctx.life.closed_because()) {
@@ -741,12 +745,17 @@ async fn accept_loop<H: ServerHooks>(
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     // The streams accepted here that are still open: a revoked listener takes them along.
     let accepted: Arc<Mutex<std::collections::HashSet<u32>>> = Arc::default();
+    let mut failures = RefusalLog::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = l.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(cause = %e, "accept failed");
+                    // EMFILE and friends: back off a little instead of spinning, and say so
+                    // now and then, not every 50 ms of every listener.
+                    if let Some(unlogged) = failures.admit(Instant::now()) {
+                        tracing::warn!(cause = %e, unlogged, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -756,17 +765,28 @@ async fn accept_loop<H: ServerHooks>(
         if !ctx.hooks.connection_allowed(&board, port, peer, false) {
             continue; // dropping `tcp` closes it
         }
+        // Dropping `tcp` closes it: its board never hears of it.
+        let Some(slot) = ctx.reg.admit_public(port, peer, None) else { continue };
         let Some(s) = ctx.mux.open_stream() else {
-            tracing::warn!(%peer, "stream limit reached: connection dropped");
+            ctx.reg.public_refused(port, peer, "stream limit of the channel reached");
             continue;
         };
         let open = Frame::Open { stream: s.id, listener: id, peer: peer.to_string() };
-        if ctx.mux.announce(&s, &open, &tcp).await.is_err() {
+        // Watching `cancel` too: a board that stops reading must not keep a revoked
+        // listener's port bound.
+        let announced = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => false,
+            r = ctx.mux.announce(&s, &open, &tcp) => r.is_ok(),
+        };
+        if !announced {
+            ctx.mux.reset(s.id, code::REVOKED);
             break;
         }
         accepted.lock().expect("accepted streams").insert(s.id);
         let (mux, accepted) = (ctx.mux.clone(), accepted.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let sid = s.id;
             run_stream(mux, s, tcp).await;
             accepted.lock().expect("accepted streams").remove(&sid);

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::registry::Registry;
+use super::channel::RefusalLog;
+use super::registry::{PublicSlot, Registry};
 use super::{ServerConfig, ServerHooks};
 use crate::stats::Counters;
 use crate::transport::Transport;
@@ -94,14 +95,20 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     // is one that takes no frame within it.
     let idle = cfg.limits.idle_timeout;
     let mut heard = tokio::time::Instant::now();
+    let mut failures = RefusalLog::default();
+    // Its connections, waiting or piped ([`super::Limits::legacy_max_per_port`]).
+    let per_port = Arc::new(tokio::sync::Semaphore::new(cfg.limits.legacy_max_per_port));
     loop {
         tokio::select! {
             r = listener.accept() => {
                 let (tcp, peer) = match r {
                     Ok(x) => x,
                     Err(e) => {
-                        // EMFILE and friends: back off a little instead of spinning.
-                        tracing::warn!(port, cause = %e, "accept failed");
+                        // EMFILE and friends: back off a little instead of spinning, and say
+                        // so now and then only.
+                        if let Some(unlogged) = failures.admit(std::time::Instant::now()) {
+                            tracing::warn!(port, cause = %e, unlogged, "accept failed");
+                        }
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                         continue;
                     }
@@ -109,8 +116,9 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
                 if !hooks.connection_allowed(&board, port, peer, true) {
                     continue; // dropping `tcp` closes it
                 }
+                let Some(slot) = reg.admit_public(port, peer, Some(&per_port)) else { continue };
                 let id = uuid::Uuid::new_v4().to_string();
-                if !reg.park(id.clone(), port, tcp) {
+                if !reg.park(id.clone(), port, tcp, slot) {
                     tracing::warn!(port, "too many legacy connections waiting: dropped one");
                     continue;
                 }
@@ -149,12 +157,13 @@ pub(crate) async fn control<S: Transport, H: ServerHooks>(
     hooks.listener_closed(&board, port, true);
 }
 
-/// Pipes a data socket to the parked TCP connection until either side closes.
+/// Pipes a data socket to the parked TCP connection (holding its place among the public
+/// ones) until either side closes.
 /// Counted as a stream in the server's traffic.
 pub(crate) async fn data<S: Transport>(
     s: S,
     leftover: BytesMut,
-    tcp: TcpStream,
+    (tcp, _slot): (TcpStream, PublicSlot),
     counters: &Counters,
     shutdown: CancellationToken,
 ) {

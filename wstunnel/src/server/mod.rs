@@ -32,7 +32,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use s4t_shared::token::TokenKey;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -114,6 +114,21 @@ pub struct Limits {
     pub legacy_pending_timeout: Duration,
     /// Accepted legacy connections waiting for their data socket, server-wide.
     pub legacy_max_pending: usize,
+    /// Connections one legacy listener holds, waiting or piped to their data socket: beyond,
+    /// new ones are closed at accept. A data socket is not counted in
+    /// [`Limits::max_connections`] once attached (its public connection is counted here and
+    /// among the public ones), so one legacy port's users cannot take every board's slots.
+    pub legacy_max_per_port: usize,
+    /// Connections one source address may have open to the public ports, all ports (legacy
+    /// ones included) together: beyond, new ones from it are closed at accept. Users are
+    /// anonymous, and without it one peer could hold every public connection the server takes.
+    pub max_public_per_source: usize,
+    /// Connections open to the public ports, server-wide: beyond, new ones are closed at
+    /// accept. Each holds a descriptor (a legacy one two, with its data socket); well below
+    /// the process's (`LimitNOFILE` 65,536 for `iotronic serve`) less
+    /// [`Limits::max_connections`], so that the board channels, the cloud's API, router and
+    /// database keep theirs.
+    pub max_public_streams: usize,
 }
 
 impl Default for Limits {
@@ -143,6 +158,9 @@ impl Default for Limits {
             max_unproved_message: 16 * 1024,
             legacy_pending_timeout: Duration::from_secs(10),
             legacy_max_pending: 1024,
+            legacy_max_per_port: 256,
+            max_public_per_source: 256,
+            max_public_streams: 16_384,
         }
     }
 }
@@ -195,7 +213,7 @@ impl Server {
             }
         };
         let addr = listener.local_addr().ctx(|| "read the listen address".into())?;
-        let reg = Arc::new(Registry::new(addr, cfg.limits.legacy_max_pending));
+        let reg = Arc::new(Registry::new(addr, &cfg.limits));
         Ok(Server { listener, cfg: Arc::new(cfg), reg })
     }
 
@@ -214,13 +232,17 @@ impl Server {
         let slots = Arc::new(Semaphore::new(self.cfg.limits.max_connections));
         let unproved = s4t_shared::limits::SourceSlots::new(self.cfg.limits.max_unproved_per_source);
         tracing::info!(addr = %self.reg.local_addr, tls = tls.is_some(), legacy = self.cfg.legacy, "tunnel server listening");
+        let mut failures = channel::RefusalLog::default();
         loop {
             let (tcp, peer) = tokio::select! {
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        // EMFILE and friends: back off a little instead of spinning.
-                        tracing::warn!(cause = %e, "accept failed");
+                        // EMFILE and friends: back off a little instead of spinning, and say
+                        // so now and then only.
+                        if let Some(unlogged) = failures.admit(std::time::Instant::now()) {
+                            tracing::warn!(cause = %e, unlogged, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -243,11 +265,11 @@ impl Server {
                 shutdown: shutdown.clone(),
                 peer,
                 unproved: Some(unproved),
+                slot: Some(permit),
             };
             let tls = tls.clone();
             tokio::spawn(
                 async move {
-                    let _permit = permit;
                     conn.handle(tcp, tls).await;
                 }
                 .instrument(tracing::info_span!("conn", %peer)),
@@ -266,6 +288,9 @@ struct Conn<H> {
     peer: SocketAddr,
     /// Counts this connection against its source's unproved ones until it proves itself.
     unproved: Option<Unproved>,
+    /// Its slot among [`Limits::max_connections`], held as long as it lives (a legacy data
+    /// socket gives it up once attached: see [`Limits::legacy_max_per_port`]).
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What a connection becomes once its upgrade is done.
@@ -273,10 +298,11 @@ enum Next {
     /// Served already (status page, legacy wstun) or refused.
     Done,
     /// A board channel: its halves, the bytes read past the upgrade, unmasked frames agreed,
-    /// lanes asked for, and its count as unproved (dropped at its first valid token).
-    Channel(Split, BytesMut, (bool, u16), Option<Unproved>),
-    /// A lane of a board channel, unproved until its key is checked.
-    Lane(Split, BytesMut, Option<Unproved>),
+    /// lanes asked for, its count as unproved (dropped at its first valid token), and its
+    /// connection slot.
+    Channel(Split, BytesMut, (bool, u16), Option<Unproved>, Option<OwnedSemaphorePermit>),
+    /// A lane of a board channel, unproved until its key is checked, and its connection slot.
+    Lane(Split, BytesMut, Option<Unproved>, Option<OwnedSemaphorePermit>),
 }
 
 impl<H: ServerHooks> Conn<H> {
@@ -291,10 +317,12 @@ impl<H: ServerHooks> Conn<H> {
             Some(acc) => Box::pin(self.tls_upgrade(acc, tcp)).await,
         };
         match next {
-            Next::Channel(split, leftover, how, unproved) => {
+            Next::Channel(split, leftover, how, unproved, _slot) => {
                 channel::serve(cfg, reg, hooks, split, leftover, how, peer, shutdown, unproved).await
             }
-            Next::Lane(split, leftover, unproved) => lane::serve(cfg, reg, split, leftover, peer, unproved).await,
+            Next::Lane(split, leftover, unproved, _slot) => {
+                lane::serve(cfg, reg, split, leftover, peer, unproved).await
+            }
             Next::Done => {}
         }
     }
@@ -331,12 +359,13 @@ impl<H: ServerHooks> Conn<H> {
             Route::Channel { unmasked, lanes } => {
                 let proto = if unmasked { UNMASKED_SUBPROTOCOL } else { SUBPROTOCOL };
                 if handshake::accept(&mut s, &inc, proto).await.is_ok() {
-                    return Next::Channel(s.split_box(), inc.leftover, (unmasked, lanes), self.unproved.take());
+                    let unproved = self.unproved.take();
+                    return Next::Channel(s.split_box(), inc.leftover, (unmasked, lanes), unproved, self.slot.take());
                 }
             }
             Route::Lane => {
                 if handshake::accept(&mut s, &inc, LANE_SUBPROTOCOL).await.is_ok() {
-                    return Next::Lane(s.split_box(), inc.leftover, self.unproved.take());
+                    return Next::Lane(s.split_box(), inc.leftover, self.unproved.take(), self.slot.take());
                 }
             }
             Route::LegacyControl { port, board } => {
@@ -378,13 +407,17 @@ impl<H: ServerHooks> Conn<H> {
                     handshake::refuse(&mut s, 403, "legacy wstun mode is disabled on this server").await;
                     return Next::Done;
                 }
-                let Some(tcp) = self.reg.take_pending(&id) else {
+                let Some(parked) = self.reg.take_pending(&id) else {
                     handshake::refuse(&mut s, 404, "unknown or expired wstun connection id").await;
                     return Next::Done;
                 };
                 drop(self.unproved.take());
+                // Counted with its public connection from now on (per legacy port and among
+                // the public ones), not among the connection slots: one legacy port's users
+                // could otherwise take every board's.
+                drop(self.slot.take());
                 if handshake::accept(&mut s, &inc, LEGACY_SUBPROTOCOL).await.is_ok() {
-                    legacy::data(s, inc.leftover, tcp, &self.reg.counters, self.shutdown).await;
+                    legacy::data(s, inc.leftover, parked, &self.reg.counters, self.shutdown).await;
                 }
             }
         }

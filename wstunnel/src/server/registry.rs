@@ -6,11 +6,16 @@ use portable_atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use s4t_shared::limits::{SourceSlot, SourceSlots};
 use s4t_shared::tunnel::ws::Opcode;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use super::Limits;
+use super::channel::RefusalLog;
 
 use crate::io::Outbound;
 use crate::mux::Mux;
@@ -25,8 +30,15 @@ pub(crate) struct Registry {
     /// Open packet channels by (board, VPN): a board has one per VPN, on one of its channels.
     vpns: Mutex<HashMap<(String, String), VpnEntry>>,
     /// Legacy connections waiting for their data socket: id → (public port, connection).
-    pending: Mutex<HashMap<String, (u16, TcpStream)>>,
+    pending: Mutex<HashMap<String, (u16, TcpStream, PublicSlot)>>,
     max_pending: usize,
+    /// Connections open to the public ports by source ([`Limits::max_public_per_source`]).
+    public_sources: Arc<SourceSlots>,
+    /// Connections open to the public ports ([`Limits::max_public_streams`]).
+    public_streams: Arc<Semaphore>,
+    /// Which refused public connections are logged: a peer connecting in a loop must not
+    /// flood the log.
+    public_refusals: Mutex<RefusalLog>,
     next_channel: AtomicU64,
     pub(crate) counters: Arc<Counters>,
 }
@@ -92,8 +104,15 @@ impl ChannelLife {
     /// (or the channel is closing), so the peer is presumed gone.
     pub(crate) async fn answers(&self, within: Duration) -> bool {
         let before = self.heard.load(Ordering::Acquire);
-        if self.cancel.is_cancelled() || self.out.try_ctrl_raw(self.out.ws_control(Opcode::Ping, b"probe")).is_err() {
+        if self.cancel.is_cancelled() {
             return false;
+        }
+        match self.out.try_ctrl_raw(self.out.ws_control(Opcode::Ping, b"probe")) {
+            Ok(()) => {}
+            Err(crate::error::Error::Closed) => return false,
+            // A full control queue: the channel is busy (its peer reads slower than we send),
+            // not found dead; a live board must not lose its port to a newer channel.
+            Err(_) => return true,
         }
         // Polled rather than notified: a probe is rare (two channels of one board want the
         // same port), and the channel's reader then pays one atomic add per message, no more.
@@ -132,7 +151,7 @@ pub struct ListenerInfo {
 }
 
 impl Registry {
-    pub(crate) fn new(local_addr: SocketAddr, max_pending: usize) -> Registry {
+    pub(crate) fn new(local_addr: SocketAddr, limits: &Limits) -> Registry {
         Registry {
             local_addr,
             channels: Mutex::new(HashMap::new()),
@@ -140,7 +159,10 @@ impl Registry {
             ports: Mutex::new(HashMap::new()),
             vpns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            max_pending,
+            max_pending: limits.legacy_max_pending,
+            public_sources: SourceSlots::new(limits.max_public_per_source),
+            public_streams: Arc::new(Semaphore::new(limits.max_public_streams)),
+            public_refusals: Mutex::default(),
             next_channel: AtomicU64::new(1),
             counters: Arc::default(),
         }
@@ -261,18 +283,55 @@ impl Registry {
     /// when the server holds `max_pending` such connections, or one port an eighth of them
     /// (a port whose board never answers, or whose users connect faster than it does, must
     /// not take every other legacy board's room).
-    pub(crate) fn park(&self, id: String, port: u16, tcp: TcpStream) -> bool {
+    pub(crate) fn park(&self, id: String, port: u16, tcp: TcpStream, slot: PublicSlot) -> bool {
         let mut p = self.pending.lock().expect("registry");
         let per_port = (self.max_pending / 8).max(1);
-        if p.len() >= self.max_pending || p.values().filter(|(q, _)| *q == port).count() >= per_port {
+        if p.len() >= self.max_pending || p.values().filter(|(q, ..)| *q == port).count() >= per_port {
             return false;
         }
-        p.insert(id, (port, tcp));
+        p.insert(id, (port, tcp, slot));
         true
     }
 
-    pub(crate) fn take_pending(&self, id: &str) -> Option<TcpStream> {
-        self.pending.lock().expect("registry").remove(id).map(|(_, tcp)| tcp)
+    /// A parked legacy connection, with its place among the public ones.
+    pub(crate) fn take_pending(&self, id: &str) -> Option<(TcpStream, PublicSlot)> {
+        self.pending.lock().expect("registry").remove(id).map(|(_, tcp, slot)| (tcp, slot))
+    }
+
+    /// A place for a connection accepted on public `port` from `peer`, or `None` (the caller
+    /// closes it) when its source or the server holds as many as the limits allow.
+    /// `listener`: the listener's own bound, if it has one (a legacy listener's).
+    pub(crate) fn admit_public(
+        &self,
+        port: u16,
+        peer: SocketAddr,
+        listener: Option<&Arc<Semaphore>>,
+    ) -> Option<PublicSlot> {
+        let own = match listener.map(|l| l.clone().try_acquire_owned()) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(_)) => {
+                self.public_refused(port, peer, "too many connections on this port");
+                return None;
+            }
+        };
+        let Some(source) = self.public_sources.take(peer.ip()) else {
+            self.public_refused(port, peer, "too many connections from this source");
+            return None;
+        };
+        let Ok(permit) = self.public_streams.clone().try_acquire_owned() else {
+            self.public_refused(port, peer, "too many public connections on this server");
+            return None;
+        };
+        Some(PublicSlot { _source: source, _permit: permit, _listener: own })
+    }
+
+    /// Logs a public connection refused before its board heard of it, unless such refusals
+    /// are being logged too often (they are then counted into the next line).
+    pub(crate) fn public_refused(&self, port: u16, peer: SocketAddr, reason: &str) {
+        if let Some(unlogged) = self.public_refusals.lock().expect("registry").admit(Instant::now()) {
+            tracing::warn!(port, %peer, reason, unlogged, "public connection closed at accept");
+        }
     }
 
     pub(crate) fn close_all(&self) {
@@ -284,6 +343,16 @@ impl Registry {
         }
         self.pending.lock().expect("registry").clear();
     }
+}
+
+/// A public connection's place among its source's and the server's
+/// ([`Limits::max_public_per_source`], [`Limits::max_public_streams`]): held with the
+/// connection, given back when it closes.
+pub(crate) struct PublicSlot {
+    _source: SourceSlot,
+    _permit: OwnedSemaphorePermit,
+    /// Its place among its listener's ([`Limits::legacy_max_per_port`]).
+    _listener: Option<OwnedSemaphorePermit>,
 }
 
 /// A connection counted among its source's unproved ones (no valid token, lane key or legacy
@@ -388,5 +457,25 @@ impl ServerHandle {
     pub fn stats(&self) -> TrafficStats {
         let listeners = self.reg.ports.lock().expect("registry").len();
         TrafficStats::read(&self.reg.counters, self.channel_count(), listeners)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{outbound, tcp_pair};
+
+    /// A channel whose control queue is full is busy, not dead: it keeps its ports when a
+    /// newer channel of its board asks for them.
+    #[tokio::test]
+    async fn a_channel_with_a_full_queue_answers() {
+        let (sink_end, _peer) = tcp_pair().await;
+        // No writer task: nothing drains the queue.
+        let (out, _w) = outbound(Box::new(sink_end.into_split().1), false);
+        while out.try_ctrl_raw(out.ws_control(Opcode::Ping, b"x")).is_ok() {}
+        let life = ChannelLife::new(CancellationToken::new(), out.clone());
+        assert!(life.answers(Duration::from_millis(10)).await, "a busy channel was presumed dead");
+        out.close();
+        assert!(!life.answers(Duration::from_millis(10)).await, "a closed channel answered");
     }
 }

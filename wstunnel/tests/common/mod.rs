@@ -98,6 +98,25 @@ pub async fn connect(port: u16) -> TcpStream {
     tokio::time::timeout(DEADLINE, TcpStream::connect(("127.0.0.1", port))).await.unwrap().unwrap()
 }
 
+/// Connects to public `port` on 127.0.0.1 from `source` (another loopback address: another
+/// source address to the server).
+pub async fn connect_from(source: &str, port: u16) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+    within("connect", sock.connect(SocketAddr::from(([127, 0, 0, 1], port)))).await.unwrap()
+}
+
+/// Asserts that the server closed `s` without passing anything on: what is sent gets no
+/// echo, the connection ends (or is reset).
+pub async fn assert_closed_at_once(s: &mut TcpStream, what: &str) {
+    let _ = s.write_all(b"anyone?").await;
+    let mut buf = [0u8; 16];
+    match within("the connection's end", s.read(&mut buf)).await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("{what}: the connection was served ({:?} came back)", String::from_utf8_lossy(&buf[..n])),
+    }
+}
+
 /// Sends `msg` and reads the same number of bytes back.
 pub async fn echo_once(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).await.unwrap();

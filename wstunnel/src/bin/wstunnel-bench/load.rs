@@ -160,11 +160,22 @@ async fn blocking_p50_p99(measure: impl FnOnce() -> Result<Vec<f64>> + Send + 's
     Ok((pct(&mut v, 50.0), pct(&mut v, 99.0)))
 }
 
-/// Opens `k` connections, each proven with a 1-byte echo; returns them (held open).
+/// Connections held from one source address: under our server's bound of public connections
+/// per source (256), so `hold` opens them from several loopback addresses.
+const HELD_PER_SOURCE: usize = 200;
+
+/// Opens `k` connections, each proven with a 1-byte echo; returns them (held open). They come
+/// from 127.0.0.1, 127.0.0.2, … ([`HELD_PER_SOURCE`] each), as a thousand users would.
 pub async fn hold(port: u16, k: usize) -> Result<Vec<TcpStream>> {
     let mut held = Vec::with_capacity(k);
     for i in 0..k {
-        let mut s = match TcpStream::connect(("127.0.0.1", port)).await {
+        let from = std::net::Ipv4Addr::new(127, 0, 0, (1 + i / HELD_PER_SOURCE).min(254) as u8);
+        let connect = async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((from, 0).into())?;
+            socket.connect(([127, 0, 0, 1], port).into()).await
+        };
+        let mut s = match connect.await {
             Ok(s) => s,
             Err(e) => bail!("connection {i} of {k} failed: {e}"),
         };
