@@ -2,9 +2,11 @@
 //! calls the board through a [`BoardCaller`] (the WAMP router's in-process session in the
 //! wamp-agent; a fake in unit tests) and puts the board's answer on the conductor queue.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -16,6 +18,11 @@ use crate::bus::{AgentCall, Bus, ConductorMsg};
 
 /// Calls in flight per agent.
 pub const MAX_CALLS_IN_FLIGHT: usize = 256;
+/// Calls in flight per board on an agent: a board that does not answer (each call holds its
+/// slot up to the board call timeout) cannot take the slots of the other boards. Twice what a
+/// board runs at once (its WAMP client's 16 handlers), so that a burst of quick calls, some
+/// on their way, is not refused here.
+pub const MAX_CALLS_PER_BOARD: usize = 32;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -68,8 +75,34 @@ pub async fn run_worker(
     caller: Arc<dyn BoardCaller>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_worker_with(name, bus, caller, shutdown, ReportRetry::default()).await
+}
+
+/// How an agent paces its reports of a board's answer while the bus refuses them (a broker
+/// outage): `first`, then twice as long each time, `max` at most.
+#[derive(Clone, Copy, Debug)]
+pub struct ReportRetry {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for ReportRetry {
+    fn default() -> Self {
+        ReportRetry { first: Duration::from_millis(500), max: Duration::from_secs(30) }
+    }
+}
+
+/// [`run_worker`] with the pace of its report retries.
+pub async fn run_worker_with(
+    name: String,
+    bus: Bus,
+    caller: Arc<dyn BoardCaller>,
+    shutdown: CancellationToken,
+    retry: ReportRetry,
+) -> Result<(), Error> {
     let mut rx = bus.agent_deliveries(&name).await?;
     let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    let per_board = BoardSlots::default();
     let mut seen = Recent::default();
     loop {
         let d = tokio::select! {
@@ -77,11 +110,18 @@ pub async fn run_worker(
             d = rx.recv() => d.ok_or_else(|| Error::Bus(format!("the queue of agent {name} closed")))?,
         };
         if !seen.insert(&d.msg.request) {
-            // A conductor handed this request over twice (it died before acking): run it once.
-            d.ack().await?;
+            // A conductor handed this request over twice (it died before acking), or the
+            // broker gave back a call whose answer is still being reported: run it once. An
+            // ack lost with the connection only brings it back once more.
+            if let Err(e) = d.ack().await {
+                warn!(cause = %e, "ack failed");
+            }
             continue;
         }
         let permit = slots.clone().acquire_owned().await.map_err(|_| Error::Bus("agent stopped".into()))?;
+        // Taken here, in delivery order, so that a board's calls beyond its share fail at once
+        // instead of holding every slot of this agent (a hung board, a flood of async calls).
+        let board_slot = per_board.take(&d.msg.board);
         let (bus, caller, stop) = (bus.clone(), caller.clone(), shutdown.clone());
         let span =
             info_span!("agent_call", request = %d.msg.request, board = %d.msg.board, procedure = %d.msg.procedure);
@@ -89,19 +129,27 @@ pub async fn run_worker(
             async move {
                 let _permit = permit;
                 let (request, board) = (d.msg.request.clone(), d.msg.board.clone());
-                let msg = if d.redelivered {
-                    // We may have died after the board ran it: do not run it twice.
-                    let reason = "the agent restarted while this call was in flight; it may or may not have run".into();
-                    ConductorMsg::Failed { request, board, reason }
-                } else {
-                    match call_board(caller.as_ref(), &d.msg).await {
+                // The board's slot is given back once it has answered, before the report.
+                let msg = match (d.redelivered, board_slot) {
+                    (true, _) => {
+                        // We may have died after the board ran it: do not run it twice.
+                        let reason =
+                            "the agent restarted while this call was in flight; it may or may not have run".into();
+                        ConductorMsg::Failed { request, board, reason }
+                    }
+                    (false, Some(_slot)) => match call_board(caller.as_ref(), &d.msg).await {
                         Ok((result, message)) => ConductorMsg::Result { request, board, result, message },
                         Err(reason) => ConductorMsg::Failed { request, board, reason },
+                    },
+                    (false, None) => {
+                        // Failed, not requeued: a requeued call would come straight back while
+                        // the board is still busy.
+                        let reason =
+                            format!("board {board} has {MAX_CALLS_PER_BOARD} calls in flight; try again later");
+                        ConductorMsg::Failed { request, board, reason }
                     }
                 };
-                // Reported again after a broker blip: the board did it, and a redelivery of
-                // the call would only say that it may or may not have run.
-                match crate::bus::retry_transient(&stop, || bus.to_conductor(&msg)).await {
+                match report(&bus, &msg, retry, &stop).await {
                     Some(Ok(())) => {
                         if let Err(e) = d.ack().await {
                             warn!(cause = %e, "ack failed");
@@ -113,6 +161,68 @@ pub async fn run_worker(
             }
             .instrument(span),
         );
+    }
+}
+
+/// Puts an agent's report on the conductor queue, again while the broker fails, until it is
+/// there or `shutdown` (`None`). Not given up after a while: the board has acted and the
+/// answer is only here, while a redelivery of the call comes back to this agent, which takes
+/// it for a duplicate (a result given up after a broker outage left its request RUNNING for
+/// 2 h, and an undo then freed a port or address the board still held).
+async fn report(
+    bus: &Bus,
+    msg: &ConductorMsg,
+    retry: ReportRetry,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), Error>> {
+    let mut wait = retry.first;
+    loop {
+        match bus.to_conductor(msg).await {
+            Err(e @ Error::Amqp { .. }) => {
+                warn!(cause = %e, retry_in = ?wait, "cannot report a board result: trying again")
+            }
+            done => return Some(done),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(retry.max);
+    }
+}
+
+/// Calls in flight per board on one agent ([`MAX_CALLS_PER_BOARD`] each).
+#[derive(Default, Clone)]
+struct BoardSlots(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One of a board's [`BoardSlots`], given back on drop.
+struct BoardSlot {
+    slots: BoardSlots,
+    board: String,
+}
+
+impl BoardSlots {
+    /// A slot for a call to `board`; `None` if it has [`MAX_CALLS_PER_BOARD`] in flight.
+    fn take(&self, board: &str) -> Option<BoardSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(board.to_owned()).or_insert(0);
+        if *n >= MAX_CALLS_PER_BOARD {
+            return None;
+        }
+        *n += 1;
+        Some(BoardSlot { slots: self.clone(), board: board.to_owned() })
+    }
+}
+
+impl Drop for BoardSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.board) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.board);
+            }
+        }
     }
 }
 

@@ -78,16 +78,19 @@ impl Conductor {
                     let span = info_span!("conductor", request = msg_request(&d.msg));
                     let handled = self.handle_retrying(&d.msg, d.redelivered, &shutdown).instrument(span);
                     match handled.await {
-                        Some(Ok(())) => d.ack().await?,
+                        Some(Ok(())) => {}
                         // Stopping: unacknowledged, RabbitMQ gives it to the next conductor
                         // (in-process, `recover` at the next start sends PENDING requests).
                         None => return Ok(()),
                         // The effect of a message that cannot be handled is not waited for
                         // for ever: a request left PENDING or RUNNING is failed by the sweep.
-                        Some(Err(e)) => {
-                            warn!(cause = %e, "conductor message failed; dropped");
-                            d.ack().await?;
-                        }
+                        Some(Err(e)) => warn!(cause = %e, "conductor message failed; dropped"),
+                    }
+                    // An ack lost with the broker connection is not a reason to stop (`serve`
+                    // would stop the whole cloud): the message comes back, and handling it
+                    // again does nothing new.
+                    if let Err(e) = d.ack().await {
+                        warn!(cause = %e, "ack failed");
                     }
                 }
             }
