@@ -2,10 +2,9 @@
 //! calls the board through a [`BoardCaller`] (the WAMP router's in-process session in the
 //! wamp-agent; a fake in unit tests) and puts the board's answer on the conductor queue.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -102,7 +101,8 @@ pub async fn run_worker_with(
 ) -> Result<(), Error> {
     let mut rx = bus.agent_deliveries(&name).await?;
     let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
-    let per_board = BoardSlots::default();
+    // Calls in flight per board ([`MAX_CALLS_PER_BOARD`] each).
+    let per_board = s4t_shared::limits::KeyedSlots::new(MAX_CALLS_PER_BOARD);
     let mut seen = Recent::default();
     loop {
         let d = tokio::select! {
@@ -121,7 +121,7 @@ pub async fn run_worker_with(
         let permit = slots.clone().acquire_owned().await.map_err(|_| Error::Bus("agent stopped".into()))?;
         // Taken here, in delivery order, so that a board's calls beyond its share fail at once
         // instead of holding every slot of this agent (a hung board, a flood of async calls).
-        let board_slot = per_board.take(&d.msg.board);
+        let board_slot = per_board.take(d.msg.board.clone());
         let (bus, caller, stop) = (bus.clone(), caller.clone(), shutdown.clone());
         let span =
             info_span!("agent_call", request = %d.msg.request, board = %d.msg.board, procedure = %d.msg.procedure);
@@ -188,41 +188,6 @@ async fn report(
             _ = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(retry.max);
-    }
-}
-
-/// Calls in flight per board on one agent ([`MAX_CALLS_PER_BOARD`] each).
-#[derive(Default, Clone)]
-struct BoardSlots(Arc<Mutex<HashMap<String, usize>>>);
-
-/// One of a board's [`BoardSlots`], given back on drop.
-struct BoardSlot {
-    slots: BoardSlots,
-    board: String,
-}
-
-impl BoardSlots {
-    /// A slot for a call to `board`; `None` if it has [`MAX_CALLS_PER_BOARD`] in flight.
-    fn take(&self, board: &str) -> Option<BoardSlot> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(board.to_owned()).or_insert(0);
-        if *n >= MAX_CALLS_PER_BOARD {
-            return None;
-        }
-        *n += 1;
-        Some(BoardSlot { slots: self.clone(), board: board.to_owned() })
-    }
-}
-
-impl Drop for BoardSlot {
-    fn drop(&mut self) {
-        let mut map = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.board) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.board);
-            }
-        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use s4t_shared::limits::{KeyedSlot, KeyedSlots};
 use s4t_wamp::{
     AuthFuture, Authenticator, CraCredential, Dict, Invocation, Payload, Role, Router, RouterConfig, Secret, Session,
     WampError,
@@ -289,56 +290,65 @@ struct Ctx {
     running: Running,
 }
 
-/// The procedure calls running, in all and per calling session; beyond either bound a call
-/// is answered [`UNAVAILABLE`]. A call counts until its handler ends, whether its caller
-/// waits for it or not: the router forgets a cancelled or timed-out call at once (it no
-/// longer counts against the caller's in-flight limit), so a session cancelling its calls in
-/// a loop while their handlers waited on the database took every slot, and every other
-/// board was refused.
+/// The procedure calls running: in all, per calling session, per board (its sessions
+/// together) and per role of the callers without an identity of their own (legacy boards,
+/// enrollments); beyond any bound a call is answered [`UNAVAILABLE`]. A call counts until its
+/// handler ends, whether its caller waits for it or not: the router forgets a cancelled or
+/// timed-out call at once (it no longer counts against the caller's in-flight limit), so a
+/// session cancelling its calls in a loop while their handlers waited on the database took
+/// every slot, and every other board was refused. Per board, because a board may reconnect
+/// (a new session, a new share) while its old handlers run; per role, because anonymous
+/// sessions cost nothing to open (128 per address): they must not take what boards need.
 #[derive(Clone)]
 struct Running {
     all: Arc<tokio::sync::Semaphore>,
-    /// Calls running per caller session id; an entry goes with the session's last call.
-    by_caller: Arc<Mutex<HashMap<s4t_wamp::Id, usize>>>,
-    /// The most one session may have running: the router's in-flight limit for a board.
-    per_caller: usize,
+    sessions: Arc<KeyedSlots<s4t_wamp::Id>>,
+    boards: Arc<KeyedSlots<String>>,
+    roles: Arc<KeyedSlots<&'static str>>,
 }
 
 /// One running call's share of [`Running`], given back when dropped (with its handler).
 struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    by_caller: Arc<Mutex<HashMap<s4t_wamp::Id, usize>>>,
-    caller: s4t_wamp::Id,
+    _session: KeyedSlot<s4t_wamp::Id>,
+    _board: Option<KeyedSlot<String>>,
+    _role: Option<KeyedSlot<&'static str>>,
 }
 
 impl Running {
-    fn new(all: usize, per_caller: usize) -> Self {
-        Running { all: Arc::new(tokio::sync::Semaphore::new(all)), by_caller: Arc::default(), per_caller }
-    }
-
-    /// A slot for a call of session `caller` (0: undisclosed), or why there is none.
-    fn take(&self, caller: Option<s4t_wamp::Id>) -> Result<Slot, &'static str> {
-        let caller = caller.unwrap_or(0);
-        let mut counts = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.get(&caller).copied().unwrap_or(0);
-        if n >= self.per_caller {
-            return Err("too many calls of this session at once");
+    /// `all` in all, `per_session` per session (the router's in-flight limit), twice that per
+    /// board, a quarter of `all` per role without identity.
+    fn new(all: usize, per_session: usize) -> Self {
+        Running {
+            all: Arc::new(tokio::sync::Semaphore::new(all)),
+            sessions: KeyedSlots::new(per_session),
+            boards: KeyedSlots::new(2 * per_session),
+            roles: KeyedSlots::new((all / 4).max(1)),
         }
-        let permit = self.all.clone().try_acquire_owned().map_err(|_| "the cloud is busy")?;
-        counts.insert(caller, n + 1);
-        Ok(Slot { _permit: permit, by_caller: self.by_caller.clone(), caller })
     }
-}
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.by_caller.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.caller) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.caller);
+    /// A slot for a call of session `caller` (0: undisclosed) with the router's `role` and
+    /// `authid` for it, or why there is none.
+    fn take(
+        &self,
+        caller: Option<s4t_wamp::Id>,
+        role: Option<&str>,
+        authid: Option<&str>,
+    ) -> Result<Slot, &'static str> {
+        let session = self.sessions.take(caller.unwrap_or(0)).ok_or("too many calls of this session at once")?;
+        let board = match (role, authid) {
+            (Some("board"), Some(board)) => {
+                Some(self.boards.take(board.to_owned()).ok_or("too many calls of this board at once")?)
             }
-        }
+            _ => None,
+        };
+        let role = match role {
+            Some("legacy") => Some(self.roles.take("legacy").ok_or("too many calls of anonymous boards at once")?),
+            Some("enrollment") => Some(self.roles.take("enrollment").ok_or("too many enrollments at once")?),
+            _ => None,
+        };
+        let permit = self.all.clone().try_acquire_owned().map_err(|_| "the cloud is busy")?;
+        Ok(Slot { _permit: permit, _session: session, _board: board, _role: role })
     }
 }
 
@@ -444,7 +454,7 @@ async fn register_procedures(session: &Session, ctx: &Ctx) -> Result<(), Error> 
                 .register(&$uri, move |inv| {
                     let c = c.clone();
                     async move {
-                        let slot = match c.running.take(inv.caller()) {
+                        let slot = match c.running.take(inv.caller(), inv.caller_authrole(), inv.caller_authid()) {
                             Ok(slot) => slot,
                             Err(why) => return unavailable(why, None),
                         };
@@ -1133,6 +1143,29 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         shutdown.cancel();
+    }
+
+    /// Beyond a session's share, a board's (its sessions together: a board reconnecting
+    /// while its old handlers run) and the share of a role without identity (anonymous
+    /// sessions cost nothing to open), a call is refused; the others go on, and a share comes
+    /// back with its calls.
+    #[test]
+    fn handlers_are_shared_per_session_board_and_anonymous_role() {
+        let running = Running::new(16, 2);
+        let board = |session| running.take(Some(session), Some("board"), Some("b1"));
+        let held: Vec<Slot> = [1, 1, 2, 2].into_iter().map(|s| board(s).unwrap()).collect();
+        assert_eq!(board(1).err(), Some("too many calls of this session at once"));
+        assert_eq!(board(3).err(), Some("too many calls of this board at once"));
+        assert!(running.take(Some(3), Some("board"), Some("b2")).is_ok(), "another board");
+        let legacy: Vec<Slot> =
+            [10, 10, 11, 11].into_iter().map(|s| running.take(Some(s), Some("legacy"), None).unwrap()).collect();
+        assert_eq!(
+            running.take(Some(12), Some("legacy"), None).err(),
+            Some("too many calls of anonymous boards at once")
+        );
+        assert!(running.take(Some(13), Some("enrollment"), None).is_ok(), "enrollments have their own share");
+        drop((held, legacy));
+        assert!(board(3).is_ok() && running.take(Some(12), Some("legacy"), None).is_ok(), "shares come back");
     }
 
     /// A session that logs in again as the board it is logged in as is answered at once:

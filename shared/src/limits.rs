@@ -1,6 +1,7 @@
 //! Per-source-address bounds, shared by the cloud's listeners (REST, WAMP) and the tunnel server.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -18,47 +19,65 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Counts per source ([`source_of`]), up to a maximum each.
+/// Counts per key, up to a maximum each: what one peer, board or session holds of something
+/// shared.
 #[derive(Debug)]
-pub struct SourceSlots {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+pub struct KeyedSlots<K> {
+    counts: Mutex<HashMap<K, usize>>,
     max: usize,
 }
 
-/// One slot of a source, given back when dropped.
+/// One slot of a key, given back when dropped.
 #[derive(Debug)]
-pub struct SourceSlot {
-    slots: Arc<SourceSlots>,
-    ip: IpAddr,
+pub struct KeyedSlot<K: Eq + Hash> {
+    slots: Arc<KeyedSlots<K>>,
+    key: K,
 }
 
-impl SourceSlots {
-    pub fn new(max: usize) -> Arc<SourceSlots> {
-        Arc::new(SourceSlots { counts: Mutex::new(HashMap::new()), max })
+impl<K: Eq + Hash + Clone> KeyedSlots<K> {
+    pub fn new(max: usize) -> Arc<KeyedSlots<K>> {
+        Arc::new(KeyedSlots { counts: Mutex::new(HashMap::new()), max })
     }
 
-    /// A slot for `ip`'s source, unless it holds `max` already.
-    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let ip = source_of(ip);
+    /// A slot for `key`, unless it holds `max` already.
+    pub fn take(self: &Arc<Self>, key: K) -> Option<KeyedSlot<K>> {
         let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_default();
+        let n = m.entry(key.clone()).or_default();
         if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(SourceSlot { slots: self.clone(), ip })
+        Some(KeyedSlot { slots: self.clone(), key })
     }
 }
 
-impl Drop for SourceSlot {
+impl<K: Eq + Hash> Drop for KeyedSlot<K> {
     fn drop(&mut self) {
         let mut m = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.key);
             }
         }
+    }
+}
+
+/// Counts per source ([`source_of`]), up to a maximum each.
+#[derive(Debug)]
+pub struct SourceSlots(Arc<KeyedSlots<IpAddr>>);
+
+/// One slot of a source, given back when dropped.
+pub type SourceSlot = KeyedSlot<IpAddr>;
+
+impl SourceSlots {
+    pub fn new(max: usize) -> Arc<SourceSlots> {
+        Arc::new(SourceSlots(KeyedSlots::new(max)))
+    }
+
+    /// A slot for `ip`'s source, unless it holds `max` already.
+    pub fn take(&self, ip: IpAddr) -> Option<SourceSlot> {
+        self.0.take(source_of(ip))
     }
 }
 
