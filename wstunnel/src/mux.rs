@@ -881,6 +881,17 @@ mod tests {
         )
     }
 
+    /// The next frame `reader` reads (within 10 s).
+    async fn next_frame(reader: &mut WsReader) -> Frame {
+        match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+            Ok(m) => match m.unwrap() {
+                Some(Message::Binary(b)) => Frame::decode(&b).unwrap(),
+                other => panic!("expected a frame, got {other:?}"),
+            },
+            Err(_) => panic!("no frame came"),
+        }
+    }
+
     /// What the user sent before the connection was announced rides in the same write as
     /// `Open`, and costs the stream that much credit; with nothing sent, only `Open` goes.
     #[tokio::test]
@@ -890,20 +901,13 @@ mod tests {
         let window = 1 << 20;
         let mux = Mux::new(out, window, 8, CancellationToken::new(), Arc::default(), usize::MAX);
         let mut reader = WsReader::new(ChanRead::Tcp(peer.into_split().0), Role::Client, BytesMut::new(), false);
-        let mut next = async || match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
-            Ok(m) => match m.unwrap() {
-                Some(Message::Binary(b)) => Frame::decode(&b).unwrap(),
-                other => panic!("expected a frame, got {other:?}"),
-            },
-            Err(_) => panic!("no frame came"),
-        };
         let (mut user, accepted) = tcp_pair().await;
         user.write_all(b"SSH-2.0-client\r\n").await.unwrap();
         accepted.readable().await.unwrap();
         let s = mux.open_stream().unwrap();
         mux.announce(&s, &Frame::Open { stream: s.id, listener: 3, peer: "u".into() }, &accepted).await.unwrap();
-        assert!(matches!(next().await, Frame::Open { stream, listener: 3, .. } if stream == s.id));
-        match next().await {
+        assert!(matches!(next_frame(&mut reader).await, Frame::Open { stream, listener: 3, .. } if stream == s.id));
+        match next_frame(&mut reader).await {
             Frame::Data { stream, payload } => assert!(stream == s.id && payload == b"SSH-2.0-client\r\n"[..]),
             f => panic!("expected the user's first bytes, got {f:?}"),
         }
@@ -914,8 +918,8 @@ mod tests {
         mux.announce(&s2, &Frame::Open { stream: s2.id, listener: 3, peer: "u".into() }, &accepted).await.unwrap();
         mux.out.try_ctrl(&Frame::Fin { stream: 99 }).unwrap();
         mux.out.lock().await.unwrap().flush().await.unwrap();
-        assert!(matches!(next().await, Frame::Open { stream, .. } if stream == s2.id));
-        assert!(matches!(next().await, Frame::Fin { stream: 99 }), "no data frame for a quiet user");
+        assert!(matches!(next_frame(&mut reader).await, Frame::Open { stream, .. } if stream == s2.id));
+        assert!(matches!(next_frame(&mut reader).await, Frame::Fin { stream: 99 }), "no data frame for a quiet user");
         assert_eq!(s2.state.lock().unwrap().send.credit(), u64::from(window));
     }
 
@@ -941,21 +945,14 @@ mod tests {
         mux.out.try_ctrl(&Frame::Fin { stream: 7 }).unwrap();
         mux.out.lock().await.unwrap().flush().await.unwrap();
         let mut reader = WsReader::new(ChanRead::Tcp(peer.into_split().0), Role::Client, BytesMut::new(), false);
-        let mut next = async || match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
-            Ok(m) => match m.unwrap() {
-                Some(Message::Binary(b)) => Frame::decode(&b).unwrap(),
-                other => panic!("expected a frame, got {other:?}"),
-            },
-            Err(_) => panic!("no frame came"),
-        };
         for _ in 0..queued {
-            assert!(matches!(next().await, Frame::Fin { stream: 99 }));
+            assert!(matches!(next_frame(&mut reader).await, Frame::Fin { stream: 99 }));
         }
-        match next().await {
+        match next_frame(&mut reader).await {
             Frame::Reset { stream, code: code::IO } if stream == s.id => {}
             f => panic!("expected the Reset of stream {} after the queued frames, got {f:?}", s.id),
         }
-        assert!(matches!(next().await, Frame::Fin { stream: 7 }));
+        assert!(matches!(next_frame(&mut reader).await, Frame::Fin { stream: 7 }));
 
         // A peer that reads nothing is owed at most as many resets as the channel may have
         // streams.
