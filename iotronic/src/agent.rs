@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use s4t_shared::limits::{KeyedSlot, KeyedSlots};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,10 @@ pub const MAX_CALLS_IN_FLIGHT: usize = 256;
 /// board runs at once (its WAMP client's 16 handlers), so that a burst of quick calls, some
 /// on their way, is not refused here.
 pub const MAX_CALLS_PER_BOARD: usize = 32;
+/// Calls in flight per requesting project on an agent: a project's many silent boards (8 of
+/// them at [`MAX_CALLS_PER_BOARD`]) cannot take every slot from the other tenants either.
+/// The cloud's own calls (no project) are not bounded so.
+pub const MAX_CALLS_PER_PROJECT: usize = MAX_CALLS_IN_FLIGHT / 2;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -101,8 +106,10 @@ pub async fn run_worker_with(
 ) -> Result<(), Error> {
     let mut rx = bus.agent_deliveries(&name).await?;
     let slots = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
-    // Calls in flight per board ([`MAX_CALLS_PER_BOARD`] each).
-    let per_board = s4t_shared::limits::KeyedSlots::new(MAX_CALLS_PER_BOARD);
+    // Calls in flight per board and per project ([`MAX_CALLS_PER_BOARD`],
+    // [`MAX_CALLS_PER_PROJECT`] each).
+    let per_board = KeyedSlots::new(MAX_CALLS_PER_BOARD);
+    let per_project = KeyedSlots::new(MAX_CALLS_PER_PROJECT);
     let mut seen = Recent::default();
     loop {
         let d = tokio::select! {
@@ -118,10 +125,19 @@ pub async fn run_worker_with(
             }
             continue;
         }
+        // Shares first, in delivery order, so that a board's or a project's calls beyond its
+        // share fail at once instead of holding every slot of this agent (hung boards, a flood
+        // of async calls).
+        let share = match (per_board.take(d.msg.board.clone()), project_share(&per_project, &d.msg.project)) {
+            (Some(board), Ok(project)) => Ok((board, project)),
+            (None, _) => {
+                Err(format!("board {} has {MAX_CALLS_PER_BOARD} calls in flight; try again later", d.msg.board))
+            }
+            (_, Err(())) => {
+                Err(format!("the project has {MAX_CALLS_PER_PROJECT} calls in flight on agent {name}; try again later"))
+            }
+        };
         let permit = slots.clone().acquire_owned().await.map_err(|_| Error::Bus("agent stopped".into()))?;
-        // Taken here, in delivery order, so that a board's calls beyond its share fail at once
-        // instead of holding every slot of this agent (a hung board, a flood of async calls).
-        let board_slot = per_board.take(d.msg.board.clone());
         let (bus, caller, stop) = (bus.clone(), caller.clone(), shutdown.clone());
         let span =
             info_span!("agent_call", request = %d.msg.request, board = %d.msg.board, procedure = %d.msg.procedure);
@@ -129,25 +145,21 @@ pub async fn run_worker_with(
             async move {
                 let _permit = permit;
                 let (request, board) = (d.msg.request.clone(), d.msg.board.clone());
-                // The board's slot is given back once it has answered, before the report.
-                let msg = match (d.redelivered, board_slot) {
+                // The shares are given back once the board has answered, before the report.
+                let msg = match (d.redelivered, share) {
                     (true, _) => {
                         // We may have died after the board ran it: do not run it twice.
                         let reason =
                             "the agent restarted while this call was in flight; it may or may not have run".into();
                         ConductorMsg::Failed { request, board, reason }
                     }
-                    (false, Some(_slot)) => match call_board(caller.as_ref(), &d.msg).await {
+                    (false, Ok(_share)) => match call_board(caller.as_ref(), &d.msg).await {
                         Ok((result, message)) => ConductorMsg::Result { request, board, result, message },
                         Err(reason) => ConductorMsg::Failed { request, board, reason },
                     },
-                    (false, None) => {
-                        // Failed, not requeued: a requeued call would come straight back while
-                        // the board is still busy.
-                        let reason =
-                            format!("board {board} has {MAX_CALLS_PER_BOARD} calls in flight; try again later");
-                        ConductorMsg::Failed { request, board, reason }
-                    }
+                    // Failed, not requeued: a requeued call would come straight back while the
+                    // board (or the project's boards) are still busy.
+                    (false, Err(reason)) => ConductorMsg::Failed { request, board, reason },
                 };
                 match report(&bus, &msg, retry, &stop).await {
                     Some(Ok(())) => {
@@ -162,6 +174,15 @@ pub async fn run_worker_with(
             .instrument(span),
         );
     }
+}
+
+/// A call's share of its project's ([`MAX_CALLS_PER_PROJECT`]); none needed for the cloud's
+/// own calls (no project). `Err` when the project has its share in flight.
+fn project_share(slots: &Arc<KeyedSlots<String>>, project: &str) -> Result<Option<KeyedSlot<String>>, ()> {
+    if project.is_empty() {
+        return Ok(None);
+    }
+    slots.take(project.to_owned()).map(Some).ok_or(())
 }
 
 /// Puts an agent's report on the conductor queue, again while the broker fails, until it is
@@ -270,6 +291,7 @@ mod tests {
             board: "b".into(),
             session: "7".into(),
             procedure: "DeviceEcho".into(),
+            project: String::new(),
             args: vec![json!({"say": "hi"})],
             omit_req: false,
         };

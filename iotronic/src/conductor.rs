@@ -210,6 +210,7 @@ impl Conductor {
             board: board.uuid.clone(),
             session,
             procedure: req.action,
+            project: req.project,
             args,
             omit_req,
         };

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iotronic::agent::{BoardCaller, BoxFuture, MAX_CALLS_PER_BOARD, ReportRetry, run_worker, run_worker_with};
+use iotronic::agent::{
+    BoardCaller, BoxFuture, MAX_CALLS_PER_BOARD, MAX_CALLS_PER_PROJECT, ReportRetry, run_worker, run_worker_with,
+};
 use iotronic::bus::{AgentCall, AmqpUrl, Bus, ConductorMsg};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -111,9 +113,49 @@ fn agent_call(board: &str, request: &str, procedure: &str) -> AgentCall {
         board: board.into(),
         session: "1".into(),
         procedure: procedure.into(),
+        project: "p".into(),
         args: vec![],
         omit_req: false,
     }
+}
+
+/// One project's hung boards take at most `MAX_CALLS_PER_PROJECT` of its agent's calls, however
+/// many boards they are: 8 boards at their share each held all 256, and another project's
+/// call waited behind them.
+#[tokio::test]
+async fn a_projects_hung_boards_do_not_take_every_call_of_its_agent() {
+    let bus = Bus::in_process();
+    let mut results = bus.conductor_deliveries().await.unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(run_worker("a1".into(), bus.clone(), Arc::new(Hanging(Notify::new())), stop.clone()));
+    const BOARDS: usize = 8;
+    for b in 0..BOARDS {
+        for i in 0..MAX_CALLS_PER_BOARD {
+            bus.to_agent("a1", &agent_call(&format!("hung-{b}"), &format!("hang-{b}-{i}"), "Hang")).await.unwrap();
+        }
+    }
+    let quick = AgentCall { project: "q".into(), ..agent_call("c", "quick", "Quick") };
+    bus.to_agent("a1", &quick).await.unwrap();
+    let (mut answered, mut refused) = (false, 0);
+    while !answered || refused < BOARDS * MAX_CALLS_PER_BOARD - MAX_CALLS_PER_PROJECT {
+        let d = tokio::time::timeout(Duration::from_secs(20), results.recv())
+            .await
+            .expect("the other project's call waited")
+            .unwrap();
+        match &d.msg {
+            ConductorMsg::Result { request, .. } if request == "quick" => answered = true,
+            ConductorMsg::Failed { reason, .. } => {
+                assert!(
+                    reason.contains(&format!("the project has {MAX_CALLS_PER_PROJECT} calls in flight")),
+                    "{reason}"
+                );
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
 }
 
 /// An agent on RabbitMQ takes as many calls as it runs at once: 40 calls to boards that do

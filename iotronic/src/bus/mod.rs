@@ -57,6 +57,9 @@ pub struct AgentCall {
     pub session: String,
     /// Procedure name after `iotronic.<session>.<board>.`, e.g. `DevicePing`.
     pub procedure: String,
+    /// The project the request was made in (empty: the cloud's own, or an older conductor).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
     /// Positional arguments after the request dict.
     pub args: Vec<Value>,
     /// Call without the leading request dict: an original lightning-rod older than 0.4.9
@@ -271,6 +274,7 @@ mod tests {
             board: "b".into(),
             session: "1".into(),
             procedure: "DevicePing".into(),
+            project: "p".into(),
             args: vec![],
             omit_req: false,
         };
