@@ -263,7 +263,9 @@ async fn pump(
         Layer::L2 => wstunnel::packet::Layer::L2,
         Layer::L3 => wstunnel::packet::Layer::L3,
     };
-    if let Err(e) = wstunnel::packet::pump_routed(&device, pipe, layer, cancel, &stats, |_| None).await {
+    if let Err(e) =
+        wstunnel::packet::pump_routed(&device, pipe, layer, cancel, &stats, |_| wstunnel::packet::Hop::Device).await
+    {
         tracing::error!(interface = %name, cause = %e, "overlay pump failed");
     }
     tracing::info!(interface = %name, "overlay pump stopped");

@@ -316,8 +316,8 @@ pub struct PumpStats {
     pub received: AtomicU64,
     /// Packets received on the channel and queued for another channel by the route.
     pub forwarded: AtomicU64,
-    /// Packets lost: the channel was down, the device refused them, or the other channel was
-    /// down or had its forward queue full.
+    /// Packets lost: the channel was down, the device refused them, the route dropped them
+    /// ([`Hop::Drop`]), or the other channel was down or had its forward queue full.
     pub dropped: AtomicU64,
     /// Malformed GRE packets from the channel (dropped).
     pub malformed: AtomicU64,
@@ -337,20 +337,30 @@ pub async fn pump(
     layer: Layer,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
-    pump_routed(device, channel, layer, shutdown, &PumpStats::default(), |_| None).await
+    pump_routed(device, channel, layer, shutdown, &PumpStats::default(), |_| Hop::Device).await
+}
+
+/// Where the route of [`pump_routed`] sends a packet received on the channel.
+pub enum Hop {
+    /// Written to the device.
+    Device,
+    /// Forwarded, as it came, to another channel (a switch or router in user space).
+    Forward(PacketSender),
+    /// Nowhere: dropped and counted in [`PumpStats::dropped`] (a source the sender may not
+    /// use, say).
+    Drop,
 }
 
 /// [`pump`], counting in `stats`, and asking `route` where each packet received on the
-/// channel goes: `route` sees the Ethernet frame (L2) or IP packet (L3) and may name another
-/// channel, to which the packet is forwarded as it came (a switch or router in user space;
-/// dropped when that channel's forward queue is full); `None` writes it to the device.
+/// channel goes: `route` sees the Ethernet frame (L2) or IP packet (L3) and names a [`Hop`].
+/// A forwarded packet is dropped when the other channel's forward queue is full.
 pub async fn pump_routed(
     device: &tun_rs::AsyncDevice,
     channel: PacketChannel,
     layer: Layer,
     shutdown: tokio_util::sync::CancellationToken,
     stats: &PumpStats,
-    mut route: impl FnMut(&[u8]) -> Option<PacketSender>,
+    mut route: impl FnMut(&[u8]) -> Hop,
 ) -> Result<(), Error> {
     let PacketChannel { sender, mut receiver } = channel;
     let to_channel = async {
@@ -380,11 +390,18 @@ pub async fn pump_routed(
                     }
                 },
             };
-            if let Some(peer) = route(inner) {
-                // Never waits: a member that does not read must not stall this one's packets
-                // to the others (or to the device).
-                count(if peer.try_forward(p) { &stats.forwarded } else { &stats.dropped });
-                continue;
+            match route(inner) {
+                Hop::Device => {}
+                Hop::Forward(peer) => {
+                    // Never waits: a member that does not read must not stall this one's
+                    // packets to the others (or to the device).
+                    count(if peer.try_forward(p) { &stats.forwarded } else { &stats.dropped });
+                    continue;
+                }
+                Hop::Drop => {
+                    count(&stats.dropped);
+                    continue;
+                }
             }
             match device.send(inner).await {
                 Ok(_) => count(&stats.received),

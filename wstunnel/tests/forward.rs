@@ -9,7 +9,7 @@ use common::*;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wstunnel::packet::{self, DeviceSpec, Layer, PacketChannel, PacketSender, PumpStats};
+use wstunnel::packet::{self, DeviceSpec, Hop, Layer, PacketChannel, PacketSender, PumpStats};
 
 /// Packets each in-memory queue of a member holds.
 const QUEUE: usize = 4;
@@ -27,7 +27,9 @@ fn run_pump(name: &str, m: PacketChannel, members: [(u8, PacketSender); 3]) -> s
     let stats = std::sync::Arc::new(PumpStats::default());
     let counted = stats.clone();
     tokio::spawn(async move {
-        let route = |p: &[u8]| members.iter().find(|(n, _)| p.first() == Some(n)).map(|(_, s)| s.clone());
+        let route = |p: &[u8]| {
+            members.iter().find(|(n, _)| p.first() == Some(n)).map_or(Hop::Device, |(_, s)| Hop::Forward(s.clone()))
+        };
         let _ = packet::pump_routed(&dev, m, Layer::L3, CancellationToken::new(), &counted, route).await;
     });
     stats

@@ -21,6 +21,25 @@ fn exists(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -EEXIST)
 }
 
+/// The host-wide reverse-path filter: Linux filters an interface by the higher of this and
+/// the interface's own setting, and 2 (loose) is higher than 1 (strict).
+const RP_FILTER_ALL: &str = "/proc/sys/net/ipv4/conf/all/rp_filter";
+
+/// Fails (`Unavailable`) unless VPN interface `name` can filter reverse paths strictly: not
+/// while `net.ipv4.conf.all.rp_filter` is 2 (Ubuntu's default), which makes every interface
+/// loose whatever its own setting, so that an L2 member could send the host packets from any
+/// routable source. The host-wide setting is the operator's, never changed here.
+fn strict_rp_filter_possible(name: &str) -> Result<(), Error> {
+    let all = std::fs::read_to_string(RP_FILTER_ALL).map_err(|e| err(format!("reading {RP_FILTER_ALL}"), e))?;
+    match all.trim() {
+        "0" | "1" => Ok(()),
+        v => Err(Error::Unavailable(format!(
+            "net.ipv4.conf.all.rp_filter is {v}: the VPN interface {name} would filter reverse paths loosely; \
+             set it to 0 or 1 (the VPN interfaces are then strict) to run VPNs on this host"
+        ))),
+    }
+}
+
 /// Makes the host refuse what a board could forge through VPN interface `name`: strict
 /// reverse-path filtering (a packet whose source the host would not route back through this
 /// interface is dropped, so a member cannot send as an address of another VPN, of the host's
@@ -29,7 +48,9 @@ fn exists(e: &rtnetlink::Error) -> bool {
 /// with `ip_forward` on, as many are, a board could otherwise reach another VPN's members,
 /// another project's, through the host's routes to them). Packets between members never
 /// reach the kernel (the pump routes them), so only what is meant for the host is filtered.
+/// Refused while the filter cannot be strict ([`strict_rp_filter_possible`]).
 pub fn harden(name: &str) -> Result<(), Error> {
+    strict_rp_filter_possible(name)?;
     for (setting, value) in [("rp_filter", "1"), ("forwarding", "0")] {
         let path = format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
         std::fs::write(&path, value).map_err(|e| err(format!("writing {path}"), e))?;
@@ -98,6 +119,8 @@ impl Net {
     /// Creates bridge `name` (up, [hardened](harden)) unless it exists, and gives it `alias`
     /// (the owner's mark: an existing bridge is adopted); returns its index.
     pub async fn ensure_bridge(&self, name: &str, alias: &str) -> Result<u32, Error> {
+        // Checked first too: a bridge that cannot be hardened is not made.
+        strict_rp_filter_possible(name)?;
         let index = match self.index(name).await? {
             Some(i) => i,
             None => {
@@ -156,6 +179,38 @@ impl Net {
         Ok(())
     }
 
+    /// Whether link `index` is a bridge port in the forwarding state. A port enabled by the
+    /// kernel's link watch (its device's carrier) may be a moment late.
+    #[cfg(test)]
+    pub async fn forwarding(&self, index: u32) -> Result<bool, Error> {
+        use rtnetlink::packet_route::link::{BridgePortState, InfoBridgePort, InfoPortData, LinkInfo};
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let m = links.try_next().await.map_err(|e| err(format!("link {index}"), e))?;
+        let port = m.iter().flat_map(|m| &m.attributes).find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::PortData(InfoPortData::BridgePort(p)) => Some(p),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(port.is_some_and(|p| p.contains(&InfoBridgePort::State(BridgePortState::Forwarding))))
+    }
+
+    /// How many MAC addresses a bridge learned on its port `index` (the entries of its
+    /// forwarding database there that are neither permanent nor static).
+    #[cfg(test)]
+    pub async fn learned_on(&self, index: u32) -> Result<usize, Error> {
+        use rtnetlink::packet_route::AddressFamily;
+        use rtnetlink::packet_route::neighbour::NeighbourState;
+        let mut fdb = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        let mut n = 0;
+        while let Some(m) = fdb.try_next().await.map_err(|e| err("listing the bridge FDB".into(), e))? {
+            let learned = !matches!(m.header.state, NeighbourState::Permanent | NeighbourState::Noarp);
+            n += usize::from(m.header.ifindex == index && learned);
+        }
+        Ok(n)
+    }
+
     /// Whether this kernel can create `gretap` links (the `ip_gre` module): creates a probe
     /// link and deletes it at once.
     pub async fn gretap_available(&self) -> Result<(), String> {
@@ -177,11 +232,20 @@ mod tests {
     }
 
     /// The cloud's VPN interfaces filter forged sources and carry no IPv6, in a private
-    /// network namespace (needs root).
+    /// network namespace (needs root). On a host whose reverse-path filter is loose for every
+    /// interface (`all` 2) none is made: it could not be strict.
     #[test]
     fn vpn_interfaces_refuse_forged_sources_and_ipv6() {
         super::super::in_private_netns(|| async {
             let net = Net::open().unwrap();
+            std::fs::write(RP_FILTER_ALL, "2").unwrap();
+            match net.ensure_bridge("s4btest0", "s4t test").await {
+                Err(Error::Unavailable(m)) => assert!(m.contains("net.ipv4.conf.all.rp_filter is 2"), "{m}"),
+                r => panic!("a bridge was made under a loose reverse-path filter: {r:?}"),
+            }
+            assert_eq!(net.index("s4btest0").await.unwrap(), None, "the refused bridge was made");
+            assert!(harden("lo").is_err(), "a device hardened under a loose reverse-path filter");
+            std::fs::write(RP_FILTER_ALL, "0").unwrap();
             // New interfaces inherit the default: a host that forwards.
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
             std::fs::write("/proc/sys/net/ipv4/conf/default/forwarding", "1").unwrap();
