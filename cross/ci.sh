@@ -8,7 +8,9 @@
 # 2. lightning-rod for armv7, aarch64, ARMv6 and MIPS with the size-optimised `board` profile;
 #    each binary runs under qemu-user and must stay within its size budget (armv7 and ARMv6
 #    <= 4,000,000 bytes, MIPS <= 5,000,000);
-# 3. the armhf and arm64 .deb and the OpenWrt .ipk, checked with dpkg-deb / tar;
+# 3. the armhf and arm64 .deb and the OpenWrt .ipk, checked with dpkg-deb / tar (the .ipk's
+#    init script also run under dash with fake agents); the systemd units and their drop-ins
+#    (systemd-analyze verify) and the package-operations drop-in's capabilities;
 # 4. tests/tests/boards_emulated.rs: the armv7, ARMv6 and MIPS agents under qemu-user enroll
 #    into the x86 cloud and answer GPIO calls; the emulated aarch64 board drives gpio-sim and
 #    i2c-stub.
@@ -93,6 +95,9 @@ check_deb() {
     awk '{print $6}' <<<"$list" | grep -x "$f" >/dev/null || { log "$deb lacks $f"; return 1; }
   done
   awk 'NR == 1' <<<"$list" | grep '^drwxr-xr-x root/root .* \./$' >/dev/null || { log "$deb: ./ is not 0755 root"; return 1; }
+  # It may be given a registration code: readable by root only.
+  grep '^-rw------- root/root .* \./etc/lightning-rod/config\.toml$' <<<"$list" >/dev/null ||
+    { log "$deb: config.toml is not 0600 root"; return 1; }
   x=$(mktemp -d)
   dpkg-deb --control "$deb" "$x/DEBIAN"
   grep -qx /etc/lightning-rod/config.toml "$x/DEBIAN/conffiles"
@@ -118,20 +123,113 @@ check_ipk() {
   list=$(tar -tzvf "$x/data.tar.gz")
   echo "$list" >&2
   awk 'NR == 1' <<<"$list" | grep '^drwxr-xr-x root/root .* \./$' >/dev/null || { log "$ipk: ./ is not 0755 root"; return 1; }
-  tar -C "$x" -xzf "$x/data.tar.gz" ./usr/bin/lightning-rod ./etc/init.d/lightning-rod
+  grep '^-rw------- root/root .* \./etc/lightning-rod/config\.toml$' <<<"$list" >/dev/null ||
+    { log "$ipk: config.toml is not 0600 root"; return 1; }
+  tar -C "$x" -xzf "$x/data.tar.gz" ./usr/bin/lightning-rod ./etc/init.d/lightning-rod ./usr/sbin/lightning-rod-respawn
   file "$x/usr/bin/lightning-rod" | grep 'MIPS.*statically linked' >/dev/null || { log "$ipk: not a static MIPS binary"; return 1; }
+  check_openwrt_init "$x"
   rm -rf "$x"
   log "$ipk ok"
 }
 
-check_units() {
-  # systemd parses every unit (the binaries' paths swapped for one that exists here).
-  local x; x=$(mktemp -d)
-  for u in systemd/*.service; do
-    sed 's|/usr/local/bin/[a-z-]*|/bin/true|' "$u" > "$x/$(basename "$u" | sed 's/@\./@api./')"
-  done
-  systemd-analyze verify --man=no "$x"/*.service
+check_openwrt_init() {
+  # /etc/init.d/lightning-rod and its respawn loop as ROOT (the .ipk's data) holds them, run
+  # under dash with the part of rc.common they use, with fake agents: one that exits 1 is
+  # started again, one that exits 78 is not, and `stop` ends the loop and a serving agent
+  # before it returns (and survives itself: it used to `killall lightning-rod`, its own name).
+  local root=$1 x n pid
+  x=$(mktemp -d)
+  mkdir "$x/bin"
+  # shellcheck disable=SC2016 # expanded by rc.common
+  printf '%s\n' 'initscript=$1 action=$2; shift 2; . "$initscript"; $action "$@"' > "$x/rc.common"
+  sed -e "1s|.*|#!/bin/dash $x/rc.common|" -e "s|^BIN=.*|BIN=$x/agent|" \
+    -e "s|^RESPAWN=.*|RESPAWN=$x/lightning-rod-respawn|" -e "s|^CONFIG=.*|CONFIG=$x/config.toml|" \
+    -e "s|^PIDFILE=.*|PIDFILE=$x/pid|" "$root/etc/init.d/lightning-rod" > "$x/lightning-rod"
+  sed '1s|.*|#!/bin/dash|' "$root/usr/sbin/lightning-rod-respawn" > "$x/lightning-rod-respawn"
+  printf '#!/bin/sh\ncat >> %s/log\n' "$x" > "$x/bin/logger"
+  cat > "$x/agent" <<AGENT
+#!/bin/sh
+echo "run \$\$" >> $x/runs
+trap 'echo "term \$\$" >> $x/runs; exit 0' TERM
+case \$(cat $x/mode) in exit1) exit 1 ;; exit78) exit 78 ;; esac
+while :; do sleep 1 & wait \$!; done
+AGENT
+  chmod 0755 "$x/lightning-rod" "$x/lightning-rod-respawn" "$x/bin/logger" "$x/agent"
+  runs() { grep -c "^run " "$x/runs" 2>/dev/null || true; }
+  # Polls a condition (shell text) for at most 15 s (the loop restarts after 5 s).
+  within() { n=0; until eval "$1"; do n=$((n + 1)); [ $n -lt 150 ] || return 1; sleep 0.1; done; }
+  gone() { ! kill -0 "$1" 2>/dev/null; }
+  fail() {
+    log "init script: $*"; cat "$x/log" "$x/runs" >&2 2>/dev/null || true
+    for pid in $(cat "$x/pid" 2>/dev/null) $(awk '{print $2}' "$x/runs" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$x"; return 1
+  }
+  local rc=(env "PATH=$x/bin:$PATH" "$x/lightning-rod")
+  : > "$x/runs"
+  echo exit1 > "$x/mode"
+  "${rc[@]}" start
+  within '[ "$(runs)" -ge 2 ]' || { fail "an agent that exited 1 was not started again"; return 1; }
+  pid=$(cat "$x/pid")
+  "${rc[@]}" stop || { fail "stop failed with $?"; return 1; }
+  gone "$pid" && [ ! -e "$x/pid" ] || { fail "stop left the loop $pid or its pidfile"; return 1; }
+  : > "$x/runs"
+  echo exit78 > "$x/mode"
+  "${rc[@]}" start
+  within 'grep "exited 78: not restarted" "$x/log" >/dev/null' || { fail "no 'not restarted' after exit 78"; return 1; }
+  within '[ ! -e "$x/pid" ]' || { fail "the loop did not end after exit 78"; return 1; }
+  [ "$(runs)" = 1 ] || { fail "an agent that exited 78 was started again"; return 1; }
+  : > "$x/runs"
+  echo serve > "$x/mode"
+  "${rc[@]}" start
+  within '[ "$(runs)" = 1 ]' || { fail "the agent did not start"; return 1; }
+  within '[ -s "$x/pid" ]' || { fail "no pidfile"; return 1; }
+  pid=$(cat "$x/pid")
+  "${rc[@]}" stop || { fail "stop failed with $?"; return 1; }
+  # Synchronously: the agent had its TERM and both are gone when stop returns.
+  grep '^term ' "$x/runs" >/dev/null && gone "$pid" && gone "$(awk '/^run /{print $2}' "$x/runs")" ||
+    { fail "stop returned before the loop $pid and the agent ended"; return 1; }
+  [ ! -e "$x/pid" ] || { fail "stop left the pidfile"; return 1; }
   rm -rf "$x"
+  log "init script: respawns after exit 1, not after 78; stop ends the loop and the agent"
+}
+
+check_units() {
+  # systemd parses every unit with its drop-ins (the binaries' paths swapped for one that
+  # exists here): the template as iotronic@api and as iotronic@wstun-agent (with
+  # iotronic@wstun-agent.service.d), lightning-rod.service with lightning-rod.service.d. verify
+  # exits 0 on an unknown or misspelt key, so any diagnostic fails the check.
+  local x out; x=$(mktemp -d)
+  for u in systemd/*.service; do
+    sed 's|/usr/local/bin/[a-z-]*|/bin/true|' "$u" > "$x/$(basename "$u")"
+  done
+  cp -R systemd/*.service.d "$x/"
+  out=$(systemd-analyze verify --man=no "$x/iotronic.service" "$x/iotronic@api.service" \
+    "$x/iotronic@wstun-agent.service" "$x/lightning-rod.service" 2>&1) || { echo "$out" >&2; rm -rf "$x"; return 1; }
+  rm -rf "$x"
+  [ -z "$out" ] || { echo "$out" >&2; log "systemd-analyze verify: diagnostics above"; return 1; }
+}
+
+check_package_operations() {
+  # dpkg sets a file's owner, then its mode: unless the unit's bounding set holds CAP_FSETID,
+  # root's chmod of a setgid file whose group is not root drops the setgid bit (apt upgrade run
+  # by the cloud left unix_chkpwd, crontab, chage … without it). That chmod, under the bounding
+  # set lightning-rod.service and package-operations.conf give together (their
+  # CapabilityBoundingSet= lines add up; neither resets nor inverts it).
+  local unit=systemd/lightning-rod.service drop=systemd/lightning-rod.service.d/package-operations.conf
+  local caps x
+  caps=$(sed -n 's/^CapabilityBoundingSet=//p' "$unit" "$drop" | tr ' ' '\n' | sed -n 's/^CAP_\(.*\)/+\L\1/p' | paste -sd, -)
+  x=$(mktemp -d)
+  touch "$x/f"
+  chown 0:42 "$x/f"
+  setpriv --bounding-set "-all,$caps" chmod 2755 "$x/f"
+  if [ ! -g "$x/f" ]; then
+    rm -rf "$x"; log "$drop: chmod 2755 under its capabilities ($caps) drops setgid (CAP_FSETID)"; return 1
+  fi
+  rm -rf "$x"
+  # Kernel packages unpack into /usr/lib/modules, hidden by ProtectKernelModules=yes.
+  [ "$(sed -n 's/^ProtectKernelModules=//p' "$unit" "$drop" | tail -n1)" = no ] ||
+    { log "$drop: ProtectKernelModules is not undone"; return 1; }
+  log "package operations: setgid kept, /usr/lib/modules writable"
 }
 
 boards_tests() {
@@ -149,6 +247,14 @@ done
 step deb-armhf check_deb armhf armv7-unknown-linux-gnueabihf "ARM, EABI5"
 step deb-arm64 check_deb arm64 aarch64-unknown-linux-gnu "ARM aarch64"
 if [ -n "${BIN[mips-unknown-linux-musl]:-}" ]; then step ipk check_ipk; fi
-if command -v systemd-analyze >/dev/null; then step units check_units; fi
+# A developer machine without systemd skips the unit check; CI (CI set by the runner) does not.
+if command -v systemd-analyze >/dev/null; then
+  step units check_units
+elif [ -n "${CI:-}" ]; then
+  log "systemd-analyze is missing: the units cannot be checked"; exit 1
+else
+  log "systemd-analyze is missing: skipping the unit check"
+fi
+step package-operations check_package_operations
 step boards-tests boards_tests
 log "done in $(( $(date +%s) - t0 ))s"

@@ -4,7 +4,7 @@
 #   bash cross/deb/build-deb.sh armhf [OUT_DIR]   # armv7-unknown-linux-gnueabihf (Pi 2/3/4, 32-bit)
 #   bash cross/deb/build-deb.sh arm64 [OUT_DIR]   # aarch64-unknown-linux-gnu (Pi 3/4/5, 64-bit)
 #
-# Contents: /usr/bin/lightning-rod, /etc/lightning-rod/config.toml (conffile),
+# Contents: /usr/bin/lightning-rod, /etc/lightning-rod/config.toml (conffile, 0600),
 # /lib/systemd/system/lightning-rod.service (systemd/lightning-rod.service with the binary in
 # /usr/bin), and maintainer scripts that create /var/lib/lightning-rod (0700).
 # The binary comes from cross/build.sh, or $LR_BIN when set.
@@ -25,7 +25,9 @@ trap 'rm -rf "$pkg"' EXIT
 # mktemp makes 0700 directories; the package's ./ must not carry that onto the board's /.
 chmod 0755 "$pkg"
 install -D -m 0755 "$bin" "$pkg/usr/bin/lightning-rod"
-install -D -m 0644 "$here/config.toml" "$pkg/etc/lightning-rod/config.toml"
+# 0600: the config may be given a registration code (`code` under [cloud]), which any local user
+# could otherwise read and enroll with before the board does.
+install -D -m 0600 "$here/config.toml" "$pkg/etc/lightning-rod/config.toml"
 install -d "$pkg/lib/systemd/system"
 sed 's|/usr/local/bin/lightning-rod|/usr/bin/lightning-rod|' "$root/systemd/lightning-rod.service" \
   > "$pkg/lib/systemd/system/lightning-rod.service"

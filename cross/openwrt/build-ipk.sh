@@ -19,8 +19,10 @@ data=$work/data ctl=$work/control
 chmod 0755 "$work"
 mkdir -p -m 0755 "$data"
 install -D -m 0755 "$bin" "$data/usr/bin/lightning-rod"
-install -D -m 0644 "$here/config.toml" "$data/etc/lightning-rod/config.toml"
+# 0600: a registration code may be written into it (see cross/deb/build-deb.sh).
+install -D -m 0600 "$here/config.toml" "$data/etc/lightning-rod/config.toml"
 install -D -m 0755 "$here/lightning-rod.init" "$data/etc/init.d/lightning-rod"
+install -D -m 0755 "$here/lightning-rod-respawn" "$data/usr/sbin/lightning-rod-respawn"
 mkdir -p "$ctl"
 cat > "$ctl/control" <<CONTROL
 Package: lightning-rod

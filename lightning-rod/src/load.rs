@@ -1,6 +1,7 @@
 //! Start-up: the configuration pipeline (file → legacy import → flags/env → validate) and the
 //! board's identity (state directory, else the original's settings.json).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Overrides};
@@ -16,6 +17,9 @@ pub fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config> 
     let path: PathBuf = path.map_or_else(|| DEFAULT_CONFIG_PATH.into(), Path::to_path_buf);
     let file_exists = path.exists();
     let mut config = Config::load(&path, explicit)?;
+    if let Some(warning) = readable_code_warning(&path, &config) {
+        tracing::warn!("{warning}");
+    }
     // Legacy file locations may themselves be overridden.
     let mut probe = config.clone();
     overrides.clone().apply(&mut probe);
@@ -35,6 +39,22 @@ pub fn load_config(path: Option<&Path>, overrides: Overrides) -> Result<Config> 
     overrides.apply(&mut config);
     config.validate()?;
     Ok(config)
+}
+
+/// The warning for a config file that holds a registration code (`[cloud] code`, as `config`
+/// read it from `path`) and that other local users can read: any of them could enroll as this
+/// board before it does. Names the file, never the code.
+fn readable_code_warning(path: &Path, config: &Config) -> Option<String> {
+    config.cloud.code.as_ref()?;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{} holds a registration code (cloud.code) and is readable by other users ({:o}): chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
 }
 
 /// The identity in the state directory; else, for a board the original cloud registered,
@@ -109,6 +129,27 @@ mod tests {
         std::fs::create_dir_all(&state).unwrap();
         std::fs::write(state.join(IDENTITY_FILE), "{}").unwrap();
         load_config(Some(&toml), o).unwrap();
+    }
+
+    /// A config file holding a registration code warns while group or others can read it,
+    /// naming the file and never the code.
+    #[test]
+    fn a_registration_code_in_a_readable_config_file_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("c.toml");
+        std::fs::write(&toml, "[cloud]\nurl = \"wss://r:8181/\"\ncode = \"SECRET-CODE-1\"\n").unwrap();
+        let config = Config::load(&toml, true).unwrap();
+        std::fs::set_permissions(&toml, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = readable_code_warning(&toml, &config).expect("no warning for a 0644 file holding a code");
+        assert!(warning.contains(&toml.display().to_string()) && warning.contains("chmod 600"), "{warning}");
+        assert!(!warning.contains("SECRET-CODE-1"), "the code leaked into the warning: {warning}");
+        std::fs::set_permissions(&toml, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(readable_code_warning(&toml, &config).is_some(), "a group-readable file must warn");
+        std::fs::set_permissions(&toml, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(readable_code_warning(&toml, &config), None);
+        std::fs::write(&toml, "[cloud]\nurl = \"wss://r:8181/\"\n").unwrap();
+        std::fs::set_permissions(&toml, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(readable_code_warning(&toml, &Config::load(&toml, true).unwrap()), None, "no code, no warning");
     }
 
     #[test]
