@@ -78,12 +78,7 @@ async fn to_close(db: &Db, live: &[Connection]) -> Vec<(String, Vec<u64>)> {
 fn closing(live: &[Connection], cutoffs: &HashMap<String, Cutoff>) -> Vec<(String, Vec<u64>)> {
     let mut out: Vec<(String, Vec<u64>)> = Vec::new();
     for c in live {
-        let goes = match cutoffs.get(&c.board) {
-            None | Some(Cutoff::Revoked) => true,
-            // In the millisecond of the rotation too: no enrollment and login fits in it.
-            Some(Cutoff::Since(after)) => millis(c.since) <= *after,
-        };
-        if goes {
+        if !may_stay(cutoffs.get(&c.board), c.since) {
             match out.iter_mut().find(|(b, _)| *b == c.board) {
                 Some((_, ids)) => ids.push(c.id),
                 None => out.push((c.board.clone(), vec![c.id])),
@@ -91,6 +86,16 @@ fn closing(live: &[Connection], cutoffs: &HashMap<String, Cutoff>) -> Vec<(Strin
         }
     }
     out
+}
+
+/// Whether a connection of a board admitted at `since` may stay, given the board's `cutoff`
+/// (None: the board was deleted). `tunnel_tokens` applies the same rule to its caller.
+pub fn may_stay(cutoff: Option<&Cutoff>, since: SystemTime) -> bool {
+    match cutoff {
+        None | Some(Cutoff::Revoked) => false,
+        // In the millisecond of the rotation too: no enrollment and login fits in it.
+        Some(Cutoff::Since(after)) => millis(since) > *after,
+    }
 }
 
 fn millis(t: SystemTime) -> i64 {

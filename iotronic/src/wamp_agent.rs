@@ -502,6 +502,18 @@ async fn tunnel_tokens(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
     let Some(mint) = &c.mint else {
         return wamp_message("ERROR", json!("this agent has no tunnel server"));
     };
+    // A session admitted with a credential withdrawn since (the board revoked, or rotated
+    // after the session's credential was read) gets none: the revocation sweep closes it
+    // within a second, and tokens minted meanwhile would outlive it (and, carrying an issue
+    // time after the rotation, pass the tunnel server's check).
+    let admitted = inv.caller().and_then(|id| c.router.session(id)).map(|s| s.joined);
+    match c.db.connection_cutoffs(std::slice::from_ref(&board)).await {
+        Ok(cutoffs) if admitted.is_some_and(|t| crate::revocation::may_stay(cutoffs.get(&board), t)) => {}
+        Ok(_) => {
+            return wamp_message("ERROR", json!("the board's credentials were revoked or rotated after this login"));
+        }
+        Err(e) => return unavailable("cannot renew the tunnel tokens", Some(&e)),
+    }
     let renewed = async {
         let mut services = Vec::new();
         for e in c.db.exposures_of_board(&board).await? {
@@ -1243,6 +1255,63 @@ mod tests {
         assert!(db.revoke_board(&boards[1]).await.unwrap());
         tokio::time::timeout(Duration::from_secs(10), canary.closed()).await.expect("no sweep closed the canary");
         assert!(!new.is_closed(), "the session with the new secret was closed");
+    }
+
+    /// A session admitted before its board was revoked or rotated gets no tunnel tokens, not
+    /// even once the board has enrolled again (no longer revoked): the revocation sweep closes
+    /// it within a second, and tokens minted meanwhile would outlive it. A session admitted
+    /// with the new secret gets them. (The handler is called directly: over WAMP the sweep
+    /// may close the old session before its call arrives.)
+    #[tokio::test]
+    async fn a_session_from_before_a_rotation_gets_no_tunnel_tokens() {
+        let TestAgent { _dir, db, boards, url, agent, .. } =
+            test_agent(&[("b", "CODE-T")], Some("wss://tunnel.example:8443/"), false).await;
+        let uuid = boards[0].clone();
+        let secret = |doc: &Value| doc["iotronic"]["credentials"]["secret"].as_str().unwrap().to_owned();
+        let (result, doc) = enroll_with(&url, "CODE-T", None).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{doc}");
+        let old = cra_login(&url, &uuid, &secret(&doc)).await;
+        let ctx = Ctx {
+            db: db.clone(),
+            bus: Bus::in_process(),
+            router: agent.router.clone(),
+            setup: AgentSetup {
+                name: "agent-1".into(),
+                url: url.clone(),
+                tunnel_url: None,
+                legacy: false,
+                dial_back: false,
+            },
+            logins: Logins::default(),
+            codes: Arc::new(crate::auth::enrollment_throttle()),
+            mint: Some(TunnelMint::load(&db, "wss://tunnel.example:8443/".into()).await.unwrap()),
+            running: Running::new(16, 16),
+        };
+        let renew = |session: &s4t_wamp::Session| {
+            let details = json!({"caller": session.id(), "caller_authid": uuid, "caller_authrole": "board"});
+            let inv = Invocation {
+                args: vec![],
+                kwargs: json!({"board_uuid": uuid}).as_object().unwrap().clone().into_iter().collect(),
+                details: details.as_object().unwrap().clone().into_iter().collect(),
+            };
+            let ctx = &ctx;
+            async move {
+                let reply = tunnel_tokens(ctx, &inv).await.unwrap();
+                serde_json::from_str::<Value>(reply.args[0].as_str().unwrap()).unwrap()
+            }
+        };
+        assert_eq!(renew(&old).await["result"], "SUCCESS");
+        assert!(db.rotate_board(&uuid, "CODE-T2", crate::db::now_ms() + 60_000).await.unwrap());
+        let reply = renew(&old).await;
+        assert_eq!(reply["result"], "ERROR", "a session of a revoked board got tunnel tokens: {reply}");
+        let (result, doc) = enroll_with(&url, "CODE-T2", None).await.unwrap();
+        assert_eq!(result, "SUCCESS", "{doc}");
+        assert_eq!(db.board_revoked_at(&uuid).await.unwrap(), None, "enrolled again: no longer revoked");
+        let reply = renew(&old).await;
+        assert_eq!(reply["result"], "ERROR", "a session from before the rotation got tunnel tokens: {reply}");
+        let new = cra_login(&url, &uuid, &secret(&doc)).await;
+        let reply = renew(&new).await;
+        assert_eq!(reply["result"], "SUCCESS", "the session with the new secret: {reply}");
     }
 
     /// A board whose enrollment reply was lost enrolls again with the same code and the secret

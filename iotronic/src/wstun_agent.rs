@@ -179,16 +179,18 @@ impl ServerHooks for DbHooks {
 
     /// Tokens minted before the board's last revocation or rotation are refused: they were
     /// kept beside the secret that was replaced. A token's issue time is its expiry less
-    /// [`TOKEN_TTL_S`] (in whole seconds: one minted in the second of the rotation passes).
+    /// [`TOKEN_TTL_S`], in whole seconds (rounded down): a token issued in the second of the
+    /// rotation may have been minted before it, so it is refused too. A board's own tokens
+    /// are not: it enrolls again with a code the operator hands over, seconds later at least.
     async fn token_accepted(&self, board: &str, expiry: u64) -> Result<(), Refusal> {
         let after = self
             .db
             .board_tokens_after(board)
             .await
             .map_err(|e| Refusal::Unavailable(format!("cannot read the board: {e}")))?;
-        let issued = expiry.saturating_sub(TOKEN_TTL_S);
+        let issued_ms = i64::try_from(expiry.saturating_sub(TOKEN_TTL_S)).unwrap_or(i64::MAX).saturating_mul(1000);
         match after {
-            Some(ms) if issued < (ms / 1000) as u64 => {
+            Some(ms) if issued_ms < ms => {
                 Err(Refusal::Denied("token issued before the board's credentials were last revoked or rotated".into()))
             }
             _ => Ok(()),
@@ -345,6 +347,35 @@ mod tests {
         assert_eq!(with_host("wss://[::1]:8080/x?y", "[2001:db8::1]"), "wss://[2001:db8::1]:8080/x?y");
         assert_eq!(with_host("wss://cloud/", "h.example"), "wss://h.example/");
         assert_eq!(with_host("not a url", "h"), "not a url");
+    }
+
+    /// A token's issue time is in whole seconds, so one issued in the second of a rotation
+    /// may have been minted before it: refused. One of the next second is accepted, and so
+    /// is one issued at a rotation that fell on a whole second (minted at or after it).
+    #[tokio::test]
+    async fn tokens_issued_in_the_second_of_a_rotation_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&crate::db::DatabaseUrl::sqlite_in(dir.path())).await.unwrap();
+        let p = db.create_project("p").await.unwrap();
+        let nb = crate::db::NewBoard { name: "b".into(), code: "CODE-B".into(), project: p.uuid, ..Default::default() };
+        let board = db.insert_board(nb).await.unwrap().uuid;
+        let hooks =
+            DbHooks { db: db.clone(), fabric: Fabric::start(db.clone()).await.unwrap(), policies: Mutex::default() };
+        let rotate_at = |ms: i64| {
+            let q = sqlx::query("UPDATE boards SET tokens_after = $1 WHERE uuid = $2").bind(ms).bind(board.clone());
+            async { q.execute(db.pool()).await.unwrap() }
+        };
+        // The expiry of a token minted in second `s` (as `TunnelMint::mint` computes it).
+        let minted_in = |s: i64| s as u64 + TOKEN_TTL_S;
+        let second = now_ms() / 1000;
+        rotate_at(second * 1000 + 500).await;
+        let refused = hooks.token_accepted(&board, minted_in(second)).await;
+        assert!(matches!(refused, Err(Refusal::Denied(_))), "a token issued in the rotation's second: {refused:?}");
+        assert!(matches!(hooks.token_accepted(&board, minted_in(second - 1)).await, Err(Refusal::Denied(_))));
+        assert!(hooks.token_accepted(&board, minted_in(second + 1)).await.is_ok(), "a token of the next second");
+        rotate_at(second * 1000).await;
+        assert!(hooks.token_accepted(&board, minted_in(second)).await.is_ok(), "issued at a whole-second rotation");
+        assert!(matches!(hooks.token_accepted(&board, minted_in(second - 1)).await, Err(Refusal::Denied(_))));
     }
 
     #[test]

@@ -616,3 +616,59 @@ async fn an_idle_enrollment_session_is_closed_after_its_lifetime() {
     assert!(!board.is_closed());
     assert!(r.router.session(board.id()).is_some());
 }
+
+/// Records when each credential was read, then answers as the common authenticator does.
+struct Clocked {
+    inner: s4t_wamp::StaticAuthenticator,
+    read: std::sync::Mutex<Vec<std::time::SystemTime>>,
+}
+
+impl s4t_wamp::Authenticator for Clocked {
+    fn ticket<'a>(
+        &'a self,
+        realm: &'a str,
+        authid: &'a str,
+        ticket: &'a s4t_wamp::Secret,
+    ) -> s4t_wamp::AuthFuture<'a, Option<s4t_wamp::Role>> {
+        self.read.lock().unwrap().push(std::time::SystemTime::now());
+        self.inner.ticket(realm, authid, ticket)
+    }
+
+    fn wampcra<'a>(
+        &'a self,
+        realm: &'a str,
+        authid: &'a str,
+    ) -> s4t_wamp::AuthFuture<'a, Option<(s4t_wamp::Role, s4t_wamp::CraCredential)>> {
+        self.read.lock().unwrap().push(std::time::SystemTime::now());
+        self.inner.wampcra(realm, authid)
+    }
+
+    fn anonymous(&self, realm: &str) -> bool {
+        self.inner.anonymous(realm)
+    }
+}
+
+/// A session counts as admitted when its credential was read, not when the peer finished
+/// the handshake: one begun before a board's secret was rotated and answered (with the old
+/// key) up to the handshake timeout later must still count as admitted before the rotation,
+/// which closes the sessions admitted up to then.
+#[tokio::test]
+async fn a_session_is_admitted_when_its_credential_is_read() {
+    let clocked = Arc::new(Clocked { inner: authenticator(false), read: std::sync::Mutex::default() });
+    let router = s4t_wamp::Router::new(RouterConfig::default(), clocked.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let (router, shutdown) = (router.clone(), shutdown.clone());
+        async move { router.serve(listener, None, shutdown).await.unwrap() }
+    });
+    for auth in [board_auth(), agent_auth()] {
+        let session = within("connected", connect(&s4t_wamp::ClientConfig::new(&url, "s4t", auth))).await.unwrap();
+        let read = clocked.read.lock().unwrap().pop().expect("the credential was read");
+        let joined = router.session(session.id()).unwrap().joined;
+        assert!(joined <= read, "admitted at {joined:?}, after its credential was read at {read:?}");
+        session.leave().await;
+    }
+    shutdown.cancel();
+}

@@ -91,6 +91,9 @@ pub(crate) struct Granted {
     pub(crate) authid: String,
     pub(crate) role: Role,
     pub(crate) method: AuthMethod,
+    /// When the credential that admitted it was read: a handshake may finish seconds later,
+    /// after that credential was withdrawn, so revocation judges the session by this time.
+    pub(crate) admitted: SystemTime,
 }
 
 /// Runs the router side of the opening handshake up to (not including) WELCOME. On refusal
@@ -125,12 +128,14 @@ async fn open_inner(inner: &Inner, link: &mut Link, hs: &mut RouterHandshake) ->
                 let AuthResponse::Ticket(ticket) = hs.authenticate(next(link).await?).map_err(Some)? else {
                     return Err(Some(refused("unexpected answer")));
                 };
+                let admitted = SystemTime::now();
                 let role = lookup(inner.authenticator.ticket(realm, authid, &ticket).await)?;
-                return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::Ticket });
+                return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::Ticket, admitted });
             }
             (AuthMethod::WampCra, Some(authid)) => {
                 // An unknown authid is challenged like a known one and refused only after its
                 // answer, as a wrong signature is: the refusal must not tell which it was.
+                let admitted = SystemTime::now();
                 let (role, cred, known) = match inner.authenticator.wampcra(realm, authid).await {
                     Ok(Some((role, cred))) => (role, cred, true),
                     Ok(None) => (Role::Board, CraCredential::decoy(&inner.decoy_key, authid), false),
@@ -150,10 +155,11 @@ async fn open_inner(inner: &Inner, link: &mut Link, hs: &mut RouterHandshake) ->
                     return Err(verified.err().unwrap_or_else(|| Some(refused("WAMP-CRA signature is invalid"))));
                 }
                 verified?;
-                return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::WampCra });
+                return Ok(Granted { authid: authid.to_owned(), role, method: AuthMethod::WampCra, admitted });
             }
             (AuthMethod::Anonymous, _) if inner.authenticator.anonymous(realm) => {
-                return Ok(Granted { authid: "anonymous".into(), role: Role::Legacy, method: AuthMethod::Anonymous });
+                let (authid, role, method) = ("anonymous".into(), Role::Legacy, AuthMethod::Anonymous);
+                return Ok(Granted { authid, role, method, admitted: SystemTime::now() });
             }
             _ => {}
         }

@@ -234,7 +234,7 @@ pub struct SessionInfo {
     /// session with [`Router::bind_board`].
     pub board: Option<String>,
     pub transport: TransportInfo,
-    /// When it was admitted (authenticated).
+    /// When it was admitted: when the credential it authenticated with was read.
     pub joined: std::time::SystemTime,
 }
 

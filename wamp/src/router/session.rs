@@ -140,7 +140,7 @@ async fn open(
         authprovider: inner.config.authprovider.clone(),
         board,
         transport: TransportInfo { peer: Some(peer), serializer: Some(serializer), tls: tls.is_some(), host },
-        joined: std::time::SystemTime::now(),
+        joined: granted.admitted,
     };
     Ok(Some(Opened { link, info, hs, slot }))
 }
