@@ -5,8 +5,8 @@
 //! Every handler is idempotent: request state moves by compare-and-set in the database, so a
 //! message delivered twice (a conductor killed before its ack) does its work once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -50,11 +50,17 @@ pub struct Conductor {
     bus: Bus,
     /// When (ms, the sweep's clock) finished requests were last purged.
     purged_at: Arc<AtomicI64>,
+    /// Requests the sweep expired whose end it could not finish (an error giving back their
+    /// allocation or publishing their completion): tried again at each sweep. Kept here, not
+    /// looked for again in the database: while its allocation is there, it is that
+    /// request's (a new enable of the service, a new join, is refused meanwhile); once
+    /// freed, the same port or address may go to the next, which must stay.
+    unfinished: Arc<Mutex<Vec<Request>>>,
 }
 
 impl Conductor {
     pub fn new(db: Db, bus: Bus) -> Self {
-        Conductor { db, bus, purged_at: Arc::new(AtomicI64::new(i64::MIN)) }
+        Conductor { db, bus, purged_at: Arc::new(AtomicI64::new(i64::MIN)), unfinished: Arc::default() }
     }
 
     /// Runs until `shutdown`. With the in-process bus, first recovers what a previous run left
@@ -97,35 +103,51 @@ impl Conductor {
         }
     }
 
-    /// After a restart of the whole cloud (in-process bus): accepted requests are sent again;
-    /// requests that were at a board when the process died are marked failed.
+    /// After a restart of the whole cloud (in-process bus): requests that were at a board
+    /// when the process died are marked failed; accepted requests are sent again. In that
+    /// order: one sent here is not taken for one of the dead process's, and a queued one
+    /// does not wait behind a RUNNING one that will never answer.
     async fn recover(&self) -> Result<(), Error> {
+        for r in self.db.requests_in(RequestStatus::Running).await? {
+            self.fail(&r.uuid, &r.destination, "the cloud restarted while the board was running this request").await?;
+        }
         // Executed here, not sent to our own queue: nobody reads it yet, and more than its
         // capacity would block the start for ever.
         for r in self.db.requests_in(RequestStatus::Pending).await? {
-            self.execute(&r.uuid, false).await?;
-        }
-        for r in self.db.requests_in(RequestStatus::Running).await? {
-            self.fail(&r.uuid, &r.destination, "the cloud restarted while the board was running this request").await?;
+            self.execute(&r.uuid, false, Origin::Made).await?;
         }
         Ok(())
     }
 
     pub async fn handle(&self, msg: ConductorMsg, redelivered: bool) -> Result<(), Error> {
         match msg {
-            ConductorMsg::Execute { request } => self.execute(&request, redelivered).await,
+            ConductorMsg::Execute { request } => self.execute(&request, redelivered, Origin::Made).await,
+            // Only the end of a queued request sends the next queued one: the end of any other
+            // (a user's read, the conductor's own notifications) sent it while the one before
+            // was still running.
             ConductorMsg::Result { request, board, result, message } => {
-                self.record_result(&request, &board, &result, &message).await?;
-                self.deliver_queued(&board).await
+                if self.record_result(&request, &board, &result, &message).await? {
+                    self.deliver_queued(&board).await?;
+                }
+                Ok(())
             }
             ConductorMsg::BoardOnline { board } => self.deliver_queued(&board).await,
             ConductorMsg::Failed { request, board, reason } => {
-                match self.db.request(&request, None).await? {
-                    Some(r) if r.status.is_final() => self.after_final(&r).await?,
-                    Some(_) => self.fail(&request, &board, &reason).await?,
-                    None => {}
+                let queued = match self.db.request(&request, None).await? {
+                    Some(r) if r.status.is_final() => {
+                        self.after_final(&r).await?;
+                        r.expires_at.is_some()
+                    }
+                    Some(r) => {
+                        self.fail(&request, &board, &reason).await?;
+                        r.expires_at.is_some()
+                    }
+                    None => false,
+                };
+                if queued {
+                    self.deliver_queued(&board).await?;
                 }
-                self.deliver_queued(&board).await
+                Ok(())
             }
         }
     }
@@ -152,8 +174,9 @@ impl Conductor {
     /// Sends a PENDING request to its board's agent (or queues or fails it). `redelivered`:
     /// a previous conductor died holding this message, maybe between marking the request
     /// RUNNING and handing it to the agent; then a RUNNING request is handed over again (the
-    /// agent drops a request id it has already taken).
-    async fn execute(&self, uuid: &str, redelivered: bool) -> Result<(), Error> {
+    /// agent drops a request id it has already taken). A request made to be queued goes
+    /// through its board's queue ([`Conductor::enqueue`]) unless taken from it.
+    async fn execute(&self, uuid: &str, redelivered: bool, origin: Origin) -> Result<(), Error> {
         let Some(req) = self.db.request(uuid, None).await? else {
             warn!("execute: unknown request");
             return Ok(());
@@ -166,26 +189,25 @@ impl Conductor {
         if req.status != RequestStatus::Pending && !again {
             return Ok(()); // already handled (redelivery)
         }
+        if req.expires_at.is_some() && !again && origin == Origin::Made {
+            return self.enqueue(&req).await;
+        }
         let board = self.db.board_by_uuid(&req.destination).await?;
         let Some(board) = board.filter(is_online) else {
             if req.expires_at.is_some() && !again {
+                // Taken from the queue as the board left: back in it, for its next login.
                 self.db.transition_request(uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await?;
-                info!("board offline: request queued");
-                self.bus.completed(uuid).await?;
-                // The board may have logged in since it was read, its login handled (by
-                // another conductor) before this was queued: then nothing would send it until
-                // the next login. Looked at again once queued, it goes now.
-                if self.db.board_by_uuid(&req.destination).await?.is_some_and(|b| is_online(&b)) {
-                    Box::pin(self.deliver_queued(&req.destination)).await?;
-                }
+                info!("board offline: request queued again");
                 return Ok(());
             }
             return self.fail(uuid, &req.destination, "the board is offline").await;
         };
-        // A queued request may wait days, leases come and go meanwhile (one sent at once was
-        // checked by the API a moment ago; the conductor's own notifications have no lease).
+        // Leases come and go while a request waits: queued for days, or only behind a backlog
+        // (or in RabbitMQ while no conductor runs, up to `PENDING_LIMIT`) after the API
+        // checked it. The conductor's own notifications (a lease's teardown) are not bound
+        // by leases.
         if !again
-            && req.expires_at.is_some()
+            && origin != Origin::Conductor
             && let Some(reason) = self.lease_refusal(&req).await?
         {
             info!(request = %uuid, %reason, "request refused at delivery");
@@ -215,12 +237,47 @@ impl Conductor {
             omit_req,
         };
         if let Err(e) = self.bus.to_agent(&agent, &call).await {
+            // A queued request may have waited days for this login: a hand-over that failed
+            // for a moment (the agent's queue full, the broker) puts it back first in line,
+            // and the delivery stops (it failed, and every one after it with it); the next
+            // login or the sweep delivers again.
+            if req.expires_at.is_some()
+                && self.db.transition_request(uuid, &[RequestStatus::Running], RequestStatus::Queued, None).await?
+            {
+                warn!(request = %uuid, cause = %e, "cannot reach agent {agent}: request queued again");
+                return Err(e);
+            }
             self.fail(uuid, &board.uuid, &format!("cannot reach agent {agent}: {e}")).await?;
         }
         Ok(())
     }
 
-    async fn record_result(&self, request: &str, board: &str, result: &str, message: &Value) -> Result<(), Error> {
+    /// Puts a PENDING request made to be queued (`?queue=true`) in its board's queue, behind
+    /// the older ones (sent at once, it went ahead of them, and beside one still running),
+    /// and delivers the queue if the board is online. The caller is told (a completion) if
+    /// it is still queued then; one that went out is waited for as any other.
+    async fn enqueue(&self, req: &Request) -> Result<(), Error> {
+        let from = [RequestStatus::Pending];
+        if !self.db.transition_request(&req.uuid, &from, RequestStatus::Queued, None).await? {
+            return Ok(()); // taken by a delivery already
+        }
+        // Read after the request is queued: a board that logged in meanwhile, its login
+        // handled (by another conductor) before this was queued, gets it now, not at its
+        // next login.
+        let delivered = match self.db.board_by_uuid(&req.destination).await? {
+            Some(b) if is_online(&b) => Box::pin(self.deliver_queued(&req.destination)).await,
+            _ => Ok(()),
+        };
+        if self.db.request(&req.uuid, None).await?.is_some_and(|r| r.status == RequestStatus::Queued) {
+            info!("request queued");
+            self.bus.completed(&req.uuid).await?;
+        }
+        delivered
+    }
+
+    /// Records a board's answer; whether the request was made to be queued (its end sends
+    /// the next queued one).
+    async fn record_result(&self, request: &str, board: &str, result: &str, message: &Value) -> Result<bool, Error> {
         // Refused, not retried: the database's CHECK would refuse it as an error taken for a
         // passing one, and the message was tried again for half a minute, every conductor
         // waiting meanwhile (a board's `notify_result` carried any string).
@@ -229,9 +286,11 @@ impl Conductor {
                 "request {request}: a board result is one of {BOARD_RESULTS:?}, not {result:?}"
             )));
         }
-        let Some(req) = self.db.request(request, None).await? else { return Ok(()) };
+        let Some(req) = self.db.request(request, None).await? else { return Ok(false) };
+        let queued = req.expires_at.is_some();
         if req.status.is_final() {
-            return self.after_final(&req).await;
+            self.after_final(&req).await?;
+            return Ok(queued);
         }
         let text = match message {
             Value::String(s) => s.clone(),
@@ -243,7 +302,8 @@ impl Conductor {
             let from = [RequestStatus::Running, RequestStatus::Pending];
             self.db.transition_request(request, &from, RequestStatus::Completed, None).await?;
         }
-        self.finish(&req, result == "ERROR").await
+        self.finish(&req, result == "ERROR").await?;
+        Ok(queued)
     }
 
     /// Why `req` may not reach its board now, if a lease stands in between: the board is
@@ -335,10 +395,14 @@ impl Conductor {
     /// Sends `board`'s queued requests in the order they were made, one at a time: the oldest
     /// goes out (at login), and the board's answer to it (or its failure) sends the next, so
     /// two queued GPIO writes land in the order they were made (sent together, the board ran
-    /// them at once). One that ends at delivery (refused, failed) makes way at once; one
-    /// another conductor took first is left to it, whose end sends the next.
+    /// them at once). Nothing goes while one is RUNNING. One that ends at delivery (refused,
+    /// failed) makes way at once; one another conductor took first is left to it, whose end
+    /// sends the next.
     async fn deliver_queued(&self, board: &str) -> Result<(), Error> {
         while let Some(r) = self.db.next_queued_for_board(board).await? {
+            if r.status == RequestStatus::Running {
+                return Ok(()); // its end sends the next
+            }
             // A PENDING one is handed over as it is (`execute`'s compare-and-set makes a
             // second hand-over nothing): a delivery cut by an error left it stranded, and
             // the younger ones went first.
@@ -348,7 +412,7 @@ impl Conductor {
                 return Ok(());
             }
             info!(request = %r.uuid, "delivering a queued request");
-            self.execute(&r.uuid, false).await?;
+            self.execute(&r.uuid, false, Origin::Queue).await?;
             let now = self.db.request(&r.uuid, None).await?.map(|r| r.status);
             if !now.is_some_and(|s| s.is_final()) {
                 return Ok(()); // at the board, or queued again (the board left)
@@ -367,10 +431,18 @@ impl Conductor {
 
     /// [`Conductor::sweep`] as at `now` (ms) for the stuck and the finished requests.
     pub async fn sweep_at(&self, now: i64) -> Result<(), Error> {
-        for r in self.db.expire_queued().await? {
-            self.undo_allocation(&r).await?;
-            self.bus.completed(&r.uuid).await?;
+        // Each ended in turn, past another's error: one error left every later one EXPIRED
+        // with its exposure or membership for good.
+        let expired = self.db.expire_queued().await?;
+        let owed = std::mem::take(&mut *self.unfinished.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut unfinished = Vec::new();
+        for r in owed.into_iter().chain(expired) {
+            if let Err(e) = self.finish(&r, true).await {
+                warn!(request = %r.uuid, cause = %e, "ending an expired request failed: again at the next sweep");
+                unfinished.push(r);
+            }
         }
+        self.unfinished.lock().unwrap_or_else(PoisonError::into_inner).extend(unfinished);
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let stuck = [
             (RequestStatus::Pending, PENDING_LIMIT, "the cloud lost the request before sending it to the board"),
@@ -380,6 +452,13 @@ impl Conductor {
             for r in self.db.requests_in_since(status, now.saturating_sub(ms(limit))).await? {
                 warn!(request = %r.uuid, action = %r.action, status = ?status, "request failed after {limit:?}: {why}");
                 self.fail(&r.uuid, &r.destination, &format!("{why} within {} min", limit.as_secs() / 60)).await?;
+            }
+        }
+        // A delivery that stopped (a hand-over that failed, a queued request failed above)
+        // goes on; one board's failure does not stop the others'.
+        for board in self.db.online_boards_with_queued().await? {
+            if let Err(e) = self.deliver_queued(&board).await {
+                warn!(board = %board, cause = %e, "delivering queued requests failed");
             }
         }
         self.expire_leases().await?;
@@ -456,8 +535,19 @@ impl Conductor {
     /// queue (a lease of many boards ending would fill it and block the conductor for ever).
     async fn notify_board(&self, project: &str, board: &str, action: &str, args: Value) -> Result<(), Error> {
         let r = self.db.create_request(project, board, action, &args, None).await?;
-        self.execute(&r.uuid, false).await
+        self.execute(&r.uuid, false, Origin::Conductor).await
     }
+}
+
+/// Who hands a request to [`Conductor::execute`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// Its `Execute` message, or the recovery at a start.
+    Made,
+    /// [`Conductor::deliver_queued`], which took it from its board's queue.
+    Queue,
+    /// [`Conductor::notify_board`]: the conductor's own call (a lease's teardown).
+    Conductor,
 }
 
 /// Online on an agent, with a session to call.

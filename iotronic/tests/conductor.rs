@@ -145,6 +145,7 @@ async fn queued_requests_do_not_cross_leases() {
     assert_eq!(status(before.uuid.clone()).await, RequestStatus::Failed, "ran inside another project's lease");
     let call = tokio::time::timeout(Duration::from_secs(5), agent.recv()).await.unwrap().unwrap().msg;
     assert_eq!(call.request, under.uuid, "the lessee's own request goes out");
+    c.handle(answer(&under.uuid, &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     // Made under the lease, delivered after it ended.
     t.db.session_left("7").await.unwrap();
     let stale = queue(Some(lease.uuid.clone())).await;
@@ -153,6 +154,36 @@ async fn queued_requests_do_not_cross_leases() {
     t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
     c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
     assert_eq!(status(stale.uuid.clone()).await, RequestStatus::Failed, "ran after its lease ended");
+}
+
+/// A request sent at once is checked against leases when the conductor runs it, as a queued
+/// one is: one made before another project leased the board (it waited behind a backlog, or
+/// in RabbitMQ while no conductor ran), or under a lease that has ended since, fails.
+#[tokio::test]
+async fn plain_requests_do_not_cross_leases() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let other = t.db.create_project("other").await.unwrap();
+    let status = |uuid: String| {
+        let db = t.db.clone();
+        async move { db.request(&uuid, None).await.unwrap().unwrap().status }
+    };
+    let before = t.db.create_request(&p.uuid, &b.uuid, "DeviceReboot", &json!([]), None).await.unwrap();
+    let lease = t.db.create_lease(&other.uuid, "u", std::slice::from_ref(&b.uuid), now_ms() + 60_000).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: before.uuid.clone() }, false).await.unwrap();
+    assert_eq!(status(before.uuid.clone()).await, RequestStatus::Failed, "ran inside another project's lease");
+    let none = json!([]);
+    let under = |lease: &str| {
+        let (db, p, b, none, lease) = (t.db.clone(), p.uuid.clone(), b.uuid.clone(), none.clone(), lease.to_owned());
+        async move { db.create_request_under(&p, &b, "DeviceReboot", &none, None, Some(&lease)).await.unwrap() }
+    };
+    let ok = under(&lease.uuid).await;
+    c.handle(ConductorMsg::Execute { request: ok.uuid.clone() }, false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, ok.uuid, "the lessee's own request goes out");
+    let stale = under(&lease.uuid).await;
+    assert!(t.db.end_lease(&lease.uuid, "released").await.unwrap());
+    c.handle(ConductorMsg::Execute { request: stale.uuid.clone() }, false).await.unwrap();
+    assert_eq!(status(stale.uuid.clone()).await, RequestStatus::Failed, "ran after its lease ended");
+    assert!(agent.try_recv().is_err());
 }
 
 /// At a start with more accepted requests than the conductor's queue holds (the in-process
@@ -278,6 +309,9 @@ async fn queue_two_gpio_writes(t: &TestDb, p: &Project, b: &Board, c: &Conductor
 
 /// Queued requests go out in the order they were made, one at a time: the board's answer to
 /// one sends the next (sent together at login, the board ran them at once, in any order).
+/// Only that answer: the end of another request of the board, or a second login, sent the
+/// next while the first still ran; and a request queued while the board is online goes
+/// behind the older ones (it was sent at once, ahead of them).
 #[tokio::test]
 async fn queued_requests_go_out_one_after_the_other() {
     let Online { t, p, b, mut agent, c } = online().await;
@@ -287,8 +321,50 @@ async fn queued_requests_go_out_one_after_the_other() {
     let first = agent.recv().await.unwrap().msg;
     assert_eq!(first.request, queued[0]);
     assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
+    // A user's ping answered, the board's login seen again, a third write queued now.
+    let ping = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: ping.uuid.clone() }, false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, ping.uuid);
+    c.handle(answer(&ping.uuid, &b.uuid, "SUCCESS", json!("pong")), false).await.unwrap();
+    let early = agent.try_recv().map(|d| d.msg.request);
+    assert!(early.is_err(), "{early:?} went out at the answer to a ping while the first queued one was running");
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    let args = json!([{"line": "GPIO17", "value": 1}]);
+    let third = t.db.create_request(&p.uuid, &b.uuid, "GpioWrite", &args, Some(now_ms() + 60_000)).await.unwrap();
+    c.handle(ConductorMsg::Execute { request: third.uuid.clone() }, false).await.unwrap();
+    let early = agent.try_recv().map(|d| d.msg.request);
+    assert!(early.is_err(), "{early:?} went out while the first queued one was running");
+    assert_eq!(t.db.request(&third.uuid, None).await.unwrap().unwrap().status, RequestStatus::Queued);
     c.handle(answer(&first.request, &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     assert_eq!(agent.recv().await.unwrap().msg.request, queued[1]);
+    assert!(agent.try_recv().is_err(), "the third went out before the second was answered");
+    c.handle(answer(&queued[1], &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, third.uuid);
+}
+
+/// A queued request whose hand-over to the agent fails (its queue full) goes back in the
+/// queue, and the delivery stops: the sweep (or the next login) delivers it, first. Before,
+/// it failed, and so did every one queued after it, in the same loop.
+#[tokio::test]
+async fn a_failed_hand_over_keeps_queued_requests_queued() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let queued = queue_two_gpio_writes(&t, &p, &b, &c).await;
+    t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
+    for _ in 0..iotronic::bus::QUEUE_CAPACITY {
+        let r = t.db.create_request(&p.uuid, &b.uuid, "DevicePing", &json!([]), None).await.unwrap();
+        c.handle(ConductorMsg::Execute { request: r.uuid }, false).await.unwrap();
+    }
+    let handed = c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await;
+    for q in &queued {
+        let status = t.db.request(q, None).await.unwrap().unwrap().status;
+        assert_eq!(status, RequestStatus::Queued, "a queued request was lost to a full agent queue");
+    }
+    assert!(handed.is_err(), "the failed hand-over was not reported: {handed:?}");
+    // The agent catches up; the sweep delivers, the oldest first and alone.
+    while agent.try_recv().is_ok() {}
+    c.sweep().await.unwrap();
+    assert_eq!(agent.try_recv().expect("the sweep did not deliver").msg.request, queued[0]);
+    assert!(agent.try_recv().is_err(), "the second went out before the first was answered");
 }
 
 /// A queued request whose delivery was cut after it left the queue (the database refused to
@@ -368,6 +444,32 @@ async fn an_enable_failed_by_the_cloud_frees_its_port_even_if_the_first_try_fail
     sqlx::query("DROP TRIGGER keep").execute(&mut conn).await.unwrap();
     c.handle(exec, true).await.unwrap();
     assert!(t.db.exposure(&b.uuid, &svc.uuid).await.unwrap().is_none(), "the port stayed allocated");
+}
+
+/// Queued ServiceEnables that expire all give their ports back even when that failed for
+/// the first (the database refused): the sweep goes on to the others and tries the failed
+/// ones again at its next run. The first error stopped the sweep, and the requests, EXPIRED
+/// already, kept their ports for good.
+#[tokio::test]
+async fn expired_enables_free_their_ports_even_if_the_first_try_failed() {
+    let Online { t, p, b, agent: _agent, c } = online().await;
+    t.db.session_left("7").await.unwrap();
+    let mut services = Vec::new();
+    for name in ["ssh", "web"] {
+        let svc = t.db.create_service(name, &p.uuid, 22, "TCP", &json!({})).await.unwrap();
+        let e = t.db.allocate_exposure(&b.uuid, &svc.uuid, (50001, 50010), None, &[]).await.unwrap();
+        let args = json!([{"uuid": svc.uuid, "name": name, "port": 22, "protocol": "TCP"}, e.public_port]);
+        let r = t.db.create_request(&p.uuid, &b.uuid, "ServiceEnable", &args, Some(now_ms() - 1)).await.unwrap();
+        t.db.transition_request(&r.uuid, &[RequestStatus::Pending], RequestStatus::Queued, None).await.unwrap();
+        services.push(svc.uuid);
+    }
+    let mut conn = keep_exposures(&t).await;
+    let _ = c.sweep().await;
+    sqlx::query("DROP TRIGGER keep").execute(&mut conn).await.unwrap();
+    c.sweep().await.unwrap();
+    for s in &services {
+        assert!(t.db.exposure(&b.uuid, s).await.unwrap().is_none(), "the port stayed allocated");
+    }
 }
 
 /// A request the cloud fails is never left FAILED without the result saying why: the two

@@ -349,12 +349,15 @@ impl Db {
     /// The oldest request queued for `board` that has not expired: the next to deliver. A
     /// PENDING one that may be queued (it has an expiry) counts: taken from the queue, it was
     /// not handed to the board yet (a delivery cut by an error), or its own `Execute` is on
-    /// its way; either way it goes before the younger ones.
+    /// its way; either way it goes before the younger ones. A RUNNING one made to be queued
+    /// comes before all: the board is running it, and the next waits for its end.
     pub async fn next_queued_for_board(&self, board: &str) -> Result<Option<Request>, Error> {
         let row = sqlx::query(
             "SELECT * FROM requests WHERE destination_uuid = $1 \
-             AND (status = 'QUEUED' OR (status = 'PENDING' AND expires_at IS NOT NULL)) \
-             AND (expires_at IS NULL OR expires_at > $2) ORDER BY created_at, uuid LIMIT 1",
+             AND ((status = 'RUNNING' AND expires_at IS NOT NULL) \
+             OR ((status = 'QUEUED' OR (status = 'PENDING' AND expires_at IS NOT NULL)) \
+             AND (expires_at IS NULL OR expires_at > $2))) \
+             ORDER BY CASE WHEN status = 'RUNNING' THEN 0 ELSE 1 END, created_at, uuid LIMIT 1",
         )
         .bind(board)
         .bind(now_ms())
@@ -377,6 +380,21 @@ impl Db {
         .await
         .map_err(db_err)?;
         rows.iter().map(request_row).collect()
+    }
+
+    /// The online boards (with a session on an agent) that have queued requests not expired:
+    /// the sweep delivers them when a delivery stopped (a hand-over that failed).
+    pub async fn online_boards_with_queued(&self) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT r.destination_uuid FROM requests r JOIN boards b ON b.uuid = r.destination_uuid \
+             WHERE r.status = 'QUEUED' AND (r.expires_at IS NULL OR r.expires_at > $1) AND b.status = 'online' \
+             AND b.session_id IS NOT NULL AND b.agent IS NOT NULL",
+        )
+        .bind(now_ms())
+        .fetch_all(self.pool())
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(|r| col(r, "destination_uuid")).collect()
     }
 
     /// Requests in `status`, oldest first (recovery after a restart).
