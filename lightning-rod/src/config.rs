@@ -200,9 +200,12 @@ fn default_package_managers() -> BTreeMap<String, PackageManager> {
         version_format: "{package}=={version}".into(),
         writes: vec!["/usr".into()],
     };
+    // Unattended: a changed conffile (such as /etc/lightning-rod/config.toml) keeps the
+    // board's version instead of stopping at a prompt that stdin (/dev/null) cannot answer.
+    let keep = ["-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"];
     BTreeMap::from([
-        ("apt".into(), apt(&["apt", "-y", "-q"])),
-        ("apt-get".into(), apt(&["apt-get", "-y", "-q"])),
+        ("apt".into(), apt(&[&["apt", "-y", "-q"][..], &keep].concat())),
+        ("apt-get".into(), apt(&[&["apt-get", "-y", "-q"][..], &keep].concat())),
         ("pip3".into(), pip),
     ])
 }

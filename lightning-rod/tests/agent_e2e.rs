@@ -406,6 +406,39 @@ async fn ready_on_entering_retry_and_never_exits_on_transient_errors() {
     assert_eq!(wait_exit(&mut child.0), 0);
 }
 
+/// A first boot with the cloud unreachable reports READY too (status "enrolling") while
+/// enrollment is retried: with `Type=notify`, systemd held the boot, then killed and started
+/// the agent again, every 90 s.
+#[tokio::test]
+async fn ready_while_first_boot_enrollment_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    // An address where nothing listens: bind, read the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let cloud = format!("[cloud]\nurl = \"ws://127.0.0.1:{port}/\"\ncode = \"CODE-1\"\n");
+    std::fs::write(&config, text.replacen("[cloud]\n", &cloud, 1)).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
+    let mut child = Agent(
+        bin()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 256];
+    let n = within("sd_notify READY", notify.recv(&mut buf)).await.unwrap();
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1\nSTATUS=enrolling\n");
+    assert!(child.0.try_wait().unwrap().is_none(), "exited on a transient error");
+    assert!(!dir.path().join("state/identity.json").exists());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut child.0), 0);
+}
+
 /// `wss://` with the cloud's CA pinned at enrollment: enroll, then log in; a wrong pin fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_and_login_over_wss_with_a_pinned_ca() {

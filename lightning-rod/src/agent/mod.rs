@@ -22,7 +22,7 @@ use crate::hal::{GPIO_EVENT_CAPACITY, Hal};
 use crate::plugins::PluginManager;
 use crate::rpc::services::{ServiceManager, TunnelOpener};
 use crate::rpc::vpn::{PacketOpener, VpnManager};
-use crate::rpc::{Context, NOTIFY_CAPACITY};
+use crate::rpc::{Context, Lifecycle, NOTIFY_CAPACITY};
 use crate::state::{Identity, StateStore};
 use link::{Auth, ConnectOptions, Connector};
 use session::{Queues, SessionEnd, Timers};
@@ -57,12 +57,15 @@ async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
 }
 
 /// The stored identity; else the original's; else first-boot enrollment with the configured
-/// code (retried on transient errors).
+/// code (retried on transient errors). A failed enrollment reports READY (`ready` records
+/// it): with `Type=notify`, systemd would otherwise hold the boot, then kill the agent and
+/// start it again, while the cloud is unreachable.
 async fn identity(
     config: &Config,
     store: &StateStore,
     connector: &dyn Connector,
     shutdown: &CancellationToken,
+    ready: &mut bool,
 ) -> Result<Option<Identity>> {
     if let Some(id) = crate::load::identity(config, store)? {
         return Ok(Some(id));
@@ -74,6 +77,10 @@ async fn identity(
             Ok(id) => return Ok(Some(id)),
             Err(e) if e.exit_code().is_some() => return Err(e),
             Err(e) => tracing::warn!(cause = %e, "first-boot enrollment failed; retrying"),
+        }
+        if !*ready {
+            notify_ready("enrolling");
+            *ready = true;
         }
         if !pause(delays.next_delay(), shutdown).await {
             return Ok(None);
@@ -92,7 +99,10 @@ pub struct Clients {
 pub async fn run(config: Config, shutdown: CancellationToken, clients: Clients) -> Result<Exit> {
     let Clients { wamp: connector, tunnels: opener, packets } = clients;
     let store = StateStore::open(&config.board.state_dir)?;
-    let Some(id) = identity(&config, &store, connector.as_ref(), &shutdown).await? else { return Ok(Exit::Shutdown) };
+    let mut ready = false;
+    let Some(id) = identity(&config, &store, connector.as_ref(), &shutdown, &mut ready).await? else {
+        return Ok(Exit::Shutdown);
+    };
     let hal = Hal::from_config(&config.hal);
     hal.start()?;
     let (ntx, nrx) = mpsc::channel(NOTIFY_CAPACITY);
@@ -126,7 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, clients: Clients) 
     });
     let mut queues = Queues { notify: nrx, gpio: grx, lifecycle: lrx, telemetry: trx, pending: None };
     spawn_onboot(&plugins, &ctx.shutdown);
-    let result = sessions(&config, &id, &ctx, &mut queues, connector.as_ref(), &shutdown).await;
+    let result = sessions(&config, &id, &ctx, &mut queues, connector.as_ref(), &shutdown, ready).await;
     ctx.shutdown.cancel();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     plugins.close_all().await;
@@ -153,7 +163,8 @@ fn connect_options(config: &Config, id: &Identity) -> ConnectOptions {
     }
 }
 
-/// Connect, log in, register, restore, serve; forever, until shutdown or a permanent error.
+/// Connect, log in, register, restore, serve; forever, until shutdown, a restart or a permanent
+/// error. `ready`: READY was already sent to systemd.
 async fn sessions(
     config: &Config,
     id: &Identity,
@@ -161,13 +172,13 @@ async fn sessions(
     queues: &mut Queues,
     connector: &dyn Connector,
     shutdown: &CancellationToken,
+    mut ready: bool,
 ) -> Result<Exit> {
     let timers = Timers {
         call: Duration::from_secs(config.timers.call_timeout_s),
         alive: Duration::from_secs(config.timers.alive_interval_s),
     };
     let mut delays = backoff(config);
-    let mut ready = false;
     let restorer = Arc::new(Restorer::default());
     // Tunnels do not need the WAMP session: restore them at boot right away.
     restorer.request(ctx);
@@ -182,8 +193,11 @@ async fn sessions(
             .await;
             Ok::<_, Error>((link, done))
         };
+        // A restart is taken at once, also while connecting or waiting to reconnect: its
+        // sender holds the package lock until then, and no package operation runs meanwhile.
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+            Some(Lifecycle::Restart) = queues.lifecycle.recv() => return Ok(Exit::Restart),
             r = attempt => r,
         };
         let end = match outcome {
@@ -236,8 +250,10 @@ async fn sessions(
                     notify_ready("retrying");
                     ready = true;
                 }
-                if !pause(delay, shutdown).await {
-                    return Ok(Exit::Shutdown);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                    Some(Lifecycle::Restart) = queues.lifecycle.recv() => return Ok(Exit::Restart),
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }

@@ -165,6 +165,17 @@ async fn renew(link: &dyn Link, id: &Identity, t: &Timers, ctx: &Context) -> Res
     Ok((ctx.services.renew_tokens(&services).await?, ctx.vpns.renew_tokens(&vpns).await?, pruned))
 }
 
+/// Delivers the results waiting, one try each, before a restart loses them: the result of an
+/// upgrade of the agent itself is queued just before the restart it asks for.
+async fn deliver_queued(link: &dyn Link, id: &Identity, t: &Timers, q: &mut Queues) {
+    while let Some(n) = q.pending.take().or_else(|| q.notify.try_recv().ok()) {
+        if let Err(e) = notify(link, id, t, &n).await {
+            tracing::warn!(cause = %e, "result not delivered before the restart");
+            return;
+        }
+    }
+}
+
 /// Serves a logged-in, registered session until it ends.
 pub async fn serve(
     link: &dyn Link,
@@ -197,7 +208,10 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            Some(Lifecycle::Restart) = q.lifecycle.recv() => return SessionEnd::Restart,
+            Some(Lifecycle::Restart) = q.lifecycle.recv() => {
+                deliver_queued(link, id, t, q).await;
+                return SessionEnd::Restart;
+            }
             _ = &mut closed => return SessionEnd::Lost(Error::Wamp("the session was closed".into())),
             _ = tick.tick() => {
                 if let Err(e) = alive(link, id, t).await {

@@ -38,6 +38,8 @@ struct Cloud {
     notify_unavailable: std::sync::atomic::AtomicBool,
     /// The session ends right after `connection` (login) answers.
     drop_after_login: std::sync::atomic::AtomicBool,
+    /// Connections fail (the cloud is unreachable).
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 struct FakeLink {
@@ -132,6 +134,9 @@ impl Link for FakeLink {
 impl Connector for Arc<Cloud> {
     fn connect(&self, options: ConnectOptions) -> BoxFuture<'_, Result<Box<dyn Link>>> {
         Box::pin(async move {
+            if self.unreachable.load(Ordering::SeqCst) {
+                return Err(crate::Error::Wamp("connection refused".into()));
+            }
             if self.original.load(Ordering::SeqCst) && !matches!(options.auth, Auth::Anonymous) {
                 return Err(crate::Error::AuthMethod("wamp.error.no_auth_method".into()));
             }
@@ -320,6 +325,7 @@ async fn start_with_a_package_operation(
 ) -> (CancellationToken, tokio::task::JoinHandle<crate::Result<Exit>>) {
     let shutdown = CancellationToken::new();
     let mut c = config(dir);
+    c.device.min_delay_s = 0;
     c.device.package_managers.insert(
         "echo".into(),
         crate::config::PackageManager {
@@ -393,6 +399,45 @@ async fn sessions_that_end_at_once_back_off() {
     assert!(logins <= 15, "{logins} logins in two minutes");
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// A restart whose delay ends while the cloud is unreachable happens then, not at the next
+/// login: it holds the package lock until the agent stops, and operations queued for the
+/// next login would wait for it (or start and be killed by it).
+#[tokio::test(start_paused = true)]
+async fn a_restart_happens_while_the_cloud_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(config(dir.path()), shutdown.clone(), clients(&cloud)));
+    wait_for("registration", || cloud.registered.lock().unwrap().len() == crate::rpc::Method::ALL.len()).await;
+    let args = vec![json!({"uuid": "r"}), json!({"delay": 30})];
+    assert_eq!(cloud.invoke("iotronic.1001.u-1.DeviceRestartLR", args).await["result"], "SUCCESS");
+    cloud.unreachable.store(true, Ordering::SeqCst);
+    cloud.drop_session();
+    let end = tokio::time::timeout(Duration::from_secs(3600), task).await;
+    assert_eq!(end.expect("no restart while offline").unwrap().unwrap(), Exit::Restart);
+}
+
+/// Results waiting are delivered before a restart (the result of the agent's own upgrade is
+/// queued just before the restart it asks for); they were lost with the process.
+#[tokio::test(start_paused = true)]
+async fn a_restart_delivers_the_results_waiting_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Arc::new(Cloud::default());
+    cloud.notify_unavailable.store(true, Ordering::SeqCst);
+    let (_shutdown, task) = start_with_a_package_operation(&cloud, dir.path()).await;
+    wait_for("a first try of notify_result", || !cloud.calls_to(".stack4things.notify_result").is_empty()).await;
+    let tries = cloud.calls_to(".stack4things.notify_result").len();
+    cloud.notify_unavailable.store(false, Ordering::SeqCst);
+    // Within the result's retry delay (1 s at first): the restart comes first.
+    let args = vec![json!({"uuid": "r"}), json!({"delay": 0})];
+    assert_eq!(cloud.invoke("iotronic.1001.u-1.DeviceRestartLR", args).await["result"], "SUCCESS");
+    assert_eq!(task.await.unwrap().unwrap(), Exit::Restart);
+    let calls = cloud.calls_to(".stack4things.notify_result");
+    assert_eq!(calls.len(), tries + 1, "the result waiting was not delivered before the restart");
+    let msg: Value = serde_json::from_str(calls[tries]["wampmessage"].as_str().unwrap()).unwrap();
+    assert_eq!((msg["result"].as_str(), msg["req_id"].as_str()), (Some("SUCCESS"), Some("r-9")));
 }
 
 #[tokio::test(start_paused = true)]

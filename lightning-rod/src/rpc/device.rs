@@ -20,10 +20,18 @@ use crate::error::{Error, Result};
 
 /// Output of a package operation kept for the reply (the tail beyond is discarded).
 const PKG_OUTPUT_LIMIT: u64 = 16 * 1024;
-const PKG_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// After this long a package operation is reported still running (RUNNING, which the cloud
+/// records without ending the request). It is never killed for its time: killing apt leaves
+/// dpkg half way, and "dpkg was interrupted" is beyond what any allowed command repairs.
+const PKG_STILL_RUNNING: Duration = Duration::from_secs(30 * 60);
+/// How long the output is still read once the manager has exited: a daemon that a maintainer
+/// script started may hold the pipes open for as long as it runs.
+const PKG_DRAIN: Duration = Duration::from_secs(2);
 const MAX_DELAY_S: u64 = 24 * 3600;
-/// How much longer than [`PKG_TIMEOUT`] a reboot or restart waits for a package operation.
-const POWER_WAIT_MARGIN: Duration = Duration::from_secs(60);
+/// Set (to `1`) in a package manager's environment. dpkg passes it on to maintainer scripts:
+/// the agent's own postinst then leaves the restart to the agent, which restarts once the
+/// operation is over (a restart by systemd would stop the unit, and apt and dpkg with it).
+const PACKAGE_OPERATION_ENV: &str = "S4T_LR_PACKAGE_OPERATION";
 
 pub(super) async fn call(ctx: &Arc<Context>, method: Method, call: &Call) -> Result<Reply> {
     match method {
@@ -140,36 +148,48 @@ fn delayed(ctx: &Arc<Context>, call: &Call, what: &'static str, argv: Vec<String
             _ = tokio::time::sleep(Duration::from_secs(delay)) => {}
         }
         // A reboot or restart in the middle of a package operation would kill dpkg (the
-        // agent's child) and could leave the package database broken: wait for it to end,
-        // and hold the lock so none starts meanwhile. A package operation ends within
-        // PKG_TIMEOUT; past that bound (plus a margin) the reboot goes ahead regardless.
-        let _no_package_operation = match ctx2.package_operation.clone().try_lock_owned() {
-            Ok(guard) => Some(guard),
+        // agent's child) and could leave the package database broken: wait for it to end
+        // (however long: it is never killed for its time), and hold the lock so none starts
+        // meanwhile.
+        let no_package_operation = match ctx2.package_operation.clone().try_lock_owned() {
+            Ok(guard) => guard,
             Err(_) => {
                 tracing::info!("{what} waits for the running package operation to end");
-                let ended = ctx2.package_operation.clone().lock_owned();
                 tokio::select! {
                     _ = token.cancelled() => return,
-                    r = tokio::time::timeout(PKG_TIMEOUT + POWER_WAIT_MARGIN, ended) => {
-                        r.inspect_err(|_| tracing::warn!("the package operation is still running: {what} anyway")).ok()
-                    }
+                    guard = ctx2.package_operation.clone().lock_owned() => guard,
                 }
             }
         };
         if argv.is_empty() {
             tracing::info!("restart requested by the cloud");
             let _ = ctx2.lifecycle.send(Lifecycle::Restart).await;
-            return;
+        } else {
+            tracing::info!(command = ?argv, "{what} requested by the cloud");
+            match tokio::process::Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).status().await {
+                Ok(s) if s.success() => {}
+                Ok(s) => {
+                    tracing::error!(command = ?argv, status = %s, "{what} command failed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(command = ?argv, cause = %e, "{what} command could not start");
+                    return;
+                }
+            }
         }
-        tracing::info!(command = ?argv, "{what} requested by the cloud");
-        match tokio::process::Command::new(&argv[0]).args(&argv[1..]).stdin(Stdio::null()).status().await {
-            Ok(s) if s.success() => {}
-            Ok(s) => tracing::error!(command = ?argv, status = %s, "{what} command failed"),
-            Err(e) => tracing::error!(command = ?argv, cause = %e, "{what} command could not start"),
-        }
+        hold_until_stopped(&ctx2, no_package_operation).await;
     });
     let note = if replaced { " (the one pending is called off)" } else { "" };
     ok(format!("{what} in {delay} s{note}"))
+}
+
+/// Keeps the package lock until the agent stops. Once a restart is asked of the main loop
+/// (read only by a live session, maybe minutes later) or the reboot command has run, a
+/// package operation started meanwhile would be killed half way by the restart or reboot.
+async fn hold_until_stopped(ctx: &Context, guard: tokio::sync::OwnedMutexGuard<()>) {
+    ctx.shutdown.cancelled().await;
+    drop(guard);
 }
 
 /// How a package manager reads its package argument, told by its program's name.
@@ -259,9 +279,9 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     }
     let mut argv = manager.argv.clone();
     argv.push(command.to_owned());
+    let rules = PackageRules::of(&manager.argv);
     if let Some(pkg) = p.opt_str("package")? {
         // Names only: never a URL, path or file a manager would install from instead.
-        let rules = PackageRules::of(&manager.argv);
         if !rules.name(pkg) {
             return Err(bad(format!("parameters.package {pkg:?} is not a package name for {manager_name}")));
         }
@@ -282,11 +302,20 @@ fn pkg_operation(ctx: &Arc<Context>, call: &Call) -> Result<Reply> {
     };
     let (ctx2, req_id) = (ctx.clone(), call.req_id());
     tokio::spawn(async move {
-        let reply = run_bounded(&argv, &ctx2.shutdown).await;
-        drop(running);
+        let reply = run(&argv, rules, &ctx2, &req_id).await;
+        let replaced = std::fs::read_link("/proc/self/exe").is_ok_and(|exe| binary_replaced(&exe));
+        // The lock is let go now, unless the agent restarts below.
+        let restart = replaced.then_some(running);
         let reply = Reply { req_id, ..reply };
         if ctx2.notify.send(reply).await.is_err() {
             tracing::warn!("package operation finished after the session task stopped");
+        }
+        if let Some(running) = restart {
+            // The operation upgraded the agent itself (its postinst left the restart to us):
+            // restart into the new binary, as `DeviceRestartLR` does.
+            tracing::info!("the agent's binary was replaced: restarting");
+            let _ = ctx2.lifecycle.send(Lifecycle::Restart).await;
+            hold_until_stopped(&ctx2, running).await;
         }
     });
     Ok(Reply { message: json!("RUNNING"), result: Outcome::Running, req_id: None })
@@ -307,43 +336,76 @@ fn writable(dir: &Path) -> std::result::Result<(), String> {
     }
 }
 
-async fn read_limited(r: Option<impl AsyncRead + Unpin>) -> String {
-    let Some(mut r) = r else { return String::new() };
-    let mut buf = Vec::new();
-    let _ = (&mut r).take(PKG_OUTPUT_LIMIT).read_to_end(&mut buf).await;
-    // Drain the rest so the child never blocks on a full pipe.
-    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
-    String::from_utf8_lossy(&buf).into_owned()
+/// Whether the agent's binary was replaced on disk since it started, from the text of the
+/// `/proc/self/exe` link (the kernel appends ` (deleted)` once the file is unlinked or
+/// renamed over, as dpkg does).
+fn binary_replaced(exe: &Path) -> bool {
+    exe.as_os_str().as_encoded_bytes().ends_with(b" (deleted)")
 }
 
-async fn run_bounded(argv: &[String], shutdown: &tokio_util::sync::CancellationToken) -> Reply {
-    let mut child = match tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
+/// Reads the first [`PKG_OUTPUT_LIMIT`] bytes into `buf`, then drains the rest so the child
+/// never blocks on a full pipe.
+async fn read_limited(r: Option<impl AsyncRead + Unpin>, buf: &mut Vec<u8>) {
+    let Some(mut r) = r else { return };
+    let _ = (&mut r).take(PKG_OUTPUT_LIMIT).read_to_end(buf).await;
+    let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+}
+
+/// Runs a package manager to its end (killed only when the agent shuts down) and makes its
+/// reply; reports RUNNING for `req_id` after [`PKG_STILL_RUNNING`].
+async fn run(argv: &[String], rules: PackageRules, ctx: &Context, req_id: &Option<String>) -> Reply {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command.args(&argv[1..]).env(PACKAGE_OPERATION_ENV, "1");
+    // Nothing may wait for an answer on stdin (/dev/null): a conffile prompt leaves the
+    // package unconfigured, `pip uninstall` stops at "Proceed (Y/n)?".
+    let unattended = match rules {
+        PackageRules::Debian => Some(("DEBIAN_FRONTEND", "noninteractive")),
+        PackageRules::Python => Some(("PIP_YES", "1")),
+        PackageRules::Other => None,
+    };
+    command.envs(unattended);
+    let spawned = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).spawn();
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return Reply::error(None, format!("cannot run {}: {e}", argv[0])),
     };
     let (out, err) = (child.stdout.take(), child.stderr.take());
-    let work = async {
-        let (o, e) = tokio::join!(read_limited(out), read_limited(err));
-        (child.wait().await, o, e)
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let status = {
+        let reading = async { tokio::join!(read_limited(out, &mut o), read_limited(err, &mut e)) };
+        tokio::pin!(reading);
+        let still_running = tokio::time::sleep(PKG_STILL_RUNNING);
+        tokio::pin!(still_running);
+        let (mut read, mut told) = (false, false);
+        // The exit status ends the operation, not the pipes' end: whatever inherited them may
+        // hold them open.
+        let status = loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Reply::error(None, "interrupted: the agent is shutting down"),
+                status = child.wait() => break status,
+                _ = &mut reading, if !read => read = true,
+                _ = &mut still_running, if !told => {
+                    told = true;
+                    tracing::warn!(command = ?argv, "the package operation is still running after {PKG_STILL_RUNNING:?}");
+                    let message = format!("still running after {PKG_STILL_RUNNING:?}");
+                    // A progress note: dropped rather than waited for when the queue is full.
+                    let _ = ctx.notify.try_send(Reply { message: json!(message), result: Outcome::Running, req_id: req_id.clone() });
+                }
+            }
+        };
+        if !read {
+            let _ = tokio::time::timeout(PKG_DRAIN, reading).await;
+        }
+        status
     };
-    tokio::select! {
-        _ = shutdown.cancelled() => Reply::error(None, "interrupted: the agent is shutting down"),
-        r = tokio::time::timeout(PKG_TIMEOUT, work) => match r {
-            Err(_) => Reply::error(None, format!("{} timed out after {PKG_TIMEOUT:?}", argv.join(" "))),
-            Ok((Err(e), _, _)) => Reply::error(None, format!("waiting for {}: {e}", argv[0])),
-            Ok((Ok(status), o, e)) if status.success() => Reply::success(None, json!({"status": 0, "output": o, "errors": e})),
-            Ok((Ok(status), o, e)) => Reply {
-                message: json!({"status": status.code(), "output": o, "errors": e}),
-                result: Outcome::Error,
-                req_id: None,
-            },
+    let (o, e) = (String::from_utf8_lossy(&o).into_owned(), String::from_utf8_lossy(&e).into_owned());
+    match status {
+        Err(e) => Reply::error(None, format!("waiting for {}: {e}", argv[0])),
+        Ok(status) if status.success() => Reply::success(None, json!({"status": 0, "output": o, "errors": e})),
+        Ok(status) => Reply {
+            message: json!({"status": status.code(), "output": o, "errors": e}),
+            result: Outcome::Error,
+            req_id: None,
         },
     }
 }
@@ -374,7 +436,20 @@ pub(crate) fn iso8601_now() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{PackageRules, writable};
+    use std::path::Path;
+
+    use super::{PackageRules, binary_replaced, writable};
+
+    /// The agent restarts after a package operation only when its own binary was replaced
+    /// (the kernel marks the `/proc/self/exe` link of an unlinked file ` (deleted)`).
+    #[test]
+    fn a_replaced_binary_is_told_from_the_exe_link() {
+        assert!(binary_replaced(Path::new("/usr/bin/lightning-rod (deleted)")));
+        assert!(!binary_replaced(Path::new("/usr/bin/lightning-rod")));
+        assert!(!binary_replaced(Path::new("/opt/x (deleted)/lightning-rod")));
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert!(!binary_replaced(&exe), "{}", exe.display());
+    }
 
     /// Package operations take names and versions only: no URL, path, option or local file,
     /// for each kind of manager (`pip3 install https://…`, `git+https://…`, `x @ https://…`,

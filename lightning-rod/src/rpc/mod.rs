@@ -203,7 +203,8 @@ pub struct Context {
     /// Cancelled at shutdown: background work (reboot timers, package operations) stops.
     pub shutdown: CancellationToken,
     /// Held by the running package operation: one at a time (package managers take their own
-    /// locks and fail, or worse, when run side by side; each may run for 30 minutes).
+    /// locks and fail, or worse, when run side by side; each runs until it ends), and by a
+    /// reboot or restart from when it happens until the agent stops.
     pub package_operation: Arc<tokio::sync::Mutex<()>>,
     /// The reboot or restart waiting for its delay, if any (cancelled to call it off): at most
     /// one waits, a new one replaces it.

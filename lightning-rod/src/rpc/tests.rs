@@ -60,6 +60,8 @@ struct Harness {
     lifecycle: mpsc::Receiver<Lifecycle>,
     opener: Arc<FakeOpener>,
     dir: tempfile::TempDir,
+    /// Programs for the managers (the state directory holds the agent's files only).
+    _bin: tempfile::TempDir,
 }
 
 fn harness() -> Harness {
@@ -92,18 +94,45 @@ fn harness() -> Harness {
     device.package_managers.insert(
         "slow".into(),
         PackageManager {
-            argv: vec!["sh".into(), "-c".into(), "cat \"$0\" >/dev/null".into(), release],
+            argv: vec!["sh".into(), "-c".into(), "cat \"$0\" >/dev/null".into(), release.clone()],
             commands: vec!["install".into()],
             version_format: "{package}".into(),
             writes: vec![],
         },
     );
+    // Exits at once, leaving behind a process that holds its output open (as a daemon started
+    // by a maintainer script does) until something is written into the FIFO `release`.
+    device.package_managers.insert(
+        "daemon".into(),
+        PackageManager {
+            argv: vec!["sh".into(), "-c".into(), "cat \"$0\" >/dev/null & echo started".into(), release],
+            commands: vec!["install".into()],
+            version_format: "{package}".into(),
+            writes: vec![],
+        },
+    );
+    // A shell under the name of apt-get and of pip3 (a link): the environment they are given.
+    let bin = tempfile::tempdir().unwrap();
+    for (name, variable) in [("apt-get", "DEBIAN_FRONTEND"), ("pip3", "PIP_YES")] {
+        let program = bin.path().join(name);
+        std::os::unix::fs::symlink("/bin/sh", &program).unwrap();
+        let show = format!("echo \"${variable}|$S4T_LR_PACKAGE_OPERATION\"");
+        device.package_managers.insert(
+            format!("env-{name}"),
+            PackageManager {
+                argv: vec![program.display().to_string(), "-c".into(), show],
+                commands: vec!["install".into()],
+                version_format: "{package}".into(),
+                writes: vec![],
+            },
+        );
+    }
     let opener = Arc::new(FakeOpener::default());
     let store = StateStore::open(dir.path()).unwrap();
     let services = ServiceManager::new(store.clone(), Box::new(opener.clone()), "ws://cloud:8080/".into());
     let vpns = VpnManager::new(store.clone(), Box::new(vpn::NoPackets), "ws://cloud:8080/".into());
     let (ctx, (notify, events, lifecycle)) = context(store, device, services, vpns);
-    Harness { ctx, notify, events, lifecycle, opener, dir }
+    Harness { ctx, notify, events, lifecycle, opener, dir, _bin: bin }
 }
 
 /// The receivers of a test context's queues: notifications, GPIO events, lifecycle requests.
@@ -202,7 +231,7 @@ async fn device_procedures_answer() {
 
 #[tokio::test]
 async fn reboot_runs_the_configured_command_and_restart_asks_the_main_loop() {
-    let mut h = harness();
+    let h = harness();
     let msg = ok_msg(&h, "DeviceReboot", vec![json!({"delay": 0})]).await;
     assert_eq!(msg, "reboot in 0 s");
     let marker = h.dir.path().join("rebooted");
@@ -211,6 +240,8 @@ async fn reboot_runs_the_configured_command_and_restart_asks_the_main_loop() {
         assert!(tokio::time::Instant::now() < deadline, "reboot command did not run");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A board that reboots restarts no more (the reboot keeps the package lock): a new one.
+    let mut h = harness();
     ok_msg(&h, "DeviceRestartLR", vec![json!({})]).await;
     let got = tokio::time::timeout(Duration::from_secs(10), h.lifecycle.recv()).await.unwrap();
     assert_eq!(got, Some(Lifecycle::Restart));
@@ -300,16 +331,12 @@ async fn reboot_and_restart_wait_for_a_running_package_operation() {
         assert!(tokio::time::Instant::now() < deadline, "the reboot did not run after the package operation");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A restart waiting for a package operation can still be called off.
-    let mut running = call(&h, "DevicePkgOperation", slow.clone()).await;
-    for _ in 0..500 {
-        if running.result == Outcome::Running {
-            break;
-        }
-        // The reboot task may still hold the lock for a moment after its command ran.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        running = call(&h, "DevicePkgOperation", slow.clone()).await;
-    }
+    // A restart waiting for a package operation can still be called off (on a board that has
+    // not rebooted: a reboot keeps the package lock).
+    let mut h = harness();
+    let fifo = h.dir.path().join("release");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let running = call(&h, "DevicePkgOperation", slow.clone()).await;
     assert_eq!(running.result, Outcome::Running, "{:?}", running.message);
     ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 0})]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -320,6 +347,88 @@ async fn reboot_and_restart_wait_for_a_running_package_operation() {
     assert_eq!(n.result, Outcome::Success, "{:?}", n.message);
     let restart = tokio::time::timeout(Duration::from_millis(500), h.lifecycle.recv()).await;
     assert!(restart.is_err(), "a called-off restart ran: {restart:?}");
+}
+
+/// A package operation is never killed for its time (apt killed half way leaves dpkg
+/// interrupted, beyond what any allowed command repairs): past 30 minutes it is reported still
+/// running, keeps the lock (no other operation starts), a restart waits for it however long
+/// it takes, and it ends with its result.
+#[tokio::test(start_paused = true)]
+async fn a_long_package_operation_is_reported_still_running_never_killed() {
+    let mut h = harness();
+    let fifo = h.dir.path().join("release");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let op = |manager: &str| vec![json!({"manager": manager, "command": "install", "package": "x"})];
+    assert_eq!(call(&h, "DevicePkgOperation", op("slow")).await.result, Outcome::Running);
+    ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 0})]).await;
+    // The paused clock runs ahead while the manager waits for the FIFO.
+    let n = h.notify.recv().await.unwrap();
+    assert_eq!(n.result, Outcome::Running, "the operation ended at 30 minutes: {:?}", n.message);
+    assert!(n.message.as_str().unwrap().starts_with("still running after"), "{:?}", n.message);
+    assert_eq!(n.req_id.as_deref(), Some("r-1"));
+    let second = call(&h, "DevicePkgOperation", op("echo")).await;
+    assert_eq!(second.result, Outcome::Error, "the lock was let go: {:?}", second.message);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let restart = h.lifecycle.try_recv();
+    assert!(restart.is_err(), "restarted during the package operation: {restart:?}");
+    tokio::fs::write(&fifo, b"done").await.unwrap();
+    let n = h.notify.recv().await.unwrap();
+    assert_eq!((n.result, n.req_id.as_deref()), (Outcome::Success, Some("r-1")), "{:?}", n.message);
+    assert_eq!(h.lifecycle.recv().await, Some(Lifecycle::Restart));
+}
+
+/// The result comes when the manager exits, not when its output closes: a daemon started by
+/// a maintainer script inherits the output and may hold it open for as long as it runs.
+#[tokio::test]
+async fn the_result_does_not_wait_for_a_daemon_holding_the_output() {
+    let mut h = harness();
+    let fifo = h.dir.path().join("release");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let op = vec![json!({"manager": "daemon", "command": "install", "package": "x"})];
+    assert_eq!(call(&h, "DevicePkgOperation", op).await.result, Outcome::Running);
+    let n = tokio::time::timeout(Duration::from_secs(20), h.notify.recv()).await;
+    // The daemon ends once the FIFO is written.
+    tokio::fs::write(&fifo, b"done").await.unwrap();
+    let n = n.expect("the result waited for the output to close").unwrap();
+    assert_eq!(n.result, Outcome::Success, "{:?}", n.message);
+    assert_eq!(n.message["output"], "started\n");
+}
+
+/// Managers run unattended (stdin is /dev/null: a question would stop them): apt with
+/// `DEBIAN_FRONTEND=noninteractive` and the defaults keeping changed conffiles, pip with
+/// `PIP_YES`; and every manager with the marker that tells the agent's own postinst to leave
+/// the restart to the agent. (Where the tests run with `DEBIAN_FRONTEND` set already, as in
+/// many CI images, apt's half proves nothing.)
+#[tokio::test]
+async fn package_managers_run_unattended_and_marked() {
+    let mut h = harness();
+    for (manager, seen) in [("env-apt-get", "noninteractive|1\n"), ("env-pip3", "1|1\n")] {
+        let op = vec![json!({"manager": manager, "command": "install", "package": "nano"})];
+        assert_eq!(call(&h, "DevicePkgOperation", op).await.result, Outcome::Running);
+        let n = tokio::time::timeout(Duration::from_secs(10), h.notify.recv()).await.unwrap().unwrap();
+        assert_eq!(n.result, Outcome::Success, "{:?}", n.message);
+        assert_eq!(n.message["output"], seen, "{manager}");
+    }
+    let defaults = DeviceConfig::default().package_managers;
+    for apt in ["apt", "apt-get"] {
+        let argv = defaults[apt].argv.join(" ");
+        assert!(argv.contains("-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"), "{argv}");
+    }
+}
+
+/// A restart asked of the main loop keeps the package lock until the agent stops: the main
+/// loop reads it only in a live session (maybe minutes later), and an operation started
+/// meanwhile would be killed half way.
+#[tokio::test]
+async fn a_restart_keeps_the_package_lock_until_the_agent_stops() {
+    let mut h = harness();
+    ok_msg(&h, "DeviceRestartLR", vec![json!({"delay": 0})]).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), h.lifecycle.recv()).await.unwrap();
+    assert_eq!(got, Some(Lifecycle::Restart));
+    let op = vec![json!({"manager": "echo", "command": "install", "package": "x"})];
+    let r = call(&h, "DevicePkgOperation", op).await;
+    assert_eq!(r.result, Outcome::Error, "a package operation started before the restart: {:?}", r.message);
+    assert!(r.message.to_string().contains("another package operation is running"), "{:?}", r.message);
 }
 
 #[tokio::test]
