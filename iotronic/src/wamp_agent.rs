@@ -507,23 +507,30 @@ async fn tunnel_tokens(c: &Ctx, inv: &Invocation) -> Result<Payload, WampError> 
     // within a second, and tokens minted meanwhile would outlive it (and, carrying an issue
     // time after the rotation, pass the tunnel server's check).
     let admitted = inv.caller().and_then(|id| c.router.session(id)).map(|s| s.joined);
-    match c.db.connection_cutoffs(std::slice::from_ref(&board)).await {
-        Ok(cutoffs) if admitted.is_some_and(|t| crate::revocation::may_stay(cutoffs.get(&board), t)) => {}
+    let tokens_after = match c.db.connection_cutoffs(std::slice::from_ref(&board)).await {
+        Ok(cutoffs) if admitted.is_some_and(|t| crate::revocation::may_stay(cutoffs.get(&board), t)) => {
+            match cutoffs.get(&board) {
+                Some(crate::db::Cutoff::Since(after)) => Some(*after),
+                _ => None,
+            }
+        }
         Ok(_) => {
             return wamp_message("ERROR", json!("the board's credentials were revoked or rotated after this login"));
         }
         Err(e) => return unavailable("cannot renew the tunnel tokens", Some(&e)),
-    }
+    };
     let renewed = async {
         let mut services = Vec::new();
         for e in c.db.exposures_of_board(&board).await? {
             let port =
                 u16::try_from(e.public_port).map_err(|_| Error::Invalid(format!("bad port {}", e.public_port)))?;
-            services.push(json!({"uuid": e.service, "public_port": port, "token": mint.mint(&board, port, None)?}));
+            services.push(
+                json!({"uuid": e.service, "public_port": port, "token": mint.mint(&board, port, None, tokens_after)?}),
+            );
         }
         let mut vpns = Vec::new();
         for m in c.db.vpn_memberships_of_board(&board).await? {
-            vpns.push(json!({"vpn": m.vpn, "token": mint.mint(&board, 0, Some(&m.vpn))?}));
+            vpns.push(json!({"vpn": m.vpn, "token": mint.mint(&board, 0, Some(&m.vpn), tokens_after)?}));
         }
         let url = match c.db.board_by_uuid(&board).await? {
             Some(b) => mint.url_for(&b),

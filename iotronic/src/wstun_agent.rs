@@ -68,9 +68,15 @@ impl TunnelMint {
         self.key.clone()
     }
 
-    /// A token letting `board` listen on `port` (0: a packet channel for `vpn`).
-    pub fn mint(&self, board: &str, port: u16, vpn: Option<&str>) -> Result<String, Error> {
-        let expiry = (now_ms() / 1000) as u64 + TOKEN_TTL_S;
+    /// A token letting `board` listen on `port` (0: a packet channel for `vpn`), for a board
+    /// last revoked or rotated at `tokens_after` (ms). Its issue time is in whole seconds, and
+    /// one issued in the second of a rotation is refused ([`DbHooks::token_accepted`]: it may
+    /// have been minted before it): a token minted after the rotation in that second is dated
+    /// the next one.
+    pub fn mint(&self, board: &str, port: u16, vpn: Option<&str>, tokens_after: Option<i64>) -> Result<String, Error> {
+        let after_rotation = tokens_after.map_or(0, |ms| (ms + 999).div_euclid(1000));
+        let issued = (now_ms() / 1000).max(after_rotation);
+        let expiry = u64::try_from(issued).unwrap_or(0) + TOKEN_TTL_S;
         let claims = Claims { board: board.to_owned(), port, vpn: vpn.map(str::to_owned), expiry };
         self.key.mint(&claims).map_err(|e| Error::Invalid(format!("cannot mint a tunnel token: {e}")))
     }
@@ -373,6 +379,11 @@ mod tests {
         assert!(matches!(refused, Err(Refusal::Denied(_))), "a token issued in the rotation's second: {refused:?}");
         assert!(matches!(hooks.token_accepted(&board, minted_in(second - 1)).await, Err(Refusal::Denied(_))));
         assert!(hooks.token_accepted(&board, minted_in(second + 1)).await.is_ok(), "a token of the next second");
+        // Minted after the rotation, in its second: dated the next one, so accepted.
+        let mint = TunnelMint::load(&db, "wss://t:8080/".into()).await.unwrap();
+        let claims = |t: String| mint.key().verify(&t, 0).unwrap();
+        let after = claims(mint.mint(&board, 50_000, None, Some(second * 1000 + 500)).unwrap());
+        assert!(hooks.token_accepted(&board, after.expiry).await.is_ok(), "a token minted after the rotation");
         rotate_at(second * 1000).await;
         assert!(hooks.token_accepted(&board, minted_in(second)).await.is_ok(), "issued at a whole-second rotation");
         assert!(matches!(hooks.token_accepted(&board, minted_in(second - 1)).await, Err(Refusal::Denied(_))));

@@ -567,7 +567,7 @@ fn exposed_dict(state: &AppState, s: &Service, board: &Board, public_port: i64) 
     if let Some(t) = state.tunnels.as_ref().filter(|_| !runs_original_lr(board)) {
         let port = u16::try_from(public_port).map_err(|_| Error::Invalid(format!("bad public port {public_port}")))?;
         d["tunnel_url"] = json!(t.url_for(board));
-        d["tunnel_token"] = json!(t.mint(&board.uuid, port, None)?);
+        d["tunnel_token"] = json!(t.mint(&board.uuid, port, None, board.tokens_after)?);
     }
     Ok(d)
 }
@@ -722,6 +722,7 @@ mod tests {
             last_seen: None,
             secret_salt: secret.then(|| "salt$1000$32".into()),
             secret_key: secret.then(|| "k".into()),
+            tokens_after: None,
             created_at: 0,
             updated_at: 0,
         }

@@ -543,7 +543,7 @@ pub async fn add_vpn_member(
                           "prefix_len": crate::db::parse_cidr(&v.cidr)?.1, "interface": m.interface});
     if let Some(t) = &state.tunnels {
         join["tunnel_url"] = json!(t.url_for(&board));
-        join["token"] = json!(t.mint(&board.uuid, 0, Some(&v.uuid))?);
+        join["token"] = json!(t.mint(&board.uuid, 0, Some(&v.uuid), board.tokens_after)?);
     }
     if let Err(e) = call_board(&state, &c, &board, "VpnJoin", json!([join]), CallOpts::default()).await {
         state.db.remove_vpn_member(&v.uuid, &board.uuid).await?;

@@ -30,6 +30,8 @@ pub struct Board {
     pub last_seen: Option<i64>,
     pub secret_salt: Option<String>,
     pub secret_key: Option<String>,
+    /// When (ms) the board was last revoked or rotated: tunnel tokens issued before are void.
+    pub tokens_after: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -88,7 +90,7 @@ macro_rules! board_query {
         concat!(
             "SELECT uuid, name, code, status, type, agent, owner_uuid, project_uuid, fleet_uuid, lr_version, ",
             "connectivity, mobile, config, extra, latitude, longitude, altitude, session_id, last_seen, secret_salt, ",
-            "secret_key, created_at, updated_at FROM boards ",
+            "secret_key, tokens_after, created_at, updated_at FROM boards ",
             $tail
         )
     };
@@ -117,6 +119,7 @@ fn board_row(row: &AnyRow) -> Result<Board, Error> {
         last_seen: col(row, "last_seen")?,
         secret_salt: col(row, "secret_salt")?,
         secret_key: col(row, "secret_key")?,
+        tokens_after: col(row, "tokens_after")?,
         created_at: col(row, "created_at")?,
         updated_at: col(row, "updated_at")?,
     })
