@@ -386,24 +386,7 @@ async fn ready_on_entering_retry_and_never_exits_on_transient_errors() {
     let id = json!({"uuid": BOARD, "name": "b", "agent": "agent", "url": format!("ws://127.0.0.1:{port}/"), "realm": "s4t",
                     "credentials": {"authid": BOARD, "secret": SECRET}});
     std::fs::write(dir.path().join("state/identity.json"), id.to_string()).unwrap();
-    let notify_path = dir.path().join("notify.sock");
-    let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
-    let mut child = Agent(
-        bin()
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut buf = [0u8; 256];
-    let n = within("sd_notify READY", notify.recv(&mut buf)).await.unwrap();
-    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1\nSTATUS=retrying\n");
-    assert!(child.0.try_wait().unwrap().is_none(), "exited on a transient error");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(wait_exit(&mut child.0), 0);
+    assert_eq!(first_notification(dir.path(), &config).await, "READY=1\nSTATUS=retrying\n");
 }
 
 /// A first boot with the cloud unreachable reports READY too (status "enrolling") while
@@ -418,12 +401,19 @@ async fn ready_while_first_boot_enrollment_is_retried() {
     let text = std::fs::read_to_string(&config).unwrap();
     let cloud = format!("[cloud]\nurl = \"ws://127.0.0.1:{port}/\"\ncode = \"CODE-1\"\n");
     std::fs::write(&config, text.replacen("[cloud]\n", &cloud, 1)).unwrap();
-    let notify_path = dir.path().join("notify.sock");
+    assert_eq!(first_notification(dir.path(), &config).await, "READY=1\nSTATUS=enrolling\n");
+    assert!(!dir.path().join("state/identity.json").exists());
+}
+
+/// Runs the agent with `config` under a `NOTIFY_SOCKET` in `dir`: its first sd_notify message.
+/// It must still be running then (nothing it met is permanent), and exit 0 on SIGTERM.
+async fn first_notification(dir: &std::path::Path, config: &std::path::Path) -> String {
+    let notify_path = dir.join("notify.sock");
     let notify = tokio::net::UnixDatagram::bind(&notify_path).unwrap();
     let mut child = Agent(
         bin()
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .stderr(Stdio::null())
             .spawn()
@@ -431,12 +421,11 @@ async fn ready_while_first_boot_enrollment_is_retried() {
     );
     let mut buf = [0u8; 256];
     let n = within("sd_notify READY", notify.recv(&mut buf)).await.unwrap();
-    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1\nSTATUS=enrolling\n");
     assert!(child.0.try_wait().unwrap().is_none(), "exited on a transient error");
-    assert!(!dir.path().join("state/identity.json").exists());
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     assert_eq!(wait_exit(&mut child.0), 0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 /// `wss://` with the cloud's CA pinned at enrollment: enroll, then log in; a wrong pin fails.
