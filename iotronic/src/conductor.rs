@@ -232,7 +232,8 @@ impl Conductor {
             board: board.uuid.clone(),
             session,
             procedure: req.action,
-            project: req.project,
+            // The conductor's own calls (a lease's teardown) take no share of the project's.
+            project: if origin == Origin::Conductor { String::new() } else { req.project },
             args,
             omit_req,
         };
@@ -293,9 +294,13 @@ impl Conductor {
             return Ok(queued);
         }
         let text = match message {
+            Value::String(s) if s.is_empty() && result == "RUNNING" => result.to_owned(),
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
+        // A board's RUNNING answer is never empty: the queue tells it from the conductor's own
+        // mark (`execute`), and the next queued request goes once the board has taken this
+        // one (a package operation may run for hours).
         self.db.set_result(request, board, result, &text).await?;
         if result != "RUNNING" {
             // As the original: the request is COMPLETED; its result says SUCCESS or ERROR.

@@ -235,6 +235,8 @@ async fn a_teardown_that_failed_half_way_is_finished_by_the_sweep() {
     assert!(t.db.vpn_members(&vpn.uuid).await.unwrap().is_empty());
     let mut told = Vec::new();
     while let Ok(d) = agent.try_recv() {
+        // The cloud's own calls: not counted against the project's share of the agent.
+        assert_eq!(d.msg.project, "", "{} counted as the project's", d.msg.procedure);
         told.push(d.msg.procedure);
     }
     told.sort();
@@ -340,6 +342,22 @@ async fn queued_requests_go_out_one_after_the_other() {
     assert!(agent.try_recv().is_err(), "the third went out before the second was answered");
     c.handle(answer(&queued[1], &b.uuid, "SUCCESS", json!("ok")), false).await.unwrap();
     assert_eq!(agent.recv().await.unwrap().msg.request, third.uuid);
+}
+
+/// A queued request the board answers RUNNING (it runs on, a package operation for hours)
+/// lets the next one go: it holds the queue only until the board has taken it.
+#[tokio::test]
+async fn a_queued_request_the_board_runs_on_lets_the_next_go() {
+    let Online { t, p, b, mut agent, c } = online().await;
+    let queued = queue_two_gpio_writes(&t, &p, &b, &c).await;
+    t.db.board_online(&b.uuid, "agent", "8", None, &json!({})).await.unwrap();
+    c.handle(ConductorMsg::BoardOnline { board: b.uuid.clone() }, false).await.unwrap();
+    assert_eq!(agent.recv().await.unwrap().msg.request, queued[0]);
+    c.sweep().await.unwrap();
+    assert!(agent.try_recv().is_err(), "the second went out before the board took the first");
+    c.handle(answer(&queued[0], &b.uuid, "RUNNING", json!("")), false).await.unwrap();
+    assert_eq!(agent.try_recv().expect("the queue waited for a request the board runs on").msg.request, queued[1]);
+    assert_eq!(t.db.request(&queued[0], None).await.unwrap().unwrap().status, RequestStatus::Running);
 }
 
 /// A queued request whose hand-over to the agent fails (its queue full) goes back in the

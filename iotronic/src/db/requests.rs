@@ -354,7 +354,8 @@ impl Db {
     pub async fn next_queued_for_board(&self, board: &str) -> Result<Option<Request>, Error> {
         let row = sqlx::query(
             "SELECT * FROM requests WHERE destination_uuid = $1 \
-             AND ((status = 'RUNNING' AND expires_at IS NOT NULL) \
+             AND ((status = 'RUNNING' AND expires_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM results s \
+             WHERE s.request_uuid = requests.uuid AND s.result = 'RUNNING' AND s.message <> '')) \
              OR ((status = 'QUEUED' OR (status = 'PENDING' AND expires_at IS NOT NULL)) \
              AND (expires_at IS NULL OR expires_at > $2))) \
              ORDER BY CASE WHEN status = 'RUNNING' THEN 0 ELSE 1 END, created_at, uuid LIMIT 1",
