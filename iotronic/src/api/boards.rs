@@ -656,7 +656,8 @@ pub async fn service_action(
                     Ok((StatusCode::CREATED, Json(exposure_json(&e))).into_response())
                 }
                 Err(err) => {
-                    state.db.delete_exposure(&b.uuid, &s.uuid).await?;
+                    // This allocation, as read: an enable that came in meanwhile keeps its own.
+                    state.db.delete_exposure_as_read(&e).await?;
                     Err(err.into())
                 }
             }

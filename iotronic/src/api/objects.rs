@@ -546,7 +546,8 @@ pub async fn add_vpn_member(
         join["token"] = json!(t.mint(&board.uuid, 0, Some(&v.uuid), board.tokens_after)?);
     }
     if let Err(e) = call_board(&state, &c, &board, "VpnJoin", json!([join]), CallOpts::default()).await {
-        state.db.remove_vpn_member(&v.uuid, &board.uuid).await?;
+        // This membership, as read: a join that came in meanwhile keeps its own.
+        state.db.remove_vpn_member_as_read(&m).await?;
         return Err(e.into());
     }
     Ok(created(member_json(&m)))
