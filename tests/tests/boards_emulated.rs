@@ -202,18 +202,6 @@ fn emulated_aarch64_board_drives_real_gpio_and_i2c() {
     assert_eq!(ask(&mut console, "val 0 1"), "1");
     put_gpio(&rest, "emu-cdev", "led", 0);
     assert_eq!(ask(&mut console, "val 0 1"), "0");
-    // ...and stays as driven when a watch stops or its direction is set again.
-    put_gpio(&rest, "emu-cdev", "led", 1);
-    let act = |action: &str, parameters: Value| {
-        let body = json!({"action": action, "parameters": parameters});
-        rest.expect(200, "POST", "/v1/boards/emu-cdev/action", Some(&body)).unwrap();
-    };
-    act("GpioWatch", json!({"line": "led", "edge": "none"}));
-    assert_eq!(ask(&mut console, "val 0 1"), "1", "stopping a watch let the output go");
-    act("GpioDirection", json!({"line": "led", "direction": "out"}));
-    assert_eq!(ask(&mut console, "val 0 1"), "1", "setting the direction out drove it low");
-    put_gpio(&rest, "emu-cdev", "led", 0);
-    assert_eq!(ask(&mut console, "val 0 1"), "0");
     // ...and an input the simulator drives is what the API reads.
     assert_eq!(ask(&mut console, "pull 0 0 up"), "ok");
     assert_eq!(get_gpio(&rest, "emu-cdev", "button"), 1);
