@@ -601,6 +601,24 @@ async fn enrollment_sessions_beyond_the_cap_per_address_are_refused() {
     assert_eq!(r.router.sessions().len(), 3);
 }
 
+/// Enrollment sessions are capped on the whole router too: a peer with many source addresses
+/// (an IPv6 /48 holds 65,536 /64 sources) is not held off by the per-address bound.
+#[tokio::test]
+async fn enrollment_sessions_beyond_the_routers_cap_are_refused() {
+    let config = RouterConfig { max_enrollment_per_source: 16, max_enrollment_sessions: 2, ..RouterConfig::default() };
+    let r = TestRouter::start(config, false).await;
+    let enroll = r.config(enroll_auth());
+    let _enrolling = [connect(&enroll).await.unwrap(), connect(&enroll).await.unwrap()];
+    match connect(&enroll).await.unwrap_err() {
+        Error::Handshake(s4t_shared::wamp::session::HandshakeError::Aborted { reason, message }) => {
+            assert_eq!(reason, "s4t.error.limit_exceeded");
+            assert!(message.as_deref().is_some_and(|m| m.contains("on this router")), "{message:?}");
+        }
+        other => panic!("expected an ABORT, got {other:?}"),
+    }
+    assert!(connect(&r.board(Serializer::Json)).await.is_ok(), "a board was refused");
+}
+
 /// An idle enrollment session (the ticket is checked only at the handshake) is closed when
 /// its lifetime is over; a board's session is not.
 #[tokio::test]

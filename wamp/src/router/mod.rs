@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use s4t_shared::limits::SourceSlots;
+use s4t_shared::limits::{KeyedSlots, SourceSlots};
 use s4t_shared::wamp::auth::Secret;
 use s4t_shared::wamp::message::uri;
 use s4t_shared::wamp::{Id, Serializer};
@@ -124,6 +124,13 @@ pub struct RouterConfig {
     /// `s4t.error.limit_exceeded`. Without it whoever holds one valid code could take every
     /// `max_sessions` slot; a board needs one enrollment session, briefly.
     pub max_enrollment_per_source: usize,
+    /// Established anonymous sessions on the whole router (default 10,000, half of
+    /// `max_sessions`): the per-source bound alone does not hold a peer with many addresses
+    /// (an IPv6 /48 holds 65,536 /64 sources) off every slot.
+    pub max_anonymous_sessions: usize,
+    /// Established enrollment sessions on the whole router (default 1,024), for the same
+    /// reason: a registration code used from many addresses.
+    pub max_enrollment_sessions: usize,
     /// How long an enrollment session may stay after WELCOME (default 120 s); then the router
     /// closes it (GOODBYE `s4t.close.expired`). The ticket is checked only at the handshake and
     /// an enrollment needs one call, so nothing else would end an idle one.
@@ -165,6 +172,8 @@ impl Default for RouterConfig {
             max_sessions_per_board: 4,
             max_anonymous_per_source: 128,
             max_enrollment_per_source: 16,
+            max_anonymous_sessions: 10_000,
+            max_enrollment_sessions: 1024,
             enrollment_lifetime: Duration::from_secs(120),
             queue_capacity: 64,
             handshake_timeout: Duration::from_secs(10),
@@ -254,6 +263,10 @@ pub(crate) struct Inner {
     /// Established enrollment sessions, by source address
     /// ([`RouterConfig::max_enrollment_per_source`]).
     pub(crate) enrollment: Arc<SourceSlots>,
+    /// Established anonymous and enrollment sessions in all, by role
+    /// ([`RouterConfig::max_anonymous_sessions`], [`RouterConfig::max_enrollment_sessions`]).
+    pub(crate) anonymous_total: Arc<KeyedSlots<()>>,
+    pub(crate) enrollment_total: Arc<KeyedSlots<()>>,
 }
 
 /// The router: a cheap handle; clones share one router.
@@ -275,6 +288,8 @@ impl Router {
         let opening = SourceSlots::new(config.max_opening_per_source);
         let anonymous = SourceSlots::new(config.max_anonymous_per_source);
         let enrollment = SourceSlots::new(config.max_enrollment_per_source);
+        let anonymous_total = KeyedSlots::new(config.max_anonymous_sessions);
+        let enrollment_total = KeyedSlots::new(config.max_enrollment_sessions);
         let decoy_key = config.decoy_key.clone().unwrap_or_else(|| {
             let bytes: [u8; 32] = rand::random();
             Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
@@ -290,6 +305,8 @@ impl Router {
                 opening,
                 anonymous,
                 enrollment,
+                anonymous_total,
+                enrollment_total,
             }),
         }
     }

@@ -78,8 +78,8 @@ struct Opened {
     hs: RouterHandshake,
     /// An anonymous or enrollment session's slot among its source address's
     /// ([`super::RouterConfig::max_anonymous_per_source`],
-    /// [`super::RouterConfig::max_enrollment_per_source`]).
-    slot: Option<s4t_shared::limits::SourceSlot>,
+    /// [`super::RouterConfig::max_enrollment_per_source`]) and among the router's.
+    slot: Option<(s4t_shared::limits::SourceSlot, s4t_shared::limits::KeyedSlot<()>)>,
 }
 
 /// TLS, WebSocket and WAMP handshakes. `Ok(None)`: refused (the ABORT was sent).
@@ -115,20 +115,45 @@ async fn open(
     // Anonymous sessions (anyone may open them) and enrollment sessions (anyone with a code,
     // and a code serves again for an hour) are counted per source address; boards are
     // counted per identity by the realm.
-    let per_source = match granted.role {
-        Role::Legacy => Some((&inner.anonymous, inner.config.max_anonymous_per_source, "anonymous")),
-        Role::Enrollment => Some((&inner.enrollment, inner.config.max_enrollment_per_source, "enrollment")),
+    // So are they on the whole router: a peer with many addresses (an IPv6 /48) is not held
+    // off by the per-address bound.
+    let c = &inner.config;
+    let bounds = match granted.role {
+        Role::Legacy => Some((
+            &inner.anonymous,
+            c.max_anonymous_per_source,
+            &inner.anonymous_total,
+            c.max_anonymous_sessions,
+            "anonymous",
+        )),
+        Role::Enrollment => Some((
+            &inner.enrollment,
+            c.max_enrollment_per_source,
+            &inner.enrollment_total,
+            c.max_enrollment_sessions,
+            "enrollment",
+        )),
         _ => None,
     };
     let mut slot = None;
-    if let Some((slots, max, kind)) = per_source {
-        let Some(taken) = slots.take(peer.ip()) else {
-            info!(reason = uri::LIMIT_EXCEEDED, max, kind, "session refused: too many such sessions from this address");
-            let why = format!("too many {kind} sessions from this address (at most {max})");
-            let _ = link.send(Message::abort(uri::LIMIT_EXCEEDED, why).into()).await;
-            return Ok(None);
-        };
-        slot = Some(taken);
+    if let Some((per_source, max, total, max_total, kind)) = bounds {
+        let taken = per_source
+            .take(peer.ip())
+            .ok_or_else(|| format!("too many {kind} sessions from this address (at most {max})"));
+        let counted = taken.and_then(|t| {
+            total
+                .take(())
+                .map(|c| (t, c))
+                .ok_or_else(|| format!("too many {kind} sessions on this router (at most {max_total})"))
+        });
+        match counted {
+            Ok(slots) => slot = Some(slots),
+            Err(why) => {
+                info!(reason = uri::LIMIT_EXCEEDED, kind, "session refused: {why}");
+                let _ = link.send(Message::abort(uri::LIMIT_EXCEEDED, why).into()).await;
+                return Ok(None);
+            }
+        }
     }
     budget.lift();
     let board = (granted.role == Role::Board).then(|| granted.authid.clone());
