@@ -53,12 +53,20 @@ pub struct ServeConfig {
     pub vpn_ranges: Vec<String>,
     /// Public ports one project may hold (`--ports-per-project`).
     pub ports_per_project: u32,
+    /// Connections one source address may have open to the boards' public ports, all
+    /// together (`--public-connections-per-source`): a cloud whose users all come through
+    /// one NAT address raises it.
+    pub public_per_source: usize,
     /// How long the REST API waits for a client's request.
     pub http_timeouts: crate::listen::HttpTimeouts,
 }
 
 /// Public ports one project may hold unless the operator says otherwise: a tenth of the pool.
 pub const DEFAULT_PORTS_PER_PROJECT: u32 = 1000;
+
+/// Connections one source address may have open to the public ports unless the operator says
+/// otherwise (the tunnel server's own default).
+pub const DEFAULT_PUBLIC_PER_SOURCE: usize = 256;
 
 /// Where VPN ranges may lie unless the operator says otherwise: the private ranges (RFC 1918)
 /// and shared address space (RFC 6598). The cloud host routes VPN addresses (a cloud address,
@@ -88,6 +96,7 @@ impl ServeConfig {
             public_host: None,
             vpn_ranges: DEFAULT_VPN_RANGES.iter().map(|s| (*s).to_owned()).collect(),
             ports_per_project: DEFAULT_PORTS_PER_PROJECT,
+            public_per_source: DEFAULT_PUBLIC_PER_SOURCE,
             http_timeouts: crate::listen::HttpTimeouts::default(),
         }
     }

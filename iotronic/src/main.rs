@@ -72,6 +72,11 @@ struct Common {
     /// limited. The pool has 9,999: one tenant cannot take every other's.
     #[arg(long, env = "IOTRONIC_PORTS_PER_PROJECT", default_value_t = iotronic::config::DEFAULT_PORTS_PER_PROJECT)]
     ports_per_project: u32,
+    /// Connections one source address may have open to the boards' public ports, all ports
+    /// together (anyone may connect to them). Raise it when the users come through one NAT
+    /// address.
+    #[arg(long, env = "IOTRONIC_PUBLIC_CONNECTIONS_PER_SOURCE", default_value_t = iotronic::config::DEFAULT_PUBLIC_PER_SOURCE)]
+    public_connections_per_source: usize,
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "IOTRONIC_TLS_KEY", value_name = "FILE", requires = "tls_cert", conflicts_with = "plaintext")]
     tls_key: Option<PathBuf>,
@@ -126,6 +131,7 @@ fn config(c: Common) -> ServeConfig {
         config.vpn_ranges = c.vpn_ranges;
     }
     config.ports_per_project = c.ports_per_project;
+    config.public_per_source = c.public_connections_per_source;
     config.admin_password = std::env::var("IOTRONIC_ADMIN_PASSWORD").ok();
     config
 }

@@ -323,6 +323,7 @@ pub async fn run(
     cfg.public_bind = public_bind;
     cfg.legacy = legacy;
     cfg.tls = tls;
+    cfg.limits.max_public_per_source = config.public_per_source;
     let server = Server::bind(cfg).await.map_err(|e| Error::Unavailable(format!("tunnel server: {e}")))?;
     warn_unless_pool_reserved();
     crate::revocation::spawn_tunnel_guard(db.clone(), server.handle(), shutdown.clone());

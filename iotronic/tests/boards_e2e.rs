@@ -87,6 +87,8 @@ async fn a_real_board_enrolls_answers_goes_offline_and_gets_its_queued_command()
     config.rest_port = 0;
     config.wamp_port = 0;
     config.admin_password = Some("admin-password".into());
+    // One connection per source to the public ports (`--public-connections-per-source`).
+    config.public_per_source = 1;
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -183,6 +185,11 @@ async fn a_real_board_enrolls_answers_goes_offline_and_gets_its_queued_command()
     let mut buf = [0u8; 18];
     tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"through the tunnel");
+    // A second one from the same address is closed at once: the configured bound holds.
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", public)).await.unwrap();
+    let _ = second.write_all(b"again").await;
+    let read = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "a second connection from one source was served: {read:?}");
     drop(conn);
     let (s, v) =
         api.req("POST", "/v1/boards/lr1/services/echo/action", Some(json!({"action": "ServiceDisable"}))).await;
