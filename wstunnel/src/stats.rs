@@ -12,6 +12,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) public_refused: AtomicU64,
     pub(crate) lanes_joined: AtomicU64,
     pub(crate) lanes_left: AtomicU64,
     pub(crate) packet_channels_opened: AtomicU64,
@@ -54,6 +55,9 @@ pub struct TrafficStats {
     /// Listener and packet-channel requests refused (bad or stale token, port not allowed,
     /// limits).
     pub refusals_total: u64,
+    /// Connections to the public ports closed at accept, beyond a bound (a source's, the
+    /// server's, a legacy port's, a channel's streams).
+    pub public_refusals_total: u64,
 }
 
 impl TrafficStats {
@@ -71,6 +75,7 @@ impl TrafficStats {
             bytes_received: Counters::get(&c.bytes_received),
             bytes_sent: Counters::get(&c.bytes_sent),
             refusals_total: Counters::get(&c.refused),
+            public_refusals_total: Counters::get(&c.public_refused),
         }
     }
 }

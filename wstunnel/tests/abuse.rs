@@ -792,6 +792,7 @@ async fn public_ports_hold_only_so_many_connections_per_source_and_in_all() {
     held.push(served_from("127.0.0.2", a).await.expect("another source is served"));
     held.push(served_from("127.0.0.3", b).await.expect("the sixth connection of the server"));
     assert_closed_at_once(&mut connect_from("127.0.0.4", a).await, "a seventh connection of the server").await;
+    assert_eq!(srv.handle.stats().public_refusals_total, 3, "the operator's count of refusals");
     // A closed connection gives its place back (once its stream has ended).
     drop(held.remove(0));
     within("a place again", async {

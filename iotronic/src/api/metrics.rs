@@ -122,7 +122,7 @@ async fn render_tunnel_agents(db: &crate::db::Db, out: &mut String) -> ApiResult
     }
     let now = crate::db::now_ms();
     type Get = fn(&wstunnel::TrafficStats) -> u64;
-    let series: [(&str, &str, &str, Get); 7] = [
+    let series: [(&str, &str, &str, Get); 8] = [
         ("iotronic_tunnel_channels", "gauge", "Board tunnel channels connected.", |t| t.channels_open),
         ("iotronic_tunnel_lanes", "gauge", "Extra connections (lanes) of board channels.", |t| t.lanes_open),
         ("iotronic_tunnel_channels_total", "counter", "Board tunnel channels accepted.", |t| t.channels_total),
@@ -130,6 +130,12 @@ async fn render_tunnel_agents(db: &crate::db::Db, out: &mut String) -> ApiResult
         ("iotronic_tunnel_streams", "gauge", "Tunneled TCP connections open.", |t| t.streams_open),
         ("iotronic_tunnel_streams_total", "counter", "Tunneled TCP connections carried.", |t| t.streams_total),
         ("iotronic_tunnel_refusals_total", "counter", "Listener and VPN requests refused.", |t| t.refusals_total),
+        (
+            "iotronic_tunnel_public_refusals_total",
+            "counter",
+            "Connections to public ports closed at accept, beyond a bound.",
+            |t| t.public_refusals_total,
+        ),
     ];
     for (metric, kind, help, get) in series {
         let _ = writeln!(out, "# HELP {metric} {help} By wstun-agent.\n# TYPE {metric} {kind}");

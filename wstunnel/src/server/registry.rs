@@ -329,6 +329,7 @@ impl Registry {
     /// Logs a public connection refused before its board heard of it, unless such refusals
     /// are being logged too often (they are then counted into the next line).
     pub(crate) fn public_refused(&self, port: u16, peer: SocketAddr, reason: &str) {
+        Counters::add(&self.counters.public_refused, 1);
         if let Some(unlogged) = self.public_refusals.lock().expect("registry").admit(Instant::now()) {
             tracing::warn!(port, %peer, reason, unlogged, "public connection closed at accept");
         }
