@@ -194,18 +194,7 @@ impl Drop for Overlay {
 /// VPN it belongs to), and strict reverse-path filtering (a packet whose source the board
 /// would not route back through the VPN is dropped, so no member makes it answer elsewhere).
 fn harden(name: &str) -> Result<()> {
-    let v4 = |setting: &str| format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    // A kernel without IPv6 has nothing to disable (`true`: the file may be missing).
-    for (path, value, optional) in [(v4("rp_filter"), "1", false), (v4("forwarding"), "0", false), (v6, "1", true)] {
-        match std::fs::write(&path, value) {
-            Err(e) if !(optional && e.kind() == std::io::ErrorKind::NotFound) => {
-                return Err(net_err(&format!("writing {path}"), e));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    wstunnel::packet::harden_interface(name).map_err(|(path, e)| net_err(&format!("writing {path}"), e))
 }
 
 /// A TAP's MAC address, derived from its name and address: locally administered, unicast,

@@ -295,6 +295,25 @@ pub struct DeviceSpec {
     pub ipv4: Option<(std::net::Ipv4Addr, u8)>,
 }
 
+/// Makes VPN interface `name` refuse what a member could forge through it, before its link is
+/// up (both ends call it: the cloud's devices and bridges, a board's overlay): strict
+/// reverse-path filtering (a packet whose source would not be routed back through it is
+/// dropped), no forwarding of what comes in on it, and no IPv6 (no router advertisement or
+/// link-local traffic from a member; a kernel without IPv6 has nothing to disable). On error,
+/// the file that could not be written.
+pub fn harden_interface(name: &str) -> Result<(), (String, std::io::Error)> {
+    let v4 = |setting: &str| format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
+    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    // `true`: the file may be missing.
+    for (path, value, optional) in [(v4("rp_filter"), "1", false), (v4("forwarding"), "0", false), (v6, "1", true)] {
+        match std::fs::write(&path, value) {
+            Err(e) if !(optional && e.kind() == std::io::ErrorKind::NotFound) => return Err((path, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Creates the device (up). Needs CAP_NET_ADMIN.
 pub fn create_device(spec: &DeviceSpec) -> Result<tun_rs::AsyncDevice, Error> {
     let mut b = tun_rs::DeviceBuilder::new().name(spec.name.clone()).mtu(spec.mtu).layer(match spec.layer {

@@ -51,16 +51,7 @@ fn strict_rp_filter_possible(name: &str) -> Result<(), Error> {
 /// Refused while the filter cannot be strict ([`strict_rp_filter_possible`]).
 pub fn harden(name: &str) -> Result<(), Error> {
     strict_rp_filter_possible(name)?;
-    for (setting, value) in [("rp_filter", "1"), ("forwarding", "0")] {
-        let path = format!("/proc/sys/net/ipv4/conf/{name}/{setting}");
-        std::fs::write(&path, value).map_err(|e| err(format!("writing {path}"), e))?;
-    }
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    match std::fs::write(&v6, "1") {
-        // A kernel without IPv6 has nothing to disable.
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err(format!("writing {v6}"), e)),
-        _ => Ok(()),
-    }
+    wstunnel::packet::harden_interface(name).map_err(|(path, e)| err(format!("writing {path}"), e))
 }
 
 /// A netlink connection; its task ends when the `Net` is dropped.
