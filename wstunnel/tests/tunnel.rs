@@ -33,7 +33,11 @@ async fn echo_through_a_reverse_tunnel_on_a_server_assigned_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_parallel_connections_over_several_tunnels() {
-    let srv = start_server().await;
+    // All 300 come from 127.0.0.1: above the default bound of one source (256), which
+    // `abuse.rs` tests.
+    let mut cfg = config(ListenOn::Addr("127.0.0.1:0".parse().unwrap()));
+    cfg.limits.max_public_per_source = 1024;
+    let srv = start_server_with(cfg, DefaultHooks::default()).await;
     let echo = echo_server().await;
     let (client, _stop) = start_client(&srv.url());
     let mut ports = Vec::new();
